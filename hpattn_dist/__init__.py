@@ -1,0 +1,11 @@
+"""hpattn_dist: exact sequence-parallel self-attention over HEALPix grids.
+
+The pixel dimension of a ``[B, N, E]`` field is sharded over the ranks of a ``torch.distributed``
+process group; every strategy computes exactly what the single-device
+:class:`SpatialSelfAttention` computes.
+"""
+
+from hpattn_dist.oracle import SpatialSelfAttention
+
+__all__ = ["SpatialSelfAttention"]
+__version__ = "0.1.0"
