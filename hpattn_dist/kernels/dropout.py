@@ -1,0 +1,81 @@
+"""Counter-based attention dropout whose mask depends only on global coordinates.
+
+Note [position-keyed dropout]
+    ``nn.Dropout`` draws its mask from a stateful generator in the order the scores happen to be
+    laid out, so a sharded computation could never reproduce it, and a backward pass would have to
+    store an ``N x N`` mask. Instead the keep/drop decision for score ``(b, h, i, j)`` is a hash of
+    ``(seed, b, h, i, j)`` with ``i`` and ``j`` GLOBAL query and key pixel indices and ``h`` the
+    global head index. Consequences:
+
+    * the backward pass regenerates exactly the forward mask from the saved seed (no mask stored);
+    * the result does not depend on the number of ranks, the strategy or the block order, so a run
+      with dropout at P=4 equals the same run at P=1 (and the float64 reference that uses
+      :func:`keep_mask` on the full matrix);
+    * the seed is drawn from PyTorch's default generator, so ``torch.manual_seed`` makes runs
+      reproducible. Ranks must be seeded alike (the usual SPMD convention) for P-invariance.
+
+    The hash is Wellons' ``lowbias32`` integer finaliser, chained over the coordinates, computed in
+    int64 and masked to 32 bits. Keep probability is ``1 - p`` up to 2^-32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """``lowbias32`` finaliser on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class DropoutSpec:
+    """Where a block of scores sits in the global attention matrix, and how to drop from it.
+
+    Attributes:
+        p: drop probability in ``(0, 1)``.
+        seed: 31-bit seed shared by forward and backward.
+        q_offset: global pixel index of the block's first query.
+        k_offset: global pixel index of the block's first key.
+        h_offset: global index of the block's first head (non-zero under head parallelism).
+    """
+
+    p: float
+    seed: int
+    q_offset: int = 0
+    k_offset: int = 0
+    h_offset: int = 0
+
+    def shifted(self, *, q: int = 0, k: int = 0, h: int = 0) -> "DropoutSpec":
+        """The spec of a sub-block starting ``q`` queries, ``k`` keys, ``h`` heads further on."""
+        return DropoutSpec(
+            self.p, self.seed, self.q_offset + q, self.k_offset + k, self.h_offset + h
+        )
+
+
+def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
+    """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec``."""
+    b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
+    h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
+    i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
+    j = torch.arange(spec.k_offset, spec.k_offset + n_k, device=device, dtype=torch.int64)
+    x = _mix32(b + (spec.seed & _MASK32))
+    x = _mix32(x ^ h[None, :, None, None])
+    x = _mix32(x ^ i[None, None, :, None])
+    x = _mix32(x ^ j[None, None, None, :])
+    threshold = int(spec.p * 2**32)
+    return x >= threshold
+
+
+def draw_seed() -> int:
+    """A fresh 31-bit seed from PyTorch's default CPU generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())

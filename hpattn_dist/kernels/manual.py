@@ -1,0 +1,144 @@
+"""Explicit matmul-softmax block kernel, chunked over queries (any dtype, any device).
+
+Note [bounded score tile]
+    A call never materialises more than about ``TILE_ELEMENTS`` scores: queries are processed in
+    chunks of ``max(1, TILE_ELEMENTS // (B * H * N_k))`` rows. Peak extra memory is therefore
+    ``O(TILE_ELEMENTS + N_k * D)`` rather than ``O(N_q * N_k)``.
+
+Scores, softmax statistics and accumulators use ``acc_dtype(q.dtype)``: float64 for float64
+inputs, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpattn_dist.kernels.dropout import DropoutSpec, keep_mask
+
+TILE_ELEMENTS = 1 << 22
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _query_chunk(batch: int, heads: int, n_k: int) -> int:
+    return max(1, TILE_ELEMENTS // max(1, batch * heads * n_k))
+
+
+def _scores(q_c: Tensor, k_t: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+    s = torch.matmul(q_c, k_t).mul_(scale)  # [B, H, C, N_k]
+    if bias is not None:
+        s = s + bias[:, :, None, :]
+    return s
+
+
+def manual_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: Optional[Tensor] = None,
+    dropout: Optional[DropoutSpec] = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of a query block against one key/value block.
+
+    Args:
+        q: ``[B, H, N_q, D]``; k, v: ``[B, H, N_k, D]``.
+        scale: score multiplier.
+        bias: optional additive key bias ``[B, H or 1, N_k]`` in the accumulation dtype
+            (``-inf`` masks a key).
+        dropout: optional position-keyed dropout of the normalised weights.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, H, N_q, D]`` in the accumulation dtype, normalised within
+        this block; ``lse`` ``[B, H, N_q]``, ``-inf`` for rows with no unmasked key (their ``out``
+        is zero).
+    """
+    acc = acc_dtype(q.dtype)
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    k_t = k.to(acc).transpose(-2, -1)
+    v_a = v.to(acc)
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=acc, device=q.device)
+    chunk = _query_chunk(batch, heads, n_k)
+    for start in range(0, n_q, chunk):
+        stop = min(start + chunk, n_q)
+        s = _scores(q[:, :, start:stop].to(acc), k_t, scale, bias)
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        lse[:, :, start:stop] = (row_max + torch.log(denom)).squeeze(-1)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        if dropout is not None:
+            keep = keep_mask(dropout.shifted(q=start), batch, heads, stop - start, n_k, q.device)
+            p = p * keep.to(acc) * (1.0 / (1.0 - dropout.p))
+        out[:, :, start:stop] = torch.matmul(p, v_a)
+    return out, lse
+
+
+def manual_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    scale: float,
+    bias: Optional[Tensor] = None,
+    dropout: Optional[DropoutSpec] = None,
+    need_dbias: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of one block given the FINAL row statistics of the whole attention.
+
+    With ``P = exp(S - lse)`` (``lse`` over all keys, not just this block), the block's
+    contribution is ``dV = (P*M)^T dO``, ``dS = P * (dO V^T * M - delta)``, ``dQ = dS K scale``,
+    ``dK = dS^T Q scale`` where ``M`` is the dropout keep-mask over ``1 - p`` and
+    ``delta = rowsum(dO * O)`` with the final output ``O``.
+
+    Args:
+        dout: ``[B, H, N_q, D]``; q ``[B, H, N_q, D]``; k, v ``[B, H, N_k, D]``.
+        lse, delta: ``[B, H, N_q]`` in the accumulation dtype.
+        need_dbias: also return the key-bias gradient ``[B, H, N_k]``.
+
+    Returns:
+        ``(dq, dk, dv, dbias)`` in the accumulation dtype; ``dbias`` is None unless asked for.
+    """
+    acc = acc_dtype(q.dtype)
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    k_a, v_a = k.to(acc), v.to(acc)
+    k_t = k_a.transpose(-2, -1)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dbias = torch.zeros((batch, heads, n_k), dtype=acc, device=q.device) if need_dbias else None
+    chunk = _query_chunk(batch, heads, n_k)
+    for start in range(0, n_q, chunk):
+        stop = min(start + chunk, n_q)
+        q_c = q[:, :, start:stop].to(acc)
+        do_c = dout[:, :, start:stop].to(acc)
+        lse_c = lse[:, :, start:stop, None]
+        s = _scores(q_c, k_t, scale, bias)
+        p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
+        p = torch.where(torch.isfinite(lse_c), p, torch.zeros_like(p))
+        dp = torch.matmul(do_c, v_a.transpose(-2, -1))
+        if dropout is not None:
+            keep = keep_mask(dropout.shifted(q=start), batch, heads, stop - start, n_k, q.device)
+            m = keep.to(acc) * (1.0 / (1.0 - dropout.p))
+            dv += torch.matmul((p * m).transpose(-2, -1), do_c)
+            dp = dp * m
+        else:
+            dv += torch.matmul(p.transpose(-2, -1), do_c)
+        ds = p * (dp - delta[:, :, start:stop, None])
+        dq[:, :, start:stop] = torch.matmul(ds, k_a).mul_(scale)
+        dk += torch.matmul(ds.transpose(-2, -1), q_c).mul_(scale)
+        if dbias is not None:
+            dbias += ds.sum(dim=-2)
+    return dq, dk, dv, dbias
