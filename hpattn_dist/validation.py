@@ -1,0 +1,92 @@
+"""Argument checks shared by the functional APIs and the layers.
+
+Every check raises ``ValueError`` (``TypeError`` for wrong types) naming the argument and the
+offending shapes, dtypes or values. These are local checks; cross-rank agreement is checked by
+:func:`hpattn_dist.comm.groups.agree_on_shapes`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpattn_dist.kernels.manual import acc_dtype
+
+
+def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+    """q, k, v must be floating ``[B, H, N_local, D]`` tensors with equal B, H, N_local, D, dtype
+    and device.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N_local, D], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            "q, k and v must have the same shape [B, H, N_local, D], got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+
+
+def key_bias_from_mask(
+    q: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor]
+) -> Optional[Tensor]:
+    """Fold ``key_mask`` and ``key_bias`` into one additive score bias ``[B, H or 1, N_local]``.
+
+    Args:
+        q: ``[B, H, N_local, D]`` (for shapes, dtype and device).
+        key_mask: optional bool ``[B, N_local]``, True = the key may be attended to.
+        key_bias: optional float ``[B, N_local]`` or ``[B, H, N_local]``.
+
+    Returns:
+        None when both are None; otherwise the bias in the accumulation dtype, ``-inf`` at masked
+        keys (differentiable w.r.t. ``key_bias``).
+    """
+    if key_mask is None and key_bias is None:
+        return None
+    batch, heads, n_local, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    bias = None
+    if key_bias is not None:
+        if not isinstance(key_bias, Tensor) or not key_bias.is_floating_point():
+            raise ValueError("key_bias must be a floating-point tensor [B, N_local] or [B, H, N_local]")
+        if key_bias.device != q.device:
+            raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
+        if tuple(key_bias.shape) == (batch, n_local):
+            bias = key_bias[:, None, :].to(acc)
+        elif tuple(key_bias.shape) == (batch, heads, n_local):
+            bias = key_bias.to(acc)
+        else:
+            raise ValueError(
+                f"key_bias must have shape [B, N_local] = {(batch, n_local)} or [B, H, N_local] = "
+                f"{(batch, heads, n_local)}, got {tuple(key_bias.shape)}"
+            )
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be a bool tensor, got {getattr(key_mask, 'dtype', type(key_mask))}")
+        if tuple(key_mask.shape) != (batch, n_local):
+            raise ValueError(
+                f"key_mask must have shape [B, N_local] = {(batch, n_local)}, got {tuple(key_mask.shape)}"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+        if bias is None:
+            bias = torch.zeros((batch, 1, n_local), dtype=acc, device=q.device)
+        bias = bias.masked_fill(~key_mask[:, None, :], float("-inf"))
+    return bias.contiguous()
