@@ -8,7 +8,7 @@ in a plain single-device script).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -91,19 +91,21 @@ def agree_on_shapes(
     info: GroupInfo,
     device: torch.device,
     shared: dict[str, int],
-    local_len: int,
+    local_len: Union[int, Sequence[int]],
     what: str,
-) -> list[int]:
+) -> list:
     """Check that every rank passed the same ``shared`` values; return every rank's ``local_len``.
 
     ``shared`` maps names (e.g. ``"B"``, ``"H"``, ``"D"``, ``"dtype"``) to this rank's values;
-    ``local_len`` is this rank's shard length (which may differ). One ``all_gather`` per call.
+    ``local_len`` is this rank's shard length (which may differ), or a tuple of such per-rank
+    values, in which case a list of tuples is returned. One ``all_gather`` per call.
 
     Raises:
         ValueError: on EVERY rank, when ranks disagree on any shared value; the message lists each
             rank's values so the odd one out is obvious.
     """
-    rows = all_gather_ints([*shared.values(), local_len], info, device)
+    per_rank = (local_len,) if isinstance(local_len, int) else tuple(local_len)
+    rows = all_gather_ints([*shared.values(), *per_rank], info, device)
     names = list(shared)
     first = rows[0][: len(names)]
     if any(row[: len(names)] != first for row in rows):
@@ -111,7 +113,8 @@ def agree_on_shapes(
             f"rank {r}: " + ", ".join(f"{n}={v}" for n, v in zip(names, row)) for r, row in enumerate(rows)
         )
         raise ValueError(f"{what}: ranks of the process group disagree on {', '.join(names)}: {table}")
-    return [row[-1] for row in rows]
+    tails = [row[len(names):] for row in rows]
+    return [t[0] for t in tails] if isinstance(local_len, int) else tails
 
 
 def offsets(sizes: Sequence[int]) -> list[int]:

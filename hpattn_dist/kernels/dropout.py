@@ -21,6 +21,7 @@ Note [position-keyed dropout]
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +48,8 @@ class DropoutSpec:
         q_offset: global pixel index of the block's first query.
         k_offset: global pixel index of the block's first key.
         h_offset: global index of the block's first head (non-zero under head parallelism).
+        k_index: optional int64 ``[N_k]`` global pixel index of each key, for key blocks that are
+            not contiguous (masked keys removed); overrides ``k_offset``.
     """
 
     p: float
@@ -54,11 +57,12 @@ class DropoutSpec:
     q_offset: int = 0
     k_offset: int = 0
     h_offset: int = 0
+    k_index: Optional[Tensor] = None
 
-    def shifted(self, *, q: int = 0, k: int = 0, h: int = 0) -> "DropoutSpec":
-        """The spec of a sub-block starting ``q`` queries, ``k`` keys, ``h`` heads further on."""
+    def shifted(self, *, q: int = 0, h: int = 0) -> "DropoutSpec":
+        """The spec of a sub-block starting ``q`` queries and ``h`` heads further on."""
         return DropoutSpec(
-            self.p, self.seed, self.q_offset + q, self.k_offset + k, self.h_offset + h
+            self.p, self.seed, self.q_offset + q, self.k_offset, self.h_offset + h, self.k_index
         )
 
 
@@ -67,7 +71,12 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
     b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
     i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
-    j = torch.arange(spec.k_offset, spec.k_offset + n_k, device=device, dtype=torch.int64)
+    if spec.k_index is None:
+        j = torch.arange(spec.k_offset, spec.k_offset + n_k, device=device, dtype=torch.int64)
+    else:
+        if spec.k_index.shape != (n_k,):
+            raise ValueError(f"k_index has shape {tuple(spec.k_index.shape)}, expected ({n_k},)")
+        j = spec.k_index.to(device=device, dtype=torch.int64)
     x = _mix32(b + (spec.seed & _MASK32))
     x = _mix32(x ^ h[None, :, None, None])
     x = _mix32(x ^ i[None, None, :, None])

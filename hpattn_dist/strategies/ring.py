@@ -33,13 +33,15 @@ from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mas
 
 
 class _RingAttention(torch.autograd.Function):
-    """Shard table (this rank r):
+    """Shard table (this rank r; ``M_r <= N_r`` keys remain after dropping fully masked ones):
 
     =========  ======================  ==========================================
     tensor     local shape             meaning
     =========  ======================  ==========================================
-    q, k, v    ``[B, H, N_r, D]``      this rank's pixels
-    bias       ``[B, H|1, N_r]``       additive key bias (-inf = masked), or None
+    q          ``[B, H, N_r, D]``      this rank's queries
+    k, v       ``[B, H, M_r, D]``      this rank's (unmasked) keys and values
+    bias       ``[B, H|1, M_r]``       additive key bias (-inf = masked), or None
+    k_index    ``[M_r]`` int64         global pixel of each key (dropout only), or None
     out        ``[B, H, N_r, D]``      softmax(q K_all^T scale + bias_all) V_all
     lse        ``[B, H, N_r]`` fp32    log-sum-exp of this rank's score rows
     =========  ======================  ==========================================
@@ -52,121 +54,147 @@ class _RingAttention(torch.autograd.Function):
         k: Tensor,
         v: Tensor,
         bias: Optional[Tensor],
+        k_index: Optional[Tensor],
         info: GroupInfo,
         kernel: BlockKernel,
         scale: float,
         dropout_p: float,
         seed: int,
-        sizes: list[int],
+        q_offset: int,
+        kv_sizes: list[int],
     ) -> Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        r, p = info.rank, info.world_size
-        starts = offsets(sizes)
+        p = info.world_size
         acc = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-        exchanger = RingExchanger(info) if p > 1 else None
+        ring = _BlockRing(info, kv_sizes)
 
-        kv = torch.stack((k, v))  # [2, B, H, N_r, D]
-        cur_kv, cur_bias = kv, bias
+        block = _KeyBlock(torch.stack((k, v)), bias, k_index)  # kv: [2, B, H, M_r, D]
         for step in range(p):
-            src = (r - step) % p
-            pending, next_kv, next_bias = _post_next_block(exchanger, step, cur_kv, cur_bias, sizes,
-                                                           "ring.forward")
-            spec = _dropout_spec(dropout_p, seed, starts[r], starts[src])
-            block_out, block_lse = kernel.forward(q, cur_kv[0], cur_kv[1], scale, cur_bias, spec)
-            merge_into(out, lse, block_out, block_lse)
+            pending, next_block = ring.post_next(step, block, "ring.forward")
+            spec = _dropout_spec(dropout_p, seed, q_offset, block.index)
+            if block.size > 0:
+                block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
+                merge_into(out, lse, block_out, block_lse)
             if pending is not None:
                 pending.wait()
-                cur_kv, cur_bias = next_kv, next_bias
+                block = next_block
 
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, k_index, out, lse)
         ctx.info, ctx.kernel, ctx.scale = info, kernel, scale
-        ctx.dropout_p, ctx.seed, ctx.sizes = dropout_p, seed, sizes
+        ctx.dropout_p, ctx.seed, ctx.q_offset, ctx.kv_sizes = dropout_p, seed, q_offset, kv_sizes
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        info, kernel, scale, sizes = ctx.info, ctx.kernel, ctx.scale, ctx.sizes
+        q, k, v, bias, k_index, out, lse = ctx.saved_tensors
+        info, kernel, scale, kv_sizes = ctx.info, ctx.kernel, ctx.scale, ctx.kv_sizes
         r, p = info.rank, info.world_size
-        starts = offsets(sizes)
         acc = acc_dtype(q.dtype)
         dout = dout.contiguous()
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, H, N_r]
         need_dbias = ctx.bias_needs_grad
-        exchanger = RingExchanger(info) if p > 1 else None
+        ring = _BlockRing(info, kv_sizes)
 
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        cur_kv, cur_bias = torch.stack((k, v)), bias
+        block = _KeyBlock(torch.stack((k, v)), bias, k_index)
         pending_grad: Optional[PendingExchange] = None
-        recv_dkv: Optional[Tensor] = None
-        recv_dbias: Optional[Tensor] = None
+        grads: list[Optional[Tensor]] = []
         for step in range(p):
             src = (r - step) % p
-            pending_kv, next_kv, next_bias = _post_next_block(exchanger, step, cur_kv, cur_bias, sizes,
-                                                              "ring.backward.kv")
-            spec = _dropout_spec(ctx.dropout_p, ctx.seed, starts[r], starts[src])
-            dq_b, dk_b, dv_b, dbias_b = kernel.backward(
-                dout, q, cur_kv[0], cur_kv[1], out, lse, delta, scale, cur_bias, spec, need_dbias
-            )
-            dq += dq_b
+            pending_kv, next_block = ring.post_next(step, block, "ring.backward.kv")
+            block_grads = None
+            if block.size > 0:
+                spec = _dropout_spec(ctx.dropout_p, ctx.seed, ctx.q_offset, block.index)
+                dq_b, dk_b, dv_b, dbias_b = kernel.backward(
+                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec, need_dbias
+                )
+                dq += dq_b
+                block_grads = (dk_b, dv_b, dbias_b)
             if pending_grad is None:
-                dkv = torch.zeros(cur_kv.shape, dtype=acc, device=q.device)
-                dbias = _zeros_like_bias(bias, sizes[src]) if need_dbias else None
+                grads = _grad_buffers(block, acc, need_dbias, zero=True)
             else:
-                pending_grad.wait()
-                dkv, dbias = recv_dkv, recv_dbias
-            dkv[0] += dk_b
-            dkv[1] += dv_b
-            if dbias is not None:
-                dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
-            if exchanger is not None:
-                home = (r - step - 1) % p  # the block whose accumulator arrives next
-                recv_dkv = dkv.new_empty((2, *q.shape[:2], sizes[home], q.shape[3]))
-                recv_dbias = _zeros_like_bias(bias, sizes[home]) if need_dbias else None
-                pending_grad = exchanger.post([dkv, dbias], [recv_dkv, recv_dbias], "ring.backward.dkv")
+                pending_grad.wait()  # the accumulator of block `src`, from rank r - 1
+            if block_grads is not None:
+                dkv, dbias = grads
+                dk_b, dv_b, dbias_b = block_grads
+                dkv[0] += dk_b
+                dkv[1] += dv_b
+                if dbias is not None:
+                    dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
+            if p > 1:
+                # Pass the accumulator of block `src` on; receive the one of block `src - 1`.
+                incoming_shape = _KeyBlock.empty_like(block, kv_sizes[(src - 1) % p])
+                incoming = _grad_buffers(incoming_shape, acc, need_dbias, zero=False)
+                pending_grad = ring.exchanger.post(grads, incoming, "ring.backward.dkv")
+                grads = incoming
             if pending_kv is not None:
                 pending_kv.wait()
-                cur_kv, cur_bias = next_kv, next_bias
+                block = next_block
 
         if pending_grad is not None:
             pending_grad.wait()
-            dkv, dbias = recv_dkv, recv_dbias
+        dkv, dbias = grads
         dbias_out = dbias.to(bias.dtype) if need_dbias else None
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
-def _post_next_block(
-    exchanger: Optional[RingExchanger],
-    step: int,
-    cur_kv: Tensor,
-    cur_bias: Optional[Tensor],
-    sizes: list[int],
-    label: str,
-) -> tuple[Optional[PendingExchange], Optional[Tensor], Optional[Tensor]]:
-    """Post the transfer of the block needed at ``step + 1`` (None after the last step)."""
-    if exchanger is None or step == exchanger.info.world_size - 1:
-        return None, None, None
-    r, p = exchanger.info.rank, exchanger.info.world_size
-    n_next = sizes[(r - step - 1) % p]
-    next_kv = cur_kv.new_empty((*cur_kv.shape[:3], n_next, cur_kv.shape[4]))
-    next_bias = None if cur_bias is None else cur_bias.new_empty((*cur_bias.shape[:2], n_next))
-    pending = exchanger.post([cur_kv, cur_bias], [next_kv, next_bias], label)
-    return pending, next_kv, next_bias
+class _KeyBlock:
+    """The tensors that travel together around the ring: K/V in one buffer, bias and key index."""
+
+    def __init__(self, kv: Tensor, bias: Optional[Tensor], index: Optional[Tensor]) -> None:
+        self.kv, self.bias, self.index = kv, bias, index
+
+    @property
+    def size(self) -> int:
+        return self.kv.shape[3]
+
+    def buffers(self) -> list[Optional[Tensor]]:
+        return [self.kv, self.bias, self.index]
+
+    @staticmethod
+    def empty_like(block: "_KeyBlock", n: int) -> "_KeyBlock":
+        """Uninitialised buffers shaped like ``block`` but holding ``n`` keys."""
+        kv = block.kv.new_empty((*block.kv.shape[:3], n, block.kv.shape[4]))
+        bias = None if block.bias is None else block.bias.new_empty((*block.bias.shape[:2], n))
+        index = None if block.index is None else block.index.new_empty((n,))
+        return _KeyBlock(kv, bias, index)
 
 
-def _zeros_like_bias(bias: Tensor, n: int) -> Tensor:
-    return bias.new_zeros((*bias.shape[:2], n))
+class _BlockRing:
+    """Rotates key blocks one rank forward per step (Note [ring schedule])."""
+
+    def __init__(self, info: GroupInfo, kv_sizes: list[int]) -> None:
+        self.info, self.kv_sizes = info, kv_sizes
+        self.exchanger = RingExchanger(info) if info.world_size > 1 else None
+
+    def post_next(
+        self, step: int, block: _KeyBlock, label: str
+    ) -> tuple[Optional[PendingExchange], Optional[_KeyBlock]]:
+        """Post the transfer of the block needed at ``step + 1`` (None after the last step)."""
+        r, p = self.info.rank, self.info.world_size
+        if self.exchanger is None or step == p - 1:
+            return None, None
+        nxt = _KeyBlock.empty_like(block, self.kv_sizes[(r - step - 1) % p])
+        return self.exchanger.post(block.buffers(), nxt.buffers(), label), nxt
 
 
-def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_offset: int) -> Optional[DropoutSpec]:
+def _grad_buffers(block: _KeyBlock, acc: torch.dtype, need_dbias: bool, zero: bool) -> list[Optional[Tensor]]:
+    """fp32 (fp64) gradient accumulators ``[dKV, dbias]`` shaped like ``block``."""
+    make = torch.zeros if zero else torch.empty
+    dkv = make(block.kv.shape, dtype=acc, device=block.kv.device)
+    dbias = make(block.bias.shape, dtype=acc, device=block.kv.device) if need_dbias else None
+    return [dkv, dbias]
+
+
+def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[Tensor]) -> Optional[DropoutSpec]:
     if dropout_p <= 0.0:
         return None
-    return DropoutSpec(dropout_p, seed, q_offset, k_offset)
+    return DropoutSpec(dropout_p, seed, q_offset=q_offset, k_index=k_index)
 
 
 def ring_attention(
@@ -208,16 +236,19 @@ def ring_attention(
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
             is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
 
-    Communication: one 56-byte ``all_gather`` (shapes) plus P - 1 K/V transfers of
-    ``2 * B * H * N_src * D`` elements per forward; the backward adds P - 1 K/V transfers and P
-    fp32 dK/dV transfers.
+    Communication: one 64-byte ``all_gather`` (shapes) plus P - 1 K/V transfers of
+    ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
+    rank that are unmasked in at least one batch element (Note [masked key compaction]); the
+    backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
     """
     check_qkv(q, k, v, scale)
     check_dropout_p(dropout_p)
     info = resolve_group(group)
     bias = key_bias_from_mask(q, key_mask, key_bias)
     batch, heads, n_local, head_dim = q.shape
-    sizes = agree_on_shapes(
+    kept = _unmasked_keys(key_mask)
+    n_kept = n_local if kept is None else int(kept.numel())
+    per_rank = agree_on_shapes(
         info,
         q.device,
         {
@@ -225,10 +256,38 @@ def ring_attention(
             "bias_heads": -1 if bias is None else bias.shape[1],
             "dropout_ppm": int(round(dropout_p * 1e6)),
         },
-        n_local,
+        (n_local, n_kept),
         "ring_attention",
     )
+    q_offset = offsets([n for n, _ in per_rank])[info.rank]
+    kv_sizes = [m for _, m in per_rank]
+    k_index = None
+    if dropout_p > 0:
+        local_index = torch.arange(n_local, device=q.device) if kept is None else kept
+        k_index = local_index + q_offset
+    if kept is not None:
+        k, v, bias = k.index_select(2, kept), v.index_select(2, kept), bias.index_select(2, kept)
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
     seed = draw_seed() if dropout_p > 0 else 0
     scale = head_dim**-0.5 if scale is None else float(scale)
-    return _RingAttention.apply(q, k, v, bias, info, kernel, scale, float(dropout_p), seed, sizes)
+    return _RingAttention.apply(
+        q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes
+    )
+
+
+def _unmasked_keys(key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Indices ``[M_r]`` of the local keys unmasked in at least one batch element, or None when
+    every key is (so nothing can be dropped).
+
+    Note [masked key compaction]
+        A key masked in EVERY batch element receives zero weight from every query, so it is
+        removed before the ring starts: it is neither sent nor computed, and its gradient is zero
+        (``index_select``'s backward scatters zeros there). Keys masked in only some batch elements
+        stay, with ``-inf`` bias where masked. A rank whose keys are all masked sends nothing.
+    """
+    if key_mask is None:
+        return None
+    any_batch = key_mask.any(dim=0)  # [N_r]
+    if bool(any_batch.all()):
+        return None
+    return any_batch.nonzero().squeeze(1)
