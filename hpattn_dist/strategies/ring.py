@@ -236,7 +236,7 @@ def ring_attention(
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
             is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
 
-    Communication: one 64-byte ``all_gather`` (shapes) plus P - 1 K/V transfers of
+    Communication: one 80-byte ``all_gather`` (shapes) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
     backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
@@ -248,25 +248,32 @@ def ring_attention(
     batch, heads, n_local, head_dim = q.shape
     kept = _unmasked_keys(key_mask)
     n_kept = n_local if kept is None else int(kept.numel())
+    # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask, so
+    # no bias is needed and the fused kernels apply; every rank must agree on that.
+    mask_left = key_mask is not None and not bool((key_mask if kept is None else key_mask[:, kept]).all())
     per_rank = agree_on_shapes(
         info,
         q.device,
         {
             "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-            "bias_heads": -1 if bias is None else bias.shape[1],
+            "key_bias_heads": -1 if key_bias is None else bias.shape[1],
+            "key_mask": int(key_mask is not None),
             "dropout_ppm": int(round(dropout_p * 1e6)),
         },
-        (n_local, n_kept),
+        (n_local, n_kept, int(mask_left)),
         "ring_attention",
     )
-    q_offset = offsets([n for n, _ in per_rank])[info.rank]
-    kv_sizes = [m for _, m in per_rank]
+    if key_bias is None and not any(left for _, _, left in per_rank):
+        bias = None
+    q_offset = offsets([n for n, _, _ in per_rank])[info.rank]
+    kv_sizes = [m for _, m, _ in per_rank]
     k_index = None
     if dropout_p > 0:
         local_index = torch.arange(n_local, device=q.device) if kept is None else kept
         k_index = local_index + q_offset
     if kept is not None:
-        k, v, bias = k.index_select(2, kept), v.index_select(2, kept), bias.index_select(2, kept)
+        k, v = k.index_select(2, kept), v.index_select(2, kept)
+        bias = None if bias is None else bias.index_select(2, kept)
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
     seed = draw_seed() if dropout_p > 0 else 0
     scale = head_dim**-0.5 if scale is None else float(scale)
