@@ -62,6 +62,7 @@ class _RingAttention(torch.autograd.Function):
         seed: int,
         q_offset: int,
         kv_sizes: list[int],
+        head_offset: int = 0,
     ) -> Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         p = info.world_size
@@ -73,7 +74,7 @@ class _RingAttention(torch.autograd.Function):
         block = _KeyBlock(torch.stack((k, v)), bias, k_index)  # kv: [2, B, H, M_r, D]
         for step in range(p):
             pending, next_block = ring.post_next(step, block, "ring.forward")
-            spec = _dropout_spec(dropout_p, seed, q_offset, block.index)
+            spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
                 block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
                 merge_into(out, lse, block_out, block_lse)
@@ -85,6 +86,7 @@ class _RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias, k_index, out, lse)
         ctx.info, ctx.kernel, ctx.scale = info, kernel, scale
         ctx.dropout_p, ctx.seed, ctx.q_offset, ctx.kv_sizes = dropout_p, seed, q_offset, kv_sizes
+        ctx.head_offset = head_offset
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
         return out
 
@@ -108,7 +110,7 @@ class _RingAttention(torch.autograd.Function):
             pending_kv, next_block = ring.post_next(step, block, "ring.backward.kv")
             block_grads = None
             if block.size > 0:
-                spec = _dropout_spec(ctx.dropout_p, ctx.seed, ctx.q_offset, block.index)
+                spec = _dropout_spec(ctx.dropout_p, ctx.seed, ctx.q_offset, block.index, ctx.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
                     dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec, need_dbias
                 )
@@ -140,7 +142,7 @@ class _RingAttention(torch.autograd.Function):
         dkv, dbias = grads
         dbias_out = dbias.to(bias.dtype) if need_dbias else None
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class _KeyBlock:
@@ -191,10 +193,11 @@ def _grad_buffers(block: _KeyBlock, acc: torch.dtype, need_dbias: bool, zero: bo
     return [dkv, dbias]
 
 
-def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[Tensor]) -> Optional[DropoutSpec]:
+def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[Tensor],
+                  head_offset: int = 0) -> Optional[DropoutSpec]:
     if dropout_p <= 0.0:
         return None
-    return DropoutSpec(dropout_p, seed, q_offset=q_offset, k_index=k_index)
+    return DropoutSpec(dropout_p, seed, q_offset=q_offset, h_offset=head_offset, k_index=k_index)
 
 
 def ring_attention(
@@ -208,6 +211,7 @@ def ring_attention(
     scale: Optional[float] = None,
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
+    head_offset: int = 0,
 ) -> Tensor:
     r"""Exact softmax attention of this rank's queries over the keys of EVERY rank in ``group``.
 
@@ -228,6 +232,8 @@ def ring_attention(
             unmasked key anywhere gets a zero output and zero gradients (PyTorch's SDPA returns NaN
             there).
         key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
+        head_offset: global index of this call's first head, for the dropout mask only (non-zero
+            when heads are split across ranks, as in hybrid attention). Default 0.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -278,7 +284,8 @@ def ring_attention(
     seed = draw_seed() if dropout_p > 0 else 0
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _RingAttention.apply(
-        q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes
+        q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes,
+        int(head_offset),
     )
 
 
