@@ -1,0 +1,161 @@
+"""Gradient semantics for parameters replicated across a sequence-parallel (SP) group.
+
+Legend: B batch, N global pixels, N_r pixels on group rank r, P size of the SP group, C channels
+of the per-pixel loss, L the single-device loss, L_r rank r's local loss.
+
+Note [sequence-parallel gradients]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every rank of the SP group holds the same parameters ``theta`` and the pixels ``[start_r,
+stop_r)`` of the field. The single-device training objective is a per-pixel mean,
+
+    L = 1 / (B * N * C) * sum_{b, p, c} l(b, p, c),
+
+and it splits EXACTLY into per-rank parts whose pixels are disjoint:
+
+    L = sum_r L_r,    L_r = 1 / (B * N * C) * sum_{b, p in rank r, c} l(b, p, c).
+
+So each rank's loss is its local SUM divided by the GLOBAL element count (:func:`sharded_mean`)
+-- not its local mean, which would weight the pixels of a short shard more when N % P != 0.
+
+Backward on rank r then yields ``dL_r/dtheta`` as seen through the computations done on rank r
+only, while the distributed strategies route every cross-rank term home (the ring backward sends
+dK/dV back to the rank that owns those pixels). Summing over the group gives the full gradient:
+
+    sum_r grad_r = dL/dtheta   (all_reduce with SUM over the SP group, :func:`sync_gradients`)
+
+after which every rank holds the single-device gradient, an optimizer step keeps the replicas
+identical, and the training step equals the single-device step (up to rounding). The loss value
+to log is ``sum_r L_r`` (:func:`global_loss`).
+
+Combining with data parallelism: the SP reduction is a SUM; a data-parallel (DP) reduction on
+top is the usual MEAN over the DP group (each DP replica computes its own batch's mean loss).
+Tools that AVERAGE over the group they are given (DDP, DeepSpeed) average instead of summing:
+over the SP group that is off by a factor P, so either multiply each rank's loss by P (or divide
+by ``N / P`` instead of ``N``) or reduce the SP group with :func:`sync_gradients` first.
+
+Parameters the backward does not reach keep ``grad = None`` on every rank where no rank produced
+a gradient; where only some ranks did, the others take part with zeros and end with the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from hpattn_dist.comm.counters import record
+from hpattn_dist.comm.groups import nbytes, resolve_group
+
+__all__ = ["global_loss", "sharded_mean", "sync_gradients"]
+
+
+def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
+    """This rank's share of a per-pixel mean: local SUM / GLOBAL element count.
+
+    Summed over the SP group it is exactly the mean over the full field (Note
+    [sequence-parallel gradients]), also for uneven shards.
+
+    Args:
+        local: per-element values of this rank's shard, e.g. a squared error ``[B, N_r, C]``
+            (pixels along ``dim``, any other dims); may be empty (``N_r = 0``).
+        npix: the GLOBAL number of pixels ``N`` (``sum_r N_r``), the same on every rank.
+        dim: the pixel dimension of ``local``.
+
+    Returns:
+        A 0-dim tensor ``local.sum() / (N * prod(other dims))``.
+
+    Raises:
+        ValueError: ``npix`` is not a positive int or ``dim`` is out of range.
+    """
+    if not isinstance(npix, int) or isinstance(npix, bool) or npix <= 0:
+        raise ValueError(f"npix must be a positive int (the global pixel count), got {npix!r}")
+    if local.dim() == 0 or not -local.dim() <= dim < local.dim():
+        raise ValueError(f"dim={dim} is out of range for local of shape {tuple(local.shape)}")
+    others = 1
+    for i, size in enumerate(local.shape):
+        if i != dim % local.dim():
+            others *= size
+    return local.sum() / (npix * others)
+
+
+def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The single-device loss value ``sum_r L_r`` on every rank (for logging; no autograd).
+
+    Args:
+        local_loss: this rank's 0-dim loss ``L_r`` (e.g. from :func:`sharded_mean`).
+        process_group: the SP group (None: the default group, or no communication when
+            ``torch.distributed`` is not initialised).
+
+    Returns:
+        A detached 0-dim tensor, identical on every rank.
+    """
+    info = resolve_group(process_group, "process_group")
+    total = local_loss.detach().clone()
+    if info.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group)
+        record("all_reduce", 2 * (info.world_size - 1) * nbytes(total) // info.world_size)
+    return total
+
+
+ParamsLike = Union[nn.Module, Iterable[nn.Parameter]]
+
+
+def sync_gradients(
+    parameters: ParamsLike, process_group: Optional[dist.ProcessGroup] = None
+) -> None:
+    """Sum parameter gradients over the SP group, in place, so every rank has the full gradient.
+
+    Call it after ``loss.backward()`` and before ``optimizer.step()``, with each rank's loss
+    scaled as in Note [sequence-parallel gradients] (:func:`sharded_mean`). Gradients are
+    coalesced into ONE flat buffer per (dtype, device) and reduced with one ``all_reduce(SUM)``
+    per buffer; each buffer also carries one presence flag per parameter, so ranks that disagree
+    on which gradients exist neither hang nor mis-align (see the module notes).
+
+    Args:
+        parameters: a module (its ``parameters()``) or an iterable of parameters, in the SAME
+            order on every rank. Parameters with ``requires_grad=False`` are skipped.
+        process_group: the SP group (None: the default group; nothing to do with one process).
+
+    Raises:
+        ValueError: a parameter's gradient is sparse.
+
+    Communication: per buffer, one ``all_reduce`` recorded under ``"all_reduce"``.
+    """
+    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    params = [p for p in params if p.requires_grad]
+    info = resolve_group(process_group, "process_group")
+    if info.world_size == 1 or not params:
+        return
+
+    buckets: dict[tuple[str, str], list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError("sync_gradients: sparse gradients are not supported")
+        buckets.setdefault((str(p.dtype), str(p.device)), []).append(p)
+
+    # Same key order on every rank, so the collectives pair up.
+    for key in sorted(buckets):
+        bucket = buckets[key]
+        numel = sum(p.numel() for p in bucket)
+        flat = torch.zeros(numel + len(bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+        offset = 0
+        for i, p in enumerate(bucket):
+            if p.grad is not None:
+                flat[offset : offset + p.numel()].copy_(p.grad.reshape(-1))
+                flat[numel + i] = 1
+            offset += p.numel()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group)
+        record("all_reduce", 2 * (info.world_size - 1) * nbytes(flat) // info.world_size)
+        present = (flat[numel:] > 0).tolist()  # one device sync per buffer
+        offset = 0
+        for i, p in enumerate(bucket):
+            if present[i]:
+                reduced = flat[offset : offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = reduced.clone()
+                else:
+                    p.grad.copy_(reduced)
+            offset += p.numel()

@@ -1,0 +1,235 @@
+"""The drop-in distributed layer and the converter that swaps it into an existing model.
+
+:class:`DistributedSpatialSelfAttention` computes exactly what :class:`SpatialSelfAttention`
+computes, but on a field whose pixel dimension is sharded over the ranks of a process group: each
+rank passes its own contiguous NESTED range of pixels ``[B, N_r, E]`` (see
+:func:`hpattn_dist.healpix.shard_bounds` / :func:`hpattn_dist.healpix.scatter`) and gets the
+attention output for those pixels, attended against the keys of EVERY rank.
+
+:func:`convert_spatial_attention` replaces every :class:`SpatialSelfAttention` inside a model by
+the distributed layer, keeping the very same parameter objects (so weights, device, dtype, an
+optimizer built before the conversion and checkpoints all carry over), like
+:func:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+
+Legend: B batch, N global pixels, N_r pixels on group rank r, P group size, E embed dim,
+H heads, D head dim (E / H).
+
+Note [replicated parameters]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The layer's parameters (``qkv_proj``, ``out_proj``) are replicated on every rank of the
+sequence-parallel group, but each rank's backward only sees the part of the loss that flows
+through its own pixels' projections. The full gradient is the SUM over the group of the local
+gradients, provided each rank's loss is its share of the global loss (for a per-pixel mean: the
+local SUM divided by the GLOBAL pixel count). :func:`hpattn_dist.grad_sync.sync_gradients` does
+that reduction; DDP or DeepSpeed over the same group do it too when their averaging is
+compensated (see :mod:`hpattn_dist.grad_sync`). Without it the ranks' parameters drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
+from hpattn_dist.strategies import check_strategy_name, sharded_attention
+
+__all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
+
+
+class DistributedSpatialSelfAttention(SpatialSelfAttention):
+    """Multi-head self-attention over a HEALPix field whose pixels are sharded across ranks.
+
+    Same constructor arguments, attributes, parameter names (``qkv_proj``, ``out_proj``) and
+    ``state_dict`` as :class:`SpatialSelfAttention` (it subclasses it), so either layer loads the
+    other's checkpoint. Called on every rank of ``process_group`` with that rank's shard, it
+    returns that rank's shard of the oracle's output on the full field.
+
+    Args:
+        embed_dim: total model dimension ``E`` (divisible by ``num_heads``).
+        num_heads: number of heads ``H``.
+        dropout: dropout probability on the attention weights (training mode only), normalised
+            first, then dropped. The mask is keyed by global pixel positions and a seed drawn from
+            each rank's default CPU generator, so seed every rank identically
+            (``torch.manual_seed``) when ``dropout > 0``. Default: 0.0.
+        bias: whether the projections have a bias. Default: True.
+        attn_backend: block kernel, ``"auto" | "sdpa" | "manual"`` (the kernel backend of the
+            same name, see :mod:`hpattn_dist.kernels.dispatch`). Default: ``"auto"``.
+        process_group: the sequence-parallel group sharding the pixels (None: the default group,
+            or a single process when ``torch.distributed`` is not initialised).
+        strategy: name of a registered strategy (:data:`hpattn_dist.strategies.STRATEGIES`, e.g.
+            ``"ring"``). Default: ``"ring"``.
+
+    Shape:
+        - Input ``x_local``: ``[B, N_r, E]``, this rank's contiguous range of the field in NESTED
+          order, ranges in group-rank order (the plan of :func:`hpattn_dist.healpix.shard_bounds`
+          or any other contiguous split; ``N_r`` may differ between ranks).
+        - Optional ``key_mask``: bool ``[B, N_r]``, True = this key may be attended to.
+        - Output: ``[B, N_r, E]``.
+
+    Raises:
+        ValueError: bad constructor arguments (as for the oracle), an unknown ``strategy``, or (in
+            forward) a badly shaped input or mask; errors about ranks that disagree on shapes are
+            raised on every rank.
+
+    Parameters are replicated over ``process_group``: reduce their gradients over it with
+    :func:`hpattn_dist.grad_sync.sync_gradients` (Note [replicated parameters]).
+
+    Example::
+
+        >>> # on every rank of a group of P ranks, x_full: [B, N, E] identical everywhere
+        >>> attn = DistributedSpatialSelfAttention(64, 8, strategy="ring")
+        >>> x_local = hpattn_dist.healpix.scatter(x_full)          # [B, N_r, E]
+        >>> y_local = attn(x_local)                                  # [B, N_r, E]
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        attn_backend: AttnBackend = "auto",
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        strategy: str = "ring",
+    ) -> None:
+        check_strategy_name(strategy)
+        super().__init__(embed_dim, num_heads, dropout, bias, attn_backend)
+        self.process_group = process_group
+        self.strategy = strategy
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"dropout={self._dropout_p}, attn_backend={self.attn_backend!r}, "
+            f"strategy={self.strategy!r}"
+        )
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        """Attend this rank's pixels to the (unmasked) pixels of every rank.
+
+        Args:
+            x: this rank's shard ``[B, N_r, E]``.
+            key_mask: optional bool ``[B, N_r]`` for this rank's keys; a query with no unmasked
+                key on any rank gets a zero attention output (then ``out_proj``), never NaN.
+
+        Returns:
+            ``[B, N_r, E]``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"x must have shape [B, N_local, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
+            )
+        batch_size, n_local, _ = x.shape
+        if key_mask is not None and (
+            key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch_size, n_local)
+        ):
+            raise ValueError(
+                f"key_mask must be a bool tensor of shape [B, N_local] = {(batch_size, n_local)}, "
+                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+            )
+
+        qkv = self.qkv_proj(x)  # [B, N_r, 3E]
+        qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
+        q_local, k_local, v_local = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N_r, D]
+
+        out_local = sharded_attention(
+            self.strategy,
+            q_local,
+            k_local,
+            v_local,
+            self.process_group,
+            backend=self.attn_backend,
+            dropout_p=self._dropout_p if self.training else 0.0,
+            scale=self.scale,
+            key_mask=key_mask,
+        )  # [B, H, N_r, D]
+
+        out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
+        return self.out_proj(out_local)
+
+
+def convert_spatial_attention(
+    module: nn.Module,
+    process_group: Optional[dist.ProcessGroup] = None,
+    strategy: str = "ring",
+    attn_backend: Optional[str] = None,
+) -> nn.Module:
+    """Replace every :class:`SpatialSelfAttention` in ``module`` by a distributed layer.
+
+    Modelled on :func:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: returns the converted
+    module (``module`` itself when it is not an attention layer, its children converted in place).
+    The new layer takes over the SAME ``qkv_proj`` / ``out_proj`` submodules (hence the same
+    ``Parameter`` objects: weights, device, dtype, ``requires_grad``, hooks on them and optimizer
+    state keyed by them carry over), the same dropout probability and the training mode. No
+    random numbers are drawn. Layers that are already :class:`DistributedSpatialSelfAttention`
+    are left unchanged.
+
+    Args:
+        module: a model containing :class:`SpatialSelfAttention` layers (or one such layer).
+        process_group: the sequence-parallel group for every converted layer (None: default).
+        strategy: registered strategy name for every converted layer. Default: ``"ring"``.
+        attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
+            layer's own.
+
+    Returns:
+        The converted module. Its forward now takes this rank's shard ``[B, N_r, E]`` wherever the
+        attention layers see pixels.
+
+    Raises:
+        ValueError: unknown ``strategy`` or ``attn_backend``.
+
+    Example::
+
+        >>> model = convert_spatial_attention(model, process_group=sp_group)
+    """
+    check_strategy_name(strategy)
+    if attn_backend is not None and attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
+    return _convert(module, process_group, strategy, attn_backend)
+
+
+def _convert(
+    module: nn.Module,
+    process_group: Optional[dist.ProcessGroup],
+    strategy: str,
+    attn_backend: Optional[str],
+) -> nn.Module:
+    if isinstance(module, SpatialSelfAttention) and not isinstance(
+        module, DistributedSpatialSelfAttention
+    ):
+        return _convert_layer(module, process_group, strategy, attn_backend)
+    for name, child in module.named_children():
+        converted = _convert(child, process_group, strategy, attn_backend)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
+def _convert_layer(
+    layer: SpatialSelfAttention,
+    process_group: Optional[dist.ProcessGroup],
+    strategy: str,
+    attn_backend: Optional[str],
+) -> DistributedSpatialSelfAttention:
+    # Built on the meta device: no allocation and no draw from the RNG for the throw-away
+    # projections, which are replaced by the layer's own submodules right after.
+    with torch.device("meta"):
+        new = DistributedSpatialSelfAttention(
+            layer.embed_dim,
+            layer.num_heads,
+            dropout=layer._dropout_p,
+            bias=layer.qkv_proj.bias is not None,
+            attn_backend=layer.attn_backend if attn_backend is None else attn_backend,
+            process_group=process_group,
+            strategy=strategy,
+        )
+    new.qkv_proj = layer.qkv_proj
+    new.out_proj = layer.out_proj
+    new.dropout = layer.dropout
+    new.train(layer.training)
+    return new
