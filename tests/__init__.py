@@ -1,0 +1,1 @@
+"""Test suite of hpattn_dist (a package so spawned ranks can import test modules by name)."""

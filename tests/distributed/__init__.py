@@ -1,0 +1,1 @@
+"""Multi-rank tests: real spawned gloo ranks via tests.harness.run_ranks."""
