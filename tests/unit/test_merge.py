@@ -130,3 +130,29 @@ def test_low_precision_blocks_merge_into_fp32_accumulators():
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     ref = reference_attention(q, k, v)
     assert (out.double() - ref).abs().max().item() <= 2.5e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["manual", "sdpa"])
+def test_fp32_error_does_not_grow_with_number_of_blocks(backend):
+    """fp32, unit scale: merging 8 key blocks is as accurate as one block (DESIGN: error at P = 8
+    at most 1.5x P = 1). RMS error against the float64 reference, averaged over 8 seeds so the
+    statistic is not a lottery on one sample. Measured: 1.0 for this merge, 1.4-1.6 for the
+    exp-rescaling form (Note [stable merge])."""
+    n, n_blocks = 64, 8
+    ratios = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(100 + seed)
+        q, k, v = (torch.randn(2, 4, n, D, generator=g) for _ in range(3))
+        ref = reference_attention(q, k, v)
+        kernel = select_kernel(backend, q)
+        rms = []
+        for parts in (1, n_blocks):
+            out = torch.zeros(q.shape)
+            lse = torch.full(q.shape[:3], float("-inf"))
+            cuts = [i * n // parts for i in range(parts + 1)]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                merge_into(out, lse, *kernel.forward(q, k[:, :, a:b], v[:, :, a:b], D**-0.5))
+            rms.append((out.double() - ref).pow(2).mean().sqrt().item())
+        ratios.append(rms[1] / rms[0])
+    assert sum(ratios) / len(ratios) <= 1.25, ratios
+    assert max(ratios) <= 1.5, ratios
