@@ -60,8 +60,11 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             same name, see :mod:`hpattn_dist.kernels.dispatch`). Default: ``"auto"``.
         process_group: the sequence-parallel group sharding the pixels (None: the default group,
             or a single process when ``torch.distributed`` is not initialised).
-        strategy: name of a registered strategy (:data:`hpattn_dist.strategies.STRATEGIES`, e.g.
-            ``"ring"``). Default: ``"ring"``.
+        strategy: name of a registered strategy (:data:`hpattn_dist.strategies.STRATEGIES`:
+            ``"ring"``, ``"ulysses"`` (H divisible by P), ``"hybrid"`` or ``"auto"``).
+            Default: ``"ring"``.
+        ulysses_degree: for ``strategy="hybrid"`` only: the Ulysses sub-group size U (a divisor of
+            P and H); the sub-groups are created collectively on the first forward.
 
     Shape:
         - Input ``x_local``: ``[B, N_r, E]``, this rank's contiguous range of the field in NESTED
@@ -96,17 +99,20 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         *,
         process_group: Optional[dist.ProcessGroup] = None,
         strategy: str = "ring",
+        ulysses_degree: Optional[int] = None,
     ) -> None:
-        check_strategy_name(strategy)
+        _check_strategy_args(strategy, ulysses_degree)
         super().__init__(embed_dim, num_heads, dropout, bias, attn_backend)
         self.process_group = process_group
         self.strategy = strategy
+        self.ulysses_degree = ulysses_degree
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"dropout={self._dropout_p}, attn_backend={self.attn_backend!r}, "
             f"strategy={self.strategy!r}"
+            + ("" if self.ulysses_degree is None else f", ulysses_degree={self.ulysses_degree}")
         )
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
@@ -147,6 +153,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             dropout_p=self._dropout_p if self.training else 0.0,
             scale=self.scale,
             key_mask=key_mask,
+            **({} if self.ulysses_degree is None else {"ulysses_degree": self.ulysses_degree}),
         )  # [B, H, N_r, D]
 
         out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
@@ -158,6 +165,7 @@ def convert_spatial_attention(
     process_group: Optional[dist.ProcessGroup] = None,
     strategy: str = "ring",
     attn_backend: Optional[str] = None,
+    ulysses_degree: Optional[int] = None,
 ) -> nn.Module:
     """Replace every :class:`SpatialSelfAttention` in ``module`` by a distributed layer.
 
@@ -175,36 +183,52 @@ def convert_spatial_attention(
         strategy: registered strategy name for every converted layer. Default: ``"ring"``.
         attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
             layer's own.
+        ulysses_degree: Ulysses sub-group size for ``strategy="hybrid"`` (only).
 
     Returns:
         The converted module. Its forward now takes this rank's shard ``[B, N_r, E]`` wherever the
         attention layers see pixels.
 
     Raises:
-        ValueError: unknown ``strategy`` or ``attn_backend``.
+        ValueError: unknown ``strategy`` or ``attn_backend``; ``ulysses_degree`` missing for
+            ``"hybrid"``, given for another strategy, or not a positive int.
 
     Example::
 
         >>> model = convert_spatial_attention(model, process_group=sp_group)
     """
-    check_strategy_name(strategy)
+    _check_strategy_args(strategy, ulysses_degree)
     if attn_backend is not None and attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
-    return _convert(module, process_group, strategy, attn_backend)
+    options = {"strategy": strategy, "ulysses_degree": ulysses_degree}
+    return _convert(module, process_group, options, attn_backend)
+
+
+def _check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
+    check_strategy_name(strategy)
+    if strategy == "hybrid" and ulysses_degree is None:
+        raise ValueError("strategy='hybrid' needs ulysses_degree=U (a divisor of P and H)")
+    if ulysses_degree is not None:
+        if strategy != "hybrid":
+            raise ValueError(
+                f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}"
+            )
+        if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
+            raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
 
 
 def _convert(
     module: nn.Module,
     process_group: Optional[dist.ProcessGroup],
-    strategy: str,
+    options: dict,
     attn_backend: Optional[str],
 ) -> nn.Module:
     if isinstance(module, SpatialSelfAttention) and not isinstance(
         module, DistributedSpatialSelfAttention
     ):
-        return _convert_layer(module, process_group, strategy, attn_backend)
+        return _convert_layer(module, process_group, options, attn_backend)
     for name, child in module.named_children():
-        converted = _convert(child, process_group, strategy, attn_backend)
+        converted = _convert(child, process_group, options, attn_backend)
         if converted is not child:
             module.add_module(name, converted)
     return module
@@ -213,7 +237,7 @@ def _convert(
 def _convert_layer(
     layer: SpatialSelfAttention,
     process_group: Optional[dist.ProcessGroup],
-    strategy: str,
+    options: dict,
     attn_backend: Optional[str],
 ) -> DistributedSpatialSelfAttention:
     # Built on the meta device: no allocation and no draw from the RNG for the throw-away
@@ -226,7 +250,7 @@ def _convert_layer(
             bias=layer.qkv_proj.bias is not None,
             attn_backend=layer.attn_backend if attn_backend is None else attn_backend,
             process_group=process_group,
-            strategy=strategy,
+            **options,
         )
     new.qkv_proj = layer.qkv_proj
     new.out_proj = layer.out_proj

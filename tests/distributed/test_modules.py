@@ -75,11 +75,22 @@ def _reference(nside: int, seed: int, masked: bool) -> dict:
     return {"out": out.detach(), "x_grad": x.grad.clone(), "grads": grads}
 
 
-# Cases: (nside, seed, masked, split). split None = the HEALPix shard plan (healpix.scatter);
-# otherwise explicit per-rank sizes (uneven, an empty shard) through scatter_along_dim.
+# Cases: (nside, seed, masked, split, strategy, ulysses_degree). split None = the HEALPix shard
+# plan (healpix.scatter); otherwise explicit per-rank sizes (uneven, an empty shard) through
+# scatter_along_dim. H = 4 heads: Ulysses needs P | H, so it runs at world 4 only.
 CASES = {
-    3: [(2, 10, False, None), (4, 11, False, None), (2, 12, True, [5, 30, 13])],
-    4: [(2, 20, False, None), (4, 21, True, None), (2, 22, False, [20, 0, 17, 11])],
+    3: [
+        (2, 10, False, None, "ring", None),
+        (4, 11, False, None, "auto", None),
+        (2, 12, True, [5, 30, 13], "ring", None),
+    ],
+    4: [
+        (2, 20, False, None, "ring", None),
+        (4, 21, True, None, "ring", None),
+        (2, 22, False, [20, 0, 17, 11], "ring", None),
+        (2, 23, True, [10, 14, 13, 11], "ulysses", None),
+        (2, 24, False, None, "hybrid", 2),
+    ],
 }
 
 
@@ -88,9 +99,9 @@ def _ranks_model(rank: int, world: int, cases: list) -> list:
     from hpattn_dist.healpix import scatter
 
     results = []
-    for nside, seed, masked, split in cases:
+    for nside, seed, masked, split, strategy, degree in cases:
         case = _make_case(nside, seed, masked)
-        model = convert_spatial_attention(case["model"], strategy="ring")
+        model = convert_spatial_attention(case["model"], strategy=strategy, ulysses_degree=degree)
         npix = case["x"].shape[1]
         x_full = case["x"].requires_grad_(True)
         if split is None:
@@ -140,18 +151,18 @@ def _rel(a: Tensor, b: Tensor) -> float:
 @pytest.mark.parametrize("world", [3, 4])
 def test_converted_model_matches_single_device(world: int) -> None:
     results = run_ranks(_ranks_model, world, CASES[world], timeout=90.0)
-    for i, (nside, seed, masked, split) in enumerate(CASES[world]):
+    for i, (nside, seed, masked, split, strategy, _) in enumerate(CASES[world]):
         ref = _reference(nside, seed, masked)
         out = torch.cat([results[r][i]["out"] for r in range(world)], dim=1)
         assert out.shape == ref["out"].shape
-        assert _rel(out, ref["out"]) < RTOL, (world, nside, split)
+        assert _rel(out, ref["out"]) < RTOL, (world, nside, split, strategy)
         for r in range(world):
             case = results[r][i]
-            assert _rel(case["x_grad"], ref["x_grad"]) < RTOL, (world, r, nside, split)
+            assert _rel(case["x_grad"], ref["x_grad"]) < RTOL, (world, r, nside, split, strategy)
             assert case["sync_calls"] == 1  # all parameters float64: one coalesced buffer
             assert case["grads"].keys() == ref["grads"].keys()
             for name, grad in ref["grads"].items():
-                assert _rel(case["grads"][name], grad) < RTOL, (world, r, name, split)
+                assert _rel(case["grads"][name], grad) < RTOL, (world, r, name, split, strategy)
 
     # grad_sync edge cases: sums, None only where no rank had a gradient.
     sums = {k: sum(range(1, world + 1)) for k in ("p32",)}
@@ -272,6 +283,12 @@ def test_bad_arguments_raise_value_error() -> None:
         convert_spatial_attention(TwoAttentionModel(), strategy="nope")
     with pytest.raises(ValueError, match="attn_backend"):
         convert_spatial_attention(TwoAttentionModel(), attn_backend="flash")
+    with pytest.raises(ValueError, match="ulysses_degree"):
+        convert_spatial_attention(TwoAttentionModel(), strategy="hybrid")
+    with pytest.raises(ValueError, match="ulysses_degree"):
+        DistributedSpatialSelfAttention(E, HEADS, strategy="ring", ulysses_degree=2)
+    with pytest.raises(ValueError, match="ulysses_degree"):
+        DistributedSpatialSelfAttention(E, HEADS, strategy="hybrid", ulysses_degree=0)
     layer = DistributedSpatialSelfAttention(E, HEADS)
     with pytest.raises(ValueError, match="embed_dim"):
         layer(torch.randn(2, 5, E + 1))

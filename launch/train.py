@@ -1,0 +1,330 @@
+"""Train a small HEALPix transformer with sequence-parallel attention (torchrun entry point).
+
+    torchrun --standalone --nproc_per_node 4 launch/train.py --config configs/train_small.json
+    python launch/train.py --steps 30                 # one process, no torchrun needed
+    NPROC=4 ./launch/run.sh --nside 8                # the wrapper, with environment overrides
+
+Every rank of the job holds the whole model (replicated parameters) and one contiguous NESTED
+range of the pixels (:func:`hpattn_dist.healpix.shard_bounds`); the model's attention layers are
+converted with :func:`hpattn_dist.convert_spatial_attention`, each rank's loss is its share of the
+per-pixel mean (local SUM / GLOBAL count) and :func:`hpattn_dist.grad_sync.sync_gradients` sums
+the gradients over the group, so each step is the single-device step (see
+:mod:`hpattn_dist.grad_sync`). The whole job is one sequence-parallel group; there is no data
+parallelism here.
+
+Process group: initialised from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+...) with NCCL when the run uses CUDA and gloo on CPU; without that environment the script runs
+as a single process without ``torch.distributed``.
+
+Rank 0 prints one line per step: a progress bar, the global loss and the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from hpattn_dist import convert_spatial_attention
+from hpattn_dist.grad_sync import global_loss, sync_gradients
+from hpattn_dist.healpix import check_nside, nside2npix, scatter
+from hpattn_dist.strategies import check_strategy_name
+
+if __package__ in (None, ""):  # run as a script (python / torchrun launch/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from healpix_model import ModelConfig, build_model, local_loss, make_batch
+else:  # imported as launch.train (tests)
+    from .healpix_model import ModelConfig, build_model, local_loss, make_batch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "train_small.json"
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the ``"train"`` section of a config file)."""
+
+    nside: int = 4
+    """HEALPix resolution (a power of two); ``N = 12 * nside**2`` pixels are sharded."""
+    steps: int = 30
+    """Optimizer steps."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (after the gradient sync, so equal on every rank); 0 = off."""
+    strategy: str = "ring"
+    """Sequence-parallel strategy: ``"ring" | "ulysses" | "hybrid" | "auto"``."""
+    ulysses_degree: Optional[int] = None
+    """Ulysses sub-group size U for ``strategy="hybrid"`` (a divisor of P and of the heads)."""
+    seed: int = 0
+    """Seed of the model initialisation and of the data stream (the same on every rank)."""
+    dtype: str = "float32"
+    """Parameter and activation dtype: ``"float32" | "float64" | "bfloat16"``."""
+    device: str = "auto"
+    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
+    log_every: int = 1
+    """Print every this many steps on rank 0 (the first and last step are always printed)."""
+
+    def __post_init__(self) -> None:
+        check_nside(self.nside)
+        for name in ("steps", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
+        check_strategy_name(self.strategy)
+        if (self.strategy == "hybrid") != (self.ulysses_degree is not None):
+            raise ValueError(
+                "train.ulysses_degree must be set exactly when train.strategy is 'hybrid', got "
+                f"strategy={self.strategy!r}, ulysses_degree={self.ulysses_degree!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"train.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def load_config(
+    path: str | Path, overrides: Optional[dict[str, Any]] = None
+) -> tuple[ModelConfig, TrainConfig]:
+    """Read a JSON config ``{"model": {...}, "train": {...}}`` and apply ``train`` overrides.
+
+    Raises:
+        ValueError: unknown sections or keys, or invalid values (naming them).
+    """
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    unknown = sorted(set(raw) - {"model", "train", "description"})
+    if unknown:
+        raise ValueError(f"{path}: unknown config sections {unknown}; known: model, train")
+    train_values = dict(raw.get("train", {}))
+    train_values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ModelConfig.from_dict(raw.get("model", {})), TrainConfig.from_dict(train_values)
+
+
+# --------------------------------------------------------------------------------------------
+# Process group and device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its group (None without torch.distributed), rank and device."""
+
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_process_group: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device='cuda' but CUDA is not available")
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init_runtime(device_name: str) -> Runtime:
+    """Initialise the default process group from torchrun's environment, if there is one.
+
+    NCCL when the device is CUDA, gloo otherwise. With ``torch.distributed`` already initialised
+    (e.g. by a test harness) that group is used as is; without ``WORLD_SIZE`` in the environment
+    the run is a single process.
+    """
+    device = resolve_device(device_name)
+    if dist.is_available() and dist.is_initialized():
+        return Runtime(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), device)
+    if "WORLD_SIZE" not in os.environ:
+        return Runtime(None, 0, 1, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Runtime(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), device, True)
+
+
+# --------------------------------------------------------------------------------------------
+# Model, data, step
+# --------------------------------------------------------------------------------------------
+
+
+def build(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The sequence-parallel model and its optimizer, identical on every rank (seeded build)."""
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg)
+    model = convert_spatial_attention(
+        model, process_group=group, strategy=train_cfg.strategy,
+        ulysses_degree=train_cfg.ulysses_degree,
+    )
+    model = model.to(device=device, dtype=train_cfg.torch_dtype)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+    )
+    return model, optimizer
+
+
+def shard(x_full: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """This rank's pixels ``[B, N_r, C]`` of a full field ``[B, N, C]`` (the field itself alone)."""
+    if group is None:
+        return x_full
+    return scatter(x_full, group=group, dim=1)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_full: Tensor,
+    y_full: Tensor,
+    group: Optional[dist.ProcessGroup],
+    grad_clip: float = 0.0,
+) -> Tensor:
+    """One optimizer step on this rank's shard; returns the global (single-device) loss.
+
+    Args:
+        x_full, y_full: the full batch ``[B, N, C_in]`` / ``[B, N, C_out]``, identical on every
+            rank of ``group`` (None: a single process).
+        grad_clip: max global gradient norm, 0 = off.
+
+    Returns:
+        A detached 0-dim tensor: the per-pixel mean loss over the whole field, equal on all ranks.
+    """
+    npix = x_full.shape[1]
+    x_local, y_local = shard(x_full, group), shard(y_full, group)  # [B, N_r, C]
+    optimizer.zero_grad(set_to_none=True)
+    loss_local = local_loss(model(x_local), y_local, npix)
+    loss_local.backward()
+    sync_gradients(model, group)  # now every rank has the single-device gradient
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return global_loss(loss_local, group)
+
+
+def _progress(step: int, steps: int, width: int = 20) -> str:
+    done = width * step // steps
+    return "[" + "#" * done + "-" * (width - done) + "]"
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    """Run ``train_cfg.steps`` steps; rank 0 prints progress. Returns the run's metrics."""
+    model, optimizer = build(model_cfg, train_cfg, runtime.group, runtime.device)
+    generator = torch.Generator().manual_seed(train_cfg.seed + 1)
+    npix = nside2npix(train_cfg.nside)
+    log = runtime.rank == 0
+    if log:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"hpattn_dist train: world {runtime.world_size}, device {runtime.device}, "
+            f"nside {train_cfg.nside} ({npix} pixels), strategy {train_cfg.strategy}, "
+            f"dtype {train_cfg.dtype}, {n_params} parameters, {train_cfg.steps} steps",
+            flush=True,
+        )
+    losses: list[float] = []
+    step_times: list[float] = []
+    for step in range(1, train_cfg.steps + 1):
+        start = time.perf_counter()
+        x_full, y_full = make_batch(
+            model_cfg, train_cfg.nside, generator,
+            dtype=train_cfg.torch_dtype, device=runtime.device,
+        )
+        loss = train_step(model, optimizer, x_full, y_full, runtime.group, train_cfg.grad_clip)
+        loss_value = float(loss)  # syncs the device
+        step_times.append(time.perf_counter() - start)
+        losses.append(loss_value)
+        if log and (step % train_cfg.log_every == 0 or step in (1, train_cfg.steps)):
+            print(
+                f"step {step:>{len(str(train_cfg.steps))}}/{train_cfg.steps} "
+                f"{_progress(step, train_cfg.steps)} loss {loss_value:.6e} "
+                f"| {1e3 * step_times[-1]:.1f} ms/step",
+                flush=True,
+            )
+    steady = step_times[1:] or step_times
+    metrics = {
+        "world_size": runtime.world_size,
+        "nside": train_cfg.nside,
+        "strategy": train_cfg.strategy,
+        "device": str(runtime.device),
+        "losses": losses,
+        "step_times_s": step_times,
+        "mean_step_time_s": sum(steady) / len(steady),
+    }
+    if log:
+        print(
+            f"done: first loss {losses[0]:.6e}, last loss {losses[-1]:.6e}, "
+            f"{1e3 * metrics['mean_step_time_s']:.1f} ms/step (mean after step 1)",
+            flush=True,
+        )
+    return metrics
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config file")
+    parser.add_argument("--nside", type=int, help="override train.nside")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--strategy", help="override train.strategy")
+    parser.add_argument("--ulysses-degree", dest="ulysses_degree", type=int,
+                        help="override train.ulysses_degree (strategy 'hybrid')")
+    parser.add_argument("--seed", type=int, help="override train.seed")
+    parser.add_argument("--dtype", help="override train.dtype")
+    parser.add_argument("--device", help="override train.device")
+    parser.add_argument("--metrics", help="rank 0 writes the losses and step times here (JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("nside", "steps", "strategy", "ulysses_degree", "seed", "dtype", "device")}
+    model_cfg, train_cfg = load_config(args.config, overrides)
+    runtime = init_runtime(train_cfg.device)
+    try:
+        metrics = train(model_cfg, train_cfg, runtime)
+        if args.metrics and runtime.rank == 0:
+            Path(args.metrics).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    finally:
+        if runtime.owns_process_group:
+            dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
