@@ -296,7 +296,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
     return metrics
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config file")
     parser.add_argument("--nside", type=int, help="override train.nside")
@@ -308,13 +308,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="override train.dtype")
     parser.add_argument("--device", help="override train.device")
     parser.add_argument("--metrics", help="rank 0 writes the losses and step times here (JSON)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("nside", "steps", "strategy", "ulysses_degree", "seed", "dtype", "device")}
-    model_cfg, train_cfg = load_config(args.config, overrides)
+    """Parse arguments, load the config, train; returns the metrics (see :func:`train`)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("nside", "steps", "strategy", "ulysses_degree", "seed", "dtype", "device")
+    }
+    try:
+        model_cfg, train_cfg = load_config(args.config, overrides)
+    except (OSError, ValueError) as err:
+        parser.error(f"bad configuration: {err}")  # exits with status 2 on every rank
     runtime = init_runtime(train_cfg.device)
     try:
         metrics = train(model_cfg, train_cfg, runtime)

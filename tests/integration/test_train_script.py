@@ -61,6 +61,8 @@ def test_configs_load_and_bad_values_raise() -> None:
         train.TrainConfig(nside=3)
     with pytest.raises(ValueError, match="strategy"):
         train.TrainConfig(strategy="nope")
+    with pytest.raises(ValueError, match="ulysses_degree"):
+        train.TrainConfig(strategy="hybrid")
     with pytest.raises(ValueError, match="unknown train config keys"):
         train.TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="num_heads"):
