@@ -42,13 +42,12 @@ Note [communication volume]
     What the model leaves out: the ring's transfers overlap with compute (Note [double
     buffering]) while an all-to-all does not, all-to-all latency grows with the number of peers,
     and Ulysses computes full-length attention for h heads (same FLOPs, more per-kernel memory).
-    Measure with ``hpattn_dist.strategies.auto.benchmark_strategies`` where it matters.
+    Measure (``hpattn-dist bench``) where it matters.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -56,7 +55,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import acc_dtype
 from hpattn_dist.strategies.hybrid import hybrid_attention_over_group
@@ -68,7 +66,6 @@ __all__ = [
     "CommVolume",
     "StrategyChoice",
     "auto_attention",
-    "benchmark_strategies",
     "choose_strategy",
     "communication_volume",
 ]
@@ -243,77 +240,3 @@ def auto_attention(
     if choice.strategy == "ulysses":
         return ulysses_attention(q, k, v, group, **kwargs)
     return hybrid_attention_over_group(q, k, v, group, ulysses_degree=choice.ulysses_degree, **kwargs)
-
-
-def benchmark_strategies(
-    *,
-    batch: int = 1,
-    heads: int = 8,
-    n_local: int = 768,
-    head_dim: int = 32,
-    dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
-    configs: Optional[Sequence[tuple[str, Optional[int]]]] = None,
-    repeats: int = 3,
-    group: Optional[dist.ProcessGroup] = None,
-) -> list[dict]:
-    """Forward + backward wall time and bytes sent per rank for each strategy (not a test).
-
-    Call on every rank of an initialised group (e.g. from ``hpattn_dist.cli bench`` or a
-    ``torchrun`` script); every rank returns the same list of rows, one per ``(strategy, U)`` in
-    ``configs`` (default: ring, ulysses, and every proper hybrid degree dividing P and H)::
-
-        {"strategy", "ulysses_degree", "time_s" (best of ``repeats``, slowest rank), "bytes_fwd", "bytes_bwd",
-         "model_fwd", "model_bwd"}    # bytes: this rank's counters; model: the formula's
-
-    Inputs are random ``[B, H, n_local, D]`` per rank; one untimed warm-up call per strategy
-    (it also creates hybrid sub-groups).
-    """
-    info = resolve_group(group)
-    p = info.world_size
-    if configs is None:
-        configs = [("ring", None), ("ulysses", None)] + [
-            ("hybrid", u) for u in range(2, p) if p % u == 0 and heads % u == 0
-        ]
-    gen = torch.Generator().manual_seed(1234 + info.rank)
-    q, k, v = (torch.randn(batch, heads, n_local, head_dim, generator=gen, dtype=dtype)
-               .requires_grad_() for _ in range(3))
-    grad = torch.randn(batch, heads, n_local, head_dim, generator=gen, dtype=dtype)
-    rows = []
-    for strategy, degree in configs:
-        kwargs = {"backend": backend}
-        if strategy == "hybrid":
-            kwargs["ulysses_degree"] = degree
-        fn = {"ring": ring_attention, "ulysses": ulysses_attention,
-              "hybrid": hybrid_attention_over_group}[strategy]
-        fn(q, k, v, group, **kwargs).backward(grad)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if info.group is not None:
-                dist.barrier(group=info.group)
-            start = time.perf_counter()
-            with count_communication() as fwd:
-                out = fn(q, k, v, group, **kwargs)
-            with count_communication() as bwd:
-                out.backward(grad)
-            times.append(time.perf_counter() - start)
-        t = torch.tensor([min(times)], dtype=torch.float64)
-        if info.group is not None:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.group)
-        model = communication_volume(
-            strategy, batch=batch, heads=heads, head_dim=head_dim, sizes=[n_local] * p,
-            rank=info.rank, itemsize=q.element_size(), ulysses_degree=degree,
-        )
-        rows.append({
-            "strategy": strategy, "ulysses_degree": _degree_for(strategy, p, degree),
-            "time_s": float(t.item()),
-            "bytes_fwd": _payload(fwd.bytes_sent), "bytes_bwd": _payload(bwd.bytes_sent),
-            "model_fwd": model.forward, "model_bwd": model.backward,
-        })
-    return rows
-
-
-def _payload(bytes_sent) -> int:
-    """Bytes of the attention traffic, without the shape handshakes (``*.meta`` labels)."""
-    return int(sum(n for label, n in bytes_sent.items() if not label.endswith(".meta")))
-
