@@ -1,0 +1,743 @@
+"""``hpattn-dist bench``: time, peak memory and communication per rank of the distributed layer.
+
+Modes (``BenchConfig.mode``):
+
+``scaling`` (default)
+    For each nside and strategy: the distributed layer (``[B, N_r, E]`` shard per rank) forward
+    (under ``no_grad``) and forward+backward, median over ``repeats`` after ``warmup``; each
+    repeat starts after a barrier and its time is the SLOWEST rank's. Then, in the same run and on
+    the same input, two baselines:
+
+    * ``oracle``: the single-process layer ``SpatialSelfAttention`` (same ``attn_backend``) on the
+      full field, run by rank 0 with ``P * threads_per_rank`` threads (the same total threads)
+      while the other ranks wait. ``efficiency = t_oracle / t_ours`` (1.0 = perfect scaling).
+    * ``deepspeed_ulysses`` (when deepspeed is importable, heads % P == 0 and N % P == 0):
+      ``deepspeed.sequence.layer.DistributedAttention`` around PyTorch SDPA, with the same
+      projections and weights. ``speed_vs_peer = t_peer / t_ours`` (>= 1: we are faster).
+
+    Bytes sent per rank come from :func:`hpattn_dist.count_communication` around one extra
+    forward+backward; ``expected_bytes`` is the closed form of Note [communication volume].
+
+``emulation``
+    One process (rank 0): the ring's per-block path -- ``P x P`` calls of the block kernel on
+    ``N/P x N/P`` blocks plus the online-softmax merge, forward and backward -- against ONE call
+    of the same kernel on the full ``N``. ``ratio = t_fused / t_blocks`` (target >= 0.9).
+
+``memory``
+    Peak memory per rank of ``ring`` attention alone with the ``manual`` kernel (forward+backward,
+    ``[B, H, N_r, D]`` inputs) next to the size of one full ``N x N`` (and ``N_r x N``) score
+    matrix, showing that no such tile is ever allocated (Note [bounded score tile]).
+
+Note [peak memory]
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+    allocated before the measured call. CPU: the Linux resident-set high-water mark: we reset it
+    (``/proc/self/clear_refs`` <- ``5``), run, and report ``VmHWM - VmRSS(before)``. This counts
+    every byte the process touched, torch or not; the local launcher sets
+    ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors return to the OS and the mark tracks live
+    tensors. Where ``clear_refs`` is unavailable it falls back to the ``ru_maxrss`` growth (a lower
+    bound, marked ``"method": "ru_maxrss"``).
+
+Note [communication volume]
+    Per rank r of P, with ``N_s`` pixels on rank s, element size ``e`` (``a`` for the fp32/fp64
+    accumulators) and ``C = 2 * B * H * D`` (K and V of one pixel):
+
+    * ring forward: ``P - 1`` sends, ``C * e * sum_{s=0}^{P-2} N_{(r - s) mod P}`` bytes;
+      backward: the same again for K/V plus ``P`` dK/dV sends of ``C * a * N`` bytes in total.
+    * Ulysses (DeepSpeed and ours): all-to-alls of q, k, v and the output per forward, of dO,
+      dQ, dK, dV per backward, each sending ``(P - 1) / P`` of the ``B * N_r * E * e`` bytes held
+      locally (equal shards): ``8 (P - 1) / P * B * N_r * E * e`` per forward+backward.
+
+    The exact forms, uneven shards and hybrid included, are those of
+    :func:`hpattn_dist.strategies.auto.communication_volume` (its Note [communication volume]);
+    bench compares them with the counted bytes (``payload_bytes_per_rank``, shape handshakes
+    ``*.meta`` excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from hpattn_dist.comm.counters import count_communication
+from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
+from hpattn_dist.kernels import select_kernel
+from hpattn_dist.kernels.manual import TILE_ELEMENTS, acc_dtype
+from hpattn_dist.merge import merge_into
+from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
+from hpattn_dist.strategies import STRATEGIES, sharded_attention
+from hpattn_dist.strategies.auto import choose_strategy, communication_volume
+from hpattn_dist.verify import DTYPES, default_config_path, load_section, make_distributed_layer
+
+MODES = ("scaling", "emulation", "memory")
+SCHEMA = "hpattn_dist.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    """What ``hpattn-dist bench`` measures. Defaults: ``configs/bench.toml`` (table ``[bench]``).
+
+    Attributes:
+        mode: ``"scaling" | "emulation" | "memory"`` (see the module docstring).
+        nsides: HEALPix resolutions to measure (``N = 12 * nside**2``).
+        batch: batch size ``B``.
+        embed_dim: ``E`` (divisible by ``num_heads``).
+        num_heads: ``H``; DeepSpeed-Ulysses and our ``ulysses`` need ``H % P == 0``.
+        strategies: strategies to time; empty = every registered strategy.
+        backend: layer ``attn_backend`` (``"auto" | "sdpa" | "manual"``); memory mode always
+            uses ``"manual"``.
+        dtype: ``float32 | bfloat16 | float16 | float64``.
+        warmup: untimed repeats before timing.
+        repeats: timed repeats; the median is reported.
+        blocks: emulation mode: numbers of ring blocks ``P`` to emulate.
+        oracle: time the single-process oracle baseline.
+        deepspeed: time DeepSpeed-Ulysses when deepspeed is importable.
+        seed: seed of weights and inputs.
+    """
+
+    mode: str = "scaling"
+    nsides: tuple[int, ...] = (16, 32)
+    batch: int = 1
+    embed_dim: int = 128
+    num_heads: int = 4
+    strategies: tuple[str, ...] = ()
+    backend: str = "auto"
+    dtype: str = "float32"
+    warmup: int = 1
+    repeats: int = 5
+    blocks: tuple[int, ...] = (2, 4)
+    oracle: bool = True
+    deepspeed: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.nsides, self.strategies, self.blocks = tuple(self.nsides), tuple(self.strategies), \
+            tuple(self.blocks)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.nsides:
+            raise ValueError("nsides must not be empty")
+        for n in self.nsides:
+            check_nside(n, nest=True)
+        for name in ("batch", "embed_dim", "num_heads", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"strategies: unknown strategy {s!r}; registered: {tuple(STRATEGIES)}")
+        if self.backend not in ATTN_BACKENDS:
+            raise ValueError(f"backend must be one of {ATTN_BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if not self.blocks or any(not isinstance(b, int) or b < 1 for b in self.blocks):
+            raise ValueError(f"blocks must be positive integers, got {self.blocks!r}")
+
+    def strategy_names(self) -> tuple[str, ...]:
+        return self.strategies or tuple(STRATEGIES)
+
+    @classmethod
+    def load(cls, path: Optional[Path], **overrides: Any) -> "BenchConfig":
+        """Defaults of this class, then table ``[bench]`` of ``path``, then ``overrides``."""
+        values = load_section(path, "bench", cls)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(*keys: str) -> Optional[dict[str, int]]:
+    try:
+        with open("/proc/self/status") as f:
+            rows = dict(line.split(":", 1) for line in f if ":" in line)
+        return {k: int(rows[k].split()[0]) for k in keys}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of a block of code on this rank (Note [peak memory]); ``.bytes``, ``.method``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda.max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = _proc_status_kib("VmRSS")["VmRSS"] * 1024
+            self.method = "VmHWM"
+        except (OSError, TypeError):
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "VmHWM":
+            peak = _proc_status_kib("VmHWM")["VmHWM"] * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.bytes = max(0, peak - self._base)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(group: Optional[dist.ProcessGroup] = None) -> None:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device,
+              collective: bool = True) -> list[float]:
+    """Wall times of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    With ``collective``, every repeat starts after a barrier and its time is the slowest rank's
+    (one all-reduce MAX of the times at the end).
+    """
+    times = []
+    for i in range(warmup + repeats):
+        if collective:
+            _barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if collective and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times = t.tolist()
+    return times
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Communication formulas (Note [communication volume])
+# --------------------------------------------------------------------------------------------
+
+
+def expected_bytes(
+    strategy: str, sizes: Sequence[int], rank: int, batch: int, heads: int, head_dim: int,
+    dtype: torch.dtype,
+) -> Optional[dict[str, int]]:
+    """Closed-form bytes rank ``rank`` sends in one forward+backward of ``strategy``
+    (:func:`hpattn_dist.strategies.auto.communication_volume`, shape handshakes excluded), or
+    None when the strategy has no formula. ``"auto"`` is resolved as the library resolves it.
+    """
+    ulysses_degree = None
+    if strategy == "auto":
+        choice = choose_strategy(heads, len(sizes), dtype=dtype)
+        strategy, ulysses_degree = choice.strategy, choice.ulysses_degree
+    if strategy not in ("ring", "ulysses") and ulysses_degree is None:
+        return None
+    vol = communication_volume(
+        strategy, batch=batch, heads=heads, head_dim=head_dim, sizes=list(sizes), rank=rank,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+        acc_itemsize=torch.empty((), dtype=acc_dtype(dtype)).element_size(),
+        ulysses_degree=ulysses_degree,
+    )
+    return {"forward": vol.forward, "backward": vol.backward, "total": vol.total}
+
+
+def payload_bytes(bytes_sent: dict[str, int]) -> int:
+    """Bytes of attention traffic in a ``CommStats.bytes_sent`` dict, without ``*.meta`` labels."""
+    return int(sum(n for label, n in bytes_sent.items() if not label.endswith(".meta")))
+
+
+# --------------------------------------------------------------------------------------------
+# The DeepSpeed-Ulysses peer (imported lazily, only here)
+# --------------------------------------------------------------------------------------------
+
+
+class _SdpaLocal(nn.Module):
+    """Local attention for DeepSpeed's ``DistributedAttention``: ``[B, N, H/P, D]`` in and out."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+
+class DeepSpeedUlyssesLayer(nn.Module):
+    """The oracle's projections around ``deepspeed.sequence.layer.DistributedAttention`` + SDPA.
+
+    Input and output: this rank's shard ``[B, N_r, E]`` (N_r equal on every rank).
+    """
+
+    def __init__(self, oracle: SpatialSelfAttention, group: Optional[dist.ProcessGroup]) -> None:
+        super().__init__()
+        if torch.device("cpu") == next(oracle.parameters()).device:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.comm as ds_comm
+        from deepspeed.sequence.layer import DistributedAttention
+
+        if not ds_comm.is_initialized():
+            ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        self.num_heads, self.embed_dim = oracle.num_heads, oracle.embed_dim
+        self.qkv_proj = oracle.qkv_proj
+        self.out_proj = oracle.out_proj
+        self.attn = DistributedAttention(_SdpaLocal(), group or dist.group.WORLD,
+                                         scatter_idx=2, gather_idx=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, n_local, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(batch, n_local, 3, self.num_heads, -1)
+        q, k, v = qkv.unbind(2)  # 3 x [B, N_r, H, D]
+        out = self.attn(q, k, v, 0)  # [B, N_r, H, D]
+        return self.out_proj(out.reshape(batch, n_local, self.embed_dim))
+
+
+def _deepspeed_refusal(cfg: BenchConfig, npix: int, world: int) -> Optional[str]:
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            return "deepspeed is not installed"
+    except (ImportError, ValueError):
+        return "deepspeed is not importable"
+    if cfg.num_heads % world:
+        return f"heads ({cfg.num_heads}) not divisible by P ({world})"
+    if npix % world:
+        return f"N ({npix}) not divisible by P ({world})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# scaling mode
+# --------------------------------------------------------------------------------------------
+
+
+def _layer_times(layer: nn.Module, x: Tensor, g: Tensor, cfg: BenchConfig, device: torch.device,
+                 collective: bool = True) -> dict[str, Any]:
+    def fwd() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def fwd_bwd() -> None:
+        xg = x.detach().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        layer(xg).backward(g)
+
+    t_f = time_call(fwd, cfg.warmup, cfg.repeats, device, collective)
+    t_fb = time_call(fwd_bwd, cfg.warmup, cfg.repeats, device, collective)
+    with PeakMemory(device) as mem, count_communication() as stats:
+        fwd_bwd()
+    return {
+        "fwd_s": statistics.median(t_f), "fwd_bwd_s": statistics.median(t_fb),
+        "fwd_times": t_f, "fwd_bwd_times": t_fb,
+        "peak_mem": {"bytes": mem.bytes, "method": mem.method},
+        "comm": stats.as_dict(),
+    }
+
+
+def _per_rank(record: dict[str, Any]) -> dict[str, Any]:
+    """Gather the per-rank parts (memory, communication) of a measurement onto every rank."""
+    rows = _gather_objects({"peak_mem": record.pop("peak_mem"), "comm": record.pop("comm")})
+    record["peak_mem_bytes_per_rank"] = [r["peak_mem"]["bytes"] for r in rows]
+    record["peak_mem_method"] = rows[0]["peak_mem"]["method"]
+    record["comm_per_rank"] = [r["comm"] for r in rows]
+    record["bytes_per_rank"] = [sum(r["comm"]["bytes_sent"].values()) for r in rows]
+    record["payload_bytes_per_rank"] = [payload_bytes(r["comm"]["bytes_sent"]) for r in rows]
+    return record
+
+
+def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
+                progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """The scaling mode on every rank (collective); returns the records (same on every rank)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dtype = DTYPES[cfg.dtype]
+    head_dim = cfg.embed_dim // cfg.num_heads
+    records: list[dict[str, Any]] = []
+    say = progress or (lambda _msg: None)
+    for nside in cfg.nsides:
+        npix = nside2npix(nside)
+        torch.manual_seed(cfg.seed)
+        oracle = SpatialSelfAttention(cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend)
+        oracle = oracle.to(device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        g = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        sizes = shard_sizes(npix, world)
+        start, stop = shard_bounds(npix, world)[rank]
+        x_local, g_local = x[:, start:stop].contiguous(), g[:, start:stop].contiguous()
+        base = {"nside": nside, "npix": npix, "world_size": world, "dtype": cfg.dtype,
+                "batch": cfg.batch, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads,
+                "backend": cfg.backend, "threads_per_rank": threads_per_rank}
+        probe = torch.empty(1, cfg.num_heads, 1, head_dim, dtype=dtype, device=device)
+        kernel = select_kernel(cfg.backend, probe).name
+
+        oracle_rec = None
+        if cfg.oracle:
+            say(f"nside {nside}: oracle, 1 process x {world * threads_per_rank} threads")
+            oracle_rec = {**base, "impl": "oracle", "strategy": None, "kernel": cfg.backend,
+                          "world_size": 1, "threads_per_rank": world * threads_per_rank}
+            if rank == 0:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(world * threads_per_rank)
+                try:
+                    rec = _layer_times(oracle, x, g, cfg, device, collective=False)
+                finally:
+                    torch.set_num_threads(threads)
+                rec["peak_mem_bytes_per_rank"] = [rec.pop("peak_mem")["bytes"]]
+                rec["bytes_per_rank"] = [0]
+                rec.pop("comm")
+                oracle_rec.update(rec)
+            oracle_rec = _gather_objects(oracle_rec)[0]
+            records.append(oracle_rec)
+
+        for strategy in cfg.strategy_names():
+            say(f"nside {nside}: {strategy}, {world} ranks x {threads_per_rank} threads")
+            rec = {**base, "impl": "hpattn_dist", "strategy": strategy, "kernel": kernel}
+            try:
+                layer = make_distributed_layer(oracle, strategy=strategy, attn_backend=cfg.backend,
+                                               group=None, dtype=dtype, device=device)
+                with torch.no_grad():
+                    layer(x_local)  # configuration errors (ValueError on every rank) surface here
+            except ValueError as err:
+                rec["skipped"] = str(err)
+                say(f"  skipped: {err}")
+                records.append(rec)
+                continue
+            rec.update(_per_rank(_layer_times(layer, x_local, g_local, cfg, device)))
+            formula = expected_bytes(strategy, sizes, rank, cfg.batch, cfg.num_heads, head_dim, dtype)
+            rec["expected_bytes_per_rank"] = _gather_objects(formula)
+            records.append(rec)
+
+        refusal = _deepspeed_refusal(cfg, npix, world) if cfg.deepspeed else "disabled"
+        if refusal is None and world > 1:
+            say(f"nside {nside}: deepspeed_ulysses, {world} ranks x {threads_per_rank} threads")
+            rec = {**base, "impl": "deepspeed_ulysses", "strategy": "ulysses", "kernel": "torch sdpa"}
+            peer = DeepSpeedUlyssesLayer(oracle, None)
+            rec.update(_per_rank(_layer_times(peer, x_local, g_local, cfg, device)))
+            rec["bytes_per_rank"] = [
+                expected_bytes("ulysses", sizes, r, cfg.batch, cfg.num_heads, head_dim, dtype)["total"]
+                for r in range(world)]
+            rec.pop("payload_bytes_per_rank")
+            rec.pop("comm_per_rank")
+            rec["bytes_source"] = "formula (DeepSpeed's all-to-alls are not counted by hpattn_dist)"
+            records.append(rec)
+        elif world > 1:
+            records.append({**base, "impl": "deepspeed_ulysses", "strategy": "ulysses",
+                            "skipped": refusal})
+        _add_ratios(records, nside)
+    return records
+
+
+def _add_ratios(records: list[dict[str, Any]], nside: int) -> None:
+    rows = [r for r in records if r["nside"] == nside and "skipped" not in r]
+    oracle = next((r for r in rows if r["impl"] == "oracle"), None)
+    peer = next((r for r in rows if r["impl"] == "deepspeed_ulysses"), None)
+    for r in rows:
+        if r["impl"] == "oracle":
+            continue
+        if oracle is not None:
+            r["efficiency_fwd"] = oracle["fwd_s"] / r["fwd_s"]
+            r["efficiency_fwd_bwd"] = oracle["fwd_bwd_s"] / r["fwd_bwd_s"]
+        if peer is not None and r["impl"] == "hpattn_dist":
+            r["speed_vs_peer_fwd"] = peer["fwd_s"] / r["fwd_s"]
+            r["speed_vs_peer_fwd_bwd"] = peer["fwd_bwd_s"] / r["fwd_bwd_s"]
+
+
+# --------------------------------------------------------------------------------------------
+# emulation mode (issue 3, figure a)
+# --------------------------------------------------------------------------------------------
+
+
+def ring_emulation(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, blocks: int, backend: str,
+                   warmup: int, repeats: int) -> dict[str, Any]:
+    """One process: ring per-block kernel+merge over ``blocks`` blocks vs one fused call.
+
+    ``q, k, v, dout``: ``[B, H, N, D]``. The blocked path computes, for each of the P query
+    blocks, the P key blocks' ``(out, lse)`` and merges them (what P ring ranks do together), and
+    the blocked backward with the final lse; the fused path is one kernel call on the full N.
+    Returns median times and ``ratio = t_fused / t_blocked`` for forward and forward+backward.
+    """
+    kernel = select_kernel(backend, q)
+    scale = q.shape[-1] ** -0.5
+    acc = acc_dtype(q.dtype)
+    bounds = shard_bounds(q.shape[2], blocks)
+    dev = q.device
+
+    def fused() -> tuple[Tensor, Tensor]:
+        out, lse = kernel.forward(q, k, v, scale)
+        return out.to(q.dtype), lse
+
+    def blocked() -> tuple[Tensor, Tensor]:
+        outs, lses = [], []
+        for qs, qe in bounds:
+            out = torch.zeros((*q.shape[:2], qe - qs, q.shape[3]), dtype=acc, device=dev)
+            lse = torch.full((*q.shape[:2], qe - qs), -math.inf, dtype=acc, device=dev)
+            for ks, ke in bounds:
+                bo, bl = kernel.forward(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], scale)
+                merge_into(out, lse, bo, bl)
+            outs.append(out.to(q.dtype))
+            lses.append(lse)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+
+    def fused_bwd() -> None:
+        out, lse = fused()
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        kernel.backward(dout, q, k, v, out, lse, delta, scale)
+
+    def blocked_bwd() -> None:
+        out, lse = blocked()
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        dk = torch.zeros(k.shape, dtype=acc, device=dev)
+        dv = torch.zeros(v.shape, dtype=acc, device=dev)
+        for qs, qe in bounds:
+            dq = torch.zeros((*q.shape[:2], qe - qs, q.shape[3]), dtype=acc, device=dev)
+            for ks, ke in bounds:
+                dq_b, dk_b, dv_b, _ = kernel.backward(
+                    dout[:, :, qs:qe], q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke],
+                    out[:, :, qs:qe], lse[:, :, qs:qe], delta[:, :, qs:qe], scale)
+                dq += dq_b
+                dk[:, :, ks:ke] += dk_b
+                dv[:, :, ks:ke] += dv_b
+
+    with torch.no_grad():
+        res = {}
+        for name, fn in (("fused_fwd", fused), ("blocked_fwd", blocked),
+                         ("fused_fwd_bwd", fused_bwd), ("blocked_fwd_bwd", blocked_bwd)):
+            res[name + "_s"] = statistics.median(time_call(fn, warmup, repeats, dev, collective=False))
+        res["max_abs_diff_out"] = float((fused()[0].double() - blocked()[0].double()).abs().max())
+    res["ratio_fwd"] = res["fused_fwd_s"] / res["blocked_fwd_s"]
+    res["ratio_fwd_bwd"] = res["fused_fwd_bwd_s"] / res["blocked_fwd_bwd_s"]
+    res["kernel"] = kernel.name
+    return res
+
+
+def run_emulation(cfg: BenchConfig, device: torch.device,
+                  progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """The emulation mode: rank 0 measures, the other ranks wait (collective)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    records: list[dict[str, Any]] = []
+    if rank == 0:
+        dtype = DTYPES[cfg.dtype]
+        head_dim = cfg.embed_dim // cfg.num_heads
+        for nside in cfg.nsides:
+            npix = nside2npix(nside)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, npix, head_dim, generator=gen)
+                             .to(device=device, dtype=dtype) for _ in range(4))
+            for blocks in cfg.blocks:
+                if progress:
+                    progress(f"nside {nside}: emulating {blocks} ring blocks")
+                rec = {"impl": "ring_emulation", "nside": nside, "npix": npix, "blocks": blocks,
+                       "dtype": cfg.dtype, "batch": cfg.batch, "num_heads": cfg.num_heads,
+                       "head_dim": head_dim, "backend": cfg.backend,
+                       "threads": torch.get_num_threads()}
+                rec.update(ring_emulation(q, k, v, dout, blocks, cfg.backend, cfg.warmup, cfg.repeats))
+                records.append(rec)
+    return _gather_objects(records)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# memory mode (issue 3, figure c)
+# --------------------------------------------------------------------------------------------
+
+
+def run_memory(cfg: BenchConfig, device: torch.device,
+               progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """Peak memory per rank of ``ring`` attention with the manual kernel, fwd+bwd (collective)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dtype = DTYPES[cfg.dtype]
+    head_dim = cfg.embed_dim // cfg.num_heads
+    elt = torch.empty((), dtype=dtype).element_size()
+    acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    records = []
+    for nside in cfg.nsides:
+        npix = nside2npix(nside)
+        n_local = shard_sizes(npix, world)[rank]
+        if progress:
+            progress(f"nside {nside}: peak memory of ring/manual on {world} ranks")
+        gen = torch.Generator().manual_seed(cfg.seed + rank)
+        q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, n_local, head_dim, generator=gen)
+                         .to(device=device, dtype=dtype) for _ in range(4))
+        q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+        _barrier()
+        with PeakMemory(device) as mem:
+            out = sharded_attention("ring", q, k, v, None, backend="manual")
+            out.backward(dout)
+            del out
+        rows = _gather_objects(mem.bytes)
+        bh = cfg.batch * cfg.num_heads
+        records.append({
+            "impl": "ring/manual", "nside": nside, "npix": npix, "world_size": world,
+            "dtype": cfg.dtype, "batch": cfg.batch, "num_heads": cfg.num_heads, "head_dim": head_dim,
+            "peak_mem_bytes_per_rank": rows, "peak_mem_method": mem.method,
+            "inputs_bytes_per_rank": 4 * bh * n_local * head_dim * elt,
+            "full_score_matrix_bytes": bh * npix * npix * acc,
+            "local_score_rows_bytes": bh * max(shard_sizes(npix, world)) * npix * acc,
+            "score_tile_bound_bytes": TILE_ELEMENTS * acc,
+        })
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
+    """Fixed-width tables of the records of one mode."""
+    lines = []
+    if mode == "scaling":
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'impl':<18} {'strategy':<8} "
+                f"{'kernel':<15} {'fwd ms':>9} {'fwd+bwd ms':>10} {'eff fwd':>7} {'eff f+b':>7} "
+                f"{'vs peer f+b':>11} {'peak MiB/rank':>13} {'MiB sent/rank':>13}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            lead = (f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
+                    f"{r.get('threads_per_rank', 0):>3} {r['impl']:<18} {str(r.get('strategy')):<8} ")
+            if "skipped" in r:
+                lines.append(lead + f"skipped: {r['skipped']}")
+                continue
+
+            def opt(key: str, fmt: str = "7.3f") -> str:
+                return format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))
+
+            lines.append(
+                lead + f"{r.get('kernel', ''):<15} {r['fwd_s'] * 1e3:9.1f} {r['fwd_bwd_s'] * 1e3:10.1f} "
+                f"{opt('efficiency_fwd')} {opt('efficiency_fwd_bwd')} {opt('speed_vs_peer_fwd_bwd', '11.3f')} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>13} {_mib(max(r['bytes_per_rank'])):>13}")
+        lines.append("eff = t(oracle, 1 process, same total threads) / t; vs peer = "
+                     "t(DeepSpeed-Ulysses) / t; times are medians, each the slowest rank's")
+    elif mode == "emulation":
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'kernel':<15} {'fused fwd ms':>12} "
+                f"{'blocks fwd ms':>13} {'ratio fwd':>9} {'fused f+b ms':>12} {'blocks f+b ms':>13} "
+                f"{'ratio f+b':>9}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['blocks']:>2} {r['threads']:>3} {r['kernel']:<15} "
+                f"{r['fused_fwd_s'] * 1e3:12.1f} {r['blocked_fwd_s'] * 1e3:13.1f} {r['ratio_fwd']:9.3f} "
+                f"{r['fused_fwd_bwd_s'] * 1e3:12.1f} {r['blocked_fwd_bwd_s'] * 1e3:13.1f} "
+                f"{r['ratio_fwd_bwd']:9.3f}")
+        lines.append("ratio = t(one fused call on N) / t(P x P block calls + merge); target >= 0.9")
+    else:
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
+                f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>19} {_mib(r['inputs_bytes_per_rank']):>10} "
+                f"{_mib(r['local_score_rows_bytes']):>18} {_mib(r['full_score_matrix_bytes']):>16} "
+                f"{_mib(r['score_tile_bound_bytes']):>14}")
+        lines.append("peak = growth of the resident set during ring fwd+bwd (manual kernel); "
+                     "scores in the accumulation dtype")
+    return "\n".join(lines)
+
+
+def plot_scaling(reports: Sequence[dict[str, Any]], path: Path) -> None:
+    """PNG of forward+backward time over nside, one line per (impl, strategy, world size).
+
+    Raises:
+        ValueError: matplotlib is not installed (``pip install hpattn_dist[plot]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install 'hpattn_dist[plot]')") from None
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for report in reports:
+        for r in report.get("records", []):
+            if "fwd_bwd_s" not in r or "nside" not in r or r.get("impl") == "ring_emulation":
+                continue
+            label = f"{r['impl']}" + (f" {r['strategy']}" if r.get("strategy") else "") + \
+                    f" P={r['world_size']}x{r.get('threads_per_rank', 1)}"
+            lines.setdefault(label, []).append((r["nside"], r["fwd_bwd_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(lines.items()):
+        pts = sorted(set(pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("nside (N = 12 nside^2)")
+    ax.set_ylabel("forward+backward time [s]")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
+    """``hpattn-dist bench`` on this rank (process group initialised); returns the exit code."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    threads = torch.get_num_threads()
+    progress = _stderr if rank == 0 else None
+    if cfg.mode == "scaling":
+        records = run_scaling(cfg, device, threads, progress)
+    elif cfg.mode == "emulation":
+        records = run_emulation(cfg, device, progress)
+    else:
+        records = run_memory(cfg, device, progress)
+    if rank == 0:
+        print(f"hpattn-dist bench --mode {cfg.mode}: P={world} x {threads} threads, {cfg.dtype}, "
+              f"B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}, backend={cfg.backend}, "
+              f"device={device.type}")
+        print(format_tables(records, cfg.mode), flush=True)
+        report = {"schema": SCHEMA, "mode": cfg.mode, "world_size": world, "threads_per_rank": threads,
+                  "device": device.type, "torch": torch.__version__,
+                  "config": dataclasses.asdict(cfg), "records": records}
+        if args.json_path is not None:
+            Path(args.json_path).write_text(json.dumps(report, indent=1))
+        if args.plot is not None and not os.environ.get("HPATTN_DIST_LOCAL_LAUNCH"):
+            plot_scaling([report], args.plot)
+    return 0
+
+
+def _stderr(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)

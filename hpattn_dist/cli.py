@@ -1,0 +1,296 @@
+"""The ``hpattn-dist`` command line: ``verify`` (oracle check) and ``bench`` (time, memory, traffic).
+
+Two ways to start it:
+
+* under ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR``, ``MASTER_PORT``): every process is one rank; the CLI initialises the process
+  group itself (gloo on CPU, NCCL on CUDA) -- it is an application; the library never does;
+* alone (``hpattn-dist verify``): the CLI is a small local launcher. For each world size in
+  ``--nproc`` (default 2; a comma list such as ``1,2,3,4`` runs one job per size) it starts that
+  many CPU ranks as child processes (``python -m hpattn_dist ...`` with the torchrun environment
+  variables, ``OMP_NUM_THREADS`` = ``--threads-per-rank``, default ``cores // nproc``), waits,
+  and returns the worst exit code. A rank that fails brings the others down after a short grace.
+
+Exit codes: 0 success; 1 a verify tolerance failed; 2 usage or configuration error; 124 timeout;
+any other code is the failing rank's.
+
+Rank 0 prints the tables on stdout and progress on stderr; the other ranks print nothing unless
+something goes wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_KILL_GRACE_S = 10.0
+
+
+def _csv(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, "
+                                             f"got {text!r}") from None
+    return parse
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    values = _csv(int)(text)
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every option defaults to None so config files can fill it in)."""
+    parser = argparse.ArgumentParser(
+        prog="hpattn-dist",
+        description="Exact sequence-parallel HEALPix attention: check it against the "
+                    "single-device layer (verify) and measure it (bench).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{verify,bench}")
+
+    common = argparse.ArgumentParser(add_help=False)
+    launch = common.add_argument_group("launch (ignored under torchrun)")
+    launch.add_argument("--nproc", type=_positive_ints, default=(2,),
+                        help="local CPU ranks to spawn; a comma list runs one job per world size "
+                             "(default: 2)")
+    launch.add_argument("--threads-per-rank", type=int, default=None,
+                        help="torch threads per rank (default: cores // nproc, at least 1; under "
+                             "torchrun: leave torch's setting alone)")
+    launch.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds before a local launch is killed (exit 124; default 1800)")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="cpu (gloo) or cuda (nccl, one GPU per local rank); auto = cuda if "
+                             "available (default: cpu)")
+    common.add_argument("--config", type=Path, default=None,
+                        help="TOML file with the defaults (default: configs/<command>.toml of a "
+                             "source checkout, else built-in defaults)")
+    common.add_argument("--json", dest="json_path", type=Path, default=None,
+                        help="also write the results as JSON to this file")
+    common.add_argument("--nside", type=int, default=None)
+    common.add_argument("--batch", type=int, default=None)
+    common.add_argument("--embed-dim", type=int, default=None)
+    common.add_argument("--heads", dest="num_heads", type=int, default=None)
+    common.add_argument("--strategies", type=_csv(str), default=None,
+                        help="comma list of strategies (default: every registered one)")
+    common.add_argument("--seed", type=int, default=None)
+
+    v = sub.add_parser("verify", parents=[common],
+                       help="compare the distributed layer with the float64 oracle")
+    v.add_argument("--backends", type=_csv(str), default=None, help="comma list of auto,sdpa,manual")
+    v.add_argument("--dtypes", type=_csv(str), default=None,
+                   help="comma list of float64,float32,bfloat16,float16")
+    v.add_argument("--field", type=str, default=None,
+                   help="field [N, E] or [B, N, E] (.pt or .npy) instead of a random one")
+    v.add_argument("--field-ordering", choices=("NESTED", "RING"), default=None)
+    v.add_argument("--tolerance-scale", type=float, default=None,
+                   help="multiply every tolerance (self-test: 0 must fail)")
+    v.add_argument("--inject-error", type=float, default=None,
+                   help="self-test: add this to the distributed output before comparing "
+                        "(any value above the tolerance must fail)")
+
+    b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
+    b.add_argument("--mode", choices=("scaling", "emulation", "memory"), default=None,
+                   help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
+                        "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
+                        "memory per rank of the manual kernel (default: scaling)")
+    b.add_argument("--nsides", type=_positive_ints, default=None, help="comma list (default 16,32)")
+    b.add_argument("--backend", type=str, default=None, help="attn_backend of the layer (auto)")
+    b.add_argument("--dtype", type=str, default=None)
+    b.add_argument("--warmup", type=int, default=None)
+    b.add_argument("--repeats", type=int, default=None)
+    b.add_argument("--blocks", type=_positive_ints, default=None,
+                   help="emulation mode: numbers of blocks P (default 2,4)")
+    b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
+                   help="skip the DeepSpeed-Ulysses peer")
+    b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
+                   help="skip the single-process oracle baseline")
+    b.add_argument("--plot", type=Path, default=None,
+                   help="PNG of time over nside and world size (needs matplotlib)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``hpattn-dist`` and ``python -m hpattn_dist``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        load_config(args)  # fail fast, before any rank starts
+    except ValueError as err:
+        print(f"hpattn-dist {args.command}: {err}", file=sys.stderr)
+        return 2
+    if all(k in os.environ for k in _TORCHRUN_ENV):
+        return _run_rank(args)
+    return _launch_local(args, argv)
+
+
+def load_config(args: argparse.Namespace):
+    """The command's config: dataclass defaults < TOML file (``--config`` or ``configs/``) <
+    command-line flags.
+
+    Raises:
+        ValueError: a bad value or an unknown key in the file.
+    """
+    if args.command == "verify":
+        from hpattn_dist.verify import VerifyConfig, default_config_path
+
+        return VerifyConfig.load(
+            args.config or default_config_path("verify"),
+            nside=args.nside, batch=args.batch, embed_dim=args.embed_dim,
+            num_heads=args.num_heads, strategies=args.strategies, backends=args.backends,
+            dtypes=args.dtypes, seed=args.seed, field=args.field,
+            field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
+            inject_error=args.inject_error,
+        )
+    from hpattn_dist.bench import BenchConfig
+    from hpattn_dist.verify import default_config_path
+
+    return BenchConfig.load(
+        args.config or default_config_path("bench"),
+        mode=args.mode, nsides=args.nsides, batch=args.batch, embed_dim=args.embed_dim,
+        num_heads=args.num_heads, strategies=args.strategies, backend=args.backend,
+        dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, blocks=args.blocks,
+        oracle=args.oracle, deepspeed=args.deepspeed, seed=args.seed,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Local launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command once per world size in ``args.nproc`` on spawned local ranks."""
+    worst = 0
+    merged: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="hpattn_dist_") as tmp:
+        for nproc in args.nproc:
+            result_file = Path(tmp) / f"world{nproc}.json"
+            threads = args.threads_per_rank or max(1, _cores() // nproc)
+            rc = _spawn(nproc, threads, [*argv, "--json", str(result_file),
+                                         "--threads-per-rank", str(threads)], args.timeout)
+            worst = worst or rc
+            if result_file.is_file():
+                merged.append(json.loads(result_file.read_text()))
+    if args.json_path is not None or getattr(args, "plot", None) is not None:
+        report = merged[0] if len(merged) == 1 else {"schema": "hpattn_dist.multi/1", "runs": merged}
+        if args.json_path is not None and merged:
+            args.json_path.write_text(json.dumps(report, indent=1))
+        if getattr(args, "plot", None) is not None and merged:
+            from hpattn_dist.bench import plot_scaling
+
+            plot_scaling(merged, args.plot)
+    return worst
+
+
+def _spawn(nproc: int, threads: int, child_argv: list[str], timeout: float) -> int:
+    """Start ``nproc`` ranks of ``python -m hpattn_dist child_argv`` and wait for all of them."""
+    env = dict(os.environ)
+    env.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads), "HPATTN_DIST_LOCAL_LAUNCH": "1",
+        # Large tensors come from mmap and go back to the OS when freed, so the peak resident set
+        # that `bench` reads tracks live tensors (see hpattn_dist.bench, Note [peak memory]).
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    })
+    procs = []
+    for rank in range(nproc):
+        env_r = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-m", "hpattn_dist", *child_argv], env=env_r))
+    deadline = time.monotonic() + timeout
+    failed_at: Optional[float] = None
+    rc = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if bad and failed_at is None:
+                failed_at, rc = now, bad[0]
+            if now > deadline or (failed_at is not None and now - failed_at > _KILL_GRACE_S):
+                if now > deadline:
+                    print(f"hpattn-dist: timed out after {timeout:g} s; stopping the ranks",
+                          file=sys.stderr)
+                    rc = 124
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+    if rc == 0:
+        rc = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return 1 if rc < 0 and rc != 124 else rc  # a rank killed by a signal
+
+
+# --------------------------------------------------------------------------------------------
+# One rank
+# --------------------------------------------------------------------------------------------
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """Body of one rank: initialise the process group, run the command, tear down."""
+    import torch
+    import torch.distributed as dist
+
+    if args.threads_per_rank is not None:
+        torch.set_num_threads(args.threads_per_rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank()
+    try:
+        cfg = load_config(args)
+        if args.command == "verify":
+            from hpattn_dist.verify import cli_verify
+
+            rc = cli_verify(cfg, args, device)
+        else:
+            from hpattn_dist.bench import cli_bench
+
+            rc = cli_bench(cfg, args, device)
+        dist.barrier()
+    except ValueError as err:  # configuration errors are raised on every rank
+        if rank == 0:
+            print(f"hpattn-dist {args.command}: {err}", file=sys.stderr)
+        rc = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return rc

@@ -1,0 +1,474 @@
+"""``hpattn-dist verify``: does the sharded layer compute what the single-device layer computes?
+
+Every rank builds the same float64 oracle, ``SpatialSelfAttention(attn_backend="manual")``, and
+the same field ``x`` ``[B, N, E]`` on a HEALPix grid (random, or read from a file), runs the
+oracle on the FULL field (forward and backward with a fixed upstream gradient ``g``), then runs
+the distributed layer on its own shard ``x[:, start_r:stop_r]`` (the shard plan of
+:func:`hpattn_dist.healpix.shard_bounds`) with the SAME weights cast to the tested dtype. Each rank
+compares its shard of the output and of the input gradient with the oracle's slice; parameter
+gradients (partial sums over each rank's pixels) are summed over the group first. The worst errors
+are reduced over ranks (all-reduce MAX), so every rank reaches the same verdict and the same exit
+code.
+
+Legend: B batch, N = 12 * nside**2 pixels, N_r pixels on rank r, E embed dim, H heads, P ranks.
+
+Note [verify tolerances]
+    ``ref`` is the float64 oracle value, ``got`` the distributed value, ``s = max(1, max|ref|)``
+    the scale of the compared tensor (parameter gradients sum over B * N pixels, so they are not
+    of unit scale; ``s`` makes "at unit scale" hold for them too). Reported per quantity:
+    ``max_abs = max|got - ref|`` and ``rel = max_abs / max|ref|``. A case passes when, for the
+    output, the input gradient and every parameter gradient:
+
+    ==========================  =====================================================
+    dtype                       criterion (``t`` = ``tolerance_scale``)
+    ==========================  =====================================================
+    float64                     ``rel <= 1e-10 * t``
+    float32                     ``max_abs <= 1e-5 * t * s``
+    bfloat16, float16           ``|got - ref| <= 2.5e-2 * t * (s + |ref|)`` elementwise
+    ==========================  =====================================================
+
+    The float64 and float32 bounds are those of the numerics contract (DESIGN.md); the half
+    precision bound is ``atol = rtol = 2.5e-2`` with ``atol`` taken at the tensor's scale.
+
+Self-test: ``inject_error = e`` adds ``e`` to the distributed output before comparison (not to
+the loss, so gradients are unaffected); ``tolerance_scale = 0`` makes every non-exact quantity
+fail. Either must make ``verify`` exit non-zero; the tests use them to show the check can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from hpattn_dist.grad_sync import sync_gradients
+from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
+from hpattn_dist.kernels import select_kernel
+from hpattn_dist.modules import DistributedSpatialSelfAttention
+from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
+from hpattn_dist.strategies import STRATEGIES
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32,
+    "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+#: Base tolerances of Note [verify tolerances], per dtype: (kind, value).
+TOLERANCES: dict[str, tuple[str, float]] = {
+    "float64": ("rel", 1e-10),
+    "float32": ("abs", 1e-5),
+    "bfloat16": ("allclose", 2.5e-2),
+    "float16": ("allclose", 2.5e-2),
+}
+
+
+@dataclass
+class VerifyConfig:
+    """What ``hpattn-dist verify`` checks. Defaults: ``configs/verify.toml`` (table ``[verify]``).
+
+    Attributes:
+        nside: HEALPix resolution; ``N = 12 * nside**2`` pixels (nside 8: 768).
+        batch: batch size ``B``.
+        embed_dim: ``E``, divisible by ``num_heads``.
+        num_heads: ``H``.
+        strategies: strategy names to check; empty = every registered strategy
+            (:data:`hpattn_dist.strategies.STRATEGIES`).
+        backends: layer ``attn_backend`` values (``"auto" | "sdpa" | "manual"``).
+        dtypes: dtypes of the distributed layer (``float64 | float32 | bfloat16 | float16``).
+        seed: seed of the weights, the field and the upstream gradient.
+        field: optional path to a field ``[N, E]`` or ``[B, N, E]`` (``.pt`` or ``.npy``); it
+            overrides ``nside``, ``batch`` and ``embed_dim``.
+        field_ordering: HEALPix ordering of ``field`` (``"NESTED"`` or ``"RING"``); RING fields
+            are converted to NESTED before sharding.
+        tolerance_scale: multiplies every tolerance (self-test: 0 makes the check fail).
+        inject_error: added to the distributed output before comparison (self-test).
+    """
+
+    nside: int = 8
+    batch: int = 2
+    embed_dim: int = 32
+    num_heads: int = 4
+    strategies: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ("manual", "sdpa")
+    dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16")
+    seed: int = 0
+    field: Optional[str] = None
+    field_ordering: str = "NESTED"
+    tolerance_scale: float = 1.0
+    inject_error: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.strategies = tuple(self.strategies)
+        self.backends = tuple(self.backends)
+        self.dtypes = tuple(self.dtypes)
+        check_nside(self.nside, nest=True)  # NESTED shards: a power of two
+        for name in ("batch", "embed_dim", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"strategies: unknown strategy {s!r}; registered: {tuple(STRATEGIES)}")
+        for b in self.backends:
+            if b not in ATTN_BACKENDS:
+                raise ValueError(f"backends: {b!r} is not one of {ATTN_BACKENDS}")
+        for d in self.dtypes:
+            if d not in DTYPES:
+                raise ValueError(f"dtypes: {d!r} is not one of {tuple(DTYPES)}")
+        if not self.backends or not self.dtypes:
+            raise ValueError("backends and dtypes must not be empty")
+        if self.field_ordering.upper() not in ("NESTED", "NEST", "RING"):
+            raise ValueError(f"field_ordering must be 'NESTED' or 'RING', got {self.field_ordering!r}")
+        if not (isinstance(self.tolerance_scale, (int, float)) and self.tolerance_scale >= 0):
+            raise ValueError(f"tolerance_scale must be a number >= 0, got {self.tolerance_scale!r}")
+        if not isinstance(self.inject_error, (int, float)) or not math.isfinite(self.inject_error):
+            raise ValueError(f"inject_error must be a finite number, got {self.inject_error!r}")
+
+    def strategy_names(self) -> tuple[str, ...]:
+        return self.strategies or tuple(STRATEGIES)
+
+    @classmethod
+    def load(cls, path: Optional[Path], **overrides: Any) -> "VerifyConfig":
+        """Defaults of this class, then table ``[verify]`` of ``path``, then ``overrides``."""
+        values = load_section(path, "verify", cls)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration files
+# --------------------------------------------------------------------------------------------
+
+
+def default_config_path(name: str) -> Optional[Path]:
+    """``configs/<name>.toml`` of a source checkout, or None (installed wheels ship no configs)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    return path if path.is_file() else None
+
+
+def load_section(path: Optional[Path], section: str, cls: type) -> dict[str, Any]:
+    """Table ``[section]`` of the TOML file ``path`` as keyword arguments of dataclass ``cls``.
+
+    Raises:
+        ValueError: the file lacks the table, or the table has a key that ``cls`` does not know.
+    """
+    if path is None:
+        return {}
+    import tomllib
+
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    if section not in data:
+        raise ValueError(f"config {path}: no [{section}] table")
+    table = data[section]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"config {path}: unknown key(s) {unknown} in [{section}]; known: {sorted(known)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The layer under test
+# --------------------------------------------------------------------------------------------
+
+
+def make_distributed_layer(
+    oracle: SpatialSelfAttention,
+    *,
+    strategy: str,
+    attn_backend: str,
+    group: Optional[dist.ProcessGroup],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """The distributed layer with the oracle's weights, cast to ``dtype`` on ``device``.
+
+    Raises:
+        ValueError: the strategy cannot run this configuration (e.g. heads not divisible by P).
+    """
+    layer = DistributedSpatialSelfAttention(
+        oracle.embed_dim, oracle.num_heads, dropout=0.0, bias=oracle.qkv_proj.bias is not None,
+        attn_backend=attn_backend, process_group=group, strategy=strategy,
+    )
+    layer.load_state_dict(oracle.state_dict())
+    return layer.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantity:
+    """Errors of one compared tensor (reduced over ranks)."""
+
+    name: str
+    max_abs: float
+    ref_max: float
+    violation: float  # max over elements of error / allowed error; <= 1 passes
+
+    @property
+    def rel(self) -> float:
+        return self.max_abs / self.ref_max if self.ref_max > 0 else self.max_abs
+
+    @property
+    def passed(self) -> bool:
+        return self.violation <= 1.0
+
+
+def _violation(got: Tensor, ref: Tensor, dtype_name: str, tolerance_scale: float, ref_max: float) -> float:
+    """Largest ratio error / allowed error of Note [verify tolerances] over this rank's elements."""
+    err = (got.double() - ref).abs()
+    kind, base = TOLERANCES[dtype_name]
+    tol = base * tolerance_scale
+    scale = max(1.0, ref_max)
+    if kind == "rel":
+        allowed = torch.full_like(err, tol * ref_max)
+    elif kind == "abs":
+        allowed = torch.full_like(err, tol * scale)
+    else:
+        allowed = tol * (scale + ref.abs())
+    if err.numel() == 0:
+        return 0.0
+    ratio = torch.where(allowed > 0, err / allowed.clamp_min(1e-300),
+                        torch.where(err > 0, torch.full_like(err, math.inf), torch.zeros_like(err)))
+    return float(ratio.max())
+
+
+def _compare(
+    pairs: Sequence[tuple[str, Tensor, Tensor]],
+    dtype_name: str,
+    tolerance_scale: float,
+    group: Optional[dist.ProcessGroup],
+) -> list[Quantity]:
+    """Compare ``(name, got, ref)`` pairs; errors are reduced (MAX) over the ranks of ``group``.
+
+    ``got`` and ``ref`` are this rank's part (a shard, or the whole tensor for parameters);
+    ``max|ref|`` is reduced first so every rank applies the same tolerance.
+    """
+    ref_max = torch.tensor([float(ref.abs().max()) if ref.numel() else 0.0 for _, _, ref in pairs],
+                           dtype=torch.float64)
+    max_abs = torch.tensor([float((got.double() - ref).abs().max()) if ref.numel() else 0.0
+                            for _, got, ref in pairs], dtype=torch.float64)
+    _all_reduce_max(ref_max, group)
+    violation = torch.tensor(
+        [_violation(got, ref, dtype_name, tolerance_scale, float(m))
+         for (_, got, ref), m in zip(pairs, ref_max)], dtype=torch.float64)
+    _all_reduce_max(max_abs, group)
+    _all_reduce_max(violation, group)
+    return [Quantity(name, float(a), float(m), float(v))
+            for (name, _, _), a, m, v in zip(pairs, max_abs, ref_max, violation)]
+
+
+def _all_reduce_max(t: Tensor, group: Optional[dist.ProcessGroup]) -> None:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    """One (strategy, backend, dtype) case."""
+
+    strategy: str
+    backend: str
+    kernel: str
+    dtype: str
+    quantities: list[Quantity] = field(default_factory=list)
+    skipped: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is not None or all(q.passed for q in self.quantities)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("strategy", "backend", "kernel", "dtype", "skipped")}
+        d["passed"] = self.passed
+        d["quantities"] = [
+            {"name": q.name, "max_abs": q.max_abs, "rel": q.rel, "ref_max": q.ref_max,
+             "violation": q.violation, "passed": q.passed}
+            for q in self.quantities
+        ]
+        return d
+
+
+def load_field(cfg: VerifyConfig, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The field ``[B, N, E]`` in NESTED order: from ``cfg.field`` or random (seeded)."""
+    if cfg.field is None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        npix = nside2npix(cfg.nside)
+        return torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen, dtype=dtype)
+    path = Path(cfg.field)
+    if path.suffix == ".npy":
+        import numpy as np  # optional dependency, only for .npy fields
+
+        x = torch.from_numpy(np.load(path))
+    else:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(x, Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"field {path}: expected a tensor [N, E] or [B, N, E], got "
+                         f"{getattr(x, 'shape', type(x))}")
+    x = x.to(dtype)
+    if x.dim() == 2:
+        x = x[None]
+    npix2nside(x.shape[1])  # raises ValueError when N is not 12 * nside**2
+    if cfg.field_ordering.upper() == "RING":
+        x = reorder(x, dim=1, inp="RING", out="NESTED")
+    return x.contiguous()
+
+
+def _oracle_reference(oracle: SpatialSelfAttention, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Oracle output, input gradient and parameter gradients for loss ``sum(oracle(x) * g)``."""
+    x = x.detach().clone().requires_grad_(True)
+    oracle.zero_grad(set_to_none=True)
+    y = oracle(x)
+    (y * g).sum().backward()
+    ref = {"out": y.detach(), "dx": x.grad.detach()}
+    for name, p in oracle.named_parameters():
+        ref["d" + name] = p.grad.detach().clone()
+    return ref
+
+
+def run_case(
+    cfg: VerifyConfig,
+    oracle: SpatialSelfAttention,
+    x: Tensor,
+    g: Tensor,
+    ref: dict[str, Tensor],
+    *,
+    strategy: str,
+    backend: str,
+    dtype_name: str,
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+) -> CaseResult:
+    """Run one case on every rank of ``group`` and compare with the oracle (see module doc)."""
+    dtype = DTYPES[dtype_name]
+    probe = torch.empty(1, oracle.num_heads, 1, oracle.head_dim, dtype=dtype, device=device)
+    kernel = select_kernel(backend, probe).name
+    result = CaseResult(strategy, backend, kernel, dtype_name)
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    start, stop = shard_bounds(x.shape[1], world)[rank]
+    x_local = x[:, start:stop].to(device=device, dtype=dtype).clone().requires_grad_(True)
+    g_local = g[:, start:stop].to(device=device, dtype=dtype)
+    try:
+        layer = make_distributed_layer(oracle, strategy=strategy, attn_backend=backend,
+                                       group=group, dtype=dtype, device=device)
+        y_local = layer(x_local)
+    except ValueError as err:  # raised on every rank by the library's agreement checks
+        result.skipped = str(err)
+        return result
+    (y_local * g_local).sum().backward()
+
+    sync_gradients(layer, group)  # parameter gradients: partial sums over each rank's pixels
+    out = y_local.detach() + cfg.inject_error
+    pairs = [("out", out.cpu(), ref["out"][:, start:stop]),
+             ("dx", x_local.grad.cpu(), ref["dx"][:, start:stop])]
+    pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
+    result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group)
+    return result
+
+
+def run_verify(
+    cfg: VerifyConfig,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    device: torch.device = torch.device("cpu"),
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[CaseResult]:
+    """Every (strategy, backend, dtype) case of ``cfg`` on the ranks of ``group`` (collective)."""
+    torch.manual_seed(cfg.seed)
+    x = load_field(cfg)
+    batch, npix, embed_dim = x.shape
+    oracle = SpatialSelfAttention(embed_dim, cfg.num_heads, attn_backend="manual").double()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    g = torch.randn(batch, npix, embed_dim, generator=gen, dtype=torch.float64)
+    ref = _oracle_reference(oracle, x, g)
+    cases = [(s, b, d) for s in cfg.strategy_names() for b in cfg.backends for d in cfg.dtypes]
+    results = []
+    for i, (strategy, backend, dtype_name) in enumerate(cases):
+        if progress is not None:
+            progress(f"[{i + 1}/{len(cases)}] {strategy} / {backend} / {dtype_name}")
+        results.append(run_case(cfg, oracle, x, g, ref, strategy=strategy, backend=backend,
+                                dtype_name=dtype_name, group=group, device=device))
+    return results
+
+
+def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: int) -> str:
+    """A fixed-width table: one row per case; ``params`` is the worst parameter gradient."""
+    head = (f"hpattn-dist verify: nside {cfg.nside if cfg.field is None else '(field)'}, "
+            f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
+            "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
+            "tolerances: float64 rel<=1e-10, float32 abs<=1e-5*max(1,|ref|), "
+            f"bf16/fp16 atol=rtol=2.5e-2 (x{cfg.tolerance_scale:g})")
+    cols = f"{'strategy':<9} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
+           f"{'out abs':>9} {'out rel':>9} {'dx abs':>9} {'dx rel':>9} " \
+           f"{'param abs':>9} {'param rel':>9}  result"
+    lines = [head, cols, "-" * len(cols)]
+    for i, r in enumerate(results):
+        lead = f"{r.strategy:<9} {r.backend:<7} {r.kernel:<15} {r.dtype:<8} "
+        if r.skipped is not None:  # one line per strategy and reason
+            prev = results[i - 1] if i else None
+            if prev is None or (prev.strategy, prev.skipped) != (r.strategy, r.skipped):
+                lines.append(f"{r.strategy:<9} skipped: {r.skipped}")
+            continue
+        by = {q.name: q for q in r.quantities}
+        params = [q for q in r.quantities if q.name not in ("out", "dx")]
+        worst = max(params, key=lambda q: q.violation)
+        cells = [by["out"].max_abs, by["out"].rel, by["dx"].max_abs, by["dx"].rel,
+                 max(q.max_abs for q in params), worst.rel]
+        failed = [q.name for q in r.quantities if not q.passed]
+        verdict = "PASS" if not failed else "FAIL (" + ", ".join(failed) + ")"
+        lines.append(lead + " ".join(f"{c:9.2e}" for c in cells) + "  " + verdict)
+    n_fail = sum(not r.passed for r in results)
+    n_skip = sum(r.skipped is not None for r in results)
+    lines.append(f"{len(results) - n_fail - n_skip} passed, {n_fail} failed, {n_skip} skipped")
+    return "\n".join(lines)
+
+
+def as_json(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: int) -> dict:
+    return {
+        "schema": "hpattn_dist.verify/1",
+        "world_size": world_size,
+        "config": dataclasses.asdict(cfg),
+        "passed": all(r.passed for r in results),
+        "cases": [r.as_dict() for r in results],
+    }
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cli_verify(cfg: VerifyConfig, args: Any, device: torch.device) -> int:
+    """``hpattn-dist verify`` on this rank (process group initialised); returns the exit code."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    progress = _stderr if rank == 0 else None
+    results = run_verify(cfg, device=device, progress=progress)
+    if rank == 0:
+        print(format_table(results, cfg, world), flush=True)
+        if args.json_path is not None:
+            import json
+
+            Path(args.json_path).write_text(json.dumps(as_json(results, cfg, world), indent=1))
+    return 0 if all(r.passed for r in results) else 1
