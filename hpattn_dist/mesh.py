@@ -16,7 +16,10 @@ Note [hybrid layout]
     pixels of positions ``i*U .. i*U+U-1``, a contiguous range, and the ring visits these ranges
     in global order; so global pixel indices (and with them the position-keyed dropout mask) are
     those of the ring over the whole parent group. A ``DeviceMesh`` with dims ``("ring",
-    "ulysses")`` (row-major, Ulysses innermost) has exactly this layout.
+    "ulysses")`` (row-major, Ulysses innermost) has exactly this layout. With any other grid of
+    groups (e.g. a mesh ordered ``("ulysses", "ring")``) the process with ring rank i and Ulysses
+    rank u must hold global shard ``i * U + u`` for the dropout mask to be the ring's; without
+    dropout the result is exact for any assignment (attention does not depend on key order).
 
 Creating groups is collective: like :func:`torch.distributed.new_group`, every process of the
 default group must call :func:`build_hybrid_groups` with the same arguments, in the same order
