@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hpattn_dist import count_communication, ring_attention, ulysses_attention
+from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.kernels import DropoutSpec, draw_seed
 from hpattn_dist.strategies.auto import communication_volume
 from tests.harness import run_ranks
@@ -178,6 +179,7 @@ def _ulysses_job(rank: int, world: int, cases: list[dict]) -> dict:
     if world > 1:
         x = torch.randn(1, 3, 2, 4)  # H = 3 is not divisible by P = 2 or 4
         results["indivisible"] = attempt(lambda: ulysses_attention(x, x, x))
+    results["a2a"] = _a2a_case(rank, world)
     if world == 4:
         groups = [dist.new_group(members) for members in SUBGROUPS]
         index = next(i for i, m in enumerate(SUBGROUPS) if rank in m)
@@ -186,6 +188,30 @@ def _ulysses_job(rank: int, world: int, cases: list[dict]) -> dict:
         res["group_index"] = index
         results["subgroup"] = res
     return results
+
+
+def a2a_sizes(world: int) -> tuple[list[int], list[int]]:
+    """Uneven scatter sizes (zeros included) and gather sizes for the raw all-to-all case."""
+    return [(2 * j + 1) % 4 for j in range(world)], [(j + 2) % 3 for j in range(world)]
+
+
+def _a2a_case(rank: int, world: int) -> dict:
+    """``all_to_all`` of ``x [S, 2, G_r]`` (scatter dim 0, gather dim 2), forward and backward."""
+    scatter, gather = a2a_sizes(world)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(sum(scatter), 2, gather[rank], generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    with count_communication() as stats:
+        y = all_to_all(x, scatter_dim=0, gather_dim=2, scatter_sizes=scatter)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(dy)
+    bad = {
+        "same_dims": attempt(lambda: all_to_all(x, scatter_dim=1, gather_dim=1)),
+        "sizes_sum": attempt(lambda: all_to_all(x, scatter_dim=0, gather_dim=2,
+                                                scatter_sizes=[1] * world, gather_sizes=gather)),
+    }
+    return {"x": x.detach(), "y": y.detach(), "dy": dy, "dx": x.grad, "bad": bad,
+            "bytes": stats.bytes_sent.get("all_to_all", 0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,6 +296,28 @@ def test_exchange_volume_matches_documented_formula(world):
         model = communication_volume("ulysses", batch=c["b"], heads=c["h"], head_dim=c["d"],
                                      sizes=[4] * 4, rank=0, itemsize=8)
         assert model.forward == model.backward == 4 * 3 * x // 4
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_all_to_all_uneven_and_its_adjoint(world):
+    """y_r = cat_i(x_i[S-block r], dim 2); dx_i[S-block r] = dy_r[G-block i] (the swapped
+    all-to-all); bytes = everything but the piece a rank keeps."""
+    res = [r["a2a"] for r in _job(world)[1]]
+    scatter, gather = a2a_sizes(world)
+    s_start = [sum(scatter[:j]) for j in range(world)]
+    g_start = [sum(gather[:j]) for j in range(world)]
+    for r in range(world):
+        rows = slice(s_start[r], s_start[r] + scatter[r])
+        expected_y = torch.cat([res[i]["x"][rows] for i in range(world)], dim=2)
+        assert torch.equal(res[r]["y"], expected_y)
+        expected_dx = torch.cat([res[j]["dy"][:, :, g_start[r]:g_start[r] + gather[r]]
+                                 for j in range(world)], dim=0)
+        assert torch.equal(res[r]["dx"], expected_dx)
+        own = scatter[r] * 2 * gather[r]
+        assert res[r]["bytes"] == (0 if world == 1 else (res[r]["x"].numel() - own) * 8)
+        if world > 1:
+            assert res[r]["bad"]["sizes_sum"].startswith("ValueError"), res[r]["bad"]
+        assert res[r]["bad"]["same_dims"].startswith("ValueError"), res[r]["bad"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
