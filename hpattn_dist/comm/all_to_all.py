@@ -43,29 +43,13 @@ from torch import Tensor
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import GroupInfo, all_gather_ints, resolve_group
 
-__all__ = ["all_to_all", "all_to_all_bytes"]
+__all__ = ["all_to_all"]
 
 
 def _piece_shape(shape: Sequence[int], sd: int, gd: int, s_len: int, g_len: int) -> list[int]:
     out = list(shape)
     out[sd], out[gd] = s_len, g_len
     return out
-
-
-def all_to_all_bytes(
-    shape: Sequence[int],
-    itemsize: int,
-    scatter_dim: int,
-    scatter_sizes: Sequence[int],
-    rank: int,
-) -> int:
-    """Bytes a rank sends in one :func:`all_to_all` of a local input of ``shape``: every element
-    except those of its own piece, ``(prod(shape) - prod(shape) / shape[sd] * S_r) * itemsize``.
-    """
-    total = math.prod(shape)
-    length = shape[scatter_dim]
-    own = 0 if length == 0 else total // length * scatter_sizes[rank]
-    return (total - own) * itemsize
 
 
 def _all_to_all_raw(
@@ -82,8 +66,10 @@ def _all_to_all_raw(
     if info.world_size == 1:
         return x.clone(memory_format=torch.contiguous_format)
     pieces = x.split(scatter_sizes, dim=sd)
-    send = torch.cat([piece.reshape(-1) for piece in pieces])
     in_splits = [piece.numel() for piece in pieces]
+    send = x.new_empty(x.numel())
+    for piece, chunk in zip(pieces, send.split(in_splits)):
+        chunk.view(piece.shape).copy_(piece)  # one copy per element, piece by piece
     shapes = [_piece_shape(x.shape, sd, gd, scatter_sizes[r], g) for g in gather_sizes]
     out_splits = [math.prod(s) for s in shapes]
     recv = x.new_empty(sum(out_splits))
