@@ -12,6 +12,7 @@ Legend: B batch, H heads, N global pixels, N_r pixels of group rank r, D head di
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
@@ -38,7 +39,7 @@ LAYOUTS = {"pairs": [[0, 1], [2, 3]], "interleaved": [[0, 2], [1, 3]]}
 def _case(name: str, **kw: Any) -> dict:
     case = dict(name=name, n=29, b=2, h=3, d=8, dtype=torch.float64, backend="manual",
                 logit_scale=1.0, mask=None, bias=None, dropout_p=0.0, layout="world",
-                sizes=None, repeat=False, seed=0, explicit_world=False)
+                sizes=None, repeat=False, seed=0, explicit_world=False, packed=False, scale=None)
     case.update(kw)
     return case
 
@@ -61,11 +62,16 @@ def _cases(world: int) -> list[dict]:
             _case(f"dropout-{backend}", backend=backend, dropout_p=0.3, seed=80 + i, repeat=True),
             # N = 3: at P = 4 and 5 some ranks hold no pixel
             _case(f"tiny-{backend}", n=3, backend=backend, seed=90 + i),
+            # q, k, v as strided views of one packed [B, N_r, 3, H, D] projection (as the layer
+            # produces them), with a non-default scale
+            _case(f"packed-{backend}", backend=backend, packed=True, scale=0.21, seed=95 + i),
         ]
     cases += [
         _case("bias-bn-mask", mask="mixed", bias="bn", seed=100),
         _case("bias-bhn", backend="sdpa", bias="bhn", seed=101),
         _case("dropout-mask-bias", mask="mixed", bias="bn", dropout_p=0.3, seed=102),
+        _case("bf16-mask-bias-dropout", n=60, h=2, dtype=torch.bfloat16, mask="mixed", bias="bn",
+              dropout_p=0.3, seed=103),
     ]
     zero_sizes = {2: [0, 29], 3: [10, 0, 19], 4: [0, 0, 29, 0], 5: [0, 12, 0, 17, 0]}
     if world in zero_sizes:
@@ -152,7 +158,12 @@ def _run_case(rank: int, case: dict, group, members: list[int], group_index: int
     local = slice(start, start + sizes[grank])
     runs = []
     for _ in range(2 if case["repeat"] else 1):
-        q, k, v = (data[x][:, :, local].to(case["dtype"]).requires_grad_() for x in ("q", "k", "v"))
+        if case["packed"]:
+            packed = torch.stack([data[x][:, :, local] for x in ("q", "k", "v")]).permute(1, 3, 0, 2, 4)
+            packed = packed.contiguous().to(case["dtype"]).requires_grad_()  # [B, N_r, 3, H, D]
+            q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (data[x][:, :, local].to(case["dtype"]).requires_grad_() for x in ("q", "k", "v"))
         dout = data["dout"][:, :, local].to(case["dtype"])
         key_mask = None if data["mask"] is None else data["mask"][:, local].clone()
         key_bias = None
@@ -162,9 +173,11 @@ def _run_case(rank: int, case: dict, group, members: list[int], group_index: int
             torch.manual_seed(TORCH_SEED)
         with count_communication() as fwd:
             out = ring_attention(q, k, v, group, backend=case["backend"], dropout_p=case["dropout_p"],
-                                 key_mask=key_mask, key_bias=key_bias)
+                                 scale=case["scale"], key_mask=key_mask, key_bias=key_bias)
         with count_communication() as bwd:
             out.backward(dout)
+        if case["packed"]:
+            q, k, v = (SimpleNamespace(grad=g) for g in packed.grad.permute(2, 0, 3, 1, 4).unbind(0))
         runs.append({
             "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
             "dbias": None if key_bias is None else key_bias.grad,
@@ -262,7 +275,7 @@ def _reference(case: dict, group_index: int = 0) -> dict:
             bias = torch.zeros(mask.shape, dtype=torch.float64)
         bias = bias.masked_fill(~(mask if bias.dim() == 2 else mask[:, None, :]), float("-inf"))
     dropout = DropoutSpec(case["dropout_p"], _dropout_seed()) if case["dropout_p"] > 0 else None
-    out = reference_attention(q, k, v, key_bias=bias, dropout=dropout)
+    out = reference_attention(q, k, v, scale=case["scale"], key_bias=bias, dropout=dropout)
     out.backward(data["dout"])
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
             "dbias": None if bias_leaf is None else bias_leaf.grad, "mask": data["mask"]}
@@ -296,7 +309,7 @@ def _max_rel(errs: dict) -> float:
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp64_forward_and_backward_match_reference(world, backend):
-    for name in (f"fp64-{backend}", f"tiny-{backend}"):
+    for name in (f"fp64-{backend}", f"tiny-{backend}", f"packed-{backend}"):
         errs = _errors(world, name)
         assert _max_rel(errs) <= 1e-12, (name, errs)
         case, got = _assembled(world, name)
@@ -344,11 +357,15 @@ def test_fp32_error_does_not_grow_with_p(backend):
 def test_bf16_within_tolerance(world, backend):
     """bf16 inputs against the float64 reference on the same (bf16-valued) inputs:
     |x - ref| <= 2.5e-2 + 2.5e-2 |ref| elementwise, forward and gradients, in bf16."""
-    case, got = _assembled(world, f"bf16-{backend}")
-    ref = _reference(case)
-    for t in ("out", *GRADS):
-        assert got[t].dtype == torch.bfloat16, t
-        assert torch.allclose(got[t].double(), ref[t], atol=2.5e-2, rtol=2.5e-2), t
+    names = [f"bf16-{backend}"] + (["bf16-mask-bias-dropout"] if backend == "manual" else [])
+    for name in names:
+        case, got = _assembled(world, name)
+        ref = _reference(case)
+        for t in ("out", *GRADS, "dbias"):
+            if ref[t] is None:
+                continue
+            assert got[t].dtype == (torch.bfloat16 if t != "dbias" else torch.float32), (name, t)
+            assert torch.allclose(got[t].double(), ref[t], atol=2.5e-2, rtol=2.5e-2), (name, t)
 
 
 def _rounding_bounds(case: dict) -> dict[str, torch.Tensor]:
