@@ -1,12 +1,15 @@
 """Argument checks shared by the functional APIs and the layers.
 
 Every check raises ``ValueError`` (``TypeError`` for wrong types) naming the argument and the
-offending shapes, dtypes or values. These are local checks; cross-rank agreement is checked by
-:func:`hpattn_dist.comm.groups.agree_on_shapes`.
+offending shapes, dtypes or values. These are LOCAL checks: run them inside
+:func:`hpattn_dist.comm.groups.validated_signature` so that a rank whose checks fail makes every
+rank of the group raise the same error instead of leaving its peers blocked in the next collective
+(Note [fail together] in ``comm/groups.py``); the same block checks cross-rank agreement.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,13 +19,28 @@ from hpattn_dist.kernels.manual import acc_dtype
 
 
 def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+    """``dropout_p`` must be a real number in ``[0, 1)`` (not a bool, not NaN).
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+
+
+_QKV_DIMS = ("B (batch)", "H (heads)", "N_local (pixels)", "D (head dim)")
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
     """q, k, v must be floating ``[B, H, N_local, D]`` tensors with equal B, H, N_local, D, dtype
-    and device.
+    and device; ``scale`` None or a positive finite number.
+
+    Raises:
+        TypeError: q, k or v is not a tensor.
+        ValueError: wrong rank; non-floating dtype; shapes that differ (the message names the
+            dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); mixed dtypes or devices; bad
+            ``scale``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -32,16 +50,48 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if not (q.shape == k.shape == v.shape):
+        differ = [
+            f"{dim}: q {q.shape[i]}, k {k.shape[i]}, v {v.shape[i]}"
+            for i, dim in enumerate(_QKV_DIMS) if not q.shape[i] == k.shape[i] == v.shape[i]
+        ]
         raise ValueError(
-            "q, k and v must have the same shape [B, H, N_local, D], got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            "q, k and v must have the same shape [B, H, N_local, D]; they differ in "
+            + "; ".join(differ)
+            + f" (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if scale is not None and not (
+        isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        and math.isfinite(scale) and scale > 0
+    ):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+
+
+def check_layer_input(x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None) -> None:
+    """The layer's input: a floating ``[B, N_local, E]`` tensor with ``E == embed_dim``, and an
+    optional bool ``key_mask [B, N_local]`` on the same device.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: naming ``x`` or ``key_mask`` and the expected and actual shape / dtype.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != embed_dim:
+        raise ValueError(f"x must have shape [B, N_local, embed_dim={embed_dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if key_mask is not None:
+        expected = (x.shape[0], x.shape[1])
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != expected:
+            got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor)
+                   else type(key_mask).__name__)
+            raise ValueError(f"key_mask must be a bool tensor of shape [B, N_local] = {expected}, got {got}")
+        if key_mask.device != x.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but x is on {x.device}")
 
 
 def key_bias_from_mask(

@@ -175,8 +175,6 @@ def wait_work(work: Any, timeout_s: Optional[float]) -> None:
     if timeout_s is None:
         work.wait()
         return
-    if work.is_completed() and work.is_success():
-        return
     start = time.monotonic()
     try:
         done = work.wait(timeout=datetime.timedelta(seconds=max(timeout_s, 1e-3)))
@@ -316,18 +314,23 @@ def _gather_rows(info: GroupInfo, row: list[int], device: Optional[torch.device]
 
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
                     local_err: Optional[BaseException]) -> None:
-    """Exchange the failed ranks' errors and raise the same exception on every rank."""
-    mine = None if local_err is None else (type(local_err).__name__, _cause_text(local_err))
+    """Exchange the failed ranks' errors and raise the same exception on every rank.
+
+    The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
+    is identical everywhere, also when the failure happened in another entry point (a layer).
+    """
+    mine = None if local_err is None else (what, type(local_err).__name__, _cause_text(local_err))
     texts: list[Any] = [None] * info.world_size
     dist.all_gather_object(texts, mine, group=info.group)
     failed = [r for r, row in enumerate(rows) if row[0] != _OK]
-    kinds = {texts[r][0] if texts[r] else "RuntimeError" for r in failed}
-    detail = "; ".join(
-        f"{info.describe_rank(r)}: {texts[r][0]}: {texts[r][1]}" if texts[r] else
-        f"{info.describe_rank(r)}: (no message)" for r in failed
-    )
-    message = f"{what}: invalid input on {len(failed)} of {info.world_size} ranks; {detail}"
-    cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kinds.pop()) if len(kinds) == 1 else None
+    reports = [texts[r] or ("?", "RuntimeError", "(no message)") for r in failed]
+    whats = list(dict.fromkeys(rep[0] for rep in reports))
+    detail = "; ".join(f"{info.describe_rank(r)}: {kind}: {text}"
+                       for r, (_, kind, text) in zip(failed, reports))
+    message = (f"{'/'.join(whats)}: invalid input on {len(failed)} of {info.world_size} ranks; "
+               f"{detail}")
+    kinds = {rep[1] for rep in reports}
+    cls = {"ValueError": ValueError, "TypeError": TypeError}.get(next(iter(kinds))) if len(kinds) == 1 else None
     if cls is None:
         cls = ValueError if kinds <= {"ValueError", "TypeError"} else RuntimeError
     raise cls(message) from local_err
