@@ -6,9 +6,11 @@ runs ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` separate proces
 initialised default process group, and returns the per-rank return values in rank order. Ranks are
 forked from a ``multiprocessing`` fork server that has imported torch once (Note [fork server]);
 ``HPATTN_RANKS_START_METHOD=spawn`` starts each rank as a fresh interpreter instead (slower).
-The ranks write to the parent's current stdout/stderr, so pytest captures their output per test. ``fn`` must be picklable by reference: a module-level function of an importable
-module (a test module under ``tests/`` is fine: every test folder is a package, and the repository
-root is put on each rank's ``sys.path``).
+The ranks write to the parent's current stdout/stderr, so pytest captures their output per test.
+
+``fn`` must be picklable by reference: a module-level function of an importable module (a test
+module under ``tests/`` is fine: every test folder is a package, and the repository root is put
+on each rank's ``sys.path``).
 
 Failure handling (Note [rank failure report]):
 
@@ -191,7 +193,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 class _ParentStdio:
-    """Pickles as duplicates of the parent's current fds 1 and 2; unpickles as ``(out, err)`` fds."""
+    """Pickles as duplicates of the parent's current fds 1 and 2; unpickles as ``(out, err)``."""
 
     def __reduce__(self):
         from multiprocessing import reduction
@@ -209,7 +211,7 @@ def _pickle_job(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     except Exception as exc:
         raise TypeError(
             f"run_ranks: fn={fn!r} cannot be sent to a spawned rank ({exc}). Use a module-level "
-            "function of an importable module (no lambdas, closures or functions defined in a test)."
+            "function of an importable module (no lambda, closure or function defined in a test)."
         ) from exc
     try:
         return pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -284,7 +286,8 @@ def run_ranks(
         env_patch = {
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(
-                [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+                [str(REPO_ROOT)]
+                + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             ),
         }
         saved_env = {k: os.environ.get(k) for k in env_patch}
@@ -327,7 +330,10 @@ def run_ranks(
 
 
 def _collect(ranks: list[_Rank], deadline: float) -> Optional[bool]:
-    """Read results until every rank has finished. Returns None on success, else whether it timed out."""
+    """Read results until every rank has finished.
+
+    Returns None on success, else whether the failure is a timeout.
+    """
     while True:
         waiting = {}
         for r in ranks:
@@ -379,7 +385,7 @@ def _receive(r: _Rank) -> None:
             r.result = pickle.loads(data[2:])
             r.done = True
         except Exception:  # noqa: BLE001
-            r.failure = "its result could not be unpickled in the parent:\n" + traceback.format_exc()
+            r.failure = "its result could not be unpickled here:\n" + traceback.format_exc()
     else:
         r.failure = "raised:\n" + data[2:].decode("utf-8", "replace")
 
@@ -404,7 +410,13 @@ def _describe_death(r: _Rank) -> str:
             how = f"was killed by signal {-code}"
     else:
         how = f"exited with code {code}"
-    return f"{how} while {_phase_text(r)}, without reporting an exception; its Python stacks:\n{_read_stack(r.stack_path)}"
+    return (
+        f"{how} while {_phase_text(r)}, without reporting an exception; its Python stacks:\n"
+        f"{_read_stack(r.stack_path)}"
+    )
+
+
+_KILLED_BY_US = (-signal.SIGKILL, -signal.SIGUSR1)
 
 
 def _raise_failure(ranks: list[_Rank], name: str, world_size: int, timeout: float, elapsed: float,
@@ -433,7 +445,8 @@ def _raise_failure(ranks: list[_Rank], name: str, world_size: int, timeout: floa
     for r in pending:
         if r.conn is not None and r.conn.poll():
             _receive(r)
-        if r.failure is None and not r.done and r.process.exitcode != -signal.SIGKILL:
+        # (SIGUSR1 kills a rank that had not installed its handler yet: that one we killed too.)
+        if r.failure is None and not r.done and r.process.exitcode not in _KILLED_BY_US:
             r.failure = _describe_death(r)
     running = [r for r in running if r.failure is None and not r.done]
 
@@ -458,6 +471,6 @@ def _raise_failure(ranks: list[_Rank], name: str, world_size: int, timeout: floa
     if running:
         lines.append("\n=== ranks still running, killed after the failure above ===")
         for r in running:
-            lines.append(f"\n--- rank {r.rank} (killed while {_phase_text(r)}); its Python stacks:\n"
-                         f"{_read_stack(r.stack_path)}")
+            lines.append(f"\n--- rank {r.rank} (killed while {_phase_text(r)}); "
+                         f"its Python stacks:\n{_read_stack(r.stack_path)}")
     raise RankFailure("\n".join(lines), failures)
