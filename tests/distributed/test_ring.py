@@ -125,7 +125,8 @@ def _make_data(case: dict, group_index: int) -> dict:
         data["mask"] = keep.expand(b, n).clone()
     if case["bias"] is not None:
         shape = (b, n) if case["bias"] == "bn" else (b, h, n)
-        data["bias"] = torch.randn(*shape, generator=g, dtype=torch.float64).to(_bias_dtype(case["dtype"])).double()
+        bias = torch.randn(*shape, generator=g, dtype=torch.float64)
+        data["bias"] = bias.to(_bias_dtype(case["dtype"])).double()
     return data
 
 

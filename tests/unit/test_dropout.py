@@ -111,7 +111,8 @@ def test_manual_kernel_dropout_blocks_equal_reference(monkeypatch, tile_rows):
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
     for a, b in zip(cuts[:-1], cuts[1:]):
-        merge_into(out, lse, *kernel.forward(q, k[:, :, a:b], v[:, :, a:b], scale, None, DropoutSpec(P_DROP, spec.seed, k_offset=a)))
+        block_spec = DropoutSpec(P_DROP, spec.seed, k_offset=a)
+        merge_into(out, lse, *kernel.forward(q, k[:, :, a:b], v[:, :, a:b], scale, None, block_spec))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*leaves, scale, dropout=spec)
     assert (out - ref).abs().max().item() <= 1e-13
