@@ -9,8 +9,8 @@
   softmax; logits ~1e4 stay finite and exact; rows of equal scores give the mean of V.
 - Empty shards (P = 4 > N): forward and backward match the float64 reference.
 - Faults (our own small launcher, since :func:`tests.harness.run_ranks` rightly kills every rank
-  as soon as one dies): a rank ``os._exit``s after the first ring exchange, hangs there, or dies
-  before the call; the survivors raise :class:`ExchangeError` naming the peer within the exchange
+  as soon as one dies): a rank ``os._exit``s after the first ring exchange or hangs there, or
+  dies or hangs before the call (the signature all_gather); the survivors raise :class:`ExchangeError` naming the peer within the exchange
   timeout. Detection times are printed (``-s``) and asserted.
 
 Legend: B batch, H heads, N global pixels, N_r pixels of rank r, D head dim, P group size.
@@ -465,6 +465,9 @@ def _fault_rank(rank: int, world: int, store: str, scenario: str, victim: int, t
         if scenario == "dies_before_call":
             conn.send(("victim", "died", time.time()))
             os._exit(17)
+        if scenario == "stuck_before_call":
+            conn.send(("victim", "stuck", time.time()))
+            time.sleep(600)
         original_wait = comm_ring.PendingExchange.wait
 
         def wait_then_fail(self):
@@ -542,7 +545,7 @@ def _run_fault(scenario: str, world: int, victim: int, timeout_s: float, limit_s
 @functools.lru_cache(maxsize=None)
 def _fault(scenario: str) -> tuple:
     world, victim, timeout_s = {"dies_mid_ring": (4, 1, 5.0), "stuck_mid_ring": (3, 1, 2.0),
-                                "dies_before_call": (3, 1, 5.0)}[scenario]
+                                "dies_before_call": (3, 1, 5.0), "stuck_before_call": (3, 1, 2.0)}[scenario]
     event, results = _run_fault(scenario, world, victim, timeout_s)
     detect = {r: res["t"] - event[1] for r, res in results.items() if res["error"]}
     print(f"\n[{scenario}] world {world}, victim {victim}, exchange timeout {timeout_s} s, "
@@ -550,7 +553,8 @@ def _fault(scenario: str) -> tuple:
     return world, victim, timeout_s, event, results, detect
 
 
-@pytest.mark.parametrize("scenario", ["dies_mid_ring", "stuck_mid_ring", "dies_before_call"])
+@pytest.mark.parametrize("scenario", ["dies_mid_ring", "stuck_mid_ring", "dies_before_call",
+                                      "stuck_before_call"])
 def test_survivors_fail_fast_naming_the_peer(scenario):
     world, victim, timeout_s, event, results, detect = _fault(scenario)
     assert event is not None and event[0] in ("died", "stuck"), event
@@ -561,9 +565,10 @@ def test_survivors_fail_fast_naming_the_peer(scenario):
         assert detect[rank] <= timeout_s + 2.0, (rank, detect[rank])
         assert "The process group is unusable now" in res["message"]
     neighbours = {(victim - 1) % world, (victim + 1) % world}
-    if scenario == "dies_before_call":
+    if scenario.endswith("before_call"):  # the signature all_gather is bounded too
         for res in results.values():
             assert res["label"] == "all_gather.meta" and "metadata all_gather" in res["message"], res
+            assert res["timed_out"] == scenario.startswith("stuck"), res
         return
     for rank, res in results.items():
         assert res["label"] == "ring.forward" and "ring.forward step" in res["message"], res
