@@ -352,16 +352,10 @@ def _edge(name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     return got, oracle_same, _edge_cases()[name]
 
 
-# Known departures from the oracle, found by these tests (issue 8 report); xfail until fixed.
-_MERGE_INF = ("merge.py's sigmoid form o - w * (o - o_b) turns an infinite block output into NaN "
-              "(inf - inf) at P > 1; the oracle gives +-inf")
+# Known departure from the oracle, found by these tests (issue 8 report); xfail until fixed.
 _SDPA_NAN_Q = ("the CPU flash op behind backend='sdpa' returns out = 0, lse = 0 for a NaN query "
                "row (PyTorch's op itself does this); the oracle gives NaN")
-NON_FINITE_XFAIL = {
-    ("inf_value64", "manual"): _MERGE_INF, ("inf_value64", "sdpa"): _MERGE_INF,
-    ("inf_value32", "manual"): _MERGE_INF, ("inf_value32", "sdpa"): _MERGE_INF,
-    ("nan64", "sdpa"): _SDPA_NAN_Q, ("nan32", "sdpa"): _SDPA_NAN_Q,
-}
+NON_FINITE_XFAIL = {("nan64", "sdpa"): _SDPA_NAN_Q, ("nan32", "sdpa"): _SDPA_NAN_Q}
 
 
 @pytest.mark.parametrize("backend", ["manual", "sdpa"])
