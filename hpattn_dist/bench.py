@@ -367,6 +367,7 @@ def _layer_times(layer: nn.Module, x: Tensor, g: Tensor, cfg: BenchConfig, devic
         fwd_bwd()
     return {
         "fwd_s": statistics.median(t_f), "fwd_bwd_s": statistics.median(t_fb),
+        "fwd_min_s": min(t_f), "fwd_bwd_min_s": min(t_fb),
         "fwd_times": t_f, "fwd_bwd_times": t_fb,
         "peak_mem": {"bytes": mem.bytes, "method": mem.method},
         "comm": stats.as_dict(),
@@ -632,7 +633,7 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     lines = []
     if mode == "scaling":
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'impl':<18} {'strategy':<8} "
-                f"{'kernel':<15} {'fwd ms':>9} {'fwd+bwd ms':>10} {'eff fwd':>7} {'eff f+b':>7} "
+                f"{'kernel':<15} {'fwd ms':>9} {'fwd+bwd ms':>10} {'(min)':>8} {'eff fwd':>7} {'eff f+b':>7} "
                 f"{'vs peer f+b':>11} {'peak MiB/rank':>13} {'MiB sent/rank':>13}")
         lines += [cols, "-" * len(cols)]
         for r in records:
@@ -647,10 +648,12 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
 
             lines.append(
                 lead + f"{r.get('kernel', ''):<15} {r['fwd_s'] * 1e3:9.1f} {r['fwd_bwd_s'] * 1e3:10.1f} "
+                f"{r['fwd_bwd_min_s'] * 1e3:8.1f} "
                 f"{opt('efficiency_fwd')} {opt('efficiency_fwd_bwd')} {opt('speed_vs_peer_fwd_bwd', '11.3f')} "
                 f"{_mib(max(r['peak_mem_bytes_per_rank'])):>13} {_mib(max(r['bytes_per_rank'])):>13}")
         lines.append("eff = t(oracle, 1 process, same total threads) / t; vs peer = "
-                     "t(DeepSpeed-Ulysses) / t; times are medians, each the slowest rank's")
+                     "t(DeepSpeed-Ulysses) / t; times are medians (and the minimum) over repeats, "
+                     "each repeat the slowest rank's")
     elif mode == "emulation":
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'kernel':<15} {'fused fwd ms':>12} "
                 f"{'blocks fwd ms':>13} {'ratio fwd':>9} {'fused f+b ms':>12} {'blocks f+b ms':>13} "
@@ -718,6 +721,7 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
     world = dist.get_world_size() if dist.is_initialized() else 1
     threads = torch.get_num_threads()
     progress = _stderr if rank == 0 else None
+    load_before = os.getloadavg()
     if cfg.mode == "scaling":
         records = run_scaling(cfg, device, threads, progress)
     elif cfg.mode == "emulation":
@@ -727,10 +731,14 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
     if rank == 0:
         print(f"hpattn-dist bench --mode {cfg.mode}: P={world} x {threads} threads, {cfg.dtype}, "
               f"B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}, backend={cfg.backend}, "
-              f"device={device.type}")
+              f"device={device.type}, load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
         print(format_tables(records, cfg.mode), flush=True)
         report = {"schema": SCHEMA, "mode": cfg.mode, "world_size": world, "threads_per_rank": threads,
                   "device": device.type, "torch": torch.__version__,
+                  "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count(),
+                  # 1-minute load average before and after: other processes skew CPU timings
+                  "load_average_1min": [load_before[0], os.getloadavg()[0]],
                   "config": dataclasses.asdict(cfg), "records": records}
         if args.json_path is not None:
             Path(args.json_path).write_text(json.dumps(report, indent=1))

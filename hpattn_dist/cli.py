@@ -208,7 +208,11 @@ def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
         if getattr(args, "plot", None) is not None and merged:
             from hpattn_dist.bench import plot_scaling
 
-            plot_scaling(merged, args.plot)
+            try:
+                plot_scaling(merged, args.plot)
+            except ValueError as err:
+                print(f"hpattn-dist: {err}", file=sys.stderr)
+                worst = worst or 2
     return worst
 
 

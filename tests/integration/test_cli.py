@@ -101,7 +101,7 @@ def test_verify_passes_at_world_1_and_3(tmp_path):
 @pytest.mark.parametrize("flag", [["--inject-error", "1e-3"], ["--tolerance-scale", "0"]])
 def test_verify_fails_when_forced(tmp_path, flag):
     out = tmp_path / "verify.json"
-    rc = main(["verify", *TINY, "--nproc", "2", "--strategies", "ring", "--backends", "manual",
+    rc = main(["verify", *TINY, "--nproc", "1", "--strategies", "ring", "--backends", "manual",
                "--dtypes", "float64", *flag, "--json", str(out)])
     assert rc == 1
     report = _json(out)
