@@ -34,8 +34,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from hpattn_dist.comm.groups import raise_on_every_rank, resolve_group
 from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
+from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
 
@@ -126,18 +128,12 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         Returns:
             ``[B, N_r, E]``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"x must have shape [B, N_local, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
-            )
+        try:
+            check_layer_input(x, self.embed_dim, key_mask)
+        except (ValueError, TypeError) as err:
+            # The peers are about to enter the strategy's shape all_gather: fail there together.
+            raise_on_every_rank(resolve_group(self.process_group), "DistributedSpatialSelfAttention", err)
         batch_size, n_local, _ = x.shape
-        if key_mask is not None and (
-            key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch_size, n_local)
-        ):
-            raise ValueError(
-                f"key_mask must be a bool tensor of shape [B, N_local] = {(batch_size, n_local)}, "
-                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
-            )
 
         qkv = self.qkv_proj(x)  # [B, N_r, 3E]
         qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)

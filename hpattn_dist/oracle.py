@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpattn_dist.validation import check_layer_input
+
 AttnBackend = Literal["auto", "sdpa", "manual"]
 ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual")
 
@@ -116,19 +118,8 @@ class SpatialSelfAttention(nn.Module):
         Returns:
             ``[B, N, E]``.
         """
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"x must have shape [B, N, embed_dim={self.embed_dim}], got {tuple(x.shape)}"
-            )
+        check_layer_input(x, self.embed_dim, key_mask, pixels="N")
         batch_size, num_points, _ = x.shape
-        if key_mask is not None and (
-            key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch_size, num_points)
-        ):
-            raise ValueError(
-                f"key_mask must be a bool tensor of shape [B, N] = {(batch_size, num_points)}, "
-                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
-            )
-
         has_key = None
         if key_mask is not None:
             # Note [fully masked queries]: softmax over no keys is 0/0 (SDPA and softmax give NaN,

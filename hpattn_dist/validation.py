@@ -70,9 +70,12 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
-def check_layer_input(x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None) -> None:
+def check_layer_input(
+    x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None, pixels: str = "N_local"
+) -> None:
     """The layer's input: a floating ``[B, N_local, E]`` tensor with ``E == embed_dim``, and an
-    optional bool ``key_mask [B, N_local]`` on the same device.
+    optional bool ``key_mask [B, N_local]`` on the same device. ``pixels`` names the pixel dim in
+    messages (``"N"`` for the single-device layer).
 
     Raises:
         TypeError: ``x`` is not a tensor.
@@ -81,7 +84,7 @@ def check_layer_input(x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = No
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != embed_dim:
-        raise ValueError(f"x must have shape [B, N_local, embed_dim={embed_dim}], got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape [B, {pixels}, embed_dim={embed_dim}], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if key_mask is not None:
@@ -89,7 +92,7 @@ def check_layer_input(x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = No
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != expected:
             got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor)
                    else type(key_mask).__name__)
-            raise ValueError(f"key_mask must be a bool tensor of shape [B, N_local] = {expected}, got {got}")
+            raise ValueError(f"key_mask must be a bool tensor of shape [B, {pixels}] = {expected}, got {got}")
         if key_mask.device != x.device:
             raise ValueError(f"key_mask is on {key_mask.device} but x is on {x.device}")
 

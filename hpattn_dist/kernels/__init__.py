@@ -1,7 +1,7 @@
 """Block attention kernels returning ``(out, lse)`` and their final-statistics backward."""
 
 from hpattn_dist.kernels.dispatch import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
-from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask
+from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask, resolve_dropout_seed
 from hpattn_dist.kernels.manual import acc_dtype
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "check_backend_name",
     "draw_seed",
     "keep_mask",
+    "resolve_dropout_seed",
     "select_kernel",
 ]

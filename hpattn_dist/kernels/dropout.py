@@ -11,8 +11,9 @@ Note [position-keyed dropout]
     * the result does not depend on the number of ranks, the strategy or the block order, so a run
       with dropout at P=4 equals the same run at P=1 (and the float64 reference that uses
       :func:`keep_mask` on the full matrix);
-    * the seed is drawn from PyTorch's default generator, so ``torch.manual_seed`` makes runs
-      reproducible. Ranks must be seeded alike (the usual SPMD convention) for P-invariance.
+    * the seed is drawn from PyTorch's default generator (or passed as ``dropout_seed``), so
+      ``torch.manual_seed`` makes runs reproducible; the strategies use group rank 0's seed on
+      every rank, so ranks whose generators differ still drop consistently.
 
     The hash is Wellons' ``lowbias32`` integer finaliser, chained over the coordinates, computed in
     int64 and masked to 32 bits. Keep probability is ``1 - p`` up to 2^-32.
@@ -88,3 +89,14 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
 def draw_seed() -> int:
     """A fresh 31-bit seed from PyTorch's default CPU generator."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def resolve_dropout_seed(dropout_p: float, seed: "int | None") -> int:
+    """The seed a call will propose: ``seed`` if given (checked), a fresh draw if ``dropout_p > 0``,
+    else 0. Strategies then take group rank 0's proposal (Note [position-keyed dropout]).
+    """
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"dropout_seed must be an int in [0, 2**31), got {seed!r}")
+        return seed
+    return draw_seed() if dropout_p > 0 else 0

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.comm.groups import dtype_code, resolve_group, validated_signature
 from hpattn_dist.kernels import acc_dtype
 from hpattn_dist.strategies.hybrid import hybrid_attention_over_group
 from hpattn_dist.strategies.ring import ring_attention
@@ -228,12 +228,16 @@ def auto_attention(
 ) -> Tensor:
     """Attention over ``group`` with the strategy :func:`choose_strategy` picks for q's head count,
     the group size and q's dtype (forward + backward model). Same arguments, shapes and result as
-    :func:`~hpattn_dist.strategies.ring.ring_attention`. Every rank must pass the same H (the
-    choice is made locally). A hybrid choice creates its sub-groups on the first call (collective,
-    every process; see :func:`hpattn_dist.mesh.hybrid_groups_for`).
+    :func:`~hpattn_dist.strategies.ring.ring_attention`. The choice depends on H and the dtype,
+    so the ranks first agree on them (one small all_gather; a rank with bad input, or ranks that
+    disagree, raise on every rank instead of picking different strategies). A hybrid choice
+    creates its sub-groups on the first call (collective, every process; see
+    :func:`hpattn_dist.mesh.hybrid_groups_for`).
     """
-    check_qkv(q, k, v, kwargs.get("scale"))
     info = resolve_group(group)
+    with validated_signature(info, "auto_attention") as sig:
+        check_qkv(q, k, v, kwargs.get("scale"))
+        sig.set({"H": q.shape[1], "dtype": dtype_code(q.dtype)}, 0, q.device)
     choice = choose_strategy(q.shape[1], info.world_size, dtype=q.dtype)
     if choice.strategy == "ring":
         return ring_attention(q, k, v, group, **kwargs)

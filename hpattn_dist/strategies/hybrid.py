@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import agree_on_shapes, all_gather_ints, dtype_code, resolve_group
+from hpattn_dist.comm.groups import all_gather_ints, dtype_code, resolve_group, validated_signature
+from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.mesh import hybrid_groups_for
 from hpattn_dist.strategies.ring import ring_attention
 from hpattn_dist.strategies.ulysses import (
@@ -58,6 +59,7 @@ def hybrid_attention(
     scale: Optional[float] = None,
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     r"""Exact softmax attention over the pixels of all U * R ranks: Ulysses x ring.
 
@@ -71,7 +73,7 @@ def hybrid_attention(
             H must be divisible by U.
         ulysses_group: the ranks that split heads (size U).
         ring_group: the ranks with this rank's Ulysses index, one per Ulysses group (size R).
-        backend, dropout_p, scale, key_mask, key_bias: as for ``ring_attention``.
+        backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for ``ring_attention``.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -81,24 +83,26 @@ def hybrid_attention(
             that disagree on shapes, dtype, masking or dropout; ring members with different
             Ulysses ranks or degrees (groups that do not form a grid); bad arguments.
     """
-    check_qkv(q, k, v, scale)
-    check_dropout_p(dropout_p)
     u_info = resolve_group(ulysses_group, "ulysses_group")
     r_info = resolve_group(ring_group, "ring_group")
-    bias = key_bias_from_mask(q, key_mask, key_bias)
-    batch, heads, n_local, head_dim = q.shape
-    sizes = agree_on_shapes(
-        u_info,
-        q.device,
-        {
-            "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-            "bias_heads": -1 if bias is None else bias.shape[1],
-            "dropout_ppm": int(round(dropout_p * 1e6)), "ring_size": r_info.world_size,
-        },
-        n_local,
-        "hybrid_attention",
-    )
-    check_heads_divisible(heads, u_info.world_size, "hybrid_attention", "ulysses_group")
+    with validated_signature(u_info, "hybrid_attention") as sig:
+        check_qkv(q, k, v, scale)
+        check_dropout_p(dropout_p)
+        bias = key_bias_from_mask(q, key_mask, key_bias)
+        batch, heads, n_local, head_dim = q.shape
+        check_heads_divisible(heads, u_info.world_size, "hybrid_attention", "ulysses_group")
+        sig.set(
+            {
+                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+                "bias_heads": -1 if bias is None else bias.shape[1],
+                "dropout_ppm": int(round(dropout_p * 1e6)), "ring_size": r_info.world_size,
+            },
+            (n_local, resolve_dropout_seed(dropout_p, dropout_seed)),
+            q.device,
+        )
+    sizes = [row[0] for row in sig.per_rank]
+    # Ulysses rank 0's seed here; ring_attention then takes ring rank 0's, i.e. global rank 0's.
+    seed = sig.per_rank[0][1]
     _check_grid(u_info.rank, u_info.world_size, r_info, q)
     heads_local = heads // u_info.world_size
     mask_h = None
@@ -112,7 +116,7 @@ def hybrid_attention(
             bias_h = bias_h[:, 0]  # [B, M_i]: ring_attention's head-shared key_bias form
     out_h = ring_attention(q_h, k_h, v_h, r_info.group, backend=backend, dropout_p=dropout_p,
                            scale=scale, key_mask=mask_h, key_bias=bias_h,
-                           head_offset=u_info.rank * heads_local)
+                           head_offset=u_info.rank * heads_local, dropout_seed=seed)
     return gather_heads(out_h, u_info, sizes, "hybrid.out")
 
 

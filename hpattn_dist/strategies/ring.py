@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import GroupInfo, agree_on_shapes, dtype_code, offsets, resolve_group
+from hpattn_dist.comm.groups import GroupInfo, dtype_code, offsets, resolve_group, validated_signature
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
-from hpattn_dist.kernels import BlockKernel, DropoutSpec, acc_dtype, draw_seed, select_kernel
+from hpattn_dist.kernels import (
+    BlockKernel, DropoutSpec, acc_dtype, check_backend_name, resolve_dropout_seed, select_kernel,
+)
 from hpattn_dist.merge import merge_into
 from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
 
@@ -212,6 +214,7 @@ def ring_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     head_offset: int = 0,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     r"""Exact softmax attention of this rank's queries over the keys of EVERY rank in ``group``.
 
@@ -234,6 +237,8 @@ def ring_attention(
         key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
         head_offset: global index of this call's first head, for the dropout mask only (non-zero
             when heads are split across ranks, as in hybrid attention). Default 0.
+        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator.
+            Either way group rank 0's value is used on every rank, so all ranks drop alike.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -242,37 +247,42 @@ def ring_attention(
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
             is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
 
-    Communication: one 80-byte ``all_gather`` (shapes) plus P - 1 K/V transfers of
+    Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
     backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
     """
-    check_qkv(q, k, v, scale)
-    check_dropout_p(dropout_p)
     info = resolve_group(group)
-    bias = key_bias_from_mask(q, key_mask, key_bias)
-    batch, heads, n_local, head_dim = q.shape
-    kept = _unmasked_keys(key_mask)
-    n_kept = n_local if kept is None else int(kept.numel())
-    # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask, so
-    # no bias is needed and the fused kernels apply; every rank must agree on that.
-    mask_left = key_mask is not None and not bool((key_mask if kept is None else key_mask[:, kept]).all())
-    per_rank = agree_on_shapes(
-        info,
-        q.device,
-        {
-            "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-            "key_bias_heads": -1 if key_bias is None else bias.shape[1],
-            "key_mask": int(key_mask is not None),
-            "dropout_ppm": int(round(dropout_p * 1e6)),
-        },
-        (n_local, n_kept, int(mask_left)),
-        "ring_attention",
-    )
-    if key_bias is None and not any(left for _, _, left in per_rank):
+    with validated_signature(info, "ring_attention") as sig:
+        check_qkv(q, k, v, scale)
+        check_dropout_p(dropout_p)
+        check_backend_name(backend)
+        bias = key_bias_from_mask(q, key_mask, key_bias)
+        batch, heads, n_local, head_dim = q.shape
+        kept = _unmasked_keys(key_mask)
+        n_kept = n_local if kept is None else int(kept.numel())
+        # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
+        # so no bias is needed and the fused kernels apply; every rank must agree on that.
+        mask_left = key_mask is not None and not bool(
+            (key_mask if kept is None else key_mask[:, kept]).all()
+        )
+        seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        sig.set(
+            {
+                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+                "key_bias_heads": -1 if key_bias is None else bias.shape[1],
+                "key_mask": int(key_mask is not None),
+                "dropout_ppm": int(round(dropout_p * 1e6)),
+            },
+            (n_local, n_kept, int(mask_left), seed),
+            q.device,
+        )
+    per_rank = sig.per_rank
+    if key_bias is None and not any(row[2] for row in per_rank):
         bias = None
-    q_offset = offsets([n for n, _, _ in per_rank])[info.rank]
-    kv_sizes = [m for _, m, _ in per_rank]
+    q_offset = offsets([row[0] for row in per_rank])[info.rank]
+    kv_sizes = [row[1] for row in per_rank]
+    seed = per_rank[0][3]  # group rank 0's seed, so every rank draws the same mask
     k_index = None
     if dropout_p > 0:
         local_index = torch.arange(n_local, device=q.device) if kept is None else kept
@@ -281,7 +291,6 @@ def ring_attention(
         k, v = k.index_select(2, kept), v.index_select(2, kept)
         bias = None if bias is None else bias.index_select(2, kept)
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
-    seed = draw_seed() if dropout_p > 0 else 0
     scale = head_dim**-0.5 if scale is None else float(scale)
     return _RingAttention.apply(
         q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes,

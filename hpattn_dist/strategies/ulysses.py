@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.all_to_all import all_to_all
-from hpattn_dist.comm.groups import GroupInfo, agree_on_shapes, dtype_code, resolve_group
-from hpattn_dist.kernels import BlockKernel, DropoutSpec, acc_dtype, draw_seed, select_kernel
+from hpattn_dist.comm.groups import GroupInfo, dtype_code, resolve_group, validated_signature
+from hpattn_dist.kernels import BlockKernel, DropoutSpec, acc_dtype, resolve_dropout_seed, select_kernel
 from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
 
 __all__ = ["check_heads_divisible", "gather_heads", "gather_pixels", "local_attention",
@@ -177,6 +177,7 @@ def ulysses_attention(
     scale: Optional[float] = None,
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     r"""Exact softmax attention over every rank's pixels, computed head-parallel (DeepSpeed-Ulysses).
 
@@ -193,6 +194,7 @@ def ulysses_attention(
         scale: score scale, default ``D ** -0.5``.
         key_mask: optional bool ``[B, N_r]``, True = this key may be attended to.
         key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
+        dropout_seed: seed of the dropout mask; None draws one. Group rank 0's value is used.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -204,25 +206,25 @@ def ulysses_attention(
     Communication: one small all-gather (shapes), then two all-to-alls forward (q/k/v in, out
     back) and two backward; bytes per rank in the module docstring.
     """
-    check_qkv(q, k, v, scale)
-    check_dropout_p(dropout_p)
     info = resolve_group(group)
-    bias = key_bias_from_mask(q, key_mask, key_bias)
-    batch, heads, n_local, head_dim = q.shape
-    sizes = agree_on_shapes(
-        info,
-        q.device,
-        {
-            "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-            "bias_heads": -1 if bias is None else bias.shape[1],
-            "dropout_ppm": int(round(dropout_p * 1e6)),
-        },
-        n_local,
-        "ulysses_attention",
-    )
-    check_heads_divisible(heads, info.world_size, "ulysses_attention")
-    kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
-    seed = draw_seed() if dropout_p > 0 else 0
+    with validated_signature(info, "ulysses_attention") as sig:
+        check_qkv(q, k, v, scale)
+        check_dropout_p(dropout_p)
+        bias = key_bias_from_mask(q, key_mask, key_bias)
+        batch, heads, n_local, head_dim = q.shape
+        check_heads_divisible(heads, info.world_size, "ulysses_attention")
+        kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
+        sig.set(
+            {
+                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+                "bias_heads": -1 if bias is None else bias.shape[1],
+                "dropout_ppm": int(round(dropout_p * 1e6)),
+            },
+            (n_local, resolve_dropout_seed(dropout_p, dropout_seed)),
+            q.device,
+        )
+    sizes = [row[0] for row in sig.per_rank]
+    seed = sig.per_rank[0][1]  # group rank 0's seed: every rank drops alike
     scale = head_dim**-0.5 if scale is None else float(scale)
     q_h, k_h, v_h, bias_h = scatter_heads(q, k, v, bias, info, sizes, "ulysses")
     heads_local = heads // info.world_size

@@ -157,20 +157,11 @@ def _attempt(fn, *args, **kwargs) -> dict:
             "out": None if not isinstance(out, torch.Tensor) else out.detach()}
 
 
-def _ring_validates_together() -> bool:
-    """True once ``ring_attention`` runs its local checks inside ``validated_signature``."""
-    import hpattn_dist.strategies.ring as ring_module
-
-    return hasattr(ring_module, "validated_signature")
-
-
 def _bad_input_rank(rank: int, world: int) -> dict:
     set_exchange_timeout(10.0)  # a regression fails the job in seconds, not at the harness timeout
     q, k, v = (_shard(t, rank, world) for t in _full(0, 2, 2, 11, 4))
     res: dict[str, Any] = {}
-    entries = {"checked": _checked_entry}
-    if _ring_validates_together():
-        entries["ring"] = ring_attention
+    entries = {"checked": _checked_entry, "ring": ring_attention}
     for case in BAD_INPUT:
         (bq, bk, bv), kw = _corrupt(case, q, k, v)
         # every rank passes the bad input: the functional API itself
@@ -294,9 +285,6 @@ def test_bad_input_raises_documented_error_on_every_rank(kind):
 
 def test_one_rank_bad_input_through_ring_attention_itself():
     results = _bad_input_results()
-    if not _ring_validates_together():
-        pytest.skip("ring_attention does not run its checks inside validated_signature yet "
-                    "(change proposed in the issue 8 report); covered by the 'checked' entry")
     assert {key[2] for key in _keys(results, "one") if key[1] == "ring"} == set(BAD_INPUT)
 
 
