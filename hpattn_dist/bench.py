@@ -80,7 +80,13 @@ from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
-from hpattn_dist.verify import DTYPES, default_config_path, load_section, make_distributed_layer
+from hpattn_dist.verify import (
+    DTYPES,
+    default_config_path,
+    load_section,
+    make_distributed_layer,
+    strategy_variants,
+)
 
 MODES = ("scaling", "emulation", "memory")
 SCHEMA = "hpattn_dist.bench/1"
@@ -261,13 +267,12 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 def expected_bytes(
     strategy: str, sizes: Sequence[int], rank: int, batch: int, heads: int, head_dim: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, ulysses_degree: Optional[int] = None,
 ) -> Optional[dict[str, int]]:
     """Closed-form bytes rank ``rank`` sends in one forward+backward of ``strategy``
     (:func:`hpattn_dist.strategies.auto.communication_volume`, shape handshakes excluded), or
     None when the strategy has no formula. ``"auto"`` is resolved as the library resolves it.
     """
-    ulysses_degree = None
     if strategy == "auto":
         choice = choose_strategy(heads, len(sizes), dtype=dtype)
         strategy, ulysses_degree = choice.strategy, choice.ulysses_degree
@@ -430,12 +435,22 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             oracle_rec = _gather_objects(oracle_rec)[0]
             records.append(oracle_rec)
 
+        runs = []
         for strategy in cfg.strategy_names():
-            say(f"nside {nside}: {strategy}, {world} ranks x {threads_per_rank} threads")
-            rec = {**base, "impl": "hpattn_dist", "strategy": strategy, "kernel": kernel}
+            variants = strategy_variants(strategy, world, cfg.num_heads, proper_only=True)
+            if not variants:
+                records.append({**base, "impl": "hpattn_dist", "strategy": strategy,
+                                "skipped": f"no Ulysses degree 1 < U < P={world} divides "
+                                           f"H={cfg.num_heads}"})
+            runs += [(strategy, label, u) for label, u in variants]
+        for strategy, label, degree in runs:
+            say(f"nside {nside}: {label}, {world} ranks x {threads_per_rank} threads")
+            rec = {**base, "impl": "hpattn_dist", "strategy": label, "kernel": kernel,
+                   "ulysses_degree": degree}
             try:
                 layer = make_distributed_layer(oracle, strategy=strategy, attn_backend=cfg.backend,
-                                               group=None, dtype=dtype, device=device)
+                                               group=None, dtype=dtype, device=device,
+                                               ulysses_degree=degree)
                 with torch.no_grad():
                     layer(x_local)  # configuration errors (ValueError on every rank) surface here
             except ValueError as err:
@@ -444,7 +459,8 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 records.append(rec)
                 continue
             rec.update(_per_rank(_layer_times(layer, x_local, g_local, cfg, device)))
-            formula = expected_bytes(strategy, sizes, rank, cfg.batch, cfg.num_heads, head_dim, dtype)
+            formula = expected_bytes(strategy, sizes, rank, cfg.batch, cfg.num_heads, head_dim, dtype,
+                                     ulysses_degree=degree)
             rec["expected_bytes_per_rank"] = _gather_objects(formula)
             records.append(rec)
 
@@ -461,7 +477,7 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             rec.pop("comm_per_rank")
             rec["bytes_source"] = "formula (DeepSpeed's all-to-alls are not counted by hpattn_dist)"
             records.append(rec)
-        elif world > 1:
+        elif world > 1 and cfg.deepspeed:
             records.append({**base, "impl": "deepspeed_ulysses", "strategy": "ulysses",
                             "skipped": refusal})
         _add_ratios(records, nside)
@@ -632,13 +648,13 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     """Fixed-width tables of the records of one mode."""
     lines = []
     if mode == "scaling":
-        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'impl':<18} {'strategy':<8} "
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'impl':<18} {'strategy':<10} "
                 f"{'kernel':<15} {'fwd ms':>9} {'fwd+bwd ms':>10} {'(min)':>8} {'eff fwd':>7} {'eff f+b':>7} "
                 f"{'vs peer f+b':>11} {'peak MiB/rank':>13} {'MiB sent/rank':>13}")
         lines += [cols, "-" * len(cols)]
         for r in records:
             lead = (f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
-                    f"{r.get('threads_per_rank', 0):>3} {r['impl']:<18} {str(r.get('strategy')):<8} ")
+                    f"{r.get('threads_per_rank', 0):>3} {r['impl']:<18} {str(r.get('strategy')):<10} ")
             if "skipped" in r:
                 lines.append(lead + f"skipped: {r['skipped']}")
                 continue

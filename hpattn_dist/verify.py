@@ -185,6 +185,22 @@ def load_section(path: Optional[Path], section: str, cls: type) -> dict[str, Any
 # --------------------------------------------------------------------------------------------
 
 
+def strategy_variants(strategy: str, world_size: int, heads: int,
+                      proper_only: bool = False) -> list[tuple[str, Optional[int]]]:
+    """``(label, ulysses_degree)`` of each configuration of ``strategy`` to run at this P and H.
+
+    Every strategy runs once, except ``"hybrid"``: once per Ulysses degree U dividing both P and
+    H (labels ``hybrid:U2`` ...); with ``proper_only``, only ``1 < U < P`` (U = 1 is a ring and
+    U = P a Ulysses). An empty list means no degree fits.
+    """
+    if strategy != "hybrid":
+        return [(strategy, None)]
+    degrees = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0]
+    if proper_only:
+        degrees = [u for u in degrees if 1 < u < world_size]
+    return [(f"hybrid:U{u}", u) for u in degrees]
+
+
 def make_distributed_layer(
     oracle: SpatialSelfAttention,
     *,
@@ -193,6 +209,7 @@ def make_distributed_layer(
     group: Optional[dist.ProcessGroup],
     dtype: torch.dtype,
     device: torch.device,
+    ulysses_degree: Optional[int] = None,
 ) -> nn.Module:
     """The distributed layer with the oracle's weights, cast to ``dtype`` on ``device``.
 
@@ -202,6 +219,7 @@ def make_distributed_layer(
     layer = DistributedSpatialSelfAttention(
         oracle.embed_dim, oracle.num_heads, dropout=0.0, bias=oracle.qkv_proj.bias is not None,
         attn_backend=attn_backend, process_group=group, strategy=strategy,
+        ulysses_degree=ulysses_degree,
     )
     layer.load_state_dict(oracle.state_dict())
     return layer.to(device=device, dtype=dtype)
@@ -359,12 +377,14 @@ def run_case(
     dtype_name: str,
     group: Optional[dist.ProcessGroup],
     device: torch.device,
+    ulysses_degree: Optional[int] = None,
+    label: Optional[str] = None,
 ) -> CaseResult:
     """Run one case on every rank of ``group`` and compare with the oracle (see module doc)."""
     dtype = DTYPES[dtype_name]
     probe = torch.empty(1, oracle.num_heads, 1, oracle.head_dim, dtype=dtype, device=device)
     kernel = select_kernel(backend, probe).name
-    result = CaseResult(strategy, backend, kernel, dtype_name)
+    result = CaseResult(label or strategy, backend, kernel, dtype_name)
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     start, stop = shard_bounds(x.shape[1], world)[rank]
@@ -372,7 +392,8 @@ def run_case(
     g_local = g[:, start:stop].to(device=device, dtype=dtype)
     try:
         layer = make_distributed_layer(oracle, strategy=strategy, attn_backend=backend,
-                                       group=group, dtype=dtype, device=device)
+                                       group=group, dtype=dtype, device=device,
+                                       ulysses_degree=ulysses_degree)
         y_local = layer(x_local)
     except ValueError as err:  # raised on every rank by the library's agreement checks
         result.skipped = str(err)
@@ -403,13 +424,17 @@ def run_verify(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     g = torch.randn(batch, npix, embed_dim, generator=gen, dtype=torch.float64)
     ref = _oracle_reference(oracle, x, g)
-    cases = [(s, b, d) for s in cfg.strategy_names() for b in cfg.backends for d in cfg.dtypes]
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    variants = [(s, label, u) for s in cfg.strategy_names()
+                for label, u in strategy_variants(s, world, cfg.num_heads)]
+    cases = [(v, b, d) for v in variants for b in cfg.backends for d in cfg.dtypes]
     results = []
-    for i, (strategy, backend, dtype_name) in enumerate(cases):
+    for i, ((strategy, label, degree), backend, dtype_name) in enumerate(cases):
         if progress is not None:
-            progress(f"[{i + 1}/{len(cases)}] {strategy} / {backend} / {dtype_name}")
+            progress(f"[{i + 1}/{len(cases)}] {label} / {backend} / {dtype_name}")
         results.append(run_case(cfg, oracle, x, g, ref, strategy=strategy, backend=backend,
-                                dtype_name=dtype_name, group=group, device=device))
+                                dtype_name=dtype_name, group=group, device=device,
+                                ulysses_degree=degree, label=label))
     return results
 
 
@@ -420,16 +445,16 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
             "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
             "tolerances: float64 rel<=1e-10, float32 abs<=1e-5*max(1,|ref|), "
             f"bf16/fp16 atol=rtol=2.5e-2 (x{cfg.tolerance_scale:g})")
-    cols = f"{'strategy':<9} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
+    cols = f"{'strategy':<10} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
            f"{'out abs':>9} {'out rel':>9} {'dx abs':>9} {'dx rel':>9} " \
            f"{'param abs':>9} {'param rel':>9}  result"
     lines = [head, cols, "-" * len(cols)]
     for i, r in enumerate(results):
-        lead = f"{r.strategy:<9} {r.backend:<7} {r.kernel:<15} {r.dtype:<8} "
+        lead = f"{r.strategy:<10} {r.backend:<7} {r.kernel:<15} {r.dtype:<8} "
         if r.skipped is not None:  # one line per strategy and reason
             prev = results[i - 1] if i else None
             if prev is None or (prev.strategy, prev.skipped) != (r.strategy, r.skipped):
-                lines.append(f"{r.strategy:<9} skipped: {r.skipped}")
+                lines.append(f"{r.strategy:<10} skipped: {r.skipped}")
             continue
         by = {q.name: q for q in r.quantities}
         params = [q for q in r.quantities if q.name not in ("out", "dx")]

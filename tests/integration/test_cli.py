@@ -119,7 +119,7 @@ def test_bench_json_schema_and_bytes_match_the_formula(tmp_path):
     out = tmp_path / "bench.json"
     ds = importlib.util.find_spec("deepspeed") is not None
     rc = main(["bench", *TINY[2:], "--nsides", "2,4", "--nproc", "2", "--warmup", "0",
-               "--repeats", "2", "--strategies", "ring,ulysses,auto", "--json", str(out),
+               "--repeats", "2", "--strategies", "ring,ulysses,hybrid,auto", "--json", str(out),
                *([] if ds else ["--no-deepspeed"])])
     assert rc == 0
     report = _json(out)
@@ -131,12 +131,14 @@ def test_bench_json_schema_and_bytes_match_the_formula(tmp_path):
     impls = {(r["impl"], r["strategy"], r["nside"]) for r in records}
     for nside in (2, 4):
         assert ("oracle", None, nside) in impls
-        for s in ("ring", "ulysses", "auto"):
+        for s in ("ring", "ulysses", "hybrid", "auto"):
             assert ("hpattn_dist", s, nside) in impls
         if ds:
             assert ("deepspeed_ulysses", "ulysses", nside) in impls
     for r in records:
         if "skipped" in r:
+            # at P = 2 no Ulysses degree 1 < U < P exists: hybrid says so instead of running
+            assert r["strategy"] == "hybrid" and "Ulysses degree" in r["skipped"], r
             continue
         assert len(r["fwd_times"]) == 2 and len(r["fwd_bwd_times"]) == 2
         assert r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0
