@@ -74,12 +74,6 @@ __all__ = [
     "gather",
 ]
 
-# Per base face (0..11): ring offset (in units of nside) of the face's southernmost corner,
-# counted from the north pole, and longitude offset (in half-pixels at the equator) of its
-# centre. See Note [HEALPix orderings].
-_FACE_RING_OFFSET = (2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4)
-_FACE_PHI_OFFSET = (1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7)
-
 _ORDERINGS = {"NESTED": "NESTED", "NEST": "NESTED", "RING": "RING"}
 
 
@@ -170,24 +164,37 @@ _COMPRESS_STEPS = (
 )
 
 
-def _spread_bits(v: Tensor) -> Tensor:
-    """Move bit ``k`` of ``v`` (``0 <= v < 2**32``) to bit ``2k``: ``0b1011 -> 0b1000101``."""
+def _spread_bits(v: Tensor, nbits: int = 32) -> Tensor:
+    """Move bit ``k`` of ``v`` (``0 <= v < 2**nbits``, ``nbits <= 32``) to bit ``2k``.
+
+    Example: ``0b1011 -> 0b1000101``. Steps whose shift is ``>= nbits`` are no-ops and skipped.
+    """
     for shift, mask in _SPREAD_STEPS:
-        v = (v | (v << shift)) & mask
+        if shift < nbits:
+            v = (v | (v << shift)) & _fit(mask, v)
     return v
 
 
-def _compress_bits(v: Tensor) -> Tensor:
-    """Inverse of :func:`_spread_bits`: keep the even bits of ``v`` and pack them together."""
-    v = v & 0x5555555555555555
+def _compress_bits(v: Tensor, nbits: int = 32) -> Tensor:
+    """Inverse of :func:`_spread_bits`: pack the even bits of ``v`` (the low ``2 * nbits`` bits)."""
+    v = v & _fit(0x5555555555555555, v)
     for shift, mask in _COMPRESS_STEPS:
-        v = (v | (v >> shift)) & mask
+        if shift < nbits:
+            v = (v | (v >> shift)) & _fit(mask, v)
     return v
+
+
+def _fit(mask: int, v: Tensor) -> int:
+    # int32 arithmetic (nside <= 2**13, Note [CPU chunks]) only needs the masks' low 31 bits.
+    return mask if v.dtype == torch.int64 else mask & 0x7FFFFFFF
 
 
 def _isqrt(v: Tensor) -> Tensor:
-    """Exact integer square root of a non-negative int64 tensor (float estimate, then fixed)."""
-    root = torch.sqrt(v.to(torch.float64)).to(torch.int64)
+    """Exact integer square root of a positive integer tensor (float estimate, then fixed)."""
+    # v * rsqrt(v) rather than sqrt(v): on the CPU, torch runs sqrt multi-threaded from a few
+    # thousand elements, and per-chunk thread wake-ups dominate (Note [CPU chunks]).
+    v_float = v.to(torch.float64)
+    root = (v_float * torch.rsqrt(v_float)).to(v.dtype)
     root = torch.where(root * root > v, root - 1, root)
     root = torch.where((root + 1) * (root + 1) <= v, root + 1, root)
     return root
@@ -210,28 +217,40 @@ def _check_pixels(nside: int, ipix: Tensor) -> Tensor:
     return ipix
 
 
+# Note [CPU chunks]
+# ~~~~~~~~~~~~~~~~
 # On the CPU, elementwise int64 arithmetic over millions of pixels is dominated by the memory
-# traffic of its temporaries; working in cache-sized chunks is several times faster.
-_CPU_CHUNK = 1 << 16
+# traffic (and page faults) of its temporaries: working in cache-sized chunks is several times
+# faster. The chunks stay below torch's parallel grain (32768 elements), and the per-chunk code
+# avoids ops that go multi-threaded earlier (advanced indexing, sqrt): a parallel region per op
+# and chunk makes the conversion up to 50x slower on a busy machine (threads spinning, waiting).
+# Up to nside 2**13 every intermediate value is below 2 * npix < 2**31, so the arithmetic runs in
+# int32, about 1.7x faster than int64 (on any device); the result is int64.
+_CPU_CHUNK = 1 << 14
+_INT32_MAX_ORDER = 13
 
 
 def _map_pixels(fn, nside: int, ipix: Tensor) -> Tensor:
     """Apply the flat, elementwise ``fn(nside, order, ipix_flat)`` to ``ipix`` of any shape."""
     order = nside.bit_length() - 1  # nside = 2**order
+    work_dtype = torch.int32 if order <= _INT32_MAX_ORDER else torch.int64
     flat = ipix.reshape(-1)
     if flat.device.type != "cpu" or flat.numel() <= _CPU_CHUNK:
-        return fn(nside, order, flat).view(ipix.shape)
-    out = torch.empty_like(flat)
+        return fn(nside, order, flat.to(work_dtype)).to(torch.int64).view(ipix.shape)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), _CPU_CHUNK):
         stop = start + _CPU_CHUNK
-        out[start:stop] = fn(nside, order, flat[start:stop])
+        out[start:stop] = fn(nside, order, flat[start:stop].to(work_dtype))  # copy_ casts
     return out.view(ipix.shape)
 
 
-def _face_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    ring_offset = torch.tensor(_FACE_RING_OFFSET, dtype=torch.int64, device=device)
-    phi_offset = torch.tensor(_FACE_PHI_OFFSET, dtype=torch.int64, device=device)
-    return ring_offset, phi_offset
+def _face_offsets(face: Tensor) -> tuple[Tensor, Tensor]:
+    """Per base face (0..11), see Note [HEALPix orderings]: the ring offset (in units of nside)
+    of the face's southern corner, counted from the north pole, i.e. 2, 2, 2, 2, 3, 3, 3, 3, 4,
+    4, 4, 4; and the longitude offset of its centre in half-pixels at the equator, i.e. 1, 3, 5, 7,
+    0, 2, 4, 6, 1, 3, 5, 7. Computed, not looked up (Note [CPU chunks])."""
+    row = face >> 2  # 0 north, 1 equator, 2 south
+    return row + 2, ((face & 3) << 1) + 1 - (row & 1)
 
 
 def _nest2ring_flat(nside: int, order: int, ipix: Tensor) -> Tensor:
@@ -242,11 +261,11 @@ def _nest2ring_flat(nside: int, order: int, ipix: Tensor) -> Tensor:
     # NESTED index -> (face, ix, iy): the face is the top part, the rest is a Morton code.
     face = ipix >> (2 * order)
     morton = ipix & (nside * nside - 1)
-    ix = _compress_bits(morton)
-    iy = _compress_bits(morton >> 1)
+    ix = _compress_bits(morton, order)
+    iy = _compress_bits(morton >> 1, order)
 
-    ring_offset, phi_offset = _face_tables(ipix.device)
-    ring = ring_offset[face] * nside - ix - iy - 1  # 1-based ring number, from the north pole
+    ring_offset, phi_offset = _face_offsets(face)
+    ring = ring_offset * nside - ix - iy - 1  # 1-based ring number, from the north pole
 
     # Per ring: nr = pixels per face-quarter of the ring (the ring number counted from the
     # nearer pole in the caps, nside in the belt), pixels before the ring, and the half-pixel
@@ -264,7 +283,7 @@ def _nest2ring_flat(nside: int, order: int, ipix: Tensor) -> Tensor:
 
     # 1-based position along the ring. Cap positions already lie in [1, 4 nr]; belt positions
     # wrap around modulo 4 nside (a power of two, so the wrap is a mask, also for negatives).
-    pos = (phi_offset[face] * nr + ix - iy + 1 + shift) >> 1
+    pos = (phi_offset * nr + ix - iy + 1 + shift) >> 1
     pos = ((pos - 1) & (nl4 - 1)) + 1
     return before + pos - 1
 
@@ -317,7 +336,8 @@ def _ring2nest_flat(nside: int, order: int, ipix: Tensor) -> Tensor:
     # Face. In a cap, each quarter of a ring lies in one face. In the belt, the pixel lies in
     # one ascending and one descending diagonal strip of faces; equal strip numbers mean an
     # equatorial face, otherwise the smaller one names a northern face (or larger + 8 a southern).
-    face_cap = (pos - 1) // nr + torch.where(south, 8, 0)
+    face_cap = (pos - 1) // nr
+    face_cap = torch.where(south, face_cap + 8, face_cap)
     ascending = (pos_belt - ((belt_ring + 1) >> 1) + nside - 1) >> order
     descending = (pos_belt - ((nl2 + 1 - belt_ring) >> 1) + nside - 1) >> order
     face_belt = torch.where(
@@ -328,13 +348,13 @@ def _ring2nest_flat(nside: int, order: int, ipix: Tensor) -> Tensor:
     face = torch.where(cap, face_cap, face_belt)
 
     # In-face coordinates from the ring and the doubled longitude relative to the face corner.
-    ring_offset, phi_offset = _face_tables(ipix.device)
-    ring_rel = ring - ring_offset[face] * nside + 1  # = -(ix + iy)
-    phi_rel = 2 * pos - phi_offset[face] * nr - shift - 1  # = ix - iy, modulo 8 nside
+    ring_offset, phi_offset = _face_offsets(face)
+    ring_rel = ring - ring_offset * nside + 1  # = -(ix + iy)
+    phi_rel = 2 * pos - phi_offset * nr - shift - 1  # = ix - iy, modulo 8 nside
     phi_rel = torch.where(phi_rel >= nl2, phi_rel - 2 * nl4, phi_rel)
     ix = (phi_rel - ring_rel) >> 1
     iy = (-phi_rel - ring_rel) >> 1
-    return (face << (2 * order)) | _spread_bits(ix) | (_spread_bits(iy) << 1)
+    return (face << (2 * order)) | _spread_bits(ix, order) | (_spread_bits(iy, order) << 1)
 
 
 def ring2nest(nside: int, ipix: Tensor) -> Tensor:

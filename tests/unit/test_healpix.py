@@ -84,7 +84,7 @@ def test_conversions_are_inverse_permutations(nside):
     assert torch.equal(nest2ring(nside, ring2nest(nside, ipix)), ipix)
 
 
-@pytest.mark.parametrize("nside", [2**10, 2**20, 2**29])
+@pytest.mark.parametrize("nside", [2**10, 2**13, 2**14, 2**20, 2**29])  # int32 | int64 paths
 def test_conversions_match_healpy_at_high_resolution(nside):
     # Sampled pixels, always including both ends and the cap/belt boundaries.
     npix = 12 * nside**2
