@@ -125,6 +125,22 @@ def _balanced_sizes(total: int, world_size: int) -> list[int]:
     return [base + 1 if rank < extra else base for rank in range(world_size)]
 
 
+def _split_args(
+    x: Tensor, group: Optional[dist.ProcessGroup], dim: int, sizes: Optional[Sequence[int]], name: str
+) -> tuple[int, int, list[int]]:
+    """``(rank, dim, sizes)`` for splitting ``x`` along ``dim`` over ``group``, checked."""
+    dim = _normalise_dim(x, dim, name)
+    rank, world_size = group_rank_and_size(group)
+    total = x.shape[dim]
+    sizes = _check_sizes(_balanced_sizes(total, world_size) if sizes is None else sizes, world_size, name)
+    if sum(sizes) != total:
+        raise ValueError(
+            f"{name}: sizes {sizes} sum to {sum(sizes)} but x.shape[{dim}]={total} "
+            f"(x of shape {tuple(x.shape)})"
+        )
+    return rank, dim, sizes
+
+
 def _default_device(group: Optional[dist.ProcessGroup]) -> torch.device:
     backend = dist.get_backend(group)
     if "nccl" in str(backend).lower() and torch.cuda.is_available():
@@ -392,17 +408,7 @@ def scatter_along_dim(
             or not summing to ``x.shape[dim]``.
         RuntimeError: ``torch.distributed`` not initialised.
     """
-    name = "scatter_along_dim"
-    dim = _normalise_dim(x, dim, name)
-    rank, world_size = group_rank_and_size(group)
-    total = x.shape[dim]
-    sizes = _balanced_sizes(total, world_size) if sizes is None else sizes
-    sizes = _check_sizes(sizes, world_size, name)
-    if sum(sizes) != total:
-        raise ValueError(
-            f"{name}: sizes {sizes} sum to {sum(sizes)} but x.shape[{dim}]={total} "
-            f"(x of shape {tuple(x.shape)})"
-        )
+    rank, dim, sizes = _split_args(x, group, dim, sizes, "scatter_along_dim")
     return _ScatterAlongDim.apply(x, group, dim, sizes, rank)
 
 
@@ -432,15 +438,5 @@ def reduce_scatter_along_dim(
         ValueError: as :func:`scatter_along_dim`.
         RuntimeError: ``torch.distributed`` not initialised.
     """
-    name = "reduce_scatter_along_dim"
-    dim = _normalise_dim(x, dim, name)
-    rank, world_size = group_rank_and_size(group)
-    total = x.shape[dim]
-    sizes = _balanced_sizes(total, world_size) if sizes is None else sizes
-    sizes = _check_sizes(sizes, world_size, name)
-    if sum(sizes) != total:
-        raise ValueError(
-            f"{name}: sizes {sizes} sum to {sum(sizes)} but x.shape[{dim}]={total} "
-            f"(x of shape {tuple(x.shape)})"
-        )
+    rank, dim, sizes = _split_args(x, group, dim, sizes, "reduce_scatter_along_dim")
     return _ReduceScatterAlongDim.apply(x, group, dim, sizes, rank)
