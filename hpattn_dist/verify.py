@@ -141,9 +141,18 @@ class VerifyConfig:
 
     @classmethod
     def load(cls, path: Optional[Path], **overrides: Any) -> "VerifyConfig":
-        """Defaults of this class, then table ``[verify]`` of ``path``, then ``overrides``."""
+        """Defaults of this class, then table ``[verify]`` of ``path``, then ``overrides``; with a
+        ``field``, ``nside``, ``batch`` and ``embed_dim`` are those of the field.
+
+        Raises:
+            ValueError: a bad value, or a field that is not ``[N, E]`` / ``[B, N, E]`` with
+                ``N = 12 * nside**2`` and ``E`` divisible by ``num_heads``.
+        """
         values = load_section(path, "verify", cls)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("field") is not None:
+            batch, npix, embed_dim = _read_field(Path(values["field"])).shape
+            values.update(nside=npix2nside(npix), batch=batch, embed_dim=embed_dim)
         return cls(**values)
 
 
@@ -334,23 +343,36 @@ def load_field(cfg: VerifyConfig, dtype: torch.dtype = torch.float64) -> Tensor:
         gen = torch.Generator().manual_seed(cfg.seed)
         npix = nside2npix(cfg.nside)
         return torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen, dtype=dtype)
-    path = Path(cfg.field)
-    if path.suffix == ".npy":
-        import numpy as np  # optional dependency, only for .npy fields
-
-        x = torch.from_numpy(np.load(path))
-    else:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(x, Tensor) or x.dim() not in (2, 3):
-        raise ValueError(f"field {path}: expected a tensor [N, E] or [B, N, E], got "
-                         f"{getattr(x, 'shape', type(x))}")
-    x = x.to(dtype)
-    if x.dim() == 2:
-        x = x[None]
-    npix2nside(x.shape[1])  # raises ValueError when N is not 12 * nside**2
+    x = _read_field(Path(cfg.field)).to(dtype)
     if cfg.field_ordering.upper() == "RING":
         x = reorder(x, dim=1, inp="RING", out="NESTED")
     return x.contiguous()
+
+
+def _read_field(path: Path) -> Tensor:
+    """The field stored at ``path`` (``.npy`` or a torch file) as ``[B, N, E]``.
+
+    Raises:
+        ValueError: unreadable, not ``[N, E]`` / ``[B, N, E]``, or N not ``12 * nside**2``.
+    """
+    try:
+        if path.suffix == ".npy":
+            import numpy as np  # optional dependency, only for .npy fields
+
+            x = torch.from_numpy(np.load(path))
+        else:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"field {path}: cannot read it: {err}") from None
+    if not isinstance(x, Tensor) or x.dim() not in (2, 3) or not x.is_floating_point():
+        raise ValueError(f"field {path}: expected a float tensor [N, E] or [B, N, E], got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    x = x[None] if x.dim() == 2 else x
+    try:
+        npix2nside(x.shape[1])
+    except ValueError as err:
+        raise ValueError(f"field {path}: {err}") from None
+    return x
 
 
 def _oracle_reference(oracle: SpatialSelfAttention, x: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -440,7 +462,7 @@ def run_verify(
 
 def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: int) -> str:
     """A fixed-width table: one row per case; ``params`` is the worst parameter gradient."""
-    head = (f"hpattn-dist verify: nside {cfg.nside if cfg.field is None else '(field)'}, "
+    head = (f"hpattn-dist verify: nside {cfg.nside}{'' if cfg.field is None else f' ({cfg.field})'}, "
             f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
             "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
             "tolerances: float64 rel<=1e-10, float32 abs<=1e-5*max(1,|ref|), "

@@ -185,3 +185,22 @@ def test_bench_memory_and_emulation_modes(tmp_path):
 def test_dataclass_roundtrip_of_report_config():
     cfg = BenchConfig(nsides=(4,), strategies=("ring",))
     assert BenchConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_verify_reads_a_ring_ordered_field(tmp_path):
+    import torch
+
+    from hpattn_dist.healpix import reorder
+    from hpattn_dist.verify import load_field, run_verify
+
+    x_nest = torch.randn(1, 48, 8, dtype=torch.float64)
+    path = tmp_path / "field.pt"
+    torch.save(reorder(x_nest, dim=1, inp="NESTED", out="RING")[0], path)  # [N, E]
+    cfg = VerifyConfig.load(None, field=str(path), field_ordering="RING", num_heads=2,
+                            strategies=("ring",), backends=("manual",), dtypes=("float64",))
+    assert (cfg.nside, cfg.batch, cfg.embed_dim) == (2, 1, 8)
+    torch.testing.assert_close(load_field(cfg), x_nest, rtol=0, atol=0)
+    (case,) = run_verify(cfg)  # one process, no process group
+    assert case.passed and all(q.rel < 1e-12 for q in case.quantities)
+    with pytest.raises(ValueError, match="field"):
+        VerifyConfig.load(None, field=str(tmp_path / "missing.pt"))
