@@ -204,3 +204,24 @@ def test_verify_reads_a_ring_ordered_field(tmp_path):
     assert case.passed and all(q.rel < 1e-12 for q in case.quantities)
     with pytest.raises(ValueError, match="field"):
         VerifyConfig.load(None, field=str(tmp_path / "missing.pt"))
+
+
+def test_torchrun_wrapper_runs_verify(tmp_path):
+    """launch/torchrun_multinode.sh: torchrun sets RANK/WORLD_SIZE/...; the CLI reads them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "verify.json"
+    script = Path(__file__).resolve().parents[2] / "launch" / "torchrun_multinode.sh"
+    env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(port), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(script), "verify", *TINY, "--strategies", "ring", "--dtypes", "float64",
+         "--json", str(out)], env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = _json(out)
+    assert report["world_size"] == 2 and report["passed"]
