@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "source checkout, else built-in defaults)")
     common.add_argument("--json", dest="json_path", type=Path, default=None,
                         help="also write the results as JSON to this file")
-    common.add_argument("--nside", type=int, default=None)
     common.add_argument("--batch", type=int, default=None)
     common.add_argument("--embed-dim", type=int, default=None)
     common.add_argument("--heads", dest="num_heads", type=int, default=None)
@@ -89,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", parents=[common],
                        help="compare the distributed layer with the float64 oracle")
+    v.add_argument("--nside", type=int, default=None, help="HEALPix resolution (default 8)")
     v.add_argument("--backends", type=_csv(str), default=None, help="comma list of auto,sdpa,manual")
     v.add_argument("--dtypes", type=_csv(str), default=None,
                    help="comma list of float64,float32,bfloat16,float16")
