@@ -73,6 +73,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from hpattn_dist.comm.counters import count_communication
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS, acc_dtype
@@ -245,8 +246,9 @@ def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.de
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    if collective and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor(times, dtype=torch.float64)
+    info = resolve_group(None)
+    if collective and info.world_size > 1:
+        t = torch.tensor(times, dtype=torch.float64, device=info.comm_device(device))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times = t.tolist()
     return times

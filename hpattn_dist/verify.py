@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
 from hpattn_dist.kernels import select_kernel
@@ -259,6 +260,8 @@ class Quantity:
 
 def _violation(got: Tensor, ref: Tensor, dtype_name: str, tolerance_scale: float, ref_max: float) -> float:
     """Largest ratio error / allowed error of Note [verify tolerances] over this rank's elements."""
+    if not bool(torch.isfinite(got).all()):
+        return math.inf  # NaN / inf never pass
     err = (got.double() - ref).abs()
     kind, base = TOLERANCES[dtype_name]
     tol = base * tolerance_scale
@@ -281,6 +284,7 @@ def _compare(
     dtype_name: str,
     tolerance_scale: float,
     group: Optional[dist.ProcessGroup],
+    device: torch.device = torch.device("cpu"),
 ) -> list[Quantity]:
     """Compare ``(name, got, ref)`` pairs; errors are reduced (MAX) over the ranks of ``group``.
 
@@ -291,19 +295,24 @@ def _compare(
                            dtype=torch.float64)
     max_abs = torch.tensor([float((got.double() - ref).abs().max()) if ref.numel() else 0.0
                             for _, got, ref in pairs], dtype=torch.float64)
-    _all_reduce_max(ref_max, group)
+    ref_max = _all_reduce_max(ref_max, group, device)
     violation = torch.tensor(
         [_violation(got, ref, dtype_name, tolerance_scale, float(m))
          for (_, got, ref), m in zip(pairs, ref_max)], dtype=torch.float64)
-    _all_reduce_max(max_abs, group)
-    _all_reduce_max(violation, group)
+    max_abs = _all_reduce_max(max_abs, group, device)
+    violation = _all_reduce_max(violation, group, device)
     return [Quantity(name, float(a), float(m), float(v))
             for (name, _, _), a, m, v in zip(pairs, max_abs, ref_max, violation)]
 
 
-def _all_reduce_max(t: Tensor, group: Optional[dist.ProcessGroup]) -> None:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+def _all_reduce_max(t: Tensor, group: Optional[dist.ProcessGroup], device: torch.device) -> Tensor:
+    """Elementwise MAX of the CPU tensor ``t`` over ``group`` (on the CUDA device under NCCL)."""
+    info = resolve_group(group)
+    if info.world_size == 1:
+        return t
+    t = t.to(info.comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +436,7 @@ def run_case(
     pairs = [("out", out.cpu(), ref["out"][:, start:stop]),
              ("dx", x_local.grad.cpu(), ref["dx"][:, start:stop])]
     pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
-    result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group)
+    result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group, device)
     return result
 
 
