@@ -83,7 +83,6 @@ from hpattn_dist.strategies import STRATEGIES, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
 from hpattn_dist.verify import (
     DTYPES,
-    default_config_path,
     load_section,
     make_distributed_layer,
     strategy_variants,
