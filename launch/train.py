@@ -328,6 +328,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         metrics = train(model_cfg, train_cfg, runtime)
         if args.metrics and runtime.rank == 0:
             Path(args.metrics).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if runtime.owns_process_group:
+            # Every rank leaves together: a gloo rank that tears its group down while a peer is
+            # still finishing its last exchange can abort the peer (SIGABRT at exit).
+            dist.barrier()
     finally:
         if runtime.owns_process_group:
             dist.destroy_process_group()

@@ -176,6 +176,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         train(argv)
+        if dist.is_initialized():
+            dist.barrier()  # leave together (see launch/train.py)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
