@@ -28,6 +28,19 @@ Modes (``BenchConfig.mode``):
     ``[B, H, N_r, D]`` inputs) next to the size of one full ``N x N`` (and ``N_r x N``) score
     matrix, showing that no such tile is ever allocated (Note [bounded score tile]).
 
+``masks``
+    What the ring's masked-key compaction saves (Note [masked key compaction] in
+    ``strategies/ring.py``: keys masked in every batch element are neither sent nor computed, and
+    a mask shared by the batch leaves no bias, so the fused kernels apply). ``ring_attention``
+    alone on ``[B, H, N_r, D]`` inputs with a land mask (``key_mask`` False = land, the same in
+    every batch element; the first ``round(f * N_r)`` pixels of a shard are land) for each land
+    fraction ``f`` of ``land_fractions`` (0 always included: the baseline, measured in each
+    scenario, so the two baselines show the run-to-run drift) in two scenarios:
+    ``one_rank`` (rank 0's pixels only, every other rank all ocean) and ``global`` (every rank).
+    Per rank: forward and forward+backward time, forward bytes sent (counted), keys and key blocks
+    computed and the compute proxy ``scores = B * H * N_r * sum_s M_s`` (``M_s`` keys of rank s
+    kept, from the known mask; the backward recomputes as many), and their ratios to ``f = 0``.
+
 Note [peak memory]
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
     allocated before the measured call. CPU: the Linux resident-set high-water mark: we reset it
@@ -79,7 +92,7 @@ from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS, acc_dtype
 from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.strategies import STRATEGIES, sharded_attention
+from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
 from hpattn_dist.verify import (
     DTYPES,
@@ -88,7 +101,8 @@ from hpattn_dist.verify import (
     strategy_variants,
 )
 
-MODES = ("scaling", "emulation", "memory")
+MODES = ("scaling", "emulation", "memory", "masks")
+MASK_SCENARIOS = ("one_rank", "global")
 SCHEMA = "hpattn_dist.bench/1"
 
 
@@ -97,7 +111,7 @@ class BenchConfig:
     """What ``hpattn-dist bench`` measures. Defaults: ``configs/bench.toml`` (table ``[bench]``).
 
     Attributes:
-        mode: ``"scaling" | "emulation" | "memory"`` (see the module docstring).
+        mode: ``"scaling" | "emulation" | "memory" | "masks"`` (see the module docstring).
         nsides: HEALPix resolutions to measure (``N = 12 * nside**2``).
         batch: batch size ``B``.
         embed_dim: ``E`` (divisible by ``num_heads``).
@@ -112,6 +126,7 @@ class BenchConfig:
         oracle: time the single-process oracle baseline.
         deepspeed: time DeepSpeed-Ulysses when deepspeed is importable.
         seed: seed of weights and inputs.
+        land_fractions: masks mode: fractions of masked ("land") pixels, each in ``[0, 1]``.
     """
 
     mode: str = "scaling"
@@ -128,10 +143,12 @@ class BenchConfig:
     oracle: bool = True
     deepspeed: bool = True
     seed: int = 0
+    land_fractions: tuple[float, ...] = (0.0, 0.3, 0.7, 1.0)
 
     def __post_init__(self) -> None:
         self.nsides, self.strategies, self.blocks = tuple(self.nsides), tuple(self.strategies), \
             tuple(self.blocks)
+        self.land_fractions = tuple(self.land_fractions)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.nsides:
@@ -156,6 +173,10 @@ class BenchConfig:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not self.blocks or any(not isinstance(b, int) or b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive integers, got {self.blocks!r}")
+        if not self.land_fractions or any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0
+                for f in self.land_fractions):
+            raise ValueError(f"land_fractions must be numbers in [0, 1], got {self.land_fractions!r}")
 
     def strategy_names(self) -> tuple[str, ...]:
         return self.strategies or tuple(STRATEGIES)
@@ -229,11 +250,12 @@ def _barrier(group: Optional[dist.ProcessGroup] = None) -> None:
 
 
 def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device,
-              collective: bool = True) -> list[float]:
+              collective: bool = True, slowest: bool = True) -> list[float]:
     """Wall times of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
 
-    With ``collective``, every repeat starts after a barrier and its time is the slowest rank's
-    (one all-reduce MAX of the times at the end).
+    With ``collective``, every repeat starts after a barrier and (with ``slowest``) its time is
+    the slowest rank's (one all-reduce MAX of the times at the end); ``slowest=False`` returns this
+    rank's own times.
     """
     times = []
     for i in range(warmup + repeats):
@@ -246,7 +268,7 @@ def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.de
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     info = resolve_group(None)
-    if collective and info.world_size > 1:
+    if collective and slowest and info.world_size > 1:
         t = torch.tensor(times, dtype=torch.float64, device=info.comm_device(device))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times = t.tolist()
@@ -641,6 +663,129 @@ def run_memory(cfg: BenchConfig, device: torch.device,
 
 
 # --------------------------------------------------------------------------------------------
+# masks mode (issue 9, item 3)
+# --------------------------------------------------------------------------------------------
+
+
+def land_pixels(sizes: Sequence[int], fraction: float, scenario: str) -> list[int]:
+    """Land (masked) pixels per rank: ``round(fraction * N_s)`` on rank 0 only (``"one_rank"``)
+    or on every rank (``"global"``); ``sizes`` are the ``N_s`` in rank order."""
+    if scenario not in MASK_SCENARIOS:
+        raise ValueError(f"scenario must be one of {MASK_SCENARIOS}, got {scenario!r}")
+    return [round(fraction * n) if scenario == "global" or s == 0 else 0
+            for s, n in enumerate(sizes)]
+
+
+def land_mask(batch: int, n_local: int, n_land: int, device: torch.device) -> Tensor:
+    """``key_mask`` ``[B, N_r]`` (True = ocean, may be attended to): the first ``n_land`` pixels
+    of the shard are land, alike in every batch element (a land mask)."""
+    mask = torch.ones(batch, n_local, dtype=torch.bool, device=device)
+    mask[:, :n_land] = False
+    return mask
+
+
+def _ratio(value: float, base: float) -> Optional[float]:
+    return value / base if base else None
+
+
+def _masked_ring_case(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, mask: Tensor, cfg: BenchConfig,
+                      device: torch.device) -> dict[str, Any]:
+    """Times (this rank's and the slowest rank's), counted bytes and the compute proxy of
+    ``ring_attention`` with ``key_mask=mask`` on this rank's ``[B, H, N_r, D]`` shard
+    (collective)."""
+    def fwd() -> None:
+        with torch.no_grad():
+            ring_attention(q, k, v, backend=cfg.backend, key_mask=mask)
+
+    def fwd_bwd() -> None:
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        ring_attention(qg, kg, vg, backend=cfg.backend, key_mask=mask).backward(dout)
+
+    rec: dict[str, Any] = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        rows = _gather_objects(time_call(fn, cfg.warmup, cfg.repeats, device, slowest=False))
+        rec[f"{name}_s_per_rank"] = [statistics.median(t) for t in rows]
+        rec[f"{name}_s"] = statistics.median(max(col) for col in zip(*rows))  # slowest rank's
+    with count_communication() as fwd_stats:
+        fwd()
+    with count_communication() as stats:
+        fwd_bwd()
+    b, h, n_local, _ = q.shape
+    rows = _gather_objects({
+        "n": n_local, "fwd_bytes": fwd_stats.bytes_sent["ring.forward"],
+        "bytes": payload_bytes(stats.bytes_sent),
+        # keys kept by the compaction: unmasked in at least one batch element
+        "kept": int(mask.any(dim=0).sum()),
+    })
+    sizes, kept = [r["n"] for r in rows], [r["kept"] for r in rows]
+    rec.update({
+        "kept_keys_per_rank": kept,
+        "fwd_bytes_per_rank": [r["fwd_bytes"] for r in rows],
+        "payload_bytes_per_rank": [r["bytes"] for r in rows],
+        # each rank computes its N_r queries against every kept key block, own block included
+        "key_blocks_computed_per_rank": [sum(m > 0 for m in kept) if n else 0 for n in sizes],
+        "keys_computed_per_rank": [sum(kept) if n else 0 for n in sizes],
+        "scores_computed_per_rank": [b * h * n * sum(kept) for n in sizes],
+    })
+    return rec
+
+
+def run_masks(cfg: BenchConfig, device: torch.device,
+              progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """The masks mode on every rank (collective); returns the records (same on every rank)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dtype = DTYPES[cfg.dtype]
+    head_dim = cfg.embed_dim // cfg.num_heads
+    fractions = sorted({0.0, *(float(f) for f in cfg.land_fractions)})
+    records: list[dict[str, Any]] = []
+    for nside in cfg.nsides:
+        npix = nside2npix(nside)
+        sizes = shard_sizes(npix, world)
+        gen = torch.Generator().manual_seed(cfg.seed + rank)
+        q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, sizes[rank], head_dim, generator=gen)
+                         .to(device=device, dtype=dtype) for _ in range(4))
+        # a land mask is shared by the batch: nothing is left to mask after compaction, no bias
+        kernel = select_kernel(cfg.backend, q, has_bias=False).name
+        for scenario in MASK_SCENARIOS:
+            # each scenario measures its own 0 % baseline: the two tell the run-to-run drift
+            base: Optional[dict[str, Any]] = None
+            for fraction in fractions:
+                land = land_pixels(sizes, fraction, scenario)
+                if progress:
+                    progress(f"nside {nside}: ring, land {fraction:.0%} on "
+                             f"{'rank 0' if scenario == 'one_rank' else 'every rank'}")
+                mask = land_mask(cfg.batch, sizes[rank], land[rank], device)
+                rec = {"impl": "ring", "nside": nside, "npix": npix, "world_size": world,
+                       "dtype": cfg.dtype, "batch": cfg.batch, "num_heads": cfg.num_heads,
+                       "head_dim": head_dim, "backend": cfg.backend, "kernel": kernel,
+                       "scenario": scenario, "land_fraction": fraction,
+                       "land_rank": 0 if scenario == "one_rank" else None,
+                       "sizes": sizes, "land_pixels_per_rank": land,
+                       **_masked_ring_case(q, k, v, dout, mask, cfg, device)}
+                rec["expected_bytes_per_rank"] = [
+                    expected_bytes("ring", rec["kept_keys_per_rank"], r, cfg.batch, cfg.num_heads,
+                                   head_dim, dtype) for r in range(world)]
+                base = base or rec
+                rec["savings_vs_no_land"] = {
+                    "fwd_bytes_ratio": _ratio(sum(rec["fwd_bytes_per_rank"]),
+                                              sum(base["fwd_bytes_per_rank"])),
+                    "fwd_bytes_ratio_per_rank": [_ratio(a, b) for a, b in zip(
+                        rec["fwd_bytes_per_rank"], base["fwd_bytes_per_rank"])],
+                    "scores_ratio": _ratio(sum(rec["scores_computed_per_rank"]),
+                                           sum(base["scores_computed_per_rank"])),
+                    "fwd_time_ratio": rec["fwd_s"] / base["fwd_s"],
+                    "fwd_bwd_time_ratio": rec["fwd_bwd_s"] / base["fwd_bwd_s"],
+                    "fwd_time_ratio_per_rank": [a / b for a, b in zip(
+                        rec["fwd_s_per_rank"], base["fwd_s_per_rank"])],
+                    "fwd_bwd_time_ratio_per_rank": [a / b for a, b in zip(
+                        rec["fwd_bwd_s_per_rank"], base["fwd_bwd_s_per_rank"])],
+                }
+                records.append(rec)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
 
@@ -687,6 +832,24 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
                 f"{r['fused_fwd_bwd_s'] * 1e3:12.1f} {r['blocked_fwd_bwd_s'] * 1e3:13.1f} "
                 f"{r['ratio_fwd_bwd']:9.3f}")
         lines.append("ratio = t(one fused call on N) / t(P x P block calls + merge); target >= 0.9")
+    elif mode == "masks":
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'land on':<9} {'land':>5} {'kernel':<15} "
+                f"{'fwd ms':>8} {'f+b ms':>8} {'t fwd':>6} {'t f+b':>6} {'fwd MiB sent per rank':<27} "
+                f"{'bytes':>6} {'scores':>6}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            sav = r["savings_vs_no_land"]
+            sent = "/".join(f"{b / 2**20:.2f}" for b in r["fwd_bytes_per_rank"])
+            ratio = "-" if sav["fwd_bytes_ratio"] is None else f"{sav['fwd_bytes_ratio']:.3f}"
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
+                f"{'rank 0' if r['scenario'] == 'one_rank' else 'all':<9} {r['land_fraction']:>5.0%} "
+                f"{r['kernel']:<15} {r['fwd_s'] * 1e3:8.1f} {r['fwd_bwd_s'] * 1e3:8.1f} "
+                f"{sav['fwd_time_ratio']:6.3f} {sav['fwd_bwd_time_ratio']:6.3f} {sent:<27} "
+                f"{ratio:>6} {sav['scores_ratio']:6.3f}")
+        lines.append("ring_attention with a batch-shared land mask; t / bytes (forward, all ranks) / "
+                     "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
+                     "each repeat the slowest rank's")
     else:
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
                 f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
@@ -747,6 +910,8 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
         records = run_scaling(cfg, device, threads, progress)
     elif cfg.mode == "emulation":
         records = run_emulation(cfg, device, progress)
+    elif cfg.mode == "masks":
+        records = run_masks(cfg, device, progress)
     else:
         records = run_memory(cfg, device, progress)
     if rank == 0:

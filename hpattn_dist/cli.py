@@ -102,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(any value above the tolerance must fail)")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
-    b.add_argument("--mode", choices=("scaling", "emulation", "memory"), default=None,
+    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks"), default=None,
                    help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
                         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
-                        "memory per rank of the manual kernel (default: scaling)")
+                        "memory per rank of the manual kernel; masks: what the ring saves when "
+                        "keys are masked (land) on one rank or all (default: scaling)")
     b.add_argument("--nsides", type=_positive_ints, default=None, help="comma list (default 16,32)")
     b.add_argument("--backend", type=str, default=None, help="attn_backend of the layer (auto)")
     b.add_argument("--dtype", type=str, default=None)
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=None)
     b.add_argument("--blocks", type=_positive_ints, default=None,
                    help="emulation mode: numbers of blocks P (default 2,4)")
+    b.add_argument("--land-fractions", type=_csv(float), default=None,
+                   help="masks mode: fractions of masked (land) pixels (default 0,0.3,0.7,1)")
     b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
                    help="skip the DeepSpeed-Ulysses peer")
     b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
@@ -167,6 +170,7 @@ def load_config(args: argparse.Namespace):
         num_heads=args.num_heads, strategies=args.strategies, backend=args.backend,
         dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, blocks=args.blocks,
         oracle=args.oracle, deepspeed=args.deepspeed, seed=args.seed,
+        land_fractions=args.land_fractions,
     )
 
 
