@@ -19,7 +19,7 @@ global rank), e.g. ``ring.forward step 1: receive from rank 1 failed after 0.02 
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
@@ -53,6 +53,19 @@ class PendingExchange:
                  info: Optional[GroupInfo] = None, timeout_s: Optional[float] = None) -> None:
         self._works = works
         self.label, self.step, self.info, self.timeout_s = label, step, info, timeout_s
+
+    def start(self, op: Any, tensor: Tensor, tag: int, direction: str, peer_group: int,
+              peer_global: int) -> None:
+        """Post one message (``op`` is ``dist.isend`` or ``dist.irecv``) as part of this exchange.
+
+        Raises:
+            ExchangeError: posting failed, e.g. gloo found the peer's connection already closed.
+        """
+        try:
+            work = op(tensor, peer_global, group=None if self.info is None else self.info.group, tag=tag)
+        except RuntimeError as err:
+            raise self._error(err, direction, peer_group, peer_global, 0.0) from err
+        self._works.append((work, direction, peer_group, peer_global))
 
     def wait(self) -> None:
         """Block until every message of the exchange completed.
@@ -128,16 +141,14 @@ class RingExchanger:
         if step is None:
             step = self._posts.get(label, 0)
         self._posts[label] = self._posts.get(label, 0) + 1
-        works = []
+        timeout_s = self.timeout_s if self.timeout_s is not None else get_exchange_timeout()
+        pending = PendingExchange([], label, step, self.info, timeout_s)
         sent = 0
         for tag, (s, r) in enumerate(zip(send, recv)):
             if s is not None and s.numel() > 0:
-                work = dist.isend(s, self.send_peer, group=self.info.group, tag=tag)
-                works.append((work, "send to", self.send_group_rank, self.send_peer))
+                pending.start(dist.isend, s, tag, "send to", self.send_group_rank, self.send_peer)
                 sent += nbytes(s)
             if r is not None and r.numel() > 0:
-                work = dist.irecv(r, self.recv_peer, group=self.info.group, tag=tag)
-                works.append((work, "receive from", self.recv_group_rank, self.recv_peer))
+                pending.start(dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer)
         record(label, sent)
-        timeout_s = self.timeout_s if self.timeout_s is not None else get_exchange_timeout()
-        return PendingExchange(works, label, step, self.info, timeout_s)
+        return pending
