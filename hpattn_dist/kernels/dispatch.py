@@ -78,7 +78,11 @@ class BlockKernel:
         if self.fused_forward is None:
             return manual_forward(q, k, v, scale, bias, dropout)
         out, lse = self.fused_forward(q, k, v, scale)
-        return out, lse.to(acc)
+        # The fused CPU op returns out = 0, lse = 0 for a query row holding NaN, where softmax
+        # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle.
+        nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
+        out = out.masked_fill(nan_rows[..., None], float("nan"))
+        return out, lse.to(acc).masked_fill(nan_rows, float("nan"))
 
     def backward(
         self,

@@ -340,17 +340,11 @@ def _edge(name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     return got, oracle_same, _edge_cases()[name]
 
 
-# Known departure from the oracle, found by these tests (issue 8 report); xfail until fixed.
-_SDPA_NAN_Q = ("the CPU flash op behind backend='sdpa' returns out = 0, lse = 0 for a NaN query "
-               "row (PyTorch's op itself does this); the oracle gives NaN")
-NON_FINITE_XFAIL = {("nan64", "sdpa"): _SDPA_NAN_Q, ("nan32", "sdpa"): _SDPA_NAN_Q}
-
-
 @pytest.mark.parametrize("backend", ["manual", "sdpa"])
 @pytest.mark.parametrize("name", ["nan64", "nan32", "inf_value64", "inf_value32", "inf_key64", "inf_key32"])
-def test_non_finite_inputs_propagate_as_the_oracle(name, backend, request):
-    if (name, backend) in NON_FINITE_XFAIL:
-        request.applymarker(pytest.mark.xfail(reason=NON_FINITE_XFAIL[(name, backend)], strict=False))
+def test_non_finite_inputs_propagate_as_the_oracle(name, backend):
+    # The sdpa NaN-query cases failed before BlockKernel.forward restored the NaN rows that the
+    # CPU flash op zeroes.
     got, _, (q, k, v, scale) = _edge(name, backend)
     ref = _softmax_attention64(q, k, v, scale)
     assert torch.isnan(ref).any() or torch.isinf(ref).any()  # the case really is non-finite
