@@ -239,7 +239,7 @@ def train_step(
     return global_loss(loss_local, group)
 
 
-def _progress(step: int, steps: int, width: int = 20) -> str:
+def progress_bar(step: int, steps: int, width: int = 20) -> str:
     done = width * step // steps
     return "[" + "#" * done + "-" * (width - done) + "]"
 
@@ -273,7 +273,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
         if log and (step % train_cfg.log_every == 0 or step in (1, train_cfg.steps)):
             print(
                 f"step {step:>{len(str(train_cfg.steps))}}/{train_cfg.steps} "
-                f"{_progress(step, train_cfg.steps)} loss {loss_value:.6e} "
+                f"{progress_bar(step, train_cfg.steps)} loss {loss_value:.6e} "
                 f"| {1e3 * step_times[-1]:.1f} ms/step",
                 flush=True,
             )

@@ -48,10 +48,10 @@ from hpattn_dist.integrations.deepspeed import (
 if __package__ in (None, ""):  # run as a script (deepspeed / torchrun launch/train_deepspeed.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from healpix_model import ModelConfig, build_model, local_loss, make_batch
-    from train import DEFAULT_CONFIG, _progress, load_config
+    from train import DEFAULT_CONFIG, progress_bar, load_config
 else:  # imported as launch.train_deepspeed (tests)
     from .healpix_model import ModelConfig, build_model, local_loss, make_batch
-    from .train import DEFAULT_CONFIG, _progress, load_config
+    from .train import DEFAULT_CONFIG, progress_bar, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -155,7 +155,7 @@ def train(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if log and (step % train_cfg.log_every == 0 or step in (1, train_cfg.steps)):
             print(
                 f"step {step:>{len(str(train_cfg.steps))}}/{train_cfg.steps} "
-                f"{_progress(step, train_cfg.steps)} loss {losses[-1]:.6e} "
+                f"{progress_bar(step, train_cfg.steps)} loss {losses[-1]:.6e} "
                 f"| {1e3 * step_times[-1]:.1f} ms/step",
                 flush=True,
             )
