@@ -416,8 +416,8 @@ def _per_rank(record: dict[str, Any]) -> dict[str, Any]:
 def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """The scaling mode on every rank (collective); returns the records (same on every rank)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
     dtype = DTYPES[cfg.dtype]
     head_dim = cfg.embed_dim // cfg.num_heads
     records: list[dict[str, Any]] = []
@@ -593,7 +593,7 @@ def ring_emulation(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, blocks: int, b
 def run_emulation(cfg: BenchConfig, device: torch.device,
                   progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """The emulation mode: rank 0 measures, the other ranks wait (collective)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = resolve_group(None).rank
     records: list[dict[str, Any]] = []
     if rank == 0:
         dtype = DTYPES[cfg.dtype]
@@ -623,8 +623,8 @@ def run_emulation(cfg: BenchConfig, device: torch.device,
 def run_memory(cfg: BenchConfig, device: torch.device,
                progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """Peak memory per rank of ``ring`` attention with the manual kernel, fwd+bwd (collective)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
     dtype = DTYPES[cfg.dtype]
     head_dim = cfg.embed_dim // cfg.num_heads
     elt = torch.empty((), dtype=dtype).element_size()
@@ -733,8 +733,8 @@ def _masked_ring_case(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, mask: Tenso
 def run_masks(cfg: BenchConfig, device: torch.device,
               progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """The masks mode on every rank (collective); returns the records (same on every rank)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
     dtype = DTYPES[cfg.dtype]
     head_dim = cfg.embed_dim // cfg.num_heads
     fractions = sorted({0.0, *(float(f) for f in cfg.land_fractions)})
@@ -901,8 +901,8 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: Path) -> None:
 
 def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
     """``hpattn-dist bench`` on this rank (process group initialised); returns the exit code."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
     threads = torch.get_num_threads()
     progress = _stderr if rank == 0 else None
     load_before = os.getloadavg()

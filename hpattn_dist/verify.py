@@ -416,8 +416,8 @@ def run_case(
     probe = torch.empty(1, oracle.num_heads, 1, oracle.head_dim, dtype=dtype, device=device)
     kernel = select_kernel(backend, probe).name
     result = CaseResult(label or strategy, backend, kernel, dtype_name)
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    info = resolve_group(group)
+    rank, world = info.rank, info.world_size
     start, stop = shard_bounds(x.shape[1], world)[rank]
     x_local = x[:, start:stop].to(device=device, dtype=dtype).clone().requires_grad_(True)
     g_local = g[:, start:stop].to(device=device, dtype=dtype)
@@ -455,7 +455,7 @@ def run_verify(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     g = torch.randn(batch, npix, embed_dim, generator=gen, dtype=torch.float64)
     ref = _oracle_reference(oracle, x, g)
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    world = resolve_group(group).world_size
     variants = [(s, label, u) for s in cfg.strategy_names()
                 for label, u in strategy_variants(s, world, cfg.num_heads)]
     cases = [(v, b, d) for v in variants for b in cfg.backends for d in cfg.dtypes]
@@ -517,8 +517,8 @@ def _stderr(msg: str) -> None:
 
 def cli_verify(cfg: VerifyConfig, args: Any, device: torch.device) -> int:
     """``hpattn-dist verify`` on this rank (process group initialised); returns the exit code."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
     progress = _stderr if rank == 0 else None
     results = run_verify(cfg, device=device, progress=progress)
     if rank == 0:
