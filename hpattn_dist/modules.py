@@ -137,7 +137,9 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
 
         qkv = self.qkv_proj(x)  # [B, N_r, 3E]
         qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
-        q_local, k_local, v_local = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N_r, D]
+        # The oracle's permute(2, 0, 3, 1, 4).unbind(0), as views whose backward (a stack along
+        # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
+        q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
 
         out_local = sharded_attention(
             self.strategy,

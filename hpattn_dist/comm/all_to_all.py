@@ -43,13 +43,27 @@ from torch import Tensor
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import GroupInfo, all_gather_ints, resolve_group
 
-__all__ = ["all_to_all"]
+__all__ = ["all_to_all", "all_to_all_flat"]
 
 
 def _piece_shape(shape: Sequence[int], sd: int, gd: int, s_len: int, g_len: int) -> list[int]:
     out = list(shape)
     out[sd], out[gd] = s_len, g_len
     return out
+
+
+def all_to_all_flat(send: Tensor, in_splits: list[int], out_splits: list[int], info: GroupInfo,
+                    label: str) -> Tensor:
+    """Send ``in_splits[j]`` consecutive elements of the 1-D ``send`` to rank j; return the 1-D
+    concatenation, in source-rank order, of the ``out_splits[i]`` elements from each rank i.
+
+    Not differentiable: the transport under :func:`all_to_all` and
+    :mod:`hpattn_dist.comm.head_exchange`. Records the bytes sent to OTHER ranks under ``label``.
+    """
+    recv = send.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=info.group)
+    record(label, (send.numel() - in_splits[info.rank]) * send.element_size())
+    return recv
 
 
 def _all_to_all_raw(
@@ -72,9 +86,7 @@ def _all_to_all_raw(
         chunk.view(piece.shape).copy_(piece)  # one copy per element, piece by piece
     shapes = [_piece_shape(x.shape, sd, gd, scatter_sizes[r], g) for g in gather_sizes]
     out_splits = [math.prod(s) for s in shapes]
-    recv = x.new_empty(sum(out_splits))
-    dist.all_to_all_single(recv, send, out_splits, in_splits, group=info.group)
-    record(label, (send.numel() - in_splits[r]) * x.element_size())
+    recv = all_to_all_flat(send, in_splits, out_splits, info, label)
     parts = [part.view(s) for part, s in zip(recv.split(out_splits), shapes)]
     return torch.cat(parts, dim=gd)
 

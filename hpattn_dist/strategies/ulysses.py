@@ -6,10 +6,13 @@ N_r pixels on rank r (ranks may differ, zero included), N = sum of N_r.
 Note [ulysses schedule]
     Forward::
 
-        q, k, v [B, H, N_r, D] --stack--> [3, B, H, N_r, D]
-            --all-to-all (scatter heads, gather pixels)--> [3, B, h, N, D]   heads r*h .. r*h+h-1
+        q, k, v [B, H, N_r, D]
+            --one all-to-all (scatter heads, gather pixels)--> 3 x [B, h, N, D]   heads r*h .. r*h+h-1
             --local attention over all N keys (one block, same kernel dispatch as the ring)-->
         out [B, h, N, D] --all-to-all (scatter pixels, gather heads)--> [B, H, N_r, D]
+
+    Both all-to-alls pack and unpack with one copy each (Note [head exchange layout] in
+    ``comm/head_exchange.py``).
 
     Pixels arrive in group-rank order, so the global pixel index of a key is its position in the
     gathered sequence, exactly as in :func:`~hpattn_dist.strategies.ring.ring_attention`; with the
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, dtype_code, resolve_group, validated_signature
+from hpattn_dist.comm.head_exchange import heads_to_pixels, pixels_to_heads
 from hpattn_dist.kernels import BlockKernel, DropoutSpec, acc_dtype, resolve_dropout_seed, select_kernel
 from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
 
@@ -128,15 +132,13 @@ def scatter_heads(
     sizes: list[int],
     label: str,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``[B, H, N_r, D]`` shards -> ``[B, h, N, D]`` whole-sequence heads ``r*h .. r*h+h-1``.
+    """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
 
     ``bias`` ``[B, H|1, N_r]`` -> ``[B, h|1, N]``. ``sizes``: every rank's N_r. One all-to-all for
-    q, k and v together (label ``label + ".qkv"``) and one for the bias (``label + ".bias"``).
+    q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
+    bias (``label + ".bias"``).
     """
-    p = info.world_size
-    qkv = torch.stack((q, k, v))  # [3, B, H, N_r, D]
-    # [3, B, H, N_r, D] -> [3, B, h, N, D]: heads scattered (dim 2), pixels gathered (dim 3)
-    qkv_h = all_to_all(qkv, info, scatter_dim=2, gather_dim=3, gather_sizes=sizes, label=label + ".qkv")
+    q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
     bias_h = None
     if bias is not None and bias.shape[1] == 1:
         bias_h = gather_pixels(bias[:, 0], info, sizes, label + ".bias")[:, None]  # [B, 1, N]
@@ -144,7 +146,7 @@ def scatter_heads(
         # [B, H, N_r] -> [B, h, N]
         bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
                             label=label + ".bias")
-    return qkv_h[0], qkv_h[1], qkv_h[2], bias_h
+    return q_h, k_h, v_h, bias_h
 
 
 def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:
@@ -160,10 +162,9 @@ def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> T
 
 
 def gather_heads(out_h: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:
-    """``[B, h, N, D]`` -> ``[B, H, N_r, D]`` (pixels scattered by ``sizes``, heads gathered)."""
-    heads = [out_h.shape[1]] * info.world_size
-    return all_to_all(out_h, info, scatter_dim=2, gather_dim=1, scatter_sizes=sizes,
-                      gather_sizes=heads, label=label)
+    """``[B, h, N, D]`` -> ``[B, H, N_r, D]`` (pixels scattered by ``sizes``, heads gathered), a
+    transposed view of a contiguous ``[B, N_r, H, D]`` (Note [head exchange layout])."""
+    return heads_to_pixels((out_h,), info, sizes, label)[0]
 
 
 def ulysses_attention(

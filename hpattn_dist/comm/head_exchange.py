@@ -1,0 +1,149 @@
+"""The two all-to-alls of head parallelism (Ulysses), with one packing copy on each side.
+
+Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, h = H / P heads per rank,
+N_i pixels on rank i (ranks may differ, zero included), N = sum of N_i, T tensors moved together
+(3 for q, k, v).
+
+:func:`pixels_to_heads` turns T pixel shards ``[B, H, N_r, D]`` into whole-sequence heads
+``[B, h, N, D]`` (heads ``r*h .. r*h+h-1``); :func:`heads_to_pixels` is the way back. Each is ONE
+``all_to_all_single`` for all T tensors, and an ``autograd.Function`` whose backward is the other
+direction (Note [all-to-all adjoint] in ``all_to_all.py``).
+
+Note [head exchange layout]
+    ``all_to_all_single`` concatenates what it receives in source-rank order, so the buffers are
+    laid out with the rank dimension outermost and the pixel dimension next::
+
+        pixels -> heads   send [P(dest), N_r, T, B, h, D]   recv [N (= sources x N_i), T, B, h, D]
+        heads -> pixels   send [N (= dests x N_i), B, h, D] recv [P(source), N_r, B, h, D]
+
+    One copy packs the send buffer and one unpacks the receive buffer into the layout the next
+    step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
+    kernel runs 4-6 % slower on the interleaved ``[N, T, B, h, D]`` view, more than the copy
+    costs), and ``[B, N_r, H, D]`` for the output, so that the layer's
+    ``out.transpose(1, 2).reshape(B, N_r, E)`` before ``out_proj`` is a view. The generic
+    :func:`~hpattn_dist.comm.all_to_all.all_to_all` moves the same bytes but copies twice more
+    (stack, pack, concatenate) and, with one output per tensor, its backward sums zero-filled
+    gradients; at P = 2, nside 16 that was 9 ms of copies per forward+backward against 4 here.
+
+Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
+under ``label`` forward and ``label + ".grad"`` backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from hpattn_dist.comm.all_to_all import all_to_all_flat
+from hpattn_dist.comm.groups import GroupInfo
+
+__all__ = ["heads_to_pixels", "pixels_to_heads"]
+
+
+def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
+    """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]`` (views of one contiguous ``[T, B, h, N, D]``)."""
+    p, n_r = info.world_size, sizes[info.rank]
+    batch, heads, _, head_dim = xs[0].shape
+    h, t = heads // p, len(xs)
+    send = xs[0].new_empty((p, n_r, t, batch, h, head_dim))
+    for i, x in enumerate(xs):
+        send[:, :, i].copy_(rearrange(x, "b (p h) n d -> p n b h d", p=p))
+    piece = n_r * t * batch * h * head_dim
+    recv = all_to_all_flat(send.view(-1), [piece] * p, [n * t * batch * h * head_dim for n in sizes],
+                           info, label)
+    recv = recv.view(sum(sizes), t, batch, h, head_dim)
+    out = torch.empty((t, batch, h, sum(sizes), head_dim), dtype=recv.dtype, device=recv.device)
+    out.copy_(rearrange(recv, "n t b h d -> t b h n d"))
+    return list(out.unbind(0))
+
+
+def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
+    """T x ``[B, h, N, D]`` -> T x ``[B, H, N_r, D]`` (views of one ``[B, N_r, T, H, D]`` buffer)."""
+    p, n_r = info.world_size, sizes[info.rank]
+    batch, h, n, head_dim = ys[0].shape
+    t = len(ys)
+    send = ys[0].new_empty((n, t, batch, h, head_dim))
+    for i, y in enumerate(ys):
+        send[:, i].copy_(rearrange(y, "b h n d -> n b h d"))
+    unit = t * batch * h * head_dim
+    recv = all_to_all_flat(send.view(-1), [m * unit for m in sizes], [n_r * unit] * p, info, label)
+    recv = recv.view(p, n_r, t, batch, h, head_dim)
+    out = torch.empty((batch, n_r, t, p * h, head_dim), dtype=recv.dtype, device=recv.device)
+    rearrange(out, "b n t (p h) d -> p n t b h d", p=p).copy_(recv)
+    return [y.transpose(1, 2) for y in out.unbind(2)]
+
+
+class _PixelsToHeads(torch.autograd.Function):
+    """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]``; backward: :class:`_HeadsToPixels`' forward."""
+
+    @staticmethod
+    def forward(ctx, info: GroupInfo, sizes: list[int], label: str, *xs: Tensor) -> tuple[Tensor, ...]:
+        ctx.info, ctx.sizes, ctx.label = info, sizes, label
+        ctx.shape = xs[0].shape
+        return tuple(_scatter_heads_raw(xs, info, sizes, label))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        b, heads, _, d = ctx.shape
+        h = heads // ctx.info.world_size
+        like = next(g for g in grads if g is not None)
+        grads = [like.new_zeros((b, h, sum(ctx.sizes), d)) if g is None else g for g in grads]
+        return (None, None, None, *_gather_heads_raw(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
+
+
+class _HeadsToPixels(torch.autograd.Function):
+    """T x ``[B, h, N, D]`` -> T x ``[B, H, N_r, D]``; backward: :class:`_PixelsToHeads`' forward."""
+
+    @staticmethod
+    def forward(ctx, info: GroupInfo, sizes: list[int], label: str, *ys: Tensor) -> tuple[Tensor, ...]:
+        ctx.info, ctx.sizes, ctx.label = info, sizes, label
+        ctx.shape = ys[0].shape
+        return tuple(_gather_heads_raw(ys, info, sizes, label))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        b, h, _, d = ctx.shape
+        like = next(g for g in grads if g is not None)
+        n_r = ctx.sizes[ctx.info.rank]
+        grads = [like.new_zeros((b, h * ctx.info.world_size, n_r, d)) if g is None else g for g in grads]
+        return (None, None, None, *_scatter_heads_raw(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
+
+
+def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
+    """Pixel shards -> whole-sequence heads, for several tensors in one all-to-all.
+
+    Args:
+        xs: T tensors ``[B, H, N_r, D]`` of one dtype and shape (any strides), H divisible by P.
+        info: the resolved group.
+        sizes: every rank's N_i, in group-rank order (``sizes[r] == N_r``).
+        label: counter label (``label + ".grad"`` for the backward).
+
+    Returns:
+        T contiguous tensors ``[B, h, N, D]`` holding heads ``r*h .. r*h+h-1`` of every pixel, pixels
+        in group-rank order; differentiable.
+    """
+    sizes = [int(s) for s in sizes]
+    if info.world_size == 1:
+        return tuple(x.contiguous() for x in xs)
+    return _PixelsToHeads.apply(info, sizes, label, *xs)
+
+
+def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
+    """Whole-sequence heads -> pixel shards, the inverse of :func:`pixels_to_heads`.
+
+    Args:
+        ys: T tensors ``[B, h, N, D]`` (any strides), heads ``r*h ..`` of every pixel.
+        info, sizes, label: as for :func:`pixels_to_heads`.
+
+    Returns:
+        T tensors ``[B, H, N_r, D]``, transposed views of one contiguous ``[B, N_r, T, H, D]``
+        buffer (Note [head exchange layout]; for T = 1, ``y.transpose(1, 2)`` is contiguous);
+        differentiable.
+    """
+    sizes = [int(s) for s in sizes]
+    if info.world_size == 1:
+        return tuple(ys)
+    return _HeadsToPixels.apply(info, sizes, label, *ys)
