@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from hpattn_dist import build_hybrid_groups, hybrid_attention, ring_attention
+from hpattn_dist.comm import set_exchange_timeout
 from hpattn_dist.strategies import sharded_attention
 from hpattn_dist.strategies.auto import communication_volume
 from tests.distributed.test_ulysses import (
@@ -97,6 +98,16 @@ def _hybrid_job(rank: int, world: int, cases: list[dict]) -> dict:
 
     # Errors, on every rank.
     x = torch.randn(1, 4, 2, 4)
+    # auto: rank 1's head count makes it choose another strategy than its peers (Note [auto
+    # agreement]), or rank 2's input is malformed; every rank raises, none hangs.
+    set_exchange_timeout(20.0)
+    for others, name in ((3, "ring"), (2, "hybrid")):
+        heads = 4 if rank == 1 else others  # 4 -> ulysses
+        xh = torch.randn(1, heads, 2, 4)
+        out[f"auto_disagree_{name}"] = attempt(lambda: sharded_attention("auto", xh, xh, xh))
+    bad = x[0] if rank == 2 else x
+    out["auto_bad_input"] = attempt(lambda: sharded_attention("auto", bad, bad, bad))
+    set_exchange_timeout(None)
     pairs = build_hybrid_groups(world, 2)
     out["not_a_grid"] = attempt(lambda: hybrid_attention(
         x, x, x, ulysses_group=pairs.ulysses_group, ring_group=pairs.ulysses_group))
@@ -181,8 +192,25 @@ def test_auto_strategy_picks_by_heads_and_is_exact(heads):
     expected = {"ulysses": {"ulysses.qkv", "ulysses.out"}, "ring": {"ring.forward"},
                 "hybrid": {"hybrid.qkv", "hybrid.out", "ring.forward"}}[AUTO_HEADS[heads]]
     for r in _job()[1]:
-        labels = {k for k in r[f"auto-h{heads}"]["fwd"]["calls"] if not k.endswith(".meta")}
+        calls = r[f"auto-h{heads}"]["fwd"]["calls"]
+        labels = {k for k in calls if not k.endswith(".meta")}
         assert labels == expected, (heads, labels)
+        # Ring and Ulysses: only the strategy's own handshake; hybrid adds auto's (H, dtype) one.
+        handshakes = sum(n for k, n in calls.items() if k.endswith(".meta"))
+        strategy_own = 1 if AUTO_HEADS[heads] != "hybrid" else sum(
+            n for k, n in r["u2/fp64-manual"]["fwd"]["calls"].items() if k.endswith(".meta"))
+        assert handshakes == strategy_own + (AUTO_HEADS[heads] == "hybrid"), (heads, calls)
+
+
+def test_auto_ranks_choosing_differently_raise_on_every_rank():
+    for rank, r in enumerate(_job()[1]):
+        for name in ("ring", "hybrid"):
+            msg = r[f"auto_disagree_{name}"]
+            assert msg is not None and msg.startswith("ValueError") and "different signatures" in msg, \
+                (rank, name, msg)
+        msg = r["auto_bad_input"]
+        assert msg is not None and msg.startswith("ValueError") and "auto_attention" in msg \
+            and "1 of 4 ranks" in msg, (rank, msg)
 
 
 def test_errors_raise_on_every_rank():
