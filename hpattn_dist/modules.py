@@ -64,7 +64,9 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             or a single process when ``torch.distributed`` is not initialised).
         strategy: name of a registered strategy (:data:`hpattn_dist.strategies.STRATEGIES`:
             ``"ring"``, ``"ulysses"`` (H divisible by P), ``"hybrid"`` or ``"auto"``).
-            Default: ``"ring"``.
+            Default: ``"auto"``, the strategy that sends the fewest bytes for this H and group size
+            (:func:`hpattn_dist.strategies.choose_strategy`: Ulysses when P divides H, else hybrid
+            or ring), at no extra communication.
         ulysses_degree: for ``strategy="hybrid"`` only: the Ulysses sub-group size U (a divisor of
             P and H); the sub-groups are created collectively on the first forward.
 
@@ -86,7 +88,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
     Example::
 
         >>> # on every rank of a group of P ranks, x_full: [B, N, E] identical everywhere
-        >>> attn = DistributedSpatialSelfAttention(64, 8, strategy="ring")
+        >>> attn = DistributedSpatialSelfAttention(64, 8)  # strategy="auto"
         >>> x_local = hpattn_dist.healpix.scatter(x_full)          # [B, N_r, E]
         >>> y_local = attn(x_local)                                  # [B, N_r, E]
     """
@@ -100,7 +102,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         attn_backend: AttnBackend = "auto",
         *,
         process_group: Optional[dist.ProcessGroup] = None,
-        strategy: str = "ring",
+        strategy: str = "auto",
         ulysses_degree: Optional[int] = None,
     ) -> None:
         _check_strategy_args(strategy, ulysses_degree)
@@ -161,7 +163,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
 def convert_spatial_attention(
     module: nn.Module,
     process_group: Optional[dist.ProcessGroup] = None,
-    strategy: str = "ring",
+    strategy: str = "auto",
     attn_backend: Optional[str] = None,
     ulysses_degree: Optional[int] = None,
 ) -> nn.Module:
@@ -178,7 +180,7 @@ def convert_spatial_attention(
     Args:
         module: a model containing :class:`SpatialSelfAttention` layers (or one such layer).
         process_group: the sequence-parallel group for every converted layer (None: default).
-        strategy: registered strategy name for every converted layer. Default: ``"ring"``.
+        strategy: registered strategy name for every converted layer. Default: ``"auto"``.
         attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
             layer's own.
         ulysses_degree: Ulysses sub-group size for ``strategy="hybrid"`` (only).

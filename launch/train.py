@@ -67,7 +67,7 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Max global gradient norm (after the gradient sync, so equal on every rank); 0 = off."""
-    strategy: str = "ring"
+    strategy: str = "auto"
     """Sequence-parallel strategy: ``"ring" | "ulysses" | "hybrid" | "auto"``."""
     ulysses_degree: Optional[int] = None
     """Ulysses sub-group size U for ``strategy="hybrid"`` (a divisor of P and of the heads)."""

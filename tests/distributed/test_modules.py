@@ -298,4 +298,4 @@ def test_bad_arguments_raise_value_error() -> None:
         sharded_mean(torch.ones(2, 3), 0)
     with pytest.raises(ValueError, match="dim"):
         sharded_mean(torch.ones(2, 3), 5, dim=2)
-    assert "strategy='ring'" in repr(layer)
+    assert "strategy='auto'" in repr(layer)  # the default
