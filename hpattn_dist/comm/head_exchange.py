@@ -54,6 +54,7 @@ def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], 
     piece = n_r * t * batch * h * head_dim
     recv = all_to_all_flat(send.view(-1), [piece] * p, [n * t * batch * h * head_dim for n in sizes],
                            info, label)
+    del send  # before the unpacked copy is allocated: two buffers alive at a time, not three
     recv = recv.view(sum(sizes), t, batch, h, head_dim)
     out = torch.empty((t, batch, h, sum(sizes), head_dim), dtype=recv.dtype, device=recv.device)
     out.copy_(rearrange(recv, "n t b h d -> t b h n d"))
@@ -70,6 +71,7 @@ def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], l
         send[:, i].copy_(rearrange(y, "b h n d -> n b h d"))
     unit = t * batch * h * head_dim
     recv = all_to_all_flat(send.view(-1), [m * unit for m in sizes], [n_r * unit] * p, info, label)
+    del send
     recv = recv.view(p, n_r, t, batch, h, head_dim)
     out = torch.empty((batch, n_r, t, p * h, head_dim), dtype=recv.dtype, device=recv.device)
     rearrange(out, "b n t (p h) d -> p n t b h d", p=p).copy_(recv)
