@@ -78,40 +78,24 @@ def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], l
     return [y.transpose(1, 2) for y in out.unbind(2)]
 
 
-class _PixelsToHeads(torch.autograd.Function):
-    """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]``; backward: :class:`_HeadsToPixels`' forward."""
+class _HeadExchange(torch.autograd.Function):
+    """One direction of the exchange; its backward is the other direction (the adjoint)."""
 
     @staticmethod
-    def forward(ctx, info: GroupInfo, sizes: list[int], label: str, *xs: Tensor) -> tuple[Tensor, ...]:
-        ctx.info, ctx.sizes, ctx.label = info, sizes, label
-        ctx.shape = xs[0].shape
-        return tuple(_scatter_heads_raw(xs, info, sizes, label))
-
-    @staticmethod
-    def backward(ctx, *grads: Optional[Tensor]):
-        b, heads, _, d = ctx.shape
-        h = heads // ctx.info.world_size
-        like = next(g for g in grads if g is not None)
-        grads = [like.new_zeros((b, h, sum(ctx.sizes), d)) if g is None else g for g in grads]
-        return (None, None, None, *_gather_heads_raw(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
-
-
-class _HeadsToPixels(torch.autograd.Function):
-    """T x ``[B, h, N, D]`` -> T x ``[B, H, N_r, D]``; backward: :class:`_PixelsToHeads`' forward."""
-
-    @staticmethod
-    def forward(ctx, info: GroupInfo, sizes: list[int], label: str, *ys: Tensor) -> tuple[Tensor, ...]:
-        ctx.info, ctx.sizes, ctx.label = info, sizes, label
-        ctx.shape = ys[0].shape
-        return tuple(_gather_heads_raw(ys, info, sizes, label))
+    def forward(ctx, to_heads: bool, info: GroupInfo, sizes: list[int], label: str,
+                *xs: Tensor) -> tuple[Tensor, ...]:
+        move = _scatter_heads_raw if to_heads else _gather_heads_raw
+        ys = move(xs, info, sizes, label)
+        ctx.to_heads, ctx.info, ctx.sizes, ctx.label = to_heads, info, sizes, label
+        ctx.out_shape = ys[0].shape
+        return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):
-        b, h, _, d = ctx.shape
         like = next(g for g in grads if g is not None)
-        n_r = ctx.sizes[ctx.info.rank]
-        grads = [like.new_zeros((b, h * ctx.info.world_size, n_r, d)) if g is None else g for g in grads]
-        return (None, None, None, *_scatter_heads_raw(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
+        grads = [like.new_zeros(ctx.out_shape) if g is None else g for g in grads]
+        move = _gather_heads_raw if ctx.to_heads else _scatter_heads_raw
+        return (None, None, None, None, *move(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
 
 
 def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -130,7 +114,7 @@ def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     sizes = [int(s) for s in sizes]
     if info.world_size == 1:
         return tuple(x.contiguous() for x in xs)
-    return _PixelsToHeads.apply(info, sizes, label, *xs)
+    return _HeadExchange.apply(True, info, sizes, label, *xs)
 
 
 def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -148,4 +132,4 @@ def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     sizes = [int(s) for s in sizes]
     if info.world_size == 1:
         return tuple(ys)
-    return _HeadsToPixels.apply(info, sizes, label, *ys)
+    return _HeadExchange.apply(False, info, sizes, label, *ys)
