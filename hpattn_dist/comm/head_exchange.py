@@ -31,7 +31,7 @@ under ``label`` forward and ``label + ".grad"`` backward.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from einops import rearrange
@@ -87,13 +87,11 @@ class _HeadExchange(torch.autograd.Function):
         move = _scatter_heads_raw if to_heads else _gather_heads_raw
         ys = move(xs, info, sizes, label)
         ctx.to_heads, ctx.info, ctx.sizes, ctx.label = to_heads, info, sizes, label
-        ctx.out_shape = ys[0].shape
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grads: Optional[Tensor]):
-        like = next(g for g in grads if g is not None)
-        grads = [like.new_zeros(ctx.out_shape) if g is None else g for g in grads]
+    def backward(ctx, *grads: Tensor):
+        # An output left out of the loss arrives as zeros (autograd materialises it), not None.
         move = _gather_heads_raw if ctx.to_heads else _scatter_heads_raw
         return (None, None, None, None, *move(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
 
