@@ -1,17 +1,23 @@
-"""One dispatch point from a requested backend name to a block kernel.
+"""One dispatch point from a requested backend name to a block kernel: the capability table.
 
 Every block kernel computes attention of a query block against ONE key/value block and returns
 ``(out, lse)``; its backward takes the FINAL output / lse of the whole attention. The strategies
 (ring, Ulysses, hybrid) only ever call :func:`select_kernel` and the returned :class:`BlockKernel`.
 
-Backends:
-    ``"manual"``      explicit matmul-softmax, chunked (always available; the only one that takes a
-                      key bias or dropout).
-    ``"sdpa"``        PyTorch's fused kernels: the flash op for CPU; flash or memory-efficient on
-                      CUDA. Falls back to ``manual`` (with one warning per reason) when a key bias
-                      or dropout is requested.
-    ``"flash_attn"``  the flash_attn package on CUDA (fp16 / bf16); an error when it cannot be used.
-    ``"auto"``        flash_attn when usable, else sdpa, else manual; falls back silently.
+:data:`KERNEL_TABLE` lists every kernel in order of preference, each with its
+:class:`~hpattn_dist.kernels.capability.Capability`; :func:`select_kernel` decides from that table
+alone (the reasons a kernel refuses an input: :func:`refusals`). Backend names:
+
+    ``"manual"``      explicit matmul-softmax, chunked (runs anything; the only kernel that takes
+                      a key bias or dropout).
+    ``"sdpa"``        PyTorch's fused kernels (``sdpa:cpu_flash``, ``sdpa:cuda_flash``,
+                      ``sdpa:cuda_efficient``): the first that accepts the input; when none does
+                      (a key bias, dropout, float64 on CUDA, an old GPU...) the ``manual`` kernel,
+                      with one warning naming every candidate's reasons.
+    ``"flash_attn"``  the flash_attn package (Note [flash_attn versions] in ``flash_attn.py``);
+                      a ``ValueError`` listing its reasons when it cannot run the input, a warning
+                      and the ``manual`` kernel when only a key bias or dropout stands in the way.
+    ``"auto"``        the first kernel of the table that accepts the input; silent.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor
 
 from hpattn_dist.kernels import flash_attn as _flash_attn
 from hpattn_dist.kernels import sdpa as _sdpa
+from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
 from hpattn_dist.kernels.manual import acc_dtype, manual_backward, manual_forward
 
@@ -50,11 +57,22 @@ class BlockKernel:
         name: ``"manual"``, ``"sdpa:cpu_flash"``, ``"sdpa:cuda_flash"``,
             ``"sdpa:cuda_efficient"`` or ``"flash_attn"``.
         fused_forward / fused_backward: the fused ops, None for ``manual``.
+        capability: what the kernel supports (the default: anything, with bias and dropout).
     """
 
     name: str
     fused_forward: Optional[FusedForward] = None
     fused_backward: Optional[FusedBackward] = None
+    capability: Capability = Capability(bias=True, dropout=True)
+
+    @property
+    def backend(self) -> str:
+        """The backend name this kernel belongs to (``"sdpa"`` for ``"sdpa:cuda_flash"``)."""
+        return self.name.split(":")[0]
+
+    def not_supported_reasons(self, inp: KernelInput) -> list[str]:
+        """Every reason this kernel refuses ``inp``; empty when it runs it."""
+        return self.capability.not_supported_reasons(inp)
 
     def forward(
         self,
@@ -81,7 +99,7 @@ class BlockKernel:
         # The fused CPU op returns out = 0, lse = 0 for a query row holding NaN, where softmax
         # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle.
         nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
-        out = out.masked_fill(nan_rows[..., None], float("nan"))
+        out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
         return out, lse.to(acc).masked_fill(nan_rows, float("nan"))
 
     def backward(
@@ -113,12 +131,17 @@ class BlockKernel:
 
 
 MANUAL = BlockKernel("manual")
-_CPU_FLASH = BlockKernel("sdpa:cpu_flash", _sdpa.cpu_flash_forward, _sdpa.cpu_flash_backward)
-_CUDA_FLASH = BlockKernel("sdpa:cuda_flash", _sdpa.cuda_flash_forward, _sdpa.cuda_flash_backward)
-_CUDA_EFFICIENT = BlockKernel(
-    "sdpa:cuda_efficient", _sdpa.cuda_efficient_forward, _sdpa.cuda_efficient_backward
+
+#: Every kernel, in order of preference ("auto" takes the first that accepts the input).
+KERNEL_TABLE: tuple[BlockKernel, ...] = (
+    BlockKernel("flash_attn", _flash_attn.forward, _flash_attn.backward, _flash_attn.CAPABILITY),
+    BlockKernel("sdpa:cuda_flash", _sdpa.cuda_flash_forward, _sdpa.cuda_flash_backward,
+                _sdpa.CUDA_FLASH),
+    BlockKernel("sdpa:cuda_efficient", _sdpa.cuda_efficient_forward, _sdpa.cuda_efficient_backward,
+                _sdpa.CUDA_EFFICIENT),
+    BlockKernel("sdpa:cpu_flash", _sdpa.cpu_flash_forward, _sdpa.cpu_flash_backward, _sdpa.CPU_FLASH),
+    MANUAL,
 )
-_FLASH_ATTN = BlockKernel("flash_attn", _flash_attn.forward, _flash_attn.backward)
 
 
 def check_backend_name(backend: str) -> None:
@@ -127,58 +150,68 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
-def _sdpa_kernel(q: Tensor) -> BlockKernel:
-    if q.device.type == "cpu":
-        return _CPU_FLASH
-    if q.device.type == "cuda":
-        return _CUDA_FLASH if _sdpa.cuda_flash_supports(q) is None else _CUDA_EFFICIENT
-    return MANUAL
+def kernel_by_name(name: str) -> BlockKernel:
+    """The kernel of :data:`KERNEL_TABLE` called ``name`` (e.g. ``"sdpa:cuda_flash"``)."""
+    for kernel in KERNEL_TABLE:
+        if kernel.name == name:
+            return kernel
+    raise ValueError(f"no kernel {name!r}; kernels: {[k.name for k in KERNEL_TABLE]}")
 
 
-def _flash_attn_refusals(q: Tensor) -> list[str]:
-    reasons = []
-    unavailable = _flash_attn.available()
-    if unavailable is not None:
-        reasons.append(unavailable)
-    if q.device.type != "cuda":
-        reasons.append(f"device {q.device} (needs cuda)")
-    dtype_or_dim = _sdpa.cuda_flash_supports(q)
-    if dtype_or_dim is not None:
-        reasons.append(dtype_or_dim)
-    return reasons
+def candidates(backend: str) -> tuple[BlockKernel, ...]:
+    """The kernels ``backend`` may use, in order of preference."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return KERNEL_TABLE
+    return tuple(k for k in KERNEL_TABLE if k.backend == backend)
 
 
-def select_kernel(backend: str, q: Tensor, *, has_bias: bool = False, dropout: bool = False) -> BlockKernel:
-    """Resolve ``backend`` for inputs like ``q`` ``[B, H, N, D]``.
+def refusals(backend: str, inp: KernelInput) -> dict[str, list[str]]:
+    """``{kernel name: reasons it refuses inp}`` for every candidate of ``backend``."""
+    return {k.name: k.not_supported_reasons(inp) for k in candidates(backend)}
+
+
+def _format(reasons: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
+
+
+def select_kernel(
+    backend: str,
+    q: Tensor,
+    *,
+    has_bias: bool = False,
+    dropout: bool = False,
+    capability: Optional[Sm] = None,
+) -> BlockKernel:
+    """Resolve ``backend`` for inputs like ``q`` ``[B, H, N, D]`` from :data:`KERNEL_TABLE`.
+
+    Args:
+        backend: one of :data:`KERNEL_BACKENDS`.
+        q: the query block (only its shape, dtype and device are read).
+        has_bias, dropout: whether the calls apply a key bias / dropout.
+        capability: CUDA compute capability of ``q.device``; None queries it
+            (:func:`hpattn_dist.kernels.capability.cuda_capability`).
 
     Raises:
         ValueError: unknown backend name, or ``"flash_attn"`` requested where it cannot run (the
-            message lists every reason and the input's shape, dtype and device).
+            message names the input's shape, dtype, device and every reason).
     """
     check_backend_name(backend)
-    needs_manual = [r for r, on in (("a key bias/mask", has_bias), ("dropout", dropout)) if on]
     if backend == "manual":
         return MANUAL
+    inp = KernelInput.of(q, has_bias=has_bias, dropout=dropout, capability=capability)
+    reasons = refusals(backend, inp)
+    for kernel in candidates(backend):
+        if not reasons[kernel.name]:
+            return kernel
+    # Only "sdpa" and "flash_attn" get here ("auto" ends with the manual kernel).
     if backend == "flash_attn":
-        reasons = _flash_attn_refusals(q)
-        if reasons:
-            raise ValueError(
-                "backend='flash_attn' cannot run on q of shape "
-                f"{tuple(q.shape)}, {q.dtype}, {q.device}: " + "; ".join(reasons)
-            )
-        if needs_manual:
-            _report_once(f"backend='flash_attn' does not take {' or '.join(needs_manual)}; "
-                         "using the 'manual' kernel for these calls")
-            return MANUAL
-        return _FLASH_ATTN
-    if needs_manual:
-        if backend == "sdpa":
-            _report_once(f"backend='sdpa' has no lse-returning kernel with {' or '.join(needs_manual)}; "
-                         "using the 'manual' kernel for these calls")
-        return MANUAL
-    if backend == "auto" and not _flash_attn_refusals(q):
-        return _FLASH_ATTN
-    kernel = _sdpa_kernel(q)
-    if kernel is MANUAL and backend == "sdpa":
-        _report_once(f"backend='sdpa' has no fused kernel on {q.device.type}; using 'manual'")
-    return kernel
+        plain = KernelInput(inp.shape, inp.dtype, inp.device, inp.capability)
+        if any(refusals(backend, plain).values()):
+            raise ValueError(f"backend='flash_attn' cannot run {inp.describe()}: {_format(reasons)}")
+    # The warning names the input without its shape, so that it is given once per kind of call.
+    features = [n for n, on in (("a key bias/mask", has_bias), ("dropout", dropout)) if on]
+    what = f"{inp.dtype} on {inp.device}" + (f" with {' and '.join(features)}" if features else "")
+    _report_once(f"backend={backend!r} has no kernel for {what} ({_format(reasons)}); "
+                 "using the 'manual' kernel for these calls")
+    return MANUAL

@@ -1,27 +1,106 @@
 """Block kernel from the ``flash_attn`` package (Dao-AILab), used when it is importable on CUDA.
 
 flash_attn works in ``[B, N, H, D]`` layout; these wrappers take and return ``[B, H, N, D]``.
-Its private ``_flash_attn_forward`` / ``_flash_attn_backward`` changed signature across releases,
-so we go through :func:`flash_attn.flash_attn_func` with ``return_attn_probs=True`` (which returns
-the lse in every 2.x release) for the forward, and the private backward by keyword.
+The forward goes through the public :func:`flash_attn.flash_attn_func` with
+``return_attn_probs=True`` (which returns the lse in every 2.x release); the backward calls the
+private ``flash_attn.flash_attn_interface._flash_attn_backward`` by keyword.
+
+Note [flash_attn versions]
+    Supported: flash_attn 2.6 to 2.8 (:data:`SUPPORTED`); others are refused at selection with
+    the version in the reason. The private backward changed its window argument within that
+    range: up to 2.6.2 it takes ``window_size`` (a ``(left, right)`` tuple), from 2.6.3 on
+    ``window_size_left`` and ``window_size_right``. We read which from its parameter names
+    (from the registered op's schema where it is a ``torch.library`` custom op, whose Python
+    signature is only ``*args, **kwargs``) and refuse, at selection, a signature that has
+    neither or that lacks any other argument we pass.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
-from typing import Optional
+import inspect
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
+from hpattn_dist.kernels.capability import Capability, KernelInput, sm_text
+from hpattn_dist.kernels.sdpa import contiguous
 
-def available() -> Optional[str]:
-    """None when flash_attn can be used, else why not."""
+#: Supported flash_attn releases: ``SUPPORTED[0] <= (major, minor) <= SUPPORTED[1]``.
+SUPPORTED = ((2, 6), (2, 8))
+
+#: Backward arguments we pass besides the window (Note [flash_attn versions]).
+_BACKWARD_ARGS = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p",
+                  "softmax_scale", "causal", "alibi_slopes", "deterministic")
+
+
+def _parameter_names(fn: Callable) -> tuple[str, ...]:
+    """Parameter names of ``fn``, read from the op schema for a ``torch.library`` custom op."""
+    overload = getattr(fn, "_opoverload", None)
+    if overload is not None:
+        return tuple(arg.name for arg in overload._schema.arguments)
+    return tuple(inspect.signature(fn).parameters)
+
+
+def backward_window_style(fn: Callable) -> Optional[str]:
+    """``"left_right"`` (2.6.3+), ``"tuple"`` (up to 2.6.2) or None (unknown signature)."""
+    names = set(_parameter_names(fn))
+    if not set(_BACKWARD_ARGS) <= names:
+        return None
+    if {"window_size_left", "window_size_right"} <= names:
+        return "left_right"
+    if "window_size" in names:
+        return "tuple"
+    return None
+
+
+def _version(text: str) -> Optional[tuple[int, int]]:
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def library_problem() -> Optional[str]:
+    """None when a supported flash_attn is importable, else why not (cached per process)."""
     if importlib.util.find_spec("flash_attn") is None:
         return "the flash_attn package is not installed"
-    if not torch.cuda.is_available():
-        return "flash_attn needs CUDA"
+    try:
+        package = importlib.import_module("flash_attn")
+        interface = importlib.import_module("flash_attn.flash_attn_interface")
+    except Exception as err:  # noqa: BLE001 - a broken CUDA extension raises anything
+        return f"flash_attn fails to import ({type(err).__name__}: {err})"
+    text = str(getattr(package, "__version__", "unknown"))
+    version = _version(text)
+    lo, hi = SUPPORTED
+    if version is None or not lo <= version <= hi:
+        return (f"flash_attn {text} is not supported (needs {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}; "
+                "Note [flash_attn versions])")
+    backward = getattr(interface, "_flash_attn_backward", None)
+    if backward is None or backward_window_style(backward) is None:
+        names = () if backward is None else _parameter_names(backward)
+        return f"flash_attn {text}: unknown _flash_attn_backward signature {names}"
     return None
+
+
+def _backward_head_dim(inp: KernelInput) -> Optional[str]:
+    """flash_attn's backward takes 192 < D <= 224 only on sm 8.0 and sm 9.0."""
+    sm, d = inp.capability, inp.head_dim
+    if sm is not None and 192 < d <= 224 and sm not in ((8, 0), (9, 0)):
+        return f"head dim {d} on {sm_text(sm)} (its backward needs sm 8.0 or 9.0 there)"
+    return None
+
+
+CAPABILITY = Capability(
+    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_sm=(8, 0), max_head_dim=256,
+    head_dim_multiple=8,  # the private backward gets unpadded heads
+    library=lambda: library_problem(), checks=(_backward_head_dim,),
+)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -32,22 +111,36 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tens
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         dropout_p=0.0, softmax_scale=scale, causal=False, return_attn_probs=True,
     )
-    return out.transpose(1, 2), lse[:, :, : q.shape[2]]
+    return out.transpose(1, 2), lse.narrow(2, 0, q.shape[2])
 
 
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Block gradients through the private backward (Note [flash_attn versions])."""
     from flash_attn.flash_attn_interface import _flash_attn_backward
 
     def nhd(t: Tensor) -> Tensor:
-        return t.transpose(1, 2).contiguous()
+        return contiguous(t.to(q.dtype).transpose(1, 2))
 
-    dq, dk, dv = torch.empty_like(nhd(q)), torch.empty_like(nhd(k)), torch.empty_like(nhd(v))
-    _flash_attn_backward(
-        dout=nhd(dout), q=nhd(q), k=nhd(k), v=nhd(v), out=nhd(out), softmax_lse=lse.contiguous(),
+    q_n, k_n, v_n = nhd(q), nhd(k), nhd(v)
+    dq, dk, dv = torch.empty_like(q_n), torch.empty_like(k_n), torch.empty_like(v_n)
+    kwargs: dict[str, Any] = dict(
+        dout=nhd(dout), q=q_n, k=k_n, v=v_n, out=nhd(out), softmax_lse=contiguous(lse.float()),
         dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
-        window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-        deterministic=True, rng_state=None,
+        alibi_slopes=None, deterministic=True,
     )
+    names = _parameter_names(_flash_attn_backward)
+    style = backward_window_style(_flash_attn_backward)
+    if style == "left_right":
+        kwargs.update(window_size_left=-1, window_size_right=-1)
+    elif style == "tuple":
+        kwargs.update(window_size=(-1, -1))
+    else:
+        raise RuntimeError(f"unknown flash_attn _flash_attn_backward signature {names}")
+    if "softcap" in names:
+        kwargs["softcap"] = 0.0
+    if "rng_state" in names:
+        kwargs["rng_state"] = None
+    _flash_attn_backward(**kwargs)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
