@@ -25,6 +25,8 @@ section runs; the JSON is rewritten after every section, so a run cut short keep
 5. ``memory``: ``hpattn-dist bench --device cuda --nproc 1`` (fp32, H=4, E=128, nside 32 and 64,
    ring and Ulysses): time and peak memory per rank.
 6. ``throughput``: fused kernel TFLOP/s at nside 64 and 128, bf16.
+7. ``ring_emulation``: one process, the ring's P x P block kernel+merge path vs one fused call
+   (``hpattn_dist.bench.ring_emulation``) at nside 64 and 128, P = 2, 4, 8, with peak memory.
 
 ``--smoke`` runs every section on the CPU at tiny sizes with gloo instead of NCCL (the CUDA
 kernels then appear as refused); ``tests/integration/test_gpu_check_smoke.py`` runs it.
@@ -46,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from hpattn_dist.bench import time_call
+from hpattn_dist.bench import ring_emulation, time_call
 from hpattn_dist.kernels import dispatch, select_kernel
 from hpattn_dist.kernels.capability import KernelInput
 from hpattn_dist.kernels.manual import acc_dtype
@@ -204,6 +206,24 @@ def check_throughput(device: torch.device) -> dict[str, Any]:
         out[f"nside{nside}"] = {"kernel": kernel.name, "npix": npix, "fwd_s": t_f, "fwd_bwd_s": t_fb,
                                 "tflops_fwd": flops_fwd / t_f / 1e12,
                                 "tflops_fwd_bwd": 3.5 * flops_fwd / t_fb / 1e12}
+    return out
+
+
+def check_ring_emulation(device: torch.device) -> dict[str, Any]:
+    """One process: the ring's P x P block kernel + merge path vs one fused call (figure (a))."""
+    out = {}
+    for nside in SIZES["perf_nsides"]:
+        npix, heads, head_dim = 12 * nside**2, 8, 64
+        q, k, v, dout = (torch.randn(1, heads, npix, head_dim, device=device, dtype=torch.bfloat16)
+                         for _ in range(4))
+        for blocks in (2, 4, 8):
+            try:
+                _reset_peak(device)
+                res = ring_emulation(q, k, v, dout, blocks, "auto", warmup=1, repeats=3)
+                res["peak_mem_bytes"] = _peak(device)
+                out[f"nside{nside}/P{blocks}"] = res
+            except Exception as err:  # noqa: BLE001
+                out[f"nside{nside}/P{blocks}"] = {"error": f"{type(err).__name__}: {err}"}
     return out
 
 
@@ -386,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         ("process_group", lambda: check_process_group(args.smoke)),
         ("memory", lambda: check_memory(device)),
         ("throughput", lambda: check_throughput(device)),
+        ("ring_emulation", lambda: check_ring_emulation(device)),
     ]
     for name, fn in sections:
         elapsed = time.monotonic() - start

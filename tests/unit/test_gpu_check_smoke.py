@@ -27,7 +27,8 @@ def test_gpu_check_smoke_run_reports_every_section(tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert proc.returncode == 0 and report["passed"], (proc.stderr[-3000:], json.dumps(sections)[:3000])
-    for name in ("environment", "kernels", "verify", "process_group", "memory", "throughput"):
+    for name in ("environment", "kernels", "verify", "process_group", "memory", "throughput",
+                 "ring_emulation"):
         assert "error" not in sections[name], (name, sections[name])
 
     kernels = sections["kernels"]
@@ -43,3 +44,4 @@ def test_gpu_check_smoke_run_reports_every_section(tmp_path):
                  "ring_attention float64 fwd+bwd", "ulysses_attention float64 fwd+bwd"):
         assert items[name]["passed"] is True, (name, items[name])
     assert sections["verify"]["rc"] == 0 and sections["memory"]["rc"] == 0
+    assert not [k for k, v in sections["ring_emulation"].items() if "error" in v]
