@@ -40,8 +40,9 @@ def test_gpu_check_smoke_run_reports_every_section(tmp_path):
 
     items = sections["process_group"]["items"]
     assert items["backend"] == "gloo"
-    for name in ("all_reduce", "all_to_all_single", "reduce_scatter_tensor", "healpix.scatter+gather cpu tensor",
-                 "ring_attention float64 fwd+bwd", "ulysses_attention float64 fwd+bwd"):
+    for name in ("all_reduce", "all_to_all_single", "reduce_scatter_tensor",
+                 "healpix.scatter+gather cpu tensor", "ring_attention float64 fwd+bwd",
+                 "ulysses_attention float64 fwd+bwd"):
         assert items[name]["passed"] is True, (name, items[name])
     assert sections["verify"]["rc"] == 0 and sections["memory"]["rc"] == 0
     assert not [k for k, v in sections["ring_emulation"].items() if "error" in v]

@@ -81,8 +81,9 @@ def test_cuda_efficient_refusals(kw, needle):
     assert any(needle in r for r in reasons), reasons
 
 
-@pytest.mark.parametrize("kw", [dict(dtype=F32), dict(dtype=F32, d=6, sm=(7, 5)), dict(dtype=F16, sm=(6, 0), d=6),
-                                dict(dtype=BF16), dict(dtype=F32, d=512), dict(sm=(5, 0))])
+@pytest.mark.parametrize("kw", [dict(dtype=F32), dict(dtype=F32, d=6, sm=(7, 5)),
+                                dict(dtype=F16, sm=(6, 0), d=6), dict(dtype=BF16),
+                                dict(dtype=F32, d=512), dict(sm=(5, 0))])
 def test_cuda_efficient_accepts(kw):
     assert _reasons("sdpa:cuda_efficient", **kw) == []
 
