@@ -18,8 +18,10 @@ the full field, forward and backward. Every grid inside the model is split the s
   math (:mod:`.gather_layers`);
 - ``SpatialViT``: its pixel-indexed ``pos_embed`` is read on the rank's output rows (gradients
   right after :func:`hpattn_dist.grad_sync.sync_gradients`);
-- statistics over pixels, dropout masks spanning pixels and attention: the converters of
-  :mod:`.reductions` when present;
+- ``SpatialSelfAttention`` (also inside ``SpatialTransformerBlock``): the distributed attention
+  of :func:`hpattn_dist.modules.convert_spatial_attention` with ``strategy``;
+- statistics over pixels and dropout masks spanning pixels: the converters of :mod:`.reductions`
+  when present;
 - per-pixel modules (:data:`PIXELWISE`) and containers (:data:`CONTAINERS`) stay as they are.
 """
 
@@ -67,19 +69,39 @@ CONTAINERS: frozenset = frozenset({
 _LAST_DIM_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
+def convert_attention(module: nn.Module, ctx: ShardContext) -> nn.Module:
+    """idx-flow's ``SpatialSelfAttention`` -> :class:`~hpattn_dist.modules.DistributedSpatialSelfAttention`.
+
+    Raises:
+        ValueError: :func:`~hpattn_dist.modules.convert_spatial_attention` does not recognise the
+            layer (it returned it unchanged).
+    """
+    from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
+
+    new = convert_spatial_attention(module, ctx.process_group, strategy=ctx.strategy)
+    if not isinstance(new, DistributedSpatialSelfAttention):
+        raise ValueError(
+            f"{type(module).__name__} {ctx.name!r}: convert_spatial_attention did not convert it "
+            "(this version of hpattn_dist does not recognise idx-flow's attention)"
+        )
+    return new
+
+
 def _registry() -> dict[type, Converter]:
-    """Every converter: the index-gather layers' and, when present, those of ``.reductions``."""
-    registry: dict[type, Converter] = {idx_flow.SpatialViT: convert_vit, **GATHER_CONVERTERS}
+    """Every converter: the index-gather layers', the attention's, and those of ``.reductions``.
+
+    The reductions module may also provide the attention's converter (it then replaces the default
+    above); the index-gather layers and ``SpatialViT`` are this package's.
+    """
+    mine: dict[type, Converter] = {idx_flow.SpatialViT: convert_vit, **GATHER_CONVERTERS}
+    defaults: dict[type, Converter] = {idx_flow.SpatialSelfAttention: convert_attention}
     try:
         reductions = importlib.import_module("hpattn_dist.integrations.idx_flow.reductions")
     except ModuleNotFoundError as err:
         if err.name != "hpattn_dist.integrations.idx_flow.reductions":
             raise
-        return registry
-    overlap = set(registry) & set(reductions.CONVERTERS)
-    if overlap:
-        raise RuntimeError(f"two converters for {sorted(t.__name__ for t in overlap)}")
-    return {**registry, **reductions.CONVERTERS}
+        return {**defaults, **mine}
+    return {**defaults, **reductions.CONVERTERS, **mine}
 
 
 CONVERTERS: dict[type, Converter] = _registry()
