@@ -93,6 +93,7 @@ def _loss(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -162,3 +163,73 @@ def test_gather_layers_match_idx_flow(world: int) -> None:
             assert max(res["params"].values(), default=0.0) <= RTOL, (where, res["params"])
             assert res["names_kept"], where
             assert res["bytes"] == res["bytes_expected"], (where, res["bytes"], res["bytes_expected"])
+
+
+def _ranks_extras(rank: int, world: int) -> dict:
+    """World 3: a custom input split, a table reloaded in place, pixels along dim 2, a rank
+    with another table."""
+    from hpattn_dist.comm.groups import resolve_group
+    from hpattn_dist.comm.halo import HaloExchanger
+    from hpattn_dist.integrations.idx_flow import convert_model
+
+    res: dict = {}
+    # 1. Input split [100, 0, 92] (not shard_bounds), outputs still shard_bounds(48, 3).
+    model, x, weights = _model("conv", False, 7)
+    reference = copy.deepcopy(model)
+    convert_model(model)
+    sizes = [100, 0, 92]
+    a = sum(sizes[:rank])
+    c, d = shard_bounds(48, world)[rank]
+    x_local = x[:, a:a + sizes[rank]].clone().requires_grad_(True)
+    out = model(x_local)
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    res["split_out"] = _rel(out, out_ref[:, c:d])
+    _loss(out, weights[:, c:d]).backward()
+    _loss(out_ref, weights).backward()
+    res["split_x_grad"] = _rel(x_local.grad, x_ref.grad[:, a:a + sizes[rank]]) if sizes[rank] else 0.0
+
+    # 2. load_state_dict puts a NESTED table into the converted layer: it is replanned.
+    nested = _model("conv", True, 7)[0]
+    state = {k: v for k, v in nested.state_dict().items() if k in ("connection_indices", "kernel_weights")}
+    model.load_state_dict(state, strict=False)
+    reference.load_state_dict(state, strict=False)
+    (a, b) = shard_bounds(192, world)[rank]
+    with torch.no_grad():
+        res["reloaded_out"] = _rel(model(x[:, a:b]), reference(x)[:, c:d])
+
+    # 3. Pixels along dim 2 ([B, H, N, D], as local attention will use it), forward and adjoint.
+    info = resolve_group(None)
+    table = torch.from_numpy(_table(4, 2, 9, True)[0])
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(2, 2, 192, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 48, 9, 3, generator=gen, dtype=torch.float64)
+    x_local = full.detach()[:, :, a:b].clone().requires_grad_(True)
+    x_ext, plan = HaloExchanger(info, "dim-2 test")(x_local, table, dim=2)
+    gathered = x_ext[:, :, plan.local_table]  # [B, H, O_r, K, D]
+    expected = full[:, :, table[c:d]]
+    res["dim2_out"] = _rel(gathered, expected.detach())
+    (gathered * w[:, :, c:d]).sum().backward()
+    (full[:, :, table] * w).sum().backward()
+    res["dim2_grad"] = _rel(x_local.grad, full.grad[:, :, a:b])
+
+    # 4. Rank 1's table differs: every rank raises the same ValueError.
+    model2, x2, _ = _model("pool_mean", False, 5)
+    convert_model(model2)
+    if rank == 1:
+        model2.connection_indices[0, 0] = 1
+    try:
+        model2(x2[:, a:b])
+        res["mismatch"] = None
+    except ValueError as err:
+        res["mismatch"] = str(err)
+    return res
+
+
+def test_split_reload_dim2_and_mismatch() -> None:
+    results = run_ranks(_ranks_extras, 3, timeout=120.0)
+    for rank, res in enumerate(results):
+        for key in ("split_out", "split_x_grad", "reloaded_out", "dim2_out", "dim2_grad"):
+            assert res[key] <= RTOL, (rank, key, res[key])
+        assert res["mismatch"] is not None and "table_crc" in res["mismatch"], (rank, res["mismatch"])
+    assert len({res["mismatch"] for res in results}) == 1

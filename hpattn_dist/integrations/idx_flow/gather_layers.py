@@ -154,14 +154,14 @@ def check_convertible(module: nn.Module, name: str) -> None:
     """
     if getattr(module, "_initialized", True) is False:
         raise ValueError(
-            f"{type(module).__name__} {name!r} has not created its parameters yet (idx-flow creates "
+            f"{type(module).__name__} {name or '(root)'!r} has not created its parameters yet (idx-flow creates "
             "them on the first forward): run one forward of the unconverted model on a full-size "
             "input (with the same seed on every rank, or load the same checkpoint afterwards), "
             "then convert_model"
         )
     if type(module) is idx_flow.SpatialMLP and module.use_batch_norm:
         raise ValueError(
-            f"SpatialMLP {name!r} has use_batch_norm=True: its BatchNorm1d takes statistics over "
+            f"SpatialMLP {name or '(root)'!r} has use_batch_norm=True: its BatchNorm1d takes statistics over "
             "pixels, which convert_model cannot shard exactly yet"
         )
 
@@ -173,8 +173,9 @@ def convert_gather_layer(module: nn.Module, ctx: ShardContext) -> nn.Module:
         ValueError: see :func:`check_convertible`.
     """
     check_convertible(module, ctx.name)
+    what = f"{type(module).__name__} {ctx.name or '(root)'!r}"
     module.__class__ = _SHARDED[type(module)]
-    module._hp_halo = HaloExchanger(ctx.info, f"{type(module).__name__[4:]} {ctx.name!r}")
+    module._hp_halo = HaloExchanger(ctx.info, what)
     return module
 
 
