@@ -39,12 +39,12 @@ different table or a misfit input fails together with its peers (Note [fail toge
 
 from __future__ import annotations
 
+import ctypes
 import time
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -126,8 +126,8 @@ def _check_bounds(bounds: Bounds, n: int, what: str) -> tuple[tuple[int, int], .
     return out
 
 
-def _normalized_table(table: Tensor, n_in: int) -> np.ndarray:
-    """The table as int64 numpy with negative entries wrapped like ``x[:, table]`` does.
+def _normalized_table(table: Tensor, n_in: int) -> Tensor:
+    """The table as int64 on CPU, negative entries wrapped as ``x[:, table]`` does.
 
     Raises:
         ValueError: the table is not a 2-D integer tensor or an entry is outside ``[-N_in, N_in)``.
@@ -138,8 +138,8 @@ def _normalized_table(table: Tensor, n_in: int) -> np.ndarray:
             "a connection table must be a 2-D integer tensor [N_out, K], got "
             f"{type(table).__name__} {getattr(table, 'dtype', '')} {tuple(getattr(table, 'shape', ()))}"
         )
-    t = table.detach().to("cpu", torch.int64).numpy()
-    if t.size:
+    t = table.detach().to("cpu", torch.int64)
+    if t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < -n_in or hi >= n_in:
             raise ValueError(
@@ -148,13 +148,13 @@ def _normalized_table(table: Tensor, n_in: int) -> np.ndarray:
                 "is each rank passing its shard of the right grid?"
             )
         if lo < 0:
-            t = np.where(t < 0, t + n_in, t)
+            t = torch.where(t < 0, t + n_in, t)
     return t
 
 
-def _owners(pixels: np.ndarray, in_bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
-    stops = np.array([b for _, b in in_bounds], dtype=np.int64)
-    return np.searchsorted(stops, pixels, side="right")
+def _owners(pixels: Tensor, in_bounds: tuple[tuple[int, int], ...]) -> Tensor:
+    stops = torch.tensor([b for _, b in in_bounds], dtype=torch.int64)
+    return torch.searchsorted(stops, pixels, right=True)
 
 
 def plan_halo(table: Tensor, in_bounds: Bounds, out_bounds: Bounds, rank: int) -> HaloPlan:
@@ -182,38 +182,30 @@ def plan_halo(table: Tensor, in_bounds: Bounds, out_bounds: Bounds, rank: int) -
     p = len(in_b)
     if len(out_b) != p or not 0 <= rank < p:
         raise ValueError(f"{len(in_b)} input ranges, {len(out_b)} output ranges and rank {rank} do not fit")
-    needs = [np.unique(t[a:b]) for a, b in out_b]  # each rank's input pixels, sorted
+    needs = [torch.unique(t[a:b]) for a, b in out_b]  # each rank's input pixels, sorted
+    owners = [_owners(need, in_b) for need in needs]
+    total_rows = sum(int((own != r).sum()) for r, own in enumerate(owners))
     my_start, my_stop = in_b[rank]
 
-    # What every rank receives from whom (rank q sends rank r: needs[r] inside q's range).
-    total_rows = sum(int(np.count_nonzero(_owners(need, in_b) != r)) for r, need in enumerate(needs))
+    # Rank q is sent the pixels of needs[q] inside this rank's range, ascending.
     send_parts, send_counts = [], []
     for q in range(p):
-        if q == rank:
-            send_counts.append(0)
-            continue
-        need = needs[q]
-        mine = need[(need >= my_start) & (need < my_stop)]
+        mine = needs[q][owners[q] == rank] if q != rank else needs[q][:0]
         send_parts.append(mine - my_start)
-        send_counts.append(int(mine.size))
-    send_indices = np.concatenate(send_parts) if send_parts else np.zeros(0, np.int64)
+        send_counts.append(int(mine.numel()))
 
-    need = needs[rank]
-    owners = _owners(need, in_b)
-    remote = need[owners != rank]
-    recv_counts = [0 if q == rank else int(np.count_nonzero(owners == q)) for q in range(p)]
     # Received rows arrive grouped by source rank, each group ascending: that is `remote` itself.
+    remote = needs[rank][owners[rank] != rank]
+    recv_counts = [0 if q == rank else int((owners[rank] == q).sum()) for q in range(p)]
     n_local = my_stop - my_start
     out_start, out_stop = out_b[rank]
     rows = t[out_start:out_stop]
-    local = np.where((rows >= my_start) & (rows < my_stop), rows - my_start,
-                     n_local + np.searchsorted(remote, rows))
+    own = (rows >= my_start) & (rows < my_stop)
+    local = torch.where(own, rows - my_start, n_local + torch.searchsorted(remote, rows))
     return HaloPlan(
         rank=rank, world_size=p, in_bounds=in_b, out_bounds=out_b,
-        send_indices=torch.from_numpy(np.ascontiguousarray(send_indices, dtype=np.int64)),
-        send_counts=tuple(send_counts), recv_counts=tuple(recv_counts),
-        local_table=torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64)),
-        recv_pixels=torch.from_numpy(np.ascontiguousarray(remote, dtype=np.int64)),
+        send_indices=torch.cat(send_parts), send_counts=tuple(send_counts),
+        recv_counts=tuple(recv_counts), local_table=local.contiguous(), recv_pixels=remote,
         total_rows=total_rows,
     )
 
@@ -250,9 +242,10 @@ def halo_summary(table: Tensor, n_in: int, world_size: int,
 
 
 def table_crc(table: Tensor) -> int:
-    """CRC-32 of a table's int64 values (the cross-rank agreement on the table)."""
-    data = np.ascontiguousarray(table.detach().to("cpu", torch.int64).numpy())
-    return zlib.crc32(np.array(data.shape, dtype=np.int64).tobytes() + data.tobytes())
+    """CRC-32 of a table's shape and int64 values (the cross-rank agreement on the table)."""
+    data = table.detach().to("cpu", torch.int64).contiguous()
+    raw = ctypes.string_at(data.data_ptr(), data.numel() * 8) if data.numel() else b""
+    return zlib.crc32(raw, zlib.crc32(repr(tuple(data.shape)).encode()))
 
 
 # --------------------------------------------------------------------------------------------
