@@ -5,7 +5,7 @@
   ``idx_flow.utils.compute_connection_indices``, nside 4 -> 2 -> 1 -> 2 -> 4);
 - a SpatialViT with two transformer blocks.
 
-On real gloo ranks (world 1..5, uneven shards) each rank also runs the unconverted model on the
+On real gloo ranks (world 2, 3, 5: uneven shards) each rank also runs the unconverted model on the
 full field. Compared at relative error 1e-10: output, input gradient, every parameter gradient
 after ``sync_gradients``, the BatchNorm running statistics, and the parameters after one SGD step
 (followed by a second forward). Needs the sharded reductions (``reductions.py``) and an attention
@@ -60,7 +60,7 @@ def _encoder_decoder() -> nn.Module:
     up, up_dist = _table(1, 2, 4)
     up2, _ = _table(2, 4, 4)
     return nn.Sequential(
-        idx_flow.SpatialConv(48, down, filters=8),
+        idx_flow.SpatialConv(48, down, filters=8, bias=False),  # a bias before BN has ~0 grad
         idx_flow.SpatialBatchNorm(8),
         nn.GELU(),
         idx_flow.SpatialPooling(12, pool, pool_type="max"),
@@ -137,7 +137,7 @@ def _ranks_models(rank: int, world: int) -> dict:
     return results
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("world", [2, 3, 5])  # world 1 and 4: test_idx_flow_gather.py
 def test_whole_models_match_idx_flow(world: int) -> None:
     results = run_ranks(_ranks_models, world, timeout=180.0)
     for rank, res in enumerate(results):
