@@ -67,7 +67,7 @@ __all__ = ["HaloExchanger", "HaloPlan", "halo_exchange", "halo_summary", "plan_h
 Bounds = Sequence[tuple[int, int]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HaloPlan:
     """What one rank sends, receives and reads for one table and one pair of shard plans.
 
