@@ -84,6 +84,8 @@ def test_refuses_lazy_parameters_and_batch_norm_mlp() -> None:
         convert_model(gmlp)
     with pytest.raises(ValueError, match="strategy"):
         convert_model(_conv(), strategy="nope")
+    with pytest.raises(ValueError, match="'auto'"):
+        convert_model(_conv(), strategy="hybrid")
 
 
 def test_one_process_equals_the_layer() -> None:

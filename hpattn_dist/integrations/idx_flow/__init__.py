@@ -144,7 +144,7 @@ def convert_model(
         process_group: the sequence-parallel group (None: the default group, or one process
             when ``torch.distributed`` is not initialised).
         strategy: attention strategy for the attention layers (``"auto"``, ``"ring"``,
-            ``"ulysses"``, ``"hybrid"``).
+            ``"ulysses"``; ``"hybrid"`` is refused: ``"auto"`` picks it with its degree).
         strict: raise when a module is neither converted nor known to act per pixel.
         pixelwise: your own module types (exact types) whose forward acts per pixel or only
             composes children per pixel (e.g. your model's root class); their children are
@@ -157,9 +157,14 @@ def convert_model(
         ValueError: with ``strict``, naming every module (qualified name and type) that is
             neither converted nor per-pixel; a layer whose parameters do not exist yet; a layer
             the converters cannot shard exactly (e.g. ``SpatialMLP(use_batch_norm=True)``); an
-            unknown ``strategy``; ``pixelwise`` not a sequence of types.
+            unknown ``strategy`` or ``"hybrid"``; ``pixelwise`` not a sequence of types.
     """
     check_strategy_name(strategy)
+    if strategy == "hybrid":
+        raise ValueError(
+            "convert_model: strategy='hybrid' needs a Ulysses degree per layer; pass 'auto' (it "
+            "chooses hybrid with the best degree when that sends fewest bytes), 'ring' or 'ulysses'"
+        )
     if isinstance(pixelwise, type) or not all(isinstance(t, type) for t in pixelwise):
         raise ValueError(f"pixelwise must be a sequence of module types, got {pixelwise!r}")
     info = resolve_group(process_group, "process_group")
