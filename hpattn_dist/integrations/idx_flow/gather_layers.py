@@ -154,8 +154,8 @@ def check_convertible(module: nn.Module, name: str) -> None:
     """
     if getattr(module, "_initialized", True) is False:
         raise ValueError(
-            f"{type(module).__name__} {name or '(root)'!r} has not created its parameters yet (idx-flow creates "
-            "them on the first forward): run one forward of the unconverted model on a full-size "
+            f"{type(module).__name__} {name or '(root)'!r} has not created its parameters yet "
+            "(idx-flow creates them on the first forward): run one forward of the unconverted model on a full-size "
             "input (with the same seed on every rank, or load the same checkpoint afterwards), "
             "then convert_model"
         )
