@@ -163,8 +163,9 @@ def test_gather_layers_match_idx_flow(world: int) -> None:
             assert max(res["params"].values(), default=0.0) <= RTOL, (where, res["params"])
             assert res["names_kept"], where
             assert res["bytes"] == res["bytes_expected"], (where, res["bytes"], res["bytes_expected"])
-    if world > 1:  # the exchange did run
-        assert all(sum(res["bytes"][0] for res in per_rank) > 0 for per_rank in zip(*results))
+    if world > 1:  # the exchange did run (a k = 9 convolution reads across every shard edge)
+        for case in (0, 1):
+            assert all(per_rank[case]["bytes"][0] > 0 for per_rank in results)
 
 
 def _ranks_extras(rank: int, world: int) -> dict:
