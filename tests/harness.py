@@ -188,7 +188,9 @@ def _context() -> multiprocessing.context.BaseContext:
         # no tensor op run yet), and each rank is a fork of it: ~0.1 s per rank instead of ~1.5 s.
         # The preload list is process-global; the server inherits the environment of the first
         # run_ranks call, in which OMP_NUM_THREADS=1 is set.
-        ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        # idx_flow (healpy, scikit-learn: seconds to import) too; a module that is not installed
+        # is skipped by multiprocessing.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, "idx_flow"])
     return ctx
 
 
