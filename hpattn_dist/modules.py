@@ -285,7 +285,9 @@ def _layer_spec(layer: nn.Module, path: str) -> dict:
     where = f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__})"
     embed_dim, num_heads = layer.embed_dim, layer.num_heads
     if not all(isinstance(v, int) and v > 0 for v in (embed_dim, num_heads)) or embed_dim % num_heads:
-        raise ValueError(f"{where}: embed_dim={embed_dim!r} must be a multiple of num_heads={num_heads!r} > 0")
+        raise ValueError(
+            f"{where}: embed_dim={embed_dim!r} must be a multiple of num_heads={num_heads!r} > 0"
+        )
     qkv, out = layer.qkv_proj, layer.out_proj
     if not (isinstance(qkv, nn.Linear) and qkv.in_features == embed_dim
             and qkv.out_features == 3 * embed_dim):

@@ -4,8 +4,9 @@ Reference: the UNCONVERTED idx-flow module in float64 on the full field, compute
 process. Each rank feeds its range ``shard_bounds(N, P)[r]`` (uneven for N % P != 0) to the
 converted module; the gathered outputs, input gradients, the sum over ranks of the parameter
 gradients and (BatchNorm / InstanceNorm) the running stats must match to 1e-10 relative, on
-groups of P = 1..5 ranks (subgroups of one world of 5, and the default group) and nside 2..4. Dropouts draw from another random stream than idx-flow, so they are
-checked for what holds (Note [pixel dropout on shards]): the sharded run equals the converted
+groups of P = 1..5 ranks (subgroups of one world of 5, and the default group), nside 2..4, empty
+shards included. Dropouts draw from another random stream than idx-flow, so they are checked for
+what holds (Note [pixel dropout on shards]): the sharded run equals the converted
 module at P = 1 bitwise, the mask has the layer's structure, and its keep rate is 1 - p.
 
 Also: two ``idx_flow.SpatialTransformerBlock`` s converted with ``convert_spatial_attention`` on
@@ -310,6 +311,17 @@ def test_dropout_masks_have_their_structure_and_rate() -> None:
     assert channel(x) is x
 
 
+def test_norms_in_float32_single_process() -> None:
+    """float32 statistics (two passes, as torch) stay at rounding level against idx-flow."""
+    x = torch.randn(3, 48, 8) * 2 + 5
+    for module in (idx_flow.SpatialBatchNorm(8), idx_flow.SpatialInstanceNorm(8, affine=True),
+                   idx_flow.SpatialGroupNorm(4, 8)):
+        _randomise(module, torch.Generator().manual_seed(0))
+        ref = module(x)
+        out = _convert_all(module)(x)
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-5, type(module).__name__
+
+
 # --------------------------------------------------------------------------------------------
 # SpatialTransformerBlock: attention converted, per-pixel parts untouched (issue 14's failure)
 # --------------------------------------------------------------------------------------------
@@ -409,6 +421,9 @@ def test_attention_converter_refuses() -> None:
     mismatched.dropout.p = 0.2
     with pytest.raises(ValueError, match="dropout"):
         convert_spatial_attention(mismatched)
+
+    with pytest.raises(ValueError, match="attn_backend"):  # idx-flow runs SDPA for any other name
+        convert_spatial_attention(idx_flow.SpatialSelfAttention(8, 2, attn_backend="flash"))
 
     with pytest.raises(ValueError, match="dropout"):  # the distributed layer needs p < 1
         convert_spatial_attention(idx_flow.SpatialSelfAttention(8, 2, dropout=1.0))

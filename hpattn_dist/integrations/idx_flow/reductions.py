@@ -309,7 +309,9 @@ class ShardedSqueeze(nn.Module):
     def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
         if module.reduction not in _REDUCTIONS:
-            raise ValueError(f"Squeeze: unknown reduction {module.reduction!r}, expected one of {_REDUCTIONS}")
+            raise ValueError(
+                f"Squeeze: unknown reduction {module.reduction!r}, expected one of {_REDUCTIONS}"
+            )
         self.reduction = module.reduction
         self.process_group = process_group
         self.train(module.training)
@@ -427,7 +429,8 @@ class ShardedChannelDropout(_ShardedPixelDropout):
     _what = "ChannelDropout"
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
-        return keep_mask(DropoutSpec(spec.p, spec.seed), batch, 1, 1, channels, device).view(batch, 1, channels)
+        mask = keep_mask(DropoutSpec(spec.p, spec.seed), batch, 1, 1, channels, device)  # [B, 1, 1, C]
+        return mask.view(batch, 1, channels)
 
 
 class ShardedSpatialDropout(_ShardedPixelDropout):
