@@ -39,11 +39,14 @@ class ShardContext:
             :func:`hpattn_dist.modules.convert_spatial_attention` and collectives.
         strategy: the attention strategy name passed to ``convert_model`` (``"auto"``, ``"ring"``,
             ``"ulysses"``, ``"hybrid"``).
+        name: qualified name of the module being converted (``"blocks.0.attn"``; ``""`` for the
+            root), for error messages; ``convert_model`` passes each converter its own.
     """
 
     info: GroupInfo
     process_group: Optional[dist.ProcessGroup]
     strategy: str = "auto"
+    name: str = ""
 
 
 Converter = Callable[[nn.Module, ShardContext], nn.Module]
