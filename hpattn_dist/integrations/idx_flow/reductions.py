@@ -36,8 +36,9 @@ shard on any rank raises the same ``ValueError`` on every rank, and the same all
 ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed.
 
 The converted modules keep the idx-flow module's submodules (``bn``, ``instance_norm``, ``gn``),
-so parameter and buffer names, ``state_dict`` and optimizer state carry over. Importing this
-module does not import idx_flow; :func:`converters` does.
+so parameter and buffer names, ``state_dict`` and optimizer state carry over. The classes here
+do not need idx_flow (they read the idx-flow module's attributes); :func:`converters` imports it
+for the registry's keys. ``hpattn_dist`` itself never imports this package.
 
 Legend: B batch, N pixels of the layer's grid, N_r pixels on group rank r, P group size,
 C channels, G groups.
@@ -482,8 +483,8 @@ def converters() -> dict[type, Callable[[nn.Module, ShardContext], nn.Module]]:
 
 
 def __getattr__(name: str) -> Any:
-    # ``CONVERTERS`` is built on first access (PEP 562), so that importing this module does not
-    # import idx_flow.
+    # ``CONVERTERS`` is built on first access (PEP 562): the classes above stay usable without
+    # idx_flow.
     if name == "CONVERTERS":
         return converters()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
