@@ -322,6 +322,25 @@ def test_norms_in_float32_single_process() -> None:
         assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-5, type(module).__name__
 
 
+def test_errors_name_the_layer_and_its_place() -> None:
+    from hpattn_dist.comm.groups import resolve_group
+    from hpattn_dist.integrations.idx_flow.context import ShardContext
+    from hpattn_dist.integrations.idx_flow.reductions import converters
+
+    ctx = ShardContext(info=resolve_group(None), process_group=None, name="enc.norm")
+    bn = converters()[idx_flow.SpatialBatchNorm](idx_flow.SpatialBatchNorm(4), ctx)
+    with pytest.raises(ValueError, match="SpatialBatchNorm 'enc.norm': expected 4 channels"):
+        bn(torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="SpatialBatchNorm 'enc.norm': expected more than 1 value"):
+        bn(torch.randn(1, 1, 4))
+    squeeze = idx_flow.Squeeze("median")
+    with pytest.raises(ValueError, match="Squeeze 'enc.norm': unknown reduction 'median'"):
+        converters()[idx_flow.Squeeze](squeeze, ctx)
+    unsqueeze = converters()[idx_flow.Unsqueeze](idx_flow.Unsqueeze(48), ctx)
+    with pytest.raises(ValueError, match=r"Unsqueeze 'enc.norm': expected a tensor \[B, C\]"):
+        unsqueeze(torch.randn(2, 3, 4))
+
+
 # --------------------------------------------------------------------------------------------
 # SpatialTransformerBlock: attention converted, per-pixel parts untouched (issue 14's failure)
 # --------------------------------------------------------------------------------------------

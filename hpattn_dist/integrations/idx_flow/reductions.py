@@ -147,6 +147,19 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return y
 
 
+class _Sharded(nn.Module):
+    """Common state of the converted modules: the group, the training mode and a name for errors."""
+
+    _kind = ""
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup], name: str) -> None:
+        super().__init__()
+        self.process_group = process_group
+        # Errors name the layer and (from convert_model's ctx.name) where it sits in the model.
+        self._what = f"{self._kind} {name!r}" if name else self._kind
+        self.training = module.training
+
+
 @torch.no_grad()
 def _update_running(running: Tensor, value: Tensor, factor: float) -> None:
     running.mul_(1.0 - factor).add_(value.to(running.dtype), alpha=factor)
@@ -157,7 +170,7 @@ def _update_running(running: Tensor, value: Tensor, factor: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class ShardedSpatialBatchNorm(nn.Module):
+class ShardedSpatialBatchNorm(_Sharded):
     """idx-flow ``SpatialBatchNorm`` on a sharded field: statistics over (B, N) of every rank.
 
     Holds the idx-flow module's ``bn`` (an ``nn.BatchNorm1d``): same parameters, buffers and
@@ -175,11 +188,12 @@ class ShardedSpatialBatchNorm(nn.Module):
             B, C or dtype, or a single value per channel in training (as torch).
     """
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    _kind = "SpatialBatchNorm"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         self.bn = module.bn
-        self.process_group = process_group
-        self.train(module.training)
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn
@@ -187,11 +201,11 @@ class ShardedSpatialBatchNorm(nn.Module):
         if not batch_stats:
             return bn(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, "SpatialBatchNorm", x, bn.num_features)
+        sizes = _pixel_counts(info, self._what, x, bn.num_features)
         count = x.shape[0] * sum(sizes)
         if count <= 1:
             raise ValueError(
-                f"SpatialBatchNorm: expected more than 1 value per channel when training, got "
+                f"{self._what}: expected more than 1 value per channel when training, got "
                 f"B={x.shape[0]} and N={sum(sizes)} pixels over {info.world_size} ranks"
             )
         acc = acc_dtype(x.dtype)
@@ -209,7 +223,7 @@ class ShardedSpatialBatchNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class ShardedSpatialInstanceNorm(nn.Module):
+class ShardedSpatialInstanceNorm(_Sharded):
     """idx-flow ``SpatialInstanceNorm`` on a sharded field: statistics per (b, c) over ALL pixels.
 
     Holds the idx-flow module's ``instance_norm`` (an ``nn.InstanceNorm1d``). With input stats
@@ -224,11 +238,12 @@ class ShardedSpatialInstanceNorm(nn.Module):
             single pixel with input stats (as torch).
     """
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    _kind = "SpatialInstanceNorm"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         self.instance_norm = module.instance_norm
-        self.process_group = process_group
-        self.train(module.training)
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.instance_norm
@@ -236,11 +251,11 @@ class ShardedSpatialInstanceNorm(nn.Module):
             return norm(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
         info = resolve_group(self.process_group)
         checked = norm.num_features if (norm.affine or norm.track_running_stats) else None
-        sizes = _pixel_counts(info, "SpatialInstanceNorm", x, checked)
+        sizes = _pixel_counts(info, self._what, x, checked)
         count = sum(sizes)
         if count <= 1:
             raise ValueError(
-                f"SpatialInstanceNorm: expected more than 1 spatial element when training, got "
+                f"{self._what}: expected more than 1 spatial element when training, got "
                 f"N={count} pixels over {info.world_size} ranks"
             )
         acc = acc_dtype(x.dtype)
@@ -255,7 +270,7 @@ class ShardedSpatialInstanceNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class ShardedSpatialGroupNorm(nn.Module):
+class ShardedSpatialGroupNorm(_Sharded):
     """idx-flow ``SpatialGroupNorm`` on a sharded field: statistics per (b, group) over ALL pixels.
 
     Holds the idx-flow module's ``gn`` (an ``nn.GroupNorm``): the mean and biased variance of
@@ -267,16 +282,17 @@ class ShardedSpatialGroupNorm(nn.Module):
         ValueError: on every rank, for a bad shard (see :class:`ShardedSpatialBatchNorm`).
     """
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    _kind = "SpatialGroupNorm"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         self.gn = module.gn
-        self.process_group = process_group
-        self.train(module.training)
 
     def forward(self, x: Tensor) -> Tensor:
         gn = self.gn
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, "SpatialGroupNorm", x, gn.num_channels)
+        sizes = _pixel_counts(info, self._what, x, gn.num_channels)
         batch, n_local, channels = x.shape
         groups = gn.num_groups
         per_group = channels // groups
@@ -294,7 +310,7 @@ class ShardedSpatialGroupNorm(nn.Module):
 _REDUCTIONS = ("mean", "max", "sum")
 
 
-class ShardedSqueeze(nn.Module):
+class ShardedSqueeze(_Sharded):
     """idx-flow ``Squeeze`` on a sharded field: ``[B, N_r, C] -> [B, C]``, replicated.
 
     ``mean`` and ``sum`` all-reduce the local sums (mean divides by the GLOBAL N). ``max`` finds
@@ -307,28 +323,29 @@ class ShardedSqueeze(nn.Module):
         ValueError: on every rank, for a bad shard, or ``max`` over no pixel at all.
     """
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    _kind = "Squeeze"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         if module.reduction not in _REDUCTIONS:
             raise ValueError(
-                f"Squeeze: unknown reduction {module.reduction!r}, expected one of {_REDUCTIONS}"
+                f"{self._what}: unknown reduction {module.reduction!r}, expected one of {_REDUCTIONS}"
             )
         self.reduction = module.reduction
-        self.process_group = process_group
-        self.train(module.training)
 
     def extra_repr(self) -> str:
         return f"reduction='{self.reduction}'"
 
     def forward(self, x: Tensor) -> Tensor:
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, "Squeeze", x)
+        sizes = _pixel_counts(info, self._what, x)
         if self.reduction == "sum":
             return all_reduce_sum(x.sum(dim=1), info, _LABEL)
         if self.reduction == "mean":
             return all_reduce_sum(x.sum(dim=1), info, _LABEL) / sum(sizes)
         if sum(sizes) == 0:
-            raise ValueError("Squeeze: reduction='max' over a field of 0 pixels")
+            raise ValueError(f"{self._what}: reduction='max' over a field of 0 pixels")
         return _sharded_max(x, info)
 
 
@@ -349,7 +366,7 @@ def _sharded_max(x: Tensor, info: GroupInfo) -> Tensor:
     return all_reduce_sum(torch.where(owner, local, torch.zeros_like(local)), info, _LABEL)
 
 
-class ShardedUnsqueeze(nn.Module):
+class ShardedUnsqueeze(_Sharded):
     """idx-flow ``Unsqueeze`` on a sharded field: ``[B, C] -> [B, N_r, C]``.
 
     The replicated vector is broadcast to this rank's range ``shard_bounds(num_points, P)[r]`` of
@@ -360,18 +377,20 @@ class ShardedUnsqueeze(nn.Module):
         ValueError: the input is not ``[B, C]``.
     """
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    _kind = "Unsqueeze"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         self.num_points = module.num_points
-        self.process_group = process_group
-        self.train(module.training)
 
     def extra_repr(self) -> str:
         return f"num_points={self.num_points}"
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"Unsqueeze: expected a tensor [B, C], got {getattr(x, 'shape', type(x))}")
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self._what}: expected a tensor [B, C], got {shape}")
         info = resolve_group(self.process_group)
         start, stop = shard_bounds(self.num_points, info.world_size)[info.rank]
         return x.unsqueeze(1).expand(-1, stop - start, -1)
@@ -388,16 +407,13 @@ def _check_p(p: Any, what: str) -> float:
     return float(p)
 
 
-class _ShardedPixelDropout(nn.Module):
+class _ShardedPixelDropout(_Sharded):
     """Shared body of the two dropouts: agree on a seed, build the keyed mask, scale."""
 
-    _what = ""
-
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> None:
-        super().__init__()
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
         self.p = _check_p(module.p, self._what)
-        self.process_group = process_group
-        self.train(module.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -427,7 +443,7 @@ class ShardedChannelDropout(_ShardedPixelDropout):
     rank 0's draw (Note [pixel dropout on shards]). Shape: ``[B, N_r, C] -> [B, N_r, C]``.
     """
 
-    _what = "ChannelDropout"
+    _kind = "ChannelDropout"
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         mask = keep_mask(DropoutSpec(spec.p, spec.seed), batch, 1, 1, channels, device)  # [B, 1, 1, C]
@@ -442,7 +458,7 @@ class ShardedSpatialDropout(_ShardedPixelDropout):
     on shards]). Shape: ``[B, N_r, C] -> [B, N_r, C]``.
     """
 
-    _what = "SpatialDropout"
+    _kind = "SpatialDropout"
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         return keep_mask(spec, batch, 1, n_local, 1, device).view(batch, n_local, 1)
@@ -455,7 +471,7 @@ class ShardedSpatialDropout(_ShardedPixelDropout):
 
 def _converter(cls: type) -> Callable[[nn.Module, ShardContext], nn.Module]:
     def convert(module: nn.Module, ctx: ShardContext) -> nn.Module:
-        return cls(module, ctx.process_group)
+        return cls(module, ctx.process_group, ctx.name)
 
     convert.__name__ = convert.__qualname__ = f"convert_to_{cls.__name__}"
     return convert
