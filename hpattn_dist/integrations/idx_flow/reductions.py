@@ -26,7 +26,7 @@ idx-flow layer           sharded version                             communicati
 
 The outputs of ``Squeeze`` (and the stats) are replicated over the group; their gradients follow
 Note [replicated activations] in :mod:`hpattn_dist.comm.all_reduce`: partial per rank, summed by
-the all-reduce's adjoint, so a ``Squeeze -> GlobalMLP -> Unsqueeze`` bottleneck is exact after
+the all-reduce's adjoint, so a ``Squeeze -> nn.Linear -> Unsqueeze`` bottleneck is exact after
 :func:`~hpattn_dist.grad_sync.sync_gradients`. A loss computed on a replicated tensor (e.g. a
 classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it.
 
@@ -35,10 +35,12 @@ Every call that communicates first runs its local input checks inside one
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
 ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed.
 
-The converted modules keep the idx-flow module's submodules (``bn``, ``instance_norm``, ``gn``),
-so parameter and buffer names, ``state_dict`` and optimizer state carry over. The classes here
-do not need idx_flow (they read the idx-flow module's attributes); :func:`converters` imports it
-for the registry's keys. ``hpattn_dist`` itself never imports this package.
+Each converted module is built as ``ShardedX(module, process_group=None, name="")`` (``name``: the
+layer's place in the model, for error messages), directly or through :func:`converters`'
+``converter(module, ctx)``. It keeps the idx-flow module's submodules (``bn``, ``instance_norm``,
+``gn``), so parameter and buffer names, ``state_dict`` and optimizer state carry over. The
+classes here do not need idx_flow (they read the idx-flow module's attributes); :func:`converters`
+imports it for the registry's keys. ``hpattn_dist`` itself never imports this package.
 
 Legend: B batch, N pixels of the layer's grid, N_r pixels on group rank r, P group size,
 C channels, G groups.
