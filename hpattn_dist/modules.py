@@ -169,6 +169,11 @@ def convert_spatial_attention(
 ) -> nn.Module:
     """Replace every :class:`SpatialSelfAttention` in ``module`` by a distributed layer.
 
+    Recognised layers (Note [which layers convert]): this package's
+    :class:`~hpattn_dist.oracle.SpatialSelfAttention`, idx-flow's ``SpatialSelfAttention`` (for
+    instance inside ``idx_flow.SpatialTransformerBlock`` or ``SpatialViT``), a copy of that class
+    (the seed layer) and subclasses that keep its ``forward``; idx-flow is never imported.
+
     Modelled on :func:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: returns the converted
     module (``module`` itself when it is not an attention layer, its children converted in place).
     The new layer takes over the SAME ``qkv_proj`` / ``out_proj`` submodules (hence the same
@@ -178,7 +183,7 @@ def convert_spatial_attention(
     are left unchanged.
 
     Args:
-        module: a model containing :class:`SpatialSelfAttention` layers (or one such layer).
+        module: a model containing ``SpatialSelfAttention`` layers (or one such layer).
         process_group: the sequence-parallel group for every converted layer (None: default).
         strategy: registered strategy name for every converted layer. Default: ``"auto"``.
         attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
@@ -191,7 +196,11 @@ def convert_spatial_attention(
 
     Raises:
         ValueError: unknown ``strategy`` or ``attn_backend``; ``ulysses_degree`` missing for
-            ``"hybrid"``, given for another strategy, or not a positive int.
+            ``"hybrid"``, given for another strategy, or not a positive int; ``module`` holds no
+            attention layer at all (nothing to convert); a layer breaks the contract (its
+            projections' shapes, a dropout or scale its two backends disagree on, an
+            ``attn_backend`` or ``dropout`` the distributed layer lacks) or has the attention's
+            attributes but a ``forward`` of its own (both named, with their path).
 
     Example::
 
@@ -201,7 +210,15 @@ def convert_spatial_attention(
     if attn_backend is not None and attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
     options = {"strategy": strategy, "ulysses_degree": ulysses_degree}
-    return _convert(module, process_group, options, attn_backend)
+    found: list[str] = []
+    converted = _convert(module, process_group, options, attn_backend, "", found)
+    if not found:
+        raise ValueError(
+            f"convert_spatial_attention: {type(module).__qualname__} holds no SpatialSelfAttention "
+            "layer (this package's, idx-flow's or a copy of the seed layer), so nothing was "
+            "converted and the model would attend within each rank's shard only"
+        )
+    return converted
 
 
 def _check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
@@ -222,36 +239,101 @@ def _convert(
     process_group: Optional[dist.ProcessGroup],
     options: dict,
     attn_backend: Optional[str],
+    path: str,
+    found: list[str],
 ) -> nn.Module:
-    if isinstance(module, SpatialSelfAttention) and not isinstance(
-        module, DistributedSpatialSelfAttention
-    ):
-        return _convert_layer(module, process_group, options, attn_backend)
+    if isinstance(module, DistributedSpatialSelfAttention):
+        found.append(path)
+        return module
+    if _has_seed_forward(module):
+        found.append(path)
+        return _convert_layer(module, process_group, options, attn_backend, path)
+    if all(hasattr(module, name) for name in ("qkv_proj", "out_proj", "num_heads")):
+        raise ValueError(
+            f"convert_spatial_attention: {path or 'the model'} ({type(module).__qualname__}) has the "
+            "attributes of SpatialSelfAttention but its own forward, which the distributed layer "
+            "cannot be shown to compute; convert it by hand or keep SpatialSelfAttention.forward"
+        )
     for name, child in module.named_children():
-        converted = _convert(child, process_group, options, attn_backend)
+        converted = _convert(child, process_group, options, attn_backend,
+                             f"{path}.{name}" if path else name, found)
         if converted is not child:
             module.add_module(name, converted)
     return module
 
 
+def _has_seed_forward(module: nn.Module) -> bool:
+    """True when ``module`` runs a ``SpatialSelfAttention`` forward.
+
+    Note [which layers convert]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    A layer converts when the ``forward`` it runs is defined by a class named
+    ``SpatialSelfAttention``: this package's oracle, idx-flow's (``idx_flow.attention``, the same
+    code as the seed layer: fused ``qkv_proj``, heads split by ``reshape(B, N, 3, H, D)``, scale
+    ``D ** -0.5``, dropout on the normalised weights, backends auto/sdpa/manual) or a user's copy of
+    the seed. The class is matched by name, not imported, so idx-flow stays optional. A subclass
+    that overrides ``forward`` computes something else and is refused (see :func:`_convert`).
+    """
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__name__ == "SpatialSelfAttention"
+    return False
+
+
+def _layer_spec(layer: nn.Module, path: str) -> dict:
+    """The constructor arguments of ``layer``, after checking it honours the seed's contract."""
+    where = f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__})"
+    embed_dim, num_heads = layer.embed_dim, layer.num_heads
+    if not all(isinstance(v, int) and v > 0 for v in (embed_dim, num_heads)) or embed_dim % num_heads:
+        raise ValueError(
+            f"{where}: embed_dim={embed_dim!r} must be a multiple of num_heads={num_heads!r} > 0"
+        )
+    qkv, out = layer.qkv_proj, layer.out_proj
+    if not (isinstance(qkv, nn.Linear) and qkv.in_features == embed_dim
+            and qkv.out_features == 3 * embed_dim):
+        raise ValueError(f"{where}: qkv_proj must be Linear({embed_dim}, {3 * embed_dim}), got {qkv}")
+    if not (isinstance(out, nn.Linear) and out.in_features == embed_dim and out.out_features == embed_dim):
+        raise ValueError(f"{where}: out_proj must be Linear({embed_dim}, {embed_dim}), got {out}")
+    head_dim = embed_dim // num_heads
+    if getattr(layer, "head_dim", head_dim) != head_dim or getattr(layer, "scale", None) not in (
+        None, head_dim**-0.5
+    ):
+        raise ValueError(
+            f"{where}: head_dim={getattr(layer, 'head_dim', None)} and scale="
+            f"{getattr(layer, 'scale', None)} differ from embed_dim // num_heads = {head_dim} and "
+            "its ** -0.5 (the SDPA backend would ignore a changed scale, the manual one use it)"
+        )
+    module_p = getattr(layer.dropout, "p", None)
+    dropout_p = getattr(layer, "_dropout_p", module_p)
+    if module_p is not None and module_p != dropout_p:
+        raise ValueError(
+            f"{where}: dropout.p={module_p} but _dropout_p={dropout_p}: its manual and SDPA "
+            "backends drop with different probabilities"
+        )
+    return {"embed_dim": embed_dim, "num_heads": num_heads, "dropout": dropout_p,
+            "bias": qkv.bias is not None, "attn_backend": layer.attn_backend}
+
+
 def _convert_layer(
-    layer: SpatialSelfAttention,
+    layer: nn.Module,
     process_group: Optional[dist.ProcessGroup],
     options: dict,
     attn_backend: Optional[str],
+    path: str,
 ) -> DistributedSpatialSelfAttention:
+    spec = _layer_spec(layer, path)
+    if attn_backend is not None:
+        spec["attn_backend"] = attn_backend
     # Built on the meta device: no allocation and no draw from the RNG for the throw-away
     # projections, which are replaced by the layer's own submodules right after.
-    with torch.device("meta"):
-        new = DistributedSpatialSelfAttention(
-            layer.embed_dim,
-            layer.num_heads,
-            dropout=layer._dropout_p,
-            bias=layer.qkv_proj.bias is not None,
-            attn_backend=layer.attn_backend if attn_backend is None else attn_backend,
-            process_group=process_group,
-            **options,
-        )
+    try:
+        with torch.device("meta"):
+            new = DistributedSpatialSelfAttention(**spec, process_group=process_group, **options)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__}) cannot be "
+            f"converted: {err}"
+        ) from err
     new.qkv_proj = layer.qkv_proj
     new.out_proj = layer.out_proj
     new.dropout = layer.dropout
