@@ -15,13 +15,15 @@ the full field, forward and backward. Every grid inside the model is split the s
 - index-gather layers (``SpatialConv``, ``SpatialTransposeConv``, ``SpatialUpsampling``,
   ``SpatialPatchEmbedding``, ``SpatialMLP``, ``SpatialPooling``): a halo exchange
   (:mod:`hpattn_dist.comm.halo`) of the input rows the rank's outputs read, then the layer's own
-  math (:mod:`.gather_layers`);
+  math (:mod:`.gather_layers`); an MLP's batch norms and dropouts as below;
 - ``SpatialViT``: its pixel-indexed ``pos_embed`` is read on the rank's output rows (gradients
   right after :func:`hpattn_dist.grad_sync.sync_gradients`);
 - ``SpatialSelfAttention`` (also inside ``SpatialTransformerBlock``): the distributed attention
   of :func:`hpattn_dist.modules.convert_spatial_attention` with ``strategy``;
-- statistics over pixels and dropout masks spanning pixels: the converters of :mod:`.reductions`
-  when present;
+- statistics over pixels and dropout masks (``SpatialBatchNorm``, ..., ``ChannelDropout``,
+  ``SpatialDropout``, ``nn.Dropout``, and the batch norms and dropouts inside ``GlobalMLP`` /
+  ``SpatialMLP``): the converters of :mod:`.reductions`, masks keyed by global position so that
+  training with dropout gives the same result at every P;
 - per-pixel modules (:data:`PIXELWISE`) and containers (:data:`CONTAINERS`) stay as they are.
 """
 
@@ -47,18 +49,19 @@ from hpattn_dist.strategies import check_strategy_name
 __all__ = ["CONTAINERS", "CONVERTERS", "PIXELWISE", "ShardContext", "convert_model"]
 
 PIXELWISE: frozenset = frozenset({
-    idx_flow.SpatialLayerNorm, idx_flow.GlobalMLP,
-    nn.Linear, nn.Bilinear, nn.Identity, nn.Dropout, nn.AlphaDropout,
+    idx_flow.SpatialLayerNorm,
+    nn.Linear, nn.Bilinear, nn.Identity,
     nn.ReLU, nn.ReLU6, nn.SELU, nn.CELU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.ELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
 })
 """Module types whose forward acts on each pixel of ``[B, N, C]`` on its own (exact type match).
 
-``nn.Dropout`` draws its mask per element, so sharded training draws other (identically
-distributed) masks than one device would. ``nn.LayerNorm`` / ``nn.RMSNorm`` count as per-pixel
-only over the last dim (one-element ``normalized_shape``); ``GlobalMLP`` / ``SpatialLayerNorm``
-hold such modules, which are checked too.
+``nn.LayerNorm`` / ``nn.RMSNorm`` count as per-pixel only over the last dim (one-element
+``normalized_shape``); ``SpatialLayerNorm`` holds one, which is checked too. Not here: ``nn.Dropout``
+and ``GlobalMLP`` (converted: a per-element mask drawn rank-locally would be correlated across
+ranks, Note [pixel dropout on shards] in :mod:`.reductions`); other dropouts (``nn.AlphaDropout``,
+``nn.Dropout1d``, ...) are refused under ``strict``.
 """
 
 CONTAINERS: frozenset = frozenset({
@@ -156,7 +159,7 @@ def convert_model(
     Raises:
         ValueError: with ``strict``, naming every module (qualified name and type) that is
             neither converted nor per-pixel; a layer whose parameters do not exist yet; a layer
-            the converters cannot shard exactly (e.g. ``SpatialMLP(use_batch_norm=True)``); an
+            the converters cannot shard exactly; an
             unknown ``strategy`` or ``"hybrid"``; ``pixelwise`` not a sequence of types.
     """
     check_strategy_name(strategy)

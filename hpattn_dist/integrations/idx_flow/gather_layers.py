@@ -41,6 +41,7 @@ from torch import Tensor
 from hpattn_dist.comm.halo import HaloExchanger, halo_exchange
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.integrations.idx_flow.context import ShardContext
+from hpattn_dist.integrations.idx_flow.reductions import shard_mlp_internals
 
 __all__ = ["GATHER_CONVERTERS", "HaloGatherMixin", "check_convertible", "convert_gather_layer",
            "convert_vit"]
@@ -146,11 +147,10 @@ def check_convertible(module: nn.Module, name: str) -> None:
 
     idx-flow creates the parameters of ``SpatialConv``, ``SpatialMLP``, ``GlobalMLP``, ... on the
     first forward (float32, randomly initialised); created after the conversion, they would be
-    drawn independently on each rank. ``SpatialMLP(use_batch_norm=True)`` runs a ``BatchNorm1d``
-    over pixels, which is not sharded yet.
+    drawn independently on each rank.
 
     Raises:
-        ValueError: ``module._initialized`` is False, or the ``SpatialMLP`` case above.
+        ValueError: ``module._initialized`` is False.
     """
     if getattr(module, "_initialized", True) is False:
         raise ValueError(
@@ -159,20 +159,20 @@ def check_convertible(module: nn.Module, name: str) -> None:
             "input (with the same seed on every rank, or load the same checkpoint afterwards), "
             "then convert_model"
         )
-    if type(module) is idx_flow.SpatialMLP and module.use_batch_norm:
-        raise ValueError(
-            f"SpatialMLP {name or '(root)'!r} has use_batch_norm=True: its BatchNorm1d takes statistics over "
-            "pixels, which convert_model cannot shard exactly yet"
-        )
 
 
 def convert_gather_layer(module: nn.Module, ctx: ShardContext) -> nn.Module:
     """Make an idx-flow index-gather layer run on a shard, in place (its class becomes ``Halo*``).
 
+    A ``SpatialMLP``'s batch norms and dropouts (over its ``[B * O_r, C]`` rows) become sharded
+    too (:func:`~hpattn_dist.integrations.idx_flow.reductions.shard_mlp_internals`).
+
     Raises:
         ValueError: see :func:`check_convertible`.
     """
     check_convertible(module, ctx.name)
+    if type(module) is idx_flow.SpatialMLP:
+        shard_mlp_internals(module, ctx)
     what = f"{type(module).__name__} {ctx.name or '(root)'!r}"
     module.__class__ = _SHARDED[type(module)]
     module._hp_halo = HaloExchanger(ctx.info, what)

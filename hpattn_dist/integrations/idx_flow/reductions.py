@@ -22,6 +22,11 @@ idx-flow layer           sharded version                             communicati
 ``ChannelDropout``       mask keyed by (seed, b, c), same on every   training, p > 0: one
                          rank (Note [pixel dropout on shards])       signature all_gather
 ``SpatialDropout``       mask keyed by (seed, b, GLOBAL pixel)       as ChannelDropout
+``nn.Dropout``           mask keyed by (seed, b, GLOBAL pixel, c);   as ChannelDropout (+ a
+                         a replicated ``[B, C]``: by (seed, b, c)    CRC-32 of a ``[B, C]``)
+``GlobalMLP``,           their ``BatchNorm1d`` over the ``[B * N_r,  as SpatialBatchNorm and
+``SpatialMLP``           C]`` rows as SpatialBatchNorm; their        nn.Dropout, per layer
+                         ``nn.Dropout`` as above, told B
 =======================  ==========================================  ==========================
 
 The outputs of ``Squeeze`` (and the stats) are replicated over the group; their gradients follow
@@ -62,14 +67,24 @@ idx-flow draws its masks from the default generator (``torch.bernoulli``). On sh
   shard is dropped together; and the mask changes with P. Here the decision for ``(b, pixel)`` is
   keyed by the GLOBAL pixel index: independent per pixel with keep probability ``1 - p`` (up to
   2^-32), and the same mask at every P (a run at P ranks equals the run at P = 1 bitwise).
+- ``nn.Dropout`` (one decision per element: transformer feed-forward, ``SpatialViT``'s
+  ``embed_dropout``, inside ``GlobalMLP`` / ``SpatialMLP``) has the same problem as
+  ``SpatialDropout``: ranks seeded alike draw the same mask for local index i. Here the decision
+  for ``(b, i, c)`` is keyed by the GLOBAL pixel ``i``. The MLPs apply it to ``[B * N_r, C]``
+  rows; their forward tells the dropout ``B`` so the rows are read as ``[B, N_r, C]``.
 - Neither equals the unconverted module's mask bitwise: it comes from another random stream.
   What holds is the Bernoulli(1 - p) law per decision and exact invariance under P. The scaling is
-  idx-flow's ``x * mask / (1 - p)``.
+  idx-flow's (and torch's) ``x * mask / (1 - p)``. Eval mode and ``p = 0`` return the input
+  untouched, as the unconverted modules do.
+- Every rank draws one seed per call from its default generator (only rank 0's is used), so the
+  generators of all ranks, and of a one-process run, advance alike: with no other rank-dependent
+  draw in the model, a training run on P ranks equals the run on one.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -85,14 +100,18 @@ from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
 
 __all__ = [
+    "ShardedBatchNorm1d",
     "ShardedChannelDropout",
+    "ShardedDropout",
     "ShardedSpatialBatchNorm",
     "ShardedSpatialDropout",
     "ShardedSpatialGroupNorm",
     "ShardedSpatialInstanceNorm",
     "ShardedSqueeze",
     "ShardedUnsqueeze",
+    "convert_global_mlp",
     "converters",
+    "shard_mlp_internals",
 ]
 
 _LABEL = "all_reduce.stats"
@@ -199,30 +218,64 @@ class ShardedSpatialBatchNorm(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn
-        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if not batch_stats:
+        if not _uses_batch_stats(bn):
             return bn(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
-        info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x, bn.num_features)
-        count = x.shape[0] * sum(sizes)
-        if count <= 1:
-            raise ValueError(
-                f"{self._what}: expected more than 1 value per channel when training, got "
-                f"B={x.shape[0]} and N={sum(sizes)} pixels over {info.world_size} ranks"
-            )
-        acc = acc_dtype(x.dtype)
-        centred, mean, var = _moments(x.to(acc), (0, 1), count, info)  # stats [1, 1, C]
-        y = _affine(centred * torch.rsqrt(var + bn.eps), bn.weight, bn.bias)
+        return _sharded_batch_norm(bn, x, self.process_group, self._what)
 
-        if bn.training and bn.track_running_stats:
-            factor = 0.0 if bn.momentum is None else bn.momentum
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    factor = 1.0 / float(bn.num_batches_tracked)
-            _update_running(bn.running_mean, mean.detach().view(-1), factor)
-            _update_running(bn.running_var, var.detach().view(-1) * (count / (count - 1)), factor)
-        return y.to(x.dtype)
+
+def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
+                        process_group: Optional[dist.ProcessGroup], what: str) -> Tensor:
+    """``bn`` with batch statistics over (B, N) of every rank: ``[B, N_r, C] -> [B, N_r, C]``.
+
+    Updates ``bn``'s running stats with the GLOBAL count (see :class:`ShardedSpatialBatchNorm`).
+    """
+    info = resolve_group(process_group)
+    sizes = _pixel_counts(info, what, x, bn.num_features)
+    count = x.shape[0] * sum(sizes)
+    if count <= 1:
+        raise ValueError(
+            f"{what}: expected more than 1 value per channel when training, got "
+            f"B={x.shape[0]} and N={sum(sizes)} pixels over {info.world_size} ranks"
+        )
+    acc = acc_dtype(x.dtype)
+    centred, mean, var = _moments(x.to(acc), (0, 1), count, info)  # stats [1, 1, C]
+    y = _affine(centred * torch.rsqrt(var + bn.eps), bn.weight, bn.bias)
+
+    if bn.training and bn.track_running_stats:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        _update_running(bn.running_mean, mean.detach().view(-1), factor)
+        _update_running(bn.running_var, var.detach().view(-1) * (count / (count - 1)), factor)
+    return y.to(x.dtype)
+
+
+class ShardedBatchNorm1d(nn.BatchNorm1d):
+    """An ``nn.BatchNorm1d`` over pixel rows ``[R_r, C]`` (``R_r = B * N_r``), inside an idx-flow MLP.
+
+    ``SpatialMLP`` / ``GlobalMLP(use_batch_norm=True)`` normalise their hidden ``[B * N, C]``
+    rows: statistics per channel over every row, i.e. over (B, N) as :class:`ShardedSpatialBatchNorm`
+    takes them, which this reuses on the rows of every rank. Made by :func:`shard_mlp_internals`
+    (the instance's class is swapped, so parameters, buffers and ``state_dict`` are unchanged);
+    eval with running stats is torch's own per-row forward.
+    """
+
+    _hp_group: Optional[dist.ProcessGroup] = None
+    _hp_what: str = "BatchNorm1d"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _uses_batch_stats(self):
+            return super().forward(x)
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self._hp_what}: expected pixel rows [B * N_r, C], got {shape}")
+        return _sharded_batch_norm(self, x.unsqueeze(0), self._hp_group, self._hp_what).squeeze(0)
 
 
 class ShardedSpatialInstanceNorm(_Sharded):
@@ -410,7 +463,7 @@ def _check_p(p: Any, what: str) -> float:
 
 
 class _ShardedPixelDropout(_Sharded):
-    """Shared body of the two dropouts: agree on a seed, build the keyed mask, scale."""
+    """Shared body of the dropouts: agree on a seed, build the keyed mask, scale."""
 
     def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
                  name: str = "") -> None:
@@ -425,17 +478,33 @@ class _ShardedPixelDropout(_Sharded):
             return x
         info = resolve_group(self.process_group)
         with validated_signature(info, self._what) as sig:
-            _check_field(x, self._what)
-            batch, n_local, channels = x.shape
-            sig.set({"B": batch, "C": channels, "dtype": dtype_code(x.dtype)},
-                    (n_local, draw_seed()), x.device)
+            field, replicated = self._as_field(x)
+            batch, n_local, channels = field.shape
+            shared = {"B": batch, "C": channels, "dtype": dtype_code(x.dtype)}
+            if replicated:
+                shared["crc"] = _crc32(x)
+            sig.set(shared, (n_local, draw_seed()), x.device)
         seed = sig.per_rank[0][1]  # group rank 0's seed: every rank keys the same mask
-        offset = offsets([row[0] for row in sig.per_rank])[info.rank]
+        offset = 0 if replicated else offsets([row[0] for row in sig.per_rank])[info.rank]
         mask = self._mask(DropoutSpec(self.p, seed, q_offset=offset), batch, n_local, channels, x.device)
-        return x * mask.to(x.dtype) / (1 - self.p)
+        y = field * mask.to(x.dtype)
+        if self.p < 1.0:  # p == 1 drops everything: zeros, as torch
+            y = y / (1 - self.p)
+        return y.reshape(x.shape)
+
+    def _as_field(self, x: Any) -> tuple[Tensor, bool]:
+        """Check ``x`` (locally) and return it as ``[B, N_r, C]``, and whether it is replicated."""
+        _check_field(x, self._what)
+        return x, False
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         raise NotImplementedError
+
+
+def _crc32(x: Tensor) -> int:
+    """CRC-32 of a tensor's bytes: ranks holding a replicated tensor hold the same bits."""
+    raw = x.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+    return zlib.crc32(raw.numpy().tobytes())
 
 
 class ShardedChannelDropout(_ShardedPixelDropout):
@@ -464,6 +533,105 @@ class ShardedSpatialDropout(_ShardedPixelDropout):
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         return keep_mask(spec, batch, 1, n_local, 1, device).view(batch, n_local, 1)
+
+
+class ShardedDropout(_ShardedPixelDropout):
+    """``nn.Dropout`` on a sharded field: an element mask keyed by (b, GLOBAL pixel, channel).
+
+    The keep/drop of element ``(b, i, c)`` (``i`` the global pixel index) is a hash of
+    ``(seed, b, i, c)``, the seed group rank 0's draw: independent per element and the same at
+    every P, so a run on P ranks equals the run on one (Note [pixel dropout on shards]). Eval
+    mode and ``p == 0`` return the input itself, as ``nn.Dropout`` does.
+
+    Shapes:
+        - ``[B, N_r, C] -> [B, N_r, C]``: a sharded field;
+        - ``[B * N_r, C]`` rows inside a converted ``SpatialMLP`` / ``GlobalMLP``, whose forward
+          sets :attr:`batch` (:func:`shard_mlp_internals`);
+        - ``[B, C]`` otherwise: a REPLICATED vector (e.g. after ``Squeeze``), the same mask on
+          every rank; the ranks' values must be bitwise equal (a CRC-32 is compared), so a 2-D
+          shard of pixel rows fails instead of silently drawing correlated masks.
+
+    Raises:
+        ValueError: on every rank, for another shape, ranks disagreeing on B, C or dtype, or a
+            2-D input (outside an MLP) that differs across ranks.
+    """
+
+    _kind = "Dropout"
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
+                 name: str = "") -> None:
+        super().__init__(module, process_group, name)
+        self.batch: Optional[int] = None  # B of the [B * N_r, C] rows an owning MLP feeds
+
+    def _as_field(self, x: Any) -> tuple[Tensor, bool]:
+        if self.batch is not None:
+            if not isinstance(x, Tensor) or x.dim() != 2 or (self.batch and x.shape[0] % self.batch):
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{self._what}: expected pixel rows [B * N_r, C] with B={self.batch}, "
+                                 f"got {shape}")
+            rows = x.shape[0] // self.batch if self.batch else 0
+            return x.reshape(self.batch, rows, x.shape[1]), False
+        if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
+            return x.unsqueeze(1), True
+        if isinstance(x, Tensor) and x.dim() != 3:
+            raise ValueError(
+                f"{self._what}: expected a sharded field [B, N_r, C] or a replicated [B, C], got "
+                f"shape {tuple(x.shape)}"
+            )
+        _check_field(x, self._what)
+        return x, False
+
+    def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
+        return keep_mask(spec, batch, 1, n_local, channels, device).view(batch, n_local, channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Inside idx-flow's MLPs: [B * N_r, C] rows
+# --------------------------------------------------------------------------------------------
+
+
+def _tell_dropouts_the_batch(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a converted MLP: its dropouts see ``[B * N_r, C]`` rows of ``B`` samples."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() >= 1:
+        for dropout in module.dropout_layers:
+            dropout.batch = int(args[0].shape[0])
+
+
+def shard_mlp_internals(module: nn.Module, ctx: ShardContext) -> None:
+    """Make the batch norms and dropouts inside an idx-flow ``SpatialMLP`` / ``GlobalMLP`` sharded.
+
+    Both MLPs run their hidden layers on ``[B * N, C]`` rows (``N`` output pixels). Each
+    ``bn_layers[i]`` becomes a :class:`ShardedBatchNorm1d` (its class swapped: same parameters,
+    buffers and names); each ``dropout_layers[i]`` a :class:`ShardedDropout` told ``B`` by a
+    forward pre-hook on the MLP, so its mask is keyed by (b, global pixel, channel).
+
+    Raises:
+        ValueError: a batch-norm or dropout layer of another type than idx-flow creates
+            (``nn.BatchNorm1d``, ``nn.Dropout``).
+    """
+    prefix = f"{ctx.name}." if ctx.name else ""
+    for i, bn in enumerate(module.bn_layers or ()):
+        if type(bn) is not nn.BatchNorm1d:
+            raise ValueError(f"{prefix}bn_layers.{i}: expected nn.BatchNorm1d, got {type(bn).__name__}")
+        bn.__class__ = ShardedBatchNorm1d
+        bn._hp_group = ctx.process_group
+        bn._hp_what = f"BatchNorm1d {prefix + f'bn_layers.{i}'!r}"
+    if module.dropout_layers is None:
+        return
+    for i, dropout in enumerate(module.dropout_layers):
+        if type(dropout) is not nn.Dropout:
+            raise ValueError(
+                f"{prefix}dropout_layers.{i}: expected nn.Dropout, got {type(dropout).__name__}"
+            )
+        module.dropout_layers[i] = ShardedDropout(dropout, ctx.process_group,
+                                                  f"{prefix}dropout_layers.{i}")
+    module.register_forward_pre_hook(_tell_dropouts_the_batch)
+
+
+def convert_global_mlp(module: nn.Module, ctx: ShardContext) -> nn.Module:
+    """idx-flow ``GlobalMLP``, in place: per pixel, but its batch norms and dropouts sharded."""
+    shard_mlp_internals(module, ctx)
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,6 +665,8 @@ def converters() -> dict[type, Callable[[nn.Module, ShardContext], nn.Module]]:
         idx_flow.Unsqueeze: _converter(ShardedUnsqueeze),
         idx_flow.ChannelDropout: _converter(ShardedChannelDropout),
         idx_flow.SpatialDropout: _converter(ShardedSpatialDropout),
+        idx_flow.GlobalMLP: convert_global_mlp,
+        nn.Dropout: _converter(ShardedDropout),
     }
 
 
