@@ -6,8 +6,8 @@ N_i pixels on rank i (ranks may differ, zero included), N = sum of N_i, T tensor
 
 :func:`pixels_to_heads` turns T pixel shards ``[B, H, N_r, D]`` into whole-sequence heads
 ``[B, h, N, D]`` (heads ``r*h .. r*h+h-1``); :func:`heads_to_pixels` is the way back. Each is ONE
-``all_to_all_single`` for all T tensors, and an ``autograd.Function`` whose backward is the other
-direction (Note [all-to-all adjoint] in ``all_to_all.py``).
+``all_to_all_single`` for all T tensors, and an ``autograd.Function`` whose backward applies the
+other direction (Note [all-to-all adjoint] in ``all_to_all.py``), so that double backward is exact.
 
 Note [head exchange layout]
     ``all_to_all_single`` concatenates what it receives in source-rank order, so the buffers are
@@ -92,8 +92,10 @@ class _HeadExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         # An output left out of the loss arrives as zeros (autograd materialises it), not None.
-        move = _gather_heads_raw if ctx.to_heads else _scatter_heads_raw
-        return (None, None, None, None, *move(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
+        # The adjoint through apply, so that it is recorded under create_graph=True: double
+        # backward is exact (Note [double backward] in hpattn_dist/double_backward.py).
+        back = _HeadExchange.apply(not ctx.to_heads, ctx.info, ctx.sizes, ctx.label + ".grad", *grads)
+        return (None, None, None, None, *back)
 
 
 def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.groups import GroupInfo, dtype_code, offsets, resolve_group, validated_signature
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
+from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import (
     BlockKernel, DropoutSpec, acc_dtype, check_backend_name, resolve_dropout_seed, select_kernel,
 )
@@ -93,6 +94,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @refuse_double_backward("ring_attention")
     def backward(ctx, dout: Tensor):
         q, k, v, bias, k_index, out, lse = ctx.saved_tensors
         info, kernel, scale, kv_sizes = ctx.info, ctx.kernel, ctx.scale, ctx.kv_sizes

@@ -42,6 +42,7 @@ from torch import Tensor
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, dtype_code, resolve_group, validated_signature
 from hpattn_dist.comm.head_exchange import heads_to_pixels, pixels_to_heads
+from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import BlockKernel, DropoutSpec, acc_dtype, resolve_dropout_seed, select_kernel
 from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
 
@@ -74,6 +75,7 @@ class _LocalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @refuse_double_backward("ulysses_attention (its local attention)")
     def backward(ctx, dout: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
         acc = acc_dtype(q.dtype)
