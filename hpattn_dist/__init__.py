@@ -9,10 +9,7 @@ from hpattn_dist.comm.counters import CommStats, count_communication
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
 from hpattn_dist.oracle import SpatialSelfAttention
-from hpattn_dist.strategies.auto import choose_strategy
-from hpattn_dist.strategies.hybrid import hybrid_attention
-from hpattn_dist.strategies.ring import ring_attention
-from hpattn_dist.strategies.ulysses import ulysses_attention
+from hpattn_dist.strategies import choose_strategy, hybrid_attention, ring_attention, ulysses_attention
 
 __all__ = [
     "CommStats",

@@ -89,7 +89,8 @@ from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
 from hpattn_dist.kernels import select_kernel
-from hpattn_dist.kernels.manual import TILE_ELEMENTS, acc_dtype
+from hpattn_dist.kernels.manual import TILE_ELEMENTS
+from hpattn_dist.precision import acc_dtype
 from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention

@@ -2,13 +2,11 @@
 
 from hpattn_dist.kernels.dispatch import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
 from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask, resolve_dropout_seed
-from hpattn_dist.kernels.manual import acc_dtype
 
 __all__ = [
     "KERNEL_BACKENDS",
     "BlockKernel",
     "DropoutSpec",
-    "acc_dtype",
     "check_backend_name",
     "draw_seed",
     "keep_mask",
