@@ -3,6 +3,13 @@
 The pixel dimension of a ``[B, N, E]`` field is sharded over the ranks of a ``torch.distributed``
 process group; every strategy computes exactly what the single-device
 :class:`SpatialSelfAttention` computes.
+
+What lives here: the layers (``oracle``, ``modules``), the HEALPix shard plan and scatter /
+gather (``healpix``), gradient reduction of replicated parameters (``grad_sync``), hybrid process
+groups (``mesh``), shared rules (``validation``, ``masks``, ``precision``, ``merge``), and the
+subpackages ``strategies`` (planning door and executors), ``comm`` (every collective),
+``kernels`` (block attention) and ``integrations`` (DeepSpeed); the ``hpattn-dist`` tools are
+``cli``, ``verify`` and ``bench``. This module holds the public API only.
 """
 
 from hpattn_dist.comm.counters import CommStats, count_communication

@@ -18,12 +18,11 @@ Note [head exchange layout]
 
     One copy packs the send buffer and one unpacks the receive buffer into the layout the next
     step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
-    kernel runs 4-6 % slower on the interleaved ``[N, T, B, h, D]`` view, more than the copy
-    costs), and ``[B, N_r, H, D]`` for the output, so that the layer's
-    ``out.transpose(1, 2).reshape(B, N_r, E)`` before ``out_proj`` is a view. The generic
-    :func:`~hpattn_dist.comm.all_to_all.all_to_all` moves the same bytes but copies twice more
-    (stack, pack, concatenate) and, with one output per tensor, its backward sums zero-filled
-    gradients; at P = 2, nside 16 that was 9 ms of copies per forward+backward against 4 here.
+    kernel is slower on the interleaved ``[N, T, B, h, D]`` view than the copy costs), and
+    ``[B, N_r, H, D]`` for the output, so that the layer's ``out.transpose(1, 2).reshape(B, N_r,
+    E)`` before ``out_proj`` is a view. The generic :func:`~hpattn_dist.comm.all_to_all.all_to_all`
+    moves the same bytes but copies twice more (stack, pack, concatenate) and, with one output per
+    tensor, its backward sums zero-filled gradients.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
