@@ -199,19 +199,32 @@ def plan_attention(
             q.device,
             kind=executed,
         )
-    rows = sig.per_rank
+    plan = _plan_from_rows(
+        sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
+        has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
+        scale=head_dim**-0.5 if scale is None else float(scale), dropout_p=float(dropout_p), what=what,
+    )
+    return plan, bias
+
+
+def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, sub: Optional[tuple],
+                    group: Optional[dist.ProcessGroup], *, my_row: tuple, heads: int, mask_travels: bool,
+                    has_bias: bool, key_bias_given: bool, backend: str, q: Tensor, scale: float,
+                    dropout_p: float, what: str) -> AttentionPlan:
+    """The plan every rank derives alike from the agreed rows (grid positions, Note [hybrid
+    layout]: position ``i * U + u`` holds global shard ``i * U + u``)."""
     r_deg = parent.world_size // u_deg
     by_pos: list = [None] * parent.world_size
-    for p, row_p in zip(_check_grid([r[4:] for r in rows], u_deg, r_deg, what), rows):
-        by_pos[p] = row_p
-    u_me, i_me = row[0], row[1]
+    for p, row in zip(_check_grid([r[4:] for r in rows], u_deg, r_deg, what), rows):
+        by_pos[p] = row
+    u_me, i_me = my_row[0], my_row[1]
     if executed == "hybrid" and sub is None:
         made = hybrid_groups_for(group, u_deg)  # cached; collective on first use only
         sub = (resolve_group(made.ulysses_group), resolve_group(made.ring_group))
     sizes = [r[0] for r in by_pos]
     kept_sizes = [r[1] for r in by_pos]
-    use_bias = (key_bias is not None or any(r[2] for r in rows)) if mask_travels else bias is not None
-    plan = AttentionPlan(
+    use_bias = (key_bias_given or any(r[2] for r in rows)) if mask_travels else has_bias
+    return AttentionPlan(
         strategy=executed,
         ulysses_group=parent if executed == "ulysses" else (sub[0] if sub else None),
         ring_group=parent if executed == "ring" else (sub[1] if sub else None),
@@ -222,8 +235,7 @@ def plan_attention(
         mask_travels=mask_travels,
         use_bias=use_bias,
         kernel=select_kernel(backend, q, has_bias=use_bias, dropout=dropout_p > 0),
-        scale=head_dim**-0.5 if scale is None else float(scale),
-        dropout_p=float(dropout_p),
+        scale=scale,
+        dropout_p=dropout_p,
         seed=by_pos[0][3],
     )
-    return plan, bias
