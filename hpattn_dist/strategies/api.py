@@ -157,19 +157,13 @@ def ulysses_attention(
     r"""Exact softmax attention over every rank's pixels, computed head-parallel (DeepSpeed-Ulysses).
 
     Same contract and shard layout as :func:`ring_attention`; see Note [ulysses schedule] in
-    :mod:`hpattn_dist.strategies.ulysses` for the algorithm. Differentiable w.r.t. q, k, v and ``key_bias``.
+    :mod:`hpattn_dist.strategies.ulysses` for the algorithm. Differentiable w.r.t. q, k, v and
+    ``key_bias``.
 
     Args:
-        q, k, v: this rank's shard ``[B, H, N_r, D]``; ``N_r`` may differ between ranks (zero too).
-            H must be divisible by P.
-        group: the process group that shards the pixels (None = WORLD, or a single process when
-            torch.distributed is not initialised).
-        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``.
-        dropout_p: attention-weight dropout in ``[0, 1)``, position-keyed (same mask as the ring).
-        scale: score scale, default ``D ** -0.5``.
-        key_mask: optional bool ``[B, N_r]``, True = this key may be attended to.
-        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
-        dropout_seed: seed of the dropout mask; None draws one. Group rank 0's value is used.
+        q, k, v: this rank's shard ``[B, H, N_r, D]``; H must be divisible by P.
+        group, backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for
+            :func:`ring_attention` (the dropout mask is the ring's: position-keyed).
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
