@@ -213,7 +213,9 @@ def hybrid_attention(
     Raises:
         ValueError: (on every rank of the group concerned) H not divisible by U; ranks of a group
             that disagree on shapes, dtype, masking or dropout; ring members with different
-            Ulysses ranks or degrees (groups that do not form a grid); bad arguments.
+            Ulysses ranks or degrees (groups that do not form a grid); bad arguments; a pair of
+            groups covering fewer processes than WORLD that :func:`~hpattn_dist.mesh.build_hybrid_groups`
+            did not build (no group of exactly their ranks is known to agree over).
     """
     plan, bias = plan_attention(
         "hybrid", q, k, v, groups=(ulysses_group, ring_group), backend=backend, dropout_p=dropout_p,

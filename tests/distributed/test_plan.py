@@ -15,6 +15,7 @@ import torch
 from hpattn_dist import DistributedSpatialSelfAttention, build_hybrid_groups, count_communication, hybrid_attention
 from hpattn_dist.strategies import sharded_attention
 from tests.harness import run_ranks
+from tests.reference import reference_attention
 
 WORLD = 4
 # name -> (strategy, heads, extra keyword arguments); H = 2 at P = 4 makes auto choose hybrid U = 2.
@@ -62,7 +63,34 @@ def _rank(rank: int, world: int) -> dict:
         with count_communication() as stats:
             layer(xl).sum().backward()
         out[f"layer-{strategy}"] = [_meta_calls(stats)]
+    out.update(_sliced_grids(rank, world))
     return out
+
+
+def _sliced_grids(rank: int, world: int) -> dict:
+    """Hybrid grids that cover only part of WORLD: a 3-D mesh (dp x ring x ulysses) and
+    hand-made pairs the library cannot find a parent group for."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "ring", "ulysses"))
+    groups = build_hybrid_groups(mesh)
+    replica = rank // 2  # dp slice {0, 1} or {2, 3}
+    g = torch.Generator().manual_seed(70 + replica)
+    q, k, v = (torch.randn(1, 2, 10, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    lo, hi = (0, 4) if rank % 2 == 0 else (4, 10)  # uneven shards inside the slice
+    with count_communication() as stats:
+        got = hybrid_attention(*(t[:, :, lo:hi] for t in (q, k, v)), ulysses_group=groups.ulysses_group,
+                               ring_group=groups.ring_group)
+    want = reference_attention(q, k, v)[:, :, lo:hi]
+    pairs = [torch.distributed.new_group(r) for r in ([0, 1], [2, 3])]
+    mine = pairs[replica]
+    try:
+        hybrid_attention(q, k, v, ulysses_group=mine, ring_group=mine)
+        unknown = None
+    except ValueError as err:
+        unknown = str(err)
+    return {"mesh3d_error": (got - want).abs().max().item(), "mesh3d": [_meta_calls(stats)],
+            "unknown_parent": unknown}
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +98,18 @@ def _results() -> list[dict]:
     return run_ranks(_rank, WORLD, timeout=120.0)
 
 
-@pytest.mark.parametrize("name", [*CALLS, "hybrid_attention", "layer-ring", "layer-ulysses", "layer-auto"])
+@pytest.mark.parametrize("name", [*CALLS, "hybrid_attention", "layer-ring", "layer-ulysses", "layer-auto",
+                                  "mesh3d"])
 def test_one_metadata_collective_per_forward_and_backward(name):
     for rank, res in enumerate(_results()):
         assert all(n == 1 for n in res[name]), (name, rank, res[name])
+
+
+def test_hybrid_over_a_slice_of_a_larger_mesh_agrees_within_the_slice():
+    for res in _results():
+        assert res["mesh3d_error"] <= 1e-12, res["mesh3d_error"]
+
+
+def test_hybrid_groups_without_a_known_parent_are_refused_on_every_rank():
+    for res in _results():
+        assert res["unknown_parent"] is not None and "build_hybrid_groups" in res["unknown_parent"]
