@@ -44,6 +44,7 @@ from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check
 
 __all__ = ["AttentionPlan", "plan_attention"]
 
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """What one call does, identical in meaning on every rank (Note [one agreement per call]).
