@@ -18,12 +18,11 @@ Note [head exchange layout]
 
     One copy packs the send buffer and one unpacks the receive buffer into the layout the next
     step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
-    kernel runs 4-6 % slower on the interleaved ``[N, T, B, h, D]`` view, more than the copy
-    costs), and ``[B, N_r, H, D]`` for the output, so that the layer's
-    ``out.transpose(1, 2).reshape(B, N_r, E)`` before ``out_proj`` is a view. The generic
-    :func:`~hpattn_dist.comm.all_to_all.all_to_all` moves the same bytes but copies twice more
-    (stack, pack, concatenate) and, with one output per tensor, its backward sums zero-filled
-    gradients; at P = 2, nside 16 that was 9 ms of copies per forward+backward against 4 here.
+    kernel is slower on the interleaved ``[N, T, B, h, D]`` view than the copy costs), and
+    ``[B, N_r, H, D]`` for the output, so that the layer's ``out.transpose(1, 2).reshape(B, N_r,
+    E)`` before ``out_proj`` is a view. The generic :func:`~hpattn_dist.comm.all_to_all.all_to_all`
+    moves the same bytes but copies twice more (stack, pack, concatenate) and, with one output per
+    tensor, its backward sums zero-filled gradients.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
@@ -31,16 +30,16 @@ under ``label`` forward and ``label + ".grad"`` backward.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from hpattn_dist.comm.all_to_all import all_to_all_flat
+from hpattn_dist.comm.all_to_all import all_to_all, all_to_all_flat
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["heads_to_pixels", "pixels_to_heads"]
+__all__ = ["gather_pixels", "heads_to_pixels", "pixels_to_heads", "qkv_to_heads"]
 
 
 def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
@@ -133,3 +132,41 @@ def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     if info.world_size == 1:
         return tuple(ys)
     return _HeadExchange.apply(False, info, sizes, label, *ys)
+
+
+def qkv_to_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    info: GroupInfo,
+    sizes: list[int],
+    label: str,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
+
+    ``bias`` ``[B, H|1, N_r]`` -> ``[B, h|1, N]``. ``sizes``: every rank's N_r. One all-to-all for
+    q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
+    bias (``label + ".bias"``).
+    """
+    q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
+    bias_h = None
+    if bias is not None and bias.shape[1] == 1:
+        bias_h = gather_pixels(bias[:, 0], info, sizes, label + ".bias")[:, None]  # [B, 1, N]
+    elif bias is not None:
+        # [B, H, N_r] -> [B, h, N]
+        bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
+                            label=label + ".bias")
+    return q_h, k_h, v_h, bias_h
+
+
+def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:
+    """Per-key values ``[B, N_r]`` -> ``[B, N]`` on every rank (differentiable all-gather).
+
+    Done as an all-to-all of ``x`` expanded to ``[B, P, N_r]`` (one copy per destination rank,
+    ``(P - 1) * B * N_r`` elements sent); its adjoint, the reverse all-to-all followed by the
+    expand's sum, is the reduce-scatter.
+    """
+    expanded = x[:, None, :].expand(-1, info.world_size, -1)  # [B, P, N_r]
+    # [B, P, N_r] -> [B, 1, N]
+    return all_to_all(expanded, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes, label=label)[:, 0]

@@ -29,7 +29,7 @@ Buffers with zero elements are neither sent nor received: both ends know every r
 length, so they skip the same messages.
 
 Failures: :meth:`PendingExchange.wait` is bounded by the exchange timeout (Note [exchange timeout]
-in ``comm/groups.py``, :func:`set_exchange_timeout`) and turns a backend error or a timeout into
+in ``comm/waits.py``, :func:`set_exchange_timeout`) and turns a backend error or a timeout into
 an :class:`ExchangeError` naming the label, the step, the direction and the peer (group rank and
 global rank), e.g. ``ring.forward step 1: receive from rank 1 failed after 0.02 s: ...``. A
 grouped exchange whose backend returns one handle for all its messages (NCCL) names both peers
@@ -46,15 +46,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import (
-    ExchangeError,
-    GroupInfo,
-    _cause_text,
-    get_exchange_timeout,
-    nbytes,
-    set_exchange_timeout,
-    wait_work,
-)
+from hpattn_dist.comm.groups import GroupInfo, nbytes
+from hpattn_dist.comm.waits import ExchangeError, cause_text, get_exchange_timeout, set_exchange_timeout, wait_work
 
 __all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "grouped_p2p", "set_exchange_timeout"]
 
@@ -156,7 +149,7 @@ class PendingExchange:
                else f"failed after {elapsed:.2f} s")
         return ExchangeError(
             f"{where}{me}: {direction} {peer} {how}: that rank died, raised or is stuck "
-            f"(cause: {_cause_text(err)}). The process group is unusable now.",
+            f"(cause: {cause_text(err)}). The process group is unusable now.",
             label=self.label, step=self.step, peer_group_rank=peer_group,
             peer_global_rank=peer_global, timed_out=timed_out, elapsed_s=elapsed,
         )

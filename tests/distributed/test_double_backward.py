@@ -28,7 +28,7 @@ from hpattn_dist.comm.collectives import gather_along_dim, reduce_scatter_along_
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.comm.head_exchange import heads_to_pixels, pixels_to_heads
 from hpattn_dist.strategies import sharded_attention
-from hpattn_dist.strategies.ulysses import ulysses_attention
+from hpattn_dist.strategies import ulysses_attention
 from tests.harness import run_ranks
 from tests.reference import reference_attention
 

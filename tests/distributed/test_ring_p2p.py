@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 import hpattn_dist.comm.ring as comm_ring
 from hpattn_dist import count_communication, ring_attention
-from hpattn_dist.comm.groups import ExchangeError, GroupInfo
+from hpattn_dist.comm import ExchangeError
+from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.ring import RingExchanger, grouped_p2p
 from hpattn_dist.kernels import DropoutSpec
 from tests.harness import run_ranks
