@@ -3,16 +3,20 @@
 The pixel dimension of a ``[B, N, E]`` field is sharded over the ranks of a ``torch.distributed``
 process group; every strategy computes exactly what the single-device
 :class:`SpatialSelfAttention` computes.
+
+What lives here: the layers (``oracle``, ``modules``), the HEALPix shard plan and scatter /
+gather (``healpix``), gradient reduction of replicated parameters (``grad_sync``), hybrid process
+groups (``mesh``), shared rules (``validation``, ``masks``, ``precision``, ``merge``), and the
+subpackages ``strategies`` (planning door and executors), ``comm`` (every collective),
+``kernels`` (block attention) and ``integrations`` (DeepSpeed); the ``hpattn-dist`` tools are
+``cli``, ``verify`` and ``bench``. This module holds the public API only.
 """
 
 from hpattn_dist.comm.counters import CommStats, count_communication
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
 from hpattn_dist.oracle import SpatialSelfAttention
-from hpattn_dist.strategies.auto import choose_strategy
-from hpattn_dist.strategies.hybrid import hybrid_attention
-from hpattn_dist.strategies.ring import ring_attention
-from hpattn_dist.strategies.ulysses import ulysses_attention
+from hpattn_dist.strategies import choose_strategy, hybrid_attention, ring_attention, ulysses_attention
 
 __all__ = [
     "CommStats",

@@ -16,7 +16,7 @@ Modes (``BenchConfig.mode``):
       projections and weights. ``speed_vs_peer = t_peer / t_ours`` (>= 1: we are faster).
 
     Bytes sent per rank come from :func:`hpattn_dist.count_communication` around one extra
-    forward+backward; ``expected_bytes`` is the closed form of Note [communication volume].
+    forward+backward; ``expected_bytes`` is the closed form of Note [communication volume] (``strategies/auto.py``).
 
 ``emulation``
     One process (rank 0): the ring's per-block path -- ``P x P`` calls of the block kernel on
@@ -30,7 +30,7 @@ Modes (``BenchConfig.mode``):
 
 ``masks``
     What the ring's masked-key compaction saves (Note [masked key compaction] in
-    ``strategies/ring.py``: keys masked in every batch element are neither sent nor computed, and
+    ``masks.py``: keys masked in every batch element are neither sent nor computed, and
     a mask shared by the batch leaves no bias, so the fused kernels apply). ``ring_attention``
     alone on ``[B, H, N_r, D]`` inputs with a land mask (``key_mask`` False = land, the same in
     every batch element; the first ``round(f * N_r)`` pixels of a shard are land) for each land
@@ -50,20 +50,10 @@ Note [peak memory]
     tensors. Where ``clear_refs`` is unavailable it falls back to the ``ru_maxrss`` growth (a lower
     bound, marked ``"method": "ru_maxrss"``).
 
-Note [communication volume]
-    Per rank r of P, with ``N_s`` pixels on rank s, element size ``e`` (``a`` for the fp32/fp64
-    accumulators) and ``C = 2 * B * H * D`` (K and V of one pixel):
-
-    * ring forward: ``P - 1`` sends, ``C * e * sum_{s=0}^{P-2} N_{(r - s) mod P}`` bytes;
-      backward: the same again for K/V plus ``P`` dK/dV sends of ``C * a * N`` bytes in total.
-    * Ulysses (DeepSpeed and ours): all-to-alls of q, k, v and the output per forward, of dO,
-      dQ, dK, dV per backward, each sending ``(P - 1) / P`` of the ``B * N_r * E * e`` bytes held
-      locally (equal shards): ``8 (P - 1) / P * B * N_r * E * e`` per forward+backward.
-
-    The exact forms, uneven shards and hybrid included, are those of
-    :func:`hpattn_dist.strategies.auto.communication_volume` (its Note [communication volume]);
-    bench compares them with the counted bytes (``payload_bytes_per_rank``, shape handshakes
-    ``*.meta`` excluded).
+Bytes: the closed forms (uneven shards and hybrid included) are Note [communication volume] in
+:mod:`hpattn_dist.strategies.auto` (:func:`~hpattn_dist.strategies.auto.communication_volume`);
+bench compares them with the counted bytes (``payload_bytes_per_rank``, shape handshakes
+``*.meta`` excluded).
 """
 
 from __future__ import annotations
@@ -89,7 +79,8 @@ from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
 from hpattn_dist.kernels import select_kernel
-from hpattn_dist.kernels.manual import TILE_ELEMENTS, acc_dtype
+from hpattn_dist.kernels.manual import TILE_ELEMENTS
+from hpattn_dist.precision import acc_dtype
 from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention
@@ -284,7 +275,7 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Communication formulas (Note [communication volume])
+# Communication formulas (Note [communication volume] in strategies/auto.py)
 # --------------------------------------------------------------------------------------------
 
 

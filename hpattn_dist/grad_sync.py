@@ -48,6 +48,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import nbytes, resolve_group
+from hpattn_dist.comm.waits import run_collective
 
 __all__ = ["global_loss", "sharded_mean", "sync_gradients"]
 
@@ -95,7 +96,8 @@ def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] =
     info = resolve_group(process_group, "process_group")
     total = local_loss.detach().clone()
     if info.world_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group)
+        run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
+            total, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(total) // info.world_size)
     return total
 
@@ -147,7 +149,8 @@ def sync_gradients(
                 flat[offset : offset + p.numel()].copy_(p.grad.reshape(-1))
                 flat[numel + i] = 1
             offset += p.numel()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group)
+        run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
+            flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(flat) // info.world_size)
         present = (flat[numel:] > 0).tolist()  # one device sync per buffer
         offset = 0

@@ -54,12 +54,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.collectives import (
-    all_gather_sizes,
-    gather_along_dim,
-    group_rank_and_size,
-    scatter_along_dim,
-)
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.collectives import even_split, gather_along_dim, scatter_along_dim
+from hpattn_dist.comm.groups import resolve_group
 
 __all__ = [
     "check_nside",
@@ -448,9 +445,7 @@ def shard_sizes(npix: int, world_size: int) -> list[int]:
     Raises:
         ValueError: ``npix`` negative or not an integer, ``world_size`` not a positive integer.
     """
-    npix, world_size = _check_plan_args(npix, world_size)
-    base, extra = divmod(npix, world_size)
-    return [base + 1 if rank < extra else base for rank in range(world_size)]
+    return even_split(*_check_plan_args(npix, world_size))
 
 
 def shard_bounds(npix: int, world_size: int) -> list[tuple[int, int]]:
@@ -505,32 +500,40 @@ def shard_bounds(npix: int, world_size: int) -> list[tuple[int, int]]:
 def scatter(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
     """Take this rank's shard of a full HEALPix field present on every rank of ``group``.
 
-    The shard is the plan's range ``shard_bounds(N, P)[r]`` along ``dim``. Autograd-aware: the
-    gradient of ``x`` on every rank is the concatenation of all ranks' shard gradients (one
-    all-gather in backward), see :func:`hpattn_dist.comm.collectives.scatter_along_dim`.
+    The shard is the plan's range ``shard_bounds(N, P)[r]`` along ``dim``. The ranks first agree
+    on the field's shape and dtype (one small all-gather, so a rank whose field is malformed or
+    differs makes every rank raise; Note [fail together]). Autograd-aware: the gradient of ``x``
+    on every rank is the concatenation of all ranks' shard gradients (one all-gather in
+    backward), see :func:`hpattn_dist.comm.collectives.scatter_along_dim`.
 
     Args:
         x: full field ``[B, N, E]`` (any shape, pixels along ``dim``), identical on every rank,
             normally in NESTED order (Note [Why contiguous NESTED ranges make good shards]).
-        group: process group (``None``: the default group).
+        group: process group (``None``: the default group, or a single process when
+            ``torch.distributed`` is not initialised, where the shard is the whole field).
         dim: pixel dimension.
 
     Returns:
         ``[B, N_r, E]``: a new tensor (not a view of ``x``).
 
     Raises:
-        ValueError: ``dim`` out of range, or ``x.shape[dim]`` is not ``12 * nside**2``.
+        ValueError: ``dim`` out of range, or ``x.shape[dim]`` is not ``12 * nside**2``; ranks
+            whose fields differ in shape or dtype (on every rank).
+        ExchangeError: a peer died or did not call within the exchange timeout.
     """
-    npix = _field_npix(x, dim)
-    try:
-        npix2nside(npix)
-    except ValueError as err:
-        raise ValueError(
-            f"scatter: x.shape[{dim}]={npix} (x of shape {tuple(x.shape)}) is not a HEALPix "
-            f"pixel count: {err}"
-        ) from None
-    _, world_size = group_rank_and_size(group)
-    return scatter_along_dim(x, group=group, dim=dim, sizes=shard_sizes(npix, world_size))
+    info = resolve_group(group)
+    with validated_signature(info, "scatter") as sig:
+        npix = _field_npix(x, dim)
+        try:
+            npix2nside(npix)
+        except ValueError as err:
+            raise ValueError(
+                f"scatter: x.shape[{dim}]={npix} (x of shape {tuple(x.shape)}) is not a HEALPix "
+                f"pixel count: {err}"
+            ) from None
+        sig.set({"ndim": x.dim(), "dim": dim % x.dim(), "npix": npix, "numel": x.numel(),
+                 "dtype": dtype_code(x.dtype)}, 0, x.device, kind="scatter")
+    return scatter_along_dim(x, group=info, dim=dim, sizes=shard_sizes(npix, info.world_size))
 
 
 def gather(
@@ -541,14 +544,16 @@ def gather(
 ) -> Tensor:
     """Assemble the full HEALPix field on every rank of ``group`` from the shards of the plan.
 
-    The local shard sizes are first all-gathered (one 8-byte int per rank), so every rank sees
-    the same sizes and a mismatch raises the same error on all ranks instead of hanging some.
-    Autograd-aware: the gradient of the shard is the sum over ranks of their gradient slices
-    (reduce-scatter), see :func:`hpattn_dist.comm.collectives.gather_along_dim`.
+    The ranks first agree on the shards' sizes, shape and dtype (one small all-gather, so every
+    rank sees the same sizes and a mismatch raises the same error on all ranks instead of
+    hanging some; Note [fail together]). Autograd-aware: the gradient of the shard is the sum
+    over ranks of their gradient slices (reduce-scatter), see
+    :func:`hpattn_dist.comm.collectives.gather_along_dim`.
 
     Args:
         x: this rank's shard ``[B, N_r, E]`` (pixels along ``dim``; other dims equal on all ranks).
-        group: process group (``None``: the default group).
+        group: process group (``None``: the default group, or a single process when
+            ``torch.distributed`` is not initialised).
         dim: pixel dimension.
         npix: expected total ``N``; when ``None`` it is the sum of the shard sizes.
 
@@ -558,10 +563,16 @@ def gather(
     Raises:
         ValueError: ``dim`` out of range; the shard sizes of the ranks differ from
             ``shard_sizes(N, P)``; their sum differs from ``npix``; or it is not ``12 * nside**2``.
+        ExchangeError: a peer died or did not call within the exchange timeout.
     """
-    _field_npix(x, dim)
-    rank, world_size = group_rank_and_size(group)
-    sizes = all_gather_sizes(x.shape[dim], group, device=x.device)
+    info = resolve_group(group)
+    with validated_signature(info, "gather") as sig:
+        _field_npix(x, dim)
+        d = dim % x.dim()
+        rest = math.prod(n for i, n in enumerate(x.shape) if i != d)
+        sig.set({"ndim": x.dim(), "dim": d, "rest": rest, "dtype": dtype_code(x.dtype),
+                 "npix": -1 if npix is None else npix}, x.shape[d], x.device, kind="gather")
+    sizes, rank, world_size = sig.per_rank, info.rank, info.world_size
     total = sum(sizes)
     if npix is not None and total != npix:
         raise ValueError(
@@ -578,4 +589,4 @@ def gather(
         npix2nside(total)
     except ValueError as err:
         raise ValueError(f"gather: the gathered field is not a HEALPix field: {err}") from None
-    return gather_along_dim(x, group=group, dim=dim, sizes=sizes)
+    return gather_along_dim(x, group=info, dim=dim, sizes=sizes)

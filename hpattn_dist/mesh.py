@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Union
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["HybridGroups", "build_hybrid_groups", "hybrid_groups_for"]
+__all__ = ["HybridGroups", "build_hybrid_groups", "hybrid_groups_for", "hybrid_parent"]
 
 
 class HybridGroups(NamedTuple):
@@ -73,7 +73,43 @@ def _from_mesh(mesh: DeviceMesh, ulysses_degree: Optional[int], ulysses_dim: str
     if ulysses_degree is not None and ulysses_degree != size:
         raise ValueError(f"build_hybrid_groups: ulysses_degree={ulysses_degree} but the mesh dim "
                          f"{ulysses_dim!r} has size {size}")
-    return HybridGroups(mesh.get_group(ulysses_dim), mesh.get_group(ring_dim))
+    groups = HybridGroups(mesh.get_group(ulysses_dim), mesh.get_group(ring_dim))
+    if len(names) > 2:
+        # Other dims (data parallel, ...): one parent per slice, created by every process alike.
+        dims = [names.index(d) for d in names if d not in (ring_dim, ulysses_dim)]
+        dims += [names.index(ring_dim), names.index(ulysses_dim)]
+        grid_size = mesh.size(names.index(ring_dim)) * size
+        for ranks in mesh.mesh.permute(*dims).reshape(-1, grid_size).tolist():
+            parent = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                _PARENTS[groups] = parent
+    return groups
+
+
+# (ulysses_group, ring_group) -> the group of their U * R ranks, for every pair built here.
+_PARENTS: dict[tuple[dist.ProcessGroup, dist.ProcessGroup], Optional[dist.ProcessGroup]] = {}
+
+
+def hybrid_parent(ulysses_group: dist.ProcessGroup, ring_group: dist.ProcessGroup,
+                  size: int) -> Optional[dist.ProcessGroup]:
+    """The group holding exactly the ``size`` ranks of the grid of ``ulysses_group`` x
+    ``ring_group``: the one they were built from (:func:`build_hybrid_groups`), or WORLD when
+    the grid covers every process. The hybrid strategy agrees over it (Note [one agreement per
+    call] in ``strategies/plan.py``).
+
+    Raises:
+        ValueError: a pair not built by :func:`build_hybrid_groups` that covers fewer processes
+            than WORLD (no group of exactly its ranks is known).
+    """
+    if (ulysses_group, ring_group) in _PARENTS:
+        return _PARENTS[(ulysses_group, ring_group)]
+    if not dist.is_initialized() or size == dist.get_world_size():
+        return None
+    raise ValueError(
+        "hybrid_attention: ulysses_group and ring_group cover fewer processes than WORLD and were "
+        "not built by hpattn_dist.mesh.build_hybrid_groups, so no group of exactly their ranks is "
+        "known to agree over; build them with build_hybrid_groups(parent_group, ulysses_degree)"
+    )
 
 
 def _parent_ranks(group: Optional[dist.ProcessGroup]) -> tuple[int, ...]:
@@ -100,7 +136,7 @@ def build_hybrid_groups(
             a ``ProcessGroup``: that group (processes may pass different, disjoint groups, e.g.
             one per data-parallel replica);
             a ``DeviceMesh``: its dims named ``ulysses_dim`` and ``ring_dim`` are used as they are
-            (no group is created).
+            (with further dims, one group per slice of those two is created as the pair's parent).
         ulysses_degree: U, the size of each Ulysses group (divides P). Required unless ``source``
             is a mesh, where it is checked against the mesh if given.
         ulysses_dim, ring_dim: mesh dim names.
@@ -143,7 +179,9 @@ def build_hybrid_groups(
                 group = dist.new_group(ranks)
                 if me in ranks:
                     found[kind] = group
-    return HybridGroups(found["ulysses"], found["ring"])
+    groups = HybridGroups(found["ulysses"], found["ring"])
+    _PARENTS[groups] = None if source is None or source is dist.group.WORLD else source
+    return groups
 
 
 def _distinct_parents(table: list) -> list[tuple[tuple[int, ...], int]]:

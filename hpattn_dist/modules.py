@@ -34,7 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.groups import raise_on_every_rank, resolve_group
+from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
@@ -62,8 +63,8 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             same name, see :mod:`hpattn_dist.kernels.dispatch`). Default: ``"auto"``.
         process_group: the sequence-parallel group sharding the pixels (None: the default group,
             or a single process when ``torch.distributed`` is not initialised).
-        strategy: name of a registered strategy (:data:`hpattn_dist.strategies.STRATEGIES`:
-            ``"ring"``, ``"ulysses"`` (H divisible by P), ``"hybrid"`` or ``"auto"``).
+        strategy: one of :data:`hpattn_dist.strategies.STRATEGIES`:
+            ``"ring"``, ``"ulysses"`` (H divisible by P), ``"hybrid"`` or ``"auto"``.
             Default: ``"auto"``, the strategy that sends the fewest bytes for this H and group size
             (:func:`hpattn_dist.strategies.choose_strategy`: Ulysses when P divides H, else hybrid
             or ring), at no extra communication.
@@ -114,7 +115,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-            f"dropout={self._dropout_p}, attn_backend={self.attn_backend!r}, "
+            f"dropout={self.dropout_p}, attn_backend={self.attn_backend!r}, "
             f"strategy={self.strategy!r}"
             + ("" if self.ulysses_degree is None else f", ulysses_degree={self.ulysses_degree}")
         )
@@ -150,10 +151,10 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             v_local,
             self.process_group,
             backend=self.attn_backend,
-            dropout_p=self._dropout_p if self.training else 0.0,
+            dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale,
             key_mask=key_mask,
-            **({} if self.ulysses_degree is None else {"ulysses_degree": self.ulysses_degree}),
+            ulysses_degree=self.ulysses_degree,
         )  # [B, H, N_r, D]
 
         out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
@@ -185,7 +186,7 @@ def convert_spatial_attention(
     Args:
         module: a model containing ``SpatialSelfAttention`` layers (or one such layer).
         process_group: the sequence-parallel group for every converted layer (None: default).
-        strategy: registered strategy name for every converted layer. Default: ``"auto"``.
+        strategy: strategy name for every converted layer. Default: ``"auto"``.
         attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
             layer's own.
         ulysses_degree: Ulysses sub-group size for ``strategy="hybrid"`` (only).

@@ -101,6 +101,11 @@ class SpatialSelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._dropout_p = dropout
 
+    @property
+    def dropout_p(self) -> float:
+        """Dropout probability on the attention weights (applied in training mode only)."""
+        return self._dropout_p
+
     def _use_sdpa(self) -> bool:
         if self.attn_backend == "manual":
             return False

@@ -2,9 +2,10 @@
 
 Every check raises ``ValueError`` (``TypeError`` for wrong types) naming the argument and the
 offending shapes, dtypes or values. These are LOCAL checks: run them inside
-:func:`hpattn_dist.comm.groups.validated_signature` so that a rank whose checks fail makes every
+:func:`hpattn_dist.comm.agreement.validated_signature` (the strategies do so in
+:func:`hpattn_dist.strategies.plan.plan_attention`) so that a rank whose checks fail makes every
 rank of the group raise the same error instead of leaving its peers blocked in the next collective
-(Note [fail together] in ``comm/groups.py``); the same block checks cross-rank agreement.
+(Note [fail together] in ``comm/agreement.py``); the same block checks cross-rank agreement.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from hpattn_dist.kernels.manual import acc_dtype
 
 
 def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
@@ -97,49 +96,11 @@ def check_layer_input(
             raise ValueError(f"key_mask is on {key_mask.device} but x is on {x.device}")
 
 
-def key_bias_from_mask(
-    q: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor]
-) -> Optional[Tensor]:
-    """Fold ``key_mask`` and ``key_bias`` into one additive score bias ``[B, H or 1, N_local]``.
-
-    Args:
-        q: ``[B, H, N_local, D]`` (for shapes, dtype and device).
-        key_mask: optional bool ``[B, N_local]``, True = the key may be attended to.
-        key_bias: optional float ``[B, N_local]`` or ``[B, H, N_local]``.
-
-    Returns:
-        None when both are None; otherwise the bias in the accumulation dtype, ``-inf`` at masked
-        keys (differentiable w.r.t. ``key_bias``).
-    """
-    if key_mask is None and key_bias is None:
-        return None
-    batch, heads, n_local, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    bias = None
-    if key_bias is not None:
-        if not isinstance(key_bias, Tensor) or not key_bias.is_floating_point():
-            raise ValueError("key_bias must be a floating-point tensor [B, N_local] or [B, H, N_local]")
-        if key_bias.device != q.device:
-            raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
-        if tuple(key_bias.shape) == (batch, n_local):
-            bias = key_bias[:, None, :].to(acc)
-        elif tuple(key_bias.shape) == (batch, heads, n_local):
-            bias = key_bias.to(acc)
-        else:
-            raise ValueError(
-                f"key_bias must have shape [B, N_local] = {(batch, n_local)} or [B, H, N_local] = "
-                f"{(batch, heads, n_local)}, got {tuple(key_bias.shape)}"
-            )
-    if key_mask is not None:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            raise ValueError(f"key_mask must be a bool tensor, got {getattr(key_mask, 'dtype', type(key_mask))}")
-        if tuple(key_mask.shape) != (batch, n_local):
-            raise ValueError(
-                f"key_mask must have shape [B, N_local] = {(batch, n_local)}, got {tuple(key_mask.shape)}"
-            )
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
-        if bias is None:
-            bias = torch.zeros((batch, 1, n_local), dtype=acc, device=q.device)
-        bias = bias.masked_fill(~key_mask[:, None, :], float("-inf"))
-    return bias.contiguous()
+def check_heads_divisible(heads: int, group_size: int, what: str, group_name: str = "group") -> None:
+    """Raise ``ValueError`` naming both numbers unless ``heads`` is divisible by ``group_size``."""
+    if heads % group_size != 0:
+        raise ValueError(
+            f"{what}: the number of heads H={heads} is not divisible by the size of {group_name} "
+            f"P={group_size}; head parallelism needs H % P == 0 (use strategy='ring', or a "
+            f"Ulysses degree that divides {heads})"
+        )

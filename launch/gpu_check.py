@@ -240,7 +240,8 @@ def _pg_items(device: torch.device) -> list[tuple[str, Callable[[], Any]]]:
     import torch.distributed as dist
 
     from hpattn_dist import healpix, ring_attention, ulysses_attention
-    from hpattn_dist.comm.groups import resolve_group, set_exchange_timeout
+    from hpattn_dist.comm import set_exchange_timeout
+    from hpattn_dist.comm.groups import resolve_group
     from hpattn_dist.comm.ring import RingExchanger
 
     x = torch.randn(2, 12 * SIZES["pg_nside"] ** 2, 8, device=device)

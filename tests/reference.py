@@ -3,16 +3,70 @@
 Deliberately naive (one ``[B, H, N_q, N_k]`` score matrix, ``torch.softmax``), so that it is
 obviously correct; use it only at test sizes. Legend: B batch, H heads, N_q queries, N_k keys,
 D head dim.
+
+The dropout keep-mask is re-implemented here from its definition (Note [position-keyed dropout]
+in ``hpattn_dist/kernels/dropout.py``), in numpy unsigned integers, and once more per element
+in plain Python (:func:`keep_one`) to check the numpy version: the package's ``keep_mask`` is
+code under test, never called here. ``DropoutSpec`` is only read as a record of numbers.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from hpattn_dist.kernels import DropoutSpec, keep_mask
+from hpattn_dist.kernels import DropoutSpec
+
+_M32 = 0xFFFFFFFF
+
+
+def lowbias32(x: int) -> int:
+    """Wellons' ``lowbias32`` on one unsigned 32-bit Python int."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def keep_one(p: float, seed: int, b: int, h: int, i: int, j: int) -> bool:
+    """Whether score ``(b, h, i, j)`` (global indices) is kept: the definition, element by element."""
+    x = lowbias32(seed)
+    for coordinate in (b, h, i, j):
+        x = lowbias32(x ^ coordinate)
+    return x >= int(p * 2**32)
+
+
+def _lowbias32_np(x: np.ndarray) -> np.ndarray:
+    """:func:`lowbias32` on uint64 arrays holding 32-bit values (products < 2^64: no overflow)."""
+    m = np.uint64(_M32)
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & m
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & m
+    return x ^ (x >> np.uint64(16))
+
+
+def reference_keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int) -> Tensor:
+    """Bool keep-mask ``[B, H, N_q, N_k]`` of the block ``spec`` describes (its first head, query
+    and key at ``spec.h_offset``, ``spec.q_offset``, ``spec.k_offset``, or keys ``spec.k_index``)."""
+    u = np.uint64
+    b = np.arange(batch, dtype=u)[:, None, None, None]
+    h = (spec.h_offset + np.arange(heads, dtype=u))[None, :, None, None]
+    i = (spec.q_offset + np.arange(n_q, dtype=u))[None, None, :, None]
+    if spec.k_index is None:
+        j = spec.k_offset + np.arange(n_k, dtype=u)
+    else:
+        j = spec.k_index.cpu().numpy().astype(u)
+    x = _lowbias32_np(np.array(spec.seed & _M32, dtype=u))
+    for coordinate in (b, h, i, j[None, None, None, :]):
+        x = _lowbias32_np(x ^ coordinate)
+    return torch.from_numpy(x >= u(int(spec.p * 2**32)))
 
 
 def reference_attention(
@@ -33,7 +87,7 @@ def reference_attention(
             and zero gradients (never NaN).
         dropout: optional spec of the WHOLE score matrix (offsets of its first query / key / head);
             weights are normalised first, then multiplied by
-            ``keep_mask(dropout, ...) / (1 - dropout.p)``.
+            ``reference_keep_mask(dropout, ...) / (1 - dropout.p)``.
 
     Returns:
         ``[B, H, N_q, D]`` float64.
@@ -49,6 +103,6 @@ def reference_attention(
     w = torch.softmax(s, dim=-1) * has_key
     if dropout is not None:
         batch, heads, n_q, n_k = w.shape
-        keep = keep_mask(dropout, batch, heads, n_q, n_k, w.device)
+        keep = reference_keep_mask(dropout, batch, heads, n_q, n_k).to(w.device)
         w = w * keep.double() / (1.0 - dropout.p)
     return torch.matmul(w, v)

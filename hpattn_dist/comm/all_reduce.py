@@ -26,14 +26,14 @@ timeout] in :mod:`hpattn_dist.comm.groups`).
 
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import ExchangeError, GroupInfo, get_exchange_timeout, nbytes, wait_work
+from hpattn_dist.comm.groups import GroupInfo, nbytes
+from hpattn_dist.comm.waits import run_collective
 
 __all__ = ["all_reduce_", "all_reduce_sum"]
 
@@ -53,21 +53,8 @@ def all_reduce_(t: Tensor, info: GroupInfo, op: "dist.ReduceOp" = dist.ReduceOp.
     """
     if info.world_size == 1:
         return t
-    timeout_s = get_exchange_timeout()
-    start = time.monotonic()
-    try:
-        wait_work(dist.all_reduce(t, op=op, group=info.group, async_op=True), timeout_s)
-    except (RuntimeError, TimeoutError) as err:
-        elapsed = time.monotonic() - start
-        members = [info.global_rank(r) for r in range(info.world_size)]
-        how = (f"did not complete within the exchange timeout of {timeout_s:g} s"
-               if isinstance(err, TimeoutError) else f"failed after {elapsed:.2f} s")
-        raise ExchangeError(
-            f"{label} on {info.describe_rank(info.rank)}: the all_reduce over global ranks {members} "
-            f"{how}: a rank of the group died, raised or is stuck before calling it (cause: "
-            f"{' '.join(str(err).split())[:300]}). The process group is unusable now.",
-            label=label, timed_out=isinstance(err, TimeoutError), elapsed_s=elapsed,
-        ) from err
+    run_collective(info, label, "the all_reduce",
+                   lambda: dist.all_reduce(t, op=op, group=info.group, async_op=True))
     record(label, 2 * (info.world_size - 1) * nbytes(t) // info.world_size)
     return t
 

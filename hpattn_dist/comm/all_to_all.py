@@ -41,7 +41,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import GroupInfo, all_gather_ints, resolve_group
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.comm.meta import all_gather_ints
+from hpattn_dist.comm.waits import run_collective
 
 __all__ = ["all_to_all", "all_to_all_flat"]
 
@@ -61,7 +63,8 @@ def all_to_all_flat(send: Tensor, in_splits: list[int], out_splits: list[int], i
     :mod:`hpattn_dist.comm.head_exchange`. Records the bytes sent to OTHER ranks under ``label``.
     """
     recv = send.new_empty(sum(out_splits))
-    dist.all_to_all_single(recv, send, out_splits, in_splits, group=info.group)
+    run_collective(info, label, "an all_to_all", lambda: dist.all_to_all_single(
+        recv, send, out_splits, in_splits, group=info.group, async_op=True))
     record(label, (send.numel() - in_splits[info.rank]) * send.element_size())
     return recv
 

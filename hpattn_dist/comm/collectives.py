@@ -1,5 +1,11 @@
 """Autograd-aware collectives along one tensor dim, over WORLD or any subgroup, uneven sizes.
 
+They take the library's one group model (:func:`~hpattn_dist.comm.groups.resolve_group`: a
+``ProcessGroup``, a ``GroupInfo``, or None for WORLD / a single uninitialised process, where they
+copy), wait within the exchange timeout (:class:`~hpattn_dist.comm.waits.ExchangeError` on
+failure) and communicate on the group's device (:func:`~hpattn_dist.comm.groups.comm_device_for`:
+a CPU tensor over NCCL goes to the current CUDA device and comes back).
+
 These are our own ``torch.autograd.Function``s rather than ``torch.distributed.nn.functional``
 (whose ``all_gather`` fails in backward on gloo subgroups). They form the usual adjoint pairs:
 
@@ -38,27 +44,31 @@ Every collective reports to :func:`hpattn_dist.comm.counters.record` the payload
 ``(P - 1) * block`` bytes, reduce-scatter ``(P - 1) * block`` bytes, all-reduce
 ``2 * (P - 1) / P * full`` bytes, where ``block`` is one (padded) ``[M, *]`` block. Nothing is
 recorded when ``P == 1`` (no communication happens). Labels: ``"all_gather"``,
-``"reduce_scatter"``, ``"all_reduce"`` and ``"all_gather_sizes"`` for the size exchange.
+``"reduce_scatter"``, ``"all_reduce"``, and ``"all_gather.meta"`` for a size exchange.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
+from hpattn_dist.comm.groups import GroupInfo, nbytes, resolve_group
+from hpattn_dist.comm.meta import all_gather_ints
+from hpattn_dist.comm.waits import run_collective
 
 __all__ = [
-    "group_rank_and_size",
-    "all_gather_sizes",
+    "even_split",
     "gather_along_dim",
     "scatter_along_dim",
     "reduce_scatter_along_dim",
 ]
+
+Group = Union[dist.ProcessGroup, GroupInfo, None]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = (
@@ -69,32 +79,20 @@ _reduce_scatter_single = (
 _NO_REDUCE_SCATTER: set[str] = set()
 
 
+def even_split(total: int, parts: int) -> list[int]:
+    """``total // parts`` each, the first ``total % parts`` one more: the shard plan's rule
+    (:func:`hpattn_dist.healpix.shard_sizes`) and the default split of this module."""
+    base, extra = divmod(total, parts)
+    return [base + 1 if rank < extra else base for rank in range(parts)]
+
+
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
 
 
-def group_rank_and_size(group: Optional[dist.ProcessGroup] = None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size ``P`` (``None``: default group).
-
-    Raises:
-        RuntimeError: ``torch.distributed`` is not initialised (this library never does it).
-        ValueError: this process is not a member of ``group``.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialised: call torch.distributed.init_process_group "
-            "(or launch with torchrun) before using hpattn_dist collectives"
-        )
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError(
-            f"this process (global rank {dist.get_rank()}) is not a member of the given group"
-        )
-    return rank, dist.get_world_size(group)
-
-
-def _normalise_dim(x: Tensor, dim: int, name: str) -> int:
+def normalise_dim(x: Tensor, dim: int, name: str) -> int:
+    """``dim`` as a non-negative index of ``x``; ValueError naming ``name`` when out of range."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(dim, numbers.Integral) or isinstance(dim, bool):
@@ -119,77 +117,20 @@ def _check_sizes(sizes: Sequence[int], world_size: int, name: str) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def _balanced_sizes(total: int, world_size: int) -> list[int]:
-    # Same rule as hpattn_dist.healpix.shard_sizes (that module sits above this one).
-    base, extra = divmod(total, world_size)
-    return [base + 1 if rank < extra else base for rank in range(world_size)]
-
-
 def _split_args(
-    x: Tensor, group: Optional[dist.ProcessGroup], dim: int, sizes: Optional[Sequence[int]], name: str
-) -> tuple[int, int, list[int]]:
-    """``(rank, dim, sizes)`` for splitting ``x`` along ``dim`` over ``group``, checked."""
-    dim = _normalise_dim(x, dim, name)
-    rank, world_size = group_rank_and_size(group)
+    x: Tensor, group: Group, dim: int, sizes: Optional[Sequence[int]], name: str
+) -> tuple[GroupInfo, int, list[int]]:
+    """``(info, dim, sizes)`` for splitting ``x`` along ``dim`` over ``group``, checked."""
+    dim = normalise_dim(x, dim, name)
+    info = resolve_group(group)
     total = x.shape[dim]
-    sizes = _check_sizes(_balanced_sizes(total, world_size) if sizes is None else sizes, world_size, name)
+    sizes = _check_sizes(even_split(total, info.world_size) if sizes is None else sizes, info.world_size, name)
     if sum(sizes) != total:
         raise ValueError(
             f"{name}: sizes {sizes} sum to {sum(sizes)} but x.shape[{dim}]={total} "
             f"(x of shape {tuple(x.shape)})"
         )
-    return rank, dim, sizes
-
-
-def _default_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    backend = dist.get_backend(group)
-    if "nccl" in str(backend).lower() and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------
-
-
-def all_gather_sizes(
-    n_local: int,
-    group: Optional[dist.ProcessGroup] = None,
-    *,
-    device: Optional[torch.device | str] = None,
-) -> list[int]:
-    """Every rank's local length, in group-rank order (one small all-gather of an int64).
-
-    Args:
-        n_local: this rank's length N_r (a non-negative int).
-        group: process group (``None``: the default group).
-        device: where the int64 buffer lives. NCCL needs the current CUDA device; ``None`` picks
-            it for an NCCL group and the CPU otherwise. Pass the data tensor's device when in
-            doubt.
-
-    Returns:
-        ``[N_0, ..., N_{P-1}]`` as Python ints, identical on every rank.
-
-    Raises:
-        ValueError: ``n_local`` is not a non-negative int; this process is not in ``group``.
-        RuntimeError: ``torch.distributed`` is not initialised.
-    """
-    if not isinstance(n_local, numbers.Integral) or isinstance(n_local, bool) or n_local < 0:
-        raise ValueError(f"all_gather_sizes: n_local must be a non-negative int, got {n_local!r}")
-    _, world_size = group_rank_and_size(group)
-    if world_size == 1:
-        return [int(n_local)]
-    device = _default_device(group) if device is None else torch.device(device)
-    local = torch.tensor([int(n_local)], dtype=torch.int64, device=device)
-    out = torch.empty(world_size, dtype=torch.int64, device=device)
-    _all_gather_single(out, local, group=group)
-    record("all_gather_sizes", (world_size - 1) * _nbytes(local))
-    return [int(v) for v in out.tolist()]
+    return info, dim, sizes
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,61 +138,68 @@ def all_gather_sizes(
 # --------------------------------------------------------------------------------------------
 
 
-def _all_gather_front(x_front: Tensor, sizes: list[int], group) -> Tensor:
+def _all_gather_front(x_front: Tensor, sizes: list[int], info: GroupInfo) -> Tensor:
     """``[N_r, *]`` on every rank -> ``[N, *]`` in rank order (padded: Note [Uneven shards])."""
     world_size = len(sizes)
     block = max(sizes)
     rest = x_front.shape[1:]
     if block == 0:
         return x_front.new_empty((0, *rest))
+    x_comm = x_front.to(info.comm_device(x_front.device))
     uneven = any(s != block for s in sizes)
     if uneven:
-        padded = x_front.new_zeros((block, *rest))
-        padded[: x_front.shape[0]] = x_front
+        padded = x_comm.new_zeros((block, *rest))
+        padded[: x_comm.shape[0]] = x_comm
     else:
-        padded = x_front.contiguous()
-    out = x_front.new_empty((world_size * block, *rest))
-    _all_gather_single(out, padded, group=group)
-    record("all_gather", (world_size - 1) * _nbytes(padded))
+        padded = x_comm.contiguous()
+    out = x_comm.new_empty((world_size * block, *rest))
+    run_collective(info, "all_gather", "an all_gather", lambda: _all_gather_single(
+        out, padded, group=info.group, async_op=True))
+    record("all_gather", (world_size - 1) * nbytes(padded))
+    out = out.to(x_front.device)
     if not uneven:
         return out
     blocks = out.view(world_size, block, *rest)
     return torch.cat([blocks[i, :s] for i, s in enumerate(sizes)], dim=0)
 
 
-def _reduce_scatter_front(full_front: Tensor, sizes: list[int], rank: int, group) -> Tensor:
+def _reduce_scatter_front(full_front: Tensor, sizes: list[int], info: GroupInfo) -> Tensor:
     """``[N, *]`` on every rank -> ``[N_r, *]``: this rank's slice of the sum over ranks."""
-    world_size = len(sizes)
+    world_size, rank = len(sizes), info.rank
     block = max(sizes)
     rest = full_front.shape[1:]
     if block == 0:
         return full_front.new_empty((0, *rest))
-    backend = str(dist.get_backend(group))
+    home = full_front.device
+    full_comm = full_front.to(info.comm_device(home))
+    backend = str(info.backend)
     if backend not in _NO_REDUCE_SCATTER:
         if any(s != block for s in sizes):
-            padded = full_front.new_zeros((world_size, block, *rest))
-            for i, piece in enumerate(torch.split(full_front, sizes, dim=0)):
+            padded = full_comm.new_zeros((world_size, block, *rest))
+            for i, piece in enumerate(torch.split(full_comm, sizes, dim=0)):
                 padded[i, : sizes[i]] = piece
             padded = padded.view(world_size * block, *rest)
         else:
-            padded = full_front.contiguous()
-        out = full_front.new_empty((block, *rest))
+            padded = full_comm.contiguous()
+        out = full_comm.new_empty((block, *rest))
         try:
-            _reduce_scatter_single(out, padded, group=group)
+            work = _reduce_scatter_single(out, padded, group=info.group, async_op=True)
         except (RuntimeError, NotImplementedError) as err:
             # Raised locally by the backend before any communication, identically on every rank.
             if "support" not in str(err).lower():
                 raise
             _NO_REDUCE_SCATTER.add(backend)
         else:
-            record("reduce_scatter", (world_size - 1) * _nbytes(out))
-            return out[: sizes[rank]]
+            run_collective(info, "reduce_scatter", "a reduce_scatter", lambda: work)
+            record("reduce_scatter", (world_size - 1) * nbytes(out))
+            return out[: sizes[rank]].to(home)
     # Fallback: all-reduce the full tensor (about 2x the bytes of a reduce-scatter), then slice.
-    summed = full_front.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    record("all_reduce", (2 * (world_size - 1) * _nbytes(summed)) // world_size)
+    summed = full_comm.clone(memory_format=torch.contiguous_format)
+    run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
+        summed, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+    record("all_reduce", (2 * (world_size - 1) * nbytes(summed)) // world_size)
     start = sum(sizes[:rank])
-    return summed[start : start + sizes[rank]].clone()
+    return summed[start : start + sizes[rank]].to(home, copy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,16 +220,16 @@ class _GatherAlongDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, dim: int, sizes: list[int], rank: int) -> Tensor:
-        ctx.group, ctx.dim, ctx.sizes, ctx.rank = group, dim, sizes, rank
+    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
         if len(sizes) == 1:
             return x.clone()
-        return _all_gather_front(x.movedim(dim, 0), sizes, group).movedim(0, dim).contiguous()
+        return _all_gather_front(x.movedim(dim, 0), sizes, info).movedim(0, dim).contiguous()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        grad_x = _ReduceScatterAlongDim.apply(grad_y, ctx.group, ctx.dim, ctx.sizes, ctx.rank)
-        return grad_x, None, None, None, None
+        grad_x = _ReduceScatterAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
+        return grad_x, None, None, None
 
 
 class _ReduceScatterAlongDim(torch.autograd.Function):
@@ -297,17 +245,17 @@ class _ReduceScatterAlongDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, dim: int, sizes: list[int], rank: int) -> Tensor:
-        ctx.group, ctx.dim, ctx.sizes, ctx.rank = group, dim, sizes, rank
+    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
         if len(sizes) == 1:
             return x.clone()
-        y = _reduce_scatter_front(x.movedim(dim, 0), sizes, rank, group)
+        y = _reduce_scatter_front(x.movedim(dim, 0), sizes, info)
         return y.movedim(0, dim).contiguous()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        grad_x = _GatherAlongDim.apply(grad_y, ctx.group, ctx.dim, ctx.sizes, ctx.rank)
-        return grad_x, None, None, None, None
+        grad_x = _GatherAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
+        return grad_x, None, None, None
 
 
 class _ScatterAlongDim(torch.autograd.Function):
@@ -323,15 +271,15 @@ class _ScatterAlongDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, dim: int, sizes: list[int], rank: int) -> Tensor:
-        ctx.group, ctx.dim, ctx.sizes, ctx.rank = group, dim, sizes, rank
-        start = sum(sizes[:rank])
-        return x.narrow(dim, start, sizes[rank]).clone(memory_format=torch.contiguous_format)
+    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
+        start = sum(sizes[:info.rank])
+        return x.narrow(dim, start, sizes[info.rank]).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        grad_x = _GatherAlongDim.apply(grad_y, ctx.group, ctx.dim, ctx.sizes, ctx.rank)
-        return grad_x, None, None, None, None
+        grad_x = _GatherAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
+        return grad_x, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +289,7 @@ class _ScatterAlongDim(torch.autograd.Function):
 
 def gather_along_dim(
     x: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
+    group: Group = None,
     dim: int = 1,
     sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
@@ -354,10 +302,11 @@ def gather_along_dim(
 
     Args:
         x: shard ``[*, N_r, *]``; all dims but ``dim`` equal on every rank, same dtype.
-        group: process group (``None``: the default group); WORLD or any subgroup.
+        group: process group (``None``: the default group, or a single process when
+            torch.distributed is not initialised); WORLD or any subgroup, or a ``GroupInfo``.
         dim: the sharded dim (negative counts from the end).
         sizes: ``[N_0, ..., N_{P-1}]`` if known on every rank; ``None`` all-gathers them first
-            (one extra small collective, see :func:`all_gather_sizes`).
+            (one extra small collective, label ``all_gather.meta``).
 
     Returns:
         ``[*, N, *]`` with ``N = sum(sizes)``, identical on every rank; a new tensor.
@@ -365,25 +314,25 @@ def gather_along_dim(
     Raises:
         ValueError: ``dim`` out of range, ``sizes`` of the wrong length or with negative
             entries, or ``x.shape[dim] != sizes[r]``.
-        RuntimeError: ``torch.distributed`` not initialised.
+        ExchangeError: the collective failed or timed out (Note [exchange timeout]).
     """
     name = "gather_along_dim"
-    dim = _normalise_dim(x, dim, name)
-    rank, world_size = group_rank_and_size(group)
+    dim = normalise_dim(x, dim, name)
+    info = resolve_group(group)
     if sizes is None:
-        sizes = all_gather_sizes(x.shape[dim], group, device=x.device)
-    sizes = _check_sizes(sizes, world_size, name)
-    if x.shape[dim] != sizes[rank]:
+        sizes = [row[0] for row in all_gather_ints([x.shape[dim]], info, x.device)]
+    sizes = _check_sizes(sizes, info.world_size, name)
+    if x.shape[dim] != sizes[info.rank]:
         raise ValueError(
             f"{name}: x.shape[{dim}]={x.shape[dim]} (x of shape {tuple(x.shape)}) but "
-            f"sizes[{rank}]={sizes[rank]} for this group rank (sizes={sizes})"
+            f"sizes[{info.rank}]={sizes[info.rank]} for this group rank (sizes={sizes})"
         )
-    return _GatherAlongDim.apply(x, group, dim, sizes, rank)
+    return _GatherAlongDim.apply(x, info, dim, sizes)
 
 
 def scatter_along_dim(
     x: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
+    group: Group = None,
     dim: int = 1,
     sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
@@ -395,10 +344,11 @@ def scatter_along_dim(
 
     Args:
         x: full tensor ``[*, N, *]``, identical on every rank.
-        group: process group (``None``: the default group); WORLD or any subgroup.
+        group: process group (``None``: the default group, or a single process when
+            torch.distributed is not initialised); WORLD or any subgroup, or a ``GroupInfo``.
         dim: the dim to split (negative counts from the end).
         sizes: ``[N_0, ..., N_{P-1}]`` summing to ``N``; ``None``: ``N // P`` each and the first
-            ``N % P`` ranks one more (the rule of :func:`hpattn_dist.healpix.shard_sizes`).
+            ``N % P`` ranks one more (:func:`even_split`, the shard plan's rule).
 
     Returns:
         ``[*, N_r, *]``: a new contiguous tensor (not a view of ``x``).
@@ -406,15 +356,15 @@ def scatter_along_dim(
     Raises:
         ValueError: ``dim`` out of range, ``sizes`` of the wrong length, with negative entries,
             or not summing to ``x.shape[dim]``.
-        RuntimeError: ``torch.distributed`` not initialised.
+        ExchangeError: the collective failed or timed out (Note [exchange timeout]).
     """
-    rank, dim, sizes = _split_args(x, group, dim, sizes, "scatter_along_dim")
-    return _ScatterAlongDim.apply(x, group, dim, sizes, rank)
+    info, dim, sizes = _split_args(x, group, dim, sizes, "scatter_along_dim")
+    return _ScatterAlongDim.apply(x, info, dim, sizes)
 
 
 def reduce_scatter_along_dim(
     x: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
+    group: Group = None,
     dim: int = 1,
     sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
@@ -426,7 +376,7 @@ def reduce_scatter_along_dim(
 
     Args:
         x: ``[*, N, *]`` on every rank (different values allowed), same shape everywhere.
-        group: process group (``None``: the default group).
+        group: as for :func:`gather_along_dim`.
         dim: the dim to split (negative counts from the end).
         sizes: ``[N_0, ..., N_{P-1}]`` summing to ``N``; ``None``: the balanced split as in
             :func:`scatter_along_dim`.
@@ -436,7 +386,7 @@ def reduce_scatter_along_dim(
 
     Raises:
         ValueError: as :func:`scatter_along_dim`.
-        RuntimeError: ``torch.distributed`` not initialised.
+        ExchangeError: the collective failed or timed out (Note [exchange timeout]).
     """
-    rank, dim, sizes = _split_args(x, group, dim, sizes, "reduce_scatter_along_dim")
-    return _ReduceScatterAlongDim.apply(x, group, dim, sizes, rank)
+    info, dim, sizes = _split_args(x, group, dim, sizes, "reduce_scatter_along_dim")
+    return _ReduceScatterAlongDim.apply(x, info, dim, sizes)

@@ -40,7 +40,6 @@ different table or a misfit input fails together with its peers (Note [fail toge
 from __future__ import annotations
 
 import ctypes
-import time
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -50,16 +49,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import (
-    ExchangeError,
-    GroupInfo,
-    _cause_text,
-    dtype_code,
-    get_exchange_timeout,
-    offsets,
-    validated_signature,
-    wait_work,
-)
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, offsets
+from hpattn_dist.comm.waits import run_collective
 from hpattn_dist.healpix import shard_bounds
 
 __all__ = ["HaloExchanger", "HaloPlan", "halo_exchange", "halo_summary", "plan_halo", "table_crc"]
@@ -257,24 +249,9 @@ def _all_to_all_rows(send: Tensor, send_counts: Sequence[int], recv_counts: Sequ
                      info: GroupInfo, label: str) -> Tensor:
     """One ``all_to_all_single`` of rows ``[S, *F] -> [R, *F]``, bounded by the exchange timeout."""
     recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
-    timeout_s = get_exchange_timeout()
-    start = time.monotonic()
-    try:
-        work = dist.all_to_all_single(recv, send, output_split_sizes=list(recv_counts),
-                                      input_split_sizes=list(send_counts), group=info.group,
-                                      async_op=True)
-        wait_work(work, timeout_s)
-    except (RuntimeError, TimeoutError) as err:
-        elapsed = time.monotonic() - start
-        members = [info.global_rank(r) for r in range(info.world_size)]
-        how = (f"did not complete within the exchange timeout of {timeout_s:g} s"
-               if isinstance(err, TimeoutError) else f"failed after {elapsed:.2f} s")
-        raise ExchangeError(
-            f"{label} on {info.describe_rank(info.rank)}: the halo all_to_all over global ranks "
-            f"{members} {how}: a rank of the group died, raised or is stuck (cause: "
-            f"{_cause_text(err)}). The process group is unusable now.",
-            label=label, timed_out=isinstance(err, TimeoutError), elapsed_s=elapsed,
-        ) from err
+    run_collective(info, label, "the halo all_to_all", lambda: dist.all_to_all_single(
+        recv, send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+        group=info.group, async_op=True))
     record(label, send.numel() * send.element_size())
     return recv
 

@@ -6,8 +6,8 @@ N_i pixels on rank i (ranks may differ, zero included), N = sum of N_i, T tensor
 
 :func:`pixels_to_heads` turns T pixel shards ``[B, H, N_r, D]`` into whole-sequence heads
 ``[B, h, N, D]`` (heads ``r*h .. r*h+h-1``); :func:`heads_to_pixels` is the way back. Each is ONE
-``all_to_all_single`` for all T tensors, and an ``autograd.Function`` whose backward is the other
-direction (Note [all-to-all adjoint] in ``all_to_all.py``).
+``all_to_all_single`` for all T tensors, and an ``autograd.Function`` whose backward applies the
+other direction (Note [all-to-all adjoint] in ``all_to_all.py``), so that double backward is exact.
 
 Note [head exchange layout]
     ``all_to_all_single`` concatenates what it receives in source-rank order, so the buffers are
@@ -18,12 +18,11 @@ Note [head exchange layout]
 
     One copy packs the send buffer and one unpacks the receive buffer into the layout the next
     step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
-    kernel runs 4-6 % slower on the interleaved ``[N, T, B, h, D]`` view, more than the copy
-    costs), and ``[B, N_r, H, D]`` for the output, so that the layer's
-    ``out.transpose(1, 2).reshape(B, N_r, E)`` before ``out_proj`` is a view. The generic
-    :func:`~hpattn_dist.comm.all_to_all.all_to_all` moves the same bytes but copies twice more
-    (stack, pack, concatenate) and, with one output per tensor, its backward sums zero-filled
-    gradients; at P = 2, nside 16 that was 9 ms of copies per forward+backward against 4 here.
+    kernel is slower on the interleaved ``[N, T, B, h, D]`` view than the copy costs), and
+    ``[B, N_r, H, D]`` for the output, so that the layer's ``out.transpose(1, 2).reshape(B, N_r,
+    E)`` before ``out_proj`` is a view. The generic :func:`~hpattn_dist.comm.all_to_all.all_to_all`
+    moves the same bytes but copies twice more (stack, pack, concatenate) and, with one output per
+    tensor, its backward sums zero-filled gradients.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
@@ -31,16 +30,16 @@ under ``label`` forward and ``label + ".grad"`` backward.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from hpattn_dist.comm.all_to_all import all_to_all_flat
+from hpattn_dist.comm.all_to_all import all_to_all, all_to_all_flat
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["heads_to_pixels", "pixels_to_heads"]
+__all__ = ["gather_pixels", "heads_to_pixels", "pixels_to_heads", "qkv_to_heads"]
 
 
 def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
@@ -92,8 +91,10 @@ class _HeadExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         # An output left out of the loss arrives as zeros (autograd materialises it), not None.
-        move = _gather_heads_raw if ctx.to_heads else _scatter_heads_raw
-        return (None, None, None, None, *move(grads, ctx.info, ctx.sizes, ctx.label + ".grad"))
+        # The adjoint through apply, so that it is recorded under create_graph=True: double
+        # backward is exact (Note [double backward] in hpattn_dist/double_backward.py).
+        back = _HeadExchange.apply(not ctx.to_heads, ctx.info, ctx.sizes, ctx.label + ".grad", *grads)
+        return (None, None, None, None, *back)
 
 
 def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -131,3 +132,41 @@ def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     if info.world_size == 1:
         return tuple(ys)
     return _HeadExchange.apply(False, info, sizes, label, *ys)
+
+
+def qkv_to_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    info: GroupInfo,
+    sizes: list[int],
+    label: str,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
+
+    ``bias`` ``[B, H|1, N_r]`` -> ``[B, h|1, N]``. ``sizes``: every rank's N_r. One all-to-all for
+    q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
+    bias (``label + ".bias"``).
+    """
+    q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
+    bias_h = None
+    if bias is not None and bias.shape[1] == 1:
+        bias_h = gather_pixels(bias[:, 0], info, sizes, label + ".bias")[:, None]  # [B, 1, N]
+    elif bias is not None:
+        # [B, H, N_r] -> [B, h, N]
+        bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
+                            label=label + ".bias")
+    return q_h, k_h, v_h, bias_h
+
+
+def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:
+    """Per-key values ``[B, N_r]`` -> ``[B, N]`` on every rank (differentiable all-gather).
+
+    Done as an all-to-all of ``x`` expanded to ``[B, P, N_r]`` (one copy per destination rank,
+    ``(P - 1) * B * N_r`` elements sent); its adjoint, the reverse all-to-all followed by the
+    expand's sum, is the reduce-scatter.
+    """
+    expanded = x[:, None, :].expand(-1, info.world_size, -1)  # [B, P, N_r]
+    # [B, P, N_r] -> [B, 1, N]
+    return all_to_all(expanded, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes, label=label)[:, 0]

@@ -3,17 +3,37 @@
 Note [double buffering]
     A strategy posts the transfer of the block it will need next (:meth:`RingExchanger.post`)
     BEFORE computing on the block it holds, and waits only after that compute. Transfer time thus
-    hides behind compute whenever compute is the longer of the two. We use plain ``isend`` /
-    ``irecv`` (not ``batch_isend_irecv``, which crashed gloo ranks at exit after a following
-    collective), with peers translated to GLOBAL ranks as ``torch.distributed`` requires.
+    hides behind compute whenever compute is the longer of the two. Peers are translated to
+    GLOBAL ranks, as ``torch.distributed`` requires of ``isend`` / ``irecv`` / ``P2POp``.
+
+Note [p2p grouping]
+    One exchange is a set of sends to the next rank and receives from the previous one that must
+    progress together: under NCCL a send may block until its matching receive is posted, at P = 2
+    both directions share one stream, and at P >= 3 each rank's first send to a new peer creates
+    a communicator lazily, so ungrouped "send then receive" on every rank can wait in a cycle
+    (a hang once blocks outgrow NCCL's buffers). NCCL's rule is to put such operations in one
+    group: :func:`grouped_p2p` says whether a backend gets them as ONE
+    ``dist.batch_isend_irecv`` (``ncclGroupStart/End``, one work handle for the whole exchange),
+    or as separate ``isend`` / ``irecv`` calls. Gloo takes the separate calls: its sends never
+    wait for the receiver, and its ``batch_isend_irecv`` is nothing but the same calls in a loop
+    (gloo does not coalesce). Every other backend (NCCL, and any backend we do not know) is
+    grouped, the form every backend documents. The messages, their order and the bytes are the
+    same either way; only the number of work handles differs.
+
+    Gloo ranks that exit without a final barrier after point-to-point traffic and a collective
+    may abort ("terminate called without an active exception"), grouped or not (measured here
+    with plain ``isend`` / ``irecv`` too): end a script with ``dist.barrier()`` and
+    ``dist.destroy_process_group()``.
 
 Buffers with zero elements are neither sent nor received: both ends know every rank's shard
 length, so they skip the same messages.
 
 Failures: :meth:`PendingExchange.wait` is bounded by the exchange timeout (Note [exchange timeout]
-in ``comm/groups.py``, :func:`set_exchange_timeout`) and turns a backend error or a timeout into
+in ``comm/waits.py``, :func:`set_exchange_timeout`) and turns a backend error or a timeout into
 an :class:`ExchangeError` naming the label, the step, the direction and the peer (group rank and
-global rank), e.g. ``ring.forward step 1: receive from rank 1 failed after 0.02 s: ...``.
+global rank), e.g. ``ring.forward step 1: receive from rank 1 failed after 0.02 s: ...``. A
+grouped exchange whose backend returns one handle for all its messages (NCCL) names both peers
+(``send to rank 2 / receive from rank 0 ...``); its ``peer_*`` attributes are the source's.
 """
 
 from __future__ import annotations
@@ -21,21 +41,33 @@ from __future__ import annotations
 import time
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import (
-    ExchangeError,
-    GroupInfo,
-    _cause_text,
-    get_exchange_timeout,
-    nbytes,
-    set_exchange_timeout,
-    wait_work,
-)
+from hpattn_dist.comm.groups import GroupInfo, nbytes
+from hpattn_dist.comm.waits import ExchangeError, cause_text, get_exchange_timeout, set_exchange_timeout, wait_work
 
-__all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "set_exchange_timeout"]
+__all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "grouped_p2p", "set_exchange_timeout"]
+
+
+def grouped_p2p(backend: str, device_type: str) -> bool:
+    """Whether an exchange on ``backend`` posts its sends and receives as one group.
+
+    Args:
+        backend: ``dist.get_backend(group)``: ``"gloo"``, ``"nccl"``, or a per-device list such as
+            ``"cpu:gloo,cuda:nccl"``.
+        device_type: the device type of the tensors exchanged (``"cpu"``, ``"cuda"``).
+
+    Returns:
+        False for gloo, True for every other backend (Note [p2p grouping]).
+    """
+    name = backend.lower()
+    if ":" in name:  # "cpu:gloo,cuda:nccl": the backend that serves this device type
+        per_device = dict(part.split(":", 1) for part in name.split(",") if ":" in part)
+        name = per_device.get(device_type, name)
+    return name != "gloo"
 
 
 class PendingExchange:
@@ -67,6 +99,25 @@ class PendingExchange:
             raise self._error(err, direction, peer_group, peer_global, 0.0) from err
         self._works.append((work, direction, peer_group, peer_global))
 
+    def start_group(self, ops: list, meta: list[tuple[str, int, int]]) -> None:
+        """Post ``ops`` (``dist.P2POp``, peers global) as ONE ``batch_isend_irecv`` group.
+
+        ``meta[i]`` is ``(direction, peer_group, peer_global)`` of ``ops[i]``. A backend that
+        returns one handle per message keeps per-message errors; one that returns a single handle
+        for the group (NCCL) gets an entry naming every peer of the group.
+
+        Raises:
+            ExchangeError: posting failed.
+        """
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:
+            raise self._error(err, *_group_meta(meta), 0.0) from err
+        if len(works) == len(meta):
+            self._works.extend((work, *m) for work, m in zip(works, meta))
+        else:
+            self._works.extend((work, *_group_meta(meta)) for work in works)
+
     def wait(self) -> None:
         """Block until every message of the exchange completed.
 
@@ -91,15 +142,14 @@ class PendingExchange:
                elapsed: float) -> ExchangeError:
         timed_out = isinstance(err, TimeoutError)
         where = self.label if self.step is None else f"{self.label} step {self.step}"
-        peer = (f"rank {peer_group}" if peer_group == peer_global
-                else f"group rank {peer_group} (global rank {peer_global})")
+        peer = _peer_text(peer_group, peer_global)
         me = "" if self.info is None else f" on {self.info.describe_rank(self.info.rank)}"
         how = (f"did not complete within the exchange timeout of {self.timeout_s:g} s "
                "(hpattn_dist.comm.set_exchange_timeout)" if timed_out
                else f"failed after {elapsed:.2f} s")
         return ExchangeError(
             f"{where}{me}: {direction} {peer} {how}: that rank died, raised or is stuck "
-            f"(cause: {_cause_text(err)}). The process group is unusable now.",
+            f"(cause: {cause_text(err)}). The process group is unusable now.",
             label=self.label, step=self.step, peer_group_rank=peer_group,
             peer_global_rank=peer_global, timed_out=timed_out, elapsed_s=elapsed,
         )
@@ -122,6 +172,7 @@ class RingExchanger:
         self.send_peer = info.global_rank(self.send_group_rank)
         self.recv_peer = info.global_rank(self.recv_group_rank)
         self._posts: dict[str, int] = {}
+        self._grouped_by_device: dict[str, bool] = {}
 
     def post(
         self,
@@ -143,12 +194,40 @@ class RingExchanger:
         self._posts[label] = self._posts.get(label, 0) + 1
         timeout_s = self.timeout_s if self.timeout_s is not None else get_exchange_timeout()
         pending = PendingExchange([], label, step, self.info, timeout_s)
-        sent = 0
+        messages = []  # (op, tensor, tag, direction, peer_group, peer_global), in posting order
         for tag, (s, r) in enumerate(zip(send, recv)):
             if s is not None and s.numel() > 0:
-                pending.start(dist.isend, s, tag, "send to", self.send_group_rank, self.send_peer)
-                sent += nbytes(s)
+                messages.append((dist.isend, s, tag, "send to", self.send_group_rank, self.send_peer))
             if r is not None and r.numel() > 0:
-                pending.start(dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer)
-        record(label, sent)
+                messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
+        if messages and self._grouped(messages[0][1].device):
+            ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)
+                   for op, t, tag, _, _, peer_global in messages]
+            pending.start_group(ops, [m[3:] for m in messages])
+        else:
+            for message in messages:
+                pending.start(*message)
+        record(label, sum(nbytes(m[1]) for m in messages if m[0] is dist.isend))
         return pending
+
+    def _grouped(self, device: torch.device) -> bool:
+        """Note [p2p grouping], decided once per device type (the backend is fixed)."""
+        if device.type not in self._grouped_by_device:
+            backend = dist.get_backend(self.info.group)
+            self._grouped_by_device[device.type] = grouped_p2p(backend, device.type)
+        return self._grouped_by_device[device.type]
+
+
+def _group_meta(meta: list[tuple[str, int, int]]) -> tuple[str, int, int]:
+    """One ``(direction, peer_group, peer_global)`` for a whole group, e.g.
+    ``("send to rank 2 / receive from", 0, 0)``: every peer is named, and the entry's own peer is
+    the source (the rank whose data this one waits for) when the group receives anything."""
+    unique = sorted(dict.fromkeys(meta), key=lambda m: m[0] == "receive from")  # receives last
+    *head, (last_dir, last_group, last_global) = unique
+    parts = [f"{d} {_peer_text(g, gl)}" for d, g, gl in head] + [last_dir]
+    return " / ".join(parts), last_group, last_global
+
+
+def _peer_text(peer_group: int, peer_global: int) -> str:
+    return (f"rank {peer_group}" if peer_group == peer_global
+            else f"group rank {peer_group} (global rank {peer_global})")

@@ -33,7 +33,8 @@ from hpattn_dist.kernels import flash_attn as _flash_attn
 from hpattn_dist.kernels import sdpa as _sdpa
 from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
-from hpattn_dist.kernels.manual import acc_dtype, manual_backward, manual_forward
+from hpattn_dist.kernels.manual import manual_backward, manual_forward
+from hpattn_dist.precision import acc_dtype
 
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual", "flash_attn")
 

@@ -9,14 +9,27 @@ Note [position-keyed dropout]
 
     * the backward pass regenerates exactly the forward mask from the saved seed (no mask stored);
     * the result does not depend on the number of ranks, the strategy or the block order, so a run
-      with dropout at P=4 equals the same run at P=1 (and the float64 reference that uses
-      :func:`keep_mask` on the full matrix);
+      with dropout at P=4 equals the same run at P=1 (and the float64 test reference, which
+      implements the definition below on its own, on the full matrix);
     * the seed is drawn from PyTorch's default generator (or passed as ``dropout_seed``), so
       ``torch.manual_seed`` makes runs reproducible; the strategies use group rank 0's seed on
       every rank, so ranks whose generators differ still drop consistently.
 
-    The hash is Wellons' ``lowbias32`` integer finaliser, chained over the coordinates, computed in
-    int64 and masked to 32 bits. Keep probability is ``1 - p`` up to 2^-32.
+    The definition, in unsigned 32-bit arithmetic (every product taken mod 2^32)::
+
+        mix(x):  x ^= x >> 16;  x *= 0x7FEB352D;  x ^= x >> 15;  x *= 0x846CA68B;  x ^= x >> 16
+        x = mix(seed)               # seed in [0, 2^31)
+        x = mix(x ^ b)              # batch element
+        x = mix(x ^ h)              # global head
+        x = mix(x ^ i)              # global query pixel
+        x = mix(x ^ j)              # global key pixel
+        keep(b, h, i, j)  <=>  x >= floor(p * 2^32)
+
+    ``mix`` is Wellons' ``lowbias32`` finaliser, a bijection of the 32-bit integers. Each
+    coordinate enters through its own mixing round, the seed included: an earlier version added
+    the seed to ``b`` before the first round, so (seed s, batch b) had the mask of (s + 1, b - 1)
+    and a step counter used as ``dropout_seed`` repeated masks across steps. Keep probability is
+    ``1 - p`` up to 2^-32. Computed in int64 tensors masked to 32 bits.
 """
 
 from __future__ import annotations
@@ -78,7 +91,8 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
         if spec.k_index.shape != (n_k,):
             raise ValueError(f"k_index has shape {tuple(spec.k_index.shape)}, expected ({n_k},)")
         j = spec.k_index.to(device=device, dtype=torch.int64)
-    x = _mix32(b + (spec.seed & _MASK32))
+    seed = _mix32(torch.tensor(spec.seed & _MASK32, device=device, dtype=torch.int64))
+    x = _mix32(b ^ seed)
     x = _mix32(x ^ h[None, :, None, None])
     x = _mix32(x ^ i[None, None, :, None])
     x = _mix32(x ^ j[None, None, None, :])

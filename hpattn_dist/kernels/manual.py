@@ -17,13 +17,9 @@ import torch
 from torch import Tensor
 
 from hpattn_dist.kernels.dropout import DropoutSpec, keep_mask
+from hpattn_dist.precision import acc_dtype
 
 TILE_ELEMENTS = 1 << 22
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of ``dtype``: float64 stays, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _query_chunk(batch: int, heads: int, n_k: int) -> int:

@@ -46,36 +46,25 @@ Note [communication volume]
 
 Note [auto agreement]
     The choice depends on H and the dtype, which are local to each rank; ranks that disagree
-    (a bug in the caller) must raise together, not enter different collectives. Ring and Ulysses
-    both start with their signature ``all_gather`` over the whole group (Note [fail together]),
-    so a rank that chose one meets a rank that chose the other in that same collective, and both
-    raise (their signatures differ). Hybrid instead starts by building sub-groups; so only when
-    this rank's choice is hybrid does it first run an ``all_gather`` of (H, dtype) over the whole
-    group, which pairs with a peer's ring or Ulysses signature too. With ring or Ulysses, ``auto``
-    therefore costs exactly what the chosen strategy costs: no extra collective per call.
+    (a bug in the caller) must raise together, not enter different collectives. The choice is
+    made inside the one agreement of the call (Note [one agreement per call]) and is part of its
+    signature, so ranks that chose differently raise "called with different signatures" on every
+    rank before any data moves, and ``auto`` costs exactly what the chosen strategy costs.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
-from torch import Tensor
 
-from hpattn_dist.comm.groups import dtype_code, raise_on_every_rank, resolve_group, validated_signature
-from hpattn_dist.kernels import acc_dtype
-from hpattn_dist.strategies.hybrid import hybrid_attention_over_group
-from hpattn_dist.strategies.ring import ring_attention
-from hpattn_dist.strategies.ulysses import ulysses_attention
-from hpattn_dist.validation import check_qkv
+from hpattn_dist.precision import acc_dtype
 
 __all__ = [
     "CommVolume",
     "StrategyChoice",
-    "auto_attention",
     "choose_strategy",
     "communication_volume",
 ]
@@ -227,32 +216,3 @@ def choose_strategy(
             heads, group_size, dtype, choice.strategy, best, table,
         )
     return choice
-
-
-def auto_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
-    **kwargs: Any,
-) -> Tensor:
-    """Attention over ``group`` with the strategy :func:`choose_strategy` picks for q's head count,
-    the group size and q's dtype (forward + backward model). Same arguments, shapes and result as
-    :func:`~hpattn_dist.strategies.ring.ring_attention`, and the same communication as the chosen
-    strategy: see Note [auto agreement]. A hybrid choice creates its sub-groups on the first call
-    (collective, every process; see :func:`hpattn_dist.mesh.hybrid_groups_for`).
-    """
-    info = resolve_group(group)
-    try:
-        check_qkv(q, k, v, kwargs.get("scale"))
-        choice = choose_strategy(q.shape[1], info.world_size, dtype=q.dtype)
-    except (ValueError, TypeError) as err:
-        raise_on_every_rank(info, "auto_attention", err)  # pairs with the peers' first all_gather
-    if choice.strategy == "hybrid":
-        with validated_signature(info, "auto_attention") as sig:
-            sig.set({"H": q.shape[1], "dtype": dtype_code(q.dtype)}, 0, q.device)
-    if choice.strategy == "ring":
-        return ring_attention(q, k, v, group, **kwargs)
-    if choice.strategy == "ulysses":
-        return ulysses_attention(q, k, v, group, **kwargs)
-    return hybrid_attention_over_group(q, k, v, group, ulysses_degree=choice.ulysses_degree, **kwargs)

@@ -1,4 +1,8 @@
-"""Ring attention: exact global attention over a pixel dimension sharded across ranks.
+"""The ring executor: exact global attention over a pixel dimension sharded across ranks.
+
+:func:`run_ring` executes an :class:`~hpattn_dist.strategies.plan.AttentionPlan` over its
+``ring_group``: for ``strategy="ring"`` on the caller's shards, for ``"hybrid"`` on the heads the
+Ulysses exchange produced (Note [hybrid schedule]).
 
 Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, N_r pixels on rank r
 (ranks may differ by any amount, zero included), N = sum of N_r.
@@ -22,16 +26,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import GroupInfo, dtype_code, offsets, resolve_group, validated_signature
+from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
-from hpattn_dist.kernels import (
-    BlockKernel, DropoutSpec, acc_dtype, check_backend_name, resolve_dropout_seed, select_kernel,
-)
+from hpattn_dist.double_backward import refuse_double_backward
+from hpattn_dist.kernels import DropoutSpec
+from hpattn_dist.masks import unmasked_keys
 from hpattn_dist.merge import merge_into
-from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
+from hpattn_dist.precision import acc_dtype
+from hpattn_dist.strategies.plan import AttentionPlan
+
+__all__ = ["run_ring"]
 
 
 class _RingAttention(torch.autograd.Function):
@@ -57,15 +63,10 @@ class _RingAttention(torch.autograd.Function):
         v: Tensor,
         bias: Optional[Tensor],
         k_index: Optional[Tensor],
-        info: GroupInfo,
-        kernel: BlockKernel,
-        scale: float,
-        dropout_p: float,
-        seed: int,
-        q_offset: int,
-        kv_sizes: list[int],
-        head_offset: int = 0,
+        plan: AttentionPlan,
     ) -> Tensor:
+        info, kernel, scale, kv_sizes = plan.ring_group, plan.kernel, plan.scale, plan.kv_sizes
+        dropout_p, seed, q_offset, head_offset = plan.dropout_p, plan.seed, plan.q_offset, plan.head_offset
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         p = info.world_size
         acc = acc_dtype(q.dtype)
@@ -86,16 +87,16 @@ class _RingAttention(torch.autograd.Function):
 
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, k_index, out, lse)
-        ctx.info, ctx.kernel, ctx.scale = info, kernel, scale
-        ctx.dropout_p, ctx.seed, ctx.q_offset, ctx.kv_sizes = dropout_p, seed, q_offset, kv_sizes
-        ctx.head_offset = head_offset
+        ctx.plan = plan
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
         return out
 
     @staticmethod
+    @refuse_double_backward("ring_attention")
     def backward(ctx, dout: Tensor):
         q, k, v, bias, k_index, out, lse = ctx.saved_tensors
-        info, kernel, scale, kv_sizes = ctx.info, ctx.kernel, ctx.scale, ctx.kv_sizes
+        plan = ctx.plan
+        info, kernel, scale, kv_sizes = plan.ring_group, plan.kernel, plan.scale, plan.kv_sizes
         r, p = info.rank, info.world_size
         acc = acc_dtype(q.dtype)
         dout = dout.contiguous()
@@ -112,7 +113,7 @@ class _RingAttention(torch.autograd.Function):
             pending_kv, next_block = ring.post_next(step, block, "ring.backward.kv")
             block_grads = None
             if block.size > 0:
-                spec = _dropout_spec(ctx.dropout_p, ctx.seed, ctx.q_offset, block.index, ctx.head_offset)
+                spec = _dropout_spec(plan.dropout_p, plan.seed, plan.q_offset, block.index, plan.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
                     dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec, need_dbias
                 )
@@ -143,8 +144,7 @@ class _RingAttention(torch.autograd.Function):
             pending_grad.wait()
         dkv, dbias = grads
         dbias_out = dbias.to(bias.dtype) if need_dbias else None
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out,
-                None, None, None, None, None, None, None, None, None)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out, None, None
 
 
 class _KeyBlock:
@@ -172,7 +172,7 @@ class _KeyBlock:
 class _BlockRing:
     """Rotates key blocks one rank forward per step (Note [ring schedule])."""
 
-    def __init__(self, info: GroupInfo, kv_sizes: list[int]) -> None:
+    def __init__(self, info: GroupInfo, kv_sizes: tuple[int, ...]) -> None:
         self.info, self.kv_sizes = info, kv_sizes
         self.exchanger = RingExchanger(info) if info.world_size > 1 else None
 
@@ -202,115 +202,23 @@ def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[
     return DropoutSpec(dropout_p, seed, q_offset=q_offset, h_offset=head_offset, k_index=k_index)
 
 
-def ring_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
-    *,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    head_offset: int = 0,
-    dropout_seed: Optional[int] = None,
-) -> Tensor:
-    r"""Exact softmax attention of this rank's queries over the keys of EVERY rank in ``group``.
+def run_ring(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+             key_mask: Optional[Tensor]) -> Tensor:
+    """Execute ``plan`` over its ring group (Note [ring schedule]).
 
-    Computes, for this rank's shard, ``softmax(Q K^T * scale + bias) V`` where K and V are the
-    concatenation (in group-rank order) of every rank's ``k`` and ``v``. Differentiable w.r.t.
-    ``q``, ``k``, ``v`` and ``key_bias``. See Note [ring schedule] for the algorithm.
-
-    Args:
-        q, k, v: this rank's shard ``[B, H, N_r, D]``; ``N_r`` may differ between ranks (zero too).
-        group: the process group that shards the pixels (None = WORLD, or a single process when
-            torch.distributed is not initialised).
-        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``
-            (see :mod:`hpattn_dist.kernels.dispatch`).
-        dropout_p: attention-weight dropout probability in ``[0, 1)``; weights are normalised
-            first, then dropped (Note [position-keyed dropout]: the mask does not depend on P).
-        scale: score scale, default ``D ** -0.5``.
-        key_mask: optional bool ``[B, N_r]``, True = this key may be attended to. A query with no
-            unmasked key anywhere gets a zero output and zero gradients (PyTorch's SDPA returns NaN
-            there).
-        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
-        head_offset: global index of this call's first head, for the dropout mask only (non-zero
-            when heads are split across ranks, as in hybrid attention). Default 0.
-        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator.
-            Either way group rank 0's value is used on every rank, so all ranks drop alike.
-
-    Returns:
-        ``[B, H, N_r, D]`` in the dtype of ``q``.
-
-    Raises:
-        ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
-            is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
-
-    Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
-    ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
-    rank that are unmasked in at least one batch element (Note [masked key compaction]); the
-    backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
+    ``q, k, v``: ``[B, h, N_i, D]``, this ring member's queries and keys; ``bias``: ``[B, h|1,
+    N_i]`` in the accumulation dtype or None; ``key_mask``: bool ``[B, N_i]`` when the mask
+    travels as a mask (its fully masked keys are dropped, Note [masked key compaction]). Returns
+    ``[B, h, N_i, D]`` in q's dtype.
     """
-    info = resolve_group(group)
-    with validated_signature(info, "ring_attention") as sig:
-        check_qkv(q, k, v, scale)
-        check_dropout_p(dropout_p)
-        check_backend_name(backend)
-        bias = key_bias_from_mask(q, key_mask, key_bias)
-        batch, heads, n_local, head_dim = q.shape
-        kept = _unmasked_keys(key_mask)
-        n_kept = n_local if kept is None else int(kept.numel())
-        # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
-        # so no bias is needed and the fused kernels apply; every rank must agree on that.
-        mask_left = key_mask is not None and not bool(
-            (key_mask if kept is None else key_mask[:, kept]).all()
-        )
-        seed = resolve_dropout_seed(dropout_p, dropout_seed)
-        sig.set(
-            {
-                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-                "key_bias_heads": -1 if key_bias is None else bias.shape[1],
-                "key_mask": int(key_mask is not None),
-                "dropout_ppm": int(round(dropout_p * 1e6)),
-            },
-            (n_local, n_kept, int(mask_left), seed),
-            q.device,
-        )
-    per_rank = sig.per_rank
-    if key_bias is None and not any(row[2] for row in per_rank):
+    kept = unmasked_keys(key_mask) if plan.mask_travels else None
+    if not plan.use_bias:
         bias = None
-    q_offset = offsets([row[0] for row in per_rank])[info.rank]
-    kv_sizes = [row[1] for row in per_rank]
-    seed = per_rank[0][3]  # group rank 0's seed, so every rank draws the same mask
     k_index = None
-    if dropout_p > 0:
-        local_index = torch.arange(n_local, device=q.device) if kept is None else kept
-        k_index = local_index + q_offset
+    if plan.dropout_p > 0:
+        local_index = torch.arange(q.shape[2], device=q.device) if kept is None else kept
+        k_index = local_index + plan.q_offset
     if kept is not None:
         k, v = k.index_select(2, kept), v.index_select(2, kept)
         bias = None if bias is None else bias.index_select(2, kept)
-    kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    return _RingAttention.apply(
-        q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes,
-        int(head_offset),
-    )
-
-
-def _unmasked_keys(key_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """Indices ``[M_r]`` of the local keys unmasked in at least one batch element, or None when
-    every key is (so nothing can be dropped).
-
-    Note [masked key compaction]
-        A key masked in EVERY batch element receives zero weight from every query, so it is
-        removed before the ring starts: it is neither sent nor computed, and its gradient is zero
-        (``index_select``'s backward scatters zeros there). Keys masked in only some batch elements
-        stay, with ``-inf`` bias where masked. A rank whose keys are all masked sends nothing.
-    """
-    if key_mask is None:
-        return None
-    any_batch = key_mask.any(dim=0)  # [N_r]
-    if bool(any_batch.all()):
-        return None
-    return any_batch.nonzero().squeeze(1)
+    return _RingAttention.apply(q, k, v, bias, k_index, plan)

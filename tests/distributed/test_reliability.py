@@ -2,7 +2,7 @@
 
 - Bad input (one ``run_ranks`` job, P = 3): every bad argument raises the documented error on
   EVERY rank within seconds, whether every rank or only one rank passed it (Note [fail together]
-  in ``hpattn_dist/comm/groups.py``); ranks that disagree on B, H, D, dtype or the embed size
+  in ``hpattn_dist/comm/agreement.py``); ranks that disagree on B, H, D, dtype or the embed size
   raise the same error everywhere; a process that is not in the group raises while the members
   compute.
 - Edge numerics (same job): NaN/Inf inputs give the non-finite pattern of the explicit float64
@@ -34,9 +34,11 @@ import torch.distributed as dist
 
 from hpattn_dist import ring_attention
 from hpattn_dist.comm import ExchangeError, set_exchange_timeout
-from hpattn_dist.comm.groups import dtype_code, raise_on_every_rank, resolve_group, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, raise_on_every_rank, validated_signature
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import check_backend_name
-from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.validation import check_dropout_p, check_qkv
 from tests.harness import run_ranks
 from tests.reference import reference_attention
 

@@ -266,3 +266,38 @@ def test_gather_rejects_shards_off_the_plan_on_every_rank(world_size):
         assert second is not None and "expected npix=192" in second
         assert third is not None and f"but the group has {world_size} ranks" in third
     assert len({r[0].split("(this is group rank")[0] for r in results}) == 1  # same sizes seen
+
+
+def _one_rank_bad_rank(rank, world_size):
+    """Only rank 1 passes a bad field / shard: every rank must raise the same error (no hang)."""
+    from hpattn_dist.comm import set_exchange_timeout
+
+    set_exchange_timeout(20.0)  # a regression fails in seconds, not at the harness timeout
+    out = {}
+    cases = {
+        "scatter_npix": lambda: scatter(torch.zeros(1, 47 if rank == 1 else 48, 2)),
+        "scatter_dtype": lambda: scatter(torch.zeros(1, 48, 2, dtype=DTYPE if rank == 1 else torch.float32)),
+        "gather_dim": lambda: gather(torch.zeros(1, 16, 2), dim=3 if rank == 1 else 1),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+        except ValueError as err:
+            out[name] = str(err)
+        else:
+            out[name] = None
+    out["after"] = gather(scatter(torch.arange(48.0).view(1, 48, 1))).flatten().tolist()
+    return out
+
+
+def test_scatter_gather_fail_together_when_one_rank_is_wrong():
+    results = run_ranks(_one_rank_bad_rank, 3, timeout=60.0)
+    expect = {"scatter_npix": "not a HEALPix pixel count", "scatter_dtype": "disagree on dtype",
+              "gather_dim": "dim=3 is out of range"}
+    for name, fragment in expect.items():
+        messages = {r[name] for r in results}
+        assert len(messages) == 1, (name, messages)
+        message = messages.pop()
+        assert message is not None and fragment in message, (name, message)
+    for r in results:
+        assert r["after"] == list(range(48))

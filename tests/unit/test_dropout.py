@@ -1,6 +1,7 @@
-"""Position-keyed dropout (Note [position-keyed dropout]): the keep-mask's statistics, determinism,
-exact tiling by shifted specs, and the manual kernel / single-process ring against the float64
-reference built from the same mask.
+"""Position-keyed dropout (Note [position-keyed dropout]): the keep-mask against an independent
+implementation of its definition (``tests/reference.py``, numpy and plain Python), its statistics,
+determinism, independence of (seed, batch) pairs, exact tiling by shifted specs, and the manual
+kernel / single-process ring against the float64 reference (which drops with that independent mask).
 """
 
 from __future__ import annotations
@@ -13,13 +14,47 @@ import torch
 from hpattn_dist import ring_attention
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask, manual, select_kernel
 from hpattn_dist.merge import merge_into
-from tests.reference import reference_attention
+from tests.reference import keep_one, reference_attention, reference_keep_mask
 
 P_DROP = 0.3
 
 
 def _sigma(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
+
+
+def test_independent_reference_numpy_equals_plain_python():
+    spec = DropoutSpec(0.37, seed=2**31 - 5, q_offset=3, k_offset=700_000, h_offset=2)
+    mask = reference_keep_mask(spec, 2, 3, 5, 7)
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                for j in range(7):
+                    assert bool(mask[b, h, i, j]) == keep_one(0.37, spec.seed, b, h + 2, i + 3, j + 700_000)
+
+
+@pytest.mark.parametrize("spec, shape", [
+    (DropoutSpec(P_DROP, seed=0), (2, 3, 17, 19)),
+    (DropoutSpec(0.1, seed=1234, q_offset=40, k_offset=11, h_offset=5), (3, 2, 9, 33)),
+    (DropoutSpec(0.9, seed=2**31 - 1, q_offset=786_000, k_offset=786_400), (1, 4, 8, 8)),
+    (DropoutSpec(0.5, seed=77, q_offset=2, k_index=torch.tensor([0, 5, 6, 17, 39, 1000])), (2, 2, 7, 6)),
+])
+def test_keep_mask_equals_the_independent_definition(spec, shape):
+    assert torch.equal(keep_mask(spec, *shape, "cpu"), reference_keep_mask(spec, *shape))
+
+
+def test_seed_and_batch_index_do_not_trade_places():
+    """Regression: with the seed added to the batch index, (seed s, batch b) had the mask of
+    (s + 1, b - 1), so a step counter as ``dropout_seed`` repeated masks from one step to the next.
+    Now the two agree only as often as independent masks do."""
+    agree = P_DROP**2 + (1 - P_DROP) ** 2
+    for s in (0, 41, 2**30):
+        a = keep_mask(DropoutSpec(P_DROP, seed=s), 4, 2, 48, 48, "cpu")
+        b = keep_mask(DropoutSpec(P_DROP, seed=s + 1), 4, 2, 48, 48, "cpu")
+        for i in range(1, 4):
+            for j in range(4):  # any batch element of step s against any of step s + 1
+                rate = (a[i] == b[j]).double().mean().item()
+                assert abs(rate - agree) <= 5 * _sigma(agree, a[i].numel()), (s, i, j, rate)
 
 
 def test_keep_rate_within_statistical_bounds():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpattn_dist.comm import collectives
+from hpattn_dist.comm.groups import comm_device_for
 from hpattn_dist.healpix import (
     check_nside,
     gather,
@@ -230,12 +231,6 @@ def test_shard_plan_examples():
     assert shard_bounds(3, 5) == [(0, 1), (1, 2), (2, 3), (3, 3), (3, 3)]
 
 
-def test_collectives_default_split_is_the_shard_plan():
-    for npix in PLAN_NPIX:
-        for world_size in range(1, 14):
-            assert collectives._balanced_sizes(npix, world_size) == shard_sizes(npix, world_size)
-
-
 @pytest.mark.parametrize("bad", [(-1, 2), (12, 0), (12, -3), (12.0, 2), (12, 2.0), (12, True)])
 def test_shard_plan_rejects(bad):
     with pytest.raises(ValueError, match="npix|world_size"):
@@ -276,13 +271,29 @@ def test_scatter_gather_check_arguments_before_communicating():
         gather(torch.zeros(1, 48, 2), dim=-4)
 
 
-def test_collectives_need_an_initialised_process_group():
+def test_scatter_gather_without_a_process_group_are_the_identity():
+    # One process, no torch.distributed: the plan has one shard, the whole field (as the layers).
     assert not torch.distributed.is_initialized()
-    with pytest.raises(RuntimeError, match="not initialised"):
-        scatter(torch.zeros(1, 48, 2))
-    with pytest.raises(RuntimeError, match="not initialised"):
-        collectives.gather_along_dim(torch.zeros(1, 4, 2))
+    x = torch.randn(2, 48, 3, dtype=torch.float64, requires_grad=True)
+    shard = scatter(x)
+    assert torch.equal(shard, x) and shard.data_ptr() != x.data_ptr()
+    full = gather(shard, npix=48)
+    assert torch.equal(full, x)
+    (full * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+    assert torch.equal(collectives.gather_along_dim(torch.ones(1, 4, 2)), torch.ones(1, 4, 2))
     with pytest.raises(ValueError, match="dim=2 is out of range"):
         collectives.scatter_along_dim(torch.zeros(4, 2), dim=2)
-    with pytest.raises(ValueError, match="n_local must be a non-negative int"):
-        collectives.all_gather_sizes(-1)
+    with pytest.raises(ValueError, match="group was given but torch.distributed is not initialised"):
+        scatter(x, group=object())
+    with pytest.raises(ValueError, match="expected npix=192"):
+        gather(shard, npix=192)
+
+
+@pytest.mark.parametrize("backend, device, expected", [
+    ("nccl", "cpu", "cuda"), ("nccl", "cuda:1", "cuda:1"), ("gloo", "cpu", "cpu"),
+    ("gloo", "cuda:0", "cpu"), (None, "cpu", "cpu"),
+])
+def test_collectives_communicate_on_the_backends_device(backend, device, expected):
+    # A CPU tensor scattered / gathered over NCCL travels on the current CUDA device and back.
+    assert comm_device_for(backend, torch.device(device)) == torch.device(expected)

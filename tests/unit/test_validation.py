@@ -15,18 +15,13 @@ import torch
 
 from hpattn_dist import ring_attention
 from hpattn_dist.comm import ExchangeError, get_exchange_timeout, set_exchange_timeout
-from hpattn_dist.comm.groups import (
-    SIGNATURE_WIDTH,
-    GroupInfo,
-    agree_on_shapes,
-    raise_on_every_rank,
-    resolve_group,
-    validated_signature,
-    wait_work,
-)
+from hpattn_dist.comm.agreement import SIGNATURE_WIDTH, agree_on_shapes, raise_on_every_rank, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.comm.waits import wait_work
 from hpattn_dist.comm.ring import PendingExchange
 from hpattn_dist.strategies import sharded_attention
-from hpattn_dist.validation import check_dropout_p, check_layer_input, check_qkv, key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.validation import check_dropout_p, check_layer_input, check_qkv
 
 
 def _qkv(b=2, h=3, n=5, d=4, dtype=torch.float64):

@@ -93,7 +93,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from hpattn_dist.comm.all_reduce import all_reduce_, all_reduce_sum
-from hpattn_dist.comm.groups import GroupInfo, dtype_code, offsets, resolve_group, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask

@@ -1,0 +1,243 @@
+"""The signature protocol: local checks and one cross-rank agreement, so that ranks fail together.
+
+Note [fail together]
+~~~~~~~~~~~~~~~~~~~~
+A rank that raises on its own while its peers enter a collective leaves them blocked until the
+process group's timeout (30 min by default): the worst failure of a distributed job. So every
+entry point runs its LOCAL argument checks inside :func:`validated_signature`, whose single
+``all_gather`` carries, besides the shape signature the ranks must agree on, a status code:
+
+    row = [status, crc32(kind, names), n_shared, n_local, *shared values, *local values, 0 ...]
+
+one fixed-width int64 row per rank (:data:`SIGNATURE_WIDTH` ints), so a rank whose checks failed
+(and so never computed its signature) still sends a row of the right size. If any row says
+"failed", the ranks exchange the error texts (a second, small ``all_gather_object``, on the error
+path only) and EVERY rank raises the same error, naming each failed rank and its message. If the
+rows disagree on a shared value, every rank raises the same ``ValueError`` with a table of each
+rank's values. A rank that fails before it reaches its own ``validated_signature`` (in a layer
+above the strategy) calls :func:`raise_on_every_rank`, which sends the same fixed-width row and so
+pairs with its peers' signature ``all_gather``.
+
+The signature ``all_gather`` is not an extra cost: the ranks need each other's shard lengths
+anyway (uneven shards), so the checks travel in the collective that fetches them, once per call
+(Note [one agreement per call] in ``strategies/plan.py``). The strategy is part of the row
+(``kind``, hashed with the names), so ranks on different code paths raise instead of pairing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from hpattn_dist.comm.groups import GroupInfo
+from hpattn_dist.comm.meta import all_gather_ints
+from hpattn_dist.comm.waits import cause_text
+
+__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "dtype_code", "raise_on_every_rank",
+           "validated_signature"]
+
+_DTYPE_CODES = {
+    torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4,
+}
+_DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A small integer naming a floating dtype, for cross-rank comparison (0 = other)."""
+    return _DTYPE_CODES.get(dtype, 0)
+
+
+SIGNATURE_WIDTH = 32
+"""Ints per rank in the signature ``all_gather``: 4 header + up to 28 values (256 bytes)."""
+
+_OK, _FAILED = 0, 1
+
+
+class Signature:
+    """What one rank declares inside :func:`validated_signature`; read ``per_rank`` after it."""
+
+    def __init__(self, info: GroupInfo, what: str) -> None:
+        self.info, self.what = info, what
+        self._shared: Optional[dict[str, int]] = None
+        self._local: tuple[int, ...] = ()
+        self._scalar_local = True
+        self._kind = ""
+        self._device: Optional[torch.device] = None
+        self._per_rank: Optional[list] = None
+
+    def set(self, shared: dict[str, int], local: Union[int, Sequence[int]],
+            device: Optional[torch.device] = None, *, kind: str = "") -> None:
+        """Declare this rank's signature.
+
+        Args:
+            shared: names -> ints every rank must agree on (B, H, D, dtype code, ...).
+            local: this rank's own int (its shard length) or tuple of ints; may differ by rank.
+            device: the data's device (NCCL needs the all_gather buffer on it).
+            kind: the code path (e.g. the strategy); ranks with different kinds raise "called
+                with different signatures".
+        """
+        self._shared = {str(k): int(v) for k, v in shared.items()}
+        self._scalar_local = isinstance(local, int)
+        self._local = (int(local),) if self._scalar_local else tuple(int(v) for v in local)
+        self._kind, self._device = kind, device
+        if 4 + len(self._shared) + len(self._local) > SIGNATURE_WIDTH:
+            raise ValueError(
+                f"{self.what}: a signature holds at most {SIGNATURE_WIDTH - 4} values, got "
+                f"{len(self._shared)} shared and {len(self._local)} local"
+            )
+
+    @property
+    def declared(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._shared is not None
+
+    @property
+    def per_rank(self) -> list:
+        """Every rank's ``local``, in group-rank order: ints, or tuples if ``local`` was a tuple."""
+        if self._per_rank is None:
+            raise RuntimeError(f"{self.what}: Signature.per_rank is only known after the with-block")
+        return self._per_rank
+
+    def exchange(self, status: int) -> list[tuple[int, ...]]:
+        """Send this rank's fixed-width row (Note [fail together]); every rank's row."""
+        row = [status, 0, 0, 0]
+        if self._shared is not None:
+            names = ",".join([self._kind, *self._shared]).encode()
+            row[1:4] = [zlib.crc32(names), len(self._shared), len(self._local)]
+            row += [*self._shared.values(), *self._local]
+        return all_gather_ints(row + [0] * (SIGNATURE_WIDTH - len(row)), self.info, self._meta_device())
+
+    def _meta_device(self) -> torch.device:
+        return self.info.comm_device(self._device if self._device is not None else torch.device("cpu"))
+
+    def read(self, rows: list[tuple[int, ...]]) -> None:
+        """Check the OK rows against each other and keep every rank's local values."""
+        info, what = self.info, self.what
+        names = list(self._shared or {})
+        n_shared, n_local = len(names), len(self._local)
+        header = rows[0][1:4]
+        if any(row[1:4] != header for row in rows):
+            raise ValueError(
+                f"{what}: the ranks of the process group called with different signatures (their "
+                "code paths differ, e.g. different strategies or library versions): "
+                + "; ".join(f"{info.describe_rank(r)}: {row[2]} shared values" for r, row in enumerate(rows))
+            )
+        values = [row[4:4 + n_shared] for row in rows]
+        if any(v != values[0] for v in values):
+            differ = [n for i, n in enumerate(names) if any(v[i] != values[0][i] for v in values)]
+
+            def show(name: str, value: int) -> str:
+                return f"{name}={_DTYPE_NAMES.get(value, value)}" if name == "dtype" else f"{name}={value}"
+
+            table = "; ".join(
+                f"{info.describe_rank(r)}: " + ", ".join(show(n, x) for n, x in zip(names, v))
+                for r, v in enumerate(values)
+            )
+            raise ValueError(
+                f"{what}: ranks of the process group disagree on {', '.join(differ)} (they must agree "
+                f"on {', '.join(names)}): {table}"
+            )
+        tails = [row[4 + n_shared:4 + n_shared + n_local] for row in rows]
+        self._per_rank = [t[0] for t in tails] if self._scalar_local else [tuple(t) for t in tails]
+
+
+def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
+                    local_err: Optional[BaseException]) -> None:
+    """Exchange the failed ranks' errors and raise the same exception on every rank.
+
+    The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
+    is identical everywhere, also when the failure happened in another entry point (a layer).
+    """
+    mine = None if local_err is None else (what, type(local_err).__name__, cause_text(local_err))
+    texts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(texts, mine, group=info.group)
+    failed = [r for r, row in enumerate(rows) if row[0] != _OK]
+    reports = [texts[r] or ("?", "RuntimeError", "(no message)") for r in failed]
+    whats = list(dict.fromkeys(rep[0] for rep in reports))
+    detail = "; ".join(f"{info.describe_rank(r)}: {kind}: {text}"
+                       for r, (_, kind, text) in zip(failed, reports))
+    message = (f"{'/'.join(whats)}: invalid input on {len(failed)} of {info.world_size} ranks; "
+               f"{detail}")
+    kinds = {rep[1] for rep in reports}
+    cls = {"ValueError": ValueError, "TypeError": TypeError}.get(next(iter(kinds))) if len(kinds) == 1 else None
+    if cls is None:
+        cls = ValueError if kinds <= {"ValueError", "TypeError"} else RuntimeError
+    raise cls(message) from local_err
+
+
+@contextlib.contextmanager
+def validated_signature(info: GroupInfo, what: str) -> Iterator[Signature]:
+    """Run local checks and the cross-rank agreement so that ranks fail TOGETHER.
+
+    Put every local check of an entry point inside the block and declare the signature with
+    :meth:`Signature.set` at its end; after the block, ``sig.per_rank`` holds every rank's local
+    values. Exactly one ``all_gather`` per call (none with one rank). See Note [fail together].
+
+    Example::
+
+        with validated_signature(info, "ring_attention") as sig:
+            check_qkv(q, k, v, scale)
+            sig.set({"B": b, "H": h, "D": d, "dtype": dtype_code(q.dtype)}, n_local, q.device)
+        sizes = sig.per_rank
+
+    Raises (on EVERY rank, with the same message):
+        ValueError / TypeError: a rank's local check raised it (the message names every failed
+            rank and its error; the failed rank's original exception is chained). With mixed or
+            other exception types: ValueError if all are ValueError/TypeError, else RuntimeError.
+            With one rank the local exception propagates unchanged.
+        ValueError: ranks disagree on a shared value (a table of every rank's values).
+        ExchangeError: the all_gather itself failed (a rank died or is stuck).
+    """
+    sig = Signature(info, what)
+    try:
+        yield sig
+    except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
+        if info.world_size == 1:
+            raise
+        _raise_failures(info, what, sig.exchange(_FAILED), err)
+    if not sig.declared:
+        raise RuntimeError(f"{what}: validated_signature block ended without Signature.set()")
+    rows = sig.exchange(_OK)
+    if any(row[0] != _OK for row in rows):
+        _raise_failures(info, what, rows, None)
+    sig.read(rows)
+
+
+def raise_on_every_rank(info: GroupInfo, what: str, err: BaseException) -> None:
+    """Raise ``err`` (as in :func:`validated_signature`) on this rank and on every peer.
+
+    For a rank that fails BEFORE its peers' next collective: it sends a "failed" signature row,
+    which pairs with the peers' :func:`validated_signature` all_gather, and every rank raises the
+    same error. With one rank, ``err`` itself is raised.
+    """
+    if info.world_size == 1:
+        raise err
+    _raise_failures(info, what, Signature(info, what).exchange(_FAILED), err)
+
+
+def agree_on_shapes(
+    info: GroupInfo,
+    device: torch.device,
+    shared: dict[str, int],
+    local_len: Union[int, Sequence[int]],
+    what: str,
+) -> list:
+    """Check that every rank passed the same ``shared`` values; return every rank's ``local_len``.
+
+    ``shared`` maps names (e.g. ``"B"``, ``"H"``, ``"D"``, ``"dtype"``) to this rank's values;
+    ``local_len`` is this rank's shard length (which may differ), or a tuple of such per-rank
+    values, in which case a list of tuples is returned. One ``all_gather`` per call: a
+    :func:`validated_signature` block holding only :meth:`Signature.set`, so it also pairs with a
+    peer's failure row (Note [fail together]).
+
+    Raises:
+        ValueError: on EVERY rank, when ranks disagree on any shared value (the message lists each
+            rank's values so the odd one out is obvious) or a peer's local checks failed.
+    """
+    with validated_signature(info, what) as sig:
+        sig.set(shared, local_len, device)
+    return sig.per_rank

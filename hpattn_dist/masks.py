@@ -1,0 +1,81 @@
+"""Key masks and key biases: the additive bias they fold into, and the keys a mask leaves.
+
+Legend: B batch, H heads, N_r pixels (keys) on this rank, M_r keys left after compaction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpattn_dist.precision import acc_dtype
+
+__all__ = ["key_bias_from_mask", "unmasked_keys"]
+
+
+def key_bias_from_mask(
+    q: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor]
+) -> Optional[Tensor]:
+    """Fold ``key_mask`` and ``key_bias`` into one additive score bias ``[B, H or 1, N_local]``.
+
+    Args:
+        q: ``[B, H, N_local, D]`` (for shapes, dtype and device).
+        key_mask: optional bool ``[B, N_local]``, True = the key may be attended to.
+        key_bias: optional float ``[B, N_local]`` or ``[B, H, N_local]``.
+
+    Returns:
+        None when both are None; otherwise the bias in the accumulation dtype, ``-inf`` at masked
+        keys (differentiable w.r.t. ``key_bias``).
+    """
+    if key_mask is None and key_bias is None:
+        return None
+    batch, heads, n_local, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    bias = None
+    if key_bias is not None:
+        if not isinstance(key_bias, Tensor) or not key_bias.is_floating_point():
+            raise ValueError("key_bias must be a floating-point tensor [B, N_local] or [B, H, N_local]")
+        if key_bias.device != q.device:
+            raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
+        if tuple(key_bias.shape) == (batch, n_local):
+            bias = key_bias[:, None, :].to(acc)
+        elif tuple(key_bias.shape) == (batch, heads, n_local):
+            bias = key_bias.to(acc)
+        else:
+            raise ValueError(
+                f"key_bias must have shape [B, N_local] = {(batch, n_local)} or [B, H, N_local] = "
+                f"{(batch, heads, n_local)}, got {tuple(key_bias.shape)}"
+            )
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be a bool tensor, got {getattr(key_mask, 'dtype', type(key_mask))}")
+        if tuple(key_mask.shape) != (batch, n_local):
+            raise ValueError(
+                f"key_mask must have shape [B, N_local] = {(batch, n_local)}, got {tuple(key_mask.shape)}"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+        if bias is None:
+            bias = torch.zeros((batch, 1, n_local), dtype=acc, device=q.device)
+        bias = bias.masked_fill(~key_mask[:, None, :], float("-inf"))
+    return bias.contiguous()
+
+
+def unmasked_keys(key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Indices ``[M_r]`` of the local keys unmasked in at least one batch element, or None when
+    every key is (so nothing can be dropped).
+
+    Note [masked key compaction]
+        A key masked in EVERY batch element receives zero weight from every query, so it is
+        removed before the ring starts: it is neither sent nor computed, and its gradient is zero
+        (``index_select``'s backward scatters zeros there). Keys masked in only some batch elements
+        stay, with ``-inf`` bias where masked. A rank whose keys are all masked sends nothing.
+    """
+    if key_mask is None:
+        return None
+    any_batch = key_mask.any(dim=0)  # [N_r]
+    if bool(any_batch.all()):
+        return None
+    return any_batch.nonzero().squeeze(1)

@@ -1,0 +1,242 @@
+"""The public functional API and the one factory behind it: plan at the door, then execute.
+
+Every entry point (the functions below and the layers) goes through :func:`sharded_attention`:
+:func:`~hpattn_dist.strategies.plan.plan_attention` checks the call and agrees with the peers
+once (Note [one agreement per call]), and the executor the plan names runs it:
+
+===========  ====================================================================================
+strategy     executor
+===========  ====================================================================================
+``ring``     :func:`~hpattn_dist.strategies.ring.run_ring` (K/V blocks rotate, Note [ring schedule])
+``ulysses``  :func:`~hpattn_dist.strategies.ulysses.run_ulysses` (H divisible by P)
+``hybrid``   :func:`~hpattn_dist.strategies.hybrid.run_hybrid`: the Ulysses exchange over
+             sub-groups of ``ulysses_degree`` ranks, the ring executor across them
+``auto``     the planner's choice among the three (:func:`~hpattn_dist.strategies.auto.choose_strategy`)
+===========  ====================================================================================
+
+Legend: B batch, H heads, D head dim, P ranks in the group, N_r pixels on rank r.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from hpattn_dist.strategies.hybrid import run_hybrid
+from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
+from hpattn_dist.strategies.ring import run_ring
+from hpattn_dist.strategies.ulysses import run_ulysses
+
+__all__ = ["STRATEGIES", "auto_attention", "check_strategy_name", "hybrid_attention", "ring_attention",
+           "sharded_attention", "ulysses_attention"]
+
+STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
+"""The strategy names :func:`sharded_attention` and the layers accept."""
+
+_EXECUTORS: dict[str, Callable[..., Tensor]] = {"ring": run_ring, "ulysses": run_ulysses, "hybrid": run_hybrid}
+_ENTRY_NAMES = {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention",
+                "auto": "auto_attention"}
+
+
+def check_strategy_name(strategy: str) -> None:
+    """Raise ``ValueError`` unless ``strategy`` is one of :data:`STRATEGIES`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def sharded_attention(
+    strategy: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+    ulysses_degree: Optional[int] = None,
+) -> Tensor:
+    """Attention over a pixel dimension sharded across ``group`` with the named strategy.
+
+    ``q, k, v``: ``[B, H, N_r, D]``; the keyword arguments are those of :func:`ring_attention`,
+    plus ``ulysses_degree`` (U, a divisor of P and H) for ``"hybrid"``, whose sub-groups are
+    created on the first call (collectively, by every process; see
+    :func:`hpattn_dist.mesh.hybrid_groups_for`) and cached. Returns ``[B, H, N_r, D]``.
+
+    Raises:
+        ValueError: an unknown strategy, ``ulysses_degree`` with a strategy other than
+            ``"hybrid"`` (or missing for it), and everything :func:`ring_attention` raises.
+    """
+    check_strategy_name(strategy)
+    if ulysses_degree is not None and strategy != "hybrid":
+        raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
+    plan, bias = plan_attention(
+        strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
+        dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
+        dropout_seed=dropout_seed, what=_ENTRY_NAMES[strategy],
+    )
+    return execute(plan, q, k, v, bias, key_mask)
+
+
+def execute(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+            key_mask: Optional[Tensor]) -> Tensor:
+    """Run ``plan``'s executor on this rank's tensors (no further agreement)."""
+    return _EXECUTORS[plan.strategy](plan, q, k, v, bias, key_mask)
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    r"""Exact softmax attention of this rank's queries over the keys of EVERY rank in ``group``.
+
+    Computes, for this rank's shard, ``softmax(Q K^T * scale + bias) V`` where K and V are the
+    concatenation (in group-rank order) of every rank's ``k`` and ``v``. Differentiable w.r.t.
+    ``q``, ``k``, ``v`` and ``key_bias``. See Note [ring schedule] in
+    :mod:`hpattn_dist.strategies.ring` for the algorithm.
+
+    Args:
+        q, k, v: this rank's shard ``[B, H, N_r, D]``; ``N_r`` may differ between ranks (zero too).
+        group: the process group that shards the pixels (None = WORLD, or a single process when
+            torch.distributed is not initialised).
+        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``
+            (see :mod:`hpattn_dist.kernels.dispatch`).
+        dropout_p: attention-weight dropout probability in ``[0, 1)``; weights are normalised
+            first, then dropped (Note [position-keyed dropout]: the mask does not depend on P).
+        scale: score scale, default ``D ** -0.5``.
+        key_mask: optional bool ``[B, N_r]``, True = this key may be attended to. A query with no
+            unmasked key anywhere gets a zero output and zero gradients (PyTorch's SDPA returns NaN
+            there).
+        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
+        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator.
+            Either way group rank 0's value is used on every rank, so all ranks drop alike.
+
+    Returns:
+        ``[B, H, N_r, D]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
+            is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
+
+    Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
+    ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
+    rank that are unmasked in at least one batch element (Note [masked key compaction]); the
+    backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
+    """
+    return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed)
+
+
+def ulysses_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    r"""Exact softmax attention over every rank's pixels, computed head-parallel (DeepSpeed-Ulysses).
+
+    Same contract and shard layout as :func:`ring_attention`; see Note [ulysses schedule] in
+    :mod:`hpattn_dist.strategies.ulysses` for the algorithm. Differentiable w.r.t. q, k, v and
+    ``key_bias``.
+
+    Args:
+        q, k, v: this rank's shard ``[B, H, N_r, D]``; H must be divisible by P.
+        group, backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for
+            :func:`ring_attention` (the dropout mask is the ring's: position-keyed).
+
+    Returns:
+        ``[B, H, N_r, D]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: (on every rank) H not divisible by P, naming both; ranks that disagree on B,
+            H, D, dtype, masking or dropout; bad shapes, dtypes, ``dropout_p`` or ``backend``.
+
+    Communication: one small all-gather (shapes), then two all-to-alls forward (q/k/v in, out
+    back) and two backward; bytes per rank in :mod:`hpattn_dist.strategies.ulysses`.
+    """
+    return sharded_attention("ulysses", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed)
+
+
+def hybrid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    ulysses_group: Optional[dist.ProcessGroup],
+    ring_group: Optional[dist.ProcessGroup],
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    r"""Exact softmax attention over the pixels of all U * R ranks: Ulysses x ring.
+
+    Same contract as :func:`ring_attention`, with the pixel shards
+    laid out as in Note [hybrid layout] (build the groups with
+    :func:`hpattn_dist.mesh.build_hybrid_groups`, or take them from a ``DeviceMesh``). See Note
+    [hybrid schedule].
+
+    Args:
+        q, k, v: this rank's shard ``[B, H, N_r, D]``; ``N_r`` may differ between ranks.
+            H must be divisible by U.
+        ulysses_group: the ranks that split heads (size U).
+        ring_group: the ranks with this rank's Ulysses index, one per Ulysses group (size R).
+        backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for ``ring_attention``.
+
+    Returns:
+        ``[B, H, N_r, D]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: (on every rank of the group concerned) H not divisible by U; ranks of a group
+            that disagree on shapes, dtype, masking or dropout; ring members with different
+            Ulysses ranks or degrees (groups that do not form a grid); bad arguments; a pair of
+            groups covering fewer processes than WORLD that :func:`~hpattn_dist.mesh.build_hybrid_groups`
+            did not build (no group of exactly their ranks is known to agree over).
+    """
+    plan, bias = plan_attention(
+        "hybrid", q, k, v, groups=(ulysses_group, ring_group), backend=backend, dropout_p=dropout_p,
+        scale=scale, key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
+        what="hybrid_attention",
+    )
+    return execute(plan, q, k, v, bias, key_mask)
+
+
+def auto_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Attention over ``group`` with the strategy :func:`~hpattn_dist.strategies.auto.choose_strategy`
+    picks for q's head count, the group size and q's dtype (forward + backward model). Same
+    arguments, shapes and result as :func:`ring_attention`, and the same communication as the
+    chosen strategy: the choice is made inside the one agreement (Note [one agreement per call]).
+    A hybrid choice creates its sub-groups on the first call (collective, every process; see
+    :func:`hpattn_dist.mesh.hybrid_groups_for`).
+    """
+    return sharded_attention("auto", q, k, v, group, **kwargs)

@@ -1,0 +1,242 @@
+"""The door of every attention call: local checks, ONE cross-rank agreement, a frozen plan.
+
+Legend: B batch, H heads, D head dim, P ranks of the group sharding the pixels, U Ulysses degree
+(ranks that split heads), R = P / U ring degree, h = H / U, N_p pixels on grid position p, M_i
+pixels of Ulysses group i (sum of its N_p).
+
+Note [one agreement per call]
+    Every strategy needs the same facts about its peers before it can move data: every rank's
+    pixel count (uneven shards), how many keys survive masking (Note [masked key compaction]),
+    whether a mask is left anywhere, the dropout seed of position 0, and that the ranks called
+    with the same B, H, D, dtype, bias form, dropout and strategy. :func:`plan_attention` gathers
+    them in ONE ``validated_signature`` over the group that shards the pixels (the parent group of
+    a hybrid grid), with the local checks inside it so that a rank whose input is bad makes every
+    rank raise (Note [fail together]). The result, an :class:`AttentionPlan`, is all the
+    executors read: nothing below the door validates or agrees again.
+
+    The strategy is part of the signature (:meth:`Signature.set`'s ``kind``), so ranks that chose
+    differently (``strategy="auto"`` with different head counts, or different explicit
+    strategies) raise "called with different signatures" on every rank instead of entering
+    different collectives.
+
+    Every rank's row also carries its place in the Ulysses x ring grid (Note [hybrid layout]):
+    its Ulysses rank u, ring rank i and the global rank that opens each of its two groups. Ring
+    (U = 1) and Ulysses (U = P) are the grid's two degenerate cases, so one derivation of sizes
+    and offsets serves all three strategies, and a hybrid whose two groups do not form a grid is
+    refused on every rank from the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+from torch import Tensor
+
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
+from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
+from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
+from hpattn_dist.strategies.auto import choose_strategy
+from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
+
+__all__ = ["AttentionPlan", "plan_attention"]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What one call does, identical in meaning on every rank (Note [one agreement per call]).
+
+    Attributes:
+        strategy: the executor, ``"ring"``, ``"ulysses"`` or ``"hybrid"`` (``"auto"`` resolved).
+        ulysses_group: the ranks that split heads (size U); None for the ring.
+        ring_group: the ranks whose key blocks rotate (size R); None for Ulysses.
+        ulysses_sizes: N_p of each member of this rank's Ulysses group, in its rank order.
+        kv_sizes: keys each ring member holds after the head exchange and compaction (M_i, less
+            the keys masked in every batch element).
+        q_offset: global pixel index of the first pixel this rank holds after the head exchange
+            (its own first pixel for the ring, its Ulysses group's for hybrid, 0 for Ulysses).
+        head_offset: global index of this rank's first head after the head exchange.
+        mask_travels: the key mask goes to the ring as a mask (so it compacts keys); otherwise the
+            additive bias travels.
+        use_bias: the kernels apply a key bias (False when the mask travels, no key is masked
+            anywhere after compaction and no key_bias was given).
+        kernel, scale, dropout_p, seed: as the block kernels take them; ``seed`` is position 0's.
+    """
+
+    strategy: str
+    ulysses_group: Optional[GroupInfo]
+    ring_group: Optional[GroupInfo]
+    ulysses_sizes: tuple[int, ...]
+    kv_sizes: tuple[int, ...]
+    q_offset: int
+    head_offset: int
+    mask_travels: bool
+    use_bias: bool
+    kernel: BlockKernel
+    scale: float
+    dropout_p: float
+    seed: int
+
+
+def _grid_row(parent: GroupInfo, u_deg: int, sub: Optional[tuple[GroupInfo, GroupInfo]]) -> tuple[int, ...]:
+    """``(u, i, first global rank of the Ulysses group, first of the ring group)`` of this rank;
+    without explicit sub-groups, the layout of Note [hybrid layout] over ``parent``."""
+    if sub is not None:
+        u_info, r_info = sub
+        return u_info.rank, r_info.rank, u_info.global_rank(0), r_info.global_rank(0)
+    i, u = divmod(parent.rank, u_deg)
+    return u, i, parent.global_rank(i * u_deg), parent.global_rank(u)
+
+
+def _choose(strategy: str, parent: GroupInfo, sub: Optional[tuple], ulysses_degree: object,
+            q: Tensor) -> tuple[str, int]:
+    """The executed strategy and its Ulysses degree U (``auto`` resolved; Note [communication
+    volume] in ``auto.py``)."""
+    p = parent.world_size
+    if sub is not None:
+        return "hybrid", sub[0].world_size
+    if strategy == "auto":
+        choice = choose_strategy(q.shape[1], p, dtype=q.dtype)
+        return choice.strategy, choice.ulysses_degree
+    if strategy == "ring":
+        return "ring", 1
+    if strategy == "ulysses":
+        return "ulysses", p
+    if ulysses_degree is None:
+        raise ValueError("strategy 'hybrid' over one process group needs ulysses_degree=U (a "
+                         "divisor of the group size and of the head count), or use strategy='auto'")
+    if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
+        raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
+    if p == 1:
+        return "ring", 1  # a group of one (or no torch.distributed): nothing to split
+    if p % ulysses_degree != 0:
+        raise ValueError(f"ulysses_degree={ulysses_degree} does not divide the size of the group ({p})")
+    return "hybrid", ulysses_degree
+
+
+def _check_grid(rows: Sequence[tuple], u_deg: int, r_deg: int, what: str) -> list[int]:
+    """Grid position ``i * U + u`` of every row; ValueError unless the rows form a U x R grid."""
+    u_groups: dict[int, list] = {}
+    r_groups: dict[int, list] = {}
+    for u, i, u_id, r_id in rows:
+        u_groups.setdefault(u_id, []).append((u, i))
+        r_groups.setdefault(r_id, []).append((i, u))
+    ok = len(rows) == u_deg * r_deg and len(u_groups) == r_deg and len(r_groups) == u_deg
+    for members, size in ((u_groups, u_deg), (r_groups, r_deg)):
+        for pairs in members.values():
+            ok = ok and sorted(a for a, _ in pairs) == list(range(size)) and len({b for _, b in pairs}) == 1
+    if not ok:
+        table = "; ".join(f"position {p}: ulysses rank {u}, ring rank {i}" for p, (u, i, _, _) in enumerate(rows))
+        raise ValueError(
+            f"{what}: ulysses_group and ring_group do not form a grid (the members of a ring group "
+            f"must share their Ulysses rank and degree): {table}. Build them with "
+            "hpattn_dist.mesh.build_hybrid_groups."
+        )
+    return [i * u_deg + u for u, i, _, _ in rows]
+
+
+def plan_attention(
+    strategy: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    groups: Optional[tuple] = None,
+    ulysses_degree: Optional[int] = None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+    what: str,
+) -> tuple[AttentionPlan, Optional[Tensor]]:
+    """Check the call, agree once with the peers, and return ``(plan, bias)``.
+
+    ``strategy``: ``"ring" | "ulysses" | "hybrid" | "auto"``; ``groups``: an explicit
+    ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``ulysses_degree`` for
+    ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
+    dtype (-inf where masked), or None. ``what`` names the entry point in errors.
+
+    Raises (on every rank of the group, Note [fail together]):
+        ValueError / TypeError: a bad argument on any rank; ranks that disagree on shapes,
+            dtype, masking, dropout, backend or strategy; groups that do not form a grid.
+        ExchangeError: the agreement itself failed (a rank died or is stuck).
+    """
+    if groups is not None:
+        sub = (resolve_group(groups[0], "ulysses_group"), resolve_group(groups[1], "ring_group"))
+        parent = resolve_group(hybrid_parent(*groups, sub[0].world_size * sub[1].world_size))
+    else:
+        sub, parent = None, resolve_group(group)
+    with validated_signature(parent, what) as sig:
+        check_qkv(q, k, v, scale)
+        check_dropout_p(dropout_p)
+        check_backend_name(backend)
+        executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)
+        bias = key_bias_from_mask(q, key_mask, key_bias)
+        batch, heads, n_local, head_dim = q.shape
+        if executed != "ring":
+            check_heads_divisible(heads, u_deg, what, "group" if executed == "ulysses" else "ulysses_group")
+        mask_travels = key_mask is not None and (executed == "ring" or (executed == "hybrid" and key_bias is None))
+        kept = unmasked_keys(key_mask) if mask_travels else None
+        n_kept = n_local if kept is None else int(kept.numel())
+        # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
+        # so no bias is needed and the fused kernels apply; every rank must agree on that.
+        mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
+        row = _grid_row(parent, u_deg, sub)
+        sig.set(
+            {
+                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+                "key_bias_heads": -1 if key_bias is None else bias.shape[1],
+                "key_mask": int(key_mask is not None),
+                "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
+                "U": u_deg, "R": parent.world_size // u_deg,
+            },
+            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row),
+            q.device,
+            kind=executed,
+        )
+    plan = _plan_from_rows(
+        sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
+        has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
+        scale=head_dim**-0.5 if scale is None else float(scale), dropout_p=float(dropout_p), what=what,
+    )
+    return plan, bias
+
+
+def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, sub: Optional[tuple],
+                    group: Optional[dist.ProcessGroup], *, my_row: tuple, heads: int, mask_travels: bool,
+                    has_bias: bool, key_bias_given: bool, backend: str, q: Tensor, scale: float,
+                    dropout_p: float, what: str) -> AttentionPlan:
+    """The plan every rank derives alike from the agreed rows (grid positions, Note [hybrid
+    layout]: position ``i * U + u`` holds global shard ``i * U + u``)."""
+    r_deg = parent.world_size // u_deg
+    by_pos: list = [None] * parent.world_size
+    for p, row in zip(_check_grid([r[4:] for r in rows], u_deg, r_deg, what), rows):
+        by_pos[p] = row
+    u_me, i_me = my_row[0], my_row[1]
+    if executed == "hybrid" and sub is None:
+        made = hybrid_groups_for(group, u_deg)  # cached; collective on first use only
+        sub = (resolve_group(made.ulysses_group), resolve_group(made.ring_group))
+    sizes = [r[0] for r in by_pos]
+    kept_sizes = [r[1] for r in by_pos]
+    use_bias = (key_bias_given or any(r[2] for r in rows)) if mask_travels else has_bias
+    return AttentionPlan(
+        strategy=executed,
+        ulysses_group=parent if executed == "ulysses" else (sub[0] if sub else None),
+        ring_group=parent if executed == "ring" else (sub[1] if sub else None),
+        ulysses_sizes=tuple(sizes[i_me * u_deg:(i_me + 1) * u_deg]),
+        kv_sizes=tuple(sum(kept_sizes[j * u_deg:(j + 1) * u_deg]) for j in range(r_deg)),
+        q_offset=sum(sizes[:i_me * u_deg]),
+        head_offset=u_me * (heads // u_deg),
+        mask_travels=mask_travels,
+        use_bias=use_bias,
+        kernel=select_kernel(backend, q, has_bias=use_bias, dropout=dropout_p > 0),
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=by_pos[0][3],
+    )
