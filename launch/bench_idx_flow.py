@@ -240,6 +240,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:9.1f}"
 
 
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.3f}" if base > 0 else "n/a (no growth measured)"
+
+
 def _table(args: argparse.Namespace, single: dict, ranks: list[dict]) -> str:
     slow = ranks[0]  # time_call reports the slowest rank's time on every rank
     lines = [
@@ -269,8 +273,8 @@ def _table(args: argparse.Namespace, single: dict, ranks: list[dict]) -> str:
         f"efficiency (single fwd+bwd / converted fwd+bwd, slowest rank): "
         f"{single['fwd_bwd_s'] / slow['fwd_bwd_s']:.3f}   (goal >= 0.9)",
         f"with sync_gradients: {single['fwd_bwd_s'] / (slow['fwd_bwd_s'] + slow['sync_s']):.3f}",
-        f"largest rank / single: peak memory {peak / max(single['peak_mem_bytes'], 1):.3f}, "
-        f"saved activations {saved / max(single['saved_bytes'], 1):.3f}   (1/P = {1 / args.world:.3f})",
+        f"largest rank / single: peak memory {_ratio(peak, single['peak_mem_bytes'])}, "
+        f"saved activations {_ratio(saved, single['saved_bytes'])}   (1/P = {1 / args.world:.3f})",
     ]
     return "\n".join(lines)
 
