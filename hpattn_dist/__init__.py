@@ -13,6 +13,7 @@ subpackages ``strategies`` (planning door and executors), ``comm`` (every collec
 """
 
 from hpattn_dist.comm.counters import CommStats, count_communication
+from hpattn_dist.grad_sync import broadcast_parameters
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
 from hpattn_dist.oracle import SpatialSelfAttention
@@ -22,6 +23,7 @@ __all__ = [
     "CommStats",
     "DistributedSpatialSelfAttention",
     "SpatialSelfAttention",
+    "broadcast_parameters",
     "build_hybrid_groups",
     "choose_strategy",
     "convert_spatial_attention",

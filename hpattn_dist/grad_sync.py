@@ -39,6 +39,7 @@ a gradient; where only some ranks did, the others take part with zeros and end w
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterable, Optional, Union
 
 import torch
@@ -46,11 +47,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from hpattn_dist.comm.agreement import agree_on_shapes
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
 
-__all__ = ["global_loss", "sharded_mean", "sync_gradients"]
+__all__ = ["broadcast_parameters", "global_loss", "sharded_mean", "sync_gradients"]
 
 
 def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
@@ -162,3 +164,57 @@ def sync_gradients(
                 else:
                     p.grad.copy_(reduced)
             offset += p.numel()
+
+
+def broadcast_parameters(
+    module: ParamsLike, process_group: Optional[dist.ProcessGroup] = None, *, buffers: bool = True
+) -> None:
+    """Copy group rank 0's parameters (and buffers) to every rank of the group, in place.
+
+    Replicated parameters must be equal on every rank of the SP group (the layers check it on
+    every call, Note [replicated parameter check] in :mod:`hpattn_dist.replicas`). Call this once
+    after building the model on every rank, when the ranks did not seed identically or loaded
+    different checkpoints; it is collective over ``process_group``. The tensors are coalesced into
+    ONE flat buffer per (dtype, device), one ``broadcast`` each; the ``Parameter`` objects stay
+    the same (an optimizer built before keeps working).
+
+    Args:
+        module: a module (its parameters and, with ``buffers``, its floating buffers) or an
+            iterable of parameters, in the SAME order on every rank.
+        process_group: the SP group (None: the default group; nothing to do with one process).
+        buffers: also broadcast a module's buffers (e.g. BatchNorm running statistics).
+
+    Raises:
+        ValueError: the ranks hold different numbers or shapes of tensors (every rank raises; a
+            short all_gather of the layout comes first).
+
+    Communication: one metadata ``all_gather`` and one ``broadcast`` per buffer, recorded under
+    ``"broadcast"``.
+    """
+    if isinstance(module, nn.Module):
+        tensors = list(module.parameters())
+        if buffers:
+            tensors += [b for b in module.buffers() if b.dtype.is_floating_point or b.dtype.is_complex]
+    else:
+        tensors = list(module)
+    info = resolve_group(process_group, "process_group")
+    if info.world_size == 1:
+        return
+    layout = zlib.crc32(repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    agree_on_shapes(info, device, {"tensors": len(tensors), "layout_crc32": layout}, 0, "broadcast_parameters")
+    buckets: dict[tuple[str, str], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((str(t.dtype), str(t.device)), []).append(t)
+    src = info.global_rank(0)
+    for key in sorted(buckets):
+        bucket = buckets[key]
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            run_collective(info, "broadcast", "a broadcast", lambda: dist.broadcast(
+                flat, src=src, group=info.group, async_op=True))
+            record("broadcast", nbytes(flat) if info.rank == 0 else 0)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()

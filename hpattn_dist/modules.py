@@ -37,6 +37,7 @@ from torch import Tensor
 from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
+from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -70,6 +71,11 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             or ring), at no extra communication.
         ulysses_degree: for ``strategy="hybrid"`` only: the Ulysses sub-group size U (a divisor of
             P and H); the sub-groups are created collectively on the first forward.
+        healpix_field: the ranks' shards together form a HEALPix field (``N = 12 * nside**2``),
+            checked on every call at no extra communication; False accepts any ``N`` (attention
+            over an arbitrary point set). Default: True.
+        name: names the layer in errors (:func:`convert_spatial_attention` sets its path in the
+            model). Default: ``""``.
 
     Shape:
         - Input ``x_local``: ``[B, N_r, E]``, this rank's contiguous range of the field in NESTED
@@ -81,10 +87,14 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
     Raises:
         ValueError: bad constructor arguments (as for the oracle), an unknown ``strategy``, or (in
             forward) a badly shaped input or mask; errors about ranks that disagree on shapes are
-            raised on every rank.
+            raised on every rank, and so are (in forward) parameters that differ between ranks
+            and shards that add up to no HEALPix field (with ``healpix_field=True``).
 
-    Parameters are replicated over ``process_group``: reduce their gradients over it with
-    :func:`hpattn_dist.grad_sync.sync_gradients` (Note [replicated parameters]).
+    Parameters are replicated over ``process_group``: build them identically on every rank (same
+    seed) or copy rank 0's with :func:`hpattn_dist.broadcast_parameters`; every forward checks
+    that they agree (Note [replicated parameter check] in :mod:`hpattn_dist.replicas`). Reduce
+    their gradients over the group with :func:`hpattn_dist.grad_sync.sync_gradients` (Note
+    [replicated parameters]).
 
     Example::
 
@@ -105,12 +115,22 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         process_group: Optional[dist.ProcessGroup] = None,
         strategy: str = "auto",
         ulysses_degree: Optional[int] = None,
+        healpix_field: bool = True,
+        name: str = "",
     ) -> None:
         _check_strategy_args(strategy, ulysses_degree)
         super().__init__(embed_dim, num_heads, dropout, bias, attn_backend)
         self.process_group = process_group
         self.strategy = strategy
         self.ulysses_degree = ulysses_degree
+        self.healpix_field = bool(healpix_field)
+        self.name = name
+        self._fingerprint = ParameterFingerprint()
+
+    def _facts(self) -> LayerFacts:
+        layout, sums = self._fingerprint(self.named_parameters())
+        label = f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
+        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field)
 
     def extra_repr(self) -> str:
         return (
@@ -118,6 +138,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             f"dropout={self.dropout_p}, attn_backend={self.attn_backend!r}, "
             f"strategy={self.strategy!r}"
             + ("" if self.ulysses_degree is None else f", ulysses_degree={self.ulysses_degree}")
+            + ("" if self.healpix_field else ", healpix_field=False")
         )
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
@@ -155,6 +176,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             scale=self.scale,
             key_mask=key_mask,
             ulysses_degree=self.ulysses_degree,
+            layer=self._facts(),
         )  # [B, H, N_r, D]
 
         out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
@@ -167,6 +189,7 @@ def convert_spatial_attention(
     strategy: str = "auto",
     attn_backend: Optional[str] = None,
     ulysses_degree: Optional[int] = None,
+    healpix_field: bool = True,
 ) -> nn.Module:
     """Replace every :class:`SpatialSelfAttention` in ``module`` by a distributed layer.
 
@@ -190,6 +213,7 @@ def convert_spatial_attention(
         attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
             layer's own.
         ulysses_degree: Ulysses sub-group size for ``strategy="hybrid"`` (only).
+        healpix_field: passed to every converted layer (False: any total pixel count).
 
     Returns:
         The converted module. Its forward now takes this rank's shard ``[B, N_r, E]`` wherever the
@@ -210,7 +234,7 @@ def convert_spatial_attention(
     _check_strategy_args(strategy, ulysses_degree)
     if attn_backend is not None and attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
-    options = {"strategy": strategy, "ulysses_degree": ulysses_degree}
+    options = {"strategy": strategy, "ulysses_degree": ulysses_degree, "healpix_field": healpix_field}
     found: list[str] = []
     converted = _convert(module, process_group, options, attn_backend, "", found)
     if not found:
@@ -329,7 +353,8 @@ def _convert_layer(
     # projections, which are replaced by the layer's own submodules right after.
     try:
         with torch.device("meta"):
-            new = DistributedSpatialSelfAttention(**spec, process_group=process_group, **options)
+            new = DistributedSpatialSelfAttention(**spec, process_group=process_group, **options,
+                                                  name=path or type(layer).__name__)
     except (ValueError, RuntimeError) as err:
         raise ValueError(
             f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__}) cannot be "

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.replicas import LayerFacts
 from hpattn_dist.strategies.hybrid import run_hybrid
 from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
 from hpattn_dist.strategies.ring import run_ring
@@ -60,13 +61,17 @@ def sharded_attention(
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
     ulysses_degree: Optional[int] = None,
+    layer: Optional[LayerFacts] = None,
 ) -> Tensor:
     """Attention over a pixel dimension sharded across ``group`` with the named strategy.
 
     ``q, k, v``: ``[B, H, N_r, D]``; the keyword arguments are those of :func:`ring_attention`,
     plus ``ulysses_degree`` (U, a divisor of P and H) for ``"hybrid"``, whose sub-groups are
     created on the first call (collectively, by every process; see
-    :func:`hpattn_dist.mesh.hybrid_groups_for`) and cached. Returns ``[B, H, N_r, D]``.
+    :func:`hpattn_dist.mesh.hybrid_groups_for`) and cached. ``layer``: the calling layer's facts
+    (:class:`~hpattn_dist.replicas.LayerFacts`), checked in the same agreement; the functions
+    below pass none, so they accept any total pixel count N (point sets as well as HEALPix
+    fields). Returns ``[B, H, N_r, D]``.
 
     Raises:
         ValueError: an unknown strategy, ``ulysses_degree`` with a strategy other than
@@ -78,7 +83,7 @@ def sharded_attention(
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-        dropout_seed=dropout_seed, what=_ENTRY_NAMES[strategy],
+        dropout_seed=dropout_seed, layer=layer, what=_ENTRY_NAMES[strategy] if layer is None else layer.name,
     )
     return execute(plan, q, k, v, bias, key_mask)
 

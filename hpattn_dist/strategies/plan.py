@@ -24,6 +24,11 @@ Note [one agreement per call]
     (U = 1) and Ulysses (U = P) are the grid's two degenerate cases, so one derivation of sizes
     and offsets serves all three strategies, and a hybrid whose two groups do not form a grid is
     refused on every rank from the same rows.
+
+    A layer adds its own facts to the same row (:class:`~hpattn_dist.replicas.LayerFacts`): a
+    fingerprint of its replicated parameters and whether the shards must form a HEALPix field
+    (Note [replicated parameter check] in ``replicas.py``); they are checked from the agreed rows,
+    so ranks whose weights differ raise together at no extra collective.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
+from hpattn_dist.replicas import LayerFacts, check_layer_rows
 from hpattn_dist.strategies.auto import choose_strategy
 from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
 
@@ -153,6 +159,7 @@ def plan_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
+    layer: Optional[LayerFacts] = None,
     what: str,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
@@ -160,11 +167,14 @@ def plan_attention(
     ``strategy``: ``"ring" | "ulysses" | "hybrid" | "auto"``; ``groups``: an explicit
     ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``ulysses_degree`` for
     ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
-    dtype (-inf where masked), or None. ``what`` names the entry point in errors.
+    dtype (-inf where masked), or None. ``what`` names the entry point in errors. ``layer``: the
+    calling layer's facts (parameter fingerprint, HEALPix field), checked in the same agreement.
 
     Raises (on every rank of the group, Note [fail together]):
         ValueError / TypeError: a bad argument on any rank; ranks that disagree on shapes,
-            dtype, masking, dropout, backend or strategy; groups that do not form a grid.
+            dtype, masking, dropout, backend or strategy; groups that do not form a grid; for a
+            ``layer``: parameters that differ between ranks, or (``layer.healpix_field``) a total
+            pixel count that is no HEALPix size.
         ExchangeError: the agreement itself failed (a rank died or is stuck).
     """
     if groups is not None:
@@ -188,18 +198,22 @@ def plan_attention(
         # so no bias is needed and the fused kernels apply; every rank must agree on that.
         mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
         row = _grid_row(parent, u_deg, sub)
+        extra_shared = {} if layer is None else {"param_layout": layer.layout}
         sig.set(
             {
                 "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
                 "key_bias_heads": -1 if key_bias is None else bias.shape[1],
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
-                "U": u_deg, "R": parent.world_size // u_deg,
+                "U": u_deg, "R": parent.world_size // u_deg, **extra_shared,
             },
-            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row),
+            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row,
+             *(() if layer is None else layer.sums)),
             q.device,
             kind=executed,
         )
+    if layer is not None:
+        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], [r[8:11] for r in sig.per_rank])
     plan = _plan_from_rows(
         sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
@@ -216,7 +230,7 @@ def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, su
     layout]: position ``i * U + u`` holds global shard ``i * U + u``)."""
     r_deg = parent.world_size // u_deg
     by_pos: list = [None] * parent.world_size
-    for p, row in zip(_check_grid([r[4:] for r in rows], u_deg, r_deg, what), rows):
+    for p, row in zip(_check_grid([r[4:8] for r in rows], u_deg, r_deg, what), rows):
         by_pos[p] = row
     u_me, i_me = my_row[0], my_row[1]
     if executed == "hybrid" and sub is None:

@@ -126,7 +126,7 @@ def test_linear_loss_is_refused_not_treated_as_constant():
 def _layer(strategy: str) -> DistributedSpatialSelfAttention:
     torch.manual_seed(0)
     kw = {"ulysses_degree": 2} if strategy == "hybrid" else {}
-    layer = DistributedSpatialSelfAttention(E, H, attn_backend="manual", strategy=strategy, **kw)
+    layer = DistributedSpatialSelfAttention(E, H, attn_backend="manual", strategy=strategy, healpix_field=False, **kw)
     return layer.double()
 
 

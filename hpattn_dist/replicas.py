@@ -1,0 +1,133 @@
+"""What a layer adds to the one agreement of its call: replicated parameters and the field size.
+
+Legend: P ranks of the group sharding the pixels, N_r pixels on group rank r, N = sum_r N_r.
+
+Note [replicated parameter check]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A sequence-parallel layer's parameters are replicated: every rank must hold the same weights, or
+each rank computes its shard with different projections and the result is silently wrong (no
+shape differs, nothing hangs). Typical causes: ranks that built the model without a common seed,
+or loaded different checkpoints. So every layer call carries a fingerprint of its parameters in
+the signature ``all_gather`` it makes anyway (Note [one agreement per call] in
+``strategies/plan.py``): no extra collective, a few ints per rank.
+
+The fingerprint is a CRC-32 of the parameters' names, shapes and dtypes (compared exactly, as a
+shared value) and three float64 sums over all of them: ``sum(p)``, ``sum(|p|)`` and
+``sum(p**2)`` (compared within a relative ``1e-9``: the same weights reduced by kernels with a
+different thread count may round differently; different random initialisations differ at order
+1). Any one changed weight changes ``sum(|p|)`` or ``sum(p**2)`` unless the change is a sign flip
+of a zero or below rounding; a permutation of equal weights is not seen (it is not what unseeded
+or mismatched checkpoints produce).
+
+The sums are cached per parameter version (``Tensor._version``, bumped by every in-place change:
+an optimizer step, ``copy_``, ``load_state_dict``) and storage, so a call reads the parameters
+again only after they changed: once per training step, the cost of one elementwise pass over the
+layer's weights. Every call still compares, so weights that drift apart later (an optimizer step
+after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
+call.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from hpattn_dist.comm.groups import GroupInfo
+
+__all__ = ["LayerFacts", "ParameterFingerprint", "check_layer_rows"]
+
+_RTOL = 1e-9
+
+
+def _bits(value: float) -> int:
+    """A float64 as the int64 with the same bits (the signature carries ints)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+class ParameterFingerprint:
+    """Cached fingerprint of a module's parameters (Note [replicated parameter check])."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._value: tuple[int, tuple[int, int, int]] = (0, (0, 0, 0))
+
+    def __call__(self, named: Iterable[tuple[str, nn.Parameter]]) -> tuple[int, tuple[int, int, int]]:
+        """``(layout CRC-32, (sum, sum of |p|, sum of p**2) as int64 bits)`` of ``named``."""
+        named = list(named)
+        key = tuple((name, id(p), p._version, p.data_ptr(), tuple(p.shape), p.dtype) for name, p in named)
+        if key != self._key:
+            layout = zlib.crc32(repr([(name, tuple(p.shape), str(p.dtype)) for name, p in named]).encode())
+            parts = []
+            with torch.no_grad():
+                for _, p in named:
+                    flat = p.detach().reshape(-1).to(torch.float64)
+                    parts.append(torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()]))
+            sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0, 0.0, 0.0]
+            self._value = (layout, tuple(_bits(v) for v in sums))
+            self._key = key
+        return self._value
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """A layer's part of its call's signature.
+
+    Attributes:
+        name: the layer in errors, e.g. ``"DistributedSpatialSelfAttention 'blocks.0.attn'"``.
+        layout: CRC-32 of the parameters' names, shapes and dtypes (must be equal on every rank).
+        sums: the three float64 parameter sums as int64 bits (equal within a relative 1e-9).
+        healpix_field: the ranks' shards together must form a HEALPix field, ``N = 12 nside**2``.
+    """
+
+    name: str
+    layout: int
+    sums: tuple[int, int, int]
+    healpix_field: bool
+
+
+def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
+                     sums: Sequence[Sequence[int]]) -> None:
+    """Check the agreed rows of a layer's call; the same ValueError on every rank (every rank
+    holds the same rows, so no further communication is needed).
+
+    Args:
+        sizes: every rank's N_r, in group-rank order.
+        sums: every rank's ``facts.sums``, in group-rank order.
+    """
+    if facts.healpix_field:
+        total = sum(sizes)
+        quotient, remainder = divmod(total, 12)
+        if total < 1 or remainder or round(quotient**0.5) ** 2 != quotient:
+            shards = ", ".join(f"{info.describe_rank(r)}: N_r={n}" for r, n in enumerate(sizes))
+            raise ValueError(
+                f"{facts.name}: the ranks' shards add up to N = {total} pixels ({shards}), not a "
+                "HEALPix field of 12 * nside**2 pixels. Each rank passes ITS OWN contiguous range "
+                "of the field (hpattn_dist.healpix.scatter(x_full)), not the full field; for "
+                "attention over an arbitrary point set, build the layer with healpix_field=False"
+            )
+    values = [[_float(b) for b in row] for row in sums]
+    scale = [max(abs(row[i]) for row in values) for i in range(3)]
+    scale[0] = max(scale[0], scale[1])  # sum(p) may cancel: compare it at the scale of sum(|p|)
+    differ = [r for r, row in enumerate(values)
+              if any(abs(row[i] - values[0][i]) > _RTOL * scale[i] for i in range(3))]
+    if differ:
+        shown = [0, *differ[:7]]  # rank 0 and the first ranks that differ
+        table = "; ".join(f"{info.describe_rank(r)}: sum={values[r][0]:.12g}, sum|p|={values[r][1]:.12g}, "
+                          f"sum p^2={values[r][2]:.12g}" for r in shown)
+        table += "; ..." if len(differ) > 7 else ""
+        raise ValueError(
+            f"{facts.name}: the ranks of the process group hold different parameters (they must "
+            f"be replicated; {len(differ)} of {info.world_size} ranks differ from group rank 0): "
+            f"{table}. Seed every rank identically before building the model "
+            "(torch.manual_seed) or copy rank 0's weights to every rank with "
+            "hpattn_dist.broadcast_parameters(model, group) before the first forward"
+        )

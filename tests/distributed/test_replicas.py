@@ -1,0 +1,133 @@
+"""Replicated parameters and the field size are checked in every layer call (Note [replicated
+parameter check]); the README's layer snippet runs as written on 2 real gloo ranks.
+
+References: the single-device :class:`SpatialSelfAttention` (float64 where the test builds the
+layer itself) loaded with group rank 0's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hpattn_dist import DistributedSpatialSelfAttention, SpatialSelfAttention, broadcast_parameters
+from tests.harness import run_ranks
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+E, HEADS = 16, 4
+
+
+def _readme_snippet() -> str:
+    """The first python block of the README section "## Using the distributed layer"."""
+    text = README.read_text()
+    section = text.split("\n## Using the distributed layer\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README: no python block under '## Using the distributed layer'"
+    return match.group(1)
+
+
+def _run_snippet(rank: int, world: int, code: str) -> dict:
+    namespace: dict = {}
+    # The harness already initialised the group: the snippet's own init_process_group is the
+    # only line not run as written.
+    with mock.patch.object(dist, "init_process_group", lambda *a, **k: None):
+        exec(compile(code, "README.md snippet", "exec"), namespace)  # noqa: S102 - our own README
+    return {"x_full": namespace["x_full"], "y_full": namespace["y_full"].detach(),
+            "state": {k: v.clone() for k, v in namespace["attn"].state_dict().items()}}
+
+
+def test_readme_layer_snippet_runs_as_written_on_two_ranks():
+    outs = run_ranks(_run_snippet, 2, _readme_snippet(), timeout=90.0)
+    for name, value in outs[0]["state"].items():
+        assert torch.equal(value, outs[1]["state"][name]), name
+    oracle = SpatialSelfAttention(64, 8, attn_backend="manual").double()
+    oracle.load_state_dict({k: v.double() for k, v in outs[0]["state"].items()})
+    with torch.no_grad():
+        want = oracle(outs[0]["x_full"].double())
+    for out in outs:
+        torch.testing.assert_close(out["y_full"].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _attempt(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _mismatch(rank: int, world: int) -> dict:
+    from hpattn_dist import convert_spatial_attention
+    from hpattn_dist.healpix import scatter
+
+    torch.manual_seed(rank)  # a different seed on every rank: different weights
+    model = torch.nn.Sequential(torch.nn.Linear(E, E), SpatialSelfAttention(E, HEADS, attn_backend="manual"))
+    model = convert_spatial_attention(model.double())
+    gen = torch.Generator().manual_seed(5)
+    x_full = torch.randn(2, 48, E, generator=gen, dtype=torch.float64)
+    x_local = scatter(x_full)
+    out = {"unseeded": _attempt(model, x_local)}
+    broadcast_parameters(model)
+    out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    out["y"] = model(x_local).detach()
+    with torch.no_grad():  # an in-place change on one rank after a good call: seen next call
+        if rank == 1:
+            model[1].out_proj.weight.add_(1e-3)
+    out["drifted"] = _attempt(model, x_local)
+    # the full field on rank 0, a shard on rank 1: 48 + 24 = 72 pixels, no HEALPix size
+    layer = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="attn").double()
+    broadcast_parameters(layer)
+    out["npix"] = _attempt(layer, x_full if rank == 0 else x_local)
+    loose = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", healpix_field=False).double()
+    broadcast_parameters(loose)
+    out["point_set"] = loose(x_full[:, :5 + 2 * rank]).shape[1]  # 5 + 7 = 12 points: allowed
+    return out
+
+
+def test_differing_parameters_and_non_healpix_fields_raise_on_every_rank():
+    outs = run_ranks(_mismatch, 2, timeout=90.0)
+    for rank, out in enumerate(outs):
+        msg = out["unseeded"]
+        assert msg is not None, f"rank {rank}: different weights were accepted"
+        assert "DistributedSpatialSelfAttention '1'" in msg and "broadcast_parameters" in msg, msg
+        assert "hold different parameters" in out["drifted"], out["drifted"]
+        msg = out["npix"]
+        assert msg is not None and "N = 72" in msg, msg
+        assert "rank 0: N_r=48" in msg and "rank 1: N_r=24" in msg and "'attn'" in msg, msg
+        assert out["point_set"] == 5 + 2 * rank
+    assert outs[0]["unseeded"] == outs[1]["unseeded"] and outs[0]["npix"] == outs[1]["npix"]
+    # after broadcast_parameters: rank 0's weights everywhere, and the oracle's output
+    oracle = torch.nn.Sequential(torch.nn.Linear(E, E), SpatialSelfAttention(E, HEADS, attn_backend="manual"))
+    oracle = oracle.double()
+    oracle.load_state_dict(outs[0]["state"])
+    for name, value in outs[0]["state"].items():
+        assert torch.equal(value, outs[1]["state"][name]), name
+    x_full = torch.randn(2, 48, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        want = oracle(x_full)
+    torch.testing.assert_close(torch.cat([o["y"] for o in outs], dim=1), want, rtol=1e-10, atol=1e-12)
+
+
+def test_fingerprint_is_cached_until_a_parameter_changes():
+    from hpattn_dist.replicas import ParameterFingerprint
+
+    layer = torch.nn.Linear(4, 4)
+    fp = ParameterFingerprint()
+    first = fp(layer.named_parameters())
+    with mock.patch.object(torch.Tensor, "sum", side_effect=AssertionError("recomputed")):
+        assert fp(layer.named_parameters()) == first  # no parameter changed: cached
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert fp(layer.named_parameters()) != first
+
+
+def test_single_process_layer_checks_the_field_size():
+    layer = DistributedSpatialSelfAttention(E, HEADS)
+    with pytest.raises(ValueError, match="N = 50 pixels"):
+        layer(torch.randn(1, 50, E))
+    assert DistributedSpatialSelfAttention(E, HEADS, healpix_field=False)(torch.randn(1, 50, E)).shape == (1, 50, E)
