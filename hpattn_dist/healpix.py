@@ -388,26 +388,45 @@ def _ordering(value: str, name: str) -> str:
     return _ORDERINGS[key]
 
 
-def reorder(x: Tensor, *, dim: int = 1, inp: str = "NESTED", out: str = "RING") -> Tensor:
-    """Reorder a HEALPix field along ``dim`` from ordering ``inp`` to ordering ``out``.
+def reorder(
+    x: Tensor,
+    *,
+    src: Optional[str] = None,
+    dst: Optional[str] = None,
+    dim: int = 1,
+    inp: Optional[str] = None,
+    out: Optional[str] = None,
+) -> Tensor:
+    """Reorder a HEALPix field along ``dim`` from ordering ``src`` to ordering ``dst``.
 
+    Both orderings are required and keyword-only: ``reorder(x_ring, src="RING", dst="NESTED")``
+    is what a RING field needs before :func:`scatter` (the layers expect NESTED order: each
+    rank's contiguous range is then a few compact patches, Note [Why contiguous NESTED ranges
+    make good shards]). ``inp`` / ``out`` are the older names of ``src`` / ``dst``, still accepted.
     ``nside`` is inferred from ``x.shape[dim]``. Works on any dtype and device, and is
-    differentiable (it is an ``index_select``). ``inp == out`` returns ``x`` unchanged.
+    differentiable (it is an ``index_select``). ``src == dst`` returns ``x`` unchanged.
 
     Args:
         x: field, e.g. ``[B, N, E]``, with the ``N`` pixels along ``dim``.
-        dim: pixel dimension (negative values count from the end).
-        inp: ordering of ``x``: ``"NESTED"`` (alias ``"NEST"``) or ``"RING"``, case-insensitive.
-        out: ordering of the result, same choices.
+        src: ordering of ``x``: ``"NESTED"`` (alias ``"NEST"``) or ``"RING"``, case-insensitive.
+        dst: ordering of the result, same choices.
+        dim: pixel dimension (negative values count from the end). Default: 1.
 
     Returns:
-        Tensor of the same shape as ``x`` in ordering ``out``.
+        Tensor of the same shape as ``x`` in ordering ``dst``.
 
     Raises:
-        ValueError: unknown ordering, ``dim`` out of range, ``x.shape[dim]`` not ``12 * nside**2``
-            with ``nside`` a power of two.
+        ValueError: a missing or unknown ordering (or both a name and its older alias), ``dim``
+            out of range, ``x.shape[dim]`` not ``12 * nside**2`` with ``nside`` a power of two.
     """
-    inp, out = _ordering(inp, "inp"), _ordering(out, "out")
+    src = _alias(src, inp, "src", "inp")
+    dst = _alias(dst, out, "dst", "out")
+    if src is None or dst is None:
+        raise ValueError(
+            "reorder needs both orderings, e.g. reorder(x, src='RING', dst='NESTED') for a RING "
+            f"field the layers will shard (got src={src!r}, dst={dst!r})"
+        )
+    src, dst = _ordering(src, "src"), _ordering(dst, "dst")
     npix = _field_npix(x, dim)
     try:
         nside = check_nside(npix2nside(npix), nest=True)
@@ -416,12 +435,18 @@ def reorder(x: Tensor, *, dim: int = 1, inp: str = "NESTED", out: str = "RING") 
             f"x.shape[{dim}]={npix} (x of shape {tuple(x.shape)}) is not a NESTED-compatible "
             f"HEALPix size: {err}"
         ) from None
-    if inp == out:
+    if src == dst:
         return x
     ipix = torch.arange(npix, dtype=torch.int64, device=x.device)
     # out[j] = x[source[j]]: for a RING result, pixel j (RING) is NESTED pixel ring2nest(j).
-    source = ring2nest(nside, ipix) if out == "RING" else nest2ring(nside, ipix)
+    source = ring2nest(nside, ipix) if dst == "RING" else nest2ring(nside, ipix)
     return x.index_select(dim, source)
+
+
+def _alias(value: Optional[str], old: Optional[str], name: str, old_name: str) -> Optional[str]:
+    if value is not None and old is not None:
+        raise ValueError(f"reorder: pass {name}= or its older name {old_name}=, not both")
+    return old if value is None else value
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_reorder_any_dim_round_trip(dim):
     shape = [3, 5, 7]
     shape[dim] = 48
     x = torch.randn(shape, dtype=torch.float64)
-    ring = reorder(x, dim=dim)  # NESTED -> RING by default
+    ring = reorder(x, src="NESTED", dst="RING", dim=dim)
     rows = x.movedim(dim, -1).reshape(-1, 48).numpy()  # healpy wants [maps, npix]
     expected = healpy.reorder(rows, n2r=True)
     np.testing.assert_array_equal(ring.movedim(dim, -1).reshape(-1, 48).numpy(), expected)
@@ -169,23 +169,31 @@ def test_reorder_same_ordering_is_identity_and_differentiable():
     x = torch.randn(2, 48, 3, requires_grad=True)
     assert reorder(x, inp="NEST", out="nested") is x
     w = torch.randn(2, 48, 3)
-    (reorder(x) * w).sum().backward()
+    (reorder(x, src="NESTED", dst="RING") * w).sum().backward()
     # The gradient of a permutation is the inverse permutation of the weights.
-    assert torch.equal(x.grad, reorder(w, inp="RING", out="NESTED"))
+    assert torch.equal(x.grad, reorder(w, src="RING", dst="NESTED"))
 
 
 def test_reorder_rejects_bad_arguments():
     x = torch.zeros(2, 48, 3)
-    with pytest.raises(ValueError, match="inp must be"):
-        reorder(x, inp="HEALPIX")
-    with pytest.raises(ValueError, match="out must be"):
-        reorder(x, out=None)
+    with pytest.raises(ValueError, match="src must be"):
+        reorder(x, inp="HEALPIX", dst="RING")
+    with pytest.raises(ValueError, match="dst must be"):
+        reorder(x, src="RING", dst="ring-ish")
+    with pytest.raises(ValueError, match="needs both orderings"):
+        reorder(x)  # no default direction: the old default (NESTED -> RING) misled
+    with pytest.raises(ValueError, match="needs both orderings"):
+        reorder(x, src="RING")
+    with pytest.raises(ValueError, match="not both"):
+        reorder(x, src="RING", inp="RING", dst="NESTED")
+    with pytest.raises(TypeError):
+        reorder(x, "RING", "NESTED")  # keyword-only, so the direction is always written out
     with pytest.raises(ValueError, match="dim=3 is out of range"):
-        reorder(x, dim=3)
+        reorder(x, src="RING", dst="NESTED", dim=3)
     with pytest.raises(ValueError, match=r"x.shape\[2\]=3"):
-        reorder(x, dim=2)
+        reorder(x, src="RING", dst="NESTED", dim=2)
     with pytest.raises(ValueError, match="power of two"):
-        reorder(torch.zeros(2, 108), dim=1)  # nside 3: RING only
+        reorder(torch.zeros(2, 108), src="RING", dst="NESTED", dim=1)  # nside 3: RING only
 
 
 # --------------------------------------------------------------------------------------------
