@@ -244,6 +244,24 @@ def progress_bar(step: int, steps: int, width: int = 20) -> str:
     return "[" + "#" * done + "-" * (width - done) + "]"
 
 
+def smoothed(losses: Sequence[float], beta: float = 0.8) -> list[float]:
+    """Exponential moving average of the losses, bias-corrected (step t weighs the earlier ones
+    by ``beta**k``; the first value is the first loss). Each step draws a fresh random batch, so
+    single losses jump; the average shows the trend."""
+    out, acc = [], 0.0
+    for t, value in enumerate(losses, start=1):
+        acc = beta * acc + (1.0 - beta) * value
+        out.append(acc / (1.0 - beta**t))
+    return out
+
+
+def loss_summary(losses: Sequence[float]) -> str:
+    """The end-of-run line: the smoothed loss at the start and the end, and the per-step range."""
+    ema = smoothed(losses)
+    return (f"smoothed loss (EMA 0.8) {ema[0]:.3e} at step 1 -> {ema[-1]:.3e} at step {len(losses)} "
+            f"(single steps ranged {min(losses):.3e} .. {max(losses):.3e}: each step draws a new batch)")
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     """Run ``train_cfg.steps`` steps; rank 0 prints progress. Returns the run's metrics."""
     model, optimizer = build(model_cfg, train_cfg, runtime.group, runtime.device)
@@ -284,12 +302,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
         "strategy": train_cfg.strategy,
         "device": str(runtime.device),
         "losses": losses,
+        "smoothed_losses": smoothed(losses),
         "step_times_s": step_times,
         "mean_step_time_s": sum(steady) / len(steady),
     }
     if log:
         print(
-            f"done: first loss {losses[0]:.6e}, last loss {losses[-1]:.6e}, "
+            f"done: {loss_summary(losses)}; "
             f"{1e3 * metrics['mean_step_time_s']:.1f} ms/step (mean after step 1)",
             flush=True,
         )

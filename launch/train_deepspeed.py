@@ -48,10 +48,10 @@ from hpattn_dist.integrations.deepspeed import (
 if __package__ in (None, ""):  # run as a script (deepspeed / torchrun launch/train_deepspeed.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from healpix_model import ModelConfig, build_model, local_loss, make_batch
-    from train import DEFAULT_CONFIG, progress_bar, load_config
+    from train import DEFAULT_CONFIG, load_config, loss_summary, progress_bar, smoothed
 else:  # imported as launch.train_deepspeed (tests)
     from .healpix_model import ModelConfig, build_model, local_loss, make_batch
-    from .train import DEFAULT_CONFIG, progress_bar, load_config
+    from .train import DEFAULT_CONFIG, load_config, loss_summary, progress_bar, smoothed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -163,10 +163,11 @@ def train(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     metrics = {
         "world_size": world, "sequence_parallel_size": sp_size, "replicas": replicas,
         "zero_stage": engine.zero_optimization_stage(), "losses": losses,
+        "smoothed_losses": smoothed(losses),
         "step_times_s": step_times, "mean_step_time_s": sum(steady) / len(steady),
     }
     if log:
-        print(f"done: first loss {losses[0]:.6e}, last loss {losses[-1]:.6e}", flush=True)
+        print(f"done: {loss_summary(losses)}", flush=True)
         if args.metrics:
             Path(args.metrics).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     engine.destroy()

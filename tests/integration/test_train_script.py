@@ -127,6 +127,18 @@ def test_main_single_process_without_torchrun(tmp_path: Path, capsys: pytest.Cap
     saved = json.loads(metrics_path.read_text())
     assert saved["world_size"] == 1 and len(saved["losses"]) == 3 == len(metrics["losses"])
     assert all(np.isfinite(saved["losses"]))
+    # the summary shows the smoothed loss (a weighted mean, written out independently here)
+    losses = saved["losses"]
+    weights = [0.8 ** (len(losses) - 1 - i) for i in range(len(losses))]
+    want = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
+    assert saved["smoothed_losses"][-1] == pytest.approx(want, rel=1e-12)
+    assert f"-> {want:.3e} at step 3" in out and "first loss" not in out
+
+
+def test_smoothed_losses_follow_the_trend_not_one_step() -> None:
+    losses = [1.0, 0.5, 0.25, 2.0, 0.1]  # one bad batch at step 4
+    ema = train.smoothed(losses)
+    assert ema[0] == 1.0 and ema[3] < 1.1 and 0.7 < ema[-1] < 0.8  # the jump to 2.0 is damped
 
 
 def test_torchrun_smoke_two_ranks(tmp_path: Path) -> None:
