@@ -785,32 +785,71 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+NOISY_RATIO = 2.0
+"""A run whose median time exceeds its minimum by this factor is reported as unreliable."""
+
+_STRATEGY_NAMES = {"ring": "ring", "ulysses": "Ulysses", "auto": "auto"}
+
+
+def implementation_name(record: dict[str, Any]) -> str:
+    """What a user calls the implementation of a scaling record (not the JSON's internal name)."""
+    impl = record.get("impl")
+    if impl == "oracle":
+        return "1-process layer"
+    if impl == "deepspeed_ulysses":
+        return "DeepSpeed-Ulysses"
+    strategy = str(record.get("strategy"))
+    if strategy.startswith("hybrid:U"):
+        return f"hpattn hybrid U{strategy[len('hybrid:U'):]}"
+    if strategy == "auto" and "num_heads" in record and "world_size" in record:
+        choice = choose_strategy(record["num_heads"], record["world_size"],
+                                 dtype=DTYPES.get(record.get("dtype"), torch.float32))
+        what = choice.strategy if choice.strategy != "hybrid" else f"hybrid U{choice.ulysses_degree}"
+        return f"hpattn auto={_STRATEGY_NAMES.get(what, what)}"
+    return f"hpattn {_STRATEGY_NAMES.get(strategy, strategy)}"
+
+
+def is_noisy(record: dict[str, Any]) -> bool:
+    """Whether a timed record's median exceeds its minimum by more than :data:`NOISY_RATIO`."""
+    return any(record.get(f"{k}_s", 0) > NOISY_RATIO * record[f"{k}_min_s"] > 0
+               for k in ("fwd", "fwd_bwd") if f"{k}_min_s" in record)
+
+
 def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     """Fixed-width tables of the records of one mode."""
     lines = []
     if mode == "scaling":
-        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'impl':<18} {'strategy':<10} "
-                f"{'kernel':<15} {'fwd ms':>9} {'fwd+bwd ms':>10} {'(min)':>8} {'eff fwd':>7} {'eff f+b':>7} "
-                f"{'vs peer f+b':>11} {'peak MiB/rank':>13} {'MiB sent/rank':>13}")
+        cols = (f"{'nside':>5} {'P':>2} {'thr':>3} {'implementation':<19} {'kernel':<14} {'fwd ms':>7} "
+                f"{'f+b ms':>7} {'(min)':>6} {'eff f':>5} {'eff fb':>6} {'vs DS':>5} {'MiB peak':>8} "
+                f"{'MiB sent':>8}")
         lines += [cols, "-" * len(cols)]
+        noisy = []
         for r in records:
-            lead = (f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
-                    f"{r.get('threads_per_rank', 0):>3} {r['impl']:<18} {str(r.get('strategy')):<10} ")
+            lead = (f"{r['nside']:>5} {r['world_size']:>2} {r.get('threads_per_rank', 0):>3} "
+                    f"{implementation_name(r):<19} ")
             if "skipped" in r:
                 lines.append(lead + f"skipped: {r['skipped']}")
                 continue
 
-            def opt(key: str, fmt: str = "7.3f") -> str:
-                return format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))
+            def opt(key: str, width: int) -> str:
+                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
 
+            flag = " !" if is_noisy(r) else ""
+            noisy += [r] if flag else []
             lines.append(
-                lead + f"{r.get('kernel', ''):<15} {r['fwd_s'] * 1e3:9.1f} {r['fwd_bwd_s'] * 1e3:10.1f} "
-                f"{r['fwd_bwd_min_s'] * 1e3:8.1f} "
-                f"{opt('efficiency_fwd')} {opt('efficiency_fwd_bwd')} {opt('speed_vs_peer_fwd_bwd', '11.3f')} "
-                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>13} {_mib(max(r['bytes_per_rank'])):>13}")
-        lines.append("eff = t(oracle, 1 process, same total threads) / t; vs peer = "
-                     "t(DeepSpeed-Ulysses) / t; times are medians (and the minimum) over repeats, "
-                     "each repeat the slowest rank's")
+                lead + f"{r.get('kernel', ''):<14} {r['fwd_s'] * 1e3:7.1f} {r['fwd_bwd_s'] * 1e3:7.1f} "
+                f"{r['fwd_bwd_min_s'] * 1e3:6.1f} {opt('efficiency_fwd', 5)} {opt('efficiency_fwd_bwd', 6)} "
+                f"{opt('speed_vs_peer_fwd_bwd', 5)} {_mib(max(r['peak_mem_bytes_per_rank'])):>8} "
+                f"{_mib(max(r['bytes_per_rank'])):>8}{flag}")
+        lines.append("N = 12 nside^2; thr = threads per rank; times: median (and minimum) over the "
+                     "repeats,\neach repeat the slowest rank's; eff = t(single-process layer, same "
+                     "total threads) / t;\nvs DS = t(DeepSpeed-Ulysses) / t; MiB peak / sent: the "
+                     "largest rank's")
+        if noisy:
+            lines.append(
+                f"WARNING: {len(noisy)} row(s) marked ! have a median more than {NOISY_RATIO:g}x their "
+                "minimum:\nthe machine was busy (other processes, more ranks than cores), so those "
+                "times are not\nreliable; rerun on a quiet machine or with more --repeats")
     elif mode == "emulation":
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'kernel':<15} {'fused fwd ms':>12} "
                 f"{'blocks fwd ms':>13} {'ratio fwd':>9} {'fused f+b ms':>12} {'blocks f+b ms':>13} "
@@ -856,38 +895,131 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     return "\n".join(lines)
 
 
-def plot_scaling(reports: Sequence[dict[str, Any]], path: Path) -> None:
-    """PNG of forward+backward time over nside, one line per (impl, strategy, world size).
+def check_plot_target(path: Path, mode: str) -> None:
+    """Refuse a ``--plot`` request BEFORE the benchmark runs: only the scaling mode is plotted,
+    matplotlib must import, and ``path`` must be a writable ``.png`` in an existing folder.
 
     Raises:
-        ValueError: matplotlib is not installed (``pip install hpattn_dist[plot]``).
+        ValueError: naming what is wrong and how to fix it.
     """
+    if mode != "scaling":
+        raise ValueError(f"--plot draws the scaling mode only (time and efficiency over nside), "
+                         f"not --mode {mode}; drop --plot or use --json")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--plot needs matplotlib (pip install 'hpattn_dist[plot]')") from None
-    lines: dict[str, dict[int, float]] = {}
+        raise ValueError("--plot needs matplotlib: pip install 'hpattn-dist[plot]' (or "
+                         "pip install matplotlib), or drop --plot") from None
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the plot is a PNG, give a path ending in .png")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--plot {path}: the folder {folder} does not exist")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--plot {path}: cannot write there")
+
+
+def scaling_figure(reports: Sequence[dict[str, Any]]) -> Any:
+    """The matplotlib Figure of scaling records: forward+backward time (left) and efficiency
+    against the single-process layer (right) over nside; one line per implementation and world
+    size, told apart by marker (implementation) and line style (world size) as well as colour.
+
+    Raises:
+        ValueError: no timed scaling record in ``reports`` (nothing to draw).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    times: dict[tuple, dict[int, float]] = {}
+    effs: dict[tuple, dict[int, float]] = {}
+    meta: dict[str, Any] = {}
     for report in reports:
         for r in report.get("records", []):
-            if "fwd_bwd_s" not in r or "nside" not in r or r.get("impl") == "ring_emulation":
+            if r.get("impl") not in ("oracle", "hpattn_dist", "deepspeed_ulysses") or "fwd_bwd_s" not in r:
                 continue
-            label = f"{r['impl']}" + (f" {r['strategy']}" if r.get("strategy") else "") + \
-                    f" P={r['world_size']}x{r.get('threads_per_rank', 1)}"
-            lines.setdefault(label, {})[r["nside"]] = r["fwd_bwd_s"]  # oracle: once per nside
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, by_nside in sorted(lines.items()):
-        pts = sorted(by_nside.items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("nside (N = 12 nside^2)")
-    ax.set_ylabel("forward+backward time [s]")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            key = (implementation_name(r), r["world_size"], r.get("threads_per_rank", 1))
+            times.setdefault(key, {})[r["nside"]] = r["fwd_bwd_s"] * 1e3  # oracle: once per nside
+            if "efficiency_fwd_bwd" in r:
+                effs.setdefault(key, {})[r["nside"]] = r["efficiency_fwd_bwd"]
+            meta = {k: r.get(k) for k in ("batch", "embed_dim", "num_heads", "dtype")}
+            meta["device"] = report.get("device", "cpu")
+    if not times:
+        raise ValueError("--plot: the run produced no timed scaling record (every case skipped?), "
+                         "so there is nothing to draw")
+    names = sorted({k[0] for k in times}, key=lambda n: (n != "1-process layer", n))
+    worlds = sorted({k[1] for k in times if k[0] != "1-process layer"})
+    markers = dict(zip(names, "osD^vP*Xh<>"))
+    styles = dict(zip(worlds, ["-", "--", ":", "-."] * 4))
+    colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    nsides = sorted({n for line in times.values() for n in line})
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for key in sorted(times, key=lambda k: (names.index(k[0]), k[1])):
+        name, world, threads = key
+        oracle = name == "1-process layer"
+        plural = "s" if threads > 1 else ""
+        label = (f"{name}, {threads} thread{plural}" if oracle
+                 else f"{name}, {world} ranks x {threads} thread{plural}")
+        style = {"marker": markers[name], "color": colours[name],
+                 "linestyle": "-" if oracle else styles[world], "linewidth": 2.2 if oracle else 1.5}
+        pts = sorted(times[key].items())
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        if key in effs:
+            pts = sorted(effs[key].items())
+            ax_e.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+    for ax in (ax_t, ax_e):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(nsides))
+        ax.set_xticklabels([f"{n}\n(N={12 * n * n:,})" for n in nsides])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("nside (N = 12 nside\u00b2 pixels)")
+        ax.grid(True, which="major", alpha=0.3)
+        if len(nsides) == 1:
+            ax.set_xlim(nsides[0] / 1.5, nsides[0] * 1.5)
+    ax_t.set_yscale("log")
+    ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_t.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_t.yaxis.set_minor_formatter(NullFormatter())
+    ax_t.set_ylabel("forward + backward time per call [ms]")
+    ax_t.set_title("Time (median; lower is better)")
+    ax_e.axhline(1.0, color="grey", linewidth=1, linestyle=(0, (4, 4)))
+    ax_e.set_ylabel("efficiency = t(1-process layer) / t")
+    ax_e.set_title("Efficiency vs 1 process, same total threads (1 = ideal)")
+    if not effs:
+        ax_e.text(0.5, 0.5, "no single-process baseline\n(run without --no-oracle)",
+                  ha="center", va="center", transform=ax_e.transAxes)
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(
+        f"hpattn-dist bench: attention layer, B={meta.get('batch')}, E={meta.get('embed_dim')}, "
+        f"H={meta.get('num_heads')}, {meta.get('dtype')}, {meta.get('device')}")
+    rows = -(-len(labels) // min(3, len(labels)))
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    return fig
+
+
+def plot_scaling(reports: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write :func:`scaling_figure` of ``reports`` to the PNG ``path``.
+
+    Raises:
+        ValueError: matplotlib is not installed (``pip install hpattn-dist[plot]``), or nothing to
+            draw (no timed scaling record): no file is written then.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install 'hpattn-dist[plot]')") from None
+    import matplotlib.pyplot as plt
+
+    fig = scaling_figure(reports)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
@@ -896,6 +1028,17 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
     world, rank = info.world_size, info.rank
     threads = torch.get_num_threads()
     progress = _stderr if rank == 0 else None
+    if getattr(args, "plot", None) is not None:
+        # before any measurement; rank 0 writes the plot, so its verdict holds on every rank
+        problem = None
+        if rank == 0:
+            try:
+                check_plot_target(args.plot, cfg.mode)
+            except ValueError as err:
+                problem = str(err)
+        problem = _gather_objects(problem)[0]
+        if problem is not None:
+            raise ValueError(problem)
     load_before = os.getloadavg()
     if cfg.mode == "scaling":
         records = run_scaling(cfg, device, threads, progress)
