@@ -951,9 +951,13 @@ def scaling_figure(reports: Sequence[dict[str, Any]]) -> Any:
         raise ValueError("--plot: the run produced no timed scaling record (every case skipped?), "
                          "so there is nothing to draw")
     names = sorted({k[0] for k in times}, key=lambda n: (n != "1-process layer", n))
-    worlds = sorted({k[1] for k in times if k[0] != "1-process layer"})
+    # line style by TOTAL threads, so a P-rank line and the 1-process baseline it is measured
+    # against (P x threads_per_rank threads) share it
+    def total_threads(key: tuple) -> int:
+        return key[2] if key[0] == "1-process layer" else key[1] * key[2]
+
     markers = dict(zip(names, "osD^vP*Xh<>"))
-    styles = dict(zip(worlds, ["-", "--", ":", "-."] * 4))
+    styles = dict(zip(sorted({total_threads(k) for k in times}), ["-", "--", ":", "-."] * 4))
     colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     nsides = sorted({n for line in times.values() for n in line})
 
@@ -965,7 +969,7 @@ def scaling_figure(reports: Sequence[dict[str, Any]]) -> Any:
         label = (f"{name}, {threads} thread{plural}" if oracle
                  else f"{name}, {world} ranks x {threads} thread{plural}")
         style = {"marker": markers[name], "color": colours[name],
-                 "linestyle": "-" if oracle else styles[world], "linewidth": 2.2 if oracle else 1.5}
+                 "linestyle": styles[total_threads(key)], "linewidth": 2.4 if oracle else 1.4}
         pts = sorted(times[key].items())
         ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         if key in effs:
@@ -989,6 +993,10 @@ def scaling_figure(reports: Sequence[dict[str, Any]]) -> Any:
     ax_e.axhline(1.0, color="grey", linewidth=1, linestyle=(0, (4, 4)))
     ax_e.set_ylabel("efficiency = t(1-process layer) / t")
     ax_e.set_title("Efficiency vs 1 process, same total threads (1 = ideal)")
+    if len(styles) > 1:
+        ax_t.text(0.02, 0.98, "line style: total threads\n" + ", ".join(
+            f"{n}: {'solid' if st == '-' else {'--': 'dashed', ':': 'dotted', '-.': 'dash-dot'}[st]}"
+            for n, st in styles.items()), transform=ax_t.transAxes, va="top", fontsize=8)
     if not effs:
         ax_e.text(0.5, 0.5, "no single-process baseline\n(run without --no-oracle)",
                   ha="center", va="center", transform=ax_e.transAxes)
