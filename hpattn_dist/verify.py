@@ -36,19 +36,20 @@ Note [float64 reproducibility]
     this has been seen to fail in rare fresh processes with two or more threads: the FIRST
     float64 attention call of the process came out ~1e-10 (relative) off, and every later call
     was exact. That is neither float64 rounding (reduction-order changes are ~1e-16 here) nor a
-    float32 path (a float32 matmul or exp in the same place is ~1e-8 off); it is a different
-    code path of the math library on its first, multi-threaded call (torch computes float64
-    ``exp``/``log`` with MKL's vector library, from every OpenMP thread at once). MKL can be held
-    to one code path with ``MKL_CBWR`` (conditional numerical reproducibility), read once at its
-    first call. Hence:
+    float32 path (a float32 matmul or exp in the same place is ~1e-8 off): the math library took
+    another code path on its first, multi-threaded call. Which routine is not proven; on CPU,
+    torch computes float64 matmuls with MKL (``cblas_dgemm_batch``) and float64 ``exp``/``log``
+    with MKL's vector library (``vmdExp``/``vmdLn``, entered by every OpenMP thread at once).
+    MKL can be held to one code path with ``MKL_CBWR`` (conditional numerical
+    reproducibility), which it reads once, at its first call. Hence:
 
-    - every rank ``hpattn-dist verify`` starts, and every rank of the test harness, sets
-      ``MKL_CBWR=COMPATIBLE`` before its first tensor operation unless the user set it
-      (:func:`hpattn_dist.cli.pin_math_library`);
-    - a float64 case that fails is run once more in the same process; if the rerun passes, the
-      case still FAILS (the first result was wrong and a training run could get it too), and the
-      report says that the result was not reproducible and names ``MKL_CBWR`` as the remedy.
-      No tolerance is widened.
+    - every ``verify`` rank (local launch or torchrun), every rank of the test harness and the
+      pytest process set ``MKL_CBWR=COMPATIBLE`` before their first tensor operation unless the
+      user set it (:func:`hpattn_dist.cli.pin_math_library`); ``bench`` does not (slower GEMMs);
+    - a float64 case that fails is run once more in the same process, oracle recomputed; if the
+      rerun passes or the oracle moved, the case still FAILS (the first result was wrong and a
+      training run could get it too), and the report says the result was not reproducible and
+      names ``MKL_CBWR`` as the remedy. No tolerance is widened.
 
     ``launch/repro_mkl_first_call.py`` is a torch-only reproducer (seed, ``Linear``, the manual
     kernel's ops, fresh processes); the README's troubleshooting section has what it measured.
@@ -571,7 +572,8 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
             f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
             "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
             "tolerances: float64 rel<=1e-10, float32 abs<=1e-5*max(1,|ref|), "
-            f"bf16/fp16 atol=rtol=2.5e-2 (x{cfg.tolerance_scale:g})")
+            f"bf16/fp16 atol=rtol=2.5e-2 (x{cfg.tolerance_scale:g}); {torch.get_num_threads()} "
+            f"threads, " + ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in PINNED_MATH_ENV))
     cols = f"{'strategy':<10} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
            f"{'out abs':>9} {'out rel':>9} {'dx abs':>9} {'dx rel':>9} " \
            f"{'param abs':>9} {'param rel':>9}  result"
