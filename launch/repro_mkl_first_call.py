@@ -164,7 +164,7 @@ def _driver(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-vml", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vml", action="store_true",
