@@ -308,9 +308,12 @@ def test_torchrun_wrapper_runs_verify(tmp_path):
     out = tmp_path / "verify.json"
     script = Path(__file__).resolve().parents[2] / "launch" / "torchrun_multinode.sh"
     env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(port), PYTHON=sys.executable)
+    env.pop("MKL_CBWR", None)  # a torchrun rank of verify pins MKL itself
     proc = subprocess.run(
         ["bash", str(script), "verify", *TINY, "--strategies", "ring", "--dtypes", "float64",
          "--json", str(out)], env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _json(out)
     assert report["world_size"] == 2 and report["passed"]
+    assert report["platform"]["MKL_CBWR"] == "COMPATIBLE"
+    assert report["platform"]["mkl_cbwr_in_force"] in ("COMPATIBLE", None)
