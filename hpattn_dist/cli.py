@@ -16,6 +16,10 @@ any other code is the failing rank's.
 
 Rank 0 prints the tables on stdout and progress on stderr; the other ranks print nothing unless
 something goes wrong.
+
+A ``verify`` rank pins the math library's code path before its first tensor operation
+(:func:`pin_math_library`, Note [float64 reproducibility] in :mod:`hpattn_dist.verify`);
+``bench`` leaves it alone, since the pinned path is slower.
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ from typing import Optional, Sequence
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _KILL_GRACE_S = 10.0
+
+#: Environment that pins MKL to one code path (Note [float64 reproducibility] in
+#: :mod:`hpattn_dist.verify`). MKL reads it once, at its first call in the process.
+PINNED_MATH_ENV: dict[str, str] = {"MKL_CBWR": "COMPATIBLE"}
+
+
+def pin_math_library(environ: Optional[dict] = None) -> dict[str, str]:
+    """Set each variable of :data:`PINNED_MATH_ENV` in ``environ`` (default ``os.environ``)
+    unless it is already set, and return the values in force.
+
+    Call it before the process's first MKL call (any float64 matmul or ``exp`` on CPU); importing
+    torch is fine. A value the user set is kept, so ``MKL_CBWR=AUTO`` (say) still overrides.
+    """
+    environ = os.environ if environ is None else environ
+    for key, value in PINNED_MATH_ENV.items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in PINNED_MATH_ENV}
 
 
 def _csv(kind: type):
@@ -269,6 +290,8 @@ def _spawn(nproc: int, threads: int, child_argv: list[str], timeout: float) -> i
 
 def _run_rank(args: argparse.Namespace) -> int:
     """Body of one rank: initialise the process group, run the command, tear down."""
+    if args.command == "verify":
+        pin_math_library()  # before any tensor operation of this process
     import torch
     import torch.distributed as dist
 

@@ -24,11 +24,13 @@ Failure handling (Note [rank failure report]):
   every unfinished rank is reported as hung with its Python stacks at that moment.
 
 Each rank runs with ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` (the CI machine has two
-cores and tests start up to a handful of ranks). The process group uses a ``FileStore`` in a
-temporary folder, so no TCP port is reserved, and its own timeout is longer than ``timeout`` so
-that the harness, which can dump stacks, always reports a hang first. After ``fn`` returns, each
-rank runs a barrier and destroys the process group before sending its result (gloo may crash at
-interpreter exit otherwise); a result therefore means the rank finished cleanly.
+cores and tests start up to a handful of ranks), and with MKL pinned to one code path
+(``MKL_CBWR``, unless already set; Note [float64 reproducibility] in :mod:`hpattn_dist.verify`).
+The process group uses a ``FileStore`` in a temporary folder, so no TCP port is reserved, and
+its own timeout is longer than ``timeout`` so that the harness, which can dump stacks, always
+reports a hang first. After ``fn`` returns, each rank runs a barrier and destroys the process
+group before sending its result (gloo may crash at interpreter exit otherwise); a result
+therefore means the rank finished cleanly.
 
 Results travel as ``pickle`` bytes over one pipe per rank, read while the ranks run, so a large
 tensor cannot dead-lock a rank at exit. They are plain pickles, not shared memory: CPU tensors
@@ -54,6 +56,8 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from hpattn_dist.cli import pin_math_library
 
 __all__ = ["RankFailure", "run_ranks"]
 
@@ -286,6 +290,7 @@ def run_ranks(
     try:
         # Children inherit the environment at start(): set the per-rank variables only around it.
         env_patch = {
+            **pin_math_library(dict(os.environ)),
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(
                 [str(REPO_ROOT)]

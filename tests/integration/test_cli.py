@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,8 @@ def test_bad_flag_value_exits_2_before_spawning(capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def test_verify_passes_at_world_1_and_3(tmp_path):
+def test_verify_passes_at_world_1_and_3(tmp_path, monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)  # the ranks must pin it themselves
     out = tmp_path / "verify.json"
     rc = main(["verify", *TINY, "--nproc", "1,3", "--dtypes", "float64,float32",
                "--json", str(out)])
@@ -81,6 +83,9 @@ def test_verify_passes_at_world_1_and_3(tmp_path):
     assert [r["world_size"] for r in runs] == [1, 3]
     for run in runs:
         assert run["passed"]
+        # Note [float64 reproducibility]: the ranks pinned MKL, and MKL took the pin
+        assert run["platform"]["MKL_CBWR"] == "COMPATIBLE"
+        assert run["platform"]["mkl_cbwr_in_force"] in ("COMPATIBLE", None)
         ran = [c for c in run["cases"] if c["skipped"] is None]
         assert {c["strategy"] for c in ran} >= {"ring"}
         for case in ran:
@@ -108,6 +113,90 @@ def test_verify_fails_when_forced(tmp_path, flag):
     assert not report["passed"]
     failed = {q["name"] for c in report["cases"] for q in c["quantities"] if not q["passed"]}
     assert "out" in failed
+    # a persistent error is not blamed on the platform
+    assert all(c["unreproducible"] is None for c in report["cases"])
+
+
+# Note [float64 reproducibility]: a float64 result that changes between two runs of the same case
+# in one process fails AND is named. The first call is perturbed by 3e-10 relative, the size
+# seen with MKL; in-process, world 1, no process group.
+_ONE_CASE = dict(nside=2, batch=1, embed_dim=16, num_heads=4, strategies=("ring",),
+                 backends=("manual",), dtypes=("float64",))
+
+
+def _perturb_first_call(output):
+    return output + 3e-10 * output.detach()
+
+
+def test_verify_names_a_result_that_changes_on_rerun(monkeypatch):
+    from hpattn_dist import verify
+
+    made = []
+    real = verify.make_distributed_layer
+
+    def layer_whose_first_forward_is_off(*args, **kwargs):
+        layer = real(*args, **kwargs)
+        if not made:
+            layer.register_forward_hook(lambda m, i, out: _perturb_first_call(out))
+        made.append(layer)
+        return layer
+
+    monkeypatch.setattr(verify, "make_distributed_layer", layer_whose_first_forward_is_off)
+    (case,) = verify.run_verify(VerifyConfig(**_ONE_CASE))
+    assert len(made) == 2  # ran twice
+    assert not case.passed  # still a failure: the first result was wrong
+    assert case.unreproducible is not None and "passed" in case.unreproducible
+    assert "MKL_CBWR=COMPATIBLE" in case.unreproducible
+    worst = max(q.rel for q in case.quantities)
+    assert 1e-10 < worst < 1e-9  # the first run's figures are the ones reported
+    table = verify.format_table([case], VerifyConfig(**_ONE_CASE), 1)
+    assert "not reproducible" in table and "FAIL" in table
+
+
+def test_verify_names_an_oracle_that_changes_on_rerun(monkeypatch):
+    from hpattn_dist import verify
+
+    calls = []
+    real = verify._oracle_reference
+
+    def oracle_whose_first_call_is_off(*args):
+        ref = real(*args)
+        if not calls:
+            ref["out"] = _perturb_first_call(ref["out"])
+        calls.append(1)
+        return ref
+
+    monkeypatch.setattr(verify, "_oracle_reference", oracle_whose_first_call_is_off)
+    (case,) = verify.run_verify(VerifyConfig(**_ONE_CASE))
+    assert len(calls) == 2 and not case.passed
+    assert case.unreproducible is not None and "oracle moved by" in case.unreproducible
+    assert "moved by 0.0e+00" not in case.unreproducible
+
+
+def test_processes_the_suite_starts_pin_mkl(monkeypatch):
+    """The pytest process (conftest) and the harness ranks run with MKL pinned. MKL itself is
+    asked where torch exports its service symbol (else None: only the variable is checked)."""
+    from hpattn_dist.cli import PINNED_MATH_ENV
+    from hpattn_dist.verify import mkl_cbwr_in_force
+    from tests.harness import START_METHOD_ENV, run_ranks
+
+    assert set(PINNED_MATH_ENV) <= set(os.environ)  # pinned by conftest, or set by the caller
+    assert mkl_cbwr_in_force() in (os.environ["MKL_CBWR"], None)  # pinned in time
+    # a fresh rank (spawn: the fork server would inherit this process's variable) pins it itself
+    monkeypatch.delenv("MKL_CBWR")
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    ((env, mode),) = run_ranks(_rank_mkl_mode, 1, timeout=60.0)
+    assert env == "COMPATIBLE" and mode in ("COMPATIBLE", None)
+
+
+def _rank_mkl_mode(rank, world_size):
+    import torch
+
+    from hpattn_dist.verify import mkl_cbwr_in_force
+
+    a = torch.randn(8, 8, dtype=torch.float64)
+    torch.exp(a @ a)
+    return os.environ.get("MKL_CBWR"), mkl_cbwr_in_force()
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +308,12 @@ def test_torchrun_wrapper_runs_verify(tmp_path):
     out = tmp_path / "verify.json"
     script = Path(__file__).resolve().parents[2] / "launch" / "torchrun_multinode.sh"
     env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(port), PYTHON=sys.executable)
+    env.pop("MKL_CBWR", None)  # a torchrun rank of verify pins MKL itself
     proc = subprocess.run(
         ["bash", str(script), "verify", *TINY, "--strategies", "ring", "--dtypes", "float64",
          "--json", str(out)], env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _json(out)
     assert report["world_size"] == 2 and report["passed"]
+    assert report["platform"]["MKL_CBWR"] == "COMPATIBLE"
+    assert report["platform"]["mkl_cbwr_in_force"] in ("COMPATIBLE", None)
