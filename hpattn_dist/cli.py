@@ -73,6 +73,38 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+#: The strategy names (:data:`hpattn_dist.strategies.STRATEGIES`; not imported here, so that
+#: ``--help`` does not import torch; a test keeps the two equal).
+STRATEGY_NAMES = ("ring", "ulysses", "hybrid", "auto")
+
+#: Built-in defaults shown in ``--help`` (the dataclasses :class:`hpattn_dist.verify.VerifyConfig`
+#: and :class:`hpattn_dist.bench.BenchConfig` and ``configs/*.toml`` hold the same; a test keeps
+#: them equal). A ``--config`` file overrides them, the flags override the file.
+DEFAULTS: dict[str, dict[str, object]] = {
+    "verify": {"batch": 2, "embed_dim": 32, "num_heads": 4, "seed": 0, "nside": 8,
+               "backends": "manual,sdpa", "dtypes": "float64,float32,bfloat16",
+               "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0},
+    "bench": {"batch": 1, "embed_dim": 128, "num_heads": 4, "seed": 0, "mode": "scaling",
+              "nsides": "16,32", "backend": "auto", "dtype": "float32", "warmup": 1, "repeats": 5,
+              "blocks": "2,4", "land_fractions": "0,0.3,0.7,1"},
+}
+
+
+def _model_options(p: argparse.ArgumentParser, command: str) -> None:
+    """Options shared by both commands, with each command's own defaults in the help."""
+    d = DEFAULTS[command]
+    p.add_argument("--batch", type=int, default=None, help=f"batch size B (default: {d['batch']})")
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help=f"embedding dim E, divisible by --heads (default: {d['embed_dim']})")
+    p.add_argument("--heads", dest="num_heads", type=int, default=None,
+                   help=f"attention heads H; ulysses needs H divisible by P (default: {d['num_heads']})")
+    p.add_argument("--strategies", type=_csv(str), default=None,
+                   help=f"comma list of {','.join(STRATEGY_NAMES)} (default: all); hybrid runs "
+                        "once per Ulysses degree U that divides P and H, auto shows what it chose")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the weights and the random inputs (default: {d['seed']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option defaults to None so config files can fill it in)."""
     parser = argparse.ArgumentParser(
@@ -99,50 +131,63 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML file with the defaults (default: configs/<command>.toml of a "
                              "source checkout, else built-in defaults)")
     common.add_argument("--json", dest="json_path", type=Path, default=None,
-                        help="also write the results as JSON to this file")
-    common.add_argument("--batch", type=int, default=None)
-    common.add_argument("--embed-dim", type=int, default=None)
-    common.add_argument("--heads", dest="num_heads", type=int, default=None)
-    common.add_argument("--strategies", type=_csv(str), default=None,
-                        help="comma list of strategies (default: every registered one)")
-    common.add_argument("--seed", type=int, default=None)
+                        help="also write the results as JSON to this file (default: none)")
 
     v = sub.add_parser("verify", parents=[common],
                        help="compare the distributed layer with the float64 oracle")
-    v.add_argument("--nside", type=int, default=None, help="HEALPix resolution (default 8)")
-    v.add_argument("--backends", type=_csv(str), default=None, help="comma list of auto,sdpa,manual")
+    dv = DEFAULTS["verify"]
+    _model_options(v, "verify")
+    v.add_argument("--nside", type=int, default=None,
+                   help=f"HEALPix resolution, a power of two; N = 12 nside^2 (default: {dv['nside']})")
+    v.add_argument("--backends", type=_csv(str), default=None,
+                   help=f"comma list of auto,sdpa,manual (default: {dv['backends']})")
     v.add_argument("--dtypes", type=_csv(str), default=None,
-                   help="comma list of float64,float32,bfloat16,float16")
+                   help=f"comma list of float64,float32,bfloat16,float16 (default: {dv['dtypes']})")
     v.add_argument("--field", type=str, default=None,
-                   help="field [N, E] or [B, N, E] (.pt or .npy) instead of a random one")
-    v.add_argument("--field-ordering", choices=("NESTED", "RING"), default=None)
+                   help="field [N, E] or [B, N, E] (.pt or .npy) instead of a random one "
+                        "(default: random)")
+    v.add_argument("--field-ordering", choices=("NESTED", "RING"), default=None,
+                   help=f"HEALPix ordering of --field; RING is reordered to NESTED "
+                        f"(default: {dv['field_ordering']})")
     v.add_argument("--tolerance-scale", type=float, default=None,
-                   help="multiply every tolerance (self-test: 0 must fail)")
+                   help=f"multiply every tolerance (self-test: 0 must fail) (default: "
+                        f"{dv['tolerance_scale']})")
     v.add_argument("--inject-error", type=float, default=None,
                    help="self-test: add this to the distributed output before comparing "
-                        "(any value above the tolerance must fail)")
+                        f"(any value above the tolerance must fail) (default: {dv['inject_error']})")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
+    db = DEFAULTS["bench"]
+    _model_options(b, "bench")
     b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks"), default=None,
                    help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
                         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
                         "memory per rank of the manual kernel; masks: what the ring saves when "
-                        "keys are masked (land) on one rank or all (default: scaling)")
-    b.add_argument("--nsides", type=_positive_ints, default=None, help="comma list (default 16,32)")
-    b.add_argument("--backend", type=str, default=None, help="attn_backend of the layer (auto)")
-    b.add_argument("--dtype", type=str, default=None)
-    b.add_argument("--warmup", type=int, default=None)
-    b.add_argument("--repeats", type=int, default=None)
+                        "keys are masked (land) on one rank or all "
+                        f"(default: {db['mode']})")
+    b.add_argument("--nsides", type=_positive_ints, default=None,
+                   help=f"comma list of HEALPix resolutions (default: {db['nsides']})")
+    b.add_argument("--backend", type=str, default=None,
+                   help=f"attn_backend of the layer: auto, sdpa or manual (default: {db['backend']})")
+    b.add_argument("--dtype", type=str, default=None,
+                   help=f"float32, bfloat16, float16 or float64 (default: {db['dtype']})")
+    b.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed calls before timing (default: {db['warmup']})")
+    b.add_argument("--repeats", type=int, default=None,
+                   help=f"timed calls; the median is reported, with a warning when it exceeds "
+                        f"2x the minimum (default: {db['repeats']})")
     b.add_argument("--blocks", type=_positive_ints, default=None,
-                   help="emulation mode: numbers of blocks P (default 2,4)")
+                   help=f"emulation mode: numbers of blocks P (default: {db['blocks']})")
     b.add_argument("--land-fractions", type=_csv(float), default=None,
-                   help="masks mode: fractions of masked (land) pixels (default 0,0.3,0.7,1)")
+                   help=f"masks mode: fractions of masked (land) pixels (default: {db['land_fractions']})")
     b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
-                   help="skip the DeepSpeed-Ulysses peer")
+                   help="skip the DeepSpeed-Ulysses peer (default: run it when deepspeed imports)")
     b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
-                   help="skip the single-process oracle baseline")
+                   help="skip the single-process baseline (default: run it)")
     b.add_argument("--plot", type=Path, default=None,
-                   help="PNG of time over nside and world size (needs matplotlib)")
+                   help="scaling mode: write a PNG of time and efficiency over nside; needs "
+                        "matplotlib (pip install 'hpattn-dist[plot]'), checked before the run "
+                        "(default: no plot)")
     return parser
 
 
@@ -155,11 +200,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        load_config(args)  # fail fast, before any rank starts
+        cfg = load_config(args)  # fail fast, before any rank starts
+        under_torchrun = all(k in os.environ for k in _TORCHRUN_ENV)
+        # under torchrun, cli_bench checks --plot on rank 0 and tells every rank
+        if getattr(args, "plot", None) is not None and not under_torchrun:
+            from hpattn_dist.bench import check_plot_target
+
+            check_plot_target(args.plot, cfg.mode)  # before running, not after
+        if args.json_path is not None and not Path(args.json_path).parent.is_dir():
+            raise ValueError(f"--json {args.json_path}: the folder {Path(args.json_path).parent} "
+                             "does not exist")
     except ValueError as err:
         print(f"hpattn-dist {args.command}: {err}", file=sys.stderr)
         return 2
-    if all(k in os.environ for k in _TORCHRUN_ENV):
+    if under_torchrun:
         return _run_rank(args)
     return _launch_local(args, argv)
 

@@ -81,7 +81,7 @@ from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, sh
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.modules import DistributedSpatialSelfAttention
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.strategies import STRATEGIES
+from hpattn_dist.strategies import STRATEGIES, choose_strategy
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64, "float32": torch.float32,
@@ -237,6 +237,26 @@ def strategy_variants(strategy: str, world_size: int, heads: int,
     return [(f"hybrid:U{u}", u) for u in degrees]
 
 
+def executed_strategy(label: str, world_size: int, heads: int, dtype: torch.dtype) -> str:
+    """What a case labelled ``label`` executes: ``auto`` resolved the way the planner resolves it
+    (:func:`hpattn_dist.strategies.choose_strategy`), and a hybrid whose Ulysses degree makes it
+    a ring (U = 1) or a Ulysses (U = P) named so."""
+    if label == "auto":
+        choice = choose_strategy(heads, world_size, dtype=dtype)
+        return choice.strategy if choice.strategy != "hybrid" else f"hybrid:U{choice.ulysses_degree}"
+    if label.startswith("hybrid:U"):
+        degree = int(label[len("hybrid:U"):])
+        if world_size > 1 and degree in (1, world_size):
+            return "ring" if degree == 1 else "ulysses"
+    return label
+
+
+def _shown_strategy(r: "CaseResult") -> str:
+    if r.executed is None or r.executed == r.strategy:
+        return r.strategy
+    return f"{r.strategy}={r.executed}"
+
+
 def make_distributed_layer(
     oracle: SpatialSelfAttention,
     *,
@@ -359,6 +379,9 @@ class CaseResult:
     #: set when the case failed and the same case, run again in this process, passed
     #: (Note [float64 reproducibility]); the case still fails.
     unreproducible: Optional[str] = None
+    #: what ran: ``auto`` resolved (``"ulysses"``, ``"hybrid:U2"`` ...), hybrid's degenerate
+    #: degrees named (U = 1 is a ring, U = P a Ulysses); None for a skipped case.
+    executed: Optional[str] = None
 
     @property
     def passed(self) -> bool:
@@ -366,7 +389,7 @@ class CaseResult:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k)
-             for k in ("strategy", "backend", "kernel", "dtype", "skipped", "unreproducible")}
+             for k in ("strategy", "executed", "backend", "kernel", "dtype", "skipped", "unreproducible")}
         d["passed"] = self.passed
         d["quantities"] = [
             {"name": q.name, "max_abs": q.max_abs, "rel": q.rel, "ref_max": q.ref_max,
@@ -384,7 +407,7 @@ def load_field(cfg: VerifyConfig, dtype: torch.dtype = torch.float64) -> Tensor:
         return torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen, dtype=dtype)
     x = _read_field(Path(cfg.field)).to(dtype)
     if cfg.field_ordering.upper() == "RING":
-        x = reorder(x, dim=1, inp="RING", out="NESTED")
+        x = reorder(x, src="RING", dst="NESTED", dim=1)
     return x.contiguous()
 
 
@@ -460,6 +483,7 @@ def run_case(
         result.skipped = str(err)
         return result
     (y_local * g_local).sum().backward()
+    result.executed = executed_strategy(result.strategy, world, oracle.num_heads, dtype)
 
     sync_gradients(layer, group)  # parameter gradients: partial sums over each rank's pixels
     out = y_local.detach() + cfg.inject_error
@@ -571,28 +595,33 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
     head = (f"hpattn-dist verify: nside {cfg.nside}{'' if cfg.field is None else f' ({cfg.field})'}, "
             f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
             "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
-            "tolerances: float64 rel<=1e-10, float32 abs<=1e-5*max(1,|ref|), "
-            f"bf16/fp16 atol=rtol=2.5e-2 (x{cfg.tolerance_scale:g}); {torch.get_num_threads()} "
-            f"threads, " + ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in PINNED_MATH_ENV))
-    cols = f"{'strategy':<10} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
-           f"{'out abs':>9} {'out rel':>9} {'dx abs':>9} {'dx rel':>9} " \
-           f"{'param abs':>9} {'param rel':>9}  result"
+            "allowed error (x" f"{cfg.tolerance_scale:g}): float64 rel<=1e-10, float32 "
+            "abs<=1e-5*s, bf16/fp16 |err|<=2.5e-2*(s+|ref|) per element, s=max(1,max|ref|) of the "
+            "tensor\n"
+            "err/tol: the worst error over its allowed value among out, dx and every parameter "
+            "gradient: the column that decides (<= 1 passes); "
+            f"{torch.get_num_threads()} threads, "
+            + ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in PINNED_MATH_ENV))
+    cols = f"{'strategy':<17} {'backend':<7} {'kernel':<15} {'dtype':<8} " \
+           f"{'out abs':>8} {'out rel':>8} {'dx abs':>8} {'dx rel':>8} " \
+           f"{'param abs':>9} {'param rel':>9} {'err/tol':>8}  result"
     lines = [head, cols, "-" * len(cols)]
     for i, r in enumerate(results):
-        lead = f"{r.strategy:<10} {r.backend:<7} {r.kernel:<15} {r.dtype:<8} "
+        lead = f"{_shown_strategy(r):<17} {r.backend:<7} {r.kernel:<15} {r.dtype:<8} "
         if r.skipped is not None:  # one line per strategy and reason
             prev = results[i - 1] if i else None
             if prev is None or (prev.strategy, prev.skipped) != (r.strategy, r.skipped):
-                lines.append(f"{r.strategy:<10} skipped: {r.skipped}")
+                lines.append(f"{r.strategy:<17} skipped: {r.skipped}")
             continue
         by = {q.name: q for q in r.quantities}
         params = [q for q in r.quantities if q.name not in ("out", "dx")]
         worst = max(params, key=lambda q: q.violation)
-        cells = [by["out"].max_abs, by["out"].rel, by["dx"].max_abs, by["dx"].rel,
-                 max(q.max_abs for q in params), worst.rel]
+        cells = [by["out"].max_abs, by["out"].rel, by["dx"].max_abs, by["dx"].rel]
+        decides = max(q.violation for q in r.quantities)
         failed = [q.name for q in r.quantities if not q.passed]
         verdict = "PASS" if not failed else "FAIL (" + ", ".join(failed) + ")"
-        lines.append(lead + " ".join(f"{c:9.2e}" for c in cells) + "  " + verdict)
+        lines.append(lead + " ".join(f"{c:8.1e}" for c in cells)
+                     + f" {max(q.max_abs for q in params):9.2e} {worst.rel:9.2e} {decides:8.1e}  " + verdict)
         if r.unreproducible is not None:
             lines.append(f"{'':<10} ^ {r.unreproducible}")
     n_fail = sum(not r.passed for r in results)

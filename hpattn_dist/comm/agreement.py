@@ -158,8 +158,11 @@ def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
     failed = [r for r, row in enumerate(rows) if row[0] != _OK]
     reports = [texts[r] or ("?", "RuntimeError", "(no message)") for r in failed]
     whats = list(dict.fromkeys(rep[0] for rep in reports))
-    detail = "; ".join(f"{info.describe_rank(r)}: {kind}: {text}"
-                       for r, (_, kind, text) in zip(failed, reports))
+    by_error: dict[tuple[str, str], list[int]] = {}  # one entry per distinct error, not per rank
+    for r, (_, kind, text) in zip(failed, reports):
+        by_error.setdefault((kind, text), []).append(r)
+    detail = "; ".join(f"{_ranks_text(info, ranks)}: {kind}: {text}"
+                       for (kind, text), ranks in by_error.items())
     message = (f"{'/'.join(whats)}: invalid input on {len(failed)} of {info.world_size} ranks; "
                f"{detail}")
     kinds = {rep[1] for rep in reports}
@@ -167,6 +170,21 @@ def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
     if cls is None:
         cls = ValueError if kinds <= {"ValueError", "TypeError"} else RuntimeError
     raise cls(message) from local_err
+
+
+def _ranks_text(info: GroupInfo, ranks: list[int]) -> str:
+    """``"rank 1"`` / ``"ranks 0-3, 5"`` (group ranks, ranges compressed)."""
+    if len(ranks) == 1:
+        return info.describe_rank(ranks[0])
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+    same = all(info.global_rank(r) == r for r in ranks)
+    return f"{'ranks' if same else 'group ranks'} {text}"
 
 
 @contextlib.contextmanager
@@ -186,7 +204,7 @@ def validated_signature(info: GroupInfo, what: str) -> Iterator[Signature]:
 
     Raises (on EVERY rank, with the same message):
         ValueError / TypeError: a rank's local check raised it (the message names every failed
-            rank and its error; the failed rank's original exception is chained). With mixed or
+            rank and its error, ranks with the same error once, e.g. ``ranks 0-63: ...``; the failed rank's original exception is chained). With mixed or
             other exception types: ValueError if all are ValueError/TypeError, else RuntimeError.
             With one rank the local exception propagates unchanged.
         ValueError: ranks disagree on a shared value (a table of every rank's values).

@@ -99,8 +99,12 @@ def test_verify_passes_at_world_1_and_3(tmp_path, monkeypatch):
                 assert q[key] <= bound * max(1.0, q["ref_max"]), (case, q)
     # heads (4) not divisible by P=3: ulysses reports why instead of running
     skipped = [c for c in runs[1]["cases"] if c["strategy"] == "ulysses"]
-    if skipped:
-        assert all(c["skipped"] and "divisible" in c["skipped"] for c in skipped)
+    assert skipped and all(c["skipped"] and "divisible" in c["skipped"] for c in skipped)
+    # the three ranks' identical errors are reported once, not once per rank
+    assert all(c["skipped"].count("not divisible") == 1 and "ranks 0-2" in c["skipped"] for c in skipped)
+    # what ran: auto resolved (H=4, P=3: ring), hybrid U=1 named a ring
+    executed = {c["strategy"]: c["executed"] for c in runs[1]["cases"] if c["skipped"] is None}
+    assert executed["auto"] == "ring" and executed["hybrid:U1"] == "ring" and executed["ring"] == "ring"
 
 
 @pytest.mark.parametrize("flag", [["--inject-error", "1e-3"], ["--tolerance-scale", "0"]])
@@ -317,3 +321,62 @@ def test_torchrun_wrapper_runs_verify(tmp_path):
     assert report["world_size"] == 2 and report["passed"]
     assert report["platform"]["MKL_CBWR"] == "COMPATIBLE"
     assert report["platform"]["mkl_cbwr_in_force"] in ("COMPATIBLE", None)
+
+
+# --------------------------------------------------------------------------------------------
+# what the tables and --help explain (in-process, fast)
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    from hpattn_dist.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert "default" in action.help, f"{command} {action.option_strings}: {action.help!r}"
+        strategies = next(a for a in sub._actions if "--strategies" in a.option_strings)
+        assert "ring,ulysses,hybrid,auto" in strategies.help
+
+
+def test_help_defaults_are_the_configs_defaults():
+    from hpattn_dist.cli import DEFAULTS, STRATEGY_NAMES
+    from hpattn_dist.strategies import STRATEGIES
+
+    assert STRATEGY_NAMES == STRATEGIES
+    for command, cls in (("verify", VerifyConfig), ("bench", BenchConfig)):
+        config = cls.load(default_config_path(command))
+        for name, shown in DEFAULTS[command].items():
+            value = getattr(config, name)
+            if isinstance(value, tuple):
+                value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            assert str(shown) == str(value), (command, name, shown, value)
+
+
+def test_verify_table_shows_the_deciding_column_and_what_ran():
+    from hpattn_dist.verify import CaseResult, Quantity, format_table
+
+    def case(strategy, executed, violation):
+        qs = [Quantity(n, 0.2 if n == "dout_proj.weight" else 1e-3, 10.0, violation if n == "dout_proj.weight" else 0.1)
+              for n in ("out", "dx", "dqkv_proj.weight", "dout_proj.weight")]
+        return CaseResult(strategy, "manual", "manual", "bfloat16", qs, executed=executed)
+
+    cfg = VerifyConfig()
+    text = format_table([case("auto", "ulysses", 0.5), case("hybrid:U2", "ulysses", 1.5),
+                         CaseResult("ulysses", "manual", "manual", "float64", skipped="H=4 not divisible"),
+                         CaseResult("ulysses", "manual", "manual", "float32", skipped="H=4 not divisible")],
+                        cfg, 2)
+    lines = text.splitlines()
+    assert "err/tol" in lines[3] and "decides" in text
+    auto = next(line for line in lines if line.startswith("auto=ulysses "))
+    assert "5.0e-01  PASS" in auto  # a large absolute parameter error (0.2) can pass: err/tol shows why
+    hybrid = next(line for line in lines if line.startswith("hybrid:U2=ulysses "))
+    assert "1.5e+00  FAIL (dout_proj.weight)" in hybrid
+    assert sum(line.startswith("ulysses ") for line in lines) == 1  # one line per strategy and reason
+
