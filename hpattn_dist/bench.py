@@ -781,6 +781,12 @@ def run_masks(cfg: BenchConfig, device: torch.device,
 # --------------------------------------------------------------------------------------------
 
 
+def _ms(seconds: float, width: int) -> str:
+    """Milliseconds in ``width`` columns: one decimal while it fits, none above."""
+    text = f"{seconds * 1e3:.1f}"
+    return (text if len(text) <= width else f"{seconds * 1e3:.0f}").rjust(width)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
@@ -837,8 +843,8 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
             flag = " !" if is_noisy(r) else ""
             noisy += [r] if flag else []
             lines.append(
-                lead + f"{r.get('kernel', ''):<14} {r['fwd_s'] * 1e3:7.1f} {r['fwd_bwd_s'] * 1e3:7.1f} "
-                f"{r['fwd_bwd_min_s'] * 1e3:6.1f} {opt('efficiency_fwd', 5)} {opt('efficiency_fwd_bwd', 6)} "
+                lead + f"{r.get('kernel', ''):<14} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
+                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd', 5)} {opt('efficiency_fwd_bwd', 6)} "
                 f"{opt('speed_vs_peer_fwd_bwd', 5)} {_mib(max(r['peak_mem_bytes_per_rank'])):>8} "
                 f"{_mib(max(r['bytes_per_rank'])):>8}{flag}")
         lines.append("N = 12 nside^2; thr = threads per rank; times: median (and minimum) over the "
