@@ -22,7 +22,8 @@ or mismatched checkpoints produce).
 The sums are cached per parameter version (``Tensor._version``, bumped by every in-place change:
 an optimizer step, ``copy_``, ``load_state_dict``) and storage, so a call reads the parameters
 again only after they changed: once per training step, the cost of one elementwise pass over the
-layer's weights. Every call still compares, so weights that drift apart later (an optimizer step
+layer's weights. A write through ``p.data`` bypasses the version counter (that is what ``.data``
+is for) and is only seen at the next change of the parameter itself. Every call still compares, so weights that drift apart later (an optimizer step
 after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
 call.
 """
