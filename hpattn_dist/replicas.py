@@ -70,8 +70,10 @@ class ParameterFingerprint:
             parts = []
             with torch.no_grad():
                 for _, p in named:
-                    flat = p.detach().reshape(-1).to(torch.float64)
-                    parts.append(torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()]))
+                    flat = p.detach().reshape(-1)  # summed in float64, no float64 copy
+                    f64 = torch.float64
+                    parts.append(torch.stack([flat.sum(dtype=f64), flat.abs().sum(dtype=f64),
+                                              flat.square().sum(dtype=f64)]))
             sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0, 0.0, 0.0]
             self._value = (layout, tuple(_bits(v) for v in sums))
             self._key = key
