@@ -30,6 +30,7 @@ samples above) with healpy.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -86,21 +87,24 @@ def check_window_fits(nside: int, window_nside: int) -> int:
     return (nside // window_nside) ** 2
 
 
-def cell_neighbours(window_nside: int, device: torch.device | str = "cpu") -> Tensor:
-    """The 8 neighbouring cells of every cell of the ``window_nside`` grid (NESTED).
+def cell_neighbours(window_nside: int, cells: Optional[Tensor] = None) -> Tensor:
+    """The 8 neighbouring cells of cells of the ``window_nside`` grid (NESTED).
 
     Args:
         window_nside: resolution of the cell grid, a power of two.
-        device: where the table is built.
+        cells: int64 ``[M]`` cells to look up (default: all ``N_c``, on the CPU); the result is
+            on their device.
 
     Returns:
-        int64 ``[N_c, 8]`` in healpy's order (SW, W, NW, N, NE, E, SE, S), ``-1`` where there is
-        no neighbour; equal to ``healpy.get_all_neighbours(window_nside, arange(N_c), nest=True).T``
+        int64 ``[M, 8]`` in healpy's order (SW, W, NW, N, NE, E, SE, S), ``-1`` where there is
+        no neighbour; equal to ``healpy.get_all_neighbours(window_nside, cells, nest=True).T``
         (Note [face neighbours]).
     """
     n = check_nside(window_nside)
     order = n.bit_length() - 1
-    cells = torch.arange(12 * n * n, dtype=torch.int64, device=device)
+    if cells is None:
+        cells = torch.arange(12 * n * n, dtype=torch.int64)
+    device = cells.device
     face = cells >> (2 * order)
     morton = cells & (n * n - 1)
     ix = _compress_bits(morton, max(order, 1))
