@@ -249,7 +249,8 @@ def _gather_bias(bias_ext: Optional[Tensor], key_rows: Tensor) -> Optional[Tenso
 
 def _pack_bytes(parts: list[Optional[Tensor]]) -> Tensor:
     """Rows ``[S, ...]`` of several dtypes -> one uint8 ``[S, bytes per row]`` buffer."""
-    rows = [p.reshape(p.shape[0], -1).contiguous().view(torch.uint8) for p in parts if p is not None]
+    rows = [p.reshape(p.shape[0], math.prod(p.shape[1:])).contiguous().view(torch.uint8)
+            for p in parts if p is not None]
     return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
 
