@@ -25,7 +25,7 @@ from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
 from hpattn_dist.validation import check_layer_input, key_bias_from_mask
 
-__all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention"]
+__all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
 
 
 class LocalSpatialSelfAttention(SpatialSelfAttention):
@@ -113,3 +113,22 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
             scale=self.scale, key_mask=key_mask,
         )
         return self._project_out(out)
+
+
+def to_distributed_local(layer: LocalSpatialSelfAttention, process_group: Optional[dist.ProcessGroup],
+                         attn_backend: Optional[str] = None) -> DistributedLocalSpatialSelfAttention:
+    """``layer`` as a :class:`DistributedLocalSpatialSelfAttention` over ``process_group``, keeping
+    its ``qkv_proj`` / ``out_proj`` / ``dropout`` submodules (the same ``Parameter`` objects) and
+    training mode; a distributed layer is returned unchanged. Used by
+    :func:`hpattn_dist.modules.convert_spatial_attention`.
+    """
+    if isinstance(layer, DistributedLocalSpatialSelfAttention):
+        return layer
+    with torch.device("meta"):  # no allocation, no RNG draw: the projections are replaced below
+        new = DistributedLocalSpatialSelfAttention(
+            layer.embed_dim, layer.num_heads, layer._dropout_p, layer.qkv_proj.bias is not None,
+            attn_backend or layer.attn_backend, window_nside=layer.window_nside, mode=layer.mode,
+            process_group=process_group)
+    new.qkv_proj, new.out_proj, new.dropout = layer.qkv_proj, layer.out_proj, layer.dropout
+    new.train(layer.training)
+    return new
