@@ -104,8 +104,10 @@ def _rows_sent(nside: int, window_nside: int, mode: str, sizes: list[int], rank:
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
 def test_local_attention_and_layer_match_float64_references(world_size: int) -> None:
     per_rank = run_ranks(_job, world_size, timeout=120)
-    for rank, (results, layer) in enumerate(per_rank):
+    for rank, (results, layer, low) in enumerate(per_rank):
         assert layer["keys"] and layer["rel"] <= 1e-10, (rank, layer)
+        for kept_dtype, violation, finite in low.values():  # error / allowed error
+            assert kept_dtype and finite and violation <= 1.0, low
         for case, res in zip(CASES, results):
             nside, window_nside, mode, _, with_mask, bias_heads, _ = case
             assert res["finite"] and res["rel"] <= 1e-10, (rank, case, res)
@@ -157,9 +159,33 @@ def _layer(rank: int, world_size: int, sizes: list[int], dropout: float) -> dict
     return {"rel": max(errs), "keys": list(layer.state_dict()) == list(oracle.state_dict())}
 
 
-def _job(rank: int, world_size: int) -> tuple[list[dict], dict]:
-    """The functional cases, then the layer (dropout at odd world sizes) on the N = 768 split."""
-    return _cases(rank, world_size), _layer(rank, world_size, SPLITS[768][world_size], 0.2 * (world_size % 2))
+def _low_precision(rank: int, world_size: int) -> dict:
+    """fp32 and bf16 with a mask and a per-head bias (fp32 bias rows packed beside bf16 K/V)."""
+    nside, window_nside, mode = 4, 1, "neighbourhood"
+    sizes = SPLITS[192][world_size]
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    q, k, v, g, mask, bias = _full_inputs(50, 192)
+    full_bias = bias.masked_fill(~mask[:, None], float("-inf"))
+    ref = reference_local_attention(q, k, v, healpy_window_mask(nside, window_nside, mode), key_bias=full_bias)
+    errs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q_l, k_l, v_l = (t[:, :, sl].to(dtype).requires_grad_() for t in (q, k, v))
+        out = healpix_local_attention(q_l, k_l, v_l, window_nside=window_nside, mode=mode,
+                                      key_mask=mask[:, sl].contiguous(), key_bias=bias[..., sl].to(dtype))
+        out.backward(g[:, :, sl].to(dtype))
+        want = ref[:, :, sl]
+        allowed = 1e-5 if dtype == torch.float32 else 2.5e-2 * (1 + want.abs())  # atol = rtol for bf16
+        ratio = float(((out.double() - want).abs() / allowed).max()) if out.numel() else 0.0
+        errs[str(dtype)] = (out.dtype == dtype, ratio, bool(torch.isfinite(k_l.grad).all()))
+    return errs
+
+
+def _job(rank: int, world_size: int) -> tuple[list[dict], dict, dict]:
+    """The functional cases, the layer (dropout at odd world sizes) on the N = 768 split, and
+    the low-precision check."""
+    return (_cases(rank, world_size), _layer(rank, world_size, SPLITS[768][world_size], 0.2 * (world_size % 2)),
+            _low_precision(rank, world_size))
 
 
 def _bad_calls(rank: int, world_size: int) -> list:
