@@ -1,7 +1,8 @@
 """Float64 dense local attention built from healpy: the reference of the local-attention tests.
 
 Independent of :mod:`hpattn_dist.local`: the window of a cell comes from healpy's
-``get_all_neighbours(nest=True)``, the attention is one masked ``[B, H, N, N]`` softmax. Legend:
+``get_all_neighbours(nest=True)``, the attention is one masked ``[B, H, N, N]`` softmax, the
+dropout mask is ``tests/reference.py``'s own implementation of its definition. Legend:
 B batch, H heads, N pixels (NESTED), D head dim, c pixels per window cell.
 """
 
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hpattn_dist.kernels import DropoutSpec, keep_mask
+from hpattn_dist.kernels import DropoutSpec
+from tests.reference import reference_keep_mask
 
 
 def healpy_window_cells(window_nside: int, mode: str) -> list[set[int]]:
@@ -66,5 +68,5 @@ def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
     w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1) * has_key
     if dropout is not None:
         b, h, n, m = w.shape
-        w = w * keep_mask(dropout, b, h, n, m, w.device).double() / (1.0 - dropout.p)
+        w = w * reference_keep_mask(dropout, b, h, n, m).double() / (1.0 - dropout.p)
     return torch.matmul(w, v)

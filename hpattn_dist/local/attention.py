@@ -52,14 +52,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import GroupInfo, dtype_code, offsets, resolve_group, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.comm.halo import HaloPlan, _all_to_all_rows, plan_halo
+from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.healpix import npix2nside
 from hpattn_dist.kernels import (
-    BlockKernel, DropoutSpec, acc_dtype, check_backend_name, resolve_dropout_seed, select_kernel,
+    KERNEL_BACKENDS, BlockKernel, DropoutSpec, check_backend_name, resolve_dropout_seed, select_kernel,
 )
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
-from hpattn_dist.validation import check_dropout_p, check_qkv, key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.precision import acc_dtype
+from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention"]
 
@@ -290,7 +294,7 @@ def _exchange_rows(parts: list[Optional[Tensor]], halo: HaloPlan, info: GroupInf
 # --------------------------------------------------------------------------------------------
 
 
-class _LocalAttention(torch.autograd.Function):
+class _WindowAttention(torch.autograd.Function):
     """Shard table (rank r; ``N_ext = N_r + R``, Note [local attention plan]):
 
     =========  ========================  ==========================================
@@ -298,7 +302,7 @@ class _LocalAttention(torch.autograd.Function):
     =========  ========================  ==========================================
     q, k, v    ``[B, H, N_r, D]``        this rank's pixels
     bias       ``[B, Hb, N_r]`` or None  additive key bias (-inf = masked), acc dtype
-    kv_ext     ``[N_ext, 2, B, H, D]``   own K/V rows then the halo's
+    kv_halo    ``[R, 2, B, H, D]``       K/V rows received (``kv_ext``: own rows, then these)
     out        ``[B, H, N_r, D]``        windowed softmax attention
     lse        ``[U_r, B, H, c]``        log-sum-exp per (padded) query, acc dtype
     =========  ========================  ==========================================
@@ -309,14 +313,11 @@ class _LocalAttention(torch.autograd.Function):
                 info: GroupInfo, kernel: BlockKernel, scale: float, dropout_p: float, seed: int,
                 need_dbias: bool) -> Tensor:
         acc = acc_dtype(q.dtype)
-        kv_rows = torch.stack((k, v)).permute(3, 0, 1, 2, 4).contiguous()  # [N_r, 2, B, H, D]
-        bias_rows = None if bias is None else bias.permute(2, 0, 1).contiguous()  # [N_r, B, Hb]
+        kv_rows, bias_rows = _rows(k, v, bias)
+        kv_halo = bias_halo = None
         if plan.halo.total_rows:
             kv_halo, bias_halo = _exchange_rows([kv_rows, bias_rows], plan.halo, info, "local.halo.forward")
-            kv_ext = torch.cat([kv_rows, kv_halo])
-            bias_ext = None if bias_rows is None else torch.cat([bias_rows, bias_halo])
-        else:
-            kv_ext, bias_ext = kv_rows, bias_rows
+        kv_ext, bias_ext = _extend(kv_rows, kv_halo), _extend(bias_rows, bias_halo)
 
         q_units = _to_units(q, plan)  # [U_r, B, H, c, D]
         u_r, b, h, c, d = q_units.shape
@@ -336,16 +337,21 @@ class _LocalAttention(torch.autograd.Function):
             lse_units.index_copy_(0, batch.units, lse.to(acc).view(n, b, h, c))
 
         out = _from_units(out_units, plan).to(q.dtype).contiguous()
-        ctx.save_for_backward(q, kv_ext, bias_ext, out, lse_units)
+        # k, v, bias themselves (not their rows): no second copy is kept, and the refusal of
+        # double backward is anchored on every differentiable input (Note [double backward]).
+        ctx.save_for_backward(q, k, v, bias, kv_halo, bias_halo, out, lse_units)
         ctx.plan, ctx.info, ctx.kernel, ctx.scale = plan, info, kernel, scale
         ctx.dropout_p, ctx.seed, ctx.need_dbias = dropout_p, seed, need_dbias and bias is not None
         ctx.bias_heads = None if bias is None else bias.shape[1]
         return out
 
     @staticmethod
+    @refuse_double_backward("healpix_local_attention")
     def backward(ctx, dout: Tensor):
-        q, kv_ext, bias_ext, out, lse_units = ctx.saved_tensors
+        q, k, v, bias, kv_halo, bias_halo, out, lse_units = ctx.saved_tensors
         plan, info, kernel, scale = ctx.plan, ctx.info, ctx.kernel, ctx.scale
+        kv_rows, bias_rows = _rows(k, v, bias)
+        kv_ext, bias_ext = _extend(kv_rows, kv_halo), _extend(bias_rows, bias_halo)
         acc = acc_dtype(q.dtype)
         q_units = _to_units(q, plan)
         dout_units = _to_units(dout.contiguous(), plan)
@@ -397,6 +403,17 @@ class _LocalAttention(torch.autograd.Function):
         dk, dv = (t.to(q.dtype) for t in dkv_own.permute(1, 2, 3, 0, 4).unbind(0))  # [B, H, N_r, D]
         dbias = None if dbias_own is None else dbias_own.permute(1, 2, 0)
         return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+def _rows(k: Tensor, v: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Row-major ``[N_r, 2, B, H, D]`` K/V and ``[N_r, B, Hb]`` bias (the exchange's layout)."""
+    kv_rows = torch.stack((k, v)).permute(3, 0, 1, 2, 4).contiguous()
+    return kv_rows, None if bias is None else bias.permute(2, 0, 1).contiguous()
+
+
+def _extend(rows: Optional[Tensor], halo: Optional[Tensor]) -> Optional[Tensor]:
+    """``[own rows | received rows]``."""
+    return rows if rows is None or halo is None else torch.cat([rows, halo])
 
 
 def _chunks(plan: LocalPlan, elements_per_key: int) -> list[UnitBatch]:
@@ -509,11 +526,13 @@ def healpix_local_attention(
                 "key_bias_heads": -1 if key_bias is None else bias.shape[1],
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)),
+                "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
             },
             (n_local, int(mask_left), seed),
             q.device,
+            kind="healpix_local_attention",
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)
@@ -527,5 +546,5 @@ def healpix_local_attention(
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
     scale = head_dim**-0.5 if scale is None else float(scale)
     need_dbias = key_bias is not None and key_bias.requires_grad
-    return _LocalAttention.apply(q, k, v, bias, plan, info, kernel, scale, float(dropout_p), seed,
+    return _WindowAttention.apply(q, k, v, bias, plan, info, kernel, scale, float(dropout_p), seed,
                                  need_dbias)

@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.groups import raise_on_every_rank, resolve_group
+from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.local.attention import healpix_local_attention
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
-from hpattn_dist.validation import check_layer_input, key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
 

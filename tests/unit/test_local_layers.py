@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from hpattn_dist import (
     DistributedLocalSpatialSelfAttention, DistributedSpatialSelfAttention, LocalSpatialSelfAttention,
-    SpatialSelfAttention, convert_spatial_attention,
+    SpatialSelfAttention, convert_spatial_attention, healpix_local_attention,
 )
 
 
@@ -35,3 +35,15 @@ def test_converting_a_mixed_model_keeps_parameters_and_function() -> None:
     assert converted[2].window_nside == 4 and converted[2].mode == "cell"
     assert (converted(x) - want).abs().max() < 1e-12
     assert convert_spatial_attention(converted)[0] is converted[0]  # already distributed: unchanged
+
+
+def test_double_backward_is_refused_by_name() -> None:
+    q, k, v = (torch.randn(1, 2, 48, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = healpix_local_attention(q, k, v, window_nside=1, mode="neighbourhood")
+    (gk,) = torch.autograd.grad((out**2).sum(), (k,), create_graph=True)
+    try:
+        torch.autograd.grad(gk.sum(), (q,))
+    except RuntimeError as err:
+        assert "healpix_local_attention does not support double backward" in str(err)
+    else:
+        raise AssertionError("a second derivative through healpix_local_attention did not raise")
