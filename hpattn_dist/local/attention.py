@@ -68,7 +68,7 @@ from hpattn_dist.validation import check_dropout_p, check_qkv
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention"]
 
 #: Gathered K/V elements per batch of units (bounds the extra memory of one kernel call).
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 _MAX_PLANS = 16
 
 
