@@ -37,7 +37,7 @@ from torch import Tensor
 
 from hpattn_dist.healpix import _compress_bits, _spread_bits, check_nside
 
-__all__ = ["WINDOW_MODES", "cell_neighbours", "check_window", "window_cells"]
+__all__ = ["WINDOW_MODES", "cell_neighbours", "check_window", "parse_window", "window_cells"]
 
 WINDOW_MODES: tuple[str, ...] = ("cell", "neighbourhood")
 
@@ -145,3 +145,21 @@ def window_cells(window_nside: int, mode: str) -> Tensor:
     """
     check_window(window_nside, mode)
     return _window_cells_cpu(int(window_nside), mode)
+
+
+def parse_window(spec: str, nside: Optional[int] = None) -> tuple[str, int]:
+    """``"neighbourhood:2"`` -> ``("neighbourhood", 2)`` (configs and command lines).
+
+    Raises:
+        ValueError: not ``MODE:WINDOW_NSIDE`` with a mode of :data:`WINDOW_MODES` and a power of
+            two ``WINDOW_NSIDE`` dividing ``nside`` (when given).
+    """
+    mode, _, text = str(spec).partition(":")
+    window_nside = int(text) if text.isdigit() else 0
+    if mode not in WINDOW_MODES or window_nside < 1 or window_nside & (window_nside - 1) or (
+            nside is not None and nside % window_nside):
+        raise ValueError(
+            f"{spec!r} is not MODE:WINDOW_NSIDE with MODE in {WINDOW_MODES} and WINDOW_NSIDE a power "
+            f"of two dividing nside{'' if nside is None else f'={nside}'} (e.g. 'neighbourhood:2')"
+        )
+    return mode, window_nside
