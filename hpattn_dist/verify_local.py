@@ -7,7 +7,7 @@ verify seed, runs it on the FULL field, then runs
 :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with the same weights on its
 shard, for every backend and dtype of the config, and compares output, input gradient and
 (group-summed) parameter gradients under Note [verify tolerances] (``hpattn_dist/verify.py``).
-Rows are labelled ``local:MODE/WINDOW_NSIDE``.
+Rows are labelled ``cell:WINDOW_NSIDE`` and ``nbhd:WINDOW_NSIDE`` (neighbourhood).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_local_cases(
         ref = _oracle_reference(oracle, x, g)
         for backend in cfg.backends:
             for dtype_name in cfg.dtypes:
-                label = f"local:{mode}/{window_nside}"
+                label = f"{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}"
                 if progress is not None:
                     progress(f"{label} / {backend} / {dtype_name}")
                 dtype = DTYPES[dtype_name]

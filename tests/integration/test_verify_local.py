@@ -30,3 +30,18 @@ def test_local_cases_pass_at_world_1_and_2() -> None:
 def test_local_cases_fail_with_an_injected_error() -> None:
     rows = _run(0, 1, 0.5)  # above every dtype's tolerance
     assert rows and not any(ok for _, ok in rows), rows
+
+
+def test_cli_verify_runs_local_windows(tmp_path) -> None:
+    import json
+
+    from hpattn_dist.cli import main
+
+    out = tmp_path / "verify.json"
+    rc = main(["verify", "--nside", "2", "--batch", "1", "--embed-dim", "8", "--heads", "2",
+               "--nproc", "2", "--strategies", "ring", "--backends", "manual", "--dtypes", "float64",
+               "--local-windows", "neighbourhood:1,cell:2", "--json", str(out)])
+    assert rc == 0
+    run = json.loads(out.read_text())  # one world size: the run's report itself
+    assert run["world_size"] == 2 and [c["strategy"] for c in run["cases"]] == ["ring", "nbhd:1", "cell:2"]
+    assert all(c["passed"] and c["skipped"] is None for c in run["cases"])
