@@ -81,15 +81,38 @@ class UnitBatch:
         key_rows: int64 ``[n, m * c]``, each unit's window keys as rows of ``[own | received]``.
         key_pixels: int64 ``[n, m * c]``, the same keys as global pixels (dropout only).
         cells: int64 ``[n]``, the global cell of each unit (dropout only).
+        first: ``units[0]`` when ``units`` is a contiguous range (then unit tensors are sliced,
+            not copied), else -1.
     """
 
     units: Tensor
     key_rows: Tensor
     key_pixels: Tensor
     cells: Tensor
+    first: int
+
+    @staticmethod
+    def of(units: Tensor, key_rows: Tensor, key_pixels: Tensor, cells: Tensor) -> "UnitBatch":
+        n = units.numel()
+        contiguous = n > 0 and int(units[-1]) - int(units[0]) == n - 1  # units are ascending
+        return UnitBatch(units, key_rows, key_pixels, cells, int(units[0]) if contiguous else -1)
 
     def to(self, device: torch.device) -> "UnitBatch":
-        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels, self.cells)))
+        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels, self.cells)),
+                         self.first)
+
+    def take(self, x_units: Tensor) -> Tensor:
+        """``x_units[units]`` (a view when the units are a range)."""
+        if self.first >= 0:
+            return x_units[self.first:self.first + self.units.numel()]
+        return x_units.index_select(0, self.units)
+
+    def put(self, x_units: Tensor, values: Tensor) -> None:
+        """``x_units[units] = values``."""
+        if self.first >= 0:
+            x_units[self.first:self.first + self.units.numel()] = values
+        else:
+            x_units.index_copy_(0, self.units, values.to(x_units.dtype))
 
     def chunks(self, elements_per_unit: int) -> list["UnitBatch"]:
         """This batch split so that each part gathers at most ``_CHUNK_ELEMENTS`` elements."""
@@ -98,7 +121,8 @@ class UnitBatch:
         if n <= step:
             return [self]
         return [UnitBatch(self.units[a:a + step], self.key_rows[a:a + step],
-                          self.key_pixels[a:a + step], self.cells[a:a + step])
+                          self.key_pixels[a:a + step], self.cells[a:a + step],
+                          self.first + a if self.first >= 0 else -1)
                 for a in range(0, n, step)]
 
 
@@ -190,7 +214,7 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
         key_rows = rows[sel][v_sel].reshape(sel.numel(), m_value * c)
         key_cells = window[a:b][sel][v_sel].reshape(sel.numel(), m_value)
         key_pixels = (key_cells[:, :, None] * c + pixel_in_cell).reshape(sel.numel(), m_value * c)
-        batches.append(UnitBatch(sel, key_rows.contiguous(), key_pixels, mine[sel]))
+        batches.append(UnitBatch.of(sel, key_rows.contiguous(), key_pixels, mine[sel]))
     lead = in_bounds[rank][0] - int(mine[0]) * c if u_r else 0
     return LocalPlan(nside, int(window_nside), mode, c, sizes[rank], u_r, lead, halo, tuple(batches))
 
@@ -313,11 +337,15 @@ class _WindowAttention(torch.autograd.Function):
                 info: GroupInfo, kernel: BlockKernel, scale: float, dropout_p: float, seed: int,
                 need_dbias: bool) -> Tensor:
         acc = acc_dtype(q.dtype)
-        kv_rows, bias_rows = _rows(k, v, bias)
+        n_r = plan.n_local
+        kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
         kv_halo = bias_halo = None
         if plan.halo.total_rows:
-            kv_halo, bias_halo = _exchange_rows([kv_rows, bias_rows], plan.halo, info, "local.halo.forward")
-        kv_ext, bias_ext = _extend(kv_rows, kv_halo), _extend(bias_rows, bias_halo)
+            kv_halo, bias_halo = _exchange_rows(
+                [kv_ext[:n_r], None if bias is None else bias_ext[:n_r]], plan.halo, info, "local.halo.forward")
+            kv_ext[n_r:] = kv_halo
+            if bias is not None:
+                bias_ext[n_r:] = bias_halo
 
         q_units = _to_units(q, plan)  # [U_r, B, H, c, D]
         u_r, b, h, c, d = q_units.shape
@@ -325,7 +353,7 @@ class _WindowAttention(torch.autograd.Function):
         lse_units = torch.full((u_r, b, h, c), float("-inf"), dtype=acc, device=q.device)
         for batch in _chunks(plan, b * h * d * 2):
             n = batch.units.numel()
-            q_b = q_units.index_select(0, batch.units).view(n * b, h, c, d)
+            q_b = batch.take(q_units).reshape(n * b, h, c, d)
             k_b, v_b = _gather_kv(kv_ext, batch.key_rows)
             bias_b = _gather_bias(bias_ext, batch.key_rows)
             if dropout_p > 0:
@@ -333,8 +361,8 @@ class _WindowAttention(torch.autograd.Function):
                                            dropout_p, seed)
             else:
                 o, lse = kernel.forward(q_b, k_b, v_b, scale, bias_b)
-            out_units.index_copy_(0, batch.units, o.to(acc).view(n, b, h, c, d))
-            lse_units.index_copy_(0, batch.units, lse.to(acc).view(n, b, h, c))
+            batch.put(out_units, o.view(n, b, h, c, d))
+            batch.put(lse_units, lse.view(n, b, h, c))
 
         out = _from_units(out_units, plan).to(q.dtype).contiguous()
         # k, v, bias themselves (not their rows): no second copy is kept, and the refusal of
@@ -350,8 +378,12 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, bias, kv_halo, bias_halo, out, lse_units = ctx.saved_tensors
         plan, info, kernel, scale = ctx.plan, ctx.info, ctx.kernel, ctx.scale
-        kv_rows, bias_rows = _rows(k, v, bias)
-        kv_ext, bias_ext = _extend(kv_rows, kv_halo), _extend(bias_rows, bias_halo)
+        n_r = plan.n_local
+        kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
+        if kv_halo is not None:
+            kv_ext[n_r:] = kv_halo
+            if bias is not None:
+                bias_ext[n_r:] = bias_halo
         acc = acc_dtype(q.dtype)
         q_units = _to_units(q, plan)
         dout_units = _to_units(dout.contiguous(), plan)
@@ -365,10 +397,8 @@ class _WindowAttention(torch.autograd.Function):
         dbias_ext = torch.zeros(bias_ext.shape, dtype=acc, device=q.device) if need_dbias else None
         for batch in _chunks(plan, b * h * d * 2):
             n, length = batch.key_rows.shape
-            pick = lambda t: t.index_select(0, batch.units)  # noqa: E731
-            q_b = pick(q_units).view(n * b, h, c, d)
-            do_b, o_b = pick(dout_units).view(n * b, h, c, d), pick(out_units).view(n * b, h, c, d)
-            lse_b, delta_b = pick(lse_units).view(n * b, h, c), pick(delta_units).view(n * b, h, c)
+            q_b, do_b, o_b = (batch.take(t).reshape(n * b, h, c, d) for t in (q_units, dout_units, out_units))
+            lse_b, delta_b = (batch.take(t).reshape(n * b, h, c) for t in (lse_units, delta_units))
             k_b, v_b = _gather_kv(kv_ext, batch.key_rows)
             bias_b = _gather_bias(bias_ext, batch.key_rows)
             if ctx.dropout_p > 0:
@@ -378,7 +408,7 @@ class _WindowAttention(torch.autograd.Function):
             else:
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
                     do_b, q_b, k_b, v_b, o_b, lse_b, delta_b, scale, bias_b, None, need_dbias)
-            dq_units.index_copy_(0, batch.units, dq_b.to(acc).view(n, b, h, c, d))
+            batch.put(dq_units, dq_b.view(n, b, h, c, d))
             dkv = torch.stack((dk_b.to(acc), dv_b.to(acc))).view(2, n, b, h, length, d)
             dkv_ext.index_add_(0, batch.key_rows.reshape(-1),
                                dkv.permute(1, 4, 0, 2, 3, 5).reshape(n * length, 2, b, h, d))
@@ -389,7 +419,6 @@ class _WindowAttention(torch.autograd.Function):
                                      dbias_b.to(acc).view(n, b, -1, length).permute(0, 3, 1, 2)
                                      .reshape(n * length, b, -1))
 
-        n_r = plan.n_local
         dkv_own = dkv_ext[:n_r]
         dbias_own = None if dbias_ext is None else dbias_ext[:n_r]
         if plan.halo.total_rows:
@@ -405,15 +434,18 @@ class _WindowAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
-def _rows(k: Tensor, v: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """Row-major ``[N_r, 2, B, H, D]`` K/V and ``[N_r, B, Hb]`` bias (the exchange's layout)."""
-    kv_rows = torch.stack((k, v)).permute(3, 0, 1, 2, 4).contiguous()
-    return kv_rows, None if bias is None else bias.permute(2, 0, 1).contiguous()
-
-
-def _extend(rows: Optional[Tensor], halo: Optional[Tensor]) -> Optional[Tensor]:
-    """``[own rows | received rows]``."""
-    return rows if rows is None or halo is None else torch.cat([rows, halo])
+def _extended_rows(k: Tensor, v: Tensor, bias: Optional[Tensor], n_halo: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Row-major ``[N_r + R, 2, B, H, D]`` K/V and ``[N_r + R, B, Hb]`` bias: this rank's rows
+    (copied in), then ``R`` rows left for the halo."""
+    b, h, n_r, d = k.shape
+    kv_ext = k.new_empty((n_r + n_halo, 2, b, h, d))
+    kv_ext[:n_r, 0] = k.permute(2, 0, 1, 3)
+    kv_ext[:n_r, 1] = v.permute(2, 0, 1, 3)
+    if bias is None:
+        return kv_ext, None
+    bias_ext = bias.new_empty((n_r + n_halo, *bias.shape[:2]))
+    bias_ext[:n_r] = bias.permute(2, 0, 1)
+    return kv_ext, bias_ext
 
 
 def _chunks(plan: LocalPlan, elements_per_key: int) -> list[UnitBatch]:
