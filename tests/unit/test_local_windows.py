@@ -105,6 +105,21 @@ def test_halo_follows_the_shard_boundary_not_its_area() -> None:
         assert large <= 0.55 * small, shares
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_halo_in_window_cells_does_not_grow_with_n(world_size: int) -> None:
+    """Fixed window grid (window_nside 2, cells of c = (nside/2)**2 pixels) and fixed P: each
+    rank's halo is the same number of cells at nside 8, 16 and 32 (so the same share of N)."""
+    cells = []
+    for nside in (8, 16, 32):
+        sizes = tuple(b - a for a, b in shard_bounds(12 * nside**2, world_size))
+        rows = [plan_local_attention(sizes, 2, "neighbourhood", r).halo.rows_received
+                for r in range(world_size)]
+        c = (nside // 2) ** 2
+        assert all(n % c == 0 for n in rows), rows  # whole cells
+        cells.append([n // c for n in rows])
+    assert cells[0] == cells[1] == cells[2] and max(cells[0]) > 0, cells
+
+
 def _qkv(n: int, dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
