@@ -31,7 +31,9 @@ from hpattn_dist.bench import _gather_objects, _layer_times, _per_rank
 from hpattn_dist.healpix import shard_bounds
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> list[dict]:
+    """Run the benchmark on every rank (initialises gloo unless a process group exists) and
+    return the records (rank 0 prints them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nsides", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--window-div", type=int, default=8, help="window_nside = nside / this")
@@ -43,9 +45,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-ring", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    dist.init_process_group("gloo")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     threads = torch.get_num_threads()
     solo = dist.new_group([0])  # collective: every rank takes part in creating it
@@ -111,7 +115,9 @@ def main() -> None:
             print(f"{row['nside']:>5} {row['impl']:<22} {row['world_size']:>2} {row['threads_per_rank']:>3} "
                   f"{row['fwd_bwd_s']:>10.4f} {mem:>14} {sent:>14} {row['fwd_bwd_s'] / local_t:>9.2f}")
         print("vs local: time / local's time (single process: efficiency = this value; goal >= 0.9)")
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
+    return rows
 
 
 if __name__ == "__main__":
