@@ -109,7 +109,8 @@ def main(argv: "list[str] | None" = None) -> list[dict]:
         print(f"\n{'nside':>5} {'impl':<22} {'P':>2} {'thr':>3} {'fwd+bwd s':>10} {'peak MiB/rank':>14} "
               f"{'MiB sent/rank':>14} {'vs local':>9}")
         for row in rows:
-            local_t = next(r["fwd_bwd_s"] for r in rows if r["nside"] == row["nside"] and r["impl"] == "local")
+            local_t = next(r["fwd_bwd_s"] for r in rows
+                           if r["nside"] == row["nside"] and r["impl"] == "local")
             mem = "/".join(f"{b / 2**20:.0f}" for b in row["peak_mem_bytes_per_rank"])
             sent = "/".join(f"{b / 2**20:.2f}" for b in row.get("bytes_per_rank", [0]))
             print(f"{row['nside']:>5} {row['impl']:<22} {row['world_size']:>2} {row['threads_per_rank']:>3} "

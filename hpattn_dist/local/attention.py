@@ -342,7 +342,8 @@ class _WindowAttention(torch.autograd.Function):
         kv_halo = bias_halo = None
         if plan.halo.total_rows:
             kv_halo, bias_halo = _exchange_rows(
-                [kv_ext[:n_r], None if bias is None else bias_ext[:n_r]], plan.halo, info, "local.halo.forward")
+                [kv_ext[:n_r], None if bias is None else bias_ext[:n_r]], plan.halo, info,
+                "local.halo.forward")
             kv_ext[n_r:] = kv_halo
             if bias is not None:
                 bias_ext[n_r:] = bias_halo
@@ -434,7 +435,8 @@ class _WindowAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
-def _extended_rows(k: Tensor, v: Tensor, bias: Optional[Tensor], n_halo: int) -> tuple[Tensor, Optional[Tensor]]:
+def _extended_rows(k: Tensor, v: Tensor, bias: Optional[Tensor],
+                   n_halo: int) -> tuple[Tensor, Optional[Tensor]]:
     """Row-major ``[N_r + R, 2, B, H, D]`` K/V and ``[N_r + R, B, Hb]`` bias: this rank's rows
     (copied in), then ``R`` rows left for the halo."""
     b, h, n_r, d = k.shape
