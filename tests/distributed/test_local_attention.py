@@ -210,6 +210,12 @@ def _bad_calls(rank: int, world_size: int) -> list:
         messages.append(None)
     except ValueError as err:
         messages.append(str(err))
+    layer = DistributedLocalSpatialSelfAttention(8, 2, window_nside=2).double()
+    try:  # one rank's input has the wrong embedding dim: the layer fails on every rank
+        layer(torch.randn(1, 64, 7 if rank == 2 else 8, dtype=torch.float64))
+        messages.append(None)
+    except ValueError as err:
+        messages.append(str(err))
     out = healpix_local_attention(q, k, v, window_nside=2, mode="neighbourhood")  # still usable
     messages.append(bool(torch.isfinite(out).all()))
     return messages
@@ -217,7 +223,8 @@ def _bad_calls(rank: int, world_size: int) -> list:
 
 def test_bad_input_and_disagreement_fail_together() -> None:
     per_rank = run_ranks(_bad_calls, 3, timeout=90)
-    expected = ["window_nside", "must divide", "mode must be one of", "key_mask", "12 * nside**2"]
+    expected = ["window_nside", "must divide", "mode must be one of", "key_mask", "12 * nside**2",
+                "embed_dim=8"]
     for i, word in enumerate(expected):
         texts = {res[i] for res in per_rank}
         assert len(texts) == 1 and None not in texts, (i, texts)
