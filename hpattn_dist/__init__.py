@@ -14,6 +14,9 @@ subpackages ``strategies`` (planning door and executors), ``comm`` (every collec
 
 from hpattn_dist.comm.counters import CommStats, count_communication
 from hpattn_dist.grad_sync import broadcast_parameters
+from hpattn_dist.local import (
+    DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention, healpix_local_attention,
+)
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
 from hpattn_dist.oracle import SpatialSelfAttention
@@ -21,13 +24,16 @@ from hpattn_dist.strategies import choose_strategy, hybrid_attention, ring_atten
 
 __all__ = [
     "CommStats",
+    "DistributedLocalSpatialSelfAttention",
     "DistributedSpatialSelfAttention",
+    "LocalSpatialSelfAttention",
     "SpatialSelfAttention",
     "broadcast_parameters",
     "build_hybrid_groups",
     "choose_strategy",
     "convert_spatial_attention",
     "count_communication",
+    "healpix_local_attention",
     "hybrid_attention",
     "ring_attention",
     "ulysses_attention",

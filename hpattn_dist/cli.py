@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--inject-error", type=float, default=None,
                    help="self-test: add this to the distributed output before comparing "
                         f"(any value above the tolerance must fail) (default: {dv['inject_error']})")
+    v.add_argument("--local-windows", type=_csv(str), default=None,
+                   help="also check local attention: comma list of MODE:WINDOW_NSIDE, e.g. "
+                        "neighbourhood:2,cell:4 (hpattn_dist/verify_local.py) (default: none)")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
@@ -234,7 +237,7 @@ def load_config(args: argparse.Namespace):
             num_heads=args.num_heads, strategies=args.strategies, backends=args.backends,
             dtypes=args.dtypes, seed=args.seed, field=args.field,
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
-            inject_error=args.inject_error,
+            inject_error=args.inject_error, local_windows=args.local_windows,
         )
     from hpattn_dist.bench import BenchConfig
     from hpattn_dist.verify import default_config_path

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
 from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
 from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
@@ -205,6 +206,10 @@ def convert_spatial_attention(
     state keyed by them carry over), the same dropout probability and the training mode. No
     random numbers are drawn. Layers that are already :class:`DistributedSpatialSelfAttention`
     are left unchanged.
+    :class:`~hpattn_dist.local.LocalSpatialSelfAttention` layers become
+    :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` (same window; ``strategy``
+    and ``ulysses_degree`` do not apply to them), so a model mixing global and local attention
+    converts in one call.
 
     Args:
         module: a model containing ``SpatialSelfAttention`` layers (or one such layer).
@@ -267,6 +272,9 @@ def _convert(
     path: str,
     found: list[str],
 ) -> nn.Module:
+    if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
+        found.append(path)
+        return to_distributed_local(module, process_group, attn_backend)
     if isinstance(module, DistributedSpatialSelfAttention):
         found.append(path)
         return module

@@ -79,6 +79,7 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
 from hpattn_dist.kernels import select_kernel
+from hpattn_dist.local.windows import parse_window
 from hpattn_dist.modules import DistributedSpatialSelfAttention
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, choose_strategy
@@ -117,6 +118,8 @@ class VerifyConfig:
             are converted to NESTED before sharding.
         tolerance_scale: multiplies every tolerance (self-test: 0 makes the check fail).
         inject_error: added to the distributed output before comparison (self-test).
+        local_windows: local-attention windows to check as well, ``"MODE:WINDOW_NSIDE"`` (e.g.
+            ``"neighbourhood:2"``), against their own dense oracle (:mod:`hpattn_dist.verify_local`).
     """
 
     nside: int = 8
@@ -131,8 +134,15 @@ class VerifyConfig:
     field_ordering: str = "NESTED"
     tolerance_scale: float = 1.0
     inject_error: float = 0.0
+    local_windows: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.local_windows = tuple(self.local_windows)
+        for spec in self.local_windows:
+            try:
+                parse_window(spec, self.nside)
+            except ValueError as err:
+                raise ValueError(f"local_windows: {err}") from None
         self.strategies = tuple(self.strategies)
         self.backends = tuple(self.backends)
         self.dtypes = tuple(self.dtypes)
@@ -533,6 +543,10 @@ def run_verify(
                 result.unreproducible = _unreproducible_message(result, again, moved)
             ref = ref_again
         results.append(result)
+    if cfg.local_windows:
+        from hpattn_dist.verify_local import run_local_cases  # it builds on this module
+
+        results += run_local_cases(cfg, x, g, group=group, device=device, progress=progress)
     return results
 
 

@@ -1,0 +1,18 @@
+"""Local attention on the HEALPix hierarchy: windows, the sharded op, its dense oracle, layers."""
+
+from hpattn_dist.local.attention import healpix_local_attention, plan_local_attention
+from hpattn_dist.local.modules import DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention
+from hpattn_dist.local.oracle import dense_local_attention, window_mask
+from hpattn_dist.local.windows import WINDOW_MODES, cell_neighbours, window_cells
+
+__all__ = [
+    "WINDOW_MODES",
+    "DistributedLocalSpatialSelfAttention",
+    "LocalSpatialSelfAttention",
+    "cell_neighbours",
+    "dense_local_attention",
+    "healpix_local_attention",
+    "plan_local_attention",
+    "window_cells",
+    "window_mask",
+]

@@ -1,0 +1,584 @@
+"""Local (windowed) attention over a sharded HEALPix field: cells of the NESTED hierarchy + halo.
+
+Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, N_r pixels on rank r
+(any contiguous NESTED split, zero included), N = sum of N_r = 12 * nside**2, c pixels per cell
+of the window grid, U_r cells holding at least one of rank r's pixels (its *units*), K window
+slots (1 or 9), m <= K cells actually in a window, R halo rows received, S rows sent.
+
+Query pixel ``i`` attends to the keys of the cells of its window (:mod:`hpattn_dist.local.windows`):
+``softmax(q_i K_w^T * scale + bias_w) V_w`` over ``w = window(i // c)``; a query whose window
+keys are all masked gets a zero output.
+
+Note [local attention plan]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The queries of one cell share their keys, so the cell is the unit of work. Rank r's units are
+the cells ``start_r // c .. (stop_r - 1) // c``; a cell that straddles a shard boundary is a unit
+of both ranks (each computes only its own queries of it). The *unit table* ``[sum_r U_r, K * c]``
+lists each unit's window pixels (a missing neighbour's slot is filled with the unit's own pixels,
+which it reads anyway); the units of rank r form the r-th contiguous range of its rows, so
+:func:`hpattn_dist.comm.halo.plan_halo` plans, from that table and the pixel split, exactly which
+key rows each rank sends to whom (the window pixels owned by other ranks, each once) and where
+every window key sits in ``[own N_r rows | R received rows]``. Planning is pure arithmetic on
+values every rank agreed on, cached per split.
+
+Per call: ONE ``all_to_all`` of those rows (K, V and the key bias of each row packed as raw bytes
+into one buffer, so a bf16 K/V keeps its fp32 bias), then the units are batched by the number m
+of cells in their window (8 or 7 neighbours, 6 at ``window_nside = 1``): queries
+``[n * B, H, c, D]`` against keys ``[n * B, H, m * c, D]``, the cells folded into the batch, so
+the fused kernels run without any mask (a missing neighbour is simply absent) and no ``N x N``
+score matrix exists. Queries are padded to whole cells (at most two partial cells per rank); the
+pad rows' outputs are dropped. Units are processed in chunks of bounded size (``_CHUNK_ELEMENTS``
+gathered K/V elements).
+
+Backward: the same batches give dQ (local) and dK/dV/dbias of the extended rows (fp32 for
+low-precision inputs, fp64 for fp64), accumulated with ``index_add``; the halo rows' gradients go
+home in one ``all_to_all`` with the splits swapped and are added to the rows that were sent.
+No forward is recomputed (each batch uses the saved lse and ``delta = rowsum(dO * O)``).
+
+Dropout keeps Note [position-keyed dropout]: the decision for score (b, h, i, j) hashes the GLOBAL
+query and key pixels, so the result does not depend on P. The block kernels key dropout by the
+batch index, so with dropout each unit is one kernel call (the units are not folded into the
+batch): correct, slower.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
+from hpattn_dist.comm.halo import HaloPlan, _all_to_all_rows, plan_halo
+from hpattn_dist.double_backward import refuse_double_backward
+from hpattn_dist.healpix import npix2nside
+from hpattn_dist.kernels import (
+    KERNEL_BACKENDS, BlockKernel, DropoutSpec, check_backend_name, resolve_dropout_seed, select_kernel,
+)
+from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.precision import acc_dtype
+from hpattn_dist.validation import check_dropout_p, check_qkv
+
+__all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention"]
+
+#: Gathered K/V elements per batch of units (bounds the extra memory of one kernel call).
+_CHUNK_ELEMENTS = 1 << 20
+_MAX_PLANS = 16
+
+
+@dataclass(frozen=True)
+class UnitBatch:
+    """Units whose windows hold the same number m of cells.
+
+    Attributes:
+        units: int64 ``[n]``, positions among this rank's units.
+        key_rows: int64 ``[n, m * c]``, each unit's window keys as rows of ``[own | received]``.
+        key_pixels: int64 ``[n, m * c]``, the same keys as global pixels (dropout only).
+        cells: int64 ``[n]``, the global cell of each unit (dropout only).
+        first: ``units[0]`` when ``units`` is a contiguous range (then unit tensors are sliced,
+            not copied), else -1.
+    """
+
+    units: Tensor
+    key_rows: Tensor
+    key_pixels: Tensor
+    cells: Tensor
+    first: int
+
+    @staticmethod
+    def of(units: Tensor, key_rows: Tensor, key_pixels: Tensor, cells: Tensor) -> "UnitBatch":
+        n = units.numel()
+        contiguous = n > 0 and int(units[-1]) - int(units[0]) == n - 1  # units are ascending
+        return UnitBatch(units, key_rows, key_pixels, cells, int(units[0]) if contiguous else -1)
+
+    def to(self, device: torch.device) -> "UnitBatch":
+        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels, self.cells)),
+                         self.first)
+
+    def take(self, x_units: Tensor) -> Tensor:
+        """``x_units[units]`` (a view when the units are a range)."""
+        if self.first >= 0:
+            return x_units[self.first:self.first + self.units.numel()]
+        return x_units.index_select(0, self.units)
+
+    def put(self, x_units: Tensor, values: Tensor) -> None:
+        """``x_units[units] = values``."""
+        if self.first >= 0:
+            x_units[self.first:self.first + self.units.numel()] = values
+        else:
+            x_units.index_copy_(0, self.units, values.to(x_units.dtype))
+
+    def chunks(self, elements_per_unit: int) -> list["UnitBatch"]:
+        """This batch split so that each part gathers at most ``_CHUNK_ELEMENTS`` elements."""
+        n = int(self.units.numel())
+        step = max(1, _CHUNK_ELEMENTS // max(1, elements_per_unit * self.key_rows.shape[1]))
+        if n <= step:
+            return [self]
+        return [UnitBatch(self.units[a:a + step], self.key_rows[a:a + step],
+                          self.key_pixels[a:a + step], self.cells[a:a + step],
+                          self.first + a if self.first >= 0 else -1)
+                for a in range(0, n, step)]
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """Everything rank r needs to run local attention on one split (Note [local attention plan]).
+
+    Attributes:
+        nside, window_nside, mode: the field's and the window grid's resolution, the window mode.
+        cell_pixels: ``c``.
+        n_local: ``N_r``.
+        n_units: ``U_r``.
+        lead: pixels of the first unit before this rank's first pixel (query padding).
+        halo: the key-row exchange (:class:`~hpattn_dist.comm.halo.HaloPlan`).
+        batches: the units grouped by window size.
+    """
+
+    nside: int
+    window_nside: int
+    mode: str
+    cell_pixels: int
+    n_local: int
+    n_units: int
+    lead: int
+    halo: HaloPlan
+    batches: tuple[UnitBatch, ...]
+
+    def to(self, device: torch.device) -> "LocalPlan":
+        if self.halo.local_table.device == device:
+            return self
+        return LocalPlan(self.nside, self.window_nside, self.mode, self.cell_pixels, self.n_local,
+                         self.n_units, self.lead, self.halo.to(device),
+                         tuple(b.to(device) for b in self.batches))
+
+
+def _unit_cells(start: int, stop: int, c: int) -> Tensor:
+    if stop <= start:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.arange(start // c, (stop - 1) // c + 1, dtype=torch.int64)
+
+
+def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int) -> LocalPlan:
+    """Plan rank ``rank``'s local attention for a field split into ``sizes`` (pure arithmetic).
+
+    Args:
+        sizes: every rank's pixel count, in group-rank order (contiguous NESTED ranges).
+        window_nside, mode: the window (:mod:`hpattn_dist.local.windows`).
+        rank: the rank to plan for.
+
+    Raises:
+        ValueError: ``sum(sizes)`` is not a NESTED HEALPix size, or ``window_nside`` does not
+            divide its nside.
+    """
+    n = sum(sizes)
+    if n == 0:
+        raise ValueError("the field has no pixels on any rank (N = 0)")
+    nside = npix2nside(n)
+    if nside & (nside - 1):
+        raise ValueError(f"local attention needs NESTED order, so a power-of-two nside; got N = {n} "
+                         f"(nside {nside})")
+    check_window(window_nside, mode)
+    c = check_window_fits(nside, window_nside)
+    cells = window_cells(window_nside, mode)  # [N_c, K]
+    k_slots = cells.shape[1]
+    starts = offsets(sizes)
+    in_bounds = [(s, s + size) for s, size in zip(starts, sizes)]
+    units_per_rank = [_unit_cells(a, b, c) for a, b in in_bounds]
+    out_bounds, acc = [], 0
+    for units in units_per_rank:
+        out_bounds.append((acc, acc + units.numel()))
+        acc += units.numel()
+    units = torch.cat(units_per_rank)  # [sum U_r]
+    window = cells[units]  # [sum U_r, K]
+    slot_cells = torch.where(window >= 0, window, units[:, None])
+    pixel_in_cell = torch.arange(c, dtype=torch.int64)
+    table = (slot_cells[:, :, None] * c + pixel_in_cell).reshape(units.numel(), k_slots * c)
+    halo = plan_halo(table, in_bounds, out_bounds, rank)
+
+    mine = units_per_rank[rank]
+    u_r = int(mine.numel())
+    a, b = out_bounds[rank]
+    rows = halo.local_table.view(u_r, k_slots, c)
+    valid = window[a:b] >= 0  # [U_r, K]
+    m = valid.sum(dim=1)
+    batches = []
+    for m_value in torch.unique(m).tolist():
+        sel = (m == m_value).nonzero().squeeze(1)
+        v_sel = valid[sel]
+        key_rows = rows[sel][v_sel].reshape(sel.numel(), m_value * c)
+        key_cells = window[a:b][sel][v_sel].reshape(sel.numel(), m_value)
+        key_pixels = (key_cells[:, :, None] * c + pixel_in_cell).reshape(sel.numel(), m_value * c)
+        batches.append(UnitBatch.of(sel, key_rows.contiguous(), key_pixels, mine[sel]))
+    lead = in_bounds[rank][0] - int(mine[0]) * c if u_r else 0
+    return LocalPlan(nside, int(window_nside), mode, c, sizes[rank], u_r, lead, halo, tuple(batches))
+
+
+_plans: "collections.OrderedDict[tuple, LocalPlan]" = collections.OrderedDict()
+
+
+def _cached_plan(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
+                 device: torch.device) -> LocalPlan:
+    key = (sizes, window_nside, mode, rank, str(device))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = plan_local_attention(sizes, window_nside, mode, rank).to(device)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.popitem(last=False)
+        _plans[key] = plan
+    _plans.move_to_end(key)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers (rows-major K/V, unit-major queries)
+# --------------------------------------------------------------------------------------------
+
+
+def _to_units(x: Tensor, plan: LocalPlan) -> Tensor:
+    """``[B, H, N_r, D] -> [U_r, B, H, c, D]``, zero-padded to whole cells."""
+    b, h, n_r, d = x.shape
+    c = plan.cell_pixels
+    trail = plan.n_units * c - plan.lead - n_r
+    padded = torch.nn.functional.pad(x, (0, 0, plan.lead, trail))
+    return padded.view(b, h, plan.n_units, c, d).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _from_units(x_units: Tensor, plan: LocalPlan) -> Tensor:
+    """``[U_r, B, H, c, D] -> [B, H, N_r, D]`` (the pad rows dropped)."""
+    u, b, h, c, d = x_units.shape
+    full = x_units.permute(1, 2, 0, 3, 4).reshape(b, h, u * c, d)
+    return full[:, :, plan.lead:plan.lead + plan.n_local]
+
+
+def _gather_kv(kv_ext: Tensor, key_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``[N_ext, 2, B, H, D]`` at ``key_rows [n, L]`` -> k, v ``[n * B, H, L, D]``."""
+    n, length = key_rows.shape
+    _, _, b, h, d = kv_ext.shape
+    g = kv_ext.index_select(0, key_rows.reshape(-1)).view(n, length, 2, b, h, d)
+    g = g.permute(2, 0, 3, 4, 1, 5).reshape(2, n * b, h, length, d)
+    return g[0], g[1]
+
+
+def _gather_bias(bias_ext: Optional[Tensor], key_rows: Tensor) -> Optional[Tensor]:
+    """Rows ``[N_ext, B, Hb]`` at ``key_rows [n, L]`` -> ``[n * B, Hb, L]``."""
+    if bias_ext is None:
+        return None
+    n, length = key_rows.shape
+    _, b, hb = bias_ext.shape
+    g = bias_ext.index_select(0, key_rows.reshape(-1)).view(n, length, b, hb)
+    return g.permute(0, 2, 3, 1).reshape(n * b, hb, length)
+
+
+def _pack_bytes(parts: list[Optional[Tensor]]) -> Tensor:
+    """Rows ``[S, ...]`` of several dtypes -> one uint8 ``[S, bytes per row]`` buffer."""
+    rows = [p.reshape(p.shape[0], math.prod(p.shape[1:])).contiguous().view(torch.uint8)
+            for p in parts if p is not None]
+    return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+
+
+def _unpack_bytes(buf: Tensor, like: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """Inverse of :func:`_pack_bytes`: views shaped like each of ``like`` (rows from ``buf``)."""
+    out, col = [], 0
+    for t in like:
+        if t is None:
+            out.append(None)
+            continue
+        width = math.prod(t.shape[1:]) * t.element_size()
+        part = buf[:, col:col + width].contiguous().view(t.dtype)
+        out.append(part.view(buf.shape[0], *t.shape[1:]))
+        col += width
+    return out
+
+
+def _exchange_rows(parts: list[Optional[Tensor]], halo: HaloPlan, info: GroupInfo, label: str,
+                   reverse: bool = False) -> list[Optional[Tensor]]:
+    """Send ``parts`` (row-major, same row count) along the halo plan in ONE all_to_all.
+
+    Forward (``reverse=False``): ``parts`` are this rank's ``N_r`` rows; the rows at
+    ``send_indices`` go out and the ``R`` received rows come back. Reverse: ``parts`` are the
+    ``R`` halo rows' gradients; the ``S`` rows returned pair with ``send_indices``.
+    """
+    if reverse:
+        send_parts, counts = parts, (halo.recv_counts, halo.send_counts)
+    else:
+        send_parts = [None if p is None else p.index_select(0, halo.send_indices) for p in parts]
+        counts = (halo.send_counts, halo.recv_counts)
+    recv = _all_to_all_rows(_pack_bytes(send_parts), counts[0], counts[1], info, label)
+    return _unpack_bytes(recv, parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Function
+# --------------------------------------------------------------------------------------------
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Shard table (rank r; ``N_ext = N_r + R``, Note [local attention plan]):
+
+    =========  ========================  ==========================================
+    tensor     local shape               meaning
+    =========  ========================  ==========================================
+    q, k, v    ``[B, H, N_r, D]``        this rank's pixels
+    bias       ``[B, Hb, N_r]`` or None  additive key bias (-inf = masked), acc dtype
+    kv_halo    ``[R, 2, B, H, D]``       K/V rows received (``kv_ext``: own rows, then these)
+    out        ``[B, H, N_r, D]``        windowed softmax attention
+    lse        ``[U_r, B, H, c]``        log-sum-exp per (padded) query, acc dtype
+    =========  ========================  ==========================================
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], plan: LocalPlan,
+                info: GroupInfo, kernel: BlockKernel, scale: float, dropout_p: float, seed: int,
+                need_dbias: bool) -> Tensor:
+        acc = acc_dtype(q.dtype)
+        n_r = plan.n_local
+        kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
+        kv_halo = bias_halo = None
+        if plan.halo.total_rows:
+            kv_halo, bias_halo = _exchange_rows(
+                [kv_ext[:n_r], None if bias is None else bias_ext[:n_r]], plan.halo, info,
+                "local.halo.forward")
+            kv_ext[n_r:] = kv_halo
+            if bias is not None:
+                bias_ext[n_r:] = bias_halo
+
+        q_units = _to_units(q, plan)  # [U_r, B, H, c, D]
+        u_r, b, h, c, d = q_units.shape
+        out_units = torch.zeros(q_units.shape, dtype=acc, device=q.device)
+        lse_units = torch.full((u_r, b, h, c), float("-inf"), dtype=acc, device=q.device)
+        for batch in _chunks(plan, b * h * d * 2):
+            n = batch.units.numel()
+            q_b = batch.take(q_units).reshape(n * b, h, c, d)
+            k_b, v_b = _gather_kv(kv_ext, batch.key_rows)
+            bias_b = _gather_bias(bias_ext, batch.key_rows)
+            if dropout_p > 0:
+                o, lse = _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c,
+                                           dropout_p, seed)
+            else:
+                o, lse = kernel.forward(q_b, k_b, v_b, scale, bias_b)
+            batch.put(out_units, o.view(n, b, h, c, d))
+            batch.put(lse_units, lse.view(n, b, h, c))
+
+        out = _from_units(out_units, plan).to(q.dtype).contiguous()
+        # k, v, bias themselves (not their rows): no second copy is kept, and the refusal of
+        # double backward is anchored on every differentiable input (Note [double backward]).
+        ctx.save_for_backward(q, k, v, bias, kv_halo, bias_halo, out, lse_units)
+        ctx.plan, ctx.info, ctx.kernel, ctx.scale = plan, info, kernel, scale
+        ctx.dropout_p, ctx.seed, ctx.need_dbias = dropout_p, seed, need_dbias and bias is not None
+        ctx.bias_heads = None if bias is None else bias.shape[1]
+        return out
+
+    @staticmethod
+    @refuse_double_backward("healpix_local_attention")
+    def backward(ctx, dout: Tensor):
+        q, k, v, bias, kv_halo, bias_halo, out, lse_units = ctx.saved_tensors
+        plan, info, kernel, scale = ctx.plan, ctx.info, ctx.kernel, ctx.scale
+        n_r = plan.n_local
+        kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
+        if kv_halo is not None:
+            kv_ext[n_r:] = kv_halo
+            if bias is not None:
+                bias_ext[n_r:] = bias_halo
+        acc = acc_dtype(q.dtype)
+        q_units = _to_units(q, plan)
+        dout_units = _to_units(dout.contiguous(), plan)
+        out_units = _to_units(out, plan)
+        delta_units = (dout_units.to(acc) * out_units.to(acc)).sum(dim=-1)  # [U_r, B, H, c]
+        u_r, b, h, c, d = q_units.shape
+        need_dbias = ctx.need_dbias
+
+        dq_units = torch.zeros(q_units.shape, dtype=acc, device=q.device)
+        dkv_ext = torch.zeros(kv_ext.shape, dtype=acc, device=q.device)
+        dbias_ext = torch.zeros(bias_ext.shape, dtype=acc, device=q.device) if need_dbias else None
+        for batch in _chunks(plan, b * h * d * 2):
+            n, length = batch.key_rows.shape
+            q_b, do_b, o_b = (batch.take(t).reshape(n * b, h, c, d) for t in (q_units, dout_units, out_units))
+            lse_b, delta_b = (batch.take(t).reshape(n * b, h, c) for t in (lse_units, delta_units))
+            k_b, v_b = _gather_kv(kv_ext, batch.key_rows)
+            bias_b = _gather_bias(bias_ext, batch.key_rows)
+            if ctx.dropout_p > 0:
+                dq_b, dk_b, dv_b, dbias_b = _per_unit_backward(
+                    kernel, do_b, q_b, k_b, v_b, o_b, lse_b, delta_b, scale, bias_b, batch, b, c,
+                    ctx.dropout_p, ctx.seed, need_dbias)
+            else:
+                dq_b, dk_b, dv_b, dbias_b = kernel.backward(
+                    do_b, q_b, k_b, v_b, o_b, lse_b, delta_b, scale, bias_b, None, need_dbias)
+            batch.put(dq_units, dq_b.view(n, b, h, c, d))
+            for j, grad in enumerate((dk_b, dv_b)):  # [n * B, H, L, D] -> rows [n * L, B, H, D]
+                rows = grad.view(n, b, h, length, d).permute(0, 3, 1, 2, 4).reshape(n * length, b, h, d)
+                dkv_ext[:, j].index_add_(0, batch.key_rows.reshape(-1), rows.to(acc))
+            if need_dbias:
+                if ctx.bias_heads == 1 and dbias_b.shape[1] != 1:
+                    dbias_b = dbias_b.sum(dim=1, keepdim=True)
+                dbias_ext.index_add_(0, batch.key_rows.reshape(-1),
+                                     dbias_b.to(acc).view(n, b, -1, length).permute(0, 3, 1, 2)
+                                     .reshape(n * length, b, -1))
+
+        dkv_own = dkv_ext[:n_r]
+        dbias_own = None if dbias_ext is None else dbias_ext[:n_r]
+        if plan.halo.total_rows:
+            halo_grads = [dkv_ext[n_r:], None if dbias_ext is None else dbias_ext[n_r:]]
+            dkv_sent, dbias_sent = _exchange_rows(halo_grads, plan.halo, info, "local.halo.backward",
+                                                  reverse=True)
+            dkv_own = dkv_own.index_add(0, plan.halo.send_indices, dkv_sent)
+            if dbias_own is not None:
+                dbias_own = dbias_own.index_add(0, plan.halo.send_indices, dbias_sent)
+        dq = _from_units(dq_units, plan).to(q.dtype)
+        dk, dv = (t.to(q.dtype) for t in dkv_own.permute(1, 2, 3, 0, 4).unbind(0))  # [B, H, N_r, D]
+        dbias = None if dbias_own is None else dbias_own.permute(1, 2, 0)
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+def _extended_rows(k: Tensor, v: Tensor, bias: Optional[Tensor],
+                   n_halo: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Row-major ``[N_r + R, 2, B, H, D]`` K/V and ``[N_r + R, B, Hb]`` bias: this rank's rows
+    (copied in), then ``R`` rows left for the halo."""
+    b, h, n_r, d = k.shape
+    kv_ext = k.new_empty((n_r + n_halo, 2, b, h, d))
+    kv_ext[:n_r, 0] = k.permute(2, 0, 1, 3)
+    kv_ext[:n_r, 1] = v.permute(2, 0, 1, 3)
+    if bias is None:
+        return kv_ext, None
+    bias_ext = bias.new_empty((n_r + n_halo, *bias.shape[:2]))
+    bias_ext[:n_r] = bias.permute(2, 0, 1)
+    return kv_ext, bias_ext
+
+
+def _chunks(plan: LocalPlan, elements_per_key: int) -> list[UnitBatch]:
+    return [part for batch in plan.batches for part in batch.chunks(elements_per_key)]
+
+
+def _unit_spec(dropout_p: float, seed: int, batch: UnitBatch, i: int, c: int) -> DropoutSpec:
+    return DropoutSpec(dropout_p, seed, q_offset=int(batch.cells[i]) * c, k_index=batch.key_pixels[i])
+
+
+def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout_p, seed):
+    """One kernel call per unit (batch B), so the dropout hash sees the true batch index."""
+    outs, lses = [], []
+    for i in range(batch.units.numel()):
+        rows = slice(i * b, (i + 1) * b)
+        o, lse = kernel.forward(q_b[rows], k_b[rows], v_b[rows], scale,
+                                None if bias_b is None else bias_b[rows],
+                                _unit_spec(dropout_p, seed, batch, i, c))
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _per_unit_backward(kernel, do_b, q_b, k_b, v_b, o_b, lse_b, delta_b, scale, bias_b, batch, b, c,
+                       dropout_p, seed, need_dbias):
+    parts = []
+    for i in range(batch.units.numel()):
+        rows = slice(i * b, (i + 1) * b)
+        parts.append(kernel.backward(do_b[rows], q_b[rows], k_b[rows], v_b[rows], o_b[rows],
+                                     lse_b[rows], delta_b[rows], scale,
+                                     None if bias_b is None else bias_b[rows],
+                                     _unit_spec(dropout_p, seed, batch, i, c), need_dbias))
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def healpix_local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    window_nside: int,
+    mode: str = "neighbourhood",
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
+
+    Query pixel ``i`` attends to the pixels of the cells in its window: its own cell of the
+    ``window_nside`` grid (``mode="cell"``) or that cell and its 8 (7, 6) neighbours
+    (``mode="neighbourhood"``), see :mod:`hpattn_dist.local.windows`. Differentiable w.r.t.
+    ``q``, ``k``, ``v`` and ``key_bias``. Algorithm: Note [local attention plan].
+
+    Args:
+        q, k, v: this rank's shard ``[B, H, N_r, D]`` of a field in NESTED order, ranks holding
+            contiguous ranges in group-rank order (any sizes, zero included; ``N = sum N_r``
+            must be ``12 * nside**2`` with nside a power of two).
+        group: the process group sharding the pixels (None = WORLD, or a single process).
+        window_nside: resolution of the window grid, a power of two dividing nside; a cell holds
+            ``(nside // window_nside)**2`` pixels.
+        mode: ``"cell"`` or ``"neighbourhood"``.
+        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``.
+        dropout_p: attention-weight dropout in ``[0, 1)``, normalised first, then dropped, keyed
+            by global (query, key) pixels (Note [position-keyed dropout]).
+        scale: score scale, default ``D ** -0.5``.
+        key_mask: optional bool ``[B, N_r]``, True = the key may be attended to. A query whose
+            window has no unmasked key gets a zero output and zero gradients.
+        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
+        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator;
+            group rank 0's value is used on every rank.
+
+    Returns:
+        ``[B, H, N_r, D]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: (on every rank together) bad shapes, dtypes, ``window_nside``, ``mode``,
+            ``dropout_p`` or ``backend``; a field that is not a NESTED HEALPix grid or whose
+            nside ``window_nside`` does not divide; ranks that disagree on B, H, D, dtype, the
+            window, masking or whether gradients are needed.
+
+    Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
+    the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
+    mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
+    """
+    info = resolve_group(group)
+    with validated_signature(info, "healpix_local_attention") as sig:
+        check_qkv(q, k, v, scale)
+        check_dropout_p(dropout_p)
+        check_backend_name(backend)
+        window_nside = check_window(window_nside, mode)
+        bias = key_bias_from_mask(q, key_mask, key_bias)
+        batch, heads, n_local, head_dim = q.shape
+        mask_left = key_mask is not None and not bool(key_mask.all())
+        seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, key_bias))
+        sig.set(
+            {
+                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+                "window_nside": window_nside, "mode": WINDOW_MODES.index(mode),
+                "key_bias_heads": -1 if key_bias is None else bias.shape[1],
+                "key_mask": int(key_mask is not None),
+                "dropout_ppm": int(round(dropout_p * 1e6)),
+                "backend": KERNEL_BACKENDS.index(backend),
+                "needs_grad": int(needs_grad),
+                "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
+            },
+            (n_local, int(mask_left), seed),
+            q.device,
+            kind="healpix_local_attention",
+        )
+    per_rank = sig.per_rank
+    sizes = tuple(row[0] for row in per_rank)
+    try:
+        plan = _cached_plan(sizes, window_nside, mode, info.rank, q.device)
+    except ValueError as err:  # same sizes and window on every rank: raised on every rank
+        raise ValueError(f"healpix_local_attention: {err} (shard sizes {list(sizes)})") from None
+    if key_bias is None and not any(row[1] for row in per_rank):
+        bias = None
+    seed = per_rank[0][2]
+    kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    need_dbias = key_bias is not None and key_bias.requires_grad
+    return _WindowAttention.apply(q, k, v, bias, plan, info, kernel, scale, float(dropout_p), seed,
+                                 need_dbias)

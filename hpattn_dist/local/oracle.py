@@ -1,0 +1,70 @@
+"""Dense single-device local attention: the float64 oracle of :mod:`hpattn_dist.local.attention`.
+
+One ``[B, H, N, N]`` score matrix with the window mask, so O(N^2) memory: for checking at small
+nside, not for use. Legend: B batch, H heads, N pixels (NESTED), D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpattn_dist.healpix import npix2nside
+from hpattn_dist.kernels import DropoutSpec, keep_mask
+from hpattn_dist.local.windows import check_window, check_window_fits, window_cells
+
+__all__ = ["dense_local_attention", "window_mask"]
+
+
+def window_mask(nside: int, window_nside: int, mode: str, device: torch.device | str = "cpu") -> Tensor:
+    """Bool ``[N, N]``: ``[i, j]`` is True when key pixel ``j`` lies in query pixel ``i``'s window."""
+    check_window(window_nside, mode)
+    c = check_window_fits(nside, window_nside)
+    cells = window_cells(window_nside, mode).to(device)  # [N_c, K]
+    n_cells = cells.shape[0]
+    cell_window = torch.zeros(n_cells, n_cells + 1, dtype=torch.bool, device=device)
+    cell_window.scatter_(1, torch.where(cells >= 0, cells, n_cells), True)
+    cell_of = torch.arange(12 * nside * nside, device=device) // c
+    return cell_window[:, :n_cells][cell_of][:, cell_of]
+
+
+def dense_local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_nside: int,
+    mode: str,
+    scale: Optional[float] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+) -> Tensor:
+    """``softmax(q k^T * scale + key_bias, window-masked) v`` over a full field.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` in NESTED order.
+        window_nside, mode: the window (:mod:`hpattn_dist.local.windows`).
+        scale: default ``D ** -0.5``.
+        key_bias: optional ``[B, Hb, N]`` (``Hb`` 1 or H), ``-inf`` masks a key.
+        dropout_p, dropout_seed: position-keyed dropout of the normalised weights.
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype; a query with no unmasked window key gets zeros.
+    """
+    nside = npix2nside(q.shape[2])
+    allowed = window_mask(nside, window_nside, mode, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, N, N]
+    if key_bias is not None:
+        s = s + key_bias[:, :, None, :].to(s.dtype)
+    s = s.masked_fill(~allowed, float("-inf"))
+    has_key = torch.isfinite(s).any(dim=-1, keepdim=True)
+    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1) * has_key
+    if dropout_p > 0:
+        batch, heads, n, _ = w.shape
+        keep = keep_mask(DropoutSpec(dropout_p, dropout_seed), batch, heads, n, n, q.device)
+        w = w * keep.to(w.dtype) / (1.0 - dropout_p)
+    return torch.matmul(w, v)

@@ -1,0 +1,72 @@
+"""Float64 dense local attention built from healpy: the reference of the local-attention tests.
+
+Independent of :mod:`hpattn_dist.local`: the window of a cell comes from healpy's
+``get_all_neighbours(nest=True)``, the attention is one masked ``[B, H, N, N]`` softmax, the
+dropout mask is ``tests/reference.py``'s own implementation of its definition. Legend:
+B batch, H heads, N pixels (NESTED), D head dim, c pixels per window cell.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import healpy as hp
+import numpy as np
+import torch
+from torch import Tensor
+
+from hpattn_dist.kernels import DropoutSpec
+from tests.reference import reference_keep_mask
+
+
+def healpy_window_cells(window_nside: int, mode: str) -> list[set[int]]:
+    """Each cell's window as a set of cells (own cell, plus healpy's neighbours)."""
+    n_cells = 12 * window_nside**2
+    if mode == "cell":
+        return [{u} for u in range(n_cells)]
+    nb = hp.get_all_neighbours(window_nside, np.arange(n_cells), nest=True).T
+    return [{u, *(int(w) for w in nb[u] if w >= 0)} for u in range(n_cells)]
+
+
+def healpy_window_mask(nside: int, window_nside: int, mode: str) -> Tensor:
+    """Bool ``[N, N]``: key pixel j is in query pixel i's window."""
+    c = (nside // window_nside) ** 2
+    cells = healpy_window_cells(window_nside, mode)
+    cell_mask = np.zeros((len(cells), len(cells)), dtype=bool)
+    for u, window in enumerate(cells):
+        cell_mask[u, sorted(window)] = True
+    cell_of = np.arange(12 * nside * nside) // c
+    return torch.from_numpy(cell_mask[cell_of][:, cell_of])
+
+
+def halo_pixels(nside: int, window_nside: int, mode: str, start: int, stop: int) -> set[int]:
+    """Pixels outside ``[start, stop)`` in the window of some query pixel of ``[start, stop)``."""
+    c = (nside // window_nside) ** 2
+    cells = healpy_window_cells(window_nside, mode)
+    need: set[int] = set()
+    for u in range(start // c, (stop - 1) // c + 1) if stop > start else ():
+        for w in cells[u]:
+            need.update(range(w * c, (w + 1) * c))
+    return {p for p in need if not start <= p < stop}
+
+
+def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
+                              key_bias: Optional[Tensor] = None,
+                              dropout: Optional[DropoutSpec] = None) -> Tensor:
+    """``softmax(q k^T / sqrt(D) + key_bias)`` over the allowed keys, times v, in float64.
+
+    ``key_bias``: ``[B, N]`` or ``[B, H, N]`` (``-inf`` masks); a query with no allowed unmasked
+    key gets zeros. ``dropout``: spec of the whole matrix (normalise, then drop).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if key_bias is not None:
+        bias = key_bias.double()
+        s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
+    s = s.masked_fill(~allowed, float("-inf"))
+    has_key = torch.isfinite(s).any(dim=-1, keepdim=True)
+    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1) * has_key
+    if dropout is not None:
+        b, h, n, m = w.shape
+        w = w * reference_keep_mask(dropout, b, h, n, m).double() / (1.0 - dropout.p)
+    return torch.matmul(w, v)
