@@ -47,6 +47,10 @@ class _RingAttention(torch.autograd.Function):
     out        ``[B, H, N_r, D]``      softmax(q K_all^T scale + bias_all) V_all
     lse        ``[B, H, N_r]`` fp32    log-sum-exp of this rank's score rows
     =========  ======================  ==========================================
+
+    ``grads_anywhere``: ``(kv, bias)``, whether ANY rank of the group needs the gradient of its
+    k/v (resp. its bias); every rank must pass the same pair (Note [ring memory]). None: assume
+    every rank needs dK/dV, and the bias gradient where this rank's bias requires it.
     """
 
     @staticmethod
@@ -65,46 +69,65 @@ class _RingAttention(torch.autograd.Function):
         q_offset: int,
         kv_sizes: list[int],
         head_offset: int = 0,
+        grads_anywhere: Optional[tuple[bool, bool]] = None,
     ) -> Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q = q.contiguous()
         p = info.world_size
         acc = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         ring = _BlockRing(info, kv_sizes)
 
-        block = _KeyBlock(torch.stack((k, v)), bias, k_index)  # kv: [2, B, H, M_r, D]
+        kv, saved_kv = _kv_buffer(k, v)  # Note [ring memory]: K/V are held once
+        block = _KeyBlock(kv, bias, k_index)  # kv: [2, B, H, M_r, D]
+        del kv
         for step in range(p):
             pending, next_block = ring.post_next(step, block, "ring.forward")
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
                 block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
                 merge_into(out, lse, block_out, block_lse)
+                del block_out, block_lse
             if pending is not None:
                 pending.wait()
                 block = next_block
+        del block, next_block
 
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, k_index, out, lse)
+        ctx.save_for_backward(q, *saved_kv, bias, k_index, out, lse)
+        ctx.kv_stacked = len(saved_kv) == 1
         ctx.info, ctx.kernel, ctx.scale = info, kernel, scale
         ctx.dropout_p, ctx.seed, ctx.q_offset, ctx.kv_sizes = dropout_p, seed, q_offset, kv_sizes
         ctx.head_offset = head_offset
-        ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
+        if grads_anywhere is None:
+            grads_anywhere = (True, bias is not None and ctx.needs_input_grad[3])
+        ctx.dkv_travels = bool(grads_anywhere[0] or grads_anywhere[1]) and p > 1
+        ctx.dbias_travels = bias is not None and bool(grads_anywhere[1])
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, bias, k_index, out, lse = ctx.saved_tensors
+        if ctx.kv_stacked:
+            q, kv, bias, k_index, out, lse = ctx.saved_tensors
+        else:
+            q, k, v, bias, k_index, out, lse = ctx.saved_tensors
+            kv = _kv_buffer(k, v)[0]
+            del k, v
         info, kernel, scale, kv_sizes = ctx.info, ctx.kernel, ctx.scale, ctx.kv_sizes
         r, p = info.rank, info.world_size
         acc = acc_dtype(q.dtype)
-        dout = dout.contiguous()
+        kv_dtype, kv_shape = kv.dtype, kv.shape
+        bias_shape = None if bias is None else bias.shape
+        dout = _last_dim_dense(dout)
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, H, N_r]
-        need_dbias = ctx.bias_needs_grad
+        travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
         ring = _BlockRing(info, kv_sizes)
 
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        block = _KeyBlock(torch.stack((k, v)), bias, k_index)
+        dq: Optional[Tensor] = None
+        # One rank: the gradients of the own (only) block are the result as they come.
+        local_grads: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
+        block = _KeyBlock(kv, bias, k_index)
+        del kv
         pending_grad: Optional[PendingExchange] = None
         grads: list[Optional[Tensor]] = []
         for step in range(p):
@@ -114,37 +137,65 @@ class _RingAttention(torch.autograd.Function):
             if block.size > 0:
                 spec = _dropout_spec(ctx.dropout_p, ctx.seed, ctx.q_offset, block.index, ctx.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
-                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec, need_dbias
+                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec,
+                    need_dbias,
                 )
-                dq += dq_b
+                dq = dq_b.to(acc) if dq is None else dq.add_(dq_b)
                 block_grads = (dk_b, dv_b, dbias_b)
-            if pending_grad is None:
-                grads = _grad_buffers(block, acc, need_dbias, zero=True)
-            else:
-                pending_grad.wait()  # the accumulator of block `src`, from rank r - 1
-            if block_grads is not None:
-                dkv, dbias = grads
-                dk_b, dv_b, dbias_b = block_grads
-                dkv[0] += dk_b
-                dkv[1] += dv_b
-                if dbias is not None:
-                    dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
-            if p > 1:
+                del dq_b, dk_b, dv_b, dbias_b  # Note [ring memory]: one step's results at a time
+            if p == 1:
+                local_grads = block_grads
+            elif travels:
+                if pending_grad is None:
+                    grads = _grad_buffers(kv_shape, bias_shape, kv_sizes[src], acc, q.device,
+                                          need_dbias, zero=True)
+                else:
+                    pending_grad.wait()  # the accumulator of block `src`, from rank r - 1
+                if block_grads is not None:
+                    dkv, dbias = grads
+                    dk_b, dv_b, dbias_b = block_grads
+                    dkv[0] += dk_b
+                    dkv[1] += dv_b
+                    if dbias is not None:
+                        dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
+                    del dk_b, dv_b, dbias_b, dkv, dbias
+                block_grads = None
                 # Pass the accumulator of block `src` on; receive the one of block `src - 1`.
-                incoming_shape = _KeyBlock.empty_like(block, kv_sizes[(src - 1) % p])
-                incoming = _grad_buffers(incoming_shape, acc, need_dbias, zero=False)
+                incoming = _grad_buffers(kv_shape, bias_shape, kv_sizes[(src - 1) % p], acc,
+                                         q.device, need_dbias, zero=False)
                 pending_grad = ring.exchanger.post(grads, incoming, "ring.backward.dkv")
                 grads = incoming
+                del incoming
             if pending_kv is not None:
                 pending_kv.wait()
                 block = next_block
+        del block, next_block
 
         if pending_grad is not None:
             pending_grad.wait()
-        dkv, dbias = grads
-        dbias_out = dbias.to(bias.dtype) if need_dbias else None
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out,
-                None, None, None, None, None, None, None, None, None)
+        if dq is None:
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        need_k, need_v, need_bias = ctx.needs_input_grad[1:4]
+        dk = dv = dbias = None
+        if travels:
+            dkv, dbias = grads
+            dk, dv = dkv[0], dkv[1]
+        elif local_grads is not None:
+            dk, dv, dbias = local_grads
+        elif p == 1:  # no key on this rank (all masked)
+            dk = dv = torch.zeros(kv_shape[1:], dtype=acc, device=q.device)
+        elif need_k or need_v or need_bias:
+            raise RuntimeError(
+                "ring_attention backward: grads_anywhere said no rank needs the K/V/bias gradient, "
+                "but this rank's inputs require it (every rank must pass the same grads_anywhere)"
+            )
+        if dbias is None and need_bias:
+            dbias = torch.zeros(bias_shape, dtype=acc, device=q.device)
+        elif dbias is not None and dbias.shape[1] != bias_shape[1]:
+            dbias = dbias.sum(1, keepdim=True)
+        return (dq.to(q.dtype), dk.to(kv_dtype) if need_k else None,
+                dv.to(kv_dtype) if need_v else None, dbias.to(bias.dtype) if need_bias else None,
+                None, None, None, None, None, None, None, None, None, None)
 
 
 class _KeyBlock:
@@ -187,11 +238,39 @@ class _BlockRing:
         return self.exchanger.post(block.buffers(), nxt.buffers(), label), nxt
 
 
-def _grad_buffers(block: _KeyBlock, acc: torch.dtype, need_dbias: bool, zero: bool) -> list[Optional[Tensor]]:
-    """fp32 (fp64) gradient accumulators ``[dKV, dbias]`` shaped like ``block``."""
+def _kv_buffer(k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``(kv [2, B, H, M, D], tensors to save)``: the send buffer of the own block and what the
+    backward needs to rebuild it, with K/V held once (Note [ring memory]).
+
+    k, v adjacent in one contiguous buffer (the heads of :func:`pixels_to_heads`): kv is a view,
+    save k, v. Otherwise one stack makes kv; it is what is saved if k or v was not contiguous
+    (the layer's views of its fused projection: their copies would be a second K/V), else k and
+    v are saved as given and kv lives while the own block is the current one.
+    """
+    if (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype and k.shape == v.shape
+            and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            and v.storage_offset() == k.storage_offset() + k.numel()):
+        return k.as_strided((2, *k.shape), (k.numel(), *k.stride())), (k, v)
+    kv = torch.stack((k, v))
+    if k.is_contiguous() and v.is_contiguous():
+        return kv, (k, v)
+    return kv, (kv,)
+
+
+def _last_dim_dense(x: Tensor) -> Tensor:
+    """``x`` itself when its last dim is dense (what every block kernel needs), else a copy: an
+    incoming gradient that is a transposed view (the layer's ``[B, N_r, H, D]`` memory) is read
+    in place; the CPU flash backward even prefers that layout."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grad_buffers(kv_shape: torch.Size, bias_shape: Optional[torch.Size], n: int, acc: torch.dtype,
+                  device: torch.device, need_dbias: bool, zero: bool) -> list[Optional[Tensor]]:
+    """fp32 (fp64) gradient accumulators ``[dKV [2, B, H, n, D], dbias [B, H|1, n]]`` of a block
+    of ``n`` keys."""
     make = torch.zeros if zero else torch.empty
-    dkv = make(block.kv.shape, dtype=acc, device=block.kv.device)
-    dbias = make(block.bias.shape, dtype=acc, device=block.kv.device) if need_dbias else None
+    dkv = make((*kv_shape[:3], n, kv_shape[4]), dtype=acc, device=device)
+    dbias = make((*bias_shape[:2], n), dtype=acc, device=device) if need_dbias else None
     return [dkv, dbias]
 
 
@@ -267,6 +346,10 @@ def ring_attention(
             (key_mask if kept is None else key_mask[:, kept]).all()
         )
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        # Which gradients travel home (Note [ring memory]): a rank's local view could differ.
+        grad_on = torch.is_grad_enabled()
+        kv_grad = int(grad_on and (k.requires_grad or v.requires_grad))
+        bias_grad = int(grad_on and key_bias is not None and key_bias.requires_grad)
         sig.set(
             {
                 "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
@@ -274,7 +357,7 @@ def ring_attention(
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)),
             },
-            (n_local, n_kept, int(mask_left), seed),
+            (n_local, n_kept, int(mask_left), seed, kv_grad, bias_grad),
             q.device,
         )
     per_rank = sig.per_rank
@@ -292,9 +375,10 @@ def ring_attention(
         bias = None if bias is None else bias.index_select(2, kept)
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
     scale = head_dim**-0.5 if scale is None else float(scale)
+    grads_anywhere = (any(row[4] for row in per_rank), any(row[5] for row in per_rank))
     return _RingAttention.apply(
         q, k, v, bias, k_index, info, kernel, scale, float(dropout_p), seed, q_offset, kv_sizes,
-        int(head_offset),
+        int(head_offset), grads_anywhere,
     )
 
 
