@@ -13,8 +13,10 @@ Note [head exchange layout]
     ``all_to_all_single`` concatenates what it receives in source-rank order, so the buffers are
     laid out with the rank dimension outermost and the pixel dimension next::
 
-        pixels -> heads   send [P(dest), N_r, T, B, h, D]   recv [N (= sources x N_i), T, B, h, D]
-        heads -> pixels   send [N (= dests x N_i), B, h, D] recv [P(source), N_r, B, h, D]
+        pixels -> heads   send [P - 1 (dest), N_r, T, B, h, D]   recv [N - N_r (sources), T, B, h, D]
+        heads -> pixels   send [N - N_r (dests), T, B, h, D]     recv [P - 1 (source), N_r, T, B, h, D]
+
+    (this rank's own piece is not in them: Note [head exchange memory]).
 
     One copy packs the send buffer and one unpacks the receive buffer into the layout the next
     step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
@@ -24,6 +26,20 @@ Note [head exchange layout]
     :func:`~hpattn_dist.comm.all_to_all.all_to_all` moves the same bytes but copies twice more
     (stack, pack, concatenate) and, with one output per tensor, its backward sums zero-filled
     gradients; at P = 2, nside 16 that was 9 ms of copies per forward+backward against 4 here.
+
+Note [head exchange memory]
+    A rank's own piece (1/P of the data) never enters the all-to-all (its split is zero): it is
+    copied from the input straight to its place in the result. Once the all-to-all has returned
+    the send buffer is not read again, so it becomes the result when that is at least as large
+    (always, with equal shards): an exchange holds one send/result buffer and a (P-1)/P receive
+    buffer. Freeing the send buffer before allocating the result was not enough: gloo's worker
+    thread may still hold it for a moment after the collective returns, and then three buffers
+    were alive at the Ulysses peak.
+
+    The backward of :func:`heads_to_pixels` returns the gradient of the attention output as a
+    transposed view of ``[B, N, h, D]``: the CPU flash backward copies a ``grad_out`` in any other
+    layout (one more tensor at the peak of the Ulysses backward), and returns its ``dq, dk, dv``
+    in that layout too, so packing them is a plain copy.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.

@@ -15,6 +15,32 @@ Note [ring schedule]
     accumulator received from rank r-1 and passes it to rank r+1; after P steps it arrives home.
     P - 1 K/V exchanges and P dK/dV exchanges (2x bytes in fp32 for bf16 inputs). dQ stays local.
     No forward is recomputed: each block uses the saved FINAL lse and ``delta = rowsum(dO * O)``.
+
+Note [ring memory]
+    What a rank holds, in units of one ``[B, H, N_r, D]`` tensor of the input dtype (a = 1 for
+    fp32/fp64 accumulators, 2 for bf16/fp16; other ranks' blocks in units of their N_src):
+
+    * saved for the backward: q (1), K/V ONCE (2), out (1), lse. K/V are copied at most once:
+      strided k, v (the layer's views of its packed projection) are stacked into the send buffer
+      and that is saved; contiguous k, v are saved as given, and when adjacent in one buffer (the
+      Ulysses heads of hybrid attention) the send buffer is a view of them.
+    * backward, while a block is computed (the peak): dout (1), dq (a), the block computed on (2)
+      and the next one in flight (2, except at the last step, so none at P = 2), the dK/dV
+      accumulators leaving and arriving (2a + 2a, double-buffered like K/V) and the kernel's
+      dq_b, dk_b, dv_b (3, one step's only: each is dropped once added).
+
+    Attention alone in fp32: 4 + 1 + 1 + 2 + 2 + 4 + 3 = 17 at P >= 3, 15 at P = 2; the layer
+    adds its output (1). DeepSpeed-Ulysses holds 9 there (q, k, v, out, dout, dq, dk, dv and the
+    output), so the double-buffered ring needs about 1.7x: the two blocks in flight and the two
+    accumulators are the price of hiding both trips behind compute. Nothing else is held: no
+    K/V block allocated for its shape alone, no earlier step's results, no second K/V.
+
+    The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
+    k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
+    only), and a rank that skipped the trip while its neighbour waits for it would pair the
+    neighbour's receive with its next message, so ``ring_attention`` adds the two bits to its
+    signature all-gather and every rank takes the same decision (``grads_anywhere``); a rank that
+    needs none itself still passes the others' accumulators on.
 """
 
 from __future__ import annotations
@@ -329,7 +355,8 @@ def ring_attention(
     Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
-    backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
+    backward adds P - 1 K/V transfers and P fp32 dK/dV transfers (the latter only when some rank
+    needs dK, dV or the key_bias gradient, Note [ring memory]).
     """
     info = resolve_group(group)
     with validated_signature(info, "ring_attention") as sig:
