@@ -30,10 +30,10 @@ Note [ring memory]
       dq_b, dk_b, dv_b (3, one step's only: each is dropped once added).
 
     Attention alone in fp32: 4 + 1 + 1 + 2 + 2 + 4 + 3 = 17 at P >= 3, 15 at P = 2; the layer
-    adds its output (1). DeepSpeed-Ulysses holds 9 there (q, k, v, out, dout, dq, dk, dv and the
-    output), so the double-buffered ring needs about 1.7x: the two blocks in flight and the two
-    accumulators are the price of hiding both trips behind compute. Nothing else is held: no
-    K/V block allocated for its shape alone, no earlier step's results, no second K/V.
+    adds its output (1): 18 and 16. DeepSpeed-Ulysses holds 9 there (q, k, v, out, dout, dq, dk,
+    dv and the output), so the double-buffered ring needs 2x (1.8x at P = 2): the blocks and
+    accumulators in flight are the price of hiding both trips behind compute. Nothing else is
+    held: no K/V block allocated for its shape alone, no earlier step's results, no second K/V.
 
     The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
     k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
