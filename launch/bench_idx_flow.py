@@ -14,14 +14,14 @@ What runs (each in its own fresh process, started by this script):
    (same seed) after ``hpattn_dist.integrations.idx_flow.convert_model``, each rank on its
    ``shard_bounds`` range of the same input.
 
-Measured per process (``hpattn_dist.bench`` helpers):
+Measured per process (``hpattn_dist.tools.bench`` helpers):
 
 - ``fwd_bwd_s``: median wall time of forward + ``backward`` of ``(out * w).sum()`` (grads set to
   None first) over ``--repeats`` after ``--warmup``; on the ranks each repeat starts after a
-  barrier and counts the SLOWEST rank (``hpattn_dist.bench.time_call``);
+  barrier and counts the SLOWEST rank (``hpattn_dist.tools.bench.time_call``);
 - ``sync_s`` (ranks): median time of ``sync_gradients`` afterwards (a training step needs it);
 - ``peak_mem_bytes``: growth of the process's resident-set high-water mark over one forward +
-  backward (``hpattn_dist.bench.PeakMemory``, Note [peak memory] there: ``VmHWM`` after resetting
+  backward (``hpattn_dist.tools.bench.PeakMemory``, Note [peak memory] there: ``VmHWM`` after resetting
   it, minus ``VmRSS`` before; ``MALLOC_MMAP_THRESHOLD_=65536`` is set so freed tensors leave the
   resident set). It counts every byte the process touched (torch's tensors, gloo buffers,
   allocator slack), not the model and input allocated before;
@@ -132,7 +132,7 @@ def _saved_bytes(model, run_forward) -> int:
 def _measure(model, x, w, repeats: int, warmup: int, sync=None) -> dict[str, Any]:
     import torch
 
-    from hpattn_dist.bench import PeakMemory, time_call
+    from hpattn_dist.tools.bench import PeakMemory, time_call
     from hpattn_dist.comm.counters import count_communication
 
     def step() -> None:

@@ -13,7 +13,7 @@ For each nside, on the same field ``[B, N, E]`` (NESTED) and the same weights:
   with ``P * threads`` threads, while the other ranks wait. ``efficiency = t_single / t_local``.
 
 Times are forward+backward medians (slowest rank), peak memory per rank as in ``hpattn-dist bench``
-(Note [peak memory] in ``hpattn_dist/bench.py``), bytes sent per rank counted (halo rows; the
+(Note [peak memory] in ``hpattn_dist/tools/bench.py``), bytes sent per rank counted (halo rows; the
 256-byte signature handshakes included). Prints one JSON line per measurement and a table.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from hpattn_dist import DistributedLocalSpatialSelfAttention, DistributedSpatialSelfAttention
-from hpattn_dist.bench import _gather_objects, _layer_times, _per_rank
+from hpattn_dist.tools.bench import _gather_objects, _layer_times, _per_rank
 from hpattn_dist.healpix import shard_bounds
 
 

@@ -14,7 +14,7 @@ section runs; the JSON is rewritten after every section, so a run cut short keep
    table's claims are visible next to the kernels that ran); the others run forward over all keys,
    then the block backward over two key blocks with the FINAL out (row-major, as the ring holds
    it) and lse, against a float64 softmax(QK^T)V and its autograd on the same device, with the
-   tolerances of ``hpattn_dist.verify`` (Note [verify tolerances]); peak memory per case. Also the
+   tolerances of ``hpattn_dist.tools.verify`` (Note [verify tolerances]); peak memory per case. Also the
    kernel ``"auto"`` picks per dtype.
 3. ``verify``: ``hpattn-dist verify --device cuda --nproc 1`` (every strategy, backends manual,
    sdpa and auto, float64 / float32 / bfloat16 / float16), exit code and JSON.
@@ -26,7 +26,7 @@ section runs; the JSON is rewritten after every section, so a run cut short keep
    ring and Ulysses): time and peak memory per rank.
 6. ``throughput``: fused kernel TFLOP/s at nside 64 and 128, bf16.
 7. ``ring_emulation``: one process, the ring's P x P block kernel+merge path vs one fused call
-   (``hpattn_dist.bench.ring_emulation``) at nside 64 and 128, P = 2, 4, 8, with peak memory.
+   (``hpattn_dist.tools.bench.ring_emulation``) at nside 64 and 128, P = 2, 4, 8, with peak memory.
 
 ``--smoke`` runs every section on the CPU at tiny sizes with gloo instead of NCCL (the CUDA
 kernels then appear as refused); ``tests/integration/test_gpu_check_smoke.py`` runs it.
@@ -48,11 +48,11 @@ from typing import Any, Callable
 
 import torch
 
-from hpattn_dist.bench import ring_emulation, time_call
+from hpattn_dist.tools.bench import ring_emulation, time_call
 from hpattn_dist.kernels import dispatch, select_kernel
 from hpattn_dist.kernels.capability import KernelInput
 from hpattn_dist.kernels.manual import acc_dtype
-from hpattn_dist.verify import TOLERANCES
+from hpattn_dist.tools.verify import TOLERANCES
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}

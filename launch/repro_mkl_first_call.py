@@ -1,6 +1,6 @@
 """Torch-only reproducer of issue 19 item 8: a float64 attention whose FIRST call in a fresh
 process was reported ~1e-10 off (relative) on an x86 machine with MKL and 2 threads, every later
-call exact (Note [float64 reproducibility] in ``hpattn_dist/verify.py``; README, Troubleshooting,
+call exact (Note [float64 reproducibility] in ``hpattn_dist/tools/verify.py``; README, Troubleshooting,
 has what this script measured).
 
 Nothing from ``hpattn_dist`` is imported. One child process does, in this order:

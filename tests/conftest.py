@@ -6,7 +6,7 @@
 - MKL is pinned to one code path in this process (``MKL_CBWR``, unless already set) before any
   test runs a tensor operation: float64 results are compared at 1e-10, and MKL's first
   multi-threaded call has been seen to miss that (Note [float64 reproducibility] in
-  :mod:`hpattn_dist.verify`). The harness ranks and the CLI's ranks pin it themselves.
+  :mod:`hpattn_dist.tools.verify`). The harness ranks and the CLI's ranks pin it themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from hpattn_dist.cli import pin_math_library
+from hpattn_dist.tools.platform import pin_math_library
 
 pin_math_library()
 

@@ -25,7 +25,7 @@ Failure handling (Note [rank failure report]):
 
 Each rank runs with ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` (the CI machine has two
 cores and tests start up to a handful of ranks), and with MKL pinned to one code path
-(``MKL_CBWR``, unless already set; Note [float64 reproducibility] in :mod:`hpattn_dist.verify`).
+(``MKL_CBWR``, unless already set; Note [float64 reproducibility] in :mod:`hpattn_dist.tools.verify`).
 The process group uses a ``FileStore`` in a temporary folder, so no TCP port is reserved, and
 its own timeout is longer than ``timeout`` so that the harness, which can dump stacks, always
 reports a hang first. After ``fn`` returns, each rank runs a barrier and destroys the process
@@ -57,7 +57,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from hpattn_dist.cli import pin_math_library
+from hpattn_dist.tools.platform import pin_math_library
 
 __all__ = ["RankFailure", "run_ranks"]
 

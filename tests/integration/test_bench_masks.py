@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from hpattn_dist.bench import BenchConfig
-from hpattn_dist.cli import main
+from hpattn_dist.tools.bench import BenchConfig
+from hpattn_dist.tools.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

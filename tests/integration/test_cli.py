@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hpattn_dist.bench import BenchConfig, expected_bytes
-from hpattn_dist.cli import main
-from hpattn_dist.verify import VerifyConfig, default_config_path, load_section
+from hpattn_dist.tools.bench import BenchConfig, expected_bytes
+from hpattn_dist.tools.cli import main
+from hpattn_dist.tools.verify import VerifyConfig, default_config_path, load_section
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,7 +133,7 @@ def _perturb_first_call(output):
 
 
 def test_verify_names_a_result_that_changes_on_rerun(monkeypatch):
-    from hpattn_dist import verify
+    from hpattn_dist.tools import verify
 
     made = []
     real = verify.make_distributed_layer
@@ -158,7 +158,7 @@ def test_verify_names_a_result_that_changes_on_rerun(monkeypatch):
 
 
 def test_verify_names_an_oracle_that_changes_on_rerun(monkeypatch):
-    from hpattn_dist import verify
+    from hpattn_dist.tools import verify
 
     calls = []
     real = verify._oracle_reference
@@ -180,8 +180,8 @@ def test_verify_names_an_oracle_that_changes_on_rerun(monkeypatch):
 def test_processes_the_suite_starts_pin_mkl(monkeypatch):
     """The pytest process (conftest) and the harness ranks run with MKL pinned. MKL itself is
     asked where torch exports its service symbol (else None: only the variable is checked)."""
-    from hpattn_dist.cli import PINNED_MATH_ENV
-    from hpattn_dist.verify import mkl_cbwr_in_force
+    from hpattn_dist.tools.platform import PINNED_MATH_ENV
+    from hpattn_dist.tools.verify import mkl_cbwr_in_force
     from tests.harness import START_METHOD_ENV, run_ranks
 
     assert set(PINNED_MATH_ENV) <= set(os.environ)  # pinned by conftest, or set by the caller
@@ -196,7 +196,7 @@ def test_processes_the_suite_starts_pin_mkl(monkeypatch):
 def _rank_mkl_mode(rank, world_size):
     import torch
 
-    from hpattn_dist.verify import mkl_cbwr_in_force
+    from hpattn_dist.tools.verify import mkl_cbwr_in_force
 
     a = torch.randn(8, 8, dtype=torch.float64)
     torch.exp(a @ a)
@@ -284,7 +284,7 @@ def test_verify_reads_a_ring_ordered_field(tmp_path):
     import torch
 
     from hpattn_dist.healpix import reorder
-    from hpattn_dist.verify import load_field, run_verify
+    from hpattn_dist.tools.verify import load_field, run_verify
 
     x_nest = torch.randn(1, 48, 8, dtype=torch.float64)
     path = tmp_path / "field.pt"
@@ -331,7 +331,7 @@ def test_torchrun_wrapper_runs_verify(tmp_path):
 def test_every_option_has_help_with_its_default():
     import argparse
 
-    from hpattn_dist.cli import build_parser
+    from hpattn_dist.tools.cli import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -346,7 +346,7 @@ def test_every_option_has_help_with_its_default():
 
 
 def test_help_defaults_are_the_configs_defaults():
-    from hpattn_dist.cli import DEFAULTS, STRATEGY_NAMES
+    from hpattn_dist.tools.cli import DEFAULTS, STRATEGY_NAMES
     from hpattn_dist.strategies import STRATEGIES
 
     assert STRATEGY_NAMES == STRATEGIES
@@ -360,7 +360,7 @@ def test_help_defaults_are_the_configs_defaults():
 
 
 def test_verify_table_shows_the_deciding_column_and_what_ran():
-    from hpattn_dist.verify import CaseResult, Quantity, format_table
+    from hpattn_dist.tools.verify import CaseResult, Quantity, format_table
 
     def case(strategy, executed, violation):
         qs = [Quantity(n, 0.2 if n == "dout_proj.weight" else 1e-3, 10.0, violation if n == "dout_proj.weight" else 0.1)

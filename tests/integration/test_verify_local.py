@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from hpattn_dist.verify import VerifyConfig, load_field
-from hpattn_dist.verify_local import run_local_cases
+from hpattn_dist.tools.verify import VerifyConfig, load_field
+from hpattn_dist.tools.verify_local import run_local_cases
 from tests.harness import run_ranks
 
 WINDOWS = ("neighbourhood:2", "cell:4")
@@ -35,7 +35,7 @@ def test_local_cases_fail_with_an_injected_error() -> None:
 def test_cli_verify_runs_local_windows(tmp_path) -> None:
     import json
 
-    from hpattn_dist.cli import main
+    from hpattn_dist.tools.cli import main
 
     out = tmp_path / "verify.json"
     rc = main(["verify", "--nside", "2", "--batch", "1", "--embed-dim", "8", "--heads", "2",

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hpattn_dist import bench
-from hpattn_dist.bench import BenchConfig, check_plot_target, format_tables, plot_scaling, scaling_figure
+from hpattn_dist.tools import bench
+from hpattn_dist.tools.bench import BenchConfig, check_plot_target, format_tables, plot_scaling, scaling_figure
 
 
 def _record(impl, strategy, world, nside, fb_ms, *, eff=None, threads=1, min_ms=None):

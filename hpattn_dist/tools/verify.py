@@ -45,7 +45,7 @@ Note [float64 reproducibility]
 
     - every ``verify`` rank (local launch or torchrun), every rank of the test harness and the
       pytest process set ``MKL_CBWR=COMPATIBLE`` before their first tensor operation unless the
-      user set it (:func:`hpattn_dist.cli.pin_math_library`); ``bench`` does not (slower GEMMs);
+      user set it (:func:`hpattn_dist.tools.platform.pin_math_library`); ``bench`` does not (slower GEMMs);
     - a float64 case that fails is run once more in the same process, oracle recomputed; if the
       rerun passes or the oracle moved, the case still FAILS (the first result was wrong and a
       training run could get it too), and the report says the result was not reproducible and
@@ -74,7 +74,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.cli import PINNED_MATH_ENV
+from hpattn_dist.tools.platform import PINNED_MATH_ENV
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
@@ -119,7 +119,7 @@ class VerifyConfig:
         tolerance_scale: multiplies every tolerance (self-test: 0 makes the check fail).
         inject_error: added to the distributed output before comparison (self-test).
         local_windows: local-attention windows to check as well, ``"MODE:WINDOW_NSIDE"`` (e.g.
-            ``"neighbourhood:2"``), against their own dense oracle (:mod:`hpattn_dist.verify_local`).
+            ``"neighbourhood:2"``), against their own dense oracle (:mod:`hpattn_dist.tools.verify_local`).
     """
 
     nside: int = 8
@@ -544,7 +544,7 @@ def run_verify(
             ref = ref_again
         results.append(result)
     if cfg.local_windows:
-        from hpattn_dist.verify_local import run_local_cases  # it builds on this module
+        from hpattn_dist.tools.verify_local import run_local_cases  # it builds on this module
 
         results += run_local_cases(cfg, x, g, group=group, device=device, progress=progress)
     return results

@@ -18,7 +18,7 @@ Rank 0 prints the tables on stdout and progress on stderr; the other ranks print
 something goes wrong.
 
 A ``verify`` rank pins the math library's code path before its first tensor operation
-(:func:`pin_math_library`, Note [float64 reproducibility] in :mod:`hpattn_dist.verify`);
+(:func:`pin_math_library`, Note [float64 reproducibility] in :mod:`hpattn_dist.tools.verify`);
 ``bench`` leaves it alone, since the pinned path is slower.
 """
 
@@ -35,26 +35,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hpattn_dist.tools.platform import pin_math_library
+
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _KILL_GRACE_S = 10.0
-
-#: Environment that pins MKL to one code path (Note [float64 reproducibility] in
-#: :mod:`hpattn_dist.verify`). MKL reads it once, at its first call in the process.
-PINNED_MATH_ENV: dict[str, str] = {"MKL_CBWR": "COMPATIBLE"}
-
-
-def pin_math_library(environ: Optional[dict] = None) -> dict[str, str]:
-    """Set each variable of :data:`PINNED_MATH_ENV` in ``environ`` (default ``os.environ``)
-    unless it is already set, and return the values in force.
-
-    Call it before the process's first MKL call (any float64 matmul or ``exp`` on CPU); importing
-    torch is fine. A value the user set is kept, so ``MKL_CBWR=AUTO`` (say) still overrides.
-    """
-    environ = os.environ if environ is None else environ
-    for key, value in PINNED_MATH_ENV.items():
-        environ.setdefault(key, value)
-    return {key: environ[key] for key in PINNED_MATH_ENV}
-
 
 def _csv(kind: type):
     def parse(text: str) -> tuple:
@@ -77,8 +61,8 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 #: ``--help`` does not import torch; a test keeps the two equal).
 STRATEGY_NAMES = ("ring", "ulysses", "hybrid", "auto")
 
-#: Built-in defaults shown in ``--help`` (the dataclasses :class:`hpattn_dist.verify.VerifyConfig`
-#: and :class:`hpattn_dist.bench.BenchConfig` and ``configs/*.toml`` hold the same; a test keeps
+#: Built-in defaults shown in ``--help`` (the dataclasses :class:`hpattn_dist.tools.verify.VerifyConfig`
+#: and :class:`hpattn_dist.tools.bench.BenchConfig` and ``configs/*.toml`` hold the same; a test keeps
 #: them equal). A ``--config`` file overrides them, the flags override the file.
 DEFAULTS: dict[str, dict[str, object]] = {
     "verify": {"batch": 2, "embed_dim": 32, "num_heads": 4, "seed": 0, "nside": 8,
@@ -157,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(any value above the tolerance must fail) (default: {dv['inject_error']})")
     v.add_argument("--local-windows", type=_csv(str), default=None,
                    help="also check local attention: comma list of MODE:WINDOW_NSIDE, e.g. "
-                        "neighbourhood:2,cell:4 (hpattn_dist/verify_local.py) (default: none)")
+                        "neighbourhood:2,cell:4 (hpattn_dist/tools/verify_local.py) (default: none)")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
@@ -207,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         under_torchrun = all(k in os.environ for k in _TORCHRUN_ENV)
         # under torchrun, cli_bench checks --plot on rank 0 and tells every rank
         if getattr(args, "plot", None) is not None and not under_torchrun:
-            from hpattn_dist.bench import check_plot_target
+            from hpattn_dist.tools.bench import check_plot_target
 
             check_plot_target(args.plot, cfg.mode)  # before running, not after
         if args.json_path is not None and not Path(args.json_path).parent.is_dir():
@@ -229,7 +213,7 @@ def load_config(args: argparse.Namespace):
         ValueError: a bad value or an unknown key in the file.
     """
     if args.command == "verify":
-        from hpattn_dist.verify import VerifyConfig, default_config_path
+        from hpattn_dist.tools.verify import VerifyConfig, default_config_path
 
         return VerifyConfig.load(
             args.config or default_config_path("verify"),
@@ -239,8 +223,8 @@ def load_config(args: argparse.Namespace):
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
             inject_error=args.inject_error, local_windows=args.local_windows,
         )
-    from hpattn_dist.bench import BenchConfig
-    from hpattn_dist.verify import default_config_path
+    from hpattn_dist.tools.bench import BenchConfig
+    from hpattn_dist.tools.verify import default_config_path
 
     return BenchConfig.load(
         args.config or default_config_path("bench"),
@@ -288,7 +272,7 @@ def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
         if args.json_path is not None and merged:
             args.json_path.write_text(json.dumps(report, indent=1))
         if getattr(args, "plot", None) is not None and merged:
-            from hpattn_dist.bench import plot_scaling
+            from hpattn_dist.tools.bench import plot_scaling
 
             try:
                 plot_scaling(merged, args.plot)
@@ -306,7 +290,7 @@ def _spawn(nproc: int, threads: int, child_argv: list[str], timeout: float) -> i
         "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads), "HPATTN_DIST_LOCAL_LAUNCH": "1",
         # Large tensors come from mmap and go back to the OS when freed, so the peak resident set
-        # that `bench` reads tracks live tensors (see hpattn_dist.bench, Note [peak memory]).
+        # that `bench` reads tracks live tensors (see hpattn_dist.tools.bench, Note [peak memory]).
         "MALLOC_MMAP_THRESHOLD_": "65536",
     })
     procs = []
@@ -366,11 +350,11 @@ def _run_rank(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args)
         if args.command == "verify":
-            from hpattn_dist.verify import cli_verify
+            from hpattn_dist.tools.verify import cli_verify
 
             rc = cli_verify(cfg, args, device)
         else:
-            from hpattn_dist.bench import cli_bench
+            from hpattn_dist.tools.bench import cli_bench
 
             rc = cli_bench(cfg, args, device)
         dist.barrier()

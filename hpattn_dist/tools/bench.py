@@ -85,7 +85,7 @@ from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
-from hpattn_dist.verify import (
+from hpattn_dist.tools.verify import (
     DTYPES,
     load_section,
     make_distributed_layer,

@@ -1,0 +1,6 @@
+"""Tools built on the library: the ``hpattn-dist`` command line (:mod:`.cli`), the oracle check
+(:mod:`.verify`, :mod:`.verify_local`), the benchmarks (:mod:`.bench`, :mod:`.bench_report`) and
+their shared pieces (:mod:`.tolerances`, :mod:`.platform`, the default ``configs/``).
+
+``import hpattn_dist`` does not import this package; nothing here is part of the library's API.
+"""
