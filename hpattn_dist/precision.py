@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["acc_dtype"]
+__all__ = ["DTYPES", "acc_dtype"]
+
+#: The floating dtypes by name (configs, command lines, reports).
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32,
+    "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

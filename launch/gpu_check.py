@@ -14,7 +14,7 @@ section runs; the JSON is rewritten after every section, so a run cut short keep
    table's claims are visible next to the kernels that ran); the others run forward over all keys,
    then the block backward over two key blocks with the FINAL out (row-major, as the ring holds
    it) and lse, against a float64 softmax(QK^T)V and its autograd on the same device, with the
-   tolerances of ``hpattn_dist.tools.verify`` (Note [verify tolerances]); peak memory per case. Also the
+   tolerances of ``hpattn_dist.tools.tolerances`` (Note [verify tolerances]); peak memory per case. Also the
    kernel ``"auto"`` picks per dtype.
 3. ``verify``: ``hpattn-dist verify --device cuda --nproc 1`` (every strategy, backends manual,
    sdpa and auto, float64 / float32 / bfloat16 / float16), exit code and JSON.
@@ -52,10 +52,8 @@ from hpattn_dist.tools.bench import ring_emulation, time_call
 from hpattn_dist.kernels import dispatch, select_kernel
 from hpattn_dist.kernels.capability import KernelInput
 from hpattn_dist.kernels.manual import acc_dtype
-from hpattn_dist.tools.verify import TOLERANCES
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
+from hpattn_dist.precision import DTYPES
+from hpattn_dist.tools.tolerances import violation
 # Sizes; ``--smoke`` shrinks them for the CPU dry run.
 SIZES: dict[str, Any] = {"n_q": 3067, "n_k": 3072, "heads": 4, "head_dim": 64, "verify_nside": 8,
                          "verify_cases": [], "pg_nside": 4, "bench_nsides": "32,64",
@@ -64,17 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _passes(got: torch.Tensor, ref: torch.Tensor, dtype_name: str) -> dict[str, Any]:
-    err = (got.double() - ref).abs()
-    ref_max = float(ref.abs().max())
-    scale = max(1.0, ref_max)
-    kind, tol = TOLERANCES[dtype_name]
-    if kind == "abs":
-        ok = float(err.max()) <= tol * scale
-    elif kind == "rel":
-        ok = float(err.max()) <= tol * ref_max
-    else:
-        ok = bool((err <= tol * (scale + ref.abs())).all())
-    return {"max_abs": float(err.max()), "rel": float(err.max()) / max(ref_max, 1e-300), "passed": ok}
+    err = float((got.double() - ref).abs().max())
+    return {"max_abs": err, "rel": err / max(float(ref.abs().max()), 1e-300),
+            "passed": violation(got, ref, dtype_name) <= 1.0}
 
 
 def _reference(q, k, v, dout, scale):

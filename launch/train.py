@@ -39,6 +39,7 @@ from torch import Tensor
 from hpattn_dist import convert_spatial_attention
 from hpattn_dist.grad_sync import global_loss, sync_gradients
 from hpattn_dist.healpix import check_nside, nside2npix, scatter
+from hpattn_dist.precision import DTYPES
 from hpattn_dist.strategies import check_strategy_name
 
 if __package__ in (None, ""):  # run as a script (python / torchrun launch/train.py)
@@ -50,7 +51,7 @@ else:  # imported as launch.train (tests)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "train_small.json"
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+_TRAIN_DTYPES = ("float32", "float64", "bfloat16")  # of hpattn_dist.precision.DTYPES
 
 
 @dataclass
@@ -96,14 +97,14 @@ class TrainConfig:
                 "train.ulysses_degree must be set exactly when train.strategy is 'hybrid', got "
                 f"strategy={self.strategy!r}, ulysses_degree={self.ulysses_degree!r}"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"train.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in _TRAIN_DTYPES:
+            raise ValueError(f"train.dtype must be one of {sorted(_TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":

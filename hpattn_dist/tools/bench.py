@@ -80,13 +80,12 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS
-from hpattn_dist.precision import acc_dtype
+from hpattn_dist.precision import DTYPES, acc_dtype
 from hpattn_dist.merge import merge_into
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
 from hpattn_dist.tools.verify import (
-    DTYPES,
     load_section,
     make_distributed_layer,
     strategy_variants,

@@ -8,27 +8,9 @@ the distributed layer on its own shard ``x[:, start_r:stop_r]`` (the shard plan 
 compares its shard of the output and of the input gradient with the oracle's slice; parameter
 gradients (partial sums over each rank's pixels) are summed over the group first. The worst errors
 are reduced over ranks (all-reduce MAX), so every rank reaches the same verdict and the same exit
-code.
+code, under the tolerances of :mod:`hpattn_dist.tools.tolerances` (Note [verify tolerances]).
 
 Legend: B batch, N = 12 * nside**2 pixels, N_r pixels on rank r, E embed dim, H heads, P ranks.
-
-Note [verify tolerances]
-    ``ref`` is the float64 oracle value, ``got`` the distributed value, ``s = max(1, max|ref|)``
-    the scale of the compared tensor (parameter gradients sum over B * N pixels, so they are not
-    of unit scale; ``s`` makes "at unit scale" hold for them too). Reported per quantity:
-    ``max_abs = max|got - ref|`` and ``rel = max_abs / max|ref|``. A case passes when, for the
-    output, the input gradient and every parameter gradient:
-
-    ==========================  =====================================================
-    dtype                       criterion (``t`` = ``tolerance_scale``)
-    ==========================  =====================================================
-    float64                     ``rel <= 1e-10 * t``
-    float32                     ``max_abs <= 1e-5 * t * s``
-    bfloat16, float16           ``|got - ref| <= 2.5e-2 * t * (s + |ref|)`` elementwise
-    ==========================  =====================================================
-
-    The float64 and float32 bounds are those of the numerics contract (DESIGN.md); the half
-    precision bound is ``atol = rtol = 2.5e-2`` with ``atol`` taken at the tensor's scale.
 
 Note [float64 reproducibility]
     The same float64 case, run twice in one process on the same inputs, must give the same
@@ -75,6 +57,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from hpattn_dist.tools.platform import PINNED_MATH_ENV
+from hpattn_dist.tools import tolerances
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
@@ -82,20 +65,10 @@ from hpattn_dist.kernels import select_kernel
 from hpattn_dist.local.windows import parse_window
 from hpattn_dist.modules import DistributedSpatialSelfAttention
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
+from hpattn_dist.precision import DTYPES
 from hpattn_dist.strategies import STRATEGIES, choose_strategy
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32,
-    "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
 
-#: Base tolerances of Note [verify tolerances], per dtype: (kind, value).
-TOLERANCES: dict[str, tuple[str, float]] = {
-    "float64": ("rel", 1e-10),
-    "float32": ("abs", 1e-5),
-    "bfloat16": ("allclose", 2.5e-2),
-    "float16": ("allclose", 2.5e-2),
-}
 
 
 @dataclass
@@ -314,27 +287,6 @@ class Quantity:
         return self.violation <= 1.0
 
 
-def _violation(got: Tensor, ref: Tensor, dtype_name: str, tolerance_scale: float, ref_max: float) -> float:
-    """Largest ratio error / allowed error of Note [verify tolerances] over this rank's elements."""
-    if not bool(torch.isfinite(got).all()):
-        return math.inf  # NaN / inf never pass
-    err = (got.double() - ref).abs()
-    kind, base = TOLERANCES[dtype_name]
-    tol = base * tolerance_scale
-    scale = max(1.0, ref_max)
-    if kind == "rel":
-        allowed = torch.full_like(err, tol * ref_max)
-    elif kind == "abs":
-        allowed = torch.full_like(err, tol * scale)
-    else:
-        allowed = tol * (scale + ref.abs())
-    if err.numel() == 0:
-        return 0.0
-    ratio = torch.where(allowed > 0, err / allowed.clamp_min(1e-300),
-                        torch.where(err > 0, torch.full_like(err, math.inf), torch.zeros_like(err)))
-    return float(ratio.max())
-
-
 def _compare(
     pairs: Sequence[tuple[str, Tensor, Tensor]],
     dtype_name: str,
@@ -353,7 +305,7 @@ def _compare(
                             for _, got, ref in pairs], dtype=torch.float64)
     ref_max = _all_reduce_max(ref_max, group, device)
     violation = torch.tensor(
-        [_violation(got, ref, dtype_name, tolerance_scale, float(m))
+        [tolerances.violation(got, ref, dtype_name, tolerance_scale, float(m))
          for (_, got, ref), m in zip(pairs, ref_max)], dtype=torch.float64)
     max_abs = _all_reduce_max(max_abs, group, device)
     violation = _all_reduce_max(violation, group, device)
@@ -609,9 +561,7 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
     head = (f"hpattn-dist verify: nside {cfg.nside}{'' if cfg.field is None else f' ({cfg.field})'}, "
             f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
             "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
-            "allowed error (x" f"{cfg.tolerance_scale:g}): float64 rel<=1e-10, float32 "
-            "abs<=1e-5*s, bf16/fp16 |err|<=2.5e-2*(s+|ref|) per element, s=max(1,max|ref|) of the "
-            "tensor\n"
+            f"allowed error (x{cfg.tolerance_scale:g}): {tolerances.describe_tolerances()}\n"
             "err/tol: the worst error over its allowed value among out, dx and every parameter "
             "gradient: the column that decides (<= 1 passes); "
             f"{torch.get_num_threads()} threads, "

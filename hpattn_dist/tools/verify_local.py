@@ -6,7 +6,7 @@ For each window ``"MODE:WINDOW_NSIDE"`` of ``VerifyConfig.local_windows`` (e.g.
 verify seed, runs it on the FULL field, then runs
 :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with the same weights on its
 shard, for every backend and dtype of the config, and compares output, input gradient and
-(group-summed) parameter gradients under Note [verify tolerances] (``hpattn_dist/tools/verify.py``).
+(group-summed) parameter gradients under Note [verify tolerances] (:mod:`hpattn_dist.tools.tolerances`).
 Rows are labelled ``cell:WINDOW_NSIDE`` and ``nbhd:WINDOW_NSIDE`` (neighbourhood).
 """
 
@@ -24,7 +24,8 @@ from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.local import DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention
 from hpattn_dist.local.windows import parse_window
-from hpattn_dist.tools.verify import DTYPES, CaseResult, VerifyConfig, _compare, _oracle_reference
+from hpattn_dist.precision import DTYPES
+from hpattn_dist.tools.verify import CaseResult, VerifyConfig, _compare, _oracle_reference
 
 __all__ = ["run_local_cases"]
 
