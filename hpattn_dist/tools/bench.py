@@ -98,7 +98,7 @@ SCHEMA = "hpattn_dist.bench/1"
 
 @dataclass
 class BenchConfig:
-    """What ``hpattn-dist bench`` measures. Defaults: ``configs/bench.toml`` (table ``[bench]``).
+    """What ``hpattn-dist bench`` measures. Defaults: ``hpattn_dist/tools/configs/bench.toml`` (table ``[bench]``).
 
     Attributes:
         mode: ``"scaling" | "emulation" | "memory" | "masks"`` (see the module docstring).

@@ -61,9 +61,9 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 #: ``--help`` does not import torch; a test keeps the two equal).
 STRATEGY_NAMES = ("ring", "ulysses", "hybrid", "auto")
 
-#: Built-in defaults shown in ``--help`` (the dataclasses :class:`hpattn_dist.tools.verify.VerifyConfig`
-#: and :class:`hpattn_dist.tools.bench.BenchConfig` and ``configs/*.toml`` hold the same; a test keeps
-#: them equal). A ``--config`` file overrides them, the flags override the file.
+#: Built-in defaults shown in ``--help`` (the dataclasses
+#: :class:`hpattn_dist.tools.verify.VerifyConfig` and :class:`hpattn_dist.tools.bench.BenchConfig`
+#: and ``tools/configs/*.toml`` hold the same; a test keeps them equal). A ``--config`` file overrides them, the flags override the file.
 DEFAULTS: dict[str, dict[str, object]] = {
     "verify": {"batch": 2, "embed_dim": 32, "num_heads": 4, "seed": 0, "nside": 8,
                "backends": "manual,sdpa", "dtypes": "float64,float32,bfloat16",
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu (gloo) or cuda (nccl, one GPU per local rank); auto = cuda if "
                              "available (default: cpu)")
     common.add_argument("--config", type=Path, default=None,
-                        help="TOML file with the defaults (default: configs/<command>.toml of a "
-                             "source checkout, else built-in defaults)")
+                        help="TOML file with the defaults (default: the package's "
+                             "hpattn_dist/tools/configs/<command>.toml)")
     common.add_argument("--json", dest="json_path", type=Path, default=None,
                         help="also write the results as JSON to this file (default: none)")
 
@@ -206,8 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def load_config(args: argparse.Namespace):
-    """The command's config: dataclass defaults < TOML file (``--config`` or ``configs/``) <
-    command-line flags.
+    """The command's config: dataclass defaults < TOML file (``--config``, else the package's
+    ``hpattn_dist/tools/configs/<command>.toml``) < command-line flags.
 
     Raises:
         ValueError: a bad value or an unknown key in the file.

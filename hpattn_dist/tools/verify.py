@@ -73,7 +73,7 @@ from hpattn_dist.strategies import STRATEGIES, choose_strategy
 
 @dataclass
 class VerifyConfig:
-    """What ``hpattn-dist verify`` checks. Defaults: ``configs/verify.toml`` (table ``[verify]``).
+    """What ``hpattn-dist verify`` checks. Defaults: ``hpattn_dist/tools/configs/verify.toml`` (table ``[verify]``).
 
     Attributes:
         nside: HEALPix resolution; ``N = 12 * nside**2`` pixels (nside 8: 768).
@@ -172,8 +172,9 @@ class VerifyConfig:
 
 
 def default_config_path(name: str) -> Optional[Path]:
-    """``configs/<name>.toml`` of a source checkout, or None (installed wheels ship no configs)."""
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    """The package's default ``<name>.toml`` (``hpattn_dist/tools/configs/``, shipped as package
+    data), or None when there is none."""
+    path = Path(__file__).resolve().parent / "configs" / f"{name}.toml"
     return path if path.is_file() else None
 
 

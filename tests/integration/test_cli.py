@@ -13,6 +13,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,25 @@ def _json(path: Path) -> dict:
 def test_config_files_match_the_dataclass_defaults():
     assert VerifyConfig.load(default_config_path("verify")) == VerifyConfig()
     assert BenchConfig.load(default_config_path("bench")) == BenchConfig()
+
+
+def test_default_configs_are_package_data_found_from_any_cwd(tmp_path):
+    # The defaults live inside the package (a wheel has no repo configs/) and pyproject ships them.
+    import tomllib
+
+    import hpattn_dist.tools
+
+    package = Path(hpattn_dist.tools.__file__).resolve().parent
+    code = ("from hpattn_dist.tools.verify import default_config_path as d; "
+            "print(d('verify')); print(d('bench'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=True, env={**os.environ, "PYTHONPATH": str(package.parents[1])})
+    found = [Path(line) for line in out.stdout.split()]
+    assert found == [package / "configs" / "verify.toml", package / "configs" / "bench.toml"]
+    pyproject = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())
+    shipped = {p.resolve() for pattern in pyproject["tool"]["setuptools"]["package-data"]["hpattn_dist.tools"]
+               for p in package.glob(pattern)}
+    assert set(found) <= shipped
 
 
 @pytest.mark.parametrize("cls,kwargs,word", [
