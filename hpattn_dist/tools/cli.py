@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         under_torchrun = all(k in os.environ for k in _TORCHRUN_ENV)
         # under torchrun, cli_bench checks --plot on rank 0 and tells every rank
         if getattr(args, "plot", None) is not None and not under_torchrun:
-            from hpattn_dist.tools.bench import check_plot_target
+            from hpattn_dist.tools.bench_report import check_plot_target
 
             check_plot_target(args.plot, cfg.mode)  # before running, not after
         if args.json_path is not None and not Path(args.json_path).parent.is_dir():
@@ -272,7 +272,7 @@ def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
         if args.json_path is not None and merged:
             args.json_path.write_text(json.dumps(report, indent=1))
         if getattr(args, "plot", None) is not None and merged:
-            from hpattn_dist.tools.bench import plot_scaling
+            from hpattn_dist.tools.bench_report import plot_scaling
 
             try:
                 plot_scaling(merged, args.plot)

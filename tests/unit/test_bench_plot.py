@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hpattn_dist.tools import bench
-from hpattn_dist.tools.bench import BenchConfig, check_plot_target, format_tables, plot_scaling, scaling_figure
+from hpattn_dist.tools.bench import BenchConfig
+from hpattn_dist.tools.bench_report import check_plot_target, format_tables, plot_scaling, scaling_figure
 
 
 def _record(impl, strategy, world, nside, fb_ms, *, eff=None, threads=1, min_ms=None):

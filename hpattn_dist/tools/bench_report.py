@@ -1,0 +1,275 @@
+"""``hpattn-dist bench`` reports: the fixed-width tables of every mode and the scaling plot.
+
+Reads the records :mod:`hpattn_dist.tools.bench` measures (dicts, as in its JSON); measures
+nothing. matplotlib is imported only to plot (the ``[plot]`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from hpattn_dist.precision import DTYPES
+from hpattn_dist.strategies.auto import choose_strategy
+
+__all__ = ["NOISY_RATIO", "check_plot_target", "format_tables", "implementation_name", "is_noisy",
+           "plot_scaling", "scaling_figure"]
+
+
+def _ms(seconds: float, width: int) -> str:
+    """Milliseconds in ``width`` columns: one decimal while it fits, none above."""
+    text = f"{seconds * 1e3:.1f}"
+    return (text if len(text) <= width else f"{seconds * 1e3:.0f}").rjust(width)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+NOISY_RATIO = 2.0
+"""A run whose median time exceeds its minimum by this factor is reported as unreliable."""
+
+_STRATEGY_NAMES = {"ring": "ring", "ulysses": "Ulysses", "auto": "auto"}
+
+
+def implementation_name(record: dict[str, Any]) -> str:
+    """What a user calls the implementation of a scaling record (not the JSON's internal name)."""
+    impl = record.get("impl")
+    if impl == "oracle":
+        return "1-process layer"
+    if impl == "deepspeed_ulysses":
+        return "DeepSpeed-Ulysses"
+    strategy = str(record.get("strategy"))
+    if strategy.startswith("hybrid:U"):
+        return f"hpattn hybrid U{strategy[len('hybrid:U'):]}"
+    if strategy == "auto" and "num_heads" in record and "world_size" in record:
+        choice = choose_strategy(record["num_heads"], record["world_size"],
+                                 dtype=DTYPES.get(record.get("dtype"), torch.float32))
+        what = choice.strategy if choice.strategy != "hybrid" else f"hybrid U{choice.ulysses_degree}"
+        return f"hpattn auto={_STRATEGY_NAMES.get(what, what)}"
+    return f"hpattn {_STRATEGY_NAMES.get(strategy, strategy)}"
+
+
+def is_noisy(record: dict[str, Any]) -> bool:
+    """Whether a timed record's median exceeds its minimum by more than :data:`NOISY_RATIO`."""
+    return any(record.get(f"{k}_s", 0) > NOISY_RATIO * record[f"{k}_min_s"] > 0
+               for k in ("fwd", "fwd_bwd") if f"{k}_min_s" in record)
+
+
+def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
+    """Fixed-width tables of the records of one mode."""
+    lines = []
+    if mode == "scaling":
+        cols = (f"{'nside':>5} {'P':>2} {'thr':>3} {'implementation':<19} {'kernel':<14} {'fwd ms':>7} "
+                f"{'f+b ms':>7} {'(min)':>6} {'eff f':>5} {'eff fb':>6} {'vs DS':>5} {'MiB peak':>8} "
+                f"{'MiB sent':>8}")
+        lines += [cols, "-" * len(cols)]
+        noisy = []
+        for r in records:
+            lead = (f"{r['nside']:>5} {r['world_size']:>2} {r.get('threads_per_rank', 0):>3} "
+                    f"{implementation_name(r):<19} ")
+            if "skipped" in r:
+                lines.append(lead + f"skipped: {r['skipped']}")
+                continue
+
+            def opt(key: str, width: int) -> str:
+                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+            flag = " !" if is_noisy(r) else ""
+            noisy += [r] if flag else []
+            lines.append(
+                lead + f"{r.get('kernel', ''):<14} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
+                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd', 5)} {opt('efficiency_fwd_bwd', 6)} "
+                f"{opt('speed_vs_peer_fwd_bwd', 5)} {_mib(max(r['peak_mem_bytes_per_rank'])):>8} "
+                f"{_mib(max(r['bytes_per_rank'])):>8}{flag}")
+        lines.append("N = 12 nside^2; thr = threads per rank; times: median (and minimum) over the "
+                     "repeats,\neach repeat the slowest rank's; eff = t(single-process layer, same "
+                     "total threads) / t;\nvs DS = t(DeepSpeed-Ulysses) / t; MiB peak / sent: the "
+                     "largest rank's")
+        if noisy:
+            lines.append(
+                f"WARNING: {len(noisy)} row(s) marked ! have a median more than {NOISY_RATIO:g}x their "
+                "minimum:\nthe machine was busy (other processes, more ranks than cores), so those "
+                "times are not\nreliable; rerun on a quiet machine or with more --repeats")
+    elif mode == "emulation":
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'kernel':<15} {'fused fwd ms':>12} "
+                f"{'blocks fwd ms':>13} {'ratio fwd':>9} {'fused f+b ms':>12} {'blocks f+b ms':>13} "
+                f"{'ratio f+b':>9}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['blocks']:>2} {r['threads']:>3} {r['kernel']:<15} "
+                f"{r['fused_fwd_s'] * 1e3:12.1f} {r['blocked_fwd_s'] * 1e3:13.1f} {r['ratio_fwd']:9.3f} "
+                f"{r['fused_fwd_bwd_s'] * 1e3:12.1f} {r['blocked_fwd_bwd_s'] * 1e3:13.1f} "
+                f"{r['ratio_fwd_bwd']:9.3f}")
+        lines.append("ratio = t(one fused call on N) / t(P x P block calls + merge); target >= 0.9")
+    elif mode == "masks":
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'land on':<9} {'land':>5} {'kernel':<15} "
+                f"{'fwd ms':>8} {'f+b ms':>8} {'t fwd':>6} {'t f+b':>6} {'fwd MiB sent per rank':<27} "
+                f"{'bytes':>6} {'scores':>6}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            sav = r["savings_vs_no_land"]
+            sent = "/".join(f"{b / 2**20:.2f}" for b in r["fwd_bytes_per_rank"])
+            ratio = "-" if sav["fwd_bytes_ratio"] is None else f"{sav['fwd_bytes_ratio']:.3f}"
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
+                f"{'rank 0' if r['scenario'] == 'one_rank' else 'all':<9} {r['land_fraction']:>5.0%} "
+                f"{r['kernel']:<15} {r['fwd_s'] * 1e3:8.1f} {r['fwd_bwd_s'] * 1e3:8.1f} "
+                f"{sav['fwd_time_ratio']:6.3f} {sav['fwd_bwd_time_ratio']:6.3f} {sent:<27} "
+                f"{ratio:>6} {sav['scores_ratio']:6.3f}")
+        lines.append("ring_attention with a batch-shared land mask; t / bytes (forward, all ranks) / "
+                     "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
+                     "each repeat the slowest rank's")
+    else:
+        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
+                f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
+        lines += [cols, "-" * len(cols)]
+        for r in records:
+            lines.append(
+                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>19} {_mib(r['inputs_bytes_per_rank']):>10} "
+                f"{_mib(r['local_score_rows_bytes']):>18} {_mib(r['full_score_matrix_bytes']):>16} "
+                f"{_mib(r['score_tile_bound_bytes']):>14}")
+        lines.append("peak = growth of the resident set during ring fwd+bwd (manual kernel); "
+                     "scores in the accumulation dtype")
+    return "\n".join(lines)
+
+
+def check_plot_target(path: Path, mode: str) -> None:
+    """Refuse a ``--plot`` request BEFORE the benchmark runs: only the scaling mode is plotted,
+    matplotlib must import, and ``path`` must be a writable ``.png`` in an existing folder.
+
+    Raises:
+        ValueError: naming what is wrong and how to fix it.
+    """
+    if mode != "scaling":
+        raise ValueError(f"--plot draws the scaling mode only (time and efficiency over nside), "
+                         f"not --mode {mode}; drop --plot or use --json")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'hpattn-dist[plot]' (or "
+                         "pip install matplotlib), or drop --plot") from None
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the plot is a PNG, give a path ending in .png")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--plot {path}: the folder {folder} does not exist")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--plot {path}: cannot write there")
+
+
+def scaling_figure(reports: Sequence[dict[str, Any]]) -> Any:
+    """The matplotlib Figure of scaling records: forward+backward time (left) and efficiency
+    against the single-process layer (right) over nside; one line per implementation and world
+    size, told apart by marker (implementation) and line style (world size) as well as colour.
+
+    Raises:
+        ValueError: no timed scaling record in ``reports`` (nothing to draw).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    times: dict[tuple, dict[int, float]] = {}
+    effs: dict[tuple, dict[int, float]] = {}
+    meta: dict[str, Any] = {}
+    for report in reports:
+        for r in report.get("records", []):
+            if r.get("impl") not in ("oracle", "hpattn_dist", "deepspeed_ulysses") or "fwd_bwd_s" not in r:
+                continue
+            key = (implementation_name(r), r["world_size"], r.get("threads_per_rank", 1))
+            times.setdefault(key, {})[r["nside"]] = r["fwd_bwd_s"] * 1e3  # oracle: once per nside
+            if "efficiency_fwd_bwd" in r:
+                effs.setdefault(key, {})[r["nside"]] = r["efficiency_fwd_bwd"]
+            meta = {k: r.get(k) for k in ("batch", "embed_dim", "num_heads", "dtype")}
+            meta["device"] = report.get("device", "cpu")
+    if not times:
+        raise ValueError("--plot: the run produced no timed scaling record (every case skipped?), "
+                         "so there is nothing to draw")
+    names = sorted({k[0] for k in times}, key=lambda n: (n != "1-process layer", n))
+    # line style by TOTAL threads, so a P-rank line and the 1-process baseline it is measured
+    # against (P x threads_per_rank threads) share it
+    def total_threads(key: tuple) -> int:
+        return key[2] if key[0] == "1-process layer" else key[1] * key[2]
+
+    markers = dict(zip(names, "osD^vP*Xh<>"))
+    styles = dict(zip(sorted({total_threads(k) for k in times}), ["-", "--", ":", "-."] * 4))
+    colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    nsides = sorted({n for line in times.values() for n in line})
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for key in sorted(times, key=lambda k: (names.index(k[0]), k[1])):
+        name, world, threads = key
+        oracle = name == "1-process layer"
+        plural = "s" if threads > 1 else ""
+        label = (f"{name}, {threads} thread{plural}" if oracle
+                 else f"{name}, {world} ranks x {threads} thread{plural}")
+        style = {"marker": markers[name], "color": colours[name],
+                 "linestyle": styles[total_threads(key)], "linewidth": 2.4 if oracle else 1.4}
+        pts = sorted(times[key].items())
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        if key in effs:
+            pts = sorted(effs[key].items())
+            ax_e.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+    for ax in (ax_t, ax_e):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(nsides))
+        ax.set_xticklabels([f"{n}\n(N={12 * n * n:,})" for n in nsides])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("nside (N = 12 nside\u00b2 pixels)")
+        ax.grid(True, which="major", alpha=0.3)
+        if len(nsides) == 1:
+            ax.set_xlim(nsides[0] / 1.5, nsides[0] * 1.5)
+    ax_t.set_yscale("log")
+    ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_t.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_t.yaxis.set_minor_formatter(NullFormatter())
+    ax_t.set_ylabel("forward + backward time per call [ms]")
+    ax_t.set_title("Time (median; lower is better)")
+    ax_e.axhline(1.0, color="grey", linewidth=1, linestyle=(0, (4, 4)))
+    ax_e.set_ylabel("efficiency = t(1-process layer) / t")
+    ax_e.set_title("Efficiency vs 1 process, same total threads (1 = ideal)")
+    if len(styles) > 1:
+        ax_t.text(0.02, 0.98, "line style: total threads\n" + ", ".join(
+            f"{n}: {'solid' if st == '-' else {'--': 'dashed', ':': 'dotted', '-.': 'dash-dot'}[st]}"
+            for n, st in styles.items()), transform=ax_t.transAxes, va="top", fontsize=8)
+    if not effs:
+        ax_e.text(0.5, 0.5, "no single-process baseline\n(run without --no-oracle)",
+                  ha="center", va="center", transform=ax_e.transAxes)
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(
+        f"hpattn-dist bench: attention layer, B={meta.get('batch')}, E={meta.get('embed_dim')}, "
+        f"H={meta.get('num_heads')}, {meta.get('dtype')}, {meta.get('device')}")
+    rows = -(-len(labels) // min(3, len(labels)))
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    return fig
+
+
+def plot_scaling(reports: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write :func:`scaling_figure` of ``reports`` to the PNG ``path``.
+
+    Raises:
+        ValueError: matplotlib is not installed (``pip install hpattn-dist[plot]``), or nothing to
+            draw (no timed scaling record): no file is written then.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install 'hpattn-dist[plot]')") from None
+    import matplotlib.pyplot as plt
+
+    fig = scaling_figure(reports)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
