@@ -36,8 +36,9 @@ from torch import Tensor
 
 from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
-from hpattn_dist.oracle import ATTN_BACKENDS, AttnBackend, SpatialSelfAttention
+from hpattn_dist.oracle import SpatialSelfAttention
 from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
@@ -61,8 +62,11 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             each rank's default CPU generator, so seed every rank identically
             (``torch.manual_seed``) when ``dropout > 0``. Default: 0.0.
         bias: whether the projections have a bias. Default: True.
-        attn_backend: block kernel, ``"auto" | "sdpa" | "manual"`` (the kernel backend of the
-            same name, see :mod:`hpattn_dist.kernels.dispatch`). Default: ``"auto"``.
+        attn_backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"`` (the kernel
+            backend of the same name, chosen from the capability table of
+            :mod:`hpattn_dist.kernels.dispatch`; README, API reference, "Backend names").
+            ``"flash_attn"`` is the layer's own: the oracle's contract has the other three.
+            Default: ``"auto"``.
         process_group: the sequence-parallel group sharding the pixels (None: the default group,
             or a single process when ``torch.distributed`` is not initialised).
         strategy: one of :data:`hpattn_dist.strategies.STRATEGIES`:
@@ -111,7 +115,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         num_heads: int,
         dropout: float = 0.0,
         bias: bool = True,
-        attn_backend: AttnBackend = "auto",
+        attn_backend: str = "auto",
         *,
         process_group: Optional[dist.ProcessGroup] = None,
         strategy: str = "auto",
@@ -120,7 +124,12 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         name: str = "",
     ) -> None:
         _check_strategy_args(strategy, ulysses_degree)
-        super().__init__(embed_dim, num_heads, dropout, bias, attn_backend)
+        if attn_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
+        # The oracle's constructor checks its own names (auto|sdpa|manual); it never runs the kernel.
+        super().__init__(embed_dim, num_heads, dropout, bias,
+                         "auto" if attn_backend == "flash_attn" else attn_backend)
+        self.attn_backend = attn_backend
         self.process_group = process_group
         self.strategy = strategy
         self.ulysses_degree = ulysses_degree
@@ -215,8 +224,8 @@ def convert_spatial_attention(
         module: a model containing ``SpatialSelfAttention`` layers (or one such layer).
         process_group: the sequence-parallel group for every converted layer (None: default).
         strategy: strategy name for every converted layer. Default: ``"auto"``.
-        attn_backend: ``"auto" | "sdpa" | "manual"`` for every converted layer; None keeps each
-            layer's own.
+        attn_backend: ``"auto" | "sdpa" | "manual" | "flash_attn"`` for every converted layer
+            (local-attention layers take the first three); None keeps each layer's own.
         ulysses_degree: Ulysses sub-group size for ``strategy="hybrid"`` (only).
         healpix_field: passed to every converted layer (False: any total pixel count).
 
@@ -237,8 +246,8 @@ def convert_spatial_attention(
         >>> model = convert_spatial_attention(model, process_group=sp_group)
     """
     _check_strategy_args(strategy, ulysses_degree)
-    if attn_backend is not None and attn_backend not in ATTN_BACKENDS:
-        raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
+    if attn_backend is not None and attn_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"attn_backend must be None or one of {KERNEL_BACKENDS}, got {attn_backend!r}")
     options = {"strategy": strategy, "ulysses_degree": ulysses_degree, "healpix_field": healpix_field}
     found: list[str] = []
     converted = _convert(module, process_group, options, attn_backend, "", found)

@@ -65,7 +65,9 @@ class SpatialSelfAttention(nn.Module):
             normalised first, then dropped. Default: 0.0.
         bias: whether the projections have a bias. Default: True.
         attn_backend: ``"auto"`` (SDPA when available), ``"sdpa"`` or ``"manual"`` (explicit
-            matmul-softmax-matmul, always available). Default: ``"auto"``.
+            matmul-softmax-matmul, always available). Default: ``"auto"``. The distributed layer
+            gives the same names the same meaning, per block, and takes ``"flash_attn"`` too
+            (README, API reference, "Backend names").
 
     Shape:
         - Input ``x``: ``[B, N, E]``; optional ``key_mask``: bool ``[B, N]`` (True = attend).

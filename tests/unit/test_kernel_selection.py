@@ -180,3 +180,30 @@ def test_every_backend_name_resolves_from_the_table():
     for backend in dispatch.KERNEL_BACKENDS:
         assert dispatch.candidates(backend)
     assert dispatch.candidates("auto")[-1] is dispatch.MANUAL  # "auto" always finds a kernel
+
+
+# The layer's attn_backend names are the kernel backends (README, "Backend names"); the oracle's are
+# the seed contract's three.
+
+
+def test_layer_reaches_flash_attn_through_the_table_and_the_oracle_keeps_its_names():
+    from hpattn_dist import DistributedSpatialSelfAttention, SpatialSelfAttention, convert_spatial_attention
+
+    layer = DistributedSpatialSelfAttention(8, 2, attn_backend="flash_attn")
+    assert layer.attn_backend == "flash_attn"
+    with pytest.raises(ValueError) as info:  # CPU, and the package absent: the table's reasons
+        layer(torch.randn(1, 12, 8))
+    assert "backend='flash_attn' cannot run" in str(info.value) and "not installed" in str(info.value)
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        DistributedSpatialSelfAttention(8, 2, attn_backend="flash")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        SpatialSelfAttention(8, 2, attn_backend="flash_attn")
+    converted = convert_spatial_attention(SpatialSelfAttention(8, 2), attn_backend="flash_attn")
+    assert converted.attn_backend == "flash_attn"
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    ref = SpatialSelfAttention(8, 2, attn_backend="manual").double()
+    for name in ("auto", "sdpa", "manual"):  # one process: the layer is the oracle's attention
+        layer = DistributedSpatialSelfAttention(8, 2, attn_backend=name).double()
+        layer.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-12, atol=1e-12)
