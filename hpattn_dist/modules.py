@@ -38,7 +38,7 @@ from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
-from hpattn_dist.oracle import SpatialSelfAttention
+from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
@@ -352,6 +352,10 @@ def _layer_spec(layer: nn.Module, path: str) -> dict:
             f"{where}: dropout.p={module_p} but _dropout_p={dropout_p}: its manual and SDPA "
             "backends drop with different probabilities"
         )
+    if layer.attn_backend not in ATTN_BACKENDS:
+        # The seed's names; another (idx-flow runs SDPA for any other string) has no meaning here.
+        raise ValueError(f"{where}: attn_backend={layer.attn_backend!r} is not one of the seed "
+                         f"layer's {ATTN_BACKENDS}; pass attn_backend= to choose the kernel")
     return {"embed_dim": embed_dim, "num_heads": num_heads, "dropout": dropout_p,
             "bias": qkv.bias is not None, "attn_backend": layer.attn_backend}
 

@@ -200,6 +200,10 @@ def test_layer_reaches_flash_attn_through_the_table_and_the_oracle_keeps_its_nam
         SpatialSelfAttention(8, 2, attn_backend="flash_attn")
     converted = convert_spatial_attention(SpatialSelfAttention(8, 2), attn_backend="flash_attn")
     assert converted.attn_backend == "flash_attn"
+    source = SpatialSelfAttention(8, 2)
+    source.attn_backend = "flash_attn"  # a seed-like layer with a name outside the seed's three
+    with pytest.raises(ValueError, match="not one of the seed layer's"):
+        convert_spatial_attention(source)
     x = torch.randn(1, 12, 8, dtype=torch.float64)
     torch.manual_seed(0)
     ref = SpatialSelfAttention(8, 2, attn_backend="manual").double()
