@@ -111,7 +111,7 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
     def _facts(self) -> LayerFacts:
         layout, sums = self._fingerprint(self.named_parameters())
         label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=True)  # windows need nside
+        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=True, point_sets=False)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         try:

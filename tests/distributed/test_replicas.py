@@ -174,6 +174,7 @@ def test_local_layer_refuses_differing_parameters_and_non_healpix_fields_on_ever
         assert f"{world - 1} of {world} ranks differ" in msg, msg
         assert "hold different parameters" in out["drifted"] and "1 of" in out["drifted"], out["drifted"]
         assert out["npix"] is not None and "not a HEALPix field" in out["npix"] and "'local'" in out["npix"]
+        assert "healpix_field=False" not in out["npix"], out["npix"]  # no such option here
     for key in ("unseeded", "drifted", "npix"):
         assert len({out[key] for out in outs}) == 1, key
     # after broadcast_parameters: rank 0's weights everywhere, and the float64 oracle's output
