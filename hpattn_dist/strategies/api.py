@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.strategies.hybrid import run_hybrid
+from hpattn_dist.strategies.ops import op_attention
 from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
 from hpattn_dist.strategies.ring import run_ring
 from hpattn_dist.strategies.ulysses import run_ulysses
@@ -75,6 +76,13 @@ def sharded_attention(
     check_strategy_name(strategy)
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
+    if key_bias is None and all(isinstance(t, Tensor) for t in (q, k, v)) and (
+            group is None or isinstance(group, dist.ProcessGroup)) and (
+            dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
+        # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
+        # carry take the autograd path, whose door refuses the bad ones on every rank.
+        return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                            key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree)
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
