@@ -12,6 +12,7 @@ subpackages ``strategies`` (planning door and executors), ``comm`` (every collec
 ``cli``, ``verify`` and ``bench``. This module holds the public API only.
 """
 
+from hpattn_dist.checkpoint import checkpoint_context_fn
 from hpattn_dist.comm.counters import CommStats, count_communication
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
@@ -23,6 +24,7 @@ __all__ = [
     "DistributedSpatialSelfAttention",
     "SpatialSelfAttention",
     "build_hybrid_groups",
+    "checkpoint_context_fn",
     "choose_strategy",
     "convert_spatial_attention",
     "count_communication",
