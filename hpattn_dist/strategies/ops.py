@@ -26,6 +26,19 @@ Note [attention as one op]
     seed draw. The fake (meta) implementations give the shapes from the static arguments alone; M
     for U > 1 depends on the peers' shards and is a fresh dynamic size.
 
+    Note [compiling the attention]
+    Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
+    the P2P ring loop, the async all-to-alls) is no graph break: ``torch.compile(model,
+    fullgraph=True)`` sees one ``attention_fwd`` per layer call, and AOTAutograd one
+    ``attention_bwd``. The agreement still runs on EVERY call, compiled or not, inside the op (one
+    small all-gather): a rank that alone changes its shapes, or recompiles, gets the agreement's
+    error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
+    would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
+    the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
+    residuals have M pixels, which depends on the peers' shards: their fake gives a dynamic
+    size, which ``fullgraph=True`` accepts only with
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (else one break per call).
+
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
     a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
 """
