@@ -194,9 +194,13 @@ def fsdp_sequence_parallel(model: nn.Module, sp_size: int) -> int:
     if not modules:
         raise ValueError("fsdp_sequence_parallel: the model holds no FSDP module; call fully_shard first")
     for m in modules:
-        world = m._get_fsdp_state()._fsdp_param_group.mesh_info.mesh.size() if (
-            m._get_fsdp_state()._fsdp_param_group is not None) else dist.get_world_size()
+        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", [])
+        mesh = groups[0].mesh_info.mesh if groups else None
+        world = mesh.size() if mesh is not None else dist.get_world_size()
         if world % sp_size:
             raise ValueError(f"sp_size={sp_size} does not divide the FSDP group size {world}")
         m.set_gradient_divide_factor(float(world // sp_size))
+        if mesh is not None and mesh.device_type == "cpu":
+            # A factor in fp32/bf16 becomes ReduceOp.PREMUL_SUM, which gloo refuses: sum, then divide.
+            m.set_force_sum_reduction_for_comms(True)
     return len(modules)

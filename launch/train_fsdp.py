@@ -96,8 +96,9 @@ def main() -> None:
             if dist.get_rank() == 0:
                 print(f"step {step}: local loss {loss.item():.6f}")
     finally:
-        # Every rank reaches the barrier before any tears gloo down (Note [clean exit] in
-        # tests/harness.py: a rank destroyed while a peer still communicates aborts at exit).
+        # Every rank reaches the barrier before any tears the group down: a gloo rank that exits
+        # while a peer's last reduce-scatter / P2P is in flight aborts ("terminate called without
+        # an active exception"), as tests/harness.py's barrier-then-destroy exit avoids.
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -36,28 +36,28 @@ def _reference() -> dict:
     return {n: p.detach().clone() for n, p in block.named_parameters()}
 
 
-def _job(rank: int, world: int, scaling: str) -> dict:
+def _job(rank: int, world: int, scaling: str, dtype: torch.dtype = torch.float64) -> dict:
     from launch.train_fsdp import build_fsdp_model, make_mesh, sp_loss
 
     mesh = make_mesh(DP, SP)
     dp_rank, sp_rank = mesh["dp"].get_local_rank(), mesh["sp"].get_local_rank()
-    model = build_fsdp_model(make_block(True, strategy="ring", process_group=mesh["sp"].get_group()), mesh,
-                             scaling=scaling)
+    block = make_block(True, strategy="ring", process_group=mesh["sp"].get_group()).to(dtype)
+    model = build_fsdp_model(block, mesh, scaling=scaling)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     local = bounds(N, SP, sp_rank)
     for step in range(STEPS):
         x, t = _data(step)
         rows = slice(dp_rank * B, (dp_rank + 1) * B)
-        loss = sp_loss(model(x[rows, local]), t[rows, local], N)
+        loss = sp_loss(model(x[rows, local].to(dtype)), t[rows, local].to(dtype), N)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
 
 
 @functools.lru_cache(maxsize=None)
-def _results(scaling: str) -> list:
-    return run_ranks(_job, DP * SP, scaling, timeout=180)
+def _results(scaling: str, dtype: torch.dtype = torch.float64) -> list:
+    return run_ranks(_job, DP * SP, scaling, dtype, timeout=180)
 
 
 def _max_rel(got: dict, ref: dict) -> float:
@@ -68,6 +68,13 @@ def test_fsdp2_dp_x_sp_training_equals_float64_single_device():
     ref = _reference()
     for rank, got in enumerate(_results("library")):
         assert _max_rel(got, ref) <= 1e-12, rank
+
+
+def test_fsdp2_float32_on_gloo_sums_then_divides():
+    """Was: "Cannot use ReduceOp.PREMUL_SUM with Gloo" (a divide factor in fp32 on gloo)."""
+    ref = _reference()
+    for rank, got in enumerate(_results("library", torch.float32)):
+        assert _max_rel(got, ref) <= 1e-5, rank
 
 
 @pytest.mark.parametrize("scaling", ["none", "root_only"])
