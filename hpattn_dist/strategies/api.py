@@ -76,7 +76,7 @@ def sharded_attention(
     check_strategy_name(strategy)
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
-    if key_bias is None and all(isinstance(t, Tensor) for t in (q, k, v)) and (
+    if key_bias is None and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
         # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
@@ -89,6 +89,15 @@ def sharded_attention(
         dropout_seed=dropout_seed, what=_ENTRY_NAMES[strategy],
     )
     return execute(plan, q, k, v, bias, key_mask)
+
+
+def _one_device(*tensors: Optional[Tensor]) -> bool:
+    """Tensors (None skipped) on one real device: what the registered op dispatches alike on every
+    rank (mixed or meta devices would reach its fake implementation, skipping the agreement)."""
+    if not all(t is None or isinstance(t, Tensor) for t in tensors) or not isinstance(tensors[0], Tensor):
+        return False
+    devices = {t.device for t in tensors if t is not None}
+    return len(devices) == 1 and tensors[0].device.type != "meta"
 
 
 def execute(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],

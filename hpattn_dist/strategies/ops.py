@@ -39,6 +39,9 @@ Note [attention as one op]
     size, which ``fullgraph=True`` accepts only with
     ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (else one break per call).
 
+    The first call of a registered op in a process imports ``torch._dynamo`` (custom ops run
+    their body with dynamo disabled): seconds, once.
+
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
     a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
 """
