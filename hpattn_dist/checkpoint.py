@@ -21,7 +21,6 @@ behaves like plain ``checkpoint`` here; no checkpointing saves every activation.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts

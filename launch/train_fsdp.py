@@ -74,7 +74,6 @@ def main() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         from hpattn_dist import DistributedSpatialSelfAttention
-        from hpattn_dist.healpix import shard_bounds  # noqa: F401  (pixel ranges of real grids)
 
         mesh = make_mesh(args.dp, args.sp)
         torch.manual_seed(0)

@@ -62,11 +62,10 @@ from hpattn_dist.kernels import select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
-from hpattn_dist.strategies.ring import _dropout_spec, _RingAttention
+from hpattn_dist.strategies.ring import _RingAttention
 
 __all__ = ["group_name_of", "op_attention"]
 
-_STRATEGY_CODES = ("ring", "ulysses", "hybrid")
 _PLAN_HEAD = 5  # use_bias, mask_travels, q_offset, head_offset, seed
 
 
@@ -275,7 +274,6 @@ def _(dout, q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h, g
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-_STATIC = ("group_name", "strategy", "ulysses_degree", "backend", "dropout_p", "scale")
 
 
 def _setup_context(ctx, inputs, output) -> None:
