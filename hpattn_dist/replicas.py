@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["LayerFacts", "ParameterFingerprint", "check_layer_rows"]
+__all__ = ["LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows"]
 
 _RTOL = 1e-9
 
@@ -99,6 +99,34 @@ class LayerFacts:
     sums: tuple[int, int, int]
     healpix_field: bool
     point_sets: bool = True
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """What a layer hands its attention call so that its facts can be taken where the call runs
+    (inside the registered op, opaque to ``torch.compile``): its name in errors, its parameters in
+    a fixed order, and the ``healpix_field`` flag."""
+
+    name: str
+    params: tuple
+    healpix_field: bool
+
+
+# Fingerprints of the parameters seen through a LayerRef, per layer name and parameter storage
+# (the cache of each is per parameter version, Note [replicated parameter check]).
+_FINGERPRINTS: dict[tuple, ParameterFingerprint] = {}
+
+
+def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> LayerFacts:
+    """The :class:`LayerFacts` of a layer's call from its parameters (cached per parameter version)."""
+    key = (name, tuple(p.data_ptr() for p in params))
+    fingerprint = _FINGERPRINTS.get(key)
+    if fingerprint is None:
+        if len(_FINGERPRINTS) >= 4096:
+            _FINGERPRINTS.clear()
+        fingerprint = _FINGERPRINTS[key] = ParameterFingerprint()
+    layout, sums = fingerprint((str(i), p) for i, p in enumerate(params))
+    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field)
 
 
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
