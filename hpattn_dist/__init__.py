@@ -12,6 +12,7 @@ subpackages ``strategies`` (planning door and executors), ``comm`` (every collec
 ``cli``, ``verify`` and ``bench``. This module holds the public API only.
 """
 
+from hpattn_dist.checkpoint import checkpoint_context_fn
 from hpattn_dist.comm.counters import CommStats, count_communication
 from hpattn_dist.grad_sync import broadcast_parameters
 from hpattn_dist.local import (
@@ -30,6 +31,7 @@ __all__ = [
     "SpatialSelfAttention",
     "broadcast_parameters",
     "build_hybrid_groups",
+    "checkpoint_context_fn",
     "choose_strategy",
     "convert_spatial_attention",
     "count_communication",

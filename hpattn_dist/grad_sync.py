@@ -52,7 +52,7 @@ from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
 
-__all__ = ["broadcast_parameters", "global_loss", "sharded_mean", "sync_gradients"]
+__all__ = ["broadcast_parameters", "fsdp_sequence_parallel", "global_loss", "sharded_mean", "sync_gradients"]
 
 
 def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
@@ -218,3 +218,45 @@ def broadcast_parameters(
             for t in bucket:
                 t.copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def fsdp_sequence_parallel(model: nn.Module, sp_size: int) -> int:
+    """Make FSDP2 reduce the gradients of a sequence-parallel model correctly: SUM over the SP
+    ranks, MEAN over the data-parallel ones (Note [sequence-parallel gradients]).
+
+    FSDP2 (``fully_shard`` over a mesh whose ranks are DP x SP, torchtitan style) divides the
+    reduced gradient by the number of ranks it reduces over, P_dp * P_sp, which is P_sp too many.
+    This sets the divide factor ``P_dp = world / sp_size`` on EVERY ``FSDPModule`` inside
+    ``model`` (the root only would leave the other modules' gradients P_sp times too small). Call
+    it after the last ``fully_shard``; each rank's loss is then its per-sample mean with the pixel
+    sum divided by the GLOBAL pixel count (:func:`sharded_mean`).
+
+    Args:
+        model: the model after ``fully_shard``.
+        sp_size: the number of ranks sharding the pixels (P_sp).
+
+    Returns:
+        The number of FSDP modules set (at least 1).
+
+    Raises:
+        ValueError: ``sp_size`` is not a positive int dividing the FSDP group size, or ``model``
+            holds no FSDP module.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
+        raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        raise ValueError("fsdp_sequence_parallel: the model holds no FSDP module; call fully_shard first")
+    for m in modules:
+        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", [])
+        mesh = groups[0].mesh_info.mesh if groups else None
+        world = mesh.size() if mesh is not None else dist.get_world_size()
+        if world % sp_size:
+            raise ValueError(f"sp_size={sp_size} does not divide the FSDP group size {world}")
+        m.set_gradient_divide_factor(float(world // sp_size))
+        if mesh is not None and mesh.device_type == "cpu":
+            # A factor in fp32/bf16 becomes ReduceOp.PREMUL_SUM, which gloo refuses: sum, then divide.
+            m.set_force_sum_reduction_for_comms(True)
+    return len(modules)

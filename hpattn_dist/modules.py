@@ -27,6 +27,7 @@ compensated (see :mod:`hpattn_dist.grad_sync`). Without it the ranks' parameters
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -39,11 +40,17 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
+from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
+
+class _Unbound:
+    """Stands where a pickled layer's process group was (Note [copying a layer bound to a group])."""
+
+    def __repr__(self) -> str:
+        return "<process group dropped by pickling>"
 
 
 class DistributedSpatialSelfAttention(SpatialSelfAttention):
@@ -139,8 +146,39 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
 
     def _facts(self) -> LayerFacts:
         layout, sums = self._fingerprint(self.named_parameters())
-        label = f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field)
+        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field)
+
+    def _label(self) -> str:
+        return f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
+
+    def _ref(self) -> LayerRef:
+        """What the call takes its facts from, where it runs (in the registered op, whose
+        parameter sums ``torch.compile`` does not trace)."""
+        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+
+    # Note [copying a layer bound to a group]
+    # A ProcessGroup is a handle on this process's communicator: it can be shared, not copied or
+    # sent elsewhere. copy.deepcopy SHARES it (the copy attends over the same ranks, like the
+    # original); pickling (torch.save of the module, multiprocessing) DROPS it, and the unpickled
+    # layer raises on use until re-bound with ``layer.process_group = group`` (None: WORLD).
+    # A layer built with process_group=None keeps None both ways (the default group wherever
+    # it is loaded).
+
+    def __deepcopy__(self, memo: dict) -> "DistributedSpatialSelfAttention":
+        if isinstance(self.process_group, dist.ProcessGroup):
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        if isinstance(state.get("process_group"), dist.ProcessGroup):
+            state["process_group"] = _Unbound()
+        return state
 
     def extra_repr(self) -> str:
         return (
@@ -162,6 +200,12 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         Returns:
             ``[B, N_r, E]``.
         """
+        if isinstance(self.process_group, _Unbound):
+            raise RuntimeError(
+                "DistributedSpatialSelfAttention was unpickled without its process group (a "
+                "ProcessGroup cannot be pickled): set layer.process_group = <the sequence-parallel "
+                "group> (or None for the default group) before calling it"
+            )
         try:
             check_layer_input(x, self.embed_dim, key_mask)
         except (ValueError, TypeError) as err:
@@ -186,7 +230,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
             scale=self.scale,
             key_mask=key_mask,
             ulysses_degree=self.ulysses_degree,
-            layer=self._facts(),
+            layer=self._ref(),
         )  # [B, H, N_r, D]
 
         out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
@@ -283,7 +327,7 @@ def _convert(
 ) -> nn.Module:
     if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
         found.append(path)
-        return to_distributed_local(module, process_group, attn_backend)
+        return to_distributed_local(module, process_group, attn_backend, name=path)
     if isinstance(module, DistributedSpatialSelfAttention):
         found.append(path)
         return module

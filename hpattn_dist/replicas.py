@@ -9,7 +9,8 @@ each rank computes its shard with different projections and the result is silent
 shape differs, nothing hangs). Typical causes: ranks that built the model without a common seed,
 or loaded different checkpoints. So every layer call carries a fingerprint of its parameters in
 the signature ``all_gather`` it makes anyway (Note [one agreement per call] in
-``strategies/plan.py``): no extra collective, a few ints per rank.
+``strategies/plan.py``; ``healpix_local_attention``'s one agreement for the local layer): no
+extra collective, a few ints per rank.
 
 The fingerprint is a CRC-32 of the parameters' names, shapes and dtypes (compared exactly, as a
 shared value) and three float64 sums over all of them: ``sum(p)``, ``sum(|p|)`` and
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["LayerFacts", "ParameterFingerprint", "check_layer_rows"]
+__all__ = ["LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows"]
 
 _RTOL = 1e-9
 
@@ -89,12 +90,43 @@ class LayerFacts:
         layout: CRC-32 of the parameters' names, shapes and dtypes (must be equal on every rank).
         sums: the three float64 parameter sums as int64 bits (equal within a relative 1e-9).
         healpix_field: the ranks' shards together must form a HEALPix field, ``N = 12 nside**2``.
+        point_sets: the layer can be built for arbitrary point sets (``healpix_field=False``);
+            False for local attention, whose windows are cells of the HEALPix hierarchy.
     """
 
     name: str
     layout: int
     sums: tuple[int, int, int]
     healpix_field: bool
+    point_sets: bool = True
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """What a layer hands its attention call so that its facts can be taken where the call runs
+    (inside the registered op, opaque to ``torch.compile``): its name in errors, its parameters in
+    a fixed order, and the ``healpix_field`` flag."""
+
+    name: str
+    params: tuple
+    healpix_field: bool
+
+
+# Fingerprints of the parameters seen through a LayerRef, per layer name and parameter storage
+# (the cache of each is per parameter version, Note [replicated parameter check]).
+_FINGERPRINTS: dict[tuple, ParameterFingerprint] = {}
+
+
+def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> LayerFacts:
+    """The :class:`LayerFacts` of a layer's call from its parameters (cached per parameter version)."""
+    key = (name, tuple(p.data_ptr() for p in params))
+    fingerprint = _FINGERPRINTS.get(key)
+    if fingerprint is None:
+        if len(_FINGERPRINTS) >= 4096:
+            _FINGERPRINTS.clear()
+        fingerprint = _FINGERPRINTS[key] = ParameterFingerprint()
+    layout, sums = fingerprint((str(i), p) for i, p in enumerate(params))
+    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field)
 
 
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
@@ -114,8 +146,10 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
             raise ValueError(
                 f"{facts.name}: the ranks' shards add up to N = {total} pixels ({shards}), not a "
                 "HEALPix field of 12 * nside**2 pixels. Each rank passes ITS OWN contiguous range "
-                "of the field (hpattn_dist.healpix.scatter(x_full)), not the full field; for "
-                "attention over an arbitrary point set, build the layer with healpix_field=False"
+                "of the field (hpattn_dist.healpix.scatter(x_full)), not the full field"
+                + ("; for attention over an arbitrary point set, build the layer with "
+                   "healpix_field=False" if facts.point_sets else
+                   "; local attention needs one (its windows are cells of a coarser HEALPix grid)")
             )
     values = [[_float(b) for b in row] for row in sums]
     scale = [max(abs(row[i]) for row in values) for i in range(3)]

@@ -193,8 +193,9 @@ def _context() -> multiprocessing.context.BaseContext:
         # The preload list is process-global; the server inherits the environment of the first
         # run_ranks call, in which OMP_NUM_THREADS=1 is set.
         # idx_flow (healpy, scikit-learn: seconds to import) too; a module that is not installed
-        # is skipped by multiprocessing.
-        ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, "idx_flow"])
+        # is skipped by multiprocessing. torch._dynamo: a registered op's first call imports it
+        # (seconds; Note [attention as one op] in hpattn_dist/strategies/ops.py).
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__, "idx_flow"])
     return ctx
 
 

@@ -24,8 +24,9 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.replicas import LayerFacts
+from hpattn_dist.replicas import LayerFacts, LayerRef, facts_of
 from hpattn_dist.strategies.hybrid import run_hybrid
+from hpattn_dist.strategies.ops import op_attention
 from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
 from hpattn_dist.strategies.ring import run_ring
 from hpattn_dist.strategies.ulysses import run_ulysses
@@ -61,7 +62,7 @@ def sharded_attention(
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
     ulysses_degree: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
 ) -> Tensor:
     """Attention over a pixel dimension sharded across ``group`` with the named strategy.
 
@@ -69,7 +70,8 @@ def sharded_attention(
     plus ``ulysses_degree`` (U, a divisor of P and H) for ``"hybrid"``, whose sub-groups are
     created on the first call (collectively, by every process; see
     :func:`hpattn_dist.mesh.hybrid_groups_for`) and cached. ``layer``: the calling layer's facts
-    (:class:`~hpattn_dist.replicas.LayerFacts`), checked in the same agreement; the functions
+    (:class:`~hpattn_dist.replicas.LayerFacts`, or a :class:`~hpattn_dist.replicas.LayerRef` to take
+    them from), checked in the same agreement; the functions
     below pass none, so they accept any total pixel count N (point sets as well as HEALPix
     fields). Returns ``[B, H, N_r, D]``.
 
@@ -80,12 +82,31 @@ def sharded_attention(
     check_strategy_name(strategy)
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
+    if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
+            group is None or isinstance(group, dist.ProcessGroup)) and (
+            dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
+        # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
+        # carry take the autograd path, whose door refuses the bad ones on every rank.
+        return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                            key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,
+                            layer=layer)
+    if isinstance(layer, LayerRef):
+        layer = facts_of(layer.name, layer.params, layer.healpix_field)
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
         dropout_seed=dropout_seed, layer=layer, what=_ENTRY_NAMES[strategy] if layer is None else layer.name,
     )
     return execute(plan, q, k, v, bias, key_mask)
+
+
+def _one_device(*tensors: Optional[Tensor]) -> bool:
+    """Tensors (None skipped) on one real device: what the registered op dispatches alike on every
+    rank (mixed or meta devices would reach its fake implementation, skipping the agreement)."""
+    if not all(t is None or isinstance(t, Tensor) for t in tensors) or not isinstance(tensors[0], Tensor):
+        return False
+    devices = {t.device for t in tensors if t is not None}
+    return len(devices) == 1 and tensors[0].device.type != "meta"
 
 
 def execute(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],

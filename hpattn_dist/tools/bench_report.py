@@ -125,6 +125,27 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
         lines.append("ring_attention with a batch-shared land mask; t / bytes (forward, all ranks) / "
                      "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
                      "each repeat the slowest rank's")
+    elif mode == "local":
+        cols = (f"{'nside':>5} {'window':>6} {'P':>2} {'thr':>3} {'implementation':<22} {'fwd ms':>7} "
+                f"{'f+b ms':>7} {'(min)':>6} {'eff fb':>6} {'vs ring':>7} {'MiB peak':>8} {'MiB sent':>8}")
+        lines += [cols, "-" * len(cols)]
+        names = {"local": "local (neighbourhood)", "ring": "global ring",
+                 "local_single": "local, 1 process"}
+        for r in records:
+            def opt(key: str, width: int) -> str:
+                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+            lines.append(
+                f"{r['nside']:>5} {r['window_nside']:>6} {r['world_size']:>2} {r['threads_per_rank']:>3} "
+                f"{names[r['impl']]:<22} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
+                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd_bwd', 6)} "
+                f"{opt('speed_vs_ring_fwd_bwd', 7)} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {_mib(max(r['bytes_per_rank'])):>8}"
+                f"{' !' if is_noisy(r) else ''}")
+        lines.append("window = window_nside (nside / 8); eff fb = t(local, 1 process, same total threads) / "
+                     "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
+                     "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
+                     "largest rank's; ! = median > 2x minimum (busy machine)")
     else:
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
                 f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")

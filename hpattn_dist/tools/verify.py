@@ -73,7 +73,8 @@ from hpattn_dist.strategies import STRATEGIES, choose_strategy
 
 @dataclass
 class VerifyConfig:
-    """What ``hpattn-dist verify`` checks. Defaults: ``hpattn_dist/tools/configs/verify.toml`` (table ``[verify]``).
+    """What ``hpattn-dist verify`` checks. Defaults: ``hpattn_dist/tools/configs/verify.toml``
+    (table ``[verify]``).
 
     Attributes:
         nside: HEALPix resolution; ``N = 12 * nside**2`` pixels (nside 8: 768).

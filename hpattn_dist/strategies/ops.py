@@ -1,0 +1,329 @@
+"""The attention as two registered operators, ``hpattn::attention_fwd`` and ``hpattn::attention_bwd``.
+
+Legend: B batch, H heads, D head dim, P ranks of the group, U Ulysses degree, R = P / U ring
+degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1).
+
+Note [attention as one op]
+    Activation checkpointing, ``torch.compile`` and selective-checkpoint policies see only
+    dispatcher operators. Through ``torch.library.custom_op`` one call of the attention is ONE
+    operator, ``hpattn::attention_fwd``, whose body is the whole door and execution (the plan's
+    agreement, Note [one agreement per call], and the strategy's communication); its backward is
+    a second operator, ``hpattn::attention_bwd``. Everything the backward needs crosses between
+    them as op arguments and outputs, never as hidden state:
+
+    * the static values: the group by its registered name (``ProcessGroup.group_name``, as
+      torch's functional collectives take it; ``""`` = a single process), the strategy, U,
+      backend, dropout probability and scale;
+    * the agreed values, as an int64 output ``plan`` ``[5 + U + R]``: ``(use_bias,
+      mask_travels, q_offset, head_offset, seed, ulysses sizes..., kv sizes...)``;
+    * the residuals: ``out``, its ``lse``, and for U > 1 the head-layout tensors the strategy's
+      backward reads (``q_h, k_h, v_h [B, h, M, D]``, ``out_h``, the gathered key mask), so that
+      the backward sends exactly what the autograd executors send (``dout`` to heads, the ring's
+      K/V and dK/dV rotation, dq/dk/dv back) and nothing of the forward's.
+
+    A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
+    therefore recomputes a checkpointed block without a byte of communication and without a new
+    seed draw. The fake (meta) implementations give the shapes from the static arguments alone; M
+    for U > 1 depends on the peers' shards and is a fresh dynamic size.
+
+    Note [compiling the attention]
+    Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
+    the P2P ring loop, the async all-to-alls) is no graph break: ``torch.compile(model,
+    fullgraph=True)`` sees one ``attention_fwd`` per layer call, and AOTAutograd one
+    ``attention_bwd``. The agreement still runs on EVERY call, compiled or not, inside the op (one
+    small all-gather): a rank that alone changes its shapes, or recompiles, gets the agreement's
+    error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
+    would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
+    the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
+    residuals have M pixels, which depends on the peers' shards: their fake gives a dynamic
+    size, which ``fullgraph=True`` accepts only with
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (else one break per call).
+
+    The first call of a registered op in a process imports ``torch._dynamo`` (custom ops run
+    their body with dynamo disabled): seconds, once.
+
+    Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
+    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads
+from hpattn_dist.double_backward import refuse_double_backward
+from hpattn_dist.kernels import select_kernel
+from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
+from hpattn_dist.mesh import hybrid_groups_for
+from hpattn_dist.replicas import LayerRef, facts_of
+from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
+from hpattn_dist.strategies.ring import _RingAttention
+
+__all__ = ["group_name_of", "op_attention"]
+
+_PLAN_HEAD = 5  # use_bias, mask_travels, q_offset, head_offset, seed
+
+
+def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
+    """The registered name of ``group`` (None = WORLD), or ``""`` without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return ""
+    return (dist.group.WORLD if group is None else group).group_name
+
+
+def _group(name: str) -> GroupInfo:
+    if not name:
+        return GroupInfo(None, 0, 1)
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return resolve_group(_resolve_process_group(name))
+
+
+class _Ctx:
+    """Stands in for an autograd ctx when the ring Function's forward/backward run inside the op."""
+
+    def __init__(self, plan: AttentionPlan, saved: tuple = ()) -> None:
+        self.plan, self.saved_tensors = plan, saved
+        # The op's backward always returns dq, dk, dv (no key_bias on this path), so on more than
+        # one rank the dK/dV accumulators always travel home, on every rank alike.
+        self.needs_input_grad = (True, True, True, False, False, False)
+        self.kv_stacked = False
+        self.dkv_travels = plan.ring_group.world_size > 1
+        self.dbias_travels = False
+
+    def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
+        self.saved_tensors = tensors
+
+
+def _single() -> GroupInfo:
+    return GroupInfo(None, 0, 1)
+
+
+def _sub_groups(parent_name: str, strategy: str, u_deg: int) -> tuple[GroupInfo, GroupInfo]:
+    """``(ulysses_group, ring_group)`` of the executed strategy (a group of one where absent)."""
+    parent = _group(parent_name)
+    if strategy == "ring":
+        return _single(), parent
+    if strategy == "ulysses":
+        return parent, _single()
+    made = hybrid_groups_for(parent.group, u_deg)  # cached at the forward's planning
+    return resolve_group(made.ulysses_group), resolve_group(made.ring_group)
+
+
+def _plan_tensor(plan: AttentionPlan) -> Tensor:
+    values = (int(plan.use_bias), int(plan.mask_travels), plan.q_offset, plan.head_offset, plan.seed,
+              *plan.ulysses_sizes, *plan.kv_sizes)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int, backend: str,
+               dropout_p: float, scale: float) -> AttentionPlan:
+    values = [int(x) for x in t.tolist()]
+    use_bias, mask_travels, q_offset, head_offset, seed = values[:_PLAN_HEAD]
+    u_info, r_info = _sub_groups(group_name, strategy, u_deg)
+    sizes = tuple(values[_PLAN_HEAD:_PLAN_HEAD + u_deg])
+    return AttentionPlan(
+        strategy=strategy, ulysses_group=u_info, ring_group=r_info, ulysses_sizes=sizes,
+        kv_sizes=tuple(values[_PLAN_HEAD + u_deg:]), q_offset=q_offset, head_offset=head_offset,
+        mask_travels=bool(mask_travels), use_bias=bool(use_bias),
+        kernel=select_kernel(backend, q, has_bias=bool(use_bias), dropout=dropout_p > 0),
+        scale=scale, dropout_p=dropout_p, seed=seed,
+    )
+
+
+def _ring_inputs(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+    """What ``run_ring`` hands its Function: compacted keys, the bias from the mask, key indices."""
+    kept = unmasked_keys(mask) if plan.mask_travels else None
+    bias = key_bias_from_mask(q, mask, None) if plan.use_bias else None
+    k_index = None
+    if plan.dropout_p > 0:
+        k_index = (torch.arange(q.shape[2], device=q.device) if kept is None else kept) + plan.q_offset
+    if kept is not None:
+        k, v = k.index_select(2, kept), v.index_select(2, kept)
+        bias = None if bias is None else bias.index_select(2, kept)
+    return k, v, bias, k_index, kept
+
+
+def _ring_forward(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+    """``[B, h, M, D]`` -> ``(out, lse)``: the ring Function's forward, run as it is."""
+    k_c, v_c, bias, k_index, _ = _ring_inputs(plan, q, k, v, mask)
+    ctx = _Ctx(plan)
+    out = _RingAttention.forward(ctx, q, k_c, v_c, bias, k_index, plan)
+    return out, ctx.saved_tensors[-1]  # lse is saved last
+
+
+def _ring_backward(plan: AttentionPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   mask: Optional[Tensor], out: Tensor, lse: Tensor):
+    """The ring Function's backward from the saved ``out, lse``; dK/dV scattered to all keys."""
+    k_c, v_c, bias, k_index, kept = _ring_inputs(plan, q, k, v, mask)
+    ctx = _Ctx(plan, (q, k_c, v_c, bias, k_index, out, lse))
+    with torch.no_grad():
+        dq, dk_c, dv_c = _RingAttention.backward(ctx, dout)[:3]
+    if kept is None:
+        return dq, dk_c, dv_c
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    return dq, dk.index_copy_(2, kept, dk_c), dv.index_copy_(2, kept, dv_c)
+
+
+def _empty(q: Tensor) -> Tensor:
+    return q.new_empty((0,))
+
+
+@torch.library.custom_op("hpattn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
+                  strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
+                  dropout_seed: int, layer_params: list[Tensor], layer_name: str,
+                  layer_healpix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
+
+    ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
+    ``dropout_seed`` -1 = draw. For U = 1 the head-layout residuals are empty and ``lse`` is
+    ``[B, H, N_r]``; else ``lse`` is ``[B, h, M]``. ``layer_name`` non-empty: the call is a
+    layer's, whose parameters ``layer_params`` and field (``layer_healpix``) are checked in the
+    same agreement (Note [replicated parameter check]).
+    """
+    layer = facts_of(layer_name, layer_params, layer_healpix) if layer_name else None
+    plan, _ = plan_attention(
+        strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
+        backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
+        dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer,
+        what=_what(strategy) if layer is None else layer.name,
+    )
+    plan_t = _plan_tensor(plan)
+    if plan.strategy == "ulysses":
+        plan = dataclasses.replace(plan, ring_group=_single())  # the ring of one: local attention
+    if plan.strategy == "ring":
+        out, lse = _ring_forward(plan, q, k, v, key_mask)
+        e = _empty(q)
+        return out, plan_t, lse, e, e.clone(), e.clone(), e.clone(), e.clone()
+    u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
+    q_h, k_h, v_h = pixels_to_heads((q, k, v), u_info, sizes, f"{plan.strategy}.qkv")
+    mask_h = None
+    if key_mask is not None:
+        mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, sizes, f"{plan.strategy}.mask").bool()
+    out_h, lse_h = _ring_forward(plan, q_h, k_h, v_h, mask_h)
+    out = heads_to_pixels((out_h,), u_info, sizes, f"{plan.strategy}.out")[0].contiguous()
+    mask_r = _empty(q) if mask_h is None else mask_h.to(q.dtype)
+    return _distinct((out, plan_t, lse_h, q_h, k_h, v_h, out_h, mask_r), (q, k, v, key_mask))
+
+
+def _what(strategy: str) -> str:
+    return {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention"}.get(
+        strategy, "auto_attention")
+
+
+def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: int) -> tuple[str, int]:
+    return _choose(strategy, _group(group_name), None, ulysses_degree or None, q)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
+      layer_params, layer_name, layer_healpix):
+    executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
+    r_deg = _group(group_name).world_size // u_deg
+    plan_t = torch.empty((_PLAN_HEAD + u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if executed == "ring":
+        lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
+        return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(5))
+    batch, heads, _, head_dim = q.shape
+    m = torch.library.get_ctx().new_dynamic_size()
+    h = heads // u_deg
+    heads_t = [q.new_empty((batch, h, m, head_dim)) for _ in range(4)]
+    mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m))
+    return out, plan_t, q.new_empty((batch, h, m), dtype=_acc(q.dtype)), *heads_t, mask_r
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    from hpattn_dist.precision import acc_dtype
+
+    return acc_dtype(dtype)
+
+
+@torch.library.custom_op("hpattn::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], out: Tensor,
+                  plan_t: Tensor, lse: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, out_h: Tensor,
+                  mask_h: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
+                  dropout_p: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` ``[B, H, N_r, D]`` from what ``attention_fwd`` returned."""
+    executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
+    plan = _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
+    if executed == "ring":
+        return _distinct(_ring_backward(plan, dout, q, k, v, key_mask, out, lse), (dout, q, k, v, out, lse))
+    u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
+    dout_h = pixels_to_heads((dout,), u_info, sizes, f"{executed}.out.grad")[0]
+    mask = mask_h.bool() if mask_h.numel() else None
+    dq_h, dk_h, dv_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse)
+    grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
+    return _distinct(tuple(g.contiguous() for g in grads), (dout, q_h, k_h, v_h, out_h, lse))
+
+
+def _distinct(ts: tuple, inputs: tuple = ()) -> tuple:
+    """``ts`` with a copy of any tensor sharing storage with an input or an earlier one (an op's
+    outputs may alias nothing: the ring's dK and dV are halves of one buffer, a group of one
+    exchanges nothing)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    out = []
+    for t in ts:
+        ptr = t.untyped_storage().data_ptr()
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return tuple(out)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h, group_name, strategy,
+      ulysses_degree, backend, dropout_p, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale = inputs[:10]
+    ctx.n_layer_params = len(inputs[11])
+    out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h = output
+    ctx.save_for_backward(q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h)
+    ctx.static = (group_name, strategy, ulysses_degree, backend, dropout_p, scale)
+
+
+def _plain_backward(ctx, dout):
+    q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h = ctx.saved_tensors
+    return attention_bwd(dout, q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h, *ctx.static)
+
+
+# The backward is explicit, so not differentiable: Note [double backward], named per entry point.
+_REFUSING = {name: refuse_double_backward(name)(_plain_backward)
+             for name in ("ring_attention", "ulysses_attention", "hybrid_attention", "auto_attention")}
+
+
+def _backward(ctx, dout, *unused):
+    dq, dk, dv = _REFUSING[_what(ctx.static[1])](ctx, dout)
+    # No gradient for the layer's parameters through here: the op only reads their sums.
+    return dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
+                 backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
+                 dropout_seed: Optional[int], ulysses_degree: Optional[int],
+                 layer: Optional[LayerRef] = None) -> Tensor:
+    """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
+    (Note [attention as one op]); ``[B, H, N_r, D]`` in, ``[B, H, N_r, D]`` out."""
+    return torch.ops.hpattn.attention_fwd(
+        q, k, v, key_mask, group_name_of(group), strategy, ulysses_degree or 0, backend,
+        float(dropout_p), q.shape[-1] ** -0.5 if scale is None else float(scale),
+        -1 if dropout_seed is None else dropout_seed,
+        [] if layer is None else list(layer.params), "" if layer is None else layer.name,
+        True if layer is None else layer.healpix_field,
+    )[0]
