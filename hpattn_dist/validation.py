@@ -31,9 +31,10 @@ def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
 _QKV_DIMS = ("B (batch)", "H (heads)", "N_local (pixels)", "D (head dim)")
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross: bool = False) -> None:
     """q, k, v must be floating ``[B, H, N_local, D]`` tensors with equal B, H, N_local, D, dtype
-    and device; ``scale`` None or a positive finite number.
+    and device; ``scale`` None or a positive finite number. ``cross``: q's N_local (queries) may
+    differ from that of k and v (keys, which must still agree with each other).
 
     Raises:
         TypeError: q, k or v is not a tensor.
@@ -48,13 +49,16 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
             raise ValueError(f"{name} must have shape [B, H, N_local, D], got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.shape == k.shape == v.shape):
+    dims = [i for i in range(4) if not (cross and i == 2 and k.shape[2] == v.shape[2])]
+    if any(not q.shape[i] == k.shape[i] == v.shape[i] for i in dims):
         differ = [
-            f"{dim}: q {q.shape[i]}, k {k.shape[i]}, v {v.shape[i]}"
-            for i, dim in enumerate(_QKV_DIMS) if not q.shape[i] == k.shape[i] == v.shape[i]
+            f"{_QKV_DIMS[i]}: q {q.shape[i]}, k {k.shape[i]}, v {v.shape[i]}"
+            for i in dims if not q.shape[i] == k.shape[i] == v.shape[i]
         ]
+        what = ("q [B, H, Nq_local, D], k and v [B, H, Nk_local, D] must agree in B, H and D (k and v "
+                "in Nk_local too)" if cross else "q, k and v must have the same shape [B, H, N_local, D]")
         raise ValueError(
-            "q, k and v must have the same shape [B, H, N_local, D]; they differ in "
+            what + "; they differ in "
             + "; ".join(differ)
             + f" (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
         )
