@@ -118,8 +118,8 @@ class SpatialCrossAttention(nn.Module):
         Returns:
             ``[B, Nq, E]``.
         """
-        check_layer_input(x_q, self.embed_dim, pixels="Nq")
-        check_layer_input(x_kv, self.kv_dim, key_mask, pixels="Nk")
+        check_layer_input(x_q, self.embed_dim, pixels="Nq", name="x_q")
+        check_layer_input(x_kv, self.kv_dim, key_mask, pixels="Nk", name="x_kv", dim_name="kv_dim")
         if x_q.shape[0] != x_kv.shape[0]:
             raise ValueError(f"x_q and x_kv must have the same batch size, got {x_q.shape[0]} and {x_kv.shape[0]}")
         batch, n_q, _ = x_q.shape
@@ -244,8 +244,9 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
             ``[B, Nq_r, E]``.
         """
         try:
-            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r")
-            check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r")
+            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local")
+            check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",
+                              dim_name="kv_dim")
         except (ValueError, TypeError) as err:
             raise_on_every_rank(resolve_group(self.process_group), type(self).__name__, err)
         batch, n_q, _ = x_q_local.shape

@@ -216,8 +216,14 @@ def _fail_together(rank: int) -> dict:
         "mask_length": lambda: ring_cross_attention(q, k, k, key_mask=torch.ones(2, 5 if odd else 3, dtype=torch.bool)),
         "self_vs_cross": lambda: (ring_attention(q, q, q) if odd else ring_cross_attention(q, k, k)),
     }
+    torch.manual_seed(3)
+    layer = DistributedSpatialCrossAttention(8, 2, kv_dim=3, strategy="ring")
+    x_q = torch.randn(1, 4, 8)  # 3 x 4 = 12 target pixels: nside 1
+    attempts["layer_kv_dim"] = lambda: layer(x_q, torch.randn(1, 16, 4 if odd else 3))
+    attempts["layer_source_not_healpix"] = lambda: layer(x_q, torch.randn(1, 17 if odd else 16, 3))
     found = {name: _attempt(fn) for name, fn in attempts.items()}
     found["after"] = tuple(ring_cross_attention(q, k, k).shape)
+    found["layer_after"] = tuple(layer(x_q, torch.randn(1, 16, 3)).shape)  # 48 source pixels: nside 2
     return found
 
 
@@ -374,9 +380,14 @@ def test_fail_together():
     for rank, res in enumerate(results):
         errs = res["errors"]
         assert errs["after"] == (2, 2, 5, 8)
-        for name in ("head_dim", "kv_lengths", "mask_length", "self_vs_cross"):
+        assert errs["layer_after"] == (1, 4, 8)
+        for name in ("head_dim", "kv_lengths", "mask_length", "self_vs_cross", "layer_kv_dim",
+                     "layer_source_not_healpix"):
             msg = errs[name]
             assert msg is not None and msg.startswith("ValueError"), (rank, name, msg)
         assert "rank 1" in errs["head_dim"] and "D" in errs["head_dim"], errs["head_dim"]
         assert "Nk_local" in errs["kv_lengths"], errs["kv_lengths"]
         assert "disagree on cross" in errs["self_vs_cross"], errs["self_vs_cross"]
+        assert "x_kv_local must have shape [B, Nk_r, kv_dim=3]" in errs["layer_kv_dim"], errs["layer_kv_dim"]
+        assert "(keys and values)" in errs["layer_source_not_healpix"] and "N = 49" in errs[
+            "layer_source_not_healpix"], errs["layer_source_not_healpix"]

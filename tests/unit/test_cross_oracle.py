@@ -66,7 +66,7 @@ def test_distributed_constructor_errors():
 
 def test_input_errors_name_the_argument():
     layer = SpatialCrossAttention(8, 2, kv_dim=3)
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"x_kv must have shape \[B, Nk, kv_dim=3\]"):
         layer(torch.randn(1, 4, 8), torch.randn(1, 5, 8))  # kv features must be kv_dim = 3
     with pytest.raises(ValueError, match="batch size"):
         layer(torch.randn(1, 4, 8), torch.randn(2, 5, 3))
