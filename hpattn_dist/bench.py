@@ -41,6 +41,16 @@ Modes (``BenchConfig.mode``):
     computed and the compute proxy ``scores = B * H * N_r * sum_s M_s`` (``M_s`` keys of rank s
     kept, from the known mask; the backward recomputes as many), and their ratios to ``f = 0``.
 
+``local``
+    Sharded HEALPix local attention (issue 17): for each nside, on the same field ``[B, N, E]``
+    and weights, :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with
+    neighbourhood windows, ``window_nside = nside / 8`` (:data:`LOCAL_WINDOW_DIV`, at least 1),
+    on P ranks; global ``ring`` attention (the distributed layer) on the same shards; and the
+    same local layer in ONE process (rank 0, a group of its own, no communication) with
+    ``P * threads_per_rank`` threads while the other ranks wait. Times as in ``scaling``;
+    ``efficiency = t_single / t_local`` (goal >= 0.9), ``vs ring = t_ring / t_local``; peak
+    memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank.
+
 Note [peak memory]
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
     allocated before the measured call. CPU: the Linux resident-set high-water mark: we reset it
@@ -92,7 +102,9 @@ from hpattn_dist.verify import (
     strategy_variants,
 )
 
-MODES = ("scaling", "emulation", "memory", "masks")
+MODES = ("scaling", "emulation", "memory", "masks", "local")
+LOCAL_WINDOW_DIV = 8
+"""Local mode: ``window_nside = max(1, nside // LOCAL_WINDOW_DIV)`` (issue 17's closing note)."""
 MASK_SCENARIOS = ("one_rank", "global")
 SCHEMA = "hpattn_dist.bench/1"
 
@@ -102,7 +114,8 @@ class BenchConfig:
     """What ``hpattn-dist bench`` measures. Defaults: ``configs/bench.toml`` (table ``[bench]``).
 
     Attributes:
-        mode: ``"scaling" | "emulation" | "memory" | "masks"`` (see the module docstring).
+        mode: ``"scaling" | "emulation" | "memory" | "masks" | "local"`` (see the module
+            docstring).
         nsides: HEALPix resolutions to measure (``N = 12 * nside**2``).
         batch: batch size ``B``.
         embed_dim: ``E`` (divisible by ``num_heads``).
@@ -654,6 +667,76 @@ def run_memory(cfg: BenchConfig, device: torch.device,
 
 
 # --------------------------------------------------------------------------------------------
+# local mode (issue 17)
+# --------------------------------------------------------------------------------------------
+
+
+def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
+              progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """The local mode on every rank (collective); returns the records (same on every rank)."""
+    from hpattn_dist.local import DistributedLocalSpatialSelfAttention
+    from hpattn_dist.modules import DistributedSpatialSelfAttention
+
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
+    dtype = DTYPES[cfg.dtype]
+    say = progress or (lambda _msg: None)
+    solo = dist.new_group([0]) if world > 1 else None  # collective: every rank takes part
+    records: list[dict[str, Any]] = []
+    for nside in cfg.nsides:
+        npix = nside2npix(nside)
+        window_nside = max(1, nside // LOCAL_WINDOW_DIV)
+        torch.manual_seed(cfg.seed)  # the same weights on every rank (they are checked)
+        local = DistributedLocalSpatialSelfAttention(
+            cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
+            mode="neighbourhood").to(device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        g = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        start, stop = shard_bounds(npix, world)[rank]
+        x_local, g_local = x[:, start:stop].contiguous(), g[:, start:stop].contiguous()
+        base = {"nside": nside, "npix": npix, "window_nside": window_nside, "mode": "neighbourhood",
+                "cell_pixels": (nside // window_nside) ** 2, "dtype": cfg.dtype, "batch": cfg.batch,
+                "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads, "backend": cfg.backend}
+
+        say(f"nside {nside}: local (window_nside {window_nside}), {world} ranks x {threads_per_rank} threads")
+        rec = {**base, "impl": "local", "world_size": world, "threads_per_rank": threads_per_rank}
+        rec.update(_per_rank(_layer_times(local, x_local, g_local, cfg, device)))
+        group = [rec]
+
+        say(f"nside {nside}: global ring, {world} ranks x {threads_per_rank} threads")
+        ring = DistributedSpatialSelfAttention(cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend,
+                                               strategy="ring").to(device=device, dtype=dtype)
+        ring.load_state_dict(local.state_dict())
+        rec = {**base, "impl": "ring", "world_size": world, "threads_per_rank": threads_per_rank}
+        rec.update(_per_rank(_layer_times(ring, x_local, g_local, cfg, device)))
+        group.append(rec)
+
+        say(f"nside {nside}: local, 1 process x {world * threads_per_rank} threads")
+        rec = {**base, "impl": "local_single", "world_size": 1, "threads_per_rank": world * threads_per_rank}
+        if rank == 0:
+            single = DistributedLocalSpatialSelfAttention(
+                cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
+                mode="neighbourhood", process_group=solo).to(device=device, dtype=dtype)
+            single.load_state_dict(local.state_dict())
+            threads = torch.get_num_threads()
+            torch.set_num_threads(world * threads_per_rank)
+            try:
+                res = _layer_times(single, x, g, cfg, device, collective=False)
+            finally:
+                torch.set_num_threads(threads)
+            rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
+                       bytes_per_rank=[sum(res.pop("comm")["bytes_sent"].values())])
+        group.append(_gather_objects(rec)[0])
+        t_local = group[0]["fwd_bwd_s"]
+        group[0]["efficiency_fwd_bwd"] = group[2]["fwd_bwd_s"] / t_local
+        group[0]["efficiency_fwd"] = group[2]["fwd_s"] / group[0]["fwd_s"]
+        group[0]["speed_vs_ring_fwd_bwd"] = group[1]["fwd_bwd_s"] / t_local
+        records += group
+    return records
+
+
+# --------------------------------------------------------------------------------------------
 # masks mode (issue 9, item 3)
 # --------------------------------------------------------------------------------------------
 
@@ -886,6 +969,27 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
         lines.append("ring_attention with a batch-shared land mask; t / bytes (forward, all ranks) / "
                      "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
                      "each repeat the slowest rank's")
+    elif mode == "local":
+        cols = (f"{'nside':>5} {'window':>6} {'P':>2} {'thr':>3} {'implementation':<22} {'fwd ms':>7} "
+                f"{'f+b ms':>7} {'(min)':>6} {'eff fb':>6} {'vs ring':>7} {'MiB peak':>8} {'MiB sent':>8}")
+        lines += [cols, "-" * len(cols)]
+        names = {"local": "local (neighbourhood)", "ring": "global ring",
+                 "local_single": "local, 1 process"}
+        for r in records:
+            def opt(key: str, width: int) -> str:
+                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+            lines.append(
+                f"{r['nside']:>5} {r['window_nside']:>6} {r['world_size']:>2} {r['threads_per_rank']:>3} "
+                f"{names[r['impl']]:<22} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
+                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd_bwd', 6)} "
+                f"{opt('speed_vs_ring_fwd_bwd', 7)} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {_mib(max(r['bytes_per_rank'])):>8}"
+                f"{' !' if is_noisy(r) else ''}")
+        lines.append("window = window_nside (nside / 8); eff fb = t(local, 1 process, same total threads) / "
+                     "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
+                     "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
+                     "largest rank's; ! = median > 2x minimum (busy machine)")
     else:
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
                 f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
@@ -1060,6 +1164,8 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
         records = run_emulation(cfg, device, progress)
     elif cfg.mode == "masks":
         records = run_masks(cfg, device, progress)
+    elif cfg.mode == "local":
+        records = run_local(cfg, device, threads, progress)
     else:
         records = run_memory(cfg, device, progress)
     if rank == 0:

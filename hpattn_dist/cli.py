@@ -162,11 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
     _model_options(b, "bench")
-    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks"), default=None,
+    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks", "local"), default=None,
                    help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
                         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
                         "memory per rank of the manual kernel; masks: what the ring saves when "
-                        "keys are masked (land) on one rank or all "
+                        "keys are masked (land) on one rank or all; local: neighbourhood "
+                        "attention (window_nside = nside/8) vs global ring and vs itself in one "
+                        "process "
                         f"(default: {db['mode']})")
     b.add_argument("--nsides", type=_positive_ints, default=None,
                    help=f"comma list of HEALPix resolutions (default: {db['nsides']})")

@@ -56,7 +56,9 @@ def refuse_double_backward(what: str) -> Callable[[Callable[..., Any]], Callable
     """Decorator for an ``autograd.Function.backward`` that cannot be differentiated again.
 
     The Function must save (``ctx.save_for_backward``) the differentiable inputs its backward
-    reads: they anchor the refusal in the graph.
+    reads: they anchor the refusal in the graph. A Function that saves copies instead (to hold
+    less memory) sets ``ctx.saved_inputs_incomplete = True``; its backward then refuses as soon as
+    it runs under ``create_graph=True``.
 
     Args:
         what: the public name users call (``"ring_attention"``), for the error message.
@@ -82,7 +84,10 @@ def refuse_double_backward(what: str) -> Callable[[Callable[..., Any]], Callable
                 return backward(ctx, *grads)
             anchors = [t for t in (*ctx.saved_tensors, *grads)
                        if isinstance(t, Tensor) and t.requires_grad]
-            if not anchors:  # nothing to hang the refusal on: refuse now rather than go silent
+            # Nothing to hang the refusal on, or the Function saved copies in place of some inputs
+            # (so a second-order path towards them would bypass the refusal): refuse now rather
+            # than go silent.
+            if not anchors or getattr(ctx, "saved_inputs_incomplete", False):
                 raise RuntimeError(message)
             return _Refuse.apply(message, lambda: backward(ctx, *grads), *anchors)
 

@@ -274,7 +274,7 @@ def _convert(
 ) -> nn.Module:
     if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
         found.append(path)
-        return to_distributed_local(module, process_group, attn_backend)
+        return to_distributed_local(module, process_group, attn_backend, name=path)
     if isinstance(module, DistributedSpatialSelfAttention):
         found.append(path)
         return module

@@ -9,7 +9,8 @@ each rank computes its shard with different projections and the result is silent
 shape differs, nothing hangs). Typical causes: ranks that built the model without a common seed,
 or loaded different checkpoints. So every layer call carries a fingerprint of its parameters in
 the signature ``all_gather`` it makes anyway (Note [one agreement per call] in
-``strategies/plan.py``): no extra collective, a few ints per rank.
+``strategies/plan.py``; ``healpix_local_attention``'s one agreement for the local layer): no
+extra collective, a few ints per rank.
 
 The fingerprint is a CRC-32 of the parameters' names, shapes and dtypes (compared exactly, as a
 shared value) and three float64 sums over all of them: ``sum(p)``, ``sum(|p|)`` and
@@ -89,12 +90,15 @@ class LayerFacts:
         layout: CRC-32 of the parameters' names, shapes and dtypes (must be equal on every rank).
         sums: the three float64 parameter sums as int64 bits (equal within a relative 1e-9).
         healpix_field: the ranks' shards together must form a HEALPix field, ``N = 12 nside**2``.
+        point_sets: the layer can be built for arbitrary point sets (``healpix_field=False``);
+            False for local attention, whose windows are cells of the HEALPix hierarchy.
     """
 
     name: str
     layout: int
     sums: tuple[int, int, int]
     healpix_field: bool
+    point_sets: bool = True
 
 
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
@@ -114,8 +118,10 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
             raise ValueError(
                 f"{facts.name}: the ranks' shards add up to N = {total} pixels ({shards}), not a "
                 "HEALPix field of 12 * nside**2 pixels. Each rank passes ITS OWN contiguous range "
-                "of the field (hpattn_dist.healpix.scatter(x_full)), not the full field; for "
-                "attention over an arbitrary point set, build the layer with healpix_field=False"
+                "of the field (hpattn_dist.healpix.scatter(x_full)), not the full field"
+                + ("; for attention over an arbitrary point set, build the layer with "
+                   "healpix_field=False" if facts.point_sets else
+                   "; local attention needs one (its windows are cells of a coarser HEALPix grid)")
             )
     values = [[_float(b) for b in row] for row in sums]
     scale = [max(abs(row[i]) for row in values) for i in range(3)]

@@ -13,8 +13,10 @@ Note [head exchange layout]
     ``all_to_all_single`` concatenates what it receives in source-rank order, so the buffers are
     laid out with the rank dimension outermost and the pixel dimension next::
 
-        pixels -> heads   send [P(dest), N_r, T, B, h, D]   recv [N (= sources x N_i), T, B, h, D]
-        heads -> pixels   send [N (= dests x N_i), B, h, D] recv [P(source), N_r, B, h, D]
+        pixels -> heads   send [P - 1 (dest), N_r, T, B, h, D]   recv [N - N_r (sources), T, B, h, D]
+        heads -> pixels   send [N - N_r (dests), T, B, h, D]     recv [P - 1 (source), N_r, T, B, h, D]
+
+    (this rank's own piece is not in them: Note [head exchange memory]).
 
     One copy packs the send buffer and one unpacks the receive buffer into the layout the next
     step reads fastest: contiguous ``[T, B, h, N, D]`` for the attention kernel (the CPU flash
@@ -23,6 +25,20 @@ Note [head exchange layout]
     E)`` before ``out_proj`` is a view. The generic :func:`~hpattn_dist.comm.all_to_all.all_to_all`
     moves the same bytes but copies twice more (stack, pack, concatenate) and, with one output per
     tensor, its backward sums zero-filled gradients.
+
+Note [head exchange memory]
+    A rank's own piece (1/P of the data) never enters the all-to-all (its split is zero): it is
+    copied from the input straight to its place in the result. Once the all-to-all has returned
+    the send buffer is not read again, so it becomes the result when that is at least as large
+    (always, with equal shards): an exchange holds one send/result buffer and a (P-1)/P receive
+    buffer. Freeing the send buffer before allocating the result was not enough: gloo's worker
+    thread may still hold it for a moment after the collective returns, and then three buffers
+    were alive at the Ulysses peak.
+
+    The backward of :func:`heads_to_pixels` returns the gradient of the attention output as a
+    transposed view of ``[B, N, h, D]``: the CPU flash backward copies a ``grad_out`` in any other
+    layout (one more tensor at the peak of the Ulysses backward), and returns its ``dq, dk, dv``
+    in that layout too, so packing them is a plain copy.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
@@ -42,38 +58,79 @@ from hpattn_dist.comm.groups import GroupInfo
 __all__ = ["gather_pixels", "heads_to_pixels", "pixels_to_heads", "qkv_to_heads"]
 
 
-def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
-    """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]`` (views of one contiguous ``[T, B, h, N, D]``)."""
-    p, n_r = info.world_size, sizes[info.rank]
+def _buffers(like: Tensor, send_elems: int, out_elems: int) -> tuple[Tensor, bool]:
+    """``(flat buffer, reused)``: the send buffer, which also becomes the result (``reused``) when
+    that is at least as large (Note [head exchange memory])."""
+    reused = send_elems <= out_elems
+    return like.new_empty(out_elems if reused else send_elems), reused
+
+
+def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str,
+                       heads_minor: bool = False) -> list[Tensor]:
+    """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]``: views of one contiguous ``[T, B, h, N, D]``,
+    or with ``heads_minor`` transposed views of one ``[T, B, N, h, D]``."""
+    p, r = info.world_size, info.rank
+    n_r, n = sizes[r], sum(sizes)
+    start, stop = sum(sizes[:r]), sum(sizes[: r + 1])
     batch, heads, _, head_dim = xs[0].shape
     h, t = heads // p, len(xs)
-    send = xs[0].new_empty((p, n_r, t, batch, h, head_dim))
+    unit = t * batch * h * head_dim
+    buf, reused = _buffers(xs[0], (p - 1) * n_r * unit, n * unit)
+    send = buf[: (p - 1) * n_r * unit].view(p - 1, n_r, t, batch, h, head_dim)
     for i, x in enumerate(xs):
-        send[:, :, i].copy_(rearrange(x, "b (p h) n d -> p n b h d", p=p))
-    piece = n_r * t * batch * h * head_dim
-    recv = all_to_all_flat(send.view(-1), [piece] * p, [n * t * batch * h * head_dim for n in sizes],
-                           info, label)
-    del send  # before the unpacked copy is allocated: two buffers alive at a time, not three
-    recv = recv.view(sum(sizes), t, batch, h, head_dim)
-    out = torch.empty((t, batch, h, sum(sizes), head_dim), dtype=recv.dtype, device=recv.device)
-    out.copy_(rearrange(recv, "n t b h d -> t b h n d"))
+        x_p = rearrange(x, "b (p h) n d -> p n b h d", p=p)
+        send[:r, :, i].copy_(x_p[:r])
+        send[r:, :, i].copy_(x_p[r + 1:])
+    recv = all_to_all_flat(send.view(-1), [0 if j == r else n_r * unit for j in range(p)],
+                           [0 if j == r else m * unit for j, m in enumerate(sizes)], info, label)
+    del send
+    if not reused:
+        del buf  # before the result is allocated
+        buf = recv.new_empty(n * unit)
+    recv = rearrange(recv.view(n - n_r, t, batch, h, head_dim),
+                     "n t b h d -> t b n h d" if heads_minor else "n t b h d -> t b h n d")
+    if heads_minor:
+        out = buf.view(t, batch, n, h, head_dim)
+        out[:, :, :start].copy_(recv[:, :, :start])
+        out[:, :, stop:].copy_(recv[:, :, start:])
+        for i, x in enumerate(xs):
+            out[i, :, start:stop].copy_(x[:, r * h: (r + 1) * h].transpose(1, 2))
+        return [y.transpose(1, 2) for y in out.unbind(0)]
+    out = buf.view(t, batch, h, n, head_dim)
+    out[..., :start, :].copy_(recv[..., :start, :])
+    out[..., stop:, :].copy_(recv[..., start:, :])
+    for i, x in enumerate(xs):
+        out[i, :, :, start:stop].copy_(x[:, r * h: (r + 1) * h])
     return list(out.unbind(0))
 
 
 def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
     """T x ``[B, h, N, D]`` -> T x ``[B, H, N_r, D]`` (views of one ``[B, N_r, T, H, D]`` buffer)."""
-    p, n_r = info.world_size, sizes[info.rank]
+    p, r = info.world_size, info.rank
+    n_r = sizes[r]
+    start, stop = sum(sizes[:r]), sum(sizes[: r + 1])
     batch, h, n, head_dim = ys[0].shape
     t = len(ys)
-    send = ys[0].new_empty((n, t, batch, h, head_dim))
-    for i, y in enumerate(ys):
-        send[:, i].copy_(rearrange(y, "b h n d -> n b h d"))
     unit = t * batch * h * head_dim
-    recv = all_to_all_flat(send.view(-1), [m * unit for m in sizes], [n_r * unit] * p, info, label)
+    buf, reused = _buffers(ys[0], (n - n_r) * unit, p * n_r * unit)
+    send = buf[: (n - n_r) * unit].view(n - n_r, t, batch, h, head_dim)
+    for i, y in enumerate(ys):
+        y_n = rearrange(y, "b h n d -> n b h d")
+        send[:start, i].copy_(y_n[:start])
+        send[start:, i].copy_(y_n[stop:])
+    recv = all_to_all_flat(send.view(-1), [0 if j == r else m * unit for j, m in enumerate(sizes)],
+                           [0 if j == r else n_r * unit for j in range(p)], info, label)
     del send
-    recv = recv.view(p, n_r, t, batch, h, head_dim)
-    out = torch.empty((batch, n_r, t, p * h, head_dim), dtype=recv.dtype, device=recv.device)
-    rearrange(out, "b n t (p h) d -> p n t b h d", p=p).copy_(recv)
+    if not reused:
+        del buf
+        buf = recv.new_empty(p * n_r * unit)
+    recv = recv.view(p - 1, n_r, t, batch, h, head_dim)
+    out = buf.view(batch, n_r, t, p * h, head_dim)
+    out_p = rearrange(out, "b n t (p h) d -> p n t b h d", p=p)
+    out_p[:r].copy_(recv[:r])
+    out_p[r + 1:].copy_(recv[r:])
+    for i, y in enumerate(ys):
+        out_p[r, :, i].copy_(rearrange(y[:, :, start:stop], "b h n d -> n b h d"))
     return [y.transpose(1, 2) for y in out.unbind(2)]
 
 
@@ -81,10 +138,12 @@ class _HeadExchange(torch.autograd.Function):
     """One direction of the exchange; its backward is the other direction (the adjoint)."""
 
     @staticmethod
-    def forward(ctx, to_heads: bool, info: GroupInfo, sizes: list[int], label: str,
+    def forward(ctx, to_heads: bool, heads_minor: bool, info: GroupInfo, sizes: list[int], label: str,
                 *xs: Tensor) -> tuple[Tensor, ...]:
-        move = _scatter_heads_raw if to_heads else _gather_heads_raw
-        ys = move(xs, info, sizes, label)
+        if to_heads:
+            ys = _scatter_heads_raw(xs, info, sizes, label, heads_minor=heads_minor)
+        else:
+            ys = _gather_heads_raw(xs, info, sizes, label)
         ctx.to_heads, ctx.info, ctx.sizes, ctx.label = to_heads, info, sizes, label
         return tuple(ys)
 
@@ -92,9 +151,12 @@ class _HeadExchange(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):
         # An output left out of the loss arrives as zeros (autograd materialises it), not None.
         # The adjoint through apply, so that it is recorded under create_graph=True: double
-        # backward is exact (Note [double backward] in hpattn_dist/double_backward.py).
-        back = _HeadExchange.apply(not ctx.to_heads, ctx.info, ctx.sizes, ctx.label + ".grad", *grads)
-        return (None, None, None, None, *back)
+        # backward is exact (Note [double backward] in hpattn_dist/double_backward.py). The
+        # gradient of the attention output comes back in the layout the fused attention backward
+        # reads without a copy (Note [head exchange memory]).
+        back = _HeadExchange.apply(not ctx.to_heads, not ctx.to_heads, ctx.info, ctx.sizes,
+                                   ctx.label + ".grad", *grads)
+        return (None, None, None, None, None, *back)
 
 
 def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -113,7 +175,7 @@ def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     sizes = [int(s) for s in sizes]
     if info.world_size == 1:
         return tuple(x.contiguous() for x in xs)
-    return _HeadExchange.apply(True, info, sizes, label, *xs)
+    return _HeadExchange.apply(True, False, info, sizes, label, *xs)
 
 
 def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -131,7 +193,7 @@ def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     sizes = [int(s) for s in sizes]
     if info.world_size == 1:
         return tuple(ys)
-    return _HeadExchange.apply(False, info, sizes, label, *ys)
+    return _HeadExchange.apply(False, False, info, sizes, label, *ys)
 
 
 def qkv_to_heads(

@@ -111,7 +111,7 @@ class BlockKernel:
         v: Tensor,
         out: Tensor,
         lse: Tensor,
-        delta: Tensor,
+        delta: Optional[Tensor],
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,

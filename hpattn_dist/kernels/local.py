@@ -48,8 +48,13 @@ class _LocalAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
         acc = acc_dtype(q.dtype)
-        dout = dout.contiguous()
-        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, h, N]
+        # dout arrives as a transposed view of [B, N, h, D] (Note [head exchange memory]): every
+        # kernel reads it in place; copy only a last dim that is not dense.
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        # rowsum(dout * out) [B, h, N]: the fused kernels compute it themselves, and at the peak
+        # of the backward it would be the one tensor DeepSpeed-Ulysses does not hold.
+        delta = None if ctx.kernel.fused_backward is not None else \
+            (dout.to(acc) * out.to(acc)).sum(dim=-1)
         dq, dk, dv, dbias = ctx.kernel.backward(
             dout, q, k, v, out, lse, delta, ctx.scale, bias, ctx.spec, ctx.need_dbias
         )

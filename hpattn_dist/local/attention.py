@@ -63,6 +63,7 @@ from hpattn_dist.kernels import (
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.precision import acc_dtype
+from hpattn_dist.replicas import LayerFacts, check_layer_rows
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention"]
@@ -502,6 +503,7 @@ def healpix_local_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
+    layer: Optional[LayerFacts] = None,
 ) -> Tensor:
     r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
 
@@ -527,6 +529,8 @@ def healpix_local_attention(
         key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
         dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator;
             group rank 0's value is used on every rank.
+        layer: the calling layer's facts (parameter fingerprint), checked in the same agreement
+            (Note [replicated parameter check]).
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -535,7 +539,8 @@ def healpix_local_attention(
         ValueError: (on every rank together) bad shapes, dtypes, ``window_nside``, ``mode``,
             ``dropout_p`` or ``backend``; a field that is not a NESTED HEALPix grid or whose
             nside ``window_nside`` does not divide; ranks that disagree on B, H, D, dtype, the
-            window, masking or whether gradients are needed.
+            window, masking or whether gradients are needed; for a ``layer``: parameters that
+            differ between ranks.
 
     Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
@@ -563,13 +568,16 @@ def healpix_local_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
+                **({} if layer is None else {"param_layout": layer.layout}),
             },
-            (n_local, int(mask_left), seed),
+            (n_local, int(mask_left), seed, *(() if layer is None else layer.sums)),
             q.device,
             kind="healpix_local_attention",
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)
+    if layer is not None:  # the same rows on every rank: raised on every rank
+        check_layer_rows(info, layer, sizes, [row[3:6] for row in per_rank])
     try:
         plan = _cached_plan(sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank

@@ -25,6 +25,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
 from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
@@ -82,25 +83,35 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
 class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
     """:class:`LocalSpatialSelfAttention` on a field whose NESTED pixels are sharded over a group.
 
-    Same arguments, parameters and ``state_dict`` as the oracle, plus ``process_group``. Called on
+    Same arguments, parameters and ``state_dict`` as the oracle, plus ``process_group`` and
+    ``name`` (the layer in errors, e.g. its path in the model). Called on
     every rank with that rank's contiguous range ``[B, N_r, E]`` (any split), it returns that
     rank's rows of the oracle's output; each rank receives only the window pixels other ranks own
     (Note [local attention plan]). Runs in a single process too (``process_group=None`` without
     ``torch.distributed``), where it is the fast path of the oracle. Parameters are replicated:
-    reduce their gradients with :func:`hpattn_dist.grad_sync.sync_gradients`.
+    reduce their gradients with :func:`hpattn_dist.grad_sync.sync_gradients`; every call checks
+    that they are equal on every rank (Note [replicated parameter check]).
 
     Raises:
         ValueError: bad constructor arguments; in forward (on every rank) a misfit input or mask,
-            a field whose nside ``window_nside`` does not divide, ranks that disagree.
+            shards that add up to no HEALPix field, a field whose nside ``window_nside`` does
+            not divide, ranks that disagree (parameters included).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  attn_backend: AttnBackend = "auto", *, window_nside: int,
                  mode: str = "neighbourhood",
-                 process_group: Optional[dist.ProcessGroup] = None) -> None:
+                 process_group: Optional[dist.ProcessGroup] = None, name: str = "") -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, attn_backend,
                          window_nside=window_nside, mode=mode)
         self.process_group = process_group
+        self.name = name
+        self._fingerprint = ParameterFingerprint()
+
+    def _facts(self) -> LayerFacts:
+        layout, sums = self._fingerprint(self.named_parameters())
+        label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
+        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=True, point_sets=False)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         try:
@@ -112,13 +123,14 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
         out = healpix_local_attention(
             q, k, v, self.process_group, window_nside=self.window_nside, mode=self.mode,
             backend=self.attn_backend, dropout_p=self._dropout_p if self.training else 0.0,
-            scale=self.scale, key_mask=key_mask,
+            scale=self.scale, key_mask=key_mask, layer=self._facts(),
         )
         return self._project_out(out)
 
 
 def to_distributed_local(layer: LocalSpatialSelfAttention, process_group: Optional[dist.ProcessGroup],
-                         attn_backend: Optional[str] = None) -> DistributedLocalSpatialSelfAttention:
+                         attn_backend: Optional[str] = None,
+                         name: str = "") -> DistributedLocalSpatialSelfAttention:
     """``layer`` as a :class:`DistributedLocalSpatialSelfAttention` over ``process_group``, keeping
     its ``qkv_proj`` / ``out_proj`` / ``dropout`` submodules (the same ``Parameter`` objects) and
     training mode; a distributed layer is returned unchanged. Used by
@@ -130,7 +142,7 @@ def to_distributed_local(layer: LocalSpatialSelfAttention, process_group: Option
         new = DistributedLocalSpatialSelfAttention(
             layer.embed_dim, layer.num_heads, layer._dropout_p, layer.qkv_proj.bias is not None,
             attn_backend or layer.attn_backend, window_nside=layer.window_nside, mode=layer.mode,
-            process_group=process_group)
+            process_group=process_group, name=name or type(layer).__name__)
     new.qkv_proj, new.out_proj, new.dropout = layer.qkv_proj, layer.out_proj, layer.dropout
     new.train(layer.training)
     return new

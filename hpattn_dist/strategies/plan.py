@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -88,6 +89,8 @@ class AttentionPlan:
         use_bias: the kernels apply a key bias (False when the mask travels, no key is masked
             anywhere after compaction and no key_bias was given).
         kernel, scale, dropout_p, seed: as the block kernels take them; ``seed`` is position 0's.
+        grads_anywhere: ``(kv, bias)``: whether ANY rank needs the gradient of its k/v (resp. its
+            key bias), so every rank runs the ring's dK/dV return trip alike (Note [ring memory]).
     """
 
     strategy: str
@@ -105,6 +108,7 @@ class AttentionPlan:
     scale: float
     dropout_p: float
     seed: int
+    grads_anywhere: tuple[bool, bool] = (True, True)
 
 
 def _grid_row(parent: GroupInfo, u_deg: int, sub: Optional[tuple[GroupInfo, GroupInfo]]) -> tuple[int, ...]:
@@ -222,6 +226,10 @@ def plan_attention(
         # so no bias is needed and the fused kernels apply; every rank must agree on that.
         mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
         row = _grid_row(parent, u_deg, sub)
+        # Which gradients must travel home (Note [ring memory]): each rank knows only its own.
+        grad_on = torch.is_grad_enabled()
+        grad_bits = (int(grad_on and (k.requires_grad or v.requires_grad)),
+                     int(grad_on and key_bias is not None and key_bias.requires_grad))
         extra_shared = {} if layer is None else {"param_layout": layer.layout}
         sig.set(
             {
@@ -232,7 +240,7 @@ def plan_attention(
                 "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross), **extra_shared,
             },
             (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row, n_keys,
-             *(() if layer is None else layer.sums)),
+             *(() if layer is None else layer.sums), *grad_bits),
             q.device,
             kind=executed,
         )
@@ -283,4 +291,5 @@ def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, su
         scale=scale,
         dropout_p=dropout_p,
         seed=by_pos[0][3],
+        grads_anywhere=(any(r[-2] for r in rows), any(r[-1] for r in rows)),
     )

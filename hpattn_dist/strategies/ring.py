@@ -1,8 +1,4 @@
-"""The ring executor: exact global attention over a pixel dimension sharded across ranks.
-
-:func:`run_ring` executes an :class:`~hpattn_dist.strategies.plan.AttentionPlan` over its
-``ring_group``: for ``strategy="ring"`` on the caller's shards, for ``"hybrid"`` on the heads the
-Ulysses exchange produced (Note [hybrid schedule]).
+"""Ring attention: exact global attention over a pixel dimension sharded across ranks.
 
 Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, N_r pixels on rank r
 (ranks may differ by any amount, zero included), N = sum of N_r.
@@ -19,6 +15,32 @@ Note [ring schedule]
     accumulator received from rank r-1 and passes it to rank r+1; after P steps it arrives home.
     P - 1 K/V exchanges and P dK/dV exchanges (2x bytes in fp32 for bf16 inputs). dQ stays local.
     No forward is recomputed: each block uses the saved FINAL lse and ``delta = rowsum(dO * O)``.
+
+Note [ring memory]
+    What a rank holds, in units of one ``[B, H, N_r, D]`` tensor of the input dtype (a = 1 for
+    fp32/fp64 accumulators, 2 for bf16/fp16; other ranks' blocks in units of their N_src):
+
+    * saved for the backward: q (1), K/V ONCE (2), out (1), lse. K/V are copied at most once:
+      strided k, v (the layer's views of its packed projection) are stacked into the send buffer
+      and that is saved; contiguous k, v are saved as given, and when adjacent in one buffer (the
+      Ulysses heads of hybrid attention) the send buffer is a view of them.
+    * backward, while a block is computed (the peak): dout (1), dq (a), the block computed on (2)
+      and the next one in flight (2, except at the last step, so none at P = 2), the dK/dV
+      accumulators leaving and arriving (2a + 2a, double-buffered like K/V) and the kernel's
+      dq_b, dk_b, dv_b (3, one step's only: each is dropped once added).
+
+    Attention alone in fp32: 4 + 1 + 1 + 2 + 2 + 4 + 3 = 17 at P >= 3, 15 at P = 2; the layer
+    adds its output (1): 18 and 16. DeepSpeed-Ulysses holds 9 there (q, k, v, out, dout, dq, dk,
+    dv and the output), so the double-buffered ring needs 2x (1.8x at P = 2): the blocks and
+    accumulators in flight are the price of hiding both trips behind compute. Nothing else is
+    held: no K/V block allocated for its shape alone, no earlier step's results, no second K/V.
+
+    The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
+    k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
+    only), and a rank that skipped the trip while its neighbour waits for it would pair the
+    neighbour's receive with its next message, so the door (``plan_attention``) adds the two bits
+    to its one agreement and every rank takes the same decision (``plan.grads_anywhere``); a rank that
+    needs none itself still passes the others' accumulators on.
 """
 
 from __future__ import annotations
@@ -53,6 +75,9 @@ class _RingAttention(torch.autograd.Function):
     out        ``[B, H, N_r, D]``      softmax(q K_all^T scale + bias_all) V_all
     lse        ``[B, H, N_r]`` fp32    log-sum-exp of this rank's score rows
     =========  ======================  ==========================================
+
+    ``plan.grads_anywhere``: ``(kv, bias)``, whether ANY rank of the group needs the gradient of
+    its k/v (resp. its bias), agreed at the door (Note [ring memory]).
     """
 
     @staticmethod
@@ -67,45 +92,64 @@ class _RingAttention(torch.autograd.Function):
     ) -> Tensor:
         info, kernel, scale, kv_sizes = plan.ring_group, plan.kernel, plan.scale, plan.kv_sizes
         dropout_p, seed, q_offset, head_offset = plan.dropout_p, plan.seed, plan.q_offset, plan.head_offset
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q_in, q = q, q.contiguous()
         p = info.world_size
         acc = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         ring = _BlockRing(info, kv_sizes)
 
-        block = _KeyBlock(torch.stack((k, v)), bias, k_index)  # kv: [2, B, H, M_r, D]
+        kv, saved_kv = _kv_buffer(k, v)  # Note [ring memory]: K/V are held once
+        block = _KeyBlock(kv, bias, k_index)  # kv: [2, B, H, M_r, D]
+        del kv
         for step in range(p):
             pending, next_block = ring.post_next(step, block, "ring.forward")
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
                 block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
                 merge_into(out, lse, block_out, block_lse)
+                del block_out, block_lse
             if pending is not None:
                 pending.wait()
                 block = next_block
+        del block, next_block
 
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, k_index, out, lse)
+        ctx.save_for_backward(q, *saved_kv, bias, k_index, out, lse)
+        ctx.kv_stacked = len(saved_kv) == 1
+        # Copies saved instead of the inputs cannot anchor a double-backward refusal in the graph.
+        ctx.saved_inputs_incomplete = ctx.kv_stacked or q is not q_in
         ctx.plan = plan
-        ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
+        kv_grad, bias_grad = plan.grads_anywhere
+        ctx.dkv_travels = bool(kv_grad or bias_grad) and p > 1
+        ctx.dbias_travels = bias is not None and bool(bias_grad)
         return out
 
     @staticmethod
     @refuse_double_backward("ring_attention")
     def backward(ctx, dout: Tensor):
-        q, k, v, bias, k_index, out, lse = ctx.saved_tensors
+        if ctx.kv_stacked:
+            q, kv, bias, k_index, out, lse = ctx.saved_tensors
+        else:
+            q, k, v, bias, k_index, out, lse = ctx.saved_tensors
+            kv = _kv_buffer(k, v)[0]
+            del k, v
         plan = ctx.plan
         info, kernel, scale, kv_sizes = plan.ring_group, plan.kernel, plan.scale, plan.kv_sizes
         r, p = info.rank, info.world_size
         acc = acc_dtype(q.dtype)
-        dout = dout.contiguous()
+        kv_dtype, kv_shape = kv.dtype, kv.shape
+        bias_shape = None if bias is None else bias.shape
+        dout = _last_dim_dense(dout)
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, H, N_r]
-        need_dbias = ctx.bias_needs_grad
+        travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
         ring = _BlockRing(info, kv_sizes)
 
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        block = _KeyBlock(torch.stack((k, v)), bias, k_index)
+        dq: Optional[Tensor] = None
+        # One rank: the gradients of the own (only) block are the result as they come.
+        local_grads: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
+        block = _KeyBlock(kv, bias, k_index)
+        del kv
         pending_grad: Optional[PendingExchange] = None
         grads: list[Optional[Tensor]] = []
         for step in range(p):
@@ -115,36 +159,65 @@ class _RingAttention(torch.autograd.Function):
             if block.size > 0:
                 spec = _dropout_spec(plan.dropout_p, plan.seed, plan.q_offset, block.index, plan.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
-                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec, need_dbias
+                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec,
+                    need_dbias,
                 )
-                dq += dq_b
+                dq = dq_b.to(acc) if dq is None else dq.add_(dq_b)
                 block_grads = (dk_b, dv_b, dbias_b)
-            if pending_grad is None:
-                grads = _grad_buffers(block, acc, need_dbias, zero=True)
-            else:
-                pending_grad.wait()  # the accumulator of block `src`, from rank r - 1
-            if block_grads is not None:
-                dkv, dbias = grads
-                dk_b, dv_b, dbias_b = block_grads
-                dkv[0] += dk_b
-                dkv[1] += dv_b
-                if dbias is not None:
-                    dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
-            if p > 1:
+                del dq_b, dk_b, dv_b, dbias_b  # Note [ring memory]: one step's results at a time
+            if p == 1:
+                local_grads = block_grads
+            elif travels:
+                if pending_grad is None:
+                    grads = _grad_buffers(kv_shape, bias_shape, kv_sizes[src], acc, q.device,
+                                          need_dbias, zero=True)
+                else:
+                    pending_grad.wait()  # the accumulator of block `src`, from rank r - 1
+                if block_grads is not None:
+                    dkv, dbias = grads
+                    dk_b, dv_b, dbias_b = block_grads
+                    dkv[0] += dk_b
+                    dkv[1] += dv_b
+                    if dbias is not None:
+                        dbias += dbias_b if dbias.shape[1] == dbias_b.shape[1] else dbias_b.sum(1, keepdim=True)
+                    del dk_b, dv_b, dbias_b, dkv, dbias
+                block_grads = None
                 # Pass the accumulator of block `src` on; receive the one of block `src - 1`.
-                incoming_shape = _KeyBlock.empty_like(block, kv_sizes[(src - 1) % p])
-                incoming = _grad_buffers(incoming_shape, acc, need_dbias, zero=False)
+                incoming = _grad_buffers(kv_shape, bias_shape, kv_sizes[(src - 1) % p], acc,
+                                         q.device, need_dbias, zero=False)
                 pending_grad = ring.exchanger.post(grads, incoming, "ring.backward.dkv")
                 grads = incoming
+                del incoming
             if pending_kv is not None:
                 pending_kv.wait()
                 block = next_block
+        del block, next_block
 
         if pending_grad is not None:
             pending_grad.wait()
-        dkv, dbias = grads
-        dbias_out = dbias.to(bias.dtype) if need_dbias else None
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dbias_out, None, None
+        if dq is None:
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        need_k, need_v, need_bias = ctx.needs_input_grad[1:4]
+        dk = dv = dbias = None
+        if travels:
+            dkv, dbias = grads
+            dk, dv = dkv[0], dkv[1]
+        elif local_grads is not None:
+            dk, dv, dbias = local_grads
+        elif p == 1:  # no key on this rank (all masked)
+            dk = dv = torch.zeros(kv_shape[1:], dtype=acc, device=q.device)
+        elif need_k or need_v or need_bias:
+            raise RuntimeError(
+                "ring_attention backward: the plan said no rank needs the K/V/bias gradient, but "
+                "this rank's inputs require it (grad mode or requires_grad changed after planning)"
+            )
+        if dbias is None and need_bias:
+            dbias = torch.zeros(bias_shape, dtype=acc, device=q.device)
+        elif dbias is not None and dbias.shape[1] != bias_shape[1]:
+            dbias = dbias.sum(1, keepdim=True)
+        return (dq.to(q.dtype), dk.to(kv_dtype) if need_k else None,
+                dv.to(kv_dtype) if need_v else None, dbias.to(bias.dtype) if need_bias else None,
+                None, None)
 
 
 class _KeyBlock:
@@ -187,11 +260,39 @@ class _BlockRing:
         return self.exchanger.post(block.buffers(), nxt.buffers(), label), nxt
 
 
-def _grad_buffers(block: _KeyBlock, acc: torch.dtype, need_dbias: bool, zero: bool) -> list[Optional[Tensor]]:
-    """fp32 (fp64) gradient accumulators ``[dKV, dbias]`` shaped like ``block``."""
+def _kv_buffer(k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``(kv [2, B, H, M, D], tensors to save)``: the send buffer of the own block and what the
+    backward needs to rebuild it, with K/V held once (Note [ring memory]).
+
+    k, v adjacent in one contiguous buffer (the heads of :func:`pixels_to_heads`): kv is a view,
+    save k, v. Otherwise one stack makes kv; it is what is saved if k or v was not contiguous
+    (the layer's views of its fused projection: their copies would be a second K/V), else k and
+    v are saved as given and kv lives while the own block is the current one.
+    """
+    if (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype and k.shape == v.shape
+            and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            and v.storage_offset() == k.storage_offset() + k.numel()):
+        return k.as_strided((2, *k.shape), (k.numel(), *k.stride())), (k, v)
+    kv = torch.stack((k, v))
+    if k.is_contiguous() and v.is_contiguous():
+        return kv, (k, v)
+    return kv, (kv,)
+
+
+def _last_dim_dense(x: Tensor) -> Tensor:
+    """``x`` itself when its last dim is dense (what every block kernel needs), else a copy: an
+    incoming gradient that is a transposed view (the layer's ``[B, N_r, H, D]`` memory) is read
+    in place; the CPU flash backward even prefers that layout."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grad_buffers(kv_shape: torch.Size, bias_shape: Optional[torch.Size], n: int, acc: torch.dtype,
+                  device: torch.device, need_dbias: bool, zero: bool) -> list[Optional[Tensor]]:
+    """fp32 (fp64) gradient accumulators ``[dKV [2, B, H, n, D], dbias [B, H|1, n]]`` of a block
+    of ``n`` keys."""
     make = torch.zeros if zero else torch.empty
-    dkv = make(block.kv.shape, dtype=acc, device=block.kv.device)
-    dbias = make(block.bias.shape, dtype=acc, device=block.kv.device) if need_dbias else None
+    dkv = make((*kv_shape[:3], n, kv_shape[4]), dtype=acc, device=device)
+    dbias = make((*bias_shape[:2], n), dtype=acc, device=device) if need_dbias else None
     return [dkv, dbias]
 
 
@@ -200,7 +301,6 @@ def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[
     if dropout_p <= 0.0:
         return None
     return DropoutSpec(dropout_p, seed, q_offset=q_offset, h_offset=head_offset, k_index=k_index)
-
 
 def run_ring(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
              key_mask: Optional[Tensor]) -> Tensor:

@@ -52,13 +52,17 @@ def _job(rank: int, world: int) -> dict:
                 ys[0].backward(upstream)
             back = heads_to_pixels([y.detach() for y in ys], info, sizes, "back")
             ys2 = [y.detach().clone().requires_grad_() for y in ys]
+            # The gradient as the exchange returns it (a leaf's .grad may be restrided).
+            dy_layouts = []
+            for y in ys2:
+                y.register_hook(lambda g: dy_layouts.append(g.transpose(1, 2).is_contiguous()))
             zs = heads_to_pixels(ys2, info, sizes, "test2")
             torch.autograd.backward(zs, [_full(name, 200 + i)[:, :, _rows(sizes, rank)] for i in range(t)])
             out[(name, t)] = {
                 "ys": [y.detach() for y in ys], "contiguous": all(y.is_contiguous() for y in ys),
                 "dxs": [x.grad for x in xs], "back": [z.detach() for z in back],
                 "back_strides": [z.transpose(1, 2).stride() for z in back],
-                "dys": [y.grad for y in ys2],
+                "dys": [y.grad for y in ys2], "dy_layouts": dy_layouts,
                 "fwd": fwd.as_dict()["bytes_sent"], "bwd": bwd.as_dict()["bytes_sent"],
             }
     return out
@@ -89,6 +93,9 @@ def test_pixels_to_heads_and_back(name, t):
             assert torch.equal(r["dys"][i], _full(name, 200 + i)[:, _heads(rank)]), (rank, i)
         n_r = sizes[rank]
         assert r["contiguous"]
+        # The attention output's gradient arrives as a [B, N, h, D] view, the layout the CPU flash
+        # backward reads without a copy (Note [head exchange memory]).
+        assert r["dy_layouts"] == [True] * t, r["dy_layouts"]
         # [B, N_r, T, H, D] underneath, so the layer's transpose + reshape is a view when T = 1
         assert r["back_strides"] == [(max(n_r, 1) * t * H * D, t * H * D, D, 1)] * t, r["back_strides"]
         assert r["fwd"] == {"test": t * (H - h) * n_r * B * D * 8}, r["fwd"]

@@ -131,3 +131,60 @@ def test_single_process_layer_checks_the_field_size():
     with pytest.raises(ValueError, match="N = 50 pixels"):
         layer(torch.randn(1, 50, E))
     assert DistributedSpatialSelfAttention(E, HEADS, healpix_field=False)(torch.randn(1, 50, E)).shape == (1, 50, E)
+
+
+def _local_mismatch(rank: int, world: int) -> dict:
+    from hpattn_dist import (
+        DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention, convert_spatial_attention,
+    )
+
+    torch.manual_seed(rank)  # a different seed on every rank: different weights
+    model = torch.nn.Sequential(
+        torch.nn.Linear(E, E), LocalSpatialSelfAttention(E, HEADS, attn_backend="manual", window_nside=1))
+    model = convert_spatial_attention(model.double())
+    x_full = torch.randn(2, 192, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sizes = [50, 100, 42][:world]
+    sizes[-1] = 192 - sum(sizes[:-1])
+    start = sum(sizes[:rank])
+    x_local = x_full[:, start:start + sizes[rank]]
+    out = {"unseeded": _attempt(model, x_local)}
+    broadcast_parameters(model)
+    out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    out["y"] = model(x_local).detach()
+    with torch.no_grad():  # an in-place change on the last rank after a good call: seen next call
+        if rank == world - 1:
+            model[1].qkv_proj.bias.add_(1e-3)
+    out["drifted"] = _attempt(model, x_local)
+    # the full field on rank 0, its shard elsewhere: no HEALPix size
+    layer = DistributedLocalSpatialSelfAttention(E, HEADS, window_nside=1, name="local").double()
+    broadcast_parameters(layer)
+    out["npix"] = _attempt(layer, x_full if rank == 0 else x_local)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_local_layer_refuses_differing_parameters_and_non_healpix_fields_on_every_rank(world):
+    from hpattn_dist import LocalSpatialSelfAttention
+
+    outs = run_ranks(_local_mismatch, world, timeout=90.0)
+    for rank, out in enumerate(outs):
+        msg = out["unseeded"]
+        assert msg is not None, f"rank {rank}: different weights were accepted"
+        assert "DistributedLocalSpatialSelfAttention '1'" in msg and "broadcast_parameters" in msg, msg
+        assert f"{world - 1} of {world} ranks differ" in msg, msg
+        assert "hold different parameters" in out["drifted"] and "1 of" in out["drifted"], out["drifted"]
+        assert out["npix"] is not None and "not a HEALPix field" in out["npix"] and "'local'" in out["npix"]
+        assert "healpix_field=False" not in out["npix"], out["npix"]  # no such option here
+    for key in ("unseeded", "drifted", "npix"):
+        assert len({out[key] for out in outs}) == 1, key
+    # after broadcast_parameters: rank 0's weights everywhere, and the float64 oracle's output
+    for name, value in outs[0]["state"].items():
+        assert all(torch.equal(value, out["state"][name]) for out in outs), name
+    oracle = torch.nn.Sequential(
+        torch.nn.Linear(E, E), LocalSpatialSelfAttention(E, HEADS, attn_backend="manual", window_nside=1))
+    oracle = oracle.double()
+    oracle.load_state_dict(outs[0]["state"])
+    x_full = torch.randn(2, 192, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        want = oracle(x_full)
+    torch.testing.assert_close(torch.cat([o["y"] for o in outs], dim=1), want, rtol=1e-10, atol=1e-12)

@@ -1,22 +1,34 @@
-"""launch/bench_local.py smoke: the whole script at a tiny size on 2 gloo ranks (a benchmark, not a
-test of speed: it only checks that every measurement runs and the halo bytes are counted)."""
+"""``hpattn-dist bench --mode local`` smoke: the whole mode at a tiny size on 2 gloo ranks (a
+benchmark, not a test of speed: it checks that every measurement runs, the halo bytes are counted
+and the ratios are the ones the table claims)."""
 
 from __future__ import annotations
 
-from tests.harness import run_ranks
+import json
+
+import pytest
+
+from hpattn_dist.bench import format_tables
+from hpattn_dist.cli import main
 
 
-def _bench(rank: int, world_size: int) -> list[dict]:
-    from launch import bench_local
-
-    return bench_local.main(["--nsides", "4", "--window-div", "2", "--embed-dim", "8", "--heads", "2",
-                             "--warmup", "0", "--repeats", "1"])
-
-
-def test_bench_local_runs_every_measurement() -> None:
-    rows = run_ranks(_bench, 2, timeout=120)[0]
-    assert [r["impl"] for r in rows] == ["local", "ring (global)", "local, single process"]
-    local, ring, single = rows
-    assert all(r["fwd_bwd_s"] > 0 for r in rows)
-    assert local["comm_per_rank"][0]["bytes_sent"]["local.halo.forward"] > 0
-    assert "ring.forward" in ring["comm_per_rank"][0]["bytes_sent"] and single["world_size"] == 1
+def test_bench_local_mode_runs_every_measurement(tmp_path) -> None:
+    out = tmp_path / "local.json"
+    assert main(["bench", "--mode", "local", "--nsides", "4", "--nproc", "2", "--warmup", "0",
+                 "--repeats", "1", "--embed-dim", "8", "--heads", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "local" and report["world_size"] == 2
+    local, ring, single = report["records"]
+    assert [r["impl"] for r in (local, ring, single)] == ["local", "ring", "local_single"]
+    assert local["window_nside"] == 1 and local["cell_pixels"] == 16  # nside 4 / 8, at least 1
+    assert [r["world_size"] for r in (local, ring, single)] == [2, 2, 1]
+    assert single["threads_per_rank"] == 2 * local["threads_per_rank"]
+    for rank in range(2):  # every rank sends halo rows, and no ring step
+        sent = local["comm_per_rank"][rank]["bytes_sent"]
+        assert sent["local.halo.forward"] > 0 and not any(k.startswith("ring") for k in sent), sent
+        assert "ring.forward" in ring["comm_per_rank"][rank]["bytes_sent"]
+    assert single["bytes_per_rank"] == [0]  # one process: nothing sent
+    assert local["efficiency_fwd_bwd"] == pytest.approx(single["fwd_bwd_s"] / local["fwd_bwd_s"])
+    assert local["speed_vs_ring_fwd_bwd"] == pytest.approx(ring["fwd_bwd_s"] / local["fwd_bwd_s"])
+    table = format_tables(report["records"], "local")
+    assert "local (neighbourhood)" in table and "global ring" in table and "local, 1 process" in table

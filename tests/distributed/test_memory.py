@@ -1,0 +1,166 @@
+"""Memory of the ring's autograd Function, and when its dK/dV return trip runs (real gloo ranks).
+
+* Live bytes: a dispatch mode records every tensor created during ``ring_attention``'s forward
+  and backward and frees it when its storage dies; the backward's peak, in units of one
+  ``[B, H, N_r, D]`` tensor, must not exceed the count of Note [ring memory] (the fused CPU
+  kernel is used, so its internal scratch is not part of what is counted).
+* Saved bytes: what the Function saves for the backward (``saved_tensors_hooks``) is q, K/V once,
+  the output and the lse, for separate inputs and for the layer's strided views of one packed
+  projection.
+* The return trip: skipped on every rank when no rank needs dK/dV (no bytes counted), run on
+  every rank when one rank does; gradients against the float64 reference either way.
+
+Legend: B batch, H heads, N_r pixels of rank r, D head dim, P group size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from hpattn_dist import count_communication, ring_attention
+from tests.harness import run_ranks
+from tests.reference import reference_attention
+
+B, H, N_R, D = 1, 2, 48, 16
+DTYPE = torch.float64
+UNIT = B * H * N_R * D * 8  # bytes of one [B, H, N_r, D] float64 tensor
+# [B, H, N_r] tensors (lse, delta, merge weights): each UNIT / D; a handful may be alive at once.
+SMALL = 0.5
+
+
+def ring_backward_units(p: int) -> int:
+    """Note [ring memory], counted for the attention alone with the inputs, the output (saved,
+    and held by the caller) and dout given: dq (1), the block computed on (2) and the next one
+    in flight (2; none at P = 2, whose one received block is the last), the dK/dV accumulators
+    leaving and arriving (2 + 2), the kernel's block gradients dq_b, dk_b, dv_b (3); float64, so
+    accumulators count 1."""
+    return 1 + 2 + (2 if p > 2 else 0) + 4 + 3
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages created under this mode and still alive (sampled after each op),
+    ignoring the storages of ``external`` tensors (inputs, which exist anyway)."""
+
+    def __init__(self, external: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.external = {t.untyped_storage()._cdata for t in external}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {key: v for key, v in self.live.items() if not v[0].expired()}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live and key not in self.external:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def _full(seed: int, p: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N_R * p, D, generator=g, dtype=DTYPE) for _ in range(4)]  # q k v dout
+
+
+def _rows(rank: int) -> slice:
+    return slice(rank * N_R, (rank + 1) * N_R)
+
+
+def _memory_job(rank: int, world: int) -> dict:
+    res: dict = {}
+    q, k, v, dout = (t[:, :, _rows(rank)].clone() for t in _full(1, world))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    with LiveBytes([q, k, v, dout]) as fwd:
+        out = ring_attention(q, k, v, backend="sdpa")
+    with LiveBytes([q, k, v, dout, out]) as bwd:
+        out.backward(dout)
+    res["fwd_units"], res["bwd_units"] = fwd.peak / UNIT, bwd.peak / UNIT
+
+    saved = {}
+    for name, packed in (("separate", False), ("packed", True)):
+        if packed:  # the layer's q, k, v: strided views of one [B, N_r, 3, H, D] projection
+            qkv = torch.stack([q.detach(), k.detach(), v.detach()], dim=2).transpose(1, 3)
+            qkv = qkv.contiguous().requires_grad_(True)  # [B, N_r, 3, H, D]
+            qs, ks, vs = (t.transpose(1, 2) for t in qkv.unbind(2))
+        else:
+            qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            o = ring_attention(qs, ks, vs, backend="sdpa")
+        o.backward(dout)
+        # A packed projection stays alive through its views anyway; count it once, as 3 units.
+        saved[name] = sum(storages.values()) / UNIT
+    res["saved_units"] = saved
+
+    trips = {}
+    for name, kv_grad in (("none", lambda r: False), ("rank0", lambda r: r == 0)):
+        qg = q.detach().requires_grad_(True)
+        kg, vg = (t.detach().requires_grad_(kv_grad(rank)) for t in (k, v))
+        with count_communication() as stats:
+            ring_attention(qg, kg, vg, backend="sdpa").backward(dout)
+        trips[name] = {"dkv_bytes": stats.bytes_sent.get("ring.backward.dkv", 0),
+                       "dq": qg.grad, "dk": kg.grad, "dv": vg.grad}
+    res["trips"] = trips
+    return res
+
+
+@functools.lru_cache(maxsize=None)
+def _results(world: int) -> list[dict]:
+    return run_ranks(_memory_job, world, timeout=120.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(world: int) -> dict[str, torch.Tensor]:
+    q, k, v, dout = (t.requires_grad_(i < 3) for i, t in enumerate(_full(1, world)))
+    reference_attention(q, k, v).backward(dout)
+    return {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_backward_live_bytes_within_note_count(world):
+    bound = ring_backward_units(world) + SMALL
+    for rank, res in enumerate(_results(world)):
+        assert res["bwd_units"] <= bound, (rank, res["bwd_units"], bound)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_saves_q_kv_out_once(world):
+    # q, k, v (3 units), out (1) and the lse (1/D); the packed projection counts as its 3 units.
+    bound = 3 + 1 + 1 / D
+    for rank, res in enumerate(_results(world)):
+        for name, units in res["saved_units"].items():
+            assert units <= bound + 1e-9, (rank, name, units, bound)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dkv_trip_skipped_only_when_no_rank_needs_it(world):
+    ref = _reference(world)
+    for rank, res in enumerate(_results(world)):
+        none, rank0 = res["trips"]["none"], res["trips"]["rank0"]
+        assert none["dkv_bytes"] == 0, (rank, none["dkv_bytes"])
+        assert none["dk"] is None and none["dv"] is None
+        # Rank 0 alone needs dK/dV: every rank passes the accumulators on (P trips of N_src rows).
+        assert rank0["dkv_bytes"] == 2 * B * H * N_R * D * 8 * world, (rank, rank0["dkv_bytes"])
+        for trip in (none, rank0):
+            torch.testing.assert_close(trip["dq"], ref["dq"][:, :, _rows(rank)], rtol=1e-12, atol=1e-12)
+        if rank == 0:
+            for name in ("dk", "dv"):
+                torch.testing.assert_close(rank0[name], ref[name][:, :, _rows(rank)], rtol=1e-12,
+                                           atol=1e-12)
+        else:
+            assert rank0["dk"] is None and rank0["dv"] is None
