@@ -14,6 +14,7 @@ subpackages ``strategies`` (planning door and executors), ``comm`` (every collec
 
 from hpattn_dist.checkpoint import checkpoint_context_fn
 from hpattn_dist.comm.counters import CommStats, count_communication
+from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
 from hpattn_dist.grad_sync import broadcast_parameters
 from hpattn_dist.local import (
     DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention, healpix_local_attention,
@@ -21,13 +22,17 @@ from hpattn_dist.local import (
 from hpattn_dist.mesh import build_hybrid_groups
 from hpattn_dist.modules import DistributedSpatialSelfAttention, convert_spatial_attention
 from hpattn_dist.oracle import SpatialSelfAttention
-from hpattn_dist.strategies import choose_strategy, hybrid_attention, ring_attention, ulysses_attention
+from hpattn_dist.strategies import (
+    choose_strategy, hybrid_attention, ring_attention, ring_cross_attention, ulysses_attention,
+)
 
 __all__ = [
     "CommStats",
     "DistributedLocalSpatialSelfAttention",
+    "DistributedSpatialCrossAttention",
     "DistributedSpatialSelfAttention",
     "LocalSpatialSelfAttention",
+    "SpatialCrossAttention",
     "SpatialSelfAttention",
     "broadcast_parameters",
     "build_hybrid_groups",
@@ -38,6 +43,7 @@ __all__ = [
     "healpix_local_attention",
     "hybrid_attention",
     "ring_attention",
+    "ring_cross_attention",
     "ulysses_attention",
 ]
 __version__ = "0.1.0"

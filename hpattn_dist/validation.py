@@ -31,9 +31,10 @@ def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
 _QKV_DIMS = ("B (batch)", "H (heads)", "N_local (pixels)", "D (head dim)")
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross: bool = False) -> None:
     """q, k, v must be floating ``[B, H, N_local, D]`` tensors with equal B, H, N_local, D, dtype
-    and device; ``scale`` None or a positive finite number.
+    and device; ``scale`` None or a positive finite number. ``cross``: q's N_local (queries) may
+    differ from that of k and v (keys, which must still agree with each other).
 
     Raises:
         TypeError: q, k or v is not a tensor.
@@ -48,13 +49,16 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
             raise ValueError(f"{name} must have shape [B, H, N_local, D], got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.shape == k.shape == v.shape):
+    dims = [i for i in range(4) if not (cross and i == 2 and k.shape[2] == v.shape[2])]
+    if any(not q.shape[i] == k.shape[i] == v.shape[i] for i in dims):
         differ = [
-            f"{dim}: q {q.shape[i]}, k {k.shape[i]}, v {v.shape[i]}"
-            for i, dim in enumerate(_QKV_DIMS) if not q.shape[i] == k.shape[i] == v.shape[i]
+            f"{_QKV_DIMS[i]}: q {q.shape[i]}, k {k.shape[i]}, v {v.shape[i]}"
+            for i in dims if not q.shape[i] == k.shape[i] == v.shape[i]
         ]
+        what = ("q [B, H, Nq_local, D], k and v [B, H, Nk_local, D] must agree in B, H and D (k and v "
+                "in Nk_local too)" if cross else "q, k and v must have the same shape [B, H, N_local, D]")
         raise ValueError(
-            "q, k and v must have the same shape [B, H, N_local, D]; they differ in "
+            what + "; they differ in "
             + "; ".join(differ)
             + f" (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
         )
@@ -70,22 +74,24 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
 
 
 def check_layer_input(
-    x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None, pixels: str = "N_local"
+    x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None, pixels: str = "N_local",
+    name: str = "x", dim_name: str = "embed_dim",
 ) -> None:
     """The layer's input: a floating ``[B, N_local, E]`` tensor with ``E == embed_dim``, and an
     optional bool ``key_mask [B, N_local]`` on the same device. ``pixels`` names the pixel dim in
-    messages (``"N"`` for the single-device layer).
+    messages (``"N"`` for the single-device layer), ``name`` the input and ``dim_name`` its
+    feature dim (a cross-attention layer has two inputs).
 
     Raises:
         TypeError: ``x`` is not a tensor.
         ValueError: naming ``x`` or ``key_mask`` and the expected and actual shape / dtype.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != embed_dim:
-        raise ValueError(f"x must have shape [B, {pixels}, embed_dim={embed_dim}], got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [B, {pixels}, {dim_name}={embed_dim}], got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if key_mask is not None:
         expected = (x.shape[0], x.shape[1])
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != expected:
@@ -93,7 +99,7 @@ def check_layer_input(
                    else type(key_mask).__name__)
             raise ValueError(f"key_mask must be a bool tensor of shape [B, {pixels}] = {expected}, got {got}")
         if key_mask.device != x.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but x is on {x.device}")
+            raise ValueError(f"key_mask is on {key_mask.device} but {name} is on {x.device}")
 
 
 def check_heads_divisible(heads: int, group_size: int, what: str, group_name: str = "group") -> None:

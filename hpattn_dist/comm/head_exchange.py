@@ -204,14 +204,23 @@ def qkv_to_heads(
     info: GroupInfo,
     sizes: list[int],
     label: str,
+    key_sizes: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
 
     ``bias`` ``[B, H|1, N_r]`` -> ``[B, h|1, N]``. ``sizes``: every rank's N_r. One all-to-all for
     q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
-    bias (``label + ".bias"``).
+    bias (``label + ".bias"``). ``key_sizes``: every rank's key count K_r when k, v (and the bias)
+    are ``[B, H, K_r, D]`` on a grid of their own (cross-attention); unless it equals ``sizes``, q
+    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``).
     """
-    q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
+    key_sizes = sizes if key_sizes is None else key_sizes
+    if list(key_sizes) == list(sizes):
+        q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
+    else:
+        (q_h,) = pixels_to_heads((q,), info, sizes, label + ".q")
+        k_h, v_h = pixels_to_heads((k, v), info, key_sizes, label + ".kv")
+    sizes = key_sizes  # the bias is per key
     bias_h = None
     if bias is not None and bias.shape[1] == 1:
         bias_h = gather_pixels(bias[:, 0], info, sizes, label + ".bias")[:, None]  # [B, 1, N]

@@ -21,6 +21,7 @@ from hpattn_dist.strategies.api import (
     check_strategy_name,
     hybrid_attention,
     ring_attention,
+    ring_cross_attention,
     sharded_attention,
     ulysses_attention,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "choose_strategy",
     "hybrid_attention",
     "ring_attention",
+    "ring_cross_attention",
     "sharded_attention",
     "ulysses_attention",
 ]

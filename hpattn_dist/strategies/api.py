@@ -32,7 +32,7 @@ from hpattn_dist.strategies.ring import run_ring
 from hpattn_dist.strategies.ulysses import run_ulysses
 
 __all__ = ["STRATEGIES", "auto_attention", "check_strategy_name", "hybrid_attention", "ring_attention",
-           "sharded_attention", "ulysses_attention"]
+           "ring_cross_attention", "sharded_attention", "ulysses_attention"]
 
 STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
 """The strategy names :func:`sharded_attention` and the layers accept."""
@@ -63,6 +63,7 @@ def sharded_attention(
     dropout_seed: Optional[int] = None,
     ulysses_degree: Optional[int] = None,
     layer: "Optional[LayerFacts | LayerRef]" = None,
+    cross: bool = False,
 ) -> Tensor:
     """Attention over a pixel dimension sharded across ``group`` with the named strategy.
 
@@ -73,7 +74,8 @@ def sharded_attention(
     (:class:`~hpattn_dist.replicas.LayerFacts`, or a :class:`~hpattn_dist.replicas.LayerRef` to take
     them from), checked in the same agreement; the functions
     below pass none, so they accept any total pixel count N (point sets as well as HEALPix
-    fields). Returns ``[B, H, N_r, D]``.
+    fields). ``cross``: queries and keys on different grids, as for :func:`ring_cross_attention`
+    (with any strategy). Returns ``[B, H, N_r, D]``.
 
     Raises:
         ValueError: an unknown strategy, ``ulysses_degree`` with a strategy other than
@@ -82,7 +84,7 @@ def sharded_attention(
     check_strategy_name(strategy)
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
-    if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
+    if key_bias is None and not cross and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
         # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
@@ -95,7 +97,9 @@ def sharded_attention(
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-        dropout_seed=dropout_seed, layer=layer, what=_ENTRY_NAMES[strategy] if layer is None else layer.name,
+        dropout_seed=dropout_seed, layer=layer, cross=cross,
+        what=(("ring_cross_attention" if cross and strategy == "ring" else _ENTRY_NAMES[strategy])
+              if layer is None else layer.name),
     )
     return execute(plan, q, k, v, bias, key_mask)
 
@@ -165,6 +169,55 @@ def ring_attention(
     """
     return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
                              key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed)
+
+
+def ring_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    r"""Exact cross-attention: this rank's queries over the keys of EVERY rank, where queries and
+    keys live on two grids (or point sets) sharded independently.
+
+    Computes, for this rank's queries, ``softmax(q K^T * scale + bias) V`` where K and V are the
+    concatenation (in group-rank order) of every rank's ``k`` and ``v``. The ring schedule of
+    :func:`ring_attention` with two shard tables (Note [cross-grid plan] in
+    :mod:`hpattn_dist.strategies.plan`). For head parallelism use
+    ``sharded_attention("ulysses" | "hybrid" | "auto", ..., cross=True)`` (or the layer
+    :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention`), which needs no equal lengths either.
+
+    Args:
+        q: this rank's queries ``[B, H, Nq_r, D]``.
+        k, v: this rank's keys and values ``[B, H, Nk_r, D]``; ``Nq_r`` and ``Nk_r`` are independent
+            of each other and may differ between ranks (zero included).
+        group, backend, dropout_p, scale, dropout_seed: as for :func:`ring_attention`. The dropout
+            mask is keyed by (global query index, global key index), each counted on its own grid.
+        key_mask: optional bool ``[B, Nk_r]``, True = this key may be attended to.
+        key_bias: optional float ``[B, Nk_r]`` or ``[B, H, Nk_r]`` (for instance the log of each
+            source pixel's area, a quadrature weight).
+
+    Returns:
+        ``[B, H, Nq_r, D]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: as for :func:`ring_attention` (on every rank), with q compared to k and v in
+            B, H, D, dtype and device only.
+
+    Communication: one 256-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
+    ``2 * B * H * Mk_src * D`` elements per forward (``Mk_src``: the keys of the source rank left
+    after masked-key compaction); the backward adds P - 1 K/V transfers and P fp32 dK/dV
+    transfers. Queries never travel.
+    """
+    return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed, cross=True)
 
 
 def ulysses_attention(

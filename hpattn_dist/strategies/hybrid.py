@@ -44,17 +44,18 @@ def run_hybrid(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optio
     """Execute ``plan``: the Ulysses exchange over ``plan.ulysses_group``, the ring executor over
     ``plan.ring_group``, and back (Note [hybrid schedule]).
 
-    ``q, k, v``: ``[B, H, N_r, D]``; ``bias``: ``[B, H|1, N_r]`` in the accumulation dtype or
-    None; ``key_mask``: bool ``[B, N_r]`` or None. Returns ``[B, H, N_r, D]`` in q's dtype.
+    ``q, k, v``: ``[B, H, N_r, D]`` (k, v ``[B, H, K_r, D]`` for cross-attention, Note
+    [cross-grid plan]); ``bias``: ``[B, H|1, K_r]`` in the accumulation dtype or None;
+    ``key_mask``: bool ``[B, K_r]`` or None. Returns ``[B, H, N_r, D]`` in q's dtype.
     """
-    u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
+    u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     mask_h = None
     if plan.mask_travels:
         # A bare mask travels as a mask (1 byte per key), so the ring can drop fully masked keys.
-        q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, "hybrid")
-        mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, sizes, "hybrid.mask").bool()
-        bias_h = key_bias_from_mask(q_h, mask_h, None) if plan.use_bias else None
+        q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, "hybrid", key_sizes=key_sizes)
+        mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, "hybrid.mask").bool()
+        bias_h = key_bias_from_mask(k_h, mask_h, None) if plan.use_bias else None
     else:
-        q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, "hybrid")
+        q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, "hybrid", key_sizes=key_sizes)
     out_h = run_ring(plan, q_h, k_h, v_h, bias_h, mask_h)  # [B, h, M_i, D]
     return heads_to_pixels((out_h,), u_info, sizes, "hybrid.out")[0]

@@ -67,7 +67,7 @@ from hpattn_dist.strategies.ring import _RingAttention
 
 __all__ = ["group_name_of", "op_attention"]
 
-_PLAN_HEAD = 5  # use_bias, mask_travels, q_offset, head_offset, seed
+_PLAN_HEAD = 6  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere
 
 
 def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
@@ -92,11 +92,12 @@ class _Ctx:
 
     def __init__(self, plan: AttentionPlan, saved: tuple = ()) -> None:
         self.plan, self.saved_tensors = plan, saved
-        # The op's backward always returns dq, dk, dv (no key_bias on this path), so on more than
-        # one rank the dK/dV accumulators always travel home, on every rank alike.
-        self.needs_input_grad = (True, True, True, False, False, False)
+        # No key_bias on this path; the dK/dV accumulators travel home when some rank needs them
+        # (agreed at the door, Note [ring memory]).
+        kv_grad = plan.grads_anywhere[0]
+        self.needs_input_grad = (True, kv_grad, kv_grad, False, False, False)
         self.kv_stacked = False
-        self.dkv_travels = plan.ring_group.world_size > 1
+        self.dkv_travels = kv_grad and plan.ring_group.world_size > 1
         self.dbias_travels = False
 
     def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
@@ -120,6 +121,7 @@ def _sub_groups(parent_name: str, strategy: str, u_deg: int) -> tuple[GroupInfo,
 
 def _plan_tensor(plan: AttentionPlan) -> Tensor:
     values = (int(plan.use_bias), int(plan.mask_travels), plan.q_offset, plan.head_offset, plan.seed,
+              int(plan.grads_anywhere[0]),
               *plan.ulysses_sizes, *plan.kv_sizes)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -127,15 +129,16 @@ def _plan_tensor(plan: AttentionPlan) -> Tensor:
 def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int, backend: str,
                dropout_p: float, scale: float) -> AttentionPlan:
     values = [int(x) for x in t.tolist()]
-    use_bias, mask_travels, q_offset, head_offset, seed = values[:_PLAN_HEAD]
+    use_bias, mask_travels, q_offset, head_offset, seed, kv_grad = values[:_PLAN_HEAD]
     u_info, r_info = _sub_groups(group_name, strategy, u_deg)
     sizes = tuple(values[_PLAN_HEAD:_PLAN_HEAD + u_deg])
     return AttentionPlan(
         strategy=strategy, ulysses_group=u_info, ring_group=r_info, ulysses_sizes=sizes,
-        kv_sizes=tuple(values[_PLAN_HEAD + u_deg:]), q_offset=q_offset, head_offset=head_offset,
+        key_ulysses_sizes=sizes, kv_sizes=tuple(values[_PLAN_HEAD + u_deg:]), q_offset=q_offset,
+        k_offset=q_offset, head_offset=head_offset,
         mask_travels=bool(mask_travels), use_bias=bool(use_bias),
         kernel=select_kernel(backend, q, has_bias=bool(use_bias), dropout=dropout_p > 0),
-        scale=scale, dropout_p=dropout_p, seed=seed,
+        scale=scale, dropout_p=dropout_p, seed=seed, grads_anywhere=(bool(kv_grad), False),
     )
 
 
@@ -167,6 +170,8 @@ def _ring_backward(plan: AttentionPlan, dout: Tensor, q: Tensor, k: Tensor, v: T
     ctx = _Ctx(plan, (q, k_c, v_c, bias, k_index, out, lse))
     with torch.no_grad():
         dq, dk_c, dv_c = _RingAttention.backward(ctx, dout)[:3]
+    if dk_c is None:  # no rank needs dK/dV (the op's outputs are tensors all the same)
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
     if kept is None:
         return dq, dk_c, dv_c
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
@@ -181,7 +186,7 @@ def _empty(q: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: int, layer_params: list[Tensor], layer_name: str,
-                  layer_healpix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  layer_healpix: bool, kv_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
@@ -195,7 +200,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
         strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
         dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer,
-        what=_what(strategy) if layer is None else layer.name,
+        what=_what(strategy) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
     )
     plan_t = _plan_tensor(plan)
     if plan.strategy == "ulysses":
@@ -226,7 +231,7 @@ def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: in
 
 @attention_fwd.register_fake
 def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
-      layer_params, layer_name, layer_healpix):
+      layer_params, layer_name, layer_healpix, kv_needs_grad):
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     r_deg = _group(group_name).world_size // u_deg
     plan_t = torch.empty((_PLAN_HEAD + u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
@@ -308,7 +313,7 @@ _REFUSING = {name: refuse_double_backward(name)(_plain_backward)
 def _backward(ctx, dout, *unused):
     dq, dk, dv = _REFUSING[_what(ctx.static[1])](ctx, dout)
     # No gradient for the layer's parameters through here: the op only reads their sums.
-    return dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -326,4 +331,5 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
         -1 if dropout_seed is None else dropout_seed,
         [] if layer is None else list(layer.params), "" if layer is None else layer.name,
         True if layer is None else layer.healpix_field,
+        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad),
     )[0]

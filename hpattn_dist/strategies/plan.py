@@ -29,11 +29,23 @@ Note [one agreement per call]
     fingerprint of its replicated parameters and whether the shards must form a HEALPix field
     (Note [replicated parameter check] in ``replicas.py``); they are checked from the agreed rows,
     so ranks whose weights differ raise together at no extra collective.
+
+Note [cross-grid plan]
+    Cross-attention (queries on one grid, keys and values on another, ``cross=True``) is the same
+    plan with two shard tables instead of one: every row carries its query count N_p and its key
+    count (and the kept-key count derived from the keys), so the one agreement yields both. The
+    executors read the query table for what stays with the queries (the Ulysses exchange of q
+    and of the output, ``q_offset``: the global index of the first query, for the dropout mask)
+    and the key table for what travels with the keys (the exchange of k, v and the bias, the ring
+    block sizes ``kv_sizes``, ``k_offset``: the global index of the first key). Self-attention is
+    the case where the two tables are equal. Nothing else changes: softmax over every key of every
+    rank, the merge, masks and position-keyed dropout are indifferent to whether the query and key
+    indices range over the same pixels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -60,11 +72,17 @@ class AttentionPlan:
         strategy: the executor, ``"ring"``, ``"ulysses"`` or ``"hybrid"`` (``"auto"`` resolved).
         ulysses_group: the ranks that split heads (size U); None for the ring.
         ring_group: the ranks whose key blocks rotate (size R); None for Ulysses.
-        ulysses_sizes: N_p of each member of this rank's Ulysses group, in its rank order.
+        ulysses_sizes: N_p of each member of this rank's Ulysses group, in its rank order (its
+            queries' counts for cross-attention).
+        key_ulysses_sizes: the same for keys (equal to ``ulysses_sizes`` unless cross-attention,
+            Note [cross-grid plan]).
         kv_sizes: keys each ring member holds after the head exchange and compaction (M_i, less
             the keys masked in every batch element).
         q_offset: global pixel index of the first pixel this rank holds after the head exchange
             (its own first pixel for the ring, its Ulysses group's for hybrid, 0 for Ulysses).
+        k_offset: global index of the first key this rank holds after the head exchange (before
+            compaction): ``q_offset`` for self-attention, the same sum over the key counts for
+            cross-attention.
         head_offset: global index of this rank's first head after the head exchange.
         mask_travels: the key mask goes to the ring as a mask (so it compacts keys); otherwise the
             additive bias travels.
@@ -79,8 +97,10 @@ class AttentionPlan:
     ulysses_group: Optional[GroupInfo]
     ring_group: Optional[GroupInfo]
     ulysses_sizes: tuple[int, ...]
+    key_ulysses_sizes: tuple[int, ...]
     kv_sizes: tuple[int, ...]
     q_offset: int
+    k_offset: int
     head_offset: int
     mask_travels: bool
     use_bias: bool
@@ -164,7 +184,9 @@ def plan_attention(
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
     layer: Optional[LayerFacts] = None,
+    cross: bool = False,
     what: str,
+    kv_needs_grad: Optional[bool] = None,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
 
@@ -173,6 +195,10 @@ def plan_attention(
     ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
     dtype (-inf where masked), or None. ``what`` names the entry point in errors. ``layer``: the
     calling layer's facts (parameter fingerprint, HEALPix field), checked in the same agreement.
+    ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
+    (inside the registered op); None reads it from grad mode and ``requires_grad``.
+    ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
+    Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
 
     Raises (on every rank of the group, Note [fail together]):
         ValueError / TypeError: a bad argument on any rank; ranks that disagree on shapes,
@@ -187,24 +213,26 @@ def plan_attention(
     else:
         sub, parent = None, resolve_group(group)
     with validated_signature(parent, what) as sig:
-        check_qkv(q, k, v, scale)
+        check_qkv(q, k, v, scale, cross=cross)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)
-        bias = key_bias_from_mask(q, key_mask, key_bias)
+        bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
+        n_keys = k.shape[2]
         if executed != "ring":
             check_heads_divisible(heads, u_deg, what, "group" if executed == "ulysses" else "ulysses_group")
         mask_travels = key_mask is not None and (executed == "ring" or (executed == "hybrid" and key_bias is None))
         kept = unmasked_keys(key_mask) if mask_travels else None
-        n_kept = n_local if kept is None else int(kept.numel())
+        n_kept = n_keys if kept is None else int(kept.numel())
         # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
         # so no bias is needed and the fused kernels apply; every rank must agree on that.
         mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
         row = _grid_row(parent, u_deg, sub)
         # Which gradients must travel home (Note [ring memory]): each rank knows only its own.
         grad_on = torch.is_grad_enabled()
-        grad_bits = (int(grad_on and (k.requires_grad or v.requires_grad)),
+        kv_grad = (k.requires_grad or v.requires_grad) if kv_needs_grad is None else kv_needs_grad
+        grad_bits = (int(grad_on and kv_grad) if kv_needs_grad is None else int(kv_needs_grad),
                      int(grad_on and key_bias is not None and key_bias.requires_grad))
         extra_shared = {} if layer is None else {"param_layout": layer.layout}
         sig.set(
@@ -213,15 +241,18 @@ def plan_attention(
                 "key_bias_heads": -1 if key_bias is None else bias.shape[1],
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
-                "U": u_deg, "R": parent.world_size // u_deg, **extra_shared,
+                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross), **extra_shared,
             },
-            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row,
+            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row, n_keys,
              *(() if layer is None else layer.sums), *grad_bits),
             q.device,
             kind=executed,
         )
     if layer is not None:
-        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], [r[8:11] for r in sig.per_rank])
+        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
+        if cross and layer.healpix_field:
+            keys = replace(layer, name=layer.name + " (keys and values)")
+            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
     plan = _plan_from_rows(
         sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
@@ -245,6 +276,7 @@ def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, su
         made = hybrid_groups_for(group, u_deg)  # cached; collective on first use only
         sub = (resolve_group(made.ulysses_group), resolve_group(made.ring_group))
     sizes = [r[0] for r in by_pos]
+    key_sizes = [r[8] for r in by_pos]
     kept_sizes = [r[1] for r in by_pos]
     use_bias = (key_bias_given or any(r[2] for r in rows)) if mask_travels else has_bias
     return AttentionPlan(
@@ -252,8 +284,10 @@ def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, su
         ulysses_group=parent if executed == "ulysses" else (sub[0] if sub else None),
         ring_group=parent if executed == "ring" else (sub[1] if sub else None),
         ulysses_sizes=tuple(sizes[i_me * u_deg:(i_me + 1) * u_deg]),
+        key_ulysses_sizes=tuple(key_sizes[i_me * u_deg:(i_me + 1) * u_deg]),
         kv_sizes=tuple(sum(kept_sizes[j * u_deg:(j + 1) * u_deg]) for j in range(r_deg)),
         q_offset=sum(sizes[:i_me * u_deg]),
+        k_offset=sum(key_sizes[:i_me * u_deg]),
         head_offset=u_me * (heads // u_deg),
         mask_travels=mask_travels,
         use_bias=use_bias,

@@ -306,18 +306,19 @@ def run_ring(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optiona
              key_mask: Optional[Tensor]) -> Tensor:
     """Execute ``plan`` over its ring group (Note [ring schedule]).
 
-    ``q, k, v``: ``[B, h, N_i, D]``, this ring member's queries and keys; ``bias``: ``[B, h|1,
-    N_i]`` in the accumulation dtype or None; ``key_mask``: bool ``[B, N_i]`` when the mask
-    travels as a mask (its fully masked keys are dropped, Note [masked key compaction]). Returns
-    ``[B, h, N_i, D]`` in q's dtype.
+    ``q``: ``[B, h, N_i, D]``, this ring member's queries; ``k, v``: ``[B, h, K_i, D]``, its keys
+    (``K_i = N_i`` but for cross-attention, Note [cross-grid plan]); ``bias``: ``[B, h|1, K_i]`` in
+    the accumulation dtype or None; ``key_mask``: bool ``[B, K_i]`` when the mask travels as a mask
+    (its fully masked keys are dropped, Note [masked key compaction]). Returns ``[B, h, N_i, D]``
+    in q's dtype.
     """
     kept = unmasked_keys(key_mask) if plan.mask_travels else None
     if not plan.use_bias:
         bias = None
     k_index = None
     if plan.dropout_p > 0:
-        local_index = torch.arange(q.shape[2], device=q.device) if kept is None else kept
-        k_index = local_index + plan.q_offset
+        local_index = torch.arange(k.shape[2], device=k.device) if kept is None else kept
+        k_index = local_index + plan.k_offset
     if kept is not None:
         k, v = k.index_select(2, kept), v.index_select(2, kept)
         bias = None if bias is None else bias.index_select(2, kept)

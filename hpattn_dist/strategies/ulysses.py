@@ -48,11 +48,13 @@ def run_ulysses(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Opti
                 key_mask: Optional[Tensor] = None) -> Tensor:
     """Execute ``plan`` head-parallel over its Ulysses group (Note [ulysses schedule]).
 
-    ``q, k, v``: ``[B, H, N_r, D]``; ``bias``: ``[B, H|1, N_r]`` in the accumulation dtype or None
-    (a key mask is already folded into it). Returns ``[B, H, N_r, D]`` in q's dtype.
+    ``q, k, v``: ``[B, H, N_r, D]`` (k, v ``[B, H, K_r, D]`` for cross-attention, Note
+    [cross-grid plan]); ``bias``: ``[B, H|1, K_r]`` in the accumulation dtype or None (a key mask
+    is already folded into it). Returns ``[B, H, N_r, D]`` in q's dtype.
     """
     info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
-    q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, info, sizes, "ulysses")
+    q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, info, sizes, "ulysses",
+                                         key_sizes=list(plan.key_ulysses_sizes))
     out_h = local_attention(q_h, k_h, v_h, bias_h, plan.kernel, plan.scale, plan.dropout_p,
                             plan.seed, head_offset=plan.head_offset)
     return heads_to_pixels((out_h,), info, sizes, "ulysses.out")[0]

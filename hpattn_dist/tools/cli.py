@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--local-windows", type=_csv(str), default=None,
                    help="also check local attention: comma list of MODE:WINDOW_NSIDE, e.g. "
                         "neighbourhood:2,cell:4 (hpattn_dist/tools/verify_local.py) (default: none)")
+    v.add_argument("--cross-nsides", type=_csv(int), default=None,
+                   help="also check cross-grid attention: comma list of source-grid nsides, queries on "
+                        "the verify field (hpattn_dist/tools/verify_cross.py) (default: none)")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
@@ -224,6 +227,7 @@ def load_config(args: argparse.Namespace):
             dtypes=args.dtypes, seed=args.seed, field=args.field,
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
             inject_error=args.inject_error, local_windows=args.local_windows,
+            cross_nsides=args.cross_nsides,
         )
     from hpattn_dist.tools.bench import BenchConfig
     from hpattn_dist.tools.verify import default_config_path

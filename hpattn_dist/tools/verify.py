@@ -94,6 +94,8 @@ class VerifyConfig:
         inject_error: added to the distributed output before comparison (self-test).
         local_windows: local-attention windows to check as well, ``"MODE:WINDOW_NSIDE"`` (e.g.
             ``"neighbourhood:2"``), against their own dense oracle (:mod:`hpattn_dist.tools.verify_local`).
+        cross_nsides: source-grid resolutions for cross-grid attention cases (queries on the
+            field, keys and values on a random field of each nside; :mod:`hpattn_dist.tools.verify_cross`).
     """
 
     nside: int = 8
@@ -109,8 +111,15 @@ class VerifyConfig:
     tolerance_scale: float = 1.0
     inject_error: float = 0.0
     local_windows: tuple[str, ...] = ()
+    cross_nsides: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.cross_nsides = tuple(self.cross_nsides)
+        for source_nside in self.cross_nsides:
+            try:
+                check_nside(source_nside, nest=True)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"cross_nsides: {err}") from None
         self.local_windows = tuple(self.local_windows)
         for spec in self.local_windows:
             try:
@@ -501,6 +510,10 @@ def run_verify(
         from hpattn_dist.tools.verify_local import run_local_cases  # it builds on this module
 
         results += run_local_cases(cfg, x, g, group=group, device=device, progress=progress)
+    if cfg.cross_nsides:
+        from hpattn_dist.tools.verify_cross import run_cross_cases  # it builds on this module
+
+        results += run_cross_cases(cfg, x, g, group=group, device=device, progress=progress)
     return results
 
 

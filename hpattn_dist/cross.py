@@ -1,0 +1,260 @@
+"""Cross-grid attention layers: queries on a target grid, keys and values on a source grid.
+
+:class:`SpatialCrossAttention` is the single-device oracle, in the style of the seed layer
+(``shared/seed``): a query projection on the target grid, ONE fused key/value projection on the
+source grid (``kv_proj = Linear(kv_dim, 2E)``, split like the seed's ``qkv_proj`` by
+``reshape(B, N, 2, H, D)``), heads of ``D = E / H``, scale ``D ** -0.5``, dropout on the normalised
+weights, backends ``auto | sdpa | manual``, and an output projection.
+:class:`DistributedSpatialCrossAttention` has the same parameters and ``state_dict``; each rank
+passes its own contiguous range of the target grid AND its own contiguous range of the source
+grid (the two are sharded independently, any sizes per rank), and gets the oracle's output for
+its target pixels. Encoders (fine data grid -> coarse latent grid) and decoders (back) are both
+this layer.
+
+Legend: B batch, Nq target pixels (queries), Nk source pixels (keys), Nq_r / Nk_r those on group
+rank r, E embed dim, E_kv source feature dim (``kv_dim``), H heads, D head dim (E / H).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.oracle import AttnBackend, check_layer_args
+from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
+from hpattn_dist.strategies import check_strategy_name, sharded_attention
+from hpattn_dist.validation import check_layer_input
+
+__all__ = ["DistributedSpatialCrossAttention", "SpatialCrossAttention"]
+
+_SDPA_AVAILABLE = hasattr(F, "scaled_dot_product_attention")
+
+
+class SpatialCrossAttention(nn.Module):
+    """Multi-head cross-attention from the pixels of one grid to those of another (single device).
+
+    Every target pixel attends to every source pixel: ``softmax(Q K^T / sqrt(D) + bias) V`` per
+    head, with ``Q = q_proj(x_q)``, ``[K, V] = kv_proj(x_kv)``, then ``out_proj``.
+
+    Args:
+        embed_dim: model dimension ``E`` of the target grid's features and of the output
+            (divisible by ``num_heads``).
+        num_heads: number of heads ``H``.
+        kv_dim: feature dimension of the source grid (default: ``embed_dim``).
+        dropout: dropout probability on the attention weights (training mode only), applied after
+            the softmax normalisation. Default: 0.0.
+        bias: whether the projections have a bias. Default: True.
+        attn_backend: ``"auto"`` (SDPA when available), ``"sdpa"`` or ``"manual"``.
+
+    Shape:
+        - ``x_q``: ``[B, Nq, E]``; ``x_kv``: ``[B, Nk, E_kv]``.
+        - Optional ``key_mask``: bool ``[B, Nk]`` (True = attend); optional ``key_bias``: float
+          ``[B, Nk]`` or ``[B, H, Nk]`` added to every score of that key (e.g. the log of each
+          source pixel's area, a quadrature weight).
+        - Output: ``[B, Nq, E]``.
+
+    A query whose keys are all masked gets a zero attention output (then ``out_proj``), never NaN.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kv_dim: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        attn_backend: AttnBackend = "auto",
+    ) -> None:
+        super().__init__()
+        check_layer_args(embed_dim, num_heads, dropout, attn_backend)
+        kv_dim = embed_dim if kv_dim is None else kv_dim
+        if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim <= 0:
+            raise ValueError(f"kv_dim must be None or a positive int, got {kv_dim!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.kv_dim = kv_dim
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_backend = attn_backend
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = nn.Linear(kv_dim, 2 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self._dropout_p = dropout
+
+    @property
+    def dropout_p(self) -> float:
+        """Dropout probability on the attention weights (applied in training mode only)."""
+        return self._dropout_p
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_dim={self.kv_dim}, "
+                f"dropout={self.dropout_p}, attn_backend={self.attn_backend!r}")
+
+    def _project(self, x_q: Tensor, x_kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q [B, H, Nq, D]`` and ``k, v [B, H, Nk, D]`` (views, as the seed splits heads)."""
+        batch, n_q, _ = x_q.shape
+        n_k = x_kv.shape[1]
+        q = self.q_proj(x_q).reshape(batch, n_q, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_proj(x_kv).reshape(batch, n_k, 2, self.num_heads, self.head_dim)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))
+        return q, k, v
+
+    def forward(self, x_q: Tensor, x_kv: Tensor, key_mask: Optional[Tensor] = None,
+                key_bias: Optional[Tensor] = None) -> Tensor:
+        """Attend every target pixel to every (unmasked) source pixel.
+
+        Args:
+            x_q: ``[B, Nq, E]`` target-grid features; x_kv: ``[B, Nk, E_kv]`` source-grid features.
+            key_mask: optional bool ``[B, Nk]``; key_bias: optional float ``[B, Nk]`` or ``[B, H, Nk]``.
+
+        Returns:
+            ``[B, Nq, E]``.
+        """
+        check_layer_input(x_q, self.embed_dim, pixels="Nq", name="x_q")
+        check_layer_input(x_kv, self.kv_dim, key_mask, pixels="Nk", name="x_kv", dim_name="kv_dim")
+        if x_q.shape[0] != x_kv.shape[0]:
+            raise ValueError(f"x_q and x_kv must have the same batch size, got {x_q.shape[0]} and {x_kv.shape[0]}")
+        batch, n_q, _ = x_q.shape
+        q, k, v = self._project(x_q, x_kv)
+        n_k = k.shape[2]
+        scores_bias = None  # [B, H|1, 1, Nk]
+        if key_bias is not None:
+            if tuple(key_bias.shape) == (batch, n_k):
+                scores_bias = key_bias[:, None, None, :]
+            elif tuple(key_bias.shape) == (batch, self.num_heads, n_k):
+                scores_bias = key_bias[:, :, None, :]
+            else:
+                raise ValueError(f"key_bias must have shape [B, Nk] = {(batch, n_k)} or [B, H, Nk] = "
+                                 f"{(batch, self.num_heads, n_k)}, got {tuple(key_bias.shape)}")
+            scores_bias = scores_bias.to(q.dtype)
+        has_key = None
+        if key_mask is not None:
+            # Note [fully masked queries] in oracle.py: such a query's output is zero.
+            has_key = key_mask.any(dim=-1)  # [B]
+            key_mask = key_mask | ~has_key[:, None]
+            masked = torch.zeros((batch, 1, 1, n_k), dtype=q.dtype, device=q.device)
+            masked = masked.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            scores_bias = masked if scores_bias is None else scores_bias + masked
+
+        if self.attn_backend != "manual" and _SDPA_AVAILABLE:
+            dropout_p = self._dropout_p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout_p)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, Nq, Nk]
+            if scores_bias is not None:
+                attn = attn + scores_bias
+            attn = F.softmax(attn, dim=-1)
+            attn = self.dropout(attn)
+            out = attn @ v  # [B, H, Nq, D]
+        if has_key is not None:
+            out = out * has_key[:, None, None, None].to(out.dtype)
+        out = out.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
+        return self.out_proj(out)
+
+
+class DistributedSpatialCrossAttention(SpatialCrossAttention):
+    """:class:`SpatialCrossAttention` with both grids' pixels sharded across a process group.
+
+    Same constructor arguments, parameters (``q_proj``, ``kv_proj``, ``out_proj``) and
+    ``state_dict`` as the oracle (it subclasses it). Called on every rank of ``process_group``
+    with that rank's shard of the target grid and its shard of the source grid (independent
+    splits: ``Nq_r`` and ``Nk_r`` may differ between ranks and from each other, zero included),
+    it returns that rank's shard of the oracle's output. One agreement per call (Note [cross-grid
+    plan] in :mod:`hpattn_dist.strategies.plan`); the keys travel, the queries stay.
+
+    Args:
+        embed_dim, num_heads, kv_dim, dropout, bias, attn_backend: as for the oracle. With
+            ``dropout > 0`` the mask is keyed by (global target pixel, global source pixel), so
+            seed every rank identically (``torch.manual_seed``).
+        process_group: the group sharding both grids (None: the default group).
+        strategy: ``"ring" | "ulysses" | "hybrid" | "auto"`` (:data:`hpattn_dist.strategies.STRATEGIES`).
+        ulysses_degree: for ``strategy="hybrid"`` only (a divisor of P and H).
+        healpix_field: both grids' shards must add up to HEALPix fields (checked in the one
+            agreement); False accepts any point sets. Default: True.
+        name: names the layer in errors.
+
+    Shape:
+        - ``x_q_local``: ``[B, Nq_r, E]``; ``x_kv_local``: ``[B, Nk_r, E_kv]``; ``key_mask``:
+          bool ``[B, Nk_r]``; ``key_bias``: ``[B, Nk_r]`` or ``[B, H, Nk_r]``.
+        - Output: ``[B, Nq_r, E]``.
+
+    Parameters are replicated over ``process_group`` and checked on every forward (Note
+    [replicated parameter check]); reduce their gradients with
+    :func:`hpattn_dist.grad_sync.sync_gradients` (Note [replicated parameters] in ``modules.py``).
+
+    Example::
+
+        >>> enc = DistributedSpatialCrossAttention(128, 8, kv_dim=16)   # nside 64 -> 16
+        >>> z_local = enc(latent_queries_local, data_local)             # [B, Nq_r, 128]
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kv_dim: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        attn_backend: AttnBackend = "auto",
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        strategy: str = "auto",
+        ulysses_degree: Optional[int] = None,
+        healpix_field: bool = True,
+        name: str = "",
+    ) -> None:
+        check_strategy_name(strategy)
+        if (strategy == "hybrid") != (ulysses_degree is not None):
+            raise ValueError("ulysses_degree is needed by, and only used by, strategy='hybrid'; got "
+                             f"strategy={strategy!r}, ulysses_degree={ulysses_degree!r}")
+        super().__init__(embed_dim, num_heads, kv_dim, dropout, bias, attn_backend)
+        self.process_group = process_group
+        self.strategy = strategy
+        self.ulysses_degree = ulysses_degree
+        self.healpix_field = bool(healpix_field)
+        self.name = name
+        self._fingerprint = ParameterFingerprint()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", strategy={self.strategy!r}" + (
+            "" if self.healpix_field else ", healpix_field=False")
+
+    def _facts(self) -> LayerFacts:
+        layout, sums = self._fingerprint(self.named_parameters())
+        label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
+        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field)
+
+    def forward(self, x_q_local: Tensor, x_kv_local: Tensor, key_mask: Optional[Tensor] = None,
+                key_bias: Optional[Tensor] = None) -> Tensor:
+        """Attend this rank's target pixels to the (unmasked) source pixels of every rank.
+
+        Args:
+            x_q_local: ``[B, Nq_r, E]``; x_kv_local: ``[B, Nk_r, E_kv]``.
+            key_mask: optional bool ``[B, Nk_r]``; key_bias: optional ``[B, Nk_r]`` or ``[B, H, Nk_r]``.
+
+        Returns:
+            ``[B, Nq_r, E]``.
+        """
+        try:
+            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local")
+            check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",
+                              dim_name="kv_dim")
+        except (ValueError, TypeError) as err:
+            raise_on_every_rank(resolve_group(self.process_group), type(self).__name__, err)
+        batch, n_q, _ = x_q_local.shape
+        q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
+        out_local = sharded_attention(
+            self.strategy, q_local, k_local, v_local, self.process_group,
+            backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
+            layer=self._facts(), cross=True,
+        )  # [B, H, Nq_r, D]
+        return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))
