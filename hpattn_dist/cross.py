@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.oracle import AttnBackend, check_layer_args
 from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
@@ -171,9 +172,11 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
     plan] in :mod:`hpattn_dist.strategies.plan`); the keys travel, the queries stay.
 
     Args:
-        embed_dim, num_heads, kv_dim, dropout, bias, attn_backend: as for the oracle. With
+        embed_dim, num_heads, kv_dim, dropout, bias: as for the oracle. With
             ``dropout > 0`` the mask is keyed by (global target pixel, global source pixel), so
             seed every rank identically (``torch.manual_seed``).
+        attn_backend: ``"auto" | "sdpa" | "manual" | "flash_attn"``, the block kernel (README,
+            API reference, "Backend names").
         process_group: the group sharding both grids (None: the default group).
         strategy: ``"ring" | "ulysses" | "hybrid" | "auto"`` (:data:`hpattn_dist.strategies.STRATEGIES`).
         ulysses_degree: for ``strategy="hybrid"`` only (a divisor of P and H).
@@ -203,7 +206,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         kv_dim: Optional[int] = None,
         dropout: float = 0.0,
         bias: bool = True,
-        attn_backend: AttnBackend = "auto",
+        attn_backend: str = "auto",
         *,
         process_group: Optional[dist.ProcessGroup] = None,
         strategy: str = "auto",
@@ -215,7 +218,12 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         if (strategy == "hybrid") != (ulysses_degree is not None):
             raise ValueError("ulysses_degree is needed by, and only used by, strategy='hybrid'; got "
                              f"strategy={strategy!r}, ulysses_degree={ulysses_degree!r}")
-        super().__init__(embed_dim, num_heads, kv_dim, dropout, bias, attn_backend)
+        if attn_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
+        # As DistributedSpatialSelfAttention: flash_attn is a kernel name the oracle does not run.
+        super().__init__(embed_dim, num_heads, kv_dim, dropout, bias,
+                         "auto" if attn_backend == "flash_attn" else attn_backend)
+        self.attn_backend = attn_backend
         self.process_group = process_group
         self.strategy = strategy
         self.ulysses_degree = ulysses_degree

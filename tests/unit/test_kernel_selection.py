@@ -211,3 +211,15 @@ def test_layer_reaches_flash_attn_through_the_table_and_the_oracle_keeps_its_nam
         layer = DistributedSpatialSelfAttention(8, 2, attn_backend=name).double()
         layer.load_state_dict(ref.state_dict())
         torch.testing.assert_close(layer(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_cross_layer_takes_the_same_names():
+    from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
+
+    layer = DistributedSpatialCrossAttention(8, 2, attn_backend="flash_attn")
+    assert layer.attn_backend == "flash_attn"
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        DistributedSpatialCrossAttention(8, 2, attn_backend="flash")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        SpatialCrossAttention(8, 2, attn_backend="flash_attn")
+
