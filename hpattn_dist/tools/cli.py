@@ -218,7 +218,8 @@ def load_config(args: argparse.Namespace):
         ValueError: a bad value or an unknown key in the file.
     """
     if args.command == "verify":
-        from hpattn_dist.tools.verify import VerifyConfig, default_config_path
+        from hpattn_dist.tools.config import default_config_path
+        from hpattn_dist.tools.verify import VerifyConfig
 
         return VerifyConfig.load(
             args.config or default_config_path("verify"),
@@ -230,7 +231,7 @@ def load_config(args: argparse.Namespace):
             cross_nsides=args.cross_nsides,
         )
     from hpattn_dist.tools.bench import BenchConfig
-    from hpattn_dist.tools.verify import default_config_path
+    from hpattn_dist.tools.config import default_config_path
 
     return BenchConfig.load(
         args.config or default_config_path("bench"),

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from hpattn_dist.tools.platform import PINNED_MATH_ENV
 from hpattn_dist.tools import tolerances
+from hpattn_dist.tools.config import load_section
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import check_nside, npix2nside, nside2npix, reorder, shard_bounds
@@ -174,40 +175,6 @@ class VerifyConfig:
             batch, npix, embed_dim = _read_field(Path(values["field"])).shape
             values.update(nside=npix2nside(npix), batch=batch, embed_dim=embed_dim)
         return cls(**values)
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration files
-# --------------------------------------------------------------------------------------------
-
-
-def default_config_path(name: str) -> Optional[Path]:
-    """The package's default ``<name>.toml`` (``hpattn_dist/tools/configs/``, shipped as package
-    data), or None when there is none."""
-    path = Path(__file__).resolve().parent / "configs" / f"{name}.toml"
-    return path if path.is_file() else None
-
-
-def load_section(path: Optional[Path], section: str, cls: type) -> dict[str, Any]:
-    """Table ``[section]`` of the TOML file ``path`` as keyword arguments of dataclass ``cls``.
-
-    Raises:
-        ValueError: the file lacks the table, or the table has a key that ``cls`` does not know.
-    """
-    if path is None:
-        return {}
-    import tomllib
-
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    if section not in data:
-        raise ValueError(f"config {path}: no [{section}] table")
-    table = data[section]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"config {path}: unknown key(s) {unknown} in [{section}]; known: {sorted(known)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
 
 
 # --------------------------------------------------------------------------------------------

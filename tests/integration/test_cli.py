@@ -21,7 +21,8 @@ import pytest
 
 from hpattn_dist.tools.bench import BenchConfig, expected_bytes
 from hpattn_dist.tools.cli import main
-from hpattn_dist.tools.verify import VerifyConfig, default_config_path, load_section
+from hpattn_dist.tools.config import default_config_path, load_section
+from hpattn_dist.tools.verify import VerifyConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +50,7 @@ def test_default_configs_are_package_data_found_from_any_cwd(tmp_path):
     import hpattn_dist.tools
 
     package = Path(hpattn_dist.tools.__file__).resolve().parent
-    code = ("from hpattn_dist.tools.verify import default_config_path as d; "
+    code = ("from hpattn_dist.tools.config import default_config_path as d; "
             "print(d('verify')); print(d('bench'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120, check=True, env={**os.environ, "PYTHONPATH": str(package.parents[1])})
