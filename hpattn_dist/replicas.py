@@ -65,7 +65,7 @@ class ParameterFingerprint:
     def __call__(self, named: Iterable[tuple[str, nn.Parameter]]) -> tuple[int, tuple[int, int, int]]:
         """``(layout CRC-32, (sum, sum of |p|, sum of p**2) as int64 bits)`` of ``named``."""
         named = list(named)
-        key = tuple((name, id(p), p._version, p.data_ptr(), tuple(p.shape), p.dtype) for name, p in named)
+        key = tuple((name, p._version, p.data_ptr(), tuple(p.shape), p.dtype) for name, p in named)
         if key != self._key:
             layout = zlib.crc32(repr([(name, tuple(p.shape), str(p.dtype)) for name, p in named]).encode())
             parts = []

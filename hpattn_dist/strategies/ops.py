@@ -329,7 +329,9 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
         q, k, v, key_mask, group_name_of(group), strategy, ulysses_degree or 0, backend,
         float(dropout_p), q.shape[-1] ** -0.5 if scale is None else float(scale),
         -1 if dropout_seed is None else dropout_seed,
-        [] if layer is None else list(layer.params), "" if layer is None else layer.name,
+        # Detached: the op reads the parameters' sums only, and must not join their autograd
+        # graph (ZeRO-3 re-partitions them between forward and backward).
+        [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,
         True if layer is None else layer.healpix_field,
         torch.is_grad_enabled() and (k.requires_grad or v.requires_grad),
     )[0]
