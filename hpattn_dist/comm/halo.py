@@ -40,6 +40,7 @@ different table or a misfit input fails together with its peers (Note [fail toge
 from __future__ import annotations
 
 import ctypes
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -48,13 +49,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.counters import record
+from hpattn_dist.comm.all_to_all import all_to_all_flat
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets
-from hpattn_dist.comm.waits import run_collective
 from hpattn_dist.healpix import shard_bounds
 
-__all__ = ["HaloExchanger", "HaloPlan", "halo_exchange", "halo_summary", "plan_halo", "table_crc"]
+__all__ = ["HaloExchanger", "HaloPlan", "all_to_all_rows", "halo_exchange", "halo_summary", "plan_halo", "table_crc"]
 
 Bounds = Sequence[tuple[int, int]]
 
@@ -245,15 +245,14 @@ def table_crc(table: Tensor) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _all_to_all_rows(send: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
-                     info: GroupInfo, label: str) -> Tensor:
-    """One ``all_to_all_single`` of rows ``[S, *F] -> [R, *F]``, bounded by the exchange timeout."""
-    recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
-    run_collective(info, label, "the halo all_to_all", lambda: dist.all_to_all_single(
-        recv, send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
-        group=info.group, async_op=True))
-    record(label, send.numel() * send.element_size())
-    return recv
+def all_to_all_rows(send: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
+                    info: GroupInfo, label: str) -> Tensor:
+    """Rows ``[S, *F] -> [R, *F]``: ``send_counts[j]`` consecutive rows to rank j, ``recv_counts[i]``
+    rows from rank i in source-rank order (the row view of :func:`all_to_all_flat`)."""
+    row = math.prod(send.shape[1:])
+    recv = all_to_all_flat(send.reshape(-1), [c * row for c in send_counts],
+                           [c * row for c in recv_counts], info, label)
+    return recv.view(sum(recv_counts), *send.shape[1:])
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -272,12 +271,12 @@ class _HaloExchange(torch.autograd.Function):
     def forward(ctx, x_rows: Tensor, plan: HaloPlan, info: GroupInfo) -> Tensor:
         ctx.plan, ctx.info, ctx.n_rows = plan, info, x_rows.shape[0]
         send = x_rows.index_select(0, plan.send_indices)
-        return _all_to_all_rows(send, plan.send_counts, plan.recv_counts, info, "halo.forward")
+        return all_to_all_rows(send, plan.send_counts, plan.recv_counts, info, "halo.forward")
 
     @staticmethod
     def backward(ctx, grad_recv: Tensor):
         plan = ctx.plan
-        grad_sent = _all_to_all_rows(grad_recv.contiguous(), plan.recv_counts, plan.send_counts,
+        grad_sent = all_to_all_rows(grad_recv.contiguous(), plan.recv_counts, plan.send_counts,
                                      ctx.info, "halo.backward")
         grad = grad_sent.new_zeros((ctx.n_rows, *grad_sent.shape[1:]))
         grad.index_add_(0, plan.send_indices, grad_sent)

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
-from hpattn_dist.comm.halo import HaloPlan, _all_to_all_rows, plan_halo
+from hpattn_dist.comm.halo import HaloPlan, all_to_all_rows, plan_halo
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.healpix import npix2nside
 from hpattn_dist.kernels import (
@@ -310,7 +310,7 @@ def _exchange_rows(parts: list[Optional[Tensor]], halo: HaloPlan, info: GroupInf
     else:
         send_parts = [None if p is None else p.index_select(0, halo.send_indices) for p in parts]
         counts = (halo.send_counts, halo.recv_counts)
-    recv = _all_to_all_rows(_pack_bytes(send_parts), counts[0], counts[1], info, label)
+    recv = all_to_all_rows(_pack_bytes(send_parts), counts[0], counts[1], info, label)
     return _unpack_bytes(recv, parts)
 
 
