@@ -265,7 +265,7 @@ class Quantity:
         return self.violation <= 1.0
 
 
-def _compare(
+def compare_quantities(
     pairs: Sequence[tuple[str, Tensor, Tensor]],
     dtype_name: str,
     tolerance_scale: float,
@@ -377,7 +377,7 @@ def _read_field(path: Path) -> Tensor:
     return x
 
 
-def _oracle_reference(oracle: SpatialSelfAttention, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+def oracle_reference(oracle: SpatialSelfAttention, x: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Oracle output, input gradient and parameter gradients for loss ``sum(oracle(x) * g)``."""
     x = x.detach().clone().requires_grad_(True)
     oracle.zero_grad(set_to_none=True)
@@ -430,7 +430,7 @@ def run_case(
     pairs = [("out", out.cpu(), ref["out"][:, start:stop]),
              ("dx", x_local.grad.cpu(), ref["dx"][:, start:stop])]
     pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
-    result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group, device)
+    result.quantities = compare_quantities(pairs, dtype_name, cfg.tolerance_scale, group, device)
     return result
 
 
@@ -448,7 +448,7 @@ def run_verify(
     oracle = SpatialSelfAttention(embed_dim, cfg.num_heads, attn_backend="manual").double()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     g = torch.randn(batch, npix, embed_dim, generator=gen, dtype=torch.float64)
-    ref = _oracle_reference(oracle, x, g)
+    ref = oracle_reference(oracle, x, g)
     world = resolve_group(group).world_size
     variants = [(s, label, u) for s in cfg.strategy_names()
                 for label, u in strategy_variants(s, world, cfg.num_heads)]
@@ -466,7 +466,7 @@ def run_verify(
         if not result.passed and dtype_name == "float64":
             # Note [float64 reproducibility]: recompute the oracle too (its first call may be the
             # odd one) and rerun. The verdict was reduced over ranks, so every rank reruns.
-            ref_again = _oracle_reference(oracle, x, g)
+            ref_again = oracle_reference(oracle, x, g)
             moved = max(float((ref_again[k] - ref[k]).abs().max()) for k in ref)
             again = case(ref_again)
             if again.passed or moved > 0:

@@ -25,7 +25,7 @@ from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import nside2npix, shard_bounds
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.precision import DTYPES
-from hpattn_dist.tools.verify import CaseResult, VerifyConfig, _compare
+from hpattn_dist.tools.verify import CaseResult, VerifyConfig, compare_quantities
 
 __all__ = ["run_cross_cases"]
 
@@ -89,6 +89,6 @@ def run_cross_cases(
                          ("dx", x_local.grad.cpu(), ref["dx"][:, start:stop]),
                          ("dx_kv", xs_local.grad.cpu(), ref["dx_kv"][:, s_start:s_stop])]
                 pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
-                result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group, device)
+                result.quantities = compare_quantities(pairs, dtype_name, cfg.tolerance_scale, group, device)
                 results.append(result)
     return results

@@ -25,7 +25,7 @@ from hpattn_dist.kernels import select_kernel
 from hpattn_dist.local import DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention
 from hpattn_dist.local.windows import parse_window
 from hpattn_dist.precision import DTYPES
-from hpattn_dist.tools.verify import CaseResult, VerifyConfig, _compare, _oracle_reference
+from hpattn_dist.tools.verify import CaseResult, VerifyConfig, compare_quantities, oracle_reference
 
 __all__ = ["run_local_cases"]
 
@@ -55,7 +55,7 @@ def run_local_cases(
         torch.manual_seed(cfg.seed)
         oracle = LocalSpatialSelfAttention(x.shape[2], cfg.num_heads, window_nside=window_nside,
                                            mode=mode).double()
-        ref = _oracle_reference(oracle, x, g)
+        ref = oracle_reference(oracle, x, g)
         for backend in cfg.backends:
             for dtype_name in cfg.dtypes:
                 label = f"{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}"
@@ -76,6 +76,6 @@ def run_local_cases(
                 pairs = [("out", (y_local.detach() + cfg.inject_error).cpu(), ref["out"][:, start:stop]),
                          ("dx", x_local.grad.cpu(), ref["dx"][:, start:stop])]
                 pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
-                result.quantities = _compare(pairs, dtype_name, cfg.tolerance_scale, group, device)
+                result.quantities = compare_quantities(pairs, dtype_name, cfg.tolerance_scale, group, device)
                 results.append(result)
     return results

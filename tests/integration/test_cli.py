@@ -183,7 +183,7 @@ def test_verify_names_an_oracle_that_changes_on_rerun(monkeypatch):
     from hpattn_dist.tools import verify
 
     calls = []
-    real = verify._oracle_reference
+    real = verify.oracle_reference
 
     def oracle_whose_first_call_is_off(*args):
         ref = real(*args)
@@ -192,7 +192,7 @@ def test_verify_names_an_oracle_that_changes_on_rerun(monkeypatch):
         calls.append(1)
         return ref
 
-    monkeypatch.setattr(verify, "_oracle_reference", oracle_whose_first_call_is_off)
+    monkeypatch.setattr(verify, "oracle_reference", oracle_whose_first_call_is_off)
     (case,) = verify.run_verify(VerifyConfig(**_ONE_CASE))
     assert len(calls) == 2 and not case.passed
     assert case.unreproducible is not None and "oracle moved by" in case.unreproducible
