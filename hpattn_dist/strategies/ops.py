@@ -81,7 +81,7 @@ def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
 
 def _group(name: str) -> GroupInfo:
     if not name:
-        return GroupInfo(None, 0, 1)
+        return _single()
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return resolve_group(_resolve_process_group(name))
