@@ -54,6 +54,7 @@ from hpattn_dist.comm.agreement import agree_on_shapes
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
+from hpattn_dist.mesh import _parent_ranks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -229,12 +230,6 @@ def broadcast_parameters(
                 offset += t.numel()
 
 
-def _ranks_of(group: Optional[dist.ProcessGroup]) -> tuple[int, ...]:
-    if group is None or group is dist.group.WORLD:
-        return tuple(range(dist.get_world_size()))
-    return tuple(dist.get_process_group_ranks(group))
-
-
 def _check_sp_split(model: nn.Module, reduce_ranks: tuple[int, ...], sp_size: int, who: str) -> int:
     """``P_dp = len(reduce_ranks) / sp_size`` after checking that it is one.
 
@@ -257,7 +252,7 @@ def _check_sp_split(model: nn.Module, reduce_ranks: tuple[int, ...], sp_size: in
         group = m.process_group
         if group is not None and not isinstance(group, dist.ProcessGroup):
             continue  # unbound after unpickling: the layer itself raises on use
-        ranks = _ranks_of(group)
+        ranks = _parent_ranks(group)
         if len(ranks) != sp_size or not set(ranks) <= set(reduce_ranks):
             raise ValueError(
                 f"{who}: layer {name or type(m).__name__!r} shards its pixels over global ranks "
@@ -373,6 +368,6 @@ def ddp_sequence_parallel(ddp_model: nn.Module, sp_size: int) -> int:
         raise ValueError(f"{who}: expected a DistributedDataParallel model, "
                          f"got {type(ddp_model).__name__}")
     group = ddp_model.process_group
-    dp_size = _check_sp_split(ddp_model.module, _ranks_of(group), sp_size, who)
+    dp_size = _check_sp_split(ddp_model.module, _parent_ranks(group), sp_size, who)
     ddp_model.register_comm_hook((group, dp_size), _sp_allreduce_hook)
     return dp_size
