@@ -174,11 +174,21 @@ def _unit_cells(start: int, stop: int, c: int) -> Tensor:
 def _nested_nside(n: int, what: str) -> int:
     if n == 0:
         raise ValueError(f"the {what} has no pixels on any rank (N = 0)")
-    nside = npix2nside(n)
+    try:
+        nside = npix2nside(n)
+    except ValueError as err:
+        raise ValueError(f"the {what}: {err}") from None
     if nside & (nside - 1):
         raise ValueError(f"local attention needs NESTED order, so a power-of-two nside; the {what} has "
                          f"N = {n} (nside {nside})")
     return nside
+
+
+def _cell_pixels(nside: int, window_nside: int, what: str) -> int:
+    try:
+        return check_window_fits(nside, window_nside)
+    except ValueError as err:
+        raise ValueError(f"the {what}: {err}" if what else str(err)) from None
 
 
 def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
@@ -203,8 +213,8 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
     nside = _nested_nside(sum(sizes), "query field" if cross else "field")
     key_nside = _nested_nside(sum(key_sizes), "key field") if cross else nside
     check_window(window_nside, mode)
-    c = check_window_fits(nside, window_nside)  # c_q
-    c_k = check_window_fits(key_nside, window_nside)
+    c = _cell_pixels(nside, window_nside, "query field" if cross else "")  # c_q
+    c_k = _cell_pixels(key_nside, window_nside, "key field") if cross else c
     cells = window_cells(window_nside, mode)  # [N_c, K]
     k_slots = cells.shape[1]
     q_starts, k_starts = offsets(sizes), offsets(key_sizes)
