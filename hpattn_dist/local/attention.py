@@ -3,7 +3,8 @@
 Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, N_r pixels on rank r
 (any contiguous NESTED split, zero included), N = sum of N_r = 12 * nside**2, c pixels per cell
 of the window grid, U_r cells holding at least one of rank r's pixels (its *units*), K window
-slots (1 or 9), m <= K cells actually in a window, R halo rows received, S rows sent.
+slots (1 or 9), m <= K cells actually in a window, R halo rows received, S rows sent. Across two
+grids: Nq_r / Nk_r queries / keys on rank r, c_q / c_k pixels per cell on each grid.
 
 Query pixel ``i`` attends to the keys of the cells of its window (:mod:`hpattn_dist.local.windows`):
 ``softmax(q_i K_w^T * scale + bias_w) V_w`` over ``w = window(i // c)``; a query whose window
@@ -39,6 +40,16 @@ Dropout keeps Note [position-keyed dropout]: the decision for score (b, h, i, j)
 query and key pixels, so the result does not depend on P. The block kernels key dropout by the
 batch index, so with dropout each unit is one kernel call (the units are not folded into the
 batch): correct, slower.
+
+Two grids (cross-attention, ``ring_cross_attention(..., window_nside=W)``): nothing above needs
+the keys to live on the queries' grid, only on a grid with the same cells. Queries on nside_q
+(``c_q = (nside_q / W)**2`` per cell), keys on nside_k (``c_k = (nside_k / W)**2``), each split
+independently: the units and the query padding come from the query split and ``c_q``, the unit
+table lists ``K * c_k`` key pixels per unit, and ``plan_halo`` takes the KEY split as its input
+ranges and the units as its outputs. Batches are then ``[n * B, H, c_q, D]`` queries against
+``[n * B, H, m * c_k, D]`` keys; the halo, the kernels and the backward are unchanged. The one
+agreement carries ``Nq_r`` and ``Nk_r`` in each row. Self-attention is the case where the two
+splits are one (``key_sizes=None``), bit for bit the same computation.
 """
 
 from __future__ import annotations
