@@ -362,15 +362,16 @@ def _exchange_rows(parts: list[Optional[Tensor]], halo: HaloPlan, info: GroupInf
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Shard table (rank r; ``N_ext = N_r + R``, Note [local attention plan]):
+    """Shard table (rank r; ``N_ext = Nk_r + R``, Note [local attention plan]):
 
     =========  ========================  ==========================================
     tensor     local shape               meaning
     =========  ========================  ==========================================
-    q, k, v    ``[B, H, N_r, D]``        this rank's pixels
-    bias       ``[B, Hb, N_r]`` or None  additive key bias (-inf = masked), acc dtype
+    q          ``[B, H, Nq_r, D]``       this rank's queries (``Nq_r = N_r`` for self-attention)
+    k, v       ``[B, H, Nk_r, D]``       this rank's keys and values
+    bias       ``[B, Hb, Nk_r]`` or None additive key bias (-inf = masked), acc dtype
     kv_halo    ``[R, 2, B, H, D]``       K/V rows received (``kv_ext``: own rows, then these)
-    out        ``[B, H, N_r, D]``        windowed softmax attention
+    out        ``[B, H, Nq_r, D]``       windowed softmax attention
     lse        ``[U_r, B, H, c]``        log-sum-exp per (padded) query, acc dtype
     =========  ========================  ==========================================
     """
