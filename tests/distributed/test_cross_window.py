@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpattn_dist import DistributedSpatialCrossAttention, SpatialCrossAttention, count_communication, ring_cross_attention
+from hpattn_dist import (
+    DistributedSpatialCrossAttention, SpatialCrossAttention, count_communication, ring_cross_attention,
+)
 from hpattn_dist.kernels import DropoutSpec
 from hpattn_dist.local import window_traffic
 from hpattn_dist.strategies import sharded_attention
