@@ -454,9 +454,9 @@ class _WindowAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
                     do_b, q_b, k_b, v_b, o_b, lse_b, delta_b, scale, bias_b, None, need_dbias)
             batch.put(dq_units, dq_b.view(n, b, h, c, d))
-            for j, grad in enumerate((dk_b, dv_b)):  # [n * B, H, L, D] -> rows [n * L, B, H, D]
-                rows = grad.view(n, b, h, length, d).permute(0, 3, 1, 2, 4).reshape(n * length, b, h, d)
-                dkv_ext[:, j].index_add_(0, batch.key_rows.reshape(-1), rows.to(acc))
+            # [2, n * B, H, L, D] -> rows [n * L, 2, B, H, D]: one index_add into contiguous rows
+            rows = torch.stack((dk_b, dv_b)).view(2, n, b, h, length, d).permute(1, 4, 0, 2, 3, 5)
+            dkv_ext.index_add_(0, batch.key_rows.reshape(-1), rows.reshape(n * length, 2, b, h, d).to(acc))
             if need_dbias:
                 if ctx.bias_heads == 1 and dbias_b.shape[1] != 1:
                     dbias_b = dbias_b.sum(dim=1, keepdim=True)
