@@ -239,12 +239,29 @@ def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_
     if executed == "ring":
         lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
         return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(5))
-    batch, heads, _, head_dim = q.shape
-    m = torch.library.get_ctx().new_dynamic_size()
+    batch, heads, n_local, head_dim = q.shape
+    m = n_local if u_deg == 1 else _group_pixels()
     h = heads // u_deg
     heads_t = [q.new_empty((batch, h, m, head_dim)) for _ in range(4)]
     mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m))
     return out, plan_t, q.new_empty((batch, h, m), dtype=_acc(q.dtype)), *heads_t, mask_r
+
+
+def _group_pixels() -> torch.SymInt:
+    """M for U > 1: a fresh unbacked size, set by the peers' shards (Note [compiling the attention]).
+
+    Made as ``new_dynamic_size`` makes it, without its check of
+    ``capture_dynamic_output_shape_ops`` (as torch's own ``device_mesh`` ops do): M sizes only
+    residuals that ``attention_bwd`` alone reads, never a tensor the caller sees. Without a shape
+    environment (a plain ``FakeTensorMode``) no symbolic size exists, and ``new_dynamic_size``
+    raises torch's ``DynamicOutputShapeException`` naming the op."""
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is None:
+        return ctx.new_dynamic_size()
+    from torch._library.fake_impl import allocate_size
+
+    return allocate_size(shape_env)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
