@@ -33,8 +33,9 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hpattn_dist import (DistributedSpatialSelfAttention, checkpoint_context_fn, choose_strategy,  # noqa: E402
-                         count_communication)
+from hpattn_dist import (  # noqa: E402
+    DistributedSpatialSelfAttention, checkpoint_context_fn, choose_strategy, count_communication,
+)
 
 B, E, H = 2, 32, 4
 

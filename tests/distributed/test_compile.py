@@ -41,7 +41,8 @@ def _fwd_bwd(fn, params, x, w):
         y = fn(x)
     with count_communication() as bwd:
         (w * y).sum().backward()
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in params.items()}, fwd.total_bytes, bwd.total_bytes
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    return y.detach(), x.grad, grads, fwd.total_bytes, bwd.total_bytes
 
 
 def _job(rank: int, world: int) -> dict:
@@ -118,7 +119,8 @@ def test_compiled_block_sends_the_eager_bytes(name):
     not) sends what the un-checkpointed eager backward sends: nothing recomputes the attention."""
     for rank, r in enumerate(_results()):
         r = r[name]
-        assert r["compiled"][3:] == r["eager"][3:] == r["plain_bytes"], (rank, r["compiled"][3:], r["plain_bytes"])
+        sent = r["compiled"][3:]
+        assert sent == r["eager"][3:] == r["plain_bytes"], (rank, sent, r["plain_bytes"])
         assert min(r["plain_bytes"]) > 0, rank
 
 
