@@ -1,14 +1,16 @@
 """Training-side figures of issue 15 at world 2 (gloo, CPU): checkpointing bytes and memory,
 eager vs compiled time, graph breaks.
 
-Per strategy (ring, ulysses) and rank, for a block LayerNorm + DistributedSpatialSelfAttention +
-MLP (float64, B=2, N=768, E=32, H=4 by default):
+Per strategy (ring, ulysses, hybrid with U = 2, auto) and rank, for a block LayerNorm +
+DistributedSpatialSelfAttention + MLP (float64, B=2, N=768, E=32, H=4 by default):
 
 - bytes sent in the backward: plain, ``checkpoint``, ``checkpoint`` + ``checkpoint_context_fn``;
 - memory held from forward to backward and the peak (``torch.distributed._tools.mem_tracker``);
-- forward + backward time eager vs ``torch.compile(fullgraph=True)`` (median of a few steps);
-- ``torch._dynamo.explain`` graph-break count (Ulysses with and without
-  ``capture_dynamic_output_shape_ops``).
+- forward + backward time eager vs ``torch.compile(fullgraph=True)``: eager and compiled steps
+  alternate in one run, and the ratio is the median of the pairs' ratios (robust to a loaded
+  machine; the eager median in ms gives the scale);
+- ``torch._dynamo.explain`` graph-break count of the block and of the block checkpointed with
+  ``checkpoint_context_fn`` (no dynamo configuration).
 
 Run: ``python launch/bench_training.py [--npix 768]``.
 """
@@ -31,16 +33,18 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hpattn_dist import DistributedSpatialSelfAttention, checkpoint_context_fn, count_communication  # noqa: E402
+from hpattn_dist import (  # noqa: E402
+    DistributedSpatialSelfAttention, checkpoint_context_fn, choose_strategy, count_communication,
+)
 
 B, E, H = 2, 32, 4
 
 
 class Block(nn.Module):
-    def __init__(self, strategy: str) -> None:
+    def __init__(self, strategy: str, **kw) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E)
-        self.attn = DistributedSpatialSelfAttention(E, H, attn_backend="manual", strategy=strategy)
+        self.attn = DistributedSpatialSelfAttention(E, H, attn_backend="manual", strategy=strategy, **kw)
         self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +88,20 @@ def _step(block, x, mode: str):
     return fwd.total_bytes, bwd.total_bytes
 
 
-def _timed(fn, reps: int = 5) -> float:
-    fn()
-    times = []
+def _timed_pairs(eager, compiled, reps: int = 7) -> tuple[float, float]:
+    """``(median eager seconds, median of compiled / eager per pair)``; the two alternate so that
+    both see the same load."""
+    eager(), compiled()  # warm-up (the compile itself)
+    t_e, ratios = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        eager()
+        t1 = time.perf_counter()
+        compiled()
+        t2 = time.perf_counter()
+        t_e.append(t1 - t0)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(t_e), statistics.median(ratios)
 
 
 def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
@@ -101,9 +111,12 @@ def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
 
     n_local = npix // world
     x = torch.randn(B, n_local, E, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-    for strategy in ("ring", "ulysses"):
+    strategies = {"ring": {}, "ulysses": {}, "hybrid": {"ulysses_degree": 2}, "auto": {}}
+    if world % 2:
+        del strategies["hybrid"]
+    for strategy, kw in strategies.items():
         torch.manual_seed(0)
-        block = Block(strategy).double()
+        block = Block(strategy, **kw).double()
         lines = []
         for mode in ("plain", "checkpoint", "policy"):
             fwd, bwd = _step(block, x, mode)
@@ -111,16 +124,16 @@ def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
             lines.append(f"{mode:10s} sent fwd {fwd:>9,d} B  bwd {bwd:>9,d} B   held for backward "
                          f"{held / 2**20:6.2f} MiB  peak {peak / 2**20:6.2f} MiB")
         torch._dynamo.reset()
-        breaks_plain = torch._dynamo.explain(block)(x).graph_break_count
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-            torch._dynamo.reset()
-            breaks_flag = torch._dynamo.explain(block)(x).graph_break_count
-            compiled = torch.compile(block, fullgraph=True)
-            t_eager = _timed(lambda: block(x.clone().requires_grad_()).sum().backward())
-            t_comp = _timed(lambda: compiled(x.clone().requires_grad_()).sum().backward())
-        lines.append(f"graph breaks {breaks_plain} (default), {breaks_flag} (capture_dynamic_output_shape_ops)")
-        lines.append(f"fwd+bwd eager {t_eager * 1e3:.1f} ms, compiled {t_comp * 1e3:.1f} ms "
-                     f"(compiled/eager {t_comp / t_eager:.2f})")
+        breaks = torch._dynamo.explain(block)(x).graph_break_count
+        breaks_policy = torch._dynamo.explain(lambda x: _forward(block, x, "policy"))(x).graph_break_count
+        compiled = torch.compile(block, fullgraph=True)
+        t_eager, ratio = _timed_pairs(lambda: block(x.clone().requires_grad_()).sum().backward(),
+                                      lambda: compiled(x.clone().requires_grad_()).sum().backward())
+        lines.append(f"graph breaks {breaks} (block), {breaks_policy} (checkpoint_context_fn)")
+        lines.append(f"fwd+bwd eager {t_eager * 1e3:.1f} ms, compiled/eager {ratio:.2f}")
+        if strategy == "auto":
+            choice = choose_strategy(H, world, dtype=x.dtype)
+            strategy = f"auto = {choice.strategy}, U = {choice.ulysses_degree}"
         for r in range(world):
             dist.barrier()
             if r == rank:

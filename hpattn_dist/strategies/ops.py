@@ -23,8 +23,8 @@ Note [attention as one op]
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
     therefore recomputes a checkpointed block without a byte of communication and without a new
-    seed draw. The fake (meta) implementations give the shapes from the static arguments alone; M
-    for U > 1 depends on the peers' shards and is a fresh dynamic size.
+    seed draw. The fake (meta) implementations give the shapes from the static arguments alone,
+    except M for U > 1, which the peers' shards set (Note [compiling the attention]).
 
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
@@ -35,9 +35,17 @@ Note [attention as one op]
     error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
     the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
-    residuals have M pixels, which depends on the peers' shards: their fake gives a dynamic
-    size, which ``fullgraph=True`` accepts only with
-    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (else one break per call).
+    residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
+    and it is a fresh unbacked size. ``new_dynamic_size`` would refuse to make one unless
+    ``fullgraph=True`` or ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (a graph
+    break per call otherwise), a guard meant for data-dependent sizes that reach the user's
+    code. M never does: only ``attention_bwd`` reads those residuals, and its outputs, like
+    ``out``, have the inputs' static shapes. So the fake makes the size itself, as torch's own
+    ``device_mesh`` ops do, and compile (fullgraph or not, ``explain``, AOTAutograd's backward,
+    a ``checkpoint_context_fn`` region) needs no configuration. A ``FakeTensorMode`` without a
+    shape environment has no symbolic sizes: there the ring's fake works and a Ulysses layout's
+    raises torch's ``DynamicOutputShapeException``. Padding the residuals to a static size
+    instead would cost memory, and recomputing them in the backward would cost communication.
 
     The first call of a registered op in a process imports ``torch._dynamo`` (custom ops run
     their body with dynamo disabled): seconds, once.
@@ -239,12 +247,26 @@ def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_
     if executed == "ring":
         lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
         return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(5))
-    batch, heads, _, head_dim = q.shape
-    m = torch.library.get_ctx().new_dynamic_size()
+    batch, heads, n_local, head_dim = q.shape
+    m = n_local if u_deg == 1 else _group_pixels()
     h = heads // u_deg
     heads_t = [q.new_empty((batch, h, m, head_dim)) for _ in range(4)]
     mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m))
     return out, plan_t, q.new_empty((batch, h, m), dtype=_acc(q.dtype)), *heads_t, mask_r
+
+
+def _group_pixels() -> torch.SymInt:
+    """M for U > 1, set by the peers' shards: a fresh unbacked size made as ``new_dynamic_size``
+    makes it, less its ``capture_dynamic_output_shape_ops`` check (Note [compiling the
+    attention]). Without a shape environment ``new_dynamic_size`` raises torch's
+    ``DynamicOutputShapeException`` naming the op."""
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is None:
+        return ctx.new_dynamic_size()
+    from torch._library.fake_impl import allocate_size
+
+    return allocate_size(shape_env)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -1,7 +1,8 @@
-"""``torch.compile(fullgraph=True)`` of a block (LayerNorm + the distributed layer + MLP) on gloo:
-no graph break (``torch._dynamo.explain``), compiled forward and gradients equal to eager in float64,
-and eager equal to the float64 single-device block (Note [compiling the attention] in
-:mod:`hpattn_dist.strategies.ops`).
+"""``torch.compile`` of a block (LayerNorm + the distributed layer + MLP) on gloo, with no user
+configuration: no graph break (``torch._dynamo.explain``) for every strategy, compiled forward and
+gradients equal to eager in float64 and to the float64 single-device block, and the compiled
+block sends exactly the eager block's bytes (Note [compiling the attention] in
+:mod:`hpattn_dist.strategies.ops`). Also the fake of ``hpattn::attention_fwd`` outside dynamo.
 
 Legend: B batch, N global pixels, E embed dim, P = 2 ranks (uneven shards).
 """
@@ -12,20 +13,36 @@ import functools
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from hpattn_dist import checkpoint_context_fn, count_communication
 from tests.harness import run_ranks
 from tests.training_model import bounds, field, make_block
 
 N, WORLD = 11, 2
-STRATEGIES = ("ring", "ulysses")
+# name: (layer kwargs, how the block is compiled). Ulysses and hybrid (and auto, which picks a
+# Ulysses layout here) have head-layout residuals sized by the peers' shards.
+RUNS = {
+    "ring": ({"strategy": "ring"}, "fullgraph"),
+    "ulysses": ({"strategy": "ulysses"}, "fullgraph"),
+    "hybrid": ({"strategy": "hybrid", "ulysses_degree": 2}, "fullgraph"),
+    "auto": ({"strategy": "auto"}, "fullgraph"),
+    "ulysses, fullgraph=False": ({"strategy": "ulysses"}, "graphs"),
+    "hybrid, checkpoint_context_fn": ({"strategy": "hybrid", "ulysses_degree": 2}, "policy"),
+}
 
 
-def _fwd_bwd(block, x, w):
+def _fwd_bwd(fn, params, x, w):
+    """``(y, dx, grads, bytes sent forward, bytes sent backward)``."""
     x = x.clone().requires_grad_()
-    block.zero_grad()
-    y = block(x)
-    (w * y).sum().backward()
-    return y.detach(), x.grad, {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in block.named_parameters()}
+    for p in params.values():
+        p.grad = None
+    with count_communication() as fwd:
+        y = fn(x)
+    with count_communication() as bwd:
+        (w * y).sum().backward()
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    return y.detach(), x.grad, grads, fwd.total_bytes, bwd.total_bytes
 
 
 def _job(rank: int, world: int) -> dict:
@@ -35,46 +52,103 @@ def _job(rank: int, world: int) -> dict:
     local = bounds(N, world, rank)
     x, w = x[:, local], w[:, local]
     res = {}
-    for strategy in STRATEGIES:
+    for name, (kw, how) in RUNS.items():
         torch._dynamo.reset()
-        # Ulysses' head-layout residuals have a size set by the peers' shards (a dynamic size).
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=strategy != "ring"):
-            block = make_block(True, strategy=strategy)
-            explained = torch._dynamo.explain(block)(x)
-            eager = _fwd_bwd(block, x, w)
-            compiled = _fwd_bwd(torch.compile(block, fullgraph=True), x, w)
-        res[strategy] = {"breaks": explained.graph_break_count, "graphs": explained.graph_count,
-                         "eager": eager, "compiled": compiled}
+        block = make_block(True, **kw)
+        params = dict(block.named_parameters())
+        fn = block
+        if how == "policy":
+            def fn(x, block=block):
+                return checkpoint(block, x, use_reentrant=False, context_fn=checkpoint_context_fn)
+        explained = torch._dynamo.explain(fn)(x)
+        eager = _fwd_bwd(fn, params, x, w)
+        compiled = _fwd_bwd(torch.compile(fn, fullgraph=how != "graphs"), params, x, w)
+        plain = _fwd_bwd(block, params, x, w)  # un-checkpointed eager: the bytes to match
+        res[name] = {"breaks": explained.graph_break_count, "graphs": explained.graph_count,
+                     "eager": eager, "compiled": compiled, "plain_bytes": plain[3:]}
+    res["fake"] = _fakes(rank)
+    return res
+
+
+def _fakes(rank: int) -> dict:
+    """Shapes (as text) or the exception name from ``attention_fwd`` under fake modes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from hpattn_dist.strategies.ops import group_name_of
+
+    res = {}
+    for strategy in ("ring", "ulysses"):
+        for env in ("none", "shape_env"):
+            mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=False)
+                                  if env == "shape_env" else None)
+            try:
+                with mode:
+                    q = torch.empty(2, 4, 5 + rank, 8, dtype=torch.float64)
+                    outs = torch.ops.hpattn.attention_fwd(q, q, q, None, group_name_of(None), strategy, 0,
+                                                          "manual", 0.0, 0.5, -1, [], "", True, False)
+                res[strategy, env] = [str(tuple(t.shape)) for t in outs]
+            except Exception as e:  # noqa: BLE001  (the test asserts which)
+                res[strategy, env] = type(e).__name__
     return res
 
 
 @functools.lru_cache(maxsize=None)
 def _results() -> list:
-    return run_ranks(_job, WORLD, timeout=300)
+    return run_ranks(_job, WORLD, timeout=400)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:
     return bool((a - b).abs().max() <= tol * b.abs().max())
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_compiled_block_has_no_graph_break_and_equals_eager(strategy):
+@pytest.mark.parametrize("name", RUNS)
+def test_compiled_block_has_no_graph_break_and_equals_eager(name):
     for rank, r in enumerate(_results()):
-        r = r[strategy]
+        r = r[name]
         assert r["breaks"] == 0 and r["graphs"] == 1, (rank, r["breaks"], r["graphs"])
-        (ye, dxe, ge), (yc, dxc, gc) = r["eager"], r["compiled"]
+        (ye, dxe, ge, *_), (yc, dxc, gc, *_) = r["eager"], r["compiled"]
         assert _close(yc, ye) and _close(dxc, dxe), rank
-        for name in ge:
-            assert _close(gc[name], ge[name]), (rank, name)
+        for p in ge:
+            assert _close(gc[p], ge[p]), (rank, p)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_compiled_block_equals_float64_single_device(strategy):
+@pytest.mark.parametrize("name", RUNS)
+def test_compiled_block_sends_the_eager_bytes(name):
+    """The compiled forward communicates once, and its backward (checkpointed with the policy or
+    not) sends what the un-checkpointed eager backward sends: nothing recomputes the attention."""
+    for rank, r in enumerate(_results()):
+        r = r[name]
+        sent = r["compiled"][3:]
+        assert sent == r["eager"][3:] == r["plain_bytes"], (rank, sent, r["plain_bytes"])
+        assert min(r["plain_bytes"]) > 0, rank
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_compiled_block_equals_float64_single_device(name):
     x, w = field(N)
-    y_ref, dx_ref, g_ref = _fwd_bwd(make_block(False), x, w)
+    ref = make_block(False)
+    y_ref, dx_ref, g_ref, *_ = _fwd_bwd(ref, dict(ref.named_parameters()), x, w)
     results = _results()
-    y = torch.cat([r[strategy]["compiled"][0] for r in results], 1)
-    dx = torch.cat([r[strategy]["compiled"][1] for r in results], 1)
+    y = torch.cat([r[name]["compiled"][0] for r in results], 1)
+    dx = torch.cat([r[name]["compiled"][1] for r in results], 1)
     assert _close(y, y_ref) and _close(dx, dx_ref)
-    for name, g in g_ref.items():
-        assert _close(sum(r[strategy]["compiled"][2][name] for r in results), g, 1e-11), name
+    for p, g in g_ref.items():
+        assert _close(sum(r[name]["compiled"][2][p] for r in results), g, 1e-11), p
+
+
+def test_fake_without_symbolic_shapes():
+    """``attention_fwd``'s fake: the ring's shapes are static, so any fake mode gives them; a
+    Ulysses layout's residual length M is set by the peers, so it needs a shape environment (an
+    unbacked size, whatever ``allow_dynamic_output_shape_ops`` says) and a plain
+    ``FakeTensorMode`` gets torch's ``DynamicOutputShapeException``."""
+    for rank, r in enumerate(_results()):
+        n = 5 + rank
+        ring = [f"(2, 4, {n}, 8)", f"({6 + 1 + WORLD},)", f"(2, 4, {n})"] + ["(0,)"] * 5
+        assert r["fake"]["ring", "none"] == r["fake"]["ring", "shape_env"] == ring, rank
+        assert r["fake"]["ulysses", "none"] == "DynamicOutputShapeException", rank
+        outs = r["fake"]["ulysses", "shape_env"]
+        assert outs[:2] == [f"(2, 4, {n}, 8)", f"({6 + WORLD + 1},)"], (rank, outs)
+        m = outs[2].removeprefix("(2, 2, ").removesuffix(")")
+        assert m.startswith("u"), (rank, outs)  # an unbacked size
+        assert outs[3:7] == [f"(2, 2, {m}, 8)"] * 4 and outs[7] == "(0,)", (rank, outs)
