@@ -225,7 +225,7 @@ class BenchConfig:
             try:
                 cross_window(spec, self.latent_nside)
             except ValueError as err:
-                raise ValueError(f"windows: {err}") from None
+                raise ValueError(f"windows: {err}, or 'none' (every source pixel)") from None
 
     def strategy_names(self) -> tuple[str, ...]:
         return self.strategies or tuple(STRATEGIES)
