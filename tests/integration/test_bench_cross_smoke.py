@@ -81,7 +81,8 @@ def test_bench_cross_mode_records_and_bytes(tmp_path) -> None:
         if r["window"] == "cell:1":  # 12 base cells, 6 per rank on both grids: nothing crosses
             assert r["locality"]["blocks_with_pairs"] == [[True, False], [False, True]]
             assert r["locality"]["block_skip_fraction"] == 0.5
-            assert r["fwd_bytes_per_rank"] == [0, 0]
+            if r["strategy"] == "ring":  # blocks without an allowed pair are not sent
+                assert r["fwd_bytes_per_rank"] == [0, 0]
     table = format_tables(records, "cross")
     assert "1-process layer" in table and "hpattn ring" in table and "hpattn Ulysses" in table
     assert " NO " not in table
