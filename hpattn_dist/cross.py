@@ -11,6 +11,14 @@ grid (the two are sharded independently, any sizes per rank), and gets the oracl
 its target pixels. Encoders (fine data grid -> coarse latent grid) and decoders (back) are both
 this layer.
 
+With ``window_nside`` both layers are the locality option for mappers: the two grids are NESTED
+HEALPix grids and a target pixel attends only to the source pixels whose cell of the
+``window_nside`` grid lies in its own cell's window (``mode="cell"``: its parent cell;
+``"neighbourhood"``: that cell and its neighbours). The oracle masks a dense score matrix
+(:func:`~hpattn_dist.local.oracle.dense_local_attention`); the distributed layer moves only the
+source rows some local target pixel can see (Note [local attention plan] in
+:mod:`hpattn_dist.local.attention`).
+
 Legend: B batch, Nq target pixels (queries), Nk source pixels (keys), Nq_r / Nk_r those on group
 rank r, E embed dim, E_kv source feature dim (``kv_dim``), H heads, D head dim (E / H).
 """
@@ -27,7 +35,10 @@ from torch import Tensor
 
 from hpattn_dist.comm.agreement import raise_on_every_rank
 from hpattn_dist.comm.groups import resolve_group
-from hpattn_dist.kernels import KERNEL_BACKENDS
+from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
+from hpattn_dist.local.oracle import dense_local_attention
+from hpattn_dist.local.windows import check_window
+from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.oracle import AttnBackend, check_layer_args
 from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
@@ -53,6 +64,11 @@ class SpatialCrossAttention(nn.Module):
             the softmax normalisation. Default: 0.0.
         bias: whether the projections have a bias. Default: True.
         attn_backend: ``"auto"`` (SDPA when available), ``"sdpa"`` or ``"manual"``.
+        window_nside: None (every target pixel sees every source pixel), or the resolution of the
+            window grid (a power of two dividing both grids' nsides): then the oracle computes the
+            dense window-masked softmax in the input's dtype, with dropout keyed by (target pixel,
+            source pixel) as the distributed layer does (Note [position-keyed dropout]).
+        mode: the window, ``"cell"`` or ``"neighbourhood"`` (:mod:`hpattn_dist.local.windows`).
 
     Shape:
         - ``x_q``: ``[B, Nq, E]``; ``x_kv``: ``[B, Nk, E_kv]``.
@@ -72,9 +88,15 @@ class SpatialCrossAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         attn_backend: AttnBackend = "auto",
+        *,
+        window_nside: Optional[int] = None,
+        mode: str = "neighbourhood",
     ) -> None:
         super().__init__()
         check_layer_args(embed_dim, num_heads, dropout, attn_backend)
+        if window_nside is not None:
+            window_nside = check_window(window_nside, mode)
+        self.window_nside, self.mode = window_nside, mode
         kv_dim = embed_dim if kv_dim is None else kv_dim
         if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim <= 0:
             raise ValueError(f"kv_dim must be None or a positive int, got {kv_dim!r}")
@@ -97,7 +119,8 @@ class SpatialCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_dim={self.kv_dim}, "
-                f"dropout={self.dropout_p}, attn_backend={self.attn_backend!r}")
+                f"dropout={self.dropout_p}, attn_backend={self.attn_backend!r}" + (
+                    "" if self.window_nside is None else f", window_nside={self.window_nside}, mode={self.mode!r}"))
 
     def _project(self, x_q: Tensor, x_kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``q [B, H, Nq, D]`` and ``k, v [B, H, Nk, D]`` (views, as the seed splits heads)."""
@@ -126,6 +149,14 @@ class SpatialCrossAttention(nn.Module):
         batch, n_q, _ = x_q.shape
         q, k, v = self._project(x_q, x_kv)
         n_k = k.shape[2]
+        if self.window_nside is not None:
+            dropout_p = self._dropout_p if self.training else 0.0
+            out = dense_local_attention(
+                q, k, v, window_nside=self.window_nside, mode=self.mode, scale=self.scale,
+                key_bias=key_bias_from_mask(k, key_mask, key_bias), dropout_p=dropout_p,
+                dropout_seed=resolve_dropout_seed(dropout_p, None),
+            ).to(x_q.dtype)  # [B, H, Nq, D]
+            return self.out_proj(out.transpose(1, 2).reshape(batch, n_q, self.embed_dim))
         scores_bias = None  # [B, H|1, 1, Nk]
         if key_bias is not None:
             if tuple(key_bias.shape) == (batch, n_k):
@@ -178,11 +209,15 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         attn_backend: ``"auto" | "sdpa" | "manual" | "flash_attn"``, the block kernel (README,
             API reference, "Backend names").
         process_group: the group sharding both grids (None: the default group).
-        strategy: ``"ring" | "ulysses" | "hybrid" | "auto"`` (:data:`hpattn_dist.strategies.STRATEGIES`).
+        strategy: ``"ring" | "ulysses" | "hybrid" | "auto"`` (:data:`hpattn_dist.strategies.STRATEGIES`);
+            with ``window_nside`` only ``"ring"`` or ``"auto"`` (the halo exchange).
         ulysses_degree: for ``strategy="hybrid"`` only (a divisor of P and H).
         healpix_field: both grids' shards must add up to HEALPix fields (checked in the one
             agreement); False accepts any point sets. Default: True.
         name: names the layer in errors.
+        window_nside, mode: the locality option, as for the oracle: the source rows travel by one
+            halo exchange of the rows some local target pixel can see (both grids NESTED HEALPix
+            fields, checked on every rank in the one agreement).
 
     Shape:
         - ``x_q_local``: ``[B, Nq_r, E]``; ``x_kv_local``: ``[B, Nk_r, E_kv]``; ``key_mask``:
@@ -197,6 +232,8 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
 
         >>> enc = DistributedSpatialCrossAttention(128, 8, kv_dim=16)   # nside 64 -> 16
         >>> z_local = enc(latent_queries_local, data_local)             # [B, Nq_r, 128]
+        >>> local_enc = DistributedSpatialCrossAttention(128, 8, kv_dim=16, window_nside=8)
+        >>> z_local = local_enc(latent_queries_local, data_local)       # parent cell + neighbours
     """
 
     def __init__(
@@ -213,16 +250,24 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         ulysses_degree: Optional[int] = None,
         healpix_field: bool = True,
         name: str = "",
+        window_nside: Optional[int] = None,
+        mode: str = "neighbourhood",
     ) -> None:
         check_strategy_name(strategy)
         if (strategy == "hybrid") != (ulysses_degree is not None):
             raise ValueError("ulysses_degree is needed by, and only used by, strategy='hybrid'; got "
                              f"strategy={strategy!r}, ulysses_degree={ulysses_degree!r}")
+        if window_nside is not None and (strategy not in ("ring", "auto") or not healpix_field):
+            raise ValueError(
+                f"window_nside={window_nside!r} runs the halo exchange over two NESTED HEALPix grids: it "
+                f"needs strategy 'ring' or 'auto' and healpix_field=True, got strategy={strategy!r}, "
+                f"healpix_field={healpix_field!r}")
         if attn_backend not in KERNEL_BACKENDS:
             raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
         # As DistributedSpatialSelfAttention: flash_attn is a kernel name the oracle does not run.
         super().__init__(embed_dim, num_heads, kv_dim, dropout, bias,
-                         "auto" if attn_backend == "flash_attn" else attn_backend)
+                         "auto" if attn_backend == "flash_attn" else attn_backend,
+                         window_nside=window_nside, mode=mode)
         self.attn_backend = attn_backend
         self.process_group = process_group
         self.strategy = strategy
@@ -238,7 +283,8 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
     def _facts(self) -> LayerFacts:
         layout, sums = self._fingerprint(self.named_parameters())
         label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field)
+        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field,
+                          point_sets=self.window_nside is None)
 
     def forward(self, x_q_local: Tensor, x_kv_local: Tensor, key_mask: Optional[Tensor] = None,
                 key_bias: Optional[Tensor] = None) -> Tensor:
@@ -263,6 +309,6 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
             self.strategy, q_local, k_local, v_local, self.process_group,
             backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._facts(), cross=True,
+            layer=self._facts(), cross=True, window_nside=self.window_nside, mode=self.mode,
         )  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

@@ -29,9 +29,12 @@ to log is ``sum_r L_r`` (:func:`global_loss`).
 
 Combining with data parallelism: the SP reduction is a SUM; a data-parallel (DP) reduction on
 top is the usual MEAN over the DP group (each DP replica computes its own batch's mean loss).
-Tools that AVERAGE over the group they are given (DDP, DeepSpeed) average instead of summing:
-over the SP group that is off by a factor P, so either multiply each rank's loss by P (or divide
-by ``N / P`` instead of ``N``) or reduce the SP group with :func:`sync_gradients` first.
+Tools that AVERAGE over the group they are given (DDP, FSDP2, DeepSpeed) average instead of
+summing: over the SP ranks that is off by a factor P. For DDP and FSDP2 over DP x SP ranks,
+:func:`ddp_sequence_parallel` and :func:`fsdp_sequence_parallel` make the reduction divide by
+P_dp only (a whole-model setting, nothing per module to forget); otherwise multiply each rank's
+loss by P (or divide by ``N / P`` instead of ``N``) or reduce the SP group with
+:func:`sync_gradients` first.
 
 Parameters the backward does not reach keep ``grad = None`` on every rank where no rank produced
 a gradient; where only some ranks did, the others take part with zeros and end with the sum.
@@ -40,7 +43,7 @@ a gradient; where only some ranks did, the others take part with zeros and end w
 from __future__ import annotations
 
 import zlib
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -51,8 +54,15 @@ from hpattn_dist.comm.agreement import agree_on_shapes
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
+from hpattn_dist.mesh import _parent_ranks
 
-__all__ = ["broadcast_parameters", "fsdp_sequence_parallel", "global_loss", "sharded_mean", "sync_gradients"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = [
+    "broadcast_parameters", "ddp_sequence_parallel", "fsdp_sequence_parallel", "global_loss", "sharded_mean",
+    "sync_gradients",
+]
 
 
 def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
@@ -220,43 +230,144 @@ def broadcast_parameters(
                 offset += t.numel()
 
 
-def fsdp_sequence_parallel(model: nn.Module, sp_size: int) -> int:
+def _check_sp_split(model: nn.Module, reduce_ranks: tuple[int, ...], sp_size: int, who: str) -> int:
+    """``P_dp = len(reduce_ranks) / sp_size`` after checking that it is one.
+
+    The gradient reduction must run over data-parallel replicas of whole SP groups: ``sp_size``
+    divides the reduction group, and every ``hpattn_dist`` layer of ``model`` shards its pixels
+    over ``sp_size`` ranks of that group (a layer on WORLD, or on a group outside the reduction,
+    would be summed over the wrong ranks). The check is local and identical on every rank.
+    """
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
+        raise ValueError(f"{who}: sp_size must be a positive int, got {sp_size!r}")
+    world = len(reduce_ranks)
+    if world % sp_size:
+        raise ValueError(f"{who}: sp_size={sp_size} does not divide the size {world} of the group "
+                         "the gradients are reduced over")
+    for name, m in model.named_modules():
+        # The MRO, not type(m): fully_shard swaps the class for a subclass defined in torch.
+        ours = any(c.__module__.startswith("hpattn_dist.") for c in type(m).__mro__)
+        if not ours or not hasattr(m, "process_group"):
+            continue
+        group = m.process_group
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            continue  # unbound after unpickling: the layer itself raises on use
+        ranks = _parent_ranks(group)
+        if len(ranks) != sp_size or not set(ranks) <= set(reduce_ranks):
+            raise ValueError(
+                f"{who}: layer {name or type(m).__name__!r} shards its pixels over global ranks "
+                f"{list(ranks)}, which is not a group of sp_size={sp_size} ranks inside the "
+                f"gradient reduction group (global ranks {list(reduce_ranks)}); build the layers "
+                "with process_group=<the sequence-parallel group>")
+    return world // sp_size
+
+
+def fsdp_sequence_parallel(model: nn.Module, mesh: "DeviceMesh", sp_size: int) -> int:
     """Make FSDP2 reduce the gradients of a sequence-parallel model correctly: SUM over the SP
     ranks, MEAN over the data-parallel ones (Note [sequence-parallel gradients]).
 
     FSDP2 (``fully_shard`` over a mesh whose ranks are DP x SP, torchtitan style) divides the
-    reduced gradient by the number of ranks it reduces over, P_dp * P_sp, which is P_sp too many.
-    This sets the divide factor ``P_dp = world / sp_size`` on EVERY ``FSDPModule`` inside
-    ``model`` (the root only would leave the other modules' gradients P_sp times too small). Call
-    it after the last ``fully_shard``; each rank's loss is then its per-sample mean with the pixel
-    sum divided by the GLOBAL pixel count (:func:`sharded_mean`).
+    reduced gradient by the number of ranks it reduces over, ``mesh.size() = P_dp * P_sp``, which
+    is P_sp too many. This sets the divide factor ``P_dp = mesh.size() / sp_size`` on EVERY
+    ``FSDPModule`` inside ``model`` (the root only would leave the other modules' gradients P_sp
+    times too small). Call it after the last ``fully_shard``; each rank's loss is then its
+    per-sample mean with the pixel sum divided by the GLOBAL pixel count (:func:`sharded_mean`).
+    On a CPU mesh it also makes FSDP sum, then divide (a float32 factor would otherwise become
+    ``ReduceOp.PREMUL_SUM``, which gloo does not have).
 
     Args:
         model: the model after ``fully_shard``.
+        mesh: the ``DeviceMesh`` passed to ``fully_shard`` (1-D, e.g. the flattened
+            ``("dp", "sp")`` mesh; or 2-D for HSDP): FSDP reduces over all its ranks.
         sp_size: the number of ranks sharding the pixels (P_sp).
 
     Returns:
         The number of FSDP modules set (at least 1).
 
     Raises:
-        ValueError: ``sp_size`` is not a positive int dividing the FSDP group size, or ``model``
-            holds no FSDP module.
+        ValueError: ``sp_size`` is not a positive int dividing ``mesh.size()``; ``model`` holds
+            no FSDP module; a trainable parameter is not sharded by FSDP (its gradient would not
+            be reduced) or lives on a mesh of other ranks than ``mesh`` (not the mesh given to
+            ``fully_shard``, or FSDP composed with tensor parallelism, which this does not
+            handle); an ``hpattn_dist`` layer's group is not ``sp_size`` ranks of ``mesh``.
     """
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
-        raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
+    who = "fsdp_sequence_parallel"
+    if not isinstance(mesh, DeviceMesh):
+        raise ValueError(f"{who}: mesh must be the DeviceMesh passed to fully_shard, "
+                         f"got {type(mesh).__name__}")
+    ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+    dp_size = _check_sp_split(model, ranks, sp_size, who)
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not modules:
-        raise ValueError("fsdp_sequence_parallel: the model holds no FSDP module; call fully_shard first")
+        raise ValueError(f"{who}: the model holds no FSDP module; call fully_shard first")
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not isinstance(p, DTensor):
+            raise ValueError(f"{who}: parameter {name!r} is not sharded by FSDP, so its gradient "
+                             "would not be reduced; fully_shard the root module too")
+        held = tuple(sorted(p.device_mesh.mesh.flatten().tolist()))
+        if held != ranks:
+            raise ValueError(
+                f"{who}: parameter {name!r} lives on a mesh of global ranks {list(held)}, not on the "
+                f"ranks {list(ranks)} of the mesh passed in; pass the mesh given to fully_shard "
+                "(FSDP composed with tensor parallelism is not handled)")
     for m in modules:
-        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", [])
-        mesh = groups[0].mesh_info.mesh if groups else None
-        world = mesh.size() if mesh is not None else dist.get_world_size()
-        if world % sp_size:
-            raise ValueError(f"sp_size={sp_size} does not divide the FSDP group size {world}")
-        m.set_gradient_divide_factor(float(world // sp_size))
-        if mesh is not None and mesh.device_type == "cpu":
-            # A factor in fp32/bf16 becomes ReduceOp.PREMUL_SUM, which gloo refuses: sum, then divide.
+        m.set_gradient_divide_factor(float(dp_size))
+        if mesh.device_type == "cpu":
             m.set_force_sum_reduction_for_comms(True)
     return len(modules)
+
+
+def _sp_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP comm hook: ``bucket`` (``dist.GradBucket``) / P_dp, summed over DDP's group.
+
+    ``state`` is ``(group, P_dp)``; returns a ``torch.futures.Future[Tensor]``. Not annotated:
+    under ``from __future__ import annotations`` the annotations are strings, which DDP's hook
+    check rejects.
+    """
+    group, dp_size = state
+    buf = bucket.buffer()
+    buf.div_(dp_size)  # before the sum, as DDP's own hook does (fp16 range)
+    fut = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def ddp_sequence_parallel(ddp_model: nn.Module, sp_size: int) -> int:
+    """Make DDP reduce the gradients of a sequence-parallel model correctly: SUM over the SP
+    ranks, MEAN over the data-parallel ones (Note [sequence-parallel gradients]).
+
+    DDP over DP x SP ranks averages over all of them, P_sp too many. This registers a DDP
+    communication hook (``register_comm_hook``) that divides each gradient bucket by
+    ``P_dp = P_ddp / sp_size`` and all-reduces it with SUM over DDP's group: a whole-model
+    setting, nothing per module to forget. Call it once, right after wrapping and before the
+    first backward; each rank's loss is its per-sample mean with the pixel sum divided by the
+    GLOBAL pixel count (:func:`sharded_mean`), as for FSDP2.
+
+    Args:
+        ddp_model: the ``DistributedDataParallel`` model, built over a group (or 1-D
+            ``device_mesh``) holding whole SP groups (DP x SP ranks).
+        sp_size: the number of ranks sharding the pixels (P_sp).
+
+    Returns:
+        ``P_dp``, the factor the summed gradients are divided by.
+
+    Raises:
+        ValueError: ``ddp_model`` is not a ``DistributedDataParallel``; ``sp_size`` is not a
+            positive int dividing DDP's group size; an ``hpattn_dist`` layer's group is not
+            ``sp_size`` ranks of DDP's group. DDP itself raises if a comm hook is already set.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    who = "ddp_sequence_parallel"
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise ValueError(f"{who}: expected a DistributedDataParallel model, "
+                         f"got {type(ddp_model).__name__}")
+    group = ddp_model.process_group
+    dp_size = _check_sp_split(ddp_model.module, _parent_ranks(group), sp_size, who)
+    ddp_model.register_comm_hook((group, dp_size), _sp_allreduce_hook)
+    return dp_size

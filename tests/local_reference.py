@@ -39,6 +39,18 @@ def healpy_window_mask(nside: int, window_nside: int, mode: str) -> Tensor:
     return torch.from_numpy(cell_mask[cell_of][:, cell_of])
 
 
+def healpy_cross_window_mask(nside_q: int, nside_k: int, window_nside: int, mode: str) -> Tensor:
+    """Bool ``[Nq, Nk]``: key pixel j (grid nside_k) lies in the window of query pixel i's cell
+    (grid nside_q); each pixel's cell is its NESTED index integer-divided by its grid's cell size."""
+    cells = healpy_window_cells(window_nside, mode)
+    cell_mask = np.zeros((len(cells), len(cells)), dtype=bool)
+    for u, window in enumerate(cells):
+        cell_mask[u, sorted(window)] = True
+    q_cell = np.arange(12 * nside_q**2) // (nside_q // window_nside) ** 2
+    k_cell = np.arange(12 * nside_k**2) // (nside_k // window_nside) ** 2
+    return torch.from_numpy(cell_mask[q_cell][:, k_cell])
+
+
 def halo_pixels(nside: int, window_nside: int, mode: str, start: int, stop: int) -> set[int]:
     """Pixels outside ``[start, stop)`` in the window of some query pixel of ``[start, stop)``."""
     c = (nside // window_nside) ** 2

@@ -3,10 +3,12 @@
 from hpattn_dist.local.attention import healpix_local_attention, plan_local_attention
 from hpattn_dist.local.modules import DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention
 from hpattn_dist.local.oracle import dense_local_attention, window_mask
+from hpattn_dist.local.traffic import WindowTraffic, window_traffic
 from hpattn_dist.local.windows import WINDOW_MODES, cell_neighbours, window_cells
 
 __all__ = [
     "WINDOW_MODES",
+    "WindowTraffic",
     "DistributedLocalSpatialSelfAttention",
     "LocalSpatialSelfAttention",
     "cell_neighbours",
@@ -15,4 +17,5 @@ __all__ = [
     "plan_local_attention",
     "window_cells",
     "window_mask",
+    "window_traffic",
 ]

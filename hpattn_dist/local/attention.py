@@ -3,7 +3,8 @@
 Legend: B batch, H heads, D head dim, P ranks in the group, r this rank, N_r pixels on rank r
 (any contiguous NESTED split, zero included), N = sum of N_r = 12 * nside**2, c pixels per cell
 of the window grid, U_r cells holding at least one of rank r's pixels (its *units*), K window
-slots (1 or 9), m <= K cells actually in a window, R halo rows received, S rows sent.
+slots (1 or 9), m <= K cells actually in a window, R halo rows received, S rows sent. Across two
+grids: Nq_r / Nk_r queries / keys on rank r, c_q / c_k pixels per cell on each grid.
 
 Query pixel ``i`` attends to the keys of the cells of its window (:mod:`hpattn_dist.local.windows`):
 ``softmax(q_i K_w^T * scale + bias_w) V_w`` over ``w = window(i // c)``; a query whose window
@@ -39,13 +40,23 @@ Dropout keeps Note [position-keyed dropout]: the decision for score (b, h, i, j)
 query and key pixels, so the result does not depend on P. The block kernels key dropout by the
 batch index, so with dropout each unit is one kernel call (the units are not folded into the
 batch): correct, slower.
+
+Two grids (cross-attention, ``ring_cross_attention(..., window_nside=W)``): nothing above needs
+the keys to live on the queries' grid, only on a grid with the same cells. Queries on nside_q
+(``c_q = (nside_q / W)**2`` per cell), keys on nside_k (``c_k = (nside_k / W)**2``), each split
+independently: the units and the query padding come from the query split and ``c_q``, the unit
+table lists ``K * c_k`` key pixels per unit, and ``plan_halo`` takes the KEY split as its input
+ranges and the units as its outputs. Batches are then ``[n * B, H, c_q, D]`` queries against
+``[n * B, H, m * c_k, D]`` keys; the halo, the kernels and the backward are unchanged. The one
+agreement carries ``Nq_r`` and ``Nk_r`` in each row. Self-attention is the case where the two
+splits are one (``key_sizes=None``), bit for bit the same computation.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -66,7 +77,7 @@ from hpattn_dist.precision import acc_dtype
 from hpattn_dist.replicas import LayerFacts, check_layer_rows
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
-__all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention"]
+__all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
 
 #: Gathered K/V elements per batch of units (bounds the extra memory of one kernel call).
 _CHUNK_ELEMENTS = 1 << 20
@@ -132,13 +143,17 @@ class LocalPlan:
     """Everything rank r needs to run local attention on one split (Note [local attention plan]).
 
     Attributes:
-        nside, window_nside, mode: the field's and the window grid's resolution, the window mode.
-        cell_pixels: ``c``.
-        n_local: ``N_r``.
+        nside, window_nside, mode: the query grid's and the window grid's resolution, the window mode.
+        cell_pixels: ``c_q``, query pixels per cell.
+        n_local: ``Nq_r``, this rank's queries.
         n_units: ``U_r``.
-        lead: pixels of the first unit before this rank's first pixel (query padding).
+        lead: pixels of the first unit before this rank's first query (query padding).
         halo: the key-row exchange (:class:`~hpattn_dist.comm.halo.HaloPlan`).
         batches: the units grouped by window size.
+        key_nside, key_cell_pixels, n_local_keys: the key grid's ``nside``, ``c_k`` and this
+            rank's keys ``Nk_r`` (equal to the query side's for self-attention).
+        cross: queries and keys on two grids (their exchange is counted as ``cross.halo.*``,
+            else ``local.halo.*``).
     """
 
     nside: int
@@ -150,13 +165,15 @@ class LocalPlan:
     lead: int
     halo: HaloPlan
     batches: tuple[UnitBatch, ...]
+    key_nside: int
+    key_cell_pixels: int
+    n_local_keys: int
+    cross: bool = False
 
     def to(self, device: torch.device) -> "LocalPlan":
         if self.halo.local_table.device == device:
             return self
-        return LocalPlan(self.nside, self.window_nside, self.mode, self.cell_pixels, self.n_local,
-                         self.n_units, self.lead, self.halo.to(device),
-                         tuple(b.to(device) for b in self.batches))
+        return replace(self, halo=self.halo.to(device), batches=tuple(b.to(device) for b in self.batches))
 
 
 def _unit_cells(start: int, stop: int, c: int) -> Tensor:
@@ -165,32 +182,56 @@ def _unit_cells(start: int, stop: int, c: int) -> Tensor:
     return torch.arange(start // c, (stop - 1) // c + 1, dtype=torch.int64)
 
 
-def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int) -> LocalPlan:
-    """Plan rank ``rank``'s local attention for a field split into ``sizes`` (pure arithmetic).
+def _nested_nside(n: int, what: str) -> int:
+    if n == 0:
+        raise ValueError(f"the {what} has no pixels on any rank (N = 0)")
+    try:
+        nside = npix2nside(n)
+    except ValueError as err:
+        raise ValueError(f"the {what}: {err}") from None
+    if nside & (nside - 1):
+        raise ValueError(f"local attention needs NESTED order, so a power-of-two nside; the {what} has "
+                         f"N = {n} (nside {nside})")
+    return nside
+
+
+def _cell_pixels(nside: int, window_nside: int, what: str) -> int:
+    try:
+        return check_window_fits(nside, window_nside)
+    except ValueError as err:
+        raise ValueError(f"the {what}: {err}" if what else str(err)) from None
+
+
+def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
+                         key_sizes: Optional[tuple[int, ...]] = None) -> LocalPlan:
+    """Plan rank ``rank``'s local attention (pure arithmetic; Note [local attention plan]).
 
     Args:
-        sizes: every rank's pixel count, in group-rank order (contiguous NESTED ranges).
+        sizes: every rank's query pixel count, in group-rank order (contiguous NESTED ranges).
         window_nside, mode: the window (:mod:`hpattn_dist.local.windows`).
         rank: the rank to plan for.
+        key_sizes: every rank's key pixel count when keys live on another grid (cross-attention);
+            None: the keys are the queries' field.
 
     Raises:
-        ValueError: ``sum(sizes)`` is not a NESTED HEALPix size, or ``window_nside`` does not
-            divide its nside.
+        ValueError: a total that is not a NESTED HEALPix size, or ``window_nside`` finer than
+            either grid.
     """
-    n = sum(sizes)
-    if n == 0:
-        raise ValueError("the field has no pixels on any rank (N = 0)")
-    nside = npix2nside(n)
-    if nside & (nside - 1):
-        raise ValueError(f"local attention needs NESTED order, so a power-of-two nside; got N = {n} "
-                         f"(nside {nside})")
+    key_sizes = sizes if key_sizes is None else tuple(key_sizes)
+    if len(key_sizes) != len(sizes):
+        raise ValueError(f"{len(sizes)} query shard sizes but {len(key_sizes)} key shard sizes")
+    cross = key_sizes is not sizes
+    nside = _nested_nside(sum(sizes), "query field" if cross else "field")
+    key_nside = _nested_nside(sum(key_sizes), "key field") if cross else nside
     check_window(window_nside, mode)
-    c = check_window_fits(nside, window_nside)
+    c = _cell_pixels(nside, window_nside, "query field" if cross else "")  # c_q
+    c_k = _cell_pixels(key_nside, window_nside, "key field") if cross else c
     cells = window_cells(window_nside, mode)  # [N_c, K]
     k_slots = cells.shape[1]
-    starts = offsets(sizes)
-    in_bounds = [(s, s + size) for s, size in zip(starts, sizes)]
-    units_per_rank = [_unit_cells(a, b, c) for a, b in in_bounds]
+    q_starts, k_starts = offsets(sizes), offsets(key_sizes)
+    q_bounds = [(s, s + size) for s, size in zip(q_starts, sizes)]
+    in_bounds = [(s, s + size) for s, size in zip(k_starts, key_sizes)]
+    units_per_rank = [_unit_cells(a, b, c) for a, b in q_bounds]
     out_bounds, acc = [], 0
     for units in units_per_rank:
         out_bounds.append((acc, acc + units.numel()))
@@ -198,37 +239,38 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
     units = torch.cat(units_per_rank)  # [sum U_r]
     window = cells[units]  # [sum U_r, K]
     slot_cells = torch.where(window >= 0, window, units[:, None])
-    pixel_in_cell = torch.arange(c, dtype=torch.int64)
-    table = (slot_cells[:, :, None] * c + pixel_in_cell).reshape(units.numel(), k_slots * c)
+    key_in_cell = torch.arange(c_k, dtype=torch.int64)
+    table = (slot_cells[:, :, None] * c_k + key_in_cell).reshape(units.numel(), k_slots * c_k)
     halo = plan_halo(table, in_bounds, out_bounds, rank)
 
     mine = units_per_rank[rank]
     u_r = int(mine.numel())
     a, b = out_bounds[rank]
-    rows = halo.local_table.view(u_r, k_slots, c)
+    rows = halo.local_table.view(u_r, k_slots, c_k)
     valid = window[a:b] >= 0  # [U_r, K]
     m = valid.sum(dim=1)
     batches = []
     for m_value in torch.unique(m).tolist():
         sel = (m == m_value).nonzero().squeeze(1)
         v_sel = valid[sel]
-        key_rows = rows[sel][v_sel].reshape(sel.numel(), m_value * c)
+        key_rows = rows[sel][v_sel].reshape(sel.numel(), m_value * c_k)
         key_cells = window[a:b][sel][v_sel].reshape(sel.numel(), m_value)
-        key_pixels = (key_cells[:, :, None] * c + pixel_in_cell).reshape(sel.numel(), m_value * c)
+        key_pixels = (key_cells[:, :, None] * c_k + key_in_cell).reshape(sel.numel(), m_value * c_k)
         batches.append(UnitBatch.of(sel, key_rows.contiguous(), key_pixels, mine[sel]))
-    lead = in_bounds[rank][0] - int(mine[0]) * c if u_r else 0
-    return LocalPlan(nside, int(window_nside), mode, c, sizes[rank], u_r, lead, halo, tuple(batches))
+    lead = q_bounds[rank][0] - int(mine[0]) * c if u_r else 0
+    return LocalPlan(nside, int(window_nside), mode, c, sizes[rank], u_r, lead, halo, tuple(batches),
+                     key_nside, c_k, key_sizes[rank], cross)
 
 
 _plans: "collections.OrderedDict[tuple, LocalPlan]" = collections.OrderedDict()
 
 
-def _cached_plan(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
-                 device: torch.device) -> LocalPlan:
-    key = (sizes, window_nside, mode, rank, str(device))
+def _cached_plan(sizes: tuple[int, ...], key_sizes: Optional[tuple[int, ...]], window_nside: int, mode: str,
+                 rank: int, device: torch.device) -> LocalPlan:
+    key = (sizes, key_sizes, window_nside, mode, rank, str(device))
     plan = _plans.get(key)
     if plan is None:
-        plan = plan_local_attention(sizes, window_nside, mode, rank).to(device)
+        plan = plan_local_attention(sizes, window_nside, mode, rank, key_sizes).to(device)
         if len(_plans) >= _MAX_PLANS:
             _plans.popitem(last=False)
         _plans[key] = plan
@@ -320,15 +362,16 @@ def _exchange_rows(parts: list[Optional[Tensor]], halo: HaloPlan, info: GroupInf
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Shard table (rank r; ``N_ext = N_r + R``, Note [local attention plan]):
+    """Shard table (rank r; ``N_ext = Nk_r + R``, Note [local attention plan]):
 
     =========  ========================  ==========================================
     tensor     local shape               meaning
     =========  ========================  ==========================================
-    q, k, v    ``[B, H, N_r, D]``        this rank's pixels
-    bias       ``[B, Hb, N_r]`` or None  additive key bias (-inf = masked), acc dtype
+    q          ``[B, H, Nq_r, D]``       this rank's queries (``Nq_r = N_r`` for self-attention)
+    k, v       ``[B, H, Nk_r, D]``       this rank's keys and values
+    bias       ``[B, Hb, Nk_r]`` or None additive key bias (-inf = masked), acc dtype
     kv_halo    ``[R, 2, B, H, D]``       K/V rows received (``kv_ext``: own rows, then these)
-    out        ``[B, H, N_r, D]``        windowed softmax attention
+    out        ``[B, H, Nq_r, D]``       windowed softmax attention
     lse        ``[U_r, B, H, c]``        log-sum-exp per (padded) query, acc dtype
     =========  ========================  ==========================================
     """
@@ -338,13 +381,13 @@ class _WindowAttention(torch.autograd.Function):
                 info: GroupInfo, kernel: BlockKernel, scale: float, dropout_p: float, seed: int,
                 need_dbias: bool) -> Tensor:
         acc = acc_dtype(q.dtype)
-        n_r = plan.n_local
+        n_r = plan.n_local_keys
         kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
         kv_halo = bias_halo = None
         if plan.halo.total_rows:
             kv_halo, bias_halo = _exchange_rows(
                 [kv_ext[:n_r], None if bias is None else bias_ext[:n_r]], plan.halo, info,
-                "local.halo.forward")
+                _label(plan, "forward"))
             kv_ext[n_r:] = kv_halo
             if bias is not None:
                 bias_ext[n_r:] = bias_halo
@@ -380,7 +423,7 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, bias, kv_halo, bias_halo, out, lse_units = ctx.saved_tensors
         plan, info, kernel, scale = ctx.plan, ctx.info, ctx.kernel, ctx.scale
-        n_r = plan.n_local
+        n_r = plan.n_local_keys
         kv_ext, bias_ext = _extended_rows(k, v, bias, plan.halo.rows_received)
         if kv_halo is not None:
             kv_ext[n_r:] = kv_halo
@@ -425,7 +468,7 @@ class _WindowAttention(torch.autograd.Function):
         dbias_own = None if dbias_ext is None else dbias_ext[:n_r]
         if plan.halo.total_rows:
             halo_grads = [dkv_ext[n_r:], None if dbias_ext is None else dbias_ext[n_r:]]
-            dkv_sent, dbias_sent = _exchange_rows(halo_grads, plan.halo, info, "local.halo.backward",
+            dkv_sent, dbias_sent = _exchange_rows(halo_grads, plan.halo, info, _label(plan, "backward"),
                                                   reverse=True)
             dkv_own = dkv_own.index_add(0, plan.halo.send_indices, dkv_sent)
             if dbias_own is not None:
@@ -434,6 +477,11 @@ class _WindowAttention(torch.autograd.Function):
         dk, dv = (t.to(q.dtype) for t in dkv_own.permute(1, 2, 3, 0, 4).unbind(0))  # [B, H, N_r, D]
         dbias = None if dbias_own is None else dbias_own.permute(1, 2, 0)
         return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+def _label(plan: LocalPlan, direction: str) -> str:
+    """Counter label of the halo exchange: ``local.halo.*``, or ``cross.halo.*`` across two grids."""
+    return f"{'cross' if plan.cross else 'local'}.halo.{direction}"
 
 
 def _extended_rows(k: Tensor, v: Tensor, bias: Optional[Tensor],
@@ -546,13 +594,50 @@ def healpix_local_attention(
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
+    return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
+                              dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
+                              dropout_seed=dropout_seed, layer=layer)
+
+
+def windowed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    window_nside: int,
+    mode: str = "neighbourhood",
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    dropout_seed: Optional[int] = None,
+    layer: Optional[LayerFacts] = None,
+    cross: bool = False,
+    strategy: Optional[str] = None,
+    what: str = "healpix_local_attention",
+) -> Tensor:
+    """The door of windowed attention, self (:func:`healpix_local_attention`) or across two grids
+    (``cross=True``: ``q [B, H, Nq_r, D]`` on one NESTED grid, ``k, v [B, H, Nk_r, D]``, the key
+    mask and bias on another, sharded independently; Note [local attention plan]). One agreement,
+    whose row carries ``Nq_r`` and ``Nk_r``; then the plan of both splits and the halo executor.
+
+    ``strategy``: the strategy a caller of :func:`~hpattn_dist.strategies.sharded_attention` named;
+    the halo exchange has no head-parallel form, so anything but ``"ring"`` / ``"auto"`` is refused
+    (on every rank). ``what`` names the entry point (or the layer) in errors.
+    """
     info = resolve_group(group)
-    with validated_signature(info, "healpix_local_attention") as sig:
-        check_qkv(q, k, v, scale)
+    with validated_signature(info, what) as sig:
+        if strategy not in (None, "ring", "auto"):
+            raise ValueError(f"{what}: window_nside={window_nside!r} runs the halo exchange of local "
+                             f"attention, which has no head-parallel form; strategy must be 'ring' or "
+                             f"'auto', got {strategy!r}")
+        check_qkv(q, k, v, scale, cross=cross)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         window_nside = check_window(window_nside, mode)
-        bias = key_bias_from_mask(q, key_mask, key_bias)
+        bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
         mask_left = key_mask is not None and not bool(key_mask.all())
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
@@ -568,23 +653,30 @@ def healpix_local_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
+                "cross": int(cross),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
-            (n_local, int(mask_left), seed, *(() if layer is None else layer.sums)),
+            (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
             q.device,
             kind="healpix_local_attention",
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)
+    key_sizes = tuple(row[1] for row in per_rank) if cross else None
     if layer is not None:  # the same rows on every rank: raised on every rank
-        check_layer_rows(info, layer, sizes, [row[3:6] for row in per_rank])
+        check_layer_rows(info, layer, sizes, [row[4:7] for row in per_rank])
+        if cross:
+            check_layer_rows(info, replace(layer, name=layer.name + " (keys and values)"), key_sizes,
+                             [row[4:7] for row in per_rank])
     try:
-        plan = _cached_plan(sizes, window_nside, mode, info.rank, q.device)
+        plan = _cached_plan(sizes, key_sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank
-        raise ValueError(f"healpix_local_attention: {err} (shard sizes {list(sizes)})") from None
-    if key_bias is None and not any(row[1] for row in per_rank):
+        split = f"query shard sizes {list(sizes)}, key shard sizes {list(key_sizes)}" if cross else \
+            f"shard sizes {list(sizes)}"
+        raise ValueError(f"{what}: {err} ({split})") from None
+    if key_bias is None and not any(row[2] for row in per_rank):
         bias = None
-    seed = per_rank[0][2]
+    seed = per_rank[0][3]
     kernel = select_kernel(backend, q, has_bias=bias is not None, dropout=dropout_p > 0)
     scale = head_dim**-0.5 if scale is None else float(scale)
     need_dbias = key_bias is not None and key_bias.requires_grad

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.replicas import LayerFacts, LayerRef, facts_of
 from hpattn_dist.strategies.hybrid import run_hybrid
 from hpattn_dist.strategies.ops import op_attention
@@ -64,6 +65,8 @@ def sharded_attention(
     ulysses_degree: Optional[int] = None,
     layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
+    window_nside: Optional[int] = None,
+    mode: str = "neighbourhood",
 ) -> Tensor:
     """Attention over a pixel dimension sharded across ``group`` with the named strategy.
 
@@ -75,15 +78,27 @@ def sharded_attention(
     them from), checked in the same agreement; the functions
     below pass none, so they accept any total pixel count N (point sets as well as HEALPix
     fields). ``cross``: queries and keys on different grids, as for :func:`ring_cross_attention`
-    (with any strategy). Returns ``[B, H, N_r, D]``.
+    (with any strategy). ``window_nside``, ``mode``: the locality option of
+    :func:`ring_cross_attention` (``cross=True``) or the windows of
+    :func:`~hpattn_dist.local.healpix_local_attention` (self-attention): the halo path of Note
+    [local attention plan], for strategies ``"ring"`` and ``"auto"`` only. Returns ``[B, H, N_r, D]``.
 
     Raises:
         ValueError: an unknown strategy, ``ulysses_degree`` with a strategy other than
-            ``"hybrid"`` (or missing for it), and everything :func:`ring_attention` raises.
+            ``"hybrid"`` (or missing for it), a window with a head-parallel strategy, and
+            everything :func:`ring_attention` raises.
     """
     check_strategy_name(strategy)
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
+    if window_nside is not None:
+        if isinstance(layer, LayerRef):
+            layer = facts_of(layer.name, layer.params, layer.healpix_field)
+        entry = "ring_cross_attention" if cross else "healpix_local_attention"
+        return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
+                                  dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
+                                  dropout_seed=dropout_seed, layer=layer, cross=cross, strategy=strategy,
+                                  what=entry if layer is None else layer.name)
     if key_bias is None and not cross and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
@@ -183,9 +198,12 @@ def ring_cross_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
+    window_nside: Optional[int] = None,
+    mode: str = "neighbourhood",
 ) -> Tensor:
     r"""Exact cross-attention: this rank's queries over the keys of EVERY rank, where queries and
-    keys live on two grids (or point sets) sharded independently.
+    keys live on two grids (or point sets) sharded independently; optionally only over the keys
+    of a window (``window_nside``).
 
     Computes, for this rank's queries, ``softmax(q K^T * scale + bias) V`` where K and V are the
     concatenation (in group-rank order) of every rank's ``k`` and ``v``. The ring schedule of
@@ -203,21 +221,41 @@ def ring_cross_attention(
         key_mask: optional bool ``[B, Nk_r]``, True = this key may be attended to.
         key_bias: optional float ``[B, Nk_r]`` or ``[B, H, Nk_r]`` (for instance the log of each
             source pixel's area, a quadrature weight).
+        window_nside: None (every query sees every key), or the locality option for mappers:
+            both grids are NESTED HEALPix grids (``Nq = 12 * nside_q**2``, ``Nk = 12 *
+            nside_k**2``, power-of-two nsides) and query pixel ``i`` sees only the keys whose cell
+            ``j // c_k`` of the ``window_nside`` grid lies in the window of its cell ``i // c_q``
+            (``c = (nside / window_nside)**2`` per grid; ``window_nside`` a power of two at most
+            ``min(nside_q, nside_k)``). A query with no allowed unmasked key gets zeros. Keys
+            then travel by ONE halo exchange of the rows some local query can see, not the ring
+            (Note [local attention plan] in :mod:`hpattn_dist.local.attention`); count it with
+            :func:`hpattn_dist.local.window_traffic`.
+        mode: the window, ``"cell"`` (the query's parent cell) or ``"neighbourhood"`` (that cell
+            and its 8 (7, 6) neighbours), as for :func:`~hpattn_dist.local.healpix_local_attention`.
 
     Returns:
         ``[B, H, Nq_r, D]`` in the dtype of ``q``.
 
     Raises:
         ValueError: as for :func:`ring_attention` (on every rank), with q compared to k and v in
-            B, H, D, dtype and device only.
+            B, H, D, dtype and device only; with ``window_nside`` (on every rank): a bad window
+            or mode, totals that are no NESTED HEALPix grids, a window cell finer than a pixel
+            of either grid.
 
     Communication: one 256-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
     ``2 * B * H * Mk_src * D`` elements per forward (``Mk_src``: the keys of the source rank left
     after masked-key compaction); the backward adds P - 1 K/V transfers and P fp32 dK/dV
-    transfers. Queries never travel.
+    transfers. Queries never travel. With ``window_nside``: one ``all_to_all`` of the halo rows
+    forward (``cross.halo.forward``) and one of their gradients backward (``cross.halo.backward``).
+
+    Example (a mapper from nside 64 to nside 16 where each latent pixel sees its parent cell of
+    nside 8 and the neighbouring cells)::
+
+        >>> out = ring_cross_attention(q_latent, k_data, v_data, window_nside=8, mode="neighbourhood")
     """
     return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed, cross=True)
+                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed, cross=True,
+                             window_nside=window_nside, mode=mode)
 
 
 def ulysses_attention(

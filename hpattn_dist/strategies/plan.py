@@ -40,7 +40,9 @@ Note [cross-grid plan]
     block sizes ``kv_sizes``, ``k_offset``: the global index of the first key). Self-attention is
     the case where the two tables are equal. Nothing else changes: softmax over every key of every
     rank, the merge, masks and position-keyed dropout are indifferent to whether the query and key
-    indices range over the same pixels.
+    indices range over the same pixels. With ``window_nside`` (the locality option) a call never
+    reaches this plan: :func:`~hpattn_dist.local.attention.windowed_attention` agrees on both
+    splits itself and plans a halo exchange (Note [local attention plan]).
 """
 
 from __future__ import annotations

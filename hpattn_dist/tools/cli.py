@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cross-nsides", type=_csv(int), default=None,
                    help="also check cross-grid attention: comma list of source-grid nsides, queries on "
                         "the verify field (hpattn_dist/tools/verify_cross.py) (default: none)")
+    v.add_argument("--cross-window", default=None,
+                   help="also check each --cross-nsides case with the locality option MODE:WINDOW_NSIDE, "
+                        "e.g. neighbourhood:1 (default: none)")
 
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
@@ -245,7 +248,7 @@ def load_config(args: argparse.Namespace):
             dtypes=args.dtypes, seed=args.seed, field=args.field,
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
             inject_error=args.inject_error, local_windows=args.local_windows,
-            cross_nsides=args.cross_nsides,
+            cross_nsides=args.cross_nsides, cross_window=args.cross_window,
         )
     from hpattn_dist.tools.bench import BenchConfig
     from hpattn_dist.tools.config import default_config_path

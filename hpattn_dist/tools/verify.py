@@ -97,6 +97,8 @@ class VerifyConfig:
             ``"neighbourhood:2"``), against their own dense oracle (:mod:`hpattn_dist.tools.verify_local`).
         cross_nsides: source-grid resolutions for cross-grid attention cases (queries on the
             field, keys and values on a random field of each nside; :mod:`hpattn_dist.tools.verify_cross`).
+        cross_window: ``"MODE:WINDOW_NSIDE"``: every ``cross_nsides`` case runs once more with
+            that window (``window_nside`` dividing both grids' nsides); ``""`` = none.
     """
 
     nside: int = 8
@@ -113,6 +115,7 @@ class VerifyConfig:
     inject_error: float = 0.0
     local_windows: tuple[str, ...] = ()
     cross_nsides: tuple[int, ...] = ()
+    cross_window: str = ""
 
     def __post_init__(self) -> None:
         self.cross_nsides = tuple(self.cross_nsides)
@@ -121,6 +124,12 @@ class VerifyConfig:
                 check_nside(source_nside, nest=True)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"cross_nsides: {err}") from None
+        if self.cross_window:
+            try:
+                parse_window(self.cross_window, min((self.nside, *self.cross_nsides)))
+            except ValueError as err:
+                raise ValueError(f"cross_window (with nside={self.nside}, cross_nsides="
+                                 f"{list(self.cross_nsides)}): {err}") from None
         self.local_windows = tuple(self.local_windows)
         for spec in self.local_windows:
             try:

@@ -8,7 +8,8 @@ and dtype of the config, :class:`~hpattn_dist.cross.DistributedSpatialCrossAtten
 same weights on this rank's shards of both fields (each split by
 :func:`~hpattn_dist.healpix.shard_bounds`), comparing output, both input gradients and the
 group-summed parameter gradients under Note [verify tolerances] (:mod:`hpattn_dist.tools.tolerances`).
-Rows are labelled ``cross:S`` (source nside S).
+Rows are labelled ``cross:S`` (source nside S); with ``cfg.cross_window = "MODE:W"`` each source
+also runs the locality option against the windowed oracle, rows ``cross:S:nbhd:W`` / ``cross:S:cell:W``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAtte
 from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import nside2npix, shard_bounds
 from hpattn_dist.kernels import select_kernel
+from hpattn_dist.local.windows import parse_window
 from hpattn_dist.precision import DTYPES
 from hpattn_dist.tools.verify import CaseResult, VerifyConfig, compare_quantities
 
@@ -61,21 +63,27 @@ def run_cross_cases(
     info = resolve_group(group)
     start, stop = shard_bounds(x.shape[1], info.world_size)[info.rank]
     results = []
-    for s in cfg.cross_nsides if source_nsides is None else source_nsides:
+    windows = [None] + ([parse_window(cfg.cross_window)] if cfg.cross_window else [])
+    for s, window in ((s, w) for s in (cfg.cross_nsides if source_nsides is None else source_nsides)
+                      for w in windows):
         gen = torch.Generator().manual_seed(cfg.seed + 2)
         xs = torch.randn(x.shape[0], nside2npix(s), x.shape[2], generator=gen, dtype=torch.float64)
         s_start, s_stop = shard_bounds(xs.shape[1], info.world_size)[info.rank]
+        mode, window_nside = window if window else ("neighbourhood", None)
         torch.manual_seed(cfg.seed)
-        oracle = SpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend="manual").double()
+        oracle = SpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend="manual",
+                                       window_nside=window_nside, mode=mode).double()
         ref = _oracle_reference(oracle, x, xs, g)
         for backend in cfg.backends:
             for dtype_name in cfg.dtypes:
-                label = f"cross:{s}"
+                label = f"cross:{s}" + ("" if window is None else
+                                        f":{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}")
                 if progress is not None:
                     progress(f"{label} / {backend} / {dtype_name}")
                 dtype = DTYPES[dtype_name]
                 layer = DistributedSpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend=backend,
-                                                         process_group=group)
+                                                         process_group=group, window_nside=window_nside,
+                                                         mode=mode)
                 layer.load_state_dict(oracle.state_dict())
                 layer = layer.to(device=device, dtype=dtype)
                 probe = torch.empty(1, cfg.num_heads, 1, layer.head_dim, dtype=dtype, device=device)

@@ -45,3 +45,21 @@ def test_cli_verify_runs_cross_nsides(tmp_path) -> None:
     run = json.loads(out.read_text())
     assert run["world_size"] == 2 and [c["strategy"] for c in run["cases"]] == ["ring", "cross:4", "cross:1"]
     assert all(c["passed"] and c["skipped"] is None for c in run["cases"])
+
+
+def _run_window(rank: int, world_size: int, inject_error: float) -> list[tuple[str, bool]]:
+    cfg = VerifyConfig(nside=2, batch=2, embed_dim=8, num_heads=2, backends=("manual",),
+                       dtypes=("float64", "float32"), inject_error=inject_error, cross_nsides=SOURCES,
+                       cross_window="neighbourhood:1")
+    x = load_field(cfg)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [(r.strategy, r.passed) for r in run_cross_cases(cfg, x, g)]
+
+
+def test_cross_window_rows_pass_and_fail_with_an_injected_error() -> None:
+    """One process (the sharded windowed layer runs at P = 2..5 in tests/distributed/test_cross_window.py)."""
+    rows = _run_window(0, 1, 0.0)
+    labels = [label for label, _ in rows]
+    assert labels == ["cross:4"] * 2 + ["cross:4:nbhd:1"] * 2 + ["cross:1"] * 2 + ["cross:1:nbhd:1"] * 2
+    assert all(ok for _, ok in rows), rows
+    assert not any(ok for _, ok in _run_window(0, 1, 0.5))
