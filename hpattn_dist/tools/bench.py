@@ -63,8 +63,9 @@ Modes (``BenchConfig.mode``):
     one ``Nq x Nk`` score matrix, bytes sent per rank in the forward and the backward (counted)
     against :func:`expected_cross_bytes`. Each entry of ``windows`` other than ``"none"``
     (``"cell:4"``, ``"neighbourhood:4"``) runs the layers with ``window_nside`` and ``mode`` (the
-    locality option) and adds the fractions of bytes, key blocks and pairs it skips
-    (:func:`window_reach`).
+    locality option: the halo exchange, ring / auto only), compares its bytes with
+    :func:`hpattn_dist.local.window_traffic` and adds the fractions of the ring's bytes, of the
+    cell blocks and of the (query, key) pairs it skips.
 
 Note [peak memory]
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
@@ -105,6 +106,7 @@ from torch import Tensor
 from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
+from hpattn_dist.local.traffic import WindowTraffic, window_traffic
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS
 from hpattn_dist.precision import DTYPES, acc_dtype
@@ -844,57 +846,22 @@ def expected_cross_bytes(
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
 
 
-def window_reach(window: tuple[str, int], nside_q: int, nside_k: int, world: int) -> dict[str, Any]:
-    """What a locality window allows, counted from the window's cells alone (not from the code
-    that exchanges or computes): query pixel ``p`` (NESTED, ``nside_q``) may see source pixel
-    ``t`` (``nside_k``) when the cell of ``t`` is in the window of the cell of ``p``, both cells on
-    the ``window_nside`` grid; both grids are split by :func:`~hpattn_dist.healpix.shard_bounds`.
-
-    Returns:
-        ``allowed_pair_fraction`` (of the ``Nq x Nk`` pairs); ``blocks_with_pairs`` ``[P][P]``
-        (query rank, key rank): whether the block holds an allowed pair; ``blocks_nonempty`` the
-        same for "both shards non-empty" (what the ring computes without a window);
-        ``needed_keys_sent_per_rank``: source pixels of rank r some query of ANOTHER rank may see
-        (what a halo exchange of single keys would send).
-    """
-    from hpattn_dist.local.windows import window_cells
-
-    mode, w = window
-    cells = window_cells(w, mode)  # [N_c, K], -1 = no such neighbour
-    n_c = cells.shape[0]
-    allowed = torch.zeros(n_c, n_c, dtype=torch.bool)  # [query cell, key cell]
-    rows = torch.arange(n_c)[:, None].expand_as(cells)
-    allowed[rows[cells >= 0], cells[cells >= 0]] = True
-    c_q, c_k = (nside_q // w) ** 2, (nside_k // w) ** 2
-    q_bounds, k_bounds = shard_bounds(nside2npix(nside_q), world), shard_bounds(nside2npix(nside_k), world)
-    key_cell = torch.arange(nside2npix(nside_k)) // c_k
-    needed = [[0] * world for _ in range(world)]  # [query rank][key rank]
-    for t, (qs, qe) in enumerate(q_bounds):
-        seen = allowed[qs // c_q:-(-qe // c_q)].any(dim=0) if qe > qs else torch.zeros(n_c, dtype=torch.bool)
-        for r, (ks, ke) in enumerate(k_bounds):
-            needed[t][r] = int(seen[key_cell[ks:ke]].sum())
-    return {
-        "allowed_pair_fraction": float(allowed.sum()) / n_c**2,
-        "blocks_with_pairs": [[n > 0 for n in row] for row in needed],
-        "blocks_nonempty": [[qe > qs and ke > ks for ks, ke in k_bounds] for qs, qe in q_bounds],
-        "needed_keys_sent_per_rank": [sum(needed[t][r] for t in range(world) if t != r)
-                                      for r in range(world)],
-    }
+def windowed_cross_bytes(traffic: WindowTraffic, batch: int, heads: int, head_dim: int,
+                         dtype: torch.dtype) -> list[dict[str, int]]:
+    """Bytes each rank sends in one forward+backward of windowed cross-attention without masks:
+    the halo K/V rows of :func:`hpattn_dist.local.window_traffic` forward, and back the gradient
+    of every row it received (dK and dV, in the accumulation dtype)."""
+    acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    out = []
+    for t in traffic.ranks:
+        bwd = 2 * batch * heads * head_dim * acc * t.rows_received
+        out.append({"forward": t.bytes_sent, "backward": bwd, "total": t.bytes_sent + bwd})
+    return out
 
 
 def _locality_kwargs(window: Optional[tuple[str, int]]) -> dict[str, Any]:
-    """The layers' locality keywords: none at all without a window, so that the mode runs on
-    layers that have no locality option."""
+    """The layers' locality keywords (none without a window)."""
     return {} if window is None else {"window_nside": window[1], "mode": window[0]}
-
-
-def _check_locality_option(*classes: type) -> None:
-    import inspect
-
-    for cls in classes:
-        if "window_nside" not in inspect.signature(cls).parameters:
-            raise ValueError(f"windows: {cls.__name__} has no locality option (window_nside) in this "
-                             'version of hpattn_dist; use windows = ["none"]')
 
 
 def _fwd_bwd_bytes(layer: nn.Module, inputs: tuple[Tensor, ...], g: Tensor) -> dict[str, int]:
@@ -920,7 +887,8 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     for each strategy on the shards :func:`hpattn_dist.healpix.scatter` takes. Times as in
     ``scaling``; peak memory per rank (Note [peak memory]) next to the ``Nq x Nk`` score matrix;
     bytes sent per rank in the forward and in the backward (counted) against
-    :func:`expected_cross_bytes`; with a window, what it skips (:func:`window_reach`).
+    :func:`expected_cross_bytes`, or with a window against :func:`windowed_cross_bytes`, and what
+    the window skips.
     """
     from hpattn_dist import healpix
     from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
@@ -932,8 +900,6 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
     say = progress or (lambda _msg: None)
     windows = [(spec, cross_window(spec, cfg.latent_nside)) for spec in cfg.windows]
-    if any(w is not None for _, w in windows):
-        _check_locality_option(SpatialCrossAttention, DistributedSpatialCrossAttention)
     probe = torch.empty(1, cfg.num_heads, 1, head_dim, dtype=dtype, device=device)
     kernel = select_kernel(cfg.backend, probe).name
     runs = []  # (strategy, label, ulysses degree, why it cannot run)
@@ -963,7 +929,9 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                     "backend": cfg.backend,
                     "full_score_matrix_bytes": bh * npix_q * npix_k * acc,
                     "local_score_rows_bytes": bh * max(q_sizes) * npix_k * acc}
-            reach = None if window is None else window_reach(window, nside_q, nside_k, world)
+            traffic = None if window is None else window_traffic(
+                q_sizes, k_sizes, window[1], window[0], batch=cfg.batch, heads=cfg.num_heads,
+                head_dim=head_dim, itemsize=torch.empty((), dtype=dtype).element_size())
             torch.manual_seed(cfg.seed)
             oracle = SpatialCrossAttention(cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend,
                                            **_locality_kwargs(window)).to(device=device, dtype=dtype)
@@ -1008,38 +976,23 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 split = _gather_objects(_fwd_bwd_bytes(layer, local[:2], local[2]))
                 rec["fwd_bytes_per_rank"] = [b["forward"] for b in split]
                 rec["bwd_bytes_per_rank"] = [b["backward"] for b in split]
-                dense = [expected_cross_bytes(strategy, q_sizes, k_sizes, r, cfg.batch, cfg.num_heads,
-                                              head_dim, dtype) for r in range(world)]
-                rec["expected_bytes_per_rank"] = dense if window is None else None
+                rec["expected_bytes_per_rank"] = [
+                    expected_cross_bytes(strategy, q_sizes, k_sizes, r, cfg.batch, cfg.num_heads, head_dim, dtype)
+                    for r in range(world)] if traffic is None else windowed_cross_bytes(
+                        traffic, cfg.batch, cfg.num_heads, head_dim, dtype)
                 rec["efficiency_fwd"] = oracle_rec["fwd_s"] / rec["fwd_s"]
                 rec["efficiency_fwd_bwd"] = oracle_rec["fwd_bwd_s"] / rec["fwd_bwd_s"]
                 rec["peak_mem_vs_oracle"] = _ratio(max(rec["peak_mem_bytes_per_rank"]),
                                                    oracle_rec["peak_mem_bytes_per_rank"][0])
-                if reach is not None:
-                    rec["locality"] = _locality_savings(rec, reach, dense, bh * head_dim * 2 *
-                                                        torch.empty((), dtype=dtype).element_size())
+                if traffic is not None:
+                    ring_fwd = sum(t.ring_bytes_sent for t in traffic.ranks)
+                    rec["locality"] = {
+                        # of the dense ring's forward K/V bytes, counted here
+                        "fwd_bytes_skipped": _ratio(ring_fwd - sum(rec["fwd_bytes_per_rank"]), ring_fwd),
+                        "pairs_skipped": traffic.pairs_skipped, "blocks_skipped": traffic.blocks_skipped,
+                        "window_traffic": traffic.as_dict()}
                 records.append(rec)
     return records
-
-
-def _locality_savings(rec: dict[str, Any], reach: dict[str, Any], dense: list[Optional[dict[str, int]]],
-                      bytes_per_key: int) -> dict[str, Any]:
-    """A windowed record's savings: counted bytes against the dense closed form of its strategy,
-    key blocks without an allowed pair against the blocks the dense ring computes."""
-    out = dict(reach)
-    flat = [b for row in reach["blocks_with_pairs"] for b in row]
-    nonempty = sum(b for row in reach["blocks_nonempty"] for b in row)
-    out["block_skip_fraction"] = _ratio(nonempty - sum(flat), nonempty)
-    out["needed_kv_fwd_bytes_per_rank"] = [bytes_per_key * n for n in reach["needed_keys_sent_per_rank"]]
-    if all(d is not None for d in dense):
-        out["dense_expected_bytes_per_rank"] = dense
-        fwd_dense = sum(d["forward"] for d in dense)
-        all_dense = sum(d["total"] for d in dense)
-        fwd = sum(rec["fwd_bytes_per_rank"])
-        out["fwd_bytes_skipped_fraction"] = None if not fwd_dense else 1 - fwd / fwd_dense
-        out["bytes_skipped_fraction"] = (None if not all_dense else
-                                         1 - (fwd + sum(rec["bwd_bytes_per_rank"])) / all_dense)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"data) (default: {db['cross_cases']})")
     b.add_argument("--windows", type=_csv(str), default=None,
                    help="cross mode: comma list of none (every source pixel) or locality windows "
-                        f"MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (default: {db['windows']})")
+                        f"MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (ring and auto only) "
+                        f"(default: {db['windows']})")
     b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
                    help="skip the DeepSpeed-Ulysses peer (default: run it when deepspeed imports)")
     b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
