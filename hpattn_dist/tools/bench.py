@@ -65,7 +65,15 @@ Modes (``BenchConfig.mode``):
     (``"cell:4"``, ``"neighbourhood:4"``) runs the layers with ``window_nside`` and ``mode`` (the
     locality option: the halo exchange, ring / auto only), compares its bytes with
     :func:`hpattn_dist.local.window_traffic` and adds the fractions of the ring's bytes, of the
-    cell blocks and of the (query, key) pairs it skips.
+    cell blocks and of the (query, key) pairs it skips; its 1-process baseline is the windowed
+    layer itself on rank 0 alone (Note [windowed baseline]).
+
+Note [windowed baseline]
+    The windowed oracle ``SpatialCrossAttention(..., window_nside=W)`` is a reference: it scores
+    all ``Nq x Nk`` pairs and masks them (several ``Nq x Nk`` tensors, GBs at nside 64 -> 16), so
+    timing P ranks against it would measure the window, not the distribution. A windowed row is
+    timed against the same windowed layer (the halo path) on a group of one, which computes only
+    the allowed cell blocks, as ``local`` mode does; the weights and inputs are the same.
 
 Note [peak memory]
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
@@ -882,8 +890,8 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     For each case (encoder: queries on the latent grid ``[B, Nq, E]``, keys and values on the data
     grid ``[B, Nk, C]``; decoder: queries on the data grid, keys and values on the latent grid
     ``[B, Nk, E]``) and each window: the single-device :class:`~hpattn_dist.cross.SpatialCrossAttention`
-    on the full fields, run by rank 0 with ``P * threads_per_rank`` threads while the other ranks
-    wait, then :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` with the same weights
+    (with a window: Note [windowed baseline]) on the full fields, run by rank 0 with
+    ``P * threads_per_rank`` threads while the other ranks wait, then :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` with the same weights
     for each strategy on the shards :func:`hpattn_dist.healpix.scatter` takes. Times as in
     ``scaling``; peak memory per rank (Note [peak memory]) next to the ``Nq x Nk`` score matrix;
     bytes sent per rank in the forward and in the backward (counted) against
@@ -900,6 +908,9 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
     say = progress or (lambda _msg: None)
     windows = [(spec, cross_window(spec, cfg.latent_nside)) for spec in cfg.windows]
+    solo = None  # rank 0 alone: the windowed layer's 1-process baseline
+    if world > 1 and any(w is not None for _, w in windows):
+        solo = dist.new_group([0])  # collective: every rank takes part
     probe = torch.empty(1, cfg.num_heads, 1, head_dim, dtype=dtype, device=device)
     kernel = select_kernel(cfg.backend, probe).name
     runs = []  # (strategy, label, ulysses degree, why it cannot run)
@@ -932,25 +943,32 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             traffic = None if window is None else window_traffic(
                 q_sizes, k_sizes, window[1], window[0], batch=cfg.batch, heads=cfg.num_heads,
                 head_dim=head_dim, itemsize=torch.empty((), dtype=dtype).element_size())
-            torch.manual_seed(cfg.seed)
-            oracle = SpatialCrossAttention(cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend,
-                                           **_locality_kwargs(window)).to(device=device, dtype=dtype)
-            say(f"{case} {nside_k} -> {nside_q}, window {spec}: 1-process layer, "
-                f"{world * threads_per_rank} threads")
-            oracle_rec = {**base, "impl": "oracle", "strategy": None, "kernel": cfg.backend,
+            torch.manual_seed(cfg.seed)  # the same weights on every rank (they are checked)
+            oracle = SpatialCrossAttention(cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend)
+            oracle = oracle.to(device=device, dtype=dtype)
+            name = "1-process layer" if window is None else "windowed layer, 1 process"
+            say(f"{case} {nside_k} -> {nside_q}, window {spec}: {name}, {world * threads_per_rank} threads")
+            single_rec = {**base, "impl": "oracle" if window is None else "windowed_single",
+                          "strategy": None if window is None else "ring", "kernel": cfg.backend,
                           "world_size": 1, "threads_per_rank": world * threads_per_rank}
             if rank == 0:
+                single = oracle
+                if window is not None:  # Note [windowed baseline]
+                    single = DistributedSpatialCrossAttention(
+                        cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend,
+                        strategy="ring", process_group=solo, **_locality_kwargs(window))
+                    single.load_state_dict(oracle.state_dict())
+                    single = single.to(device=device, dtype=dtype)
                 threads = torch.get_num_threads()
                 torch.set_num_threads(world * threads_per_rank)
                 try:
-                    res = _layer_times(oracle, (x_q, x_kv), g, cfg, device, collective=False)
+                    res = _layer_times(single, (x_q, x_kv), g, cfg, device, collective=False)
                 finally:
                     torch.set_num_threads(threads)
-                res.pop("comm")
-                oracle_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
-                                  bytes_per_rank=[0])
-            oracle_rec = _gather_objects(oracle_rec)[0]
-            records.append(oracle_rec)
+                single_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
+                                  bytes_per_rank=[payload_bytes(res.pop("comm")["bytes_sent"])])
+            single_rec = _gather_objects(single_rec)[0]
+            records.append(single_rec)
             for strategy, label, degree, refusal in runs:
                 rec = {**base, "impl": "hpattn_dist", "strategy": label, "kernel": kernel,
                        "world_size": world, "threads_per_rank": threads_per_rank}
@@ -980,10 +998,10 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                     expected_cross_bytes(strategy, q_sizes, k_sizes, r, cfg.batch, cfg.num_heads, head_dim, dtype)
                     for r in range(world)] if traffic is None else windowed_cross_bytes(
                         traffic, cfg.batch, cfg.num_heads, head_dim, dtype)
-                rec["efficiency_fwd"] = oracle_rec["fwd_s"] / rec["fwd_s"]
-                rec["efficiency_fwd_bwd"] = oracle_rec["fwd_bwd_s"] / rec["fwd_bwd_s"]
-                rec["peak_mem_vs_oracle"] = _ratio(max(rec["peak_mem_bytes_per_rank"]),
-                                                   oracle_rec["peak_mem_bytes_per_rank"][0])
+                rec["efficiency_fwd"] = single_rec["fwd_s"] / rec["fwd_s"]
+                rec["efficiency_fwd_bwd"] = single_rec["fwd_bwd_s"] / rec["fwd_bwd_s"]
+                rec["peak_mem_vs_single"] = _ratio(max(rec["peak_mem_bytes_per_rank"]),
+                                                   single_rec["peak_mem_bytes_per_rank"][0])
                 if traffic is not None:
                     ring_fwd = sum(t.ring_bytes_sent for t in traffic.ranks)
                     rec["locality"] = {
