@@ -889,9 +889,10 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
 
     For each case (encoder: queries on the latent grid ``[B, Nq, E]``, keys and values on the data
     grid ``[B, Nk, C]``; decoder: queries on the data grid, keys and values on the latent grid
-    ``[B, Nk, E]``) and each window: the single-device :class:`~hpattn_dist.cross.SpatialCrossAttention`
-    (with a window: Note [windowed baseline]) on the full fields, run by rank 0 with
-    ``P * threads_per_rank`` threads while the other ranks wait, then :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` with the same weights
+    ``[B, Nk, E]``) and each window: the single-device
+    :class:`~hpattn_dist.cross.SpatialCrossAttention` (with a window: Note [windowed baseline])
+    on the full fields, run by rank 0 with ``P * threads_per_rank`` threads while the other ranks
+    wait, then :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` with the same weights
     for each strategy on the shards :func:`hpattn_dist.healpix.scatter` takes. Times as in
     ``scaling``; peak memory per rank (Note [peak memory]) next to the ``Nq x Nk`` score matrix;
     bytes sent per rank in the forward and in the backward (counted) against
