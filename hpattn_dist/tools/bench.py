@@ -51,6 +51,30 @@ Modes (``BenchConfig.mode``):
     ``efficiency = t_single / t_local`` (goal >= 0.9), ``vs ring = t_ring / t_local``; peak
     memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank.
 
+``cross``
+    Cross-grid attention (issue 18): an encoder (queries on the latent grid ``latent_nside``,
+    keys and values on the data grid ``data_nside`` with ``kv_dim`` features) and a decoder
+    (queries on the data grid, keys and values on the latent grid), each
+    :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` on P ranks (both fields sharded
+    by :func:`hpattn_dist.healpix.scatter`; strategies default ``ring, ulysses``) against the
+    single-device :class:`~hpattn_dist.cross.SpatialCrossAttention` with the same weights in ONE
+    process (rank 0) with ``P * threads_per_rank`` threads. Times as in ``scaling``
+    (``efficiency = t_oracle / t``), peak memory per rank next to the oracle's and to the size of
+    one ``Nq x Nk`` score matrix, bytes sent per rank in the forward and the backward (counted)
+    against :func:`expected_cross_bytes`. Each entry of ``windows`` other than ``"none"``
+    (``"cell:4"``, ``"neighbourhood:4"``) runs the layers with ``window_nside`` and ``mode`` (the
+    locality option: the halo exchange, ring / auto only), compares its bytes with
+    :func:`hpattn_dist.local.window_traffic` and adds the fractions of the ring's bytes, of the
+    cell blocks and of the (query, key) pairs it skips; its 1-process baseline is the windowed
+    layer itself on rank 0 alone (Note [windowed baseline]).
+
+Note [windowed baseline]
+    The windowed oracle ``SpatialCrossAttention(..., window_nside=W)`` is a reference: it scores
+    all ``Nq x Nk`` pairs and masks them (several ``Nq x Nk`` tensors, GBs at nside 64 -> 16), so
+    timing P ranks against it would measure the window, not the distribution. A windowed row is
+    timed against the same windowed layer (the halo path) on a group of one, which computes only
+    the allowed cell blocks, as ``local`` mode does; the weights and inputs are the same.
+
 Note [peak memory]
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
     allocated before the measured call. CPU: the Linux resident-set high-water mark: we reset it
@@ -90,6 +114,7 @@ from torch import Tensor
 from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
+from hpattn_dist.local.traffic import WindowTraffic, window_traffic
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS
 from hpattn_dist.precision import DTYPES, acc_dtype
@@ -101,10 +126,13 @@ from hpattn_dist.tools.bench_report import check_plot_target, format_tables, plo
 from hpattn_dist.tools.config import load_section
 from hpattn_dist.tools.verify import make_distributed_layer, strategy_variants
 
-MODES = ("scaling", "emulation", "memory", "masks", "local")
+MODES = ("scaling", "emulation", "memory", "masks", "local", "cross")
 LOCAL_WINDOW_DIV = 8
 """Local mode: ``window_nside = max(1, nside // LOCAL_WINDOW_DIV)`` (issue 17's closing note)."""
 MASK_SCENARIOS = ("one_rank", "global")
+CROSS_CASES = ("encoder", "decoder")
+CROSS_STRATEGIES = ("ring", "ulysses")
+"""Cross mode: the strategies timed when ``strategies`` is empty."""
 SCHEMA = "hpattn_dist.bench/1"
 
 
@@ -114,8 +142,8 @@ class BenchConfig:
     (table ``[bench]``).
 
     Attributes:
-        mode: ``"scaling" | "emulation" | "memory" | "masks" | "local"`` (see the module
-            docstring).
+        mode: ``"scaling" | "emulation" | "memory" | "masks" | "local" | "cross"`` (see the
+            module docstring).
         nsides: HEALPix resolutions to measure (``N = 12 * nside**2``).
         batch: batch size ``B``.
         embed_dim: ``E`` (divisible by ``num_heads``).
@@ -131,6 +159,11 @@ class BenchConfig:
         deepspeed: time DeepSpeed-Ulysses when deepspeed is importable.
         seed: seed of weights and inputs.
         land_fractions: masks mode: fractions of masked ("land") pixels, each in ``[0, 1]``.
+        data_nside, latent_nside: cross mode: the data grid and the (coarser or equal) latent grid.
+        kv_dim: cross mode: the data grid's feature dimension ``C`` (the encoder's ``kv_dim``).
+        cross_cases: cross mode: ``"encoder"`` (data -> latent) and/or ``"decoder"`` (latent -> data).
+        windows: cross mode: ``"none"`` (attention to every source pixel) and/or locality windows
+            ``"MODE:WINDOW_NSIDE"`` (:func:`hpattn_dist.local.windows.parse_window`).
     """
 
     mode: str = "scaling"
@@ -148,11 +181,17 @@ class BenchConfig:
     deepspeed: bool = True
     seed: int = 0
     land_fractions: tuple[float, ...] = (0.0, 0.3, 0.7, 1.0)
+    data_nside: int = 64
+    latent_nside: int = 16
+    kv_dim: int = 8
+    cross_cases: tuple[str, ...] = CROSS_CASES
+    windows: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
         self.nsides, self.strategies, self.blocks = tuple(self.nsides), tuple(self.strategies), \
             tuple(self.blocks)
         self.land_fractions = tuple(self.land_fractions)
+        self.cross_cases, self.windows = tuple(self.cross_cases), tuple(self.windows)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.nsides:
@@ -181,6 +220,22 @@ class BenchConfig:
                 isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0
                 for f in self.land_fractions):
             raise ValueError(f"land_fractions must be numbers in [0, 1], got {self.land_fractions!r}")
+        for name in ("data_nside", "latent_nside"):
+            check_nside(getattr(self, name), nest=True)
+        if self.latent_nside > self.data_nside:
+            raise ValueError(f"latent_nside ({self.latent_nside}) must not exceed data_nside "
+                             f"({self.data_nside})")
+        if isinstance(self.kv_dim, bool) or not isinstance(self.kv_dim, int) or self.kv_dim < 1:
+            raise ValueError(f"kv_dim must be a positive integer, got {self.kv_dim!r}")
+        if not self.cross_cases or any(c not in CROSS_CASES for c in self.cross_cases):
+            raise ValueError(f"cross_cases must be a non-empty list of {CROSS_CASES}, got {self.cross_cases!r}")
+        if not self.windows:
+            raise ValueError('windows must not be empty (["none"]: no locality window)')
+        for spec in self.windows:
+            try:
+                cross_window(spec, self.latent_nside)
+            except ValueError as err:
+                raise ValueError(f"windows: {err}, or 'none' (every source pixel)") from None
 
     def strategy_names(self) -> tuple[str, ...]:
         return self.strategies or tuple(STRATEGIES)
@@ -382,16 +437,20 @@ def _deepspeed_refusal(cfg: BenchConfig, npix: int, world: int) -> Optional[str]
 # --------------------------------------------------------------------------------------------
 
 
-def _layer_times(layer: nn.Module, x: Tensor, g: Tensor, cfg: BenchConfig, device: torch.device,
-                 collective: bool = True) -> dict[str, Any]:
+def _layer_times(layer: nn.Module, x: Tensor | tuple[Tensor, ...], g: Tensor, cfg: BenchConfig,
+                 device: torch.device, collective: bool = True) -> dict[str, Any]:
+    """Forward and forward+backward times of ``layer(*x)`` (``x``: one input or a tuple; every
+    input gets a gradient), then peak memory and bytes sent of one more forward+backward."""
+    inputs = x if isinstance(x, tuple) else (x,)
+
     def fwd() -> None:
         with torch.no_grad():
-            layer(x)
+            layer(*inputs)
 
     def fwd_bwd() -> None:
-        xg = x.detach().requires_grad_(True)
+        xg = [t.detach().requires_grad_(True) for t in inputs]
         layer.zero_grad(set_to_none=True)
-        layer(xg).backward(g)
+        layer(*xg).backward(g)
 
     t_f = time_call(fwd, cfg.warmup, cfg.repeats, device, collective)
     t_fb = time_call(fwd_bwd, cfg.warmup, cfg.repeats, device, collective)
@@ -737,6 +796,225 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
 
 
 # --------------------------------------------------------------------------------------------
+# cross mode (issue 18)
+# --------------------------------------------------------------------------------------------
+
+
+def cross_window(spec: str, nside: Optional[int] = None) -> Optional[tuple[str, int]]:
+    """A ``windows`` entry: ``"none"`` -> None (every source pixel), ``"cell:4"`` ->
+    ``("cell", 4)`` (:func:`~hpattn_dist.local.windows.parse_window`; with ``nside``, the window
+    must divide it).
+
+    Raises:
+        ValueError: neither ``"none"`` nor ``MODE:WINDOW_NSIDE``.
+    """
+    if spec == "none":
+        return None
+    from hpattn_dist.local.windows import parse_window
+
+    return parse_window(spec, nside)
+
+
+def expected_cross_bytes(
+    strategy: str, q_sizes: Sequence[int], k_sizes: Sequence[int], rank: int, batch: int, heads: int,
+    head_dim: int, dtype: torch.dtype,
+) -> Optional[dict[str, int]]:
+    """Closed-form bytes rank ``rank`` sends in one forward+backward of cross-attention over every
+    source pixel (no mask, no window), shape handshakes excluded; None for hybrid. ``"auto"`` is
+    resolved as the library resolves it.
+
+    With ``s`` the bytes of one element of q/k/v, ``a`` of the accumulators, ``Nq_r`` / ``Nk_r``
+    the query / key shard sizes and ``P`` their number:
+
+    * ring (queries stay, K/V blocks rotate; README, Cross-grid attention): forward
+      ``2 s B H D sum_{j < P-1} Nk_{(r - j) mod P}`` (the K and V block passed on at each of the
+      ``P - 1`` steps: its own first, then those received); backward the same K/V again plus
+      ``2 a B H D Nk`` (the dK/dV accumulators travel the whole ring);
+    * ulysses (``h = H / P`` heads per rank): forward ``s B D ((H - h)(Nq_r + 2 Nk_r) + h (Nq -
+      Nq_r))`` (q and K/V to head-parallel layout, the output back); backward ``s B D ((H - h)
+      Nq_r + h (Nq - Nq_r) + 2 h (Nk - Nk_r))``.
+    """
+    p = len(q_sizes)
+    if strategy == "auto":
+        choice = choose_strategy(heads, p, dtype=dtype)
+        strategy = choice.strategy
+    if strategy not in ("ring", "ulysses"):
+        return None
+    s = torch.empty((), dtype=dtype).element_size()
+    a = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    n_q, n_k = sum(q_sizes), sum(k_sizes)
+    if strategy == "ring":
+        passed = sum(k_sizes[(rank - j) % p] for j in range(p - 1))
+        fwd = 2 * s * batch * heads * head_dim * passed
+        bwd = fwd + (2 * a * batch * heads * head_dim * n_k if p > 1 else 0)
+    else:
+        h, nq_r, nk_r = heads // p, q_sizes[rank], k_sizes[rank]
+        fwd = s * batch * head_dim * ((heads - h) * (nq_r + 2 * nk_r) + h * (n_q - nq_r))
+        bwd = s * batch * head_dim * ((heads - h) * nq_r + h * (n_q - nq_r) + 2 * h * (n_k - nk_r))
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def windowed_cross_bytes(traffic: WindowTraffic, batch: int, heads: int, head_dim: int,
+                         dtype: torch.dtype) -> list[dict[str, int]]:
+    """Bytes each rank sends in one forward+backward of windowed cross-attention without masks:
+    the halo K/V rows of :func:`hpattn_dist.local.window_traffic` forward, and back the gradient
+    of every row it received (dK and dV, in the accumulation dtype)."""
+    acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    out = []
+    for t in traffic.ranks:
+        bwd = 2 * batch * heads * head_dim * acc * t.rows_received
+        out.append({"forward": t.bytes_sent, "backward": bwd, "total": t.bytes_sent + bwd})
+    return out
+
+
+def _locality_kwargs(window: Optional[tuple[str, int]]) -> dict[str, Any]:
+    """The layers' locality keywords (none without a window)."""
+    return {} if window is None else {"window_nside": window[1], "mode": window[0]}
+
+
+def _fwd_bwd_bytes(layer: nn.Module, inputs: tuple[Tensor, ...], g: Tensor) -> dict[str, int]:
+    """Payload bytes this rank sends in the forward and in the backward of one call (collective)."""
+    xg = [t.detach().requires_grad_(True) for t in inputs]
+    layer.zero_grad(set_to_none=True)
+    with count_communication() as fwd:
+        y = layer(*xg)
+    with count_communication() as bwd:
+        y.backward(g)
+    return {"forward": payload_bytes(fwd.bytes_sent), "backward": payload_bytes(bwd.bytes_sent)}
+
+
+def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
+              progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """The cross mode on every rank (collective); returns the records (same on every rank).
+
+    For each case (encoder: queries on the latent grid ``[B, Nq, E]``, keys and values on the data
+    grid ``[B, Nk, C]``; decoder: queries on the data grid, keys and values on the latent grid
+    ``[B, Nk, E]``) and each window: the single-device
+    :class:`~hpattn_dist.cross.SpatialCrossAttention` (with a window: Note [windowed baseline])
+    on the full fields, run by rank 0 with ``P * threads_per_rank`` threads while the other ranks
+    wait, then :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` with the same weights
+    for each strategy on the shards :func:`hpattn_dist.healpix.scatter` takes. Times as in
+    ``scaling``; peak memory per rank (Note [peak memory]) next to the ``Nq x Nk`` score matrix;
+    bytes sent per rank in the forward and in the backward (counted) against
+    :func:`expected_cross_bytes`, or with a window against :func:`windowed_cross_bytes`, and what
+    the window skips.
+    """
+    from hpattn_dist import healpix
+    from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
+
+    info = resolve_group(None)
+    world, rank = info.world_size, info.rank
+    dtype = DTYPES[cfg.dtype]
+    head_dim = cfg.embed_dim // cfg.num_heads
+    acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    say = progress or (lambda _msg: None)
+    windows = [(spec, cross_window(spec, cfg.latent_nside)) for spec in cfg.windows]
+    solo = None  # rank 0 alone: the windowed layer's 1-process baseline
+    if world > 1 and any(w is not None for _, w in windows):
+        solo = dist.new_group([0])  # collective: every rank takes part
+    probe = torch.empty(1, cfg.num_heads, 1, head_dim, dtype=dtype, device=device)
+    kernel = select_kernel(cfg.backend, probe).name
+    runs = []  # (strategy, label, ulysses degree, why it cannot run)
+    for strategy in cfg.strategies or CROSS_STRATEGIES:
+        variants = strategy_variants(strategy, world, cfg.num_heads, proper_only=True)
+        runs += [(strategy, label, u, None) for label, u in variants] or [
+            (strategy, strategy, None, f"no Ulysses degree 1 < U < P={world} divides H={cfg.num_heads}")]
+    records: list[dict[str, Any]] = []
+    for case in cfg.cross_cases:
+        encoder = case == "encoder"
+        nside_q, nside_k = (cfg.latent_nside, cfg.data_nside) if encoder else (cfg.data_nside, cfg.latent_nside)
+        kv_dim = cfg.kv_dim if encoder else cfg.embed_dim
+        npix_q, npix_k = nside2npix(nside_q), nside2npix(nside_k)
+        q_sizes, k_sizes = shard_sizes(npix_q, world), shard_sizes(npix_k, world)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x_q = torch.randn(cfg.batch, npix_q, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        x_kv = torch.randn(cfg.batch, npix_k, kv_dim, generator=gen).to(device=device, dtype=dtype)
+        g = torch.randn(cfg.batch, npix_q, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
+        local = tuple(healpix.scatter(t) for t in (x_q, x_kv, g))  # [B, Nq_r, E], [B, Nk_r, C], [B, Nq_r, E]
+        bh = cfg.batch * cfg.num_heads
+        for spec, window in windows:
+            base = {"case": case, "window": spec, "window_mode": window and window[0],
+                    "window_nside": window and window[1], "nside_q": nside_q, "nside_k": nside_k,
+                    "npix_q": npix_q, "npix_k": npix_k, "q_sizes": q_sizes, "k_sizes": k_sizes,
+                    "dtype": cfg.dtype, "batch": cfg.batch, "embed_dim": cfg.embed_dim,
+                    "num_heads": cfg.num_heads, "head_dim": head_dim, "kv_dim": kv_dim,
+                    "backend": cfg.backend,
+                    "full_score_matrix_bytes": bh * npix_q * npix_k * acc,
+                    "local_score_rows_bytes": bh * max(q_sizes) * npix_k * acc}
+            traffic = None if window is None else window_traffic(
+                q_sizes, k_sizes, window[1], window[0], batch=cfg.batch, heads=cfg.num_heads,
+                head_dim=head_dim, itemsize=torch.empty((), dtype=dtype).element_size())
+            torch.manual_seed(cfg.seed)  # the same weights on every rank (they are checked)
+            oracle = SpatialCrossAttention(cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend)
+            oracle = oracle.to(device=device, dtype=dtype)
+            name = "1-process layer" if window is None else "windowed layer, 1 process"
+            say(f"{case} {nside_k} -> {nside_q}, window {spec}: {name}, {world * threads_per_rank} threads")
+            single_rec = {**base, "impl": "oracle" if window is None else "windowed_single",
+                          "strategy": None if window is None else "ring", "kernel": cfg.backend,
+                          "world_size": 1, "threads_per_rank": world * threads_per_rank}
+            if rank == 0:
+                single = oracle
+                if window is not None:  # Note [windowed baseline]
+                    single = DistributedSpatialCrossAttention(
+                        cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend,
+                        strategy="ring", process_group=solo, **_locality_kwargs(window))
+                    single.load_state_dict(oracle.state_dict())
+                    single = single.to(device=device, dtype=dtype)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(world * threads_per_rank)
+                try:
+                    res = _layer_times(single, (x_q, x_kv), g, cfg, device, collective=False)
+                finally:
+                    torch.set_num_threads(threads)
+                single_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
+                                  bytes_per_rank=[payload_bytes(res.pop("comm")["bytes_sent"])])
+            single_rec = _gather_objects(single_rec)[0]
+            records.append(single_rec)
+            for strategy, label, degree, refusal in runs:
+                rec = {**base, "impl": "hpattn_dist", "strategy": label, "kernel": kernel,
+                       "world_size": world, "threads_per_rank": threads_per_rank}
+                if refusal is not None:
+                    records.append({**rec, "skipped": refusal})
+                    continue
+                say(f"{case} {nside_k} -> {nside_q}, window {spec}: {label}, {world} ranks x "
+                    f"{threads_per_rank} threads")
+                try:
+                    layer = DistributedSpatialCrossAttention(
+                        cfg.embed_dim, cfg.num_heads, kv_dim=kv_dim, attn_backend=cfg.backend,
+                        strategy=strategy, ulysses_degree=degree, **_locality_kwargs(window))
+                    layer.load_state_dict(oracle.state_dict())
+                    layer = layer.to(device=device, dtype=dtype)
+                    with torch.no_grad():
+                        layer(*local[:2])  # configuration errors (ValueError on every rank) surface here
+                except ValueError as err:
+                    rec["skipped"] = str(err)
+                    say(f"  skipped: {err}")
+                    records.append(rec)
+                    continue
+                rec.update(_per_rank(_layer_times(layer, local[:2], local[2], cfg, device)))
+                split = _gather_objects(_fwd_bwd_bytes(layer, local[:2], local[2]))
+                rec["fwd_bytes_per_rank"] = [b["forward"] for b in split]
+                rec["bwd_bytes_per_rank"] = [b["backward"] for b in split]
+                rec["expected_bytes_per_rank"] = [
+                    expected_cross_bytes(strategy, q_sizes, k_sizes, r, cfg.batch, cfg.num_heads, head_dim, dtype)
+                    for r in range(world)] if traffic is None else windowed_cross_bytes(
+                        traffic, cfg.batch, cfg.num_heads, head_dim, dtype)
+                rec["efficiency_fwd"] = single_rec["fwd_s"] / rec["fwd_s"]
+                rec["efficiency_fwd_bwd"] = single_rec["fwd_bwd_s"] / rec["fwd_bwd_s"]
+                rec["peak_mem_vs_single"] = _ratio(max(rec["peak_mem_bytes_per_rank"]),
+                                                   single_rec["peak_mem_bytes_per_rank"][0])
+                if traffic is not None:
+                    ring_fwd = sum(t.ring_bytes_sent for t in traffic.ranks)
+                    rec["locality"] = {
+                        # of the dense ring's forward K/V bytes, counted here
+                        "fwd_bytes_skipped": _ratio(ring_fwd - sum(rec["fwd_bytes_per_rank"]), ring_fwd),
+                        "pairs_skipped": traffic.pairs_skipped, "blocks_skipped": traffic.blocks_skipped,
+                        "window_traffic": traffic.as_dict()}
+                records.append(rec)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
 # masks mode (issue 9, item 3)
 # --------------------------------------------------------------------------------------------
 
@@ -885,6 +1163,8 @@ def cli_bench(cfg: BenchConfig, args: Any, device: torch.device) -> int:
         records = run_masks(cfg, device, progress)
     elif cfg.mode == "local":
         records = run_local(cfg, device, threads, progress)
+    elif cfg.mode == "cross":
+        records = run_cross(cfg, device, threads, progress)
     else:
         records = run_memory(cfg, device, progress)
     if rank == 0:

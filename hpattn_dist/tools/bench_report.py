@@ -146,6 +146,8 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
                      "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
                      "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
                      "largest rank's; ! = median > 2x minimum (busy machine)")
+    elif mode == "cross":
+        lines += _cross_tables(records)
     else:
         cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
                 f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
@@ -159,6 +161,72 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
         lines.append("peak = growth of the resident set during ring fwd+bwd (manual kernel); "
                      "scores in the accumulation dtype")
     return "\n".join(lines)
+
+
+def _cross_tables(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The cross mode's two tables: time and memory, then bytes (and, with a window, savings)."""
+    def grids(r: dict[str, Any]) -> str:
+        return f"{r['case'][:3]} {r['nside_k']}->{r['nside_q']}"
+
+    def name(r: dict[str, Any]) -> str:
+        return "1 process, window" if r.get("impl") == "windowed_single" else implementation_name(r)
+
+    def opt(r: dict[str, Any], key: str, width: int, fmt: str = ".2f") -> str:
+        return format(r[key], f"{width}{fmt}") if r.get(key) is not None else "-".rjust(width)
+
+    cols = (f"{'case':<10} {'window':<16} {'P':>2} {'thr':>3} {'implementation':<17} {'fwd ms':>7} "
+            f"{'f+b ms':>7} {'(min)':>6} {'eff f':>5} {'eff fb':>6} {'MiB peak':>8} {'/1 proc':>7} "
+            f"{'QxK MiB':>8}")
+    lines = [cols, "-" * len(cols)]
+    for r in records:
+        lead = (f"{grids(r):<10} {r['window']:<16} {r.get('world_size', 0):>2} "
+                f"{r.get('threads_per_rank', 0):>3} {name(r):<17} ")
+        if "skipped" in r:
+            lines.append(lead + f"skipped: {r['skipped']}")
+            continue
+        lines.append(
+            lead + f"{_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} {_ms(r['fwd_bwd_min_s'], 6)} "
+            f"{opt(r, 'efficiency_fwd', 5)} {opt(r, 'efficiency_fwd_bwd', 6)} "
+            f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {opt(r, 'peak_mem_vs_single', 7)} "
+            f"{_mib(r['full_score_matrix_bytes']):>8}{' !' if is_noisy(r) else ''}")
+    lines.append("case: source nside -> target nside (enc = data -> latent, dec = latent -> data); "
+                 "thr = threads per rank;\ntimes: median (and minimum) over the repeats, each repeat "
+                 "the slowest rank's; eff = t(1 process, same total\nthreads) / t: the 1-process layer "
+                 "(SpatialCrossAttention), or with a window the windowed layer on one\nprocess "
+                 "(Note [windowed baseline] in bench.py); MiB peak: the largest rank's growth of memory "
+                 "during\nforward+backward; /1 proc = that / the 1-process row's; QxK MiB: one Nq x Nk "
+                 "score matrix\n(accumulation dtype), never built; ! = median > 2x minimum (busy machine)")
+
+    cols = (f"{'case':<10} {'window':<16} {'implementation':<17} {'fwd MiB/rank':>13} "
+            f"{'bwd MiB/rank':>13} {'= closed form':>13} {'bytes skip':>10} {'blocks skip':>11} "
+            f"{'pairs skip':>10}")
+    lines += ["", cols, "-" * len(cols)]
+    for r in records:
+        if r.get("impl") != "hpattn_dist" or "skipped" in r:
+            continue
+        expected = r.get("expected_bytes_per_rank")
+        if any(e is None for e in expected):
+            match = "-"
+        else:
+            match = "yes" if [e["forward"] for e in expected] == r["fwd_bytes_per_rank"] and \
+                [e["backward"] for e in expected] == r["bwd_bytes_per_rank"] else "NO"
+        loc = r.get("locality") or {}
+
+        def pct(key: str) -> str:
+            return "-" if loc.get(key) is None else f"{loc[key]:.1%}"
+
+        lines.append(
+            f"{grids(r):<10} {r['window']:<16} {name(r):<17} "
+            f"{'/'.join(_mib(b) for b in r['fwd_bytes_per_rank']):>13} "
+            f"{'/'.join(_mib(b) for b in r['bwd_bytes_per_rank']):>13} {match:>13} "
+            f"{pct('fwd_bytes_skipped'):>10} {pct('blocks_skipped'):>11} {pct('pairs_skipped'):>10}")
+    lines.append("bytes sent per rank (rank 0/rank 1/...), shape handshakes excluded; = closed form: "
+                 "forward and backward\nequal, on every rank, expected_cross_bytes (no window) or "
+                 "windowed_cross_bytes (the halo of\nhpattn_dist.local.window_traffic) in "
+                 "hpattn_dist/tools/bench.py; with a window, skipped: bytes =\nthe dense ring's forward "
+                 "bytes not sent (counted), blocks = cell blocks and pairs = (query, key)\npairs not "
+                 "computed (window_traffic)")
+    return lines
 
 
 def check_plot_target(path: Path, mode: str) -> None:

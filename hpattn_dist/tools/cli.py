@@ -70,7 +70,8 @@ DEFAULTS: dict[str, dict[str, object]] = {
                "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0},
     "bench": {"batch": 1, "embed_dim": 128, "num_heads": 4, "seed": 0, "mode": "scaling",
               "nsides": "16,32", "backend": "auto", "dtype": "float32", "warmup": 1, "repeats": 5,
-              "blocks": "2,4", "land_fractions": "0,0.3,0.7,1"},
+              "blocks": "2,4", "land_fractions": "0,0.3,0.7,1", "data_nside": 64, "latent_nside": 16,
+              "kv_dim": 8, "cross_cases": "encoder,decoder", "windows": "none"},
 }
 
 
@@ -83,7 +84,8 @@ def _model_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--heads", dest="num_heads", type=int, default=None,
                    help=f"attention heads H; ulysses needs H divisible by P (default: {d['num_heads']})")
     p.add_argument("--strategies", type=_csv(str), default=None,
-                   help=f"comma list of {','.join(STRATEGY_NAMES)} (default: all); hybrid runs "
+                   help=f"comma list of {','.join(STRATEGY_NAMES)} (default: all"
+                        f"{'; --mode cross: ring,ulysses' if command == 'bench' else ''}); hybrid runs "
                         "once per Ulysses degree U that divides P and H, auto shows what it chose")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed of the weights and the random inputs (default: {d['seed']})")
@@ -152,13 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
     _model_options(b, "bench")
-    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks", "local"), default=None,
+    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks", "local", "cross"),
+                   default=None,
                    help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
                         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
                         "memory per rank of the manual kernel; masks: what the ring saves when "
                         "keys are masked (land) on one rank or all; local: neighbourhood "
                         "attention (window_nside = nside/8) vs global ring and vs itself in one "
-                        "process "
+                        "process; cross: cross-grid encoder and decoder layers vs the 1-process "
+                        "layer (time, memory, bytes vs closed form) "
                         f"(default: {db['mode']})")
     b.add_argument("--nsides", type=_positive_ints, default=None,
                    help=f"comma list of HEALPix resolutions (default: {db['nsides']})")
@@ -175,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"emulation mode: numbers of blocks P (default: {db['blocks']})")
     b.add_argument("--land-fractions", type=_csv(float), default=None,
                    help=f"masks mode: fractions of masked (land) pixels (default: {db['land_fractions']})")
+    b.add_argument("--data-nside", type=int, default=None,
+                   help=f"cross mode: nside of the data grid (default: {db['data_nside']})")
+    b.add_argument("--latent-nside", type=int, default=None,
+                   help=f"cross mode: nside of the latent grid, <= --data-nside (default: {db['latent_nside']})")
+    b.add_argument("--kv-dim", type=int, default=None,
+                   help=f"cross mode: feature dim C of the data grid, the encoder's kv_dim "
+                        f"(default: {db['kv_dim']})")
+    b.add_argument("--cross-cases", type=_csv(str), default=None,
+                   help=f"cross mode: comma list of encoder (data -> latent), decoder (latent -> "
+                        f"data) (default: {db['cross_cases']})")
+    b.add_argument("--windows", type=_csv(str), default=None,
+                   help="cross mode: comma list of none (every source pixel) or locality windows "
+                        f"MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (ring and auto only) "
+                        f"(default: {db['windows']})")
     b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
                    help="skip the DeepSpeed-Ulysses peer (default: run it when deepspeed imports)")
     b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
@@ -242,7 +260,8 @@ def load_config(args: argparse.Namespace):
         num_heads=args.num_heads, strategies=args.strategies, backend=args.backend,
         dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, blocks=args.blocks,
         oracle=args.oracle, deepspeed=args.deepspeed, seed=args.seed,
-        land_fractions=args.land_fractions,
+        land_fractions=args.land_fractions, data_nside=args.data_nside, latent_nside=args.latent_nside,
+        kv_dim=args.kv_dim, cross_cases=args.cross_cases, windows=args.windows,
     )
 
 
