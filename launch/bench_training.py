@@ -5,7 +5,10 @@ Per strategy (ring, ulysses, hybrid with U = 2, auto) and rank, for a block Laye
 DistributedSpatialSelfAttention + MLP (float64, B=2, N=768, E=32, H=4 by default):
 
 - bytes sent in the backward: plain, ``checkpoint``, ``checkpoint`` + ``checkpoint_context_fn``;
-- memory held from forward to backward and the peak (``torch.distributed._tools.mem_tracker``);
+- memory held from forward to backward and the peak (``torch.distributed._tools.mem_tracker``, a
+  dispatch mode that does not see allocations inside the attention op), and the process's peak
+  over forward + backward (``PeakMemory`` of ``hpattn-dist bench``: VmHWM on Linux, which sees
+  everything, the allocator's slack included);
 - forward + backward time eager vs ``torch.compile(fullgraph=True)``: eager and compiled steps
   alternate in one run, and the ratio is the median of the pairs' ratios (robust to a loaded
   machine; the eager median in ms gives the scale);
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hpattn_dist import (  # noqa: E402
     DistributedSpatialSelfAttention, checkpoint_context_fn, choose_strategy, count_communication,
 )
+from hpattn_dist.tools.bench import PeakMemory  # noqa: E402
 
 B, E, H = 2, 32, 4
 
@@ -120,9 +124,12 @@ def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
         lines = []
         for mode in ("plain", "checkpoint", "policy"):
             fwd, bwd = _step(block, x, mode)
+            with PeakMemory(torch.device("cpu")) as rss:  # a second step: the first one warmed up
+                _step(block, x, mode)
             held, peak = _memory(block, x, mode)
             lines.append(f"{mode:10s} sent fwd {fwd:>9,d} B  bwd {bwd:>9,d} B   held for backward "
-                         f"{held / 2**20:6.2f} MiB  peak {peak / 2**20:6.2f} MiB")
+                         f"{held / 2**20:6.2f} MiB  peak {peak / 2**20:6.2f} MiB (outside the op)  "
+                         f"process peak {rss.bytes / 2**20:6.2f} MiB ({rss.method})")
         torch._dynamo.reset()
         breaks = torch._dynamo.explain(block)(x).graph_break_count
         breaks_policy = torch._dynamo.explain(lambda x: _forward(block, x, "policy"))(x).graph_break_count
