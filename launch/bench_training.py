@@ -8,7 +8,7 @@ DistributedSpatialSelfAttention + MLP (float64, B=2, N=768, E=32, H=4 by default
 - memory held from forward to backward and the peak (``torch.distributed._tools.mem_tracker``, a
   dispatch mode that does not see allocations inside the attention op), and the process's peak
   over forward + backward (``PeakMemory`` of ``hpattn-dist bench``: VmHWM on Linux, which sees
-  everything, the allocator's slack included);
+  everything; freed tensors return to the OS, ``MALLOC_MMAP_THRESHOLD_``);
 - forward + backward time eager vs ``torch.compile(fullgraph=True)``: eager and compiled steps
   alternate in one run, and the ratio is the median of the pairs' ratios (robust to a loaded
   machine; the eager median in ms gives the scale);
@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--npix", type=int, default=768)
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args()
+    # Freed tensors go back to the OS, so the process peak (VmHWM) tracks live tensors (as
+    # `hpattn-dist bench`'s launcher does, Note [peak memory] in hpattn_dist/tools/bench.py).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_rank, args=(args.world, d, args.npix), nprocs=args.world)
 
