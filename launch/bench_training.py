@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hpattn_dist import DistributedSpatialSelfAttention, checkpoint_context_fn, count_communication  # noqa: E402
+from hpattn_dist.shutdown import shutdown_process_group  # noqa: E402
 
 B, E, H = 2, 32, 4
 
@@ -125,8 +126,7 @@ def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
             dist.barrier()
             if r == rank:
                 print(f"[{strategy} rank {rank}, N={npix}]\n  " + "\n  ".join(lines), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_process_group()  # Note [clean exit] in hpattn_dist/shutdown.py
 
 
 def main() -> None:
