@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Union
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["HybridGroups", "build_hybrid_groups", "hybrid_groups_for", "hybrid_parent"]
+__all__ = ["HybridGroups", "build_hybrid_groups", "forget_groups", "hybrid_groups_for", "hybrid_parent"]
 
 
 class HybridGroups(NamedTuple):
@@ -214,3 +214,12 @@ def hybrid_groups_for(group: Optional[dist.ProcessGroup], ulysses_degree: int) -
     if key not in _CACHE:
         _CACHE[key] = build_hybrid_groups(group, ulysses_degree)
     return _CACHE[key]
+
+
+def forget_groups() -> None:
+    """Drop every group this module remembers (:func:`hybrid_groups_for`, the parents of
+    :func:`build_hybrid_groups`), after ``destroy_process_group``: the groups' threads end when
+    nothing holds them (Note [clean exit] in ``hpattn_dist/shutdown.py``), and a process group
+    initialised again gets new groups, not destroyed ones."""
+    _CACHE.clear()
+    _PARENTS.clear()

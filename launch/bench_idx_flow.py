@@ -172,10 +172,11 @@ def _child_rank(args: argparse.Namespace) -> dict[str, Any]:
     from hpattn_dist.grad_sync import sync_gradients
     from hpattn_dist.healpix import shard_bounds
     from hpattn_dist.integrations.idx_flow import convert_model
+    from hpattn_dist.shutdown import ending_process_group
 
     torch.set_num_threads(args.threads_per_rank)
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
-    try:
+    with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
         model, x, w = _model_and_data(args)
         convert_model(model, strategy=args.strategy)
         a, b = shard_bounds(x.shape[1], args.world)[args.rank]
@@ -183,10 +184,7 @@ def _child_rank(args: argparse.Namespace) -> dict[str, Any]:
         out = _measure(model, x[:, a:b].contiguous(), w[:, c:d].contiguous(), args.repeats,
                        args.warmup, sync=lambda: sync_gradients(model))
         out.update(threads=torch.get_num_threads(), rank=args.rank, n_in_local=b - a, n_out_local=d - c)
-        dist.barrier()
-        return out
-    finally:
-        dist.destroy_process_group()
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hpattn_dist import (  # noqa: E402
     DistributedSpatialSelfAttention, checkpoint_context_fn, choose_strategy, count_communication,
 )
+from hpattn_dist.shutdown import shutdown_process_group  # noqa: E402
 from hpattn_dist.tools.bench import PeakMemory  # noqa: E402
 
 B, E, H = 2, 32, 4
@@ -145,8 +146,7 @@ def _rank(rank: int, world: int, store_dir: str, npix: int) -> None:
             dist.barrier()
             if r == rank:
                 print(f"[{strategy} rank {rank}, N={npix}]\n  " + "\n  ".join(lines), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_process_group()  # Note [clean exit] in hpattn_dist/shutdown.py
 
 
 def main() -> None:

@@ -321,6 +321,8 @@ def _pg_items(device: torch.device) -> list[tuple[str, Callable[[], Any]]]:
 def child_process_group(path: Path, smoke: bool) -> int:
     import torch.distributed as dist
 
+    from hpattn_dist.shutdown import ending_process_group
+
     device = torch.device("cpu") if smoke else torch.device("cuda", 0)
     backend = "gloo" if smoke else "nccl"
     if device.type == "cuda":
@@ -328,7 +330,7 @@ def child_process_group(path: Path, smoke: bool) -> int:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                             world_size=1)
     results: dict[str, Any] = {"backend": backend, "device": str(device)}
-    try:
+    with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
         for name, fn in _pg_items(device):
             try:
                 res = fn() or {}
@@ -336,8 +338,6 @@ def child_process_group(path: Path, smoke: bool) -> int:
             except Exception as err:  # noqa: BLE001
                 results[name] = {"passed": False, "error": f"{type(err).__name__}: {err}"}
             path.write_text(json.dumps(results, indent=1))
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

@@ -22,6 +22,7 @@ Rank 0 prints one line per step: a progress bar, the global loss and the step ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ from hpattn_dist import convert_spatial_attention
 from hpattn_dist.grad_sync import global_loss, sync_gradients
 from hpattn_dist.healpix import check_nside, nside2npix, scatter
 from hpattn_dist.precision import DTYPES
+from hpattn_dist.shutdown import ending_process_group
 from hpattn_dist.strategies import check_strategy_name
 
 if __package__ in (None, ""):  # run as a script (python / torchrun launch/train.py)
@@ -344,17 +346,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         parser.error(f"bad configuration: {err}")  # exits with status 2 on every rank
     runtime = init_runtime(train_cfg.device)
-    try:
+    # Note [clean exit] in hpattn_dist/shutdown.py; a group someone else opened is theirs to end.
+    with ending_process_group() if runtime.owns_process_group else contextlib.nullcontext():
         metrics = train(model_cfg, train_cfg, runtime)
         if args.metrics and runtime.rank == 0:
             Path(args.metrics).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        if runtime.owns_process_group:
-            # Every rank leaves together: a gloo rank that tears its group down while a peer is
-            # still finishing its last exchange can abort the peer (SIGABRT at exit).
-            dist.barrier()
-    finally:
-        if runtime.owns_process_group:
-            dist.destroy_process_group()
     return metrics
 
 

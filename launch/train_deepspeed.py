@@ -44,6 +44,7 @@ from hpattn_dist.integrations.deepspeed import (
     initialize,
     sequence_parallel_mpu,
 )
+from hpattn_dist.shutdown import ending_process_group
 
 if __package__ in (None, ""):  # run as a script (deepspeed / torchrun launch/train_deepspeed.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -175,13 +176,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
+    with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
         train(argv)
-        if dist.is_initialized():
-            dist.barrier()  # leave together (see launch/train.py)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

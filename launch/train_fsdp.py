@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hpattn_dist.grad_sync import ddp_sequence_parallel, fsdp_sequence_parallel, sharded_mean
+from hpattn_dist.shutdown import ending_process_group
 
 
 def make_mesh(dp: int, sp: int) -> DeviceMesh:
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--wrap", choices=("fsdp", "ddp"), default="fsdp")
     args = parser.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
         from hpattn_dist import DistributedSpatialSelfAttention
 
         mesh = make_mesh(args.dp, args.sp)
@@ -119,13 +120,6 @@ def main() -> None:
             opt.zero_grad()
             if dist.get_rank() == 0:
                 print(f"step {step}: local loss {loss.item():.6f}")
-    finally:
-        # Every rank reaches the barrier before any tears the group down: a gloo rank that exits
-        # while a peer's last reduce-scatter / P2P is in flight aborts ("terminate called without
-        # an active exception"), as tests/harness.py's barrier-then-destroy exit avoids.
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

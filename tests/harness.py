@@ -29,8 +29,8 @@ cores and tests start up to a handful of ranks), and with MKL pinned to one code
 The process group uses a ``FileStore`` in a temporary folder, so no TCP port is reserved, and
 its own timeout is longer than ``timeout`` so that the harness, which can dump stacks, always
 reports a hang first. After ``fn`` returns, each rank runs a barrier and destroys the process
-group before sending its result (gloo may crash at interpreter exit otherwise); a result
-therefore means the rank finished cleanly.
+group (:func:`hpattn_dist.shutdown.shutdown_process_group`, Note [clean exit]) before sending
+its result; a result therefore means the rank finished cleanly.
 
 Results travel as ``pickle`` bytes over one pipe per rank, read while the ranks run, so a large
 tensor cannot dead-lock a rank at exit. They are plain pickles, not shared memory: CPU tensors
@@ -161,8 +161,9 @@ def _rank_main(
                 f"the return value of {getattr(fn, '__qualname__', fn)!r} on rank {rank} "
                 f"({type(result).__name__}) is not picklable: {exc}"
             ) from exc
-        dist.barrier()
-        dist.destroy_process_group()
+        from hpattn_dist.shutdown import shutdown_process_group
+
+        shutdown_process_group()  # barrier, then no gloo thread left (Note [clean exit])
         phase.value = _PHASE_SEND
     except BaseException:  # noqa: BLE001 - report everything, SystemExit included
         conn.send_bytes(b"er" + traceback.format_exc().encode("utf-8", "replace"))

@@ -20,10 +20,10 @@ Note [p2p grouping]
     grouped, the form every backend documents. The messages, their order and the bytes are the
     same either way; only the number of work handles differs.
 
-    Gloo ranks that exit without a final barrier after point-to-point traffic and a collective
-    may abort ("terminate called without an active exception"), grouped or not (measured here
-    with plain ``isend`` / ``irecv`` too): end a script with ``dist.barrier()`` and
-    ``dist.destroy_process_group()``.
+    End a script with :func:`hpattn_dist.shutdown.shutdown_process_group` (a barrier, then every
+    group destroyed and its threads joined): a gloo group whose worker threads are still alive
+    when the interpreter finalizes can abort the rank at exit ("terminate called without an
+    active exception"; Note [clean exit] in ``hpattn_dist/shutdown.py``).
 
 Buffers with zero elements are neither sent nor received: both ends know every rank's shard
 length, so they skip the same messages.

@@ -365,6 +365,8 @@ def _run_rank(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from hpattn_dist.shutdown import ending_process_group
+
     if args.threads_per_rank is not None:
         torch.set_num_threads(args.threads_per_rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -377,21 +379,16 @@ def _run_rank(args: argparse.Namespace) -> int:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
     try:
-        cfg = load_config(args)
-        if args.command == "verify":
-            from hpattn_dist.tools.verify import cli_verify
+        with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
+            cfg = load_config(args)
+            if args.command == "verify":
+                from hpattn_dist.tools.verify import cli_verify
 
-            rc = cli_verify(cfg, args, device)
-        else:
+                return cli_verify(cfg, args, device)
             from hpattn_dist.tools.bench import cli_bench
 
-            rc = cli_bench(cfg, args, device)
-        dist.barrier()
+            return cli_bench(cfg, args, device)
     except ValueError as err:  # configuration errors are raised on every rank
         if rank == 0:
             print(f"hpattn-dist {args.command}: {err}", file=sys.stderr)
-        rc = 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return rc
+        return 2
