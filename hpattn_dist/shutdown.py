@@ -95,7 +95,9 @@ def _release_pinned_groups(world: object) -> None:
         # the process; a mesh outlives its destroyed groups anyway, so it lets go of them. The
         # scan of every object costs ~0.1-0.3 s, hence only when some group is still alive.
         for obj in gc.get_objects():
-            if isinstance(obj, mesh_module.DeviceMesh):
+            # type(), not isinstance: isinstance reads __class__, which raises ReferenceError on
+            # a weakref.proxy whose referent is gone (compiled graphs keep such proxies).
+            if issubclass(type(obj), mesh_module.DeviceMesh):
                 getattr(obj, "_pg_registry", {}).clear()
 
 

@@ -109,3 +109,25 @@ def test_shutdown_without_a_group_does_nothing():
     assert not dist.is_initialized()
     shutdown_process_group()
     shutdown_process_group(barrier=False)
+
+
+def test_the_mesh_scan_survives_dead_weak_proxies(monkeypatch):
+    """The scan for DeviceMeshes meets every object, weak proxies whose referent is gone included
+    (compiled graphs keep such proxies); ``isinstance`` on one raises ReferenceError."""
+    import weakref
+
+    import torch.distributed.device_mesh  # noqa: F401  (the scan runs only once it is imported)
+
+    from hpattn_dist import shutdown
+
+    class Referent:
+        pass
+
+    referent = Referent()
+    proxy = weakref.proxy(referent)
+    del referent
+    with pytest.raises(ReferenceError):
+        isinstance(proxy, torch.distributed.device_mesh.DeviceMesh)
+    monkeypatch.setattr(shutdown, "_gloo_threads_alive", lambda: True)
+    shutdown._release_pinned_groups(None)  # must not raise
+    assert proxy is not None
