@@ -32,7 +32,8 @@ def make_block(distributed: bool, dropout: float = 0.0, **kw) -> Block:
     cls = DistributedSpatialSelfAttention if distributed else SpatialSelfAttention
     if distributed:
         kw.setdefault("healpix_field", False)  # the tests' fields are point sets of any size
-    block = Block(cls(E, H, dropout=dropout, attn_backend="manual", **kw)).double()
+    kw.setdefault("attn_backend", "manual")
+    block = Block(cls(E, H, dropout=dropout, **kw)).double()
     with torch.no_grad():  # LayerNorm starts at the identity; move it off so its gradients matter
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -216,7 +216,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     if plan.strategy == "ring":
         out, lse = _ring_forward(plan, q, k, v, key_mask)
         e = _empty(q)
-        return out, plan_t, lse, e, e.clone(), e.clone(), e.clone(), e.clone()
+        return _distinct((out, plan_t, lse, e, e.clone(), e.clone(), e.clone(), e.clone()), (q, k, v, key_mask))
     u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
     q_h, k_h, v_h = pixels_to_heads((q, k, v), u_info, sizes, f"{plan.strategy}.qkv")
     mask_h = None
@@ -290,16 +290,18 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
     mask = mask_h.bool() if mask_h.numel() else None
     dq_h, dk_h, dv_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse)
     grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
-    return _distinct(tuple(g.contiguous() for g in grads), (dout, q_h, k_h, v_h, out_h, lse))
+    return _distinct(grads, (dout, q_h, k_h, v_h, out_h, lse))
 
 
 def _distinct(ts: tuple, inputs: tuple = ()) -> tuple:
-    """``ts`` with a copy of any tensor sharing storage with an input or an earlier one (an op's
-    outputs may alias nothing: the ring's dK and dV are halves of one buffer, a group of one
-    exchanges nothing)."""
+    """``ts`` contiguous, with a copy of any tensor sharing storage with an input or an earlier
+    one. The fakes promise contiguous outputs, and compiled code trusts their strides (a block
+    kernel's gradients for a broadcast ``dout`` are not contiguous); an op's outputs may alias
+    nothing (the ring's dK and dV are halves of one buffer, a group of one exchanges nothing)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     out = []
     for t in ts:
+        t = t.contiguous()
         ptr = t.untyped_storage().data_ptr()
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)

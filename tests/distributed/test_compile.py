@@ -29,20 +29,28 @@ RUNS = {
     "auto": ({"strategy": "auto"}, "fullgraph"),
     "ulysses, fullgraph=False": ({"strategy": "ulysses"}, "graphs"),
     "hybrid, checkpoint_context_fn": ({"strategy": "hybrid", "ulysses_degree": 2}, "policy"),
+    # The default kernel (SDPA here) and a plain sum loss, whose broadcast dout gives
+    # non-contiguous block gradients: the op's outputs must have the strides its fake promises.
+    "ring, auto kernel, sum loss": ({"strategy": "ring", "attn_backend": "auto"}, "fullgraph"),
+    "ulysses, auto kernel, sum loss": ({"strategy": "ulysses", "attn_backend": "auto"}, "fullgraph"),
 }
 
 
 def _fwd_bwd(fn, params, x, w):
-    """``(y, dx, grads, bytes sent forward, bytes sent backward)``."""
+    """``(y, dx, grads, bytes sent forward, bytes sent backward)``; ``w`` None: loss ``y.sum()``."""
     x = x.clone().requires_grad_()
     for p in params.values():
         p.grad = None
     with count_communication() as fwd:
         y = fn(x)
     with count_communication() as bwd:
-        (w * y).sum().backward()
+        (y if w is None else w * y).sum().backward()
     grads = {n: p.grad.clone() for n, p in params.items()}
     return y.detach(), x.grad, grads, fwd.total_bytes, bwd.total_bytes
+
+
+def _loss_weights(name: str, w):
+    return None if name.endswith("sum loss") else w
 
 
 def _job(rank: int, world: int) -> dict:
@@ -61,9 +69,10 @@ def _job(rank: int, world: int) -> dict:
             def fn(x, block=block):
                 return checkpoint(block, x, use_reentrant=False, context_fn=checkpoint_context_fn)
         explained = torch._dynamo.explain(fn)(x)
-        eager = _fwd_bwd(fn, params, x, w)
-        compiled = _fwd_bwd(torch.compile(fn, fullgraph=how != "graphs"), params, x, w)
-        plain = _fwd_bwd(block, params, x, w)  # un-checkpointed eager: the bytes to match
+        wt = _loss_weights(name, w)
+        eager = _fwd_bwd(fn, params, x, wt)
+        compiled = _fwd_bwd(torch.compile(fn, fullgraph=how != "graphs"), params, x, wt)
+        plain = _fwd_bwd(block, params, x, wt)  # un-checkpointed eager: the bytes to match
         res[name] = {"breaks": explained.graph_break_count, "graphs": explained.graph_count,
                      "eager": eager, "compiled": compiled, "plain_bytes": plain[3:]}
     res["fake"] = _fakes(rank)
@@ -128,7 +137,7 @@ def test_compiled_block_sends_the_eager_bytes(name):
 def test_compiled_block_equals_float64_single_device(name):
     x, w = field(N)
     ref = make_block(False)
-    y_ref, dx_ref, g_ref, *_ = _fwd_bwd(ref, dict(ref.named_parameters()), x, w)
+    y_ref, dx_ref, g_ref, *_ = _fwd_bwd(ref, dict(ref.named_parameters()), x, _loss_weights(name, w))
     results = _results()
     y = torch.cat([r[name]["compiled"][0] for r in results], 1)
     dx = torch.cat([r[name]["compiled"][1] for r in results], 1)
