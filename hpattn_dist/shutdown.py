@@ -30,7 +30,9 @@ Note [clean exit]
     first meets the others in a barrier, so no peer is still sending when a group goes down; on
     an error path (a peer may be dead or stuck) there is no barrier, and the destructor waits
     for this rank's operations in flight, which end when the peers exit (their connections
-    close) or at the group's timeout.
+    close) or at the group's timeout. On NCCL a failed rank's exit does not wake peers waiting
+    in the success-path barrier: they end at the NCCL watchdog's timeout, as their next
+    collective would have.
 """
 
 from __future__ import annotations

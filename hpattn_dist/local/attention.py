@@ -217,10 +217,10 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
         ValueError: a total that is not a NESTED HEALPix size, or ``window_nside`` finer than
             either grid.
     """
-    key_sizes = sizes if key_sizes is None else tuple(key_sizes)
+    cross = key_sizes is not None
+    key_sizes = tuple(key_sizes) if cross else sizes
     if len(key_sizes) != len(sizes):
         raise ValueError(f"{len(sizes)} query shard sizes but {len(key_sizes)} key shard sizes")
-    cross = key_sizes is not sizes
     nside = _nested_nside(sum(sizes), "query field" if cross else "field")
     key_nside = _nested_nside(sum(key_sizes), "key field") if cross else nside
     check_window(window_nside, mode)
