@@ -1,7 +1,8 @@
 """The attention as two registered operators, ``hpattn::attention_fwd`` and ``hpattn::attention_bwd``.
 
 Legend: B batch, H heads, D head dim, P ranks of the group, U Ulysses degree, R = P / U ring
-degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1).
+degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1);
+for cross-grid attention Nq_r / Nk_r and Mq / Mk, the queries' and the keys' counts.
 
 Note [attention as one op]
     Activation checkpointing, ``torch.compile`` and selective-checkpoint policies see only
@@ -14,8 +15,9 @@ Note [attention as one op]
     * the static values: the group by its registered name (``ProcessGroup.group_name``, as
       torch's functional collectives take it; ``""`` = a single process), the strategy, U,
       backend, dropout probability and scale;
-    * the agreed values, as an int64 output ``plan`` ``[5 + U + R]``: ``(use_bias,
-      mask_travels, q_offset, head_offset, seed, ulysses sizes..., kv sizes...)``;
+    * the agreed values, as an int64 output ``plan`` ``[7 + 2U + R]``: ``(use_bias,
+      mask_travels, q_offset, head_offset, seed, dK/dV needed, k_offset, ulysses sizes...,
+      key ulysses sizes..., kv sizes...)``;
     * the residuals: ``out``, its ``lse``, and for U > 1 the head-layout tensors the strategy's
       backward reads (``q_h, k_h, v_h [B, h, M, D]``, ``out_h``, the gathered key mask), so that
       the backward sends exactly what the autograd executors send (``dout`` to heads, the ring's
@@ -25,6 +27,13 @@ Note [attention as one op]
     therefore recomputes a checkpointed block without a byte of communication and without a new
     seed draw. The fake (meta) implementations give the shapes from the static arguments alone,
     except M for U > 1, which the peers' shards set (Note [compiling the attention]).
+
+    Cross-grid attention (``cross=True``, queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]``
+    on grids sharded independently, Note [cross-grid plan]) is the same op: the plan carries the
+    key side too (``k_offset``, the keys' Ulysses sizes), the keys' dropout indices count on their
+    own grid, q and k/v travel to heads with their own sizes (``q_h, out_h [B, h, Mq, D]``, ``k_h,
+    v_h [B, h, Mk, D]``, the mask ``[B, Mk]``), and the exchanges are the executors' (labels and
+    bytes).
 
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
@@ -36,7 +45,8 @@ Note [attention as one op]
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
     the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
     residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
-    and it is a fresh unbacked size. ``new_dynamic_size`` would refuse to make one unless
+    and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
+    ``k_h, v_h`` and the mask). ``new_dynamic_size`` would refuse to make one unless
     ``fullgraph=True`` or ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (a graph
     break per call otherwise), a guard meant for data-dependent sizes that reach the user's
     code. M never does: only ``attention_bwd`` reads those residuals, and its outputs, like
@@ -51,7 +61,9 @@ Note [attention as one op]
     their body with dynamo disabled): seconds, once.
 
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
+    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``;
+    nor windowed attention (``window_nside``, self or cross), which runs the halo exchange of
+    Note [local attention plan].
 """
 
 from __future__ import annotations
@@ -195,7 +207,8 @@ def _empty(q: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: int, layer_params: list[Tensor], layer_name: str,
-                  layer_healpix: bool, kv_needs_grad: bool, cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  layer_healpix: bool, kv_needs_grad: bool,
+                  cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
