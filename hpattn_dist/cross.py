@@ -40,7 +40,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.oracle import AttnBackend, check_layer_args
-from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
+from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
 from hpattn_dist.strategies import check_strategy_name, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -282,9 +282,16 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
 
     def _facts(self) -> LayerFacts:
         layout, sums = self._fingerprint(self.named_parameters())
-        label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=self.healpix_field,
+        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field,
                           point_sets=self.window_nside is None)
+
+    def _ref(self) -> LayerRef:
+        """What a call without a window takes its facts from, inside the registered op (as
+        :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
+        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+
+    def _label(self) -> str:
+        return type(self).__name__ + (f" {self.name!r}" if self.name else "")
 
     def forward(self, x_q_local: Tensor, x_kv_local: Tensor, key_mask: Optional[Tensor] = None,
                 key_bias: Optional[Tensor] = None) -> Tensor:
@@ -309,6 +316,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
             self.strategy, q_local, k_local, v_local, self.process_group,
             backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._facts(), cross=True, window_nside=self.window_nside, mode=self.mode,
+            layer=self._ref() if self.window_nside is None else self._facts(), cross=True,
+            window_nside=self.window_nside, mode=self.mode,
         )  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

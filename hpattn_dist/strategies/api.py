@@ -99,14 +99,14 @@ def sharded_attention(
                                   dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
                                   dropout_seed=dropout_seed, layer=layer, cross=cross, strategy=strategy,
                                   what=entry if layer is None else layer.name)
-    if key_bias is None and not cross and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
+    if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
         # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
         # carry take the autograd path, whose door refuses the bad ones on every rank.
         return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
                             key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,
-                            layer=layer)
+                            layer=layer, cross=cross)
     if isinstance(layer, LayerRef):
         layer = facts_of(layer.name, layer.params, layer.healpix_field)
     plan, bias = plan_attention(

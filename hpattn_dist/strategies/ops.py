@@ -1,7 +1,8 @@
 """The attention as two registered operators, ``hpattn::attention_fwd`` and ``hpattn::attention_bwd``.
 
 Legend: B batch, H heads, D head dim, P ranks of the group, U Ulysses degree, R = P / U ring
-degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1).
+degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1);
+for cross-grid attention Nq_r / Nk_r and Mq / Mk, the queries' and the keys' counts.
 
 Note [attention as one op]
     Activation checkpointing, ``torch.compile`` and selective-checkpoint policies see only
@@ -14,8 +15,9 @@ Note [attention as one op]
     * the static values: the group by its registered name (``ProcessGroup.group_name``, as
       torch's functional collectives take it; ``""`` = a single process), the strategy, U,
       backend, dropout probability and scale;
-    * the agreed values, as an int64 output ``plan`` ``[5 + U + R]``: ``(use_bias,
-      mask_travels, q_offset, head_offset, seed, ulysses sizes..., kv sizes...)``;
+    * the agreed values, as an int64 output ``plan`` ``[7 + 2U + R]``: ``(use_bias,
+      mask_travels, q_offset, head_offset, seed, dK/dV needed, k_offset, ulysses sizes...,
+      key ulysses sizes..., kv sizes...)``;
     * the residuals: ``out``, its ``lse``, and for U > 1 the head-layout tensors the strategy's
       backward reads (``q_h, k_h, v_h [B, h, M, D]``, ``out_h``, the gathered key mask), so that
       the backward sends exactly what the autograd executors send (``dout`` to heads, the ring's
@@ -25,6 +27,13 @@ Note [attention as one op]
     therefore recomputes a checkpointed block without a byte of communication and without a new
     seed draw. The fake (meta) implementations give the shapes from the static arguments alone,
     except M for U > 1, which the peers' shards set (Note [compiling the attention]).
+
+    Cross-grid attention (``cross=True``, queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]``
+    on grids sharded independently, Note [cross-grid plan]) is the same op: the plan carries the
+    key side too (``k_offset``, the keys' Ulysses sizes), the keys' dropout indices count on their
+    own grid, q and k/v travel to heads with their own sizes (``q_h, out_h [B, h, Mq, D]``, ``k_h,
+    v_h [B, h, Mk, D]``, the mask ``[B, Mk]``), and the exchanges are the executors' (labels and
+    bytes).
 
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
@@ -36,7 +45,8 @@ Note [attention as one op]
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
     the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
     residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
-    and it is a fresh unbacked size. ``new_dynamic_size`` would refuse to make one unless
+    and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
+    ``k_h, v_h`` and the mask). ``new_dynamic_size`` would refuse to make one unless
     ``fullgraph=True`` or ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (a graph
     break per call otherwise), a guard meant for data-dependent sizes that reach the user's
     code. M never does: only ``attention_bwd`` reads those residuals, and its outputs, like
@@ -51,7 +61,9 @@ Note [attention as one op]
     their body with dynamo disabled): seconds, once.
 
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
+    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``;
+    nor windowed attention (``window_nside``, self or cross), which runs the halo exchange of
+    Note [local attention plan].
 """
 
 from __future__ import annotations
@@ -64,7 +76,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
-from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads
+from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads, qkv_to_heads
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
@@ -75,7 +87,7 @@ from hpattn_dist.strategies.ring import _RingAttention
 
 __all__ = ["group_name_of", "op_attention"]
 
-_PLAN_HEAD = 6  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere
+_PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere, k_offset
 
 
 def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
@@ -129,21 +141,22 @@ def _sub_groups(parent_name: str, strategy: str, u_deg: int) -> tuple[GroupInfo,
 
 def _plan_tensor(plan: AttentionPlan) -> Tensor:
     values = (int(plan.use_bias), int(plan.mask_travels), plan.q_offset, plan.head_offset, plan.seed,
-              int(plan.grads_anywhere[0]),
-              *plan.ulysses_sizes, *plan.kv_sizes)
+              int(plan.grads_anywhere[0]), plan.k_offset,
+              *plan.ulysses_sizes, *plan.key_ulysses_sizes, *plan.kv_sizes)
     return torch.tensor(values, dtype=torch.int64)
 
 
 def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int, backend: str,
                dropout_p: float, scale: float) -> AttentionPlan:
     values = [int(x) for x in t.tolist()]
-    use_bias, mask_travels, q_offset, head_offset, seed, kv_grad = values[:_PLAN_HEAD]
+    use_bias, mask_travels, q_offset, head_offset, seed, kv_grad, k_offset = values[:_PLAN_HEAD]
     u_info, r_info = _sub_groups(group_name, strategy, u_deg)
     sizes = tuple(values[_PLAN_HEAD:_PLAN_HEAD + u_deg])
+    key_sizes = tuple(values[_PLAN_HEAD + u_deg:_PLAN_HEAD + 2 * u_deg])
     return AttentionPlan(
         strategy=strategy, ulysses_group=u_info, ring_group=r_info, ulysses_sizes=sizes,
-        key_ulysses_sizes=sizes, kv_sizes=tuple(values[_PLAN_HEAD + u_deg:]), q_offset=q_offset,
-        k_offset=q_offset, head_offset=head_offset,
+        key_ulysses_sizes=key_sizes, kv_sizes=tuple(values[_PLAN_HEAD + 2 * u_deg:]), q_offset=q_offset,
+        k_offset=k_offset, head_offset=head_offset,
         mask_travels=bool(mask_travels), use_bias=bool(use_bias),
         kernel=select_kernel(backend, q, has_bias=bool(use_bias), dropout=dropout_p > 0),
         scale=scale, dropout_p=dropout_p, seed=seed, grads_anywhere=(bool(kv_grad), False),
@@ -153,10 +166,10 @@ def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int,
 def _ring_inputs(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
     """What ``run_ring`` hands its Function: compacted keys, the bias from the mask, key indices."""
     kept = unmasked_keys(mask) if plan.mask_travels else None
-    bias = key_bias_from_mask(q, mask, None) if plan.use_bias else None
+    bias = key_bias_from_mask(k, mask, None) if plan.use_bias else None
     k_index = None
     if plan.dropout_p > 0:
-        k_index = (torch.arange(q.shape[2], device=q.device) if kept is None else kept) + plan.q_offset
+        k_index = (torch.arange(k.shape[2], device=k.device) if kept is None else kept) + plan.k_offset
     if kept is not None:
         k, v = k.index_select(2, kept), v.index_select(2, kept)
         bias = None if bias is None else bias.index_select(2, kept)
@@ -194,12 +207,16 @@ def _empty(q: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: int, layer_params: list[Tensor], layer_name: str,
-                  layer_healpix: bool, kv_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  layer_healpix: bool, kv_needs_grad: bool,
+                  cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
     ``dropout_seed`` -1 = draw. For U = 1 the head-layout residuals are empty and ``lse`` is
-    ``[B, H, N_r]``; else ``lse`` is ``[B, h, M]``. ``layer_name`` non-empty: the call is a
+    ``[B, H, Nq_r]``; else ``lse`` is ``[B, h, Mq]``, ``q_h, out_h`` ``[B, h, Mq, D]`` and ``k_h,
+    v_h`` ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (``Mq = Mk = M`` but for ``cross``: queries
+    ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently, Note
+    [cross-grid plan]). ``layer_name`` non-empty: the call is a
     layer's, whose parameters ``layer_params`` and field (``layer_healpix``) are checked in the
     same agreement (Note [replicated parameter check]).
     """
@@ -207,8 +224,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     plan, _ = plan_attention(
         strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer,
-        what=_what(strategy) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
+        dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer, cross=cross,
+        what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
     )
     plan_t = _plan_tensor(plan)
     if plan.strategy == "ulysses":
@@ -217,18 +234,20 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
         out, lse = _ring_forward(plan, q, k, v, key_mask)
         e = _empty(q)
         return _distinct((out, plan_t, lse, e, e.clone(), e.clone(), e.clone(), e.clone()), (q, k, v, key_mask))
-    u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
-    q_h, k_h, v_h = pixels_to_heads((q, k, v), u_info, sizes, f"{plan.strategy}.qkv")
+    u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
+    q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, plan.strategy, key_sizes=key_sizes)
     mask_h = None
     if key_mask is not None:
-        mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, sizes, f"{plan.strategy}.mask").bool()
+        mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, f"{plan.strategy}.mask").bool()
     out_h, lse_h = _ring_forward(plan, q_h, k_h, v_h, mask_h)
     out = heads_to_pixels((out_h,), u_info, sizes, f"{plan.strategy}.out")[0].contiguous()
     mask_r = _empty(q) if mask_h is None else mask_h.to(q.dtype)
     return _distinct((out, plan_t, lse_h, q_h, k_h, v_h, out_h, mask_r), (q, k, v, key_mask))
 
 
-def _what(strategy: str) -> str:
+def _what(strategy: str, cross: bool = False) -> str:
+    if cross and strategy == "ring":
+        return "ring_cross_attention"
     return {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention"}.get(
         strategy, "auto_attention")
 
@@ -239,20 +258,22 @@ def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: in
 
 @attention_fwd.register_fake
 def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
-      layer_params, layer_name, layer_healpix, kv_needs_grad):
+      layer_params, layer_name, layer_healpix, kv_needs_grad, cross):
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     r_deg = _group(group_name).world_size // u_deg
-    plan_t = torch.empty((_PLAN_HEAD + u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
+    plan_t = torch.empty((_PLAN_HEAD + 2 * u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if executed == "ring":
         lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
         return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(5))
     batch, heads, n_local, head_dim = q.shape
-    m = n_local if u_deg == 1 else _group_pixels()
+    m_q = n_local if u_deg == 1 else _group_pixels()
+    m_k = k.shape[2] if u_deg == 1 else _group_pixels() if cross else m_q
     h = heads // u_deg
-    heads_t = [q.new_empty((batch, h, m, head_dim)) for _ in range(4)]
-    mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m))
-    return out, plan_t, q.new_empty((batch, h, m), dtype=_acc(q.dtype)), *heads_t, mask_r
+    q_h, out_h = (q.new_empty((batch, h, m_q, head_dim)) for _ in range(2))
+    k_h, v_h = (q.new_empty((batch, h, m_k, head_dim)) for _ in range(2))
+    mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m_k))
+    return out, plan_t, q.new_empty((batch, h, m_q), dtype=_acc(q.dtype)), q_h, k_h, v_h, out_h, mask_r
 
 
 def _group_pixels() -> torch.SymInt:
@@ -280,16 +301,20 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
                   plan_t: Tensor, lse: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, out_h: Tensor,
                   mask_h: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
                   dropout_p: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` ``[B, H, N_r, D]`` from what ``attention_fwd`` returned."""
+    """``(dq, dk, dv)`` shaped like ``(q, k, v)`` from what ``attention_fwd`` returned."""
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     plan = _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
     if executed == "ring":
         return _distinct(_ring_backward(plan, dout, q, k, v, key_mask, out, lse), (dout, q, k, v, out, lse))
-    u_info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
+    u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     dout_h = pixels_to_heads((dout,), u_info, sizes, f"{executed}.out.grad")[0]
     mask = mask_h.bool() if mask_h.numel() else None
     dq_h, dk_h, dv_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse)
-    grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
+    if key_sizes == sizes:  # the adjoint of qkv_to_heads, with its labels
+        grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
+    else:
+        grads = (*heads_to_pixels((dq_h,), u_info, sizes, f"{executed}.q.grad"),
+                 *heads_to_pixels((dk_h, dv_h), u_info, key_sizes, f"{executed}.kv.grad"))
     return _distinct(grads, (dout, q_h, k_h, v_h, out_h, lse))
 
 
@@ -322,6 +347,7 @@ def _setup_context(ctx, inputs, output) -> None:
     out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h = output
     ctx.save_for_backward(q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h)
     ctx.static = (group_name, strategy, ulysses_degree, backend, dropout_p, scale)
+    ctx.what = _what(strategy, inputs[-1])
 
 
 def _plain_backward(ctx, dout):
@@ -331,13 +357,15 @@ def _plain_backward(ctx, dout):
 
 # The backward is explicit, so not differentiable: Note [double backward], named per entry point.
 _REFUSING = {name: refuse_double_backward(name)(_plain_backward)
-             for name in ("ring_attention", "ulysses_attention", "hybrid_attention", "auto_attention")}
+             for name in ("ring_attention", "ring_cross_attention", "ulysses_attention", "hybrid_attention",
+                          "auto_attention")}
 
 
 def _backward(ctx, dout, *unused):
-    dq, dk, dv = _REFUSING[_what(ctx.static[1])](ctx, dout)
+    dq, dk, dv = _REFUSING[ctx.what](ctx, dout)
     # No gradient for the layer's parameters through here: the op only reads their sums.
-    return dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None, None
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None,
+            None, None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -346,9 +374,10 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
                  backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
                  dropout_seed: Optional[int], ulysses_degree: Optional[int],
-                 layer: Optional[LayerRef] = None) -> Tensor:
+                 layer: Optional[LayerRef] = None, cross: bool = False) -> Tensor:
     """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
-    (Note [attention as one op]); ``[B, H, N_r, D]`` in, ``[B, H, N_r, D]`` out."""
+    (Note [attention as one op]); ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` (``Nk_r = Nq_r``
+    unless ``cross``) in, ``[B, H, Nq_r, D]`` out."""
     return torch.ops.hpattn.attention_fwd(
         q, k, v, key_mask, group_name_of(group), strategy, ulysses_degree or 0, backend,
         float(dropout_p), q.shape[-1] ** -0.5 if scale is None else float(scale),
@@ -357,5 +386,5 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
         # graph (ZeRO-3 re-partitions them between forward and backward).
         [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,
         True if layer is None else layer.healpix_field,
-        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad),
+        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad), bool(cross),
     )[0]

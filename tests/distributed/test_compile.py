@@ -1,10 +1,13 @@
 """``torch.compile`` of a block (LayerNorm + the distributed layer + MLP) on gloo, with no user
-configuration: no graph break (``torch._dynamo.explain``) for every strategy, compiled forward and
+configuration: no graph break (``torch._dynamo.explain``) for every strategy (and for a block of
+:class:`~hpattn_dist.cross.DistributedSpatialCrossAttention`, queries and keys on two grids of
+different sizes sharded independently), compiled forward and
 gradients equal to eager in float64 and to the float64 single-device block, and the compiled
 block sends exactly the eager block's bytes (Note [compiling the attention] in
 :mod:`hpattn_dist.strategies.ops`). Also the fake of ``hpattn::attention_fwd`` outside dynamo.
 
-Legend: B batch, N global pixels, E embed dim, P = 2 ranks (uneven shards).
+Legend: B batch, N global pixels (NK those of the cross blocks' source grid), E embed dim, P = 2
+ranks (uneven shards).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import functools
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from hpattn_dist import checkpoint_context_fn, count_communication
+from hpattn_dist import (DistributedSpatialCrossAttention, SpatialCrossAttention, checkpoint_context_fn,
+                         count_communication)
 from tests.harness import run_ranks
-from tests.training_model import bounds, field, make_block
+from tests.training_model import E, H, bounds, field, make_block
 
-N, WORLD = 11, 2
+N, NK, E_KV, WORLD = 11, 7, 8, 2
 # name: (layer kwargs, how the block is compiled). Ulysses and hybrid (and auto, which picks a
 # Ulysses layout here) have head-layout residuals sized by the peers' shards.
 RUNS = {
@@ -33,7 +38,42 @@ RUNS = {
     # non-contiguous block gradients: the op's outputs must have the strides its fake promises.
     "ring, auto kernel, sum loss": ({"strategy": "ring", "attn_backend": "auto"}, "fullgraph"),
     "ulysses, auto kernel, sum loss": ({"strategy": "ulysses", "attn_backend": "auto"}, "fullgraph"),
+    # Cross-grid blocks (make_cross_block): Nq != Nk, and for Ulysses two residual lengths.
+    "cross ring": ({"strategy": "ring"}, "fullgraph"),
+    "cross ulysses": ({"strategy": "ulysses"}, "fullgraph"),
 }
+
+
+class CrossBlock(nn.Module):
+    """LayerNorm + cross-attention from ``x`` to the block's fixed source field + MLP."""
+
+    def __init__(self, attn: nn.Module, x_kv: torch.Tensor) -> None:
+        super().__init__()
+        self.norm1, self.norm_kv, self.attn, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E_KV), attn, nn.LayerNorm(E)
+        self.mlp = nn.Sequential(nn.Linear(E, 2 * E), nn.GELU(), nn.Linear(2 * E, E))
+        self.register_buffer("x_kv", x_kv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_kv(self.x_kv))
+        return x + self.mlp(self.norm2(x))
+
+
+def make_cross_block(distributed: bool, x_kv: torch.Tensor, **kw) -> CrossBlock:
+    """float64, weights from seed 0 (identical for the oracle and the distributed layer)."""
+    torch.manual_seed(0)
+    cls = DistributedSpatialCrossAttention if distributed else SpatialCrossAttention
+    if distributed:
+        kw["healpix_field"] = False  # point sets of any size
+    block = CrossBlock(cls(E, H, kv_dim=E_KV, attn_backend="manual", **kw), x_kv).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return block
+
+
+def _source() -> torch.Tensor:
+    """The cross blocks' source field ``[B, NK, E_KV]`` (float64)."""
+    return torch.randn(2, NK, E_KV, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
 def _fwd_bwd(fn, params, x, w):
@@ -62,7 +102,10 @@ def _job(rank: int, world: int) -> dict:
     res = {}
     for name, (kw, how) in RUNS.items():
         torch._dynamo.reset()
-        block = make_block(True, **kw)
+        if name.startswith("cross"):
+            block = make_cross_block(True, _source()[:, bounds(NK, world, rank)], **kw)
+        else:
+            block = make_block(True, **kw)
         params = dict(block.named_parameters())
         fn = block
         if how == "policy":
@@ -94,11 +137,14 @@ def _fakes(rank: int) -> dict:
             try:
                 with mode:
                     q = torch.empty(2, 4, 5 + rank, 8, dtype=torch.float64)
-                    outs = torch.ops.hpattn.attention_fwd(q, q, q, None, group_name_of(None), strategy, 0,
-                                                          "manual", 0.0, 0.5, -1, [], "", True, False)
-                res[strategy, env] = [str(tuple(t.shape)) for t in outs]
+                    k = torch.empty(2, 4, 3 - rank, 8, dtype=torch.float64)
+                    for cross in (False, True):
+                        outs = torch.ops.hpattn.attention_fwd(q, k if cross else q, k if cross else q, None,
+                                                              group_name_of(None), strategy, 0, "manual", 0.0,
+                                                              0.5, -1, [], "", True, False, cross)
+                        res[strategy, env, cross] = [str(tuple(t.shape)) for t in outs]
             except Exception as e:  # noqa: BLE001  (the test asserts which)
-                res[strategy, env] = type(e).__name__
+                res[strategy, env, False] = res[strategy, env, True] = type(e).__name__
     return res
 
 
@@ -136,7 +182,7 @@ def test_compiled_block_sends_the_eager_bytes(name):
 @pytest.mark.parametrize("name", RUNS)
 def test_compiled_block_equals_float64_single_device(name):
     x, w = field(N)
-    ref = make_block(False)
+    ref = make_cross_block(False, _source()) if name.startswith("cross") else make_block(False)
     y_ref, dx_ref, g_ref, *_ = _fwd_bwd(ref, dict(ref.named_parameters()), x, _loss_weights(name, w))
     results = _results()
     y = torch.cat([r[name]["compiled"][0] for r in results], 1)
@@ -150,14 +196,20 @@ def test_fake_without_symbolic_shapes():
     """``attention_fwd``'s fake: the ring's shapes are static, so any fake mode gives them; a
     Ulysses layout's residual length M is set by the peers, so it needs a shape environment (an
     unbacked size, whatever ``allow_dynamic_output_shape_ops`` says) and a plain
-    ``FakeTensorMode`` gets torch's ``DynamicOutputShapeException``."""
+    ``FakeTensorMode`` gets torch's ``DynamicOutputShapeException``. A cross call (keys of their
+    own length) has the queries' shapes for ``out, lse, q_h, out_h`` and a second unbacked size
+    for ``k_h, v_h``. The plan: 7 values, the query and key Ulysses sizes (U each), R kv sizes."""
     for rank, r in enumerate(_results()):
         n = 5 + rank
-        ring = [f"(2, 4, {n}, 8)", f"({6 + 1 + WORLD},)", f"(2, 4, {n})"] + ["(0,)"] * 5
-        assert r["fake"]["ring", "none"] == r["fake"]["ring", "shape_env"] == ring, rank
-        assert r["fake"]["ulysses", "none"] == "DynamicOutputShapeException", rank
-        outs = r["fake"]["ulysses", "shape_env"]
-        assert outs[:2] == [f"(2, 4, {n}, 8)", f"({6 + WORLD + 1},)"], (rank, outs)
-        m = outs[2].removeprefix("(2, 2, ").removesuffix(")")
-        assert m.startswith("u"), (rank, outs)  # an unbacked size
-        assert outs[3:7] == [f"(2, 2, {m}, 8)"] * 4 and outs[7] == "(0,)", (rank, outs)
+        for cross in (False, True):
+            ring = [f"(2, 4, {n}, 8)", f"({7 + 2 * 1 + WORLD},)", f"(2, 4, {n})"] + ["(0,)"] * 5
+            assert r["fake"]["ring", "none", cross] == r["fake"]["ring", "shape_env", cross] == ring, rank
+            assert r["fake"]["ulysses", "none", cross] == "DynamicOutputShapeException", rank
+            outs = r["fake"]["ulysses", "shape_env", cross]
+            assert outs[:2] == [f"(2, 4, {n}, 8)", f"({7 + 2 * WORLD + 1},)"], (rank, outs)
+            m = outs[2].removeprefix("(2, 2, ").removesuffix(")")
+            assert m.startswith("u"), (rank, outs)  # an unbacked size
+            assert outs[3] == outs[6] == f"(2, 2, {m}, 8)" and outs[7] == "(0,)", (rank, outs)
+            mk = outs[4].removeprefix("(2, 2, ").removesuffix(", 8)")
+            assert mk.startswith("u") and (mk != m) == cross, (rank, outs)
+            assert outs[5] == outs[4], (rank, outs)
