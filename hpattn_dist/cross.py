@@ -41,7 +41,7 @@ from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.oracle import AttnBackend, check_layer_args
 from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
-from hpattn_dist.strategies import check_strategy_name, sharded_attention
+from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialCrossAttention", "SpatialCrossAttention"]
@@ -253,10 +253,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         window_nside: Optional[int] = None,
         mode: str = "neighbourhood",
     ) -> None:
-        check_strategy_name(strategy)
-        if (strategy == "hybrid") != (ulysses_degree is not None):
-            raise ValueError("ulysses_degree is needed by, and only used by, strategy='hybrid'; got "
-                             f"strategy={strategy!r}, ulysses_degree={ulysses_degree!r}")
+        check_strategy_args(strategy, ulysses_degree)
         if window_nside is not None and (strategy not in ("ring", "auto") or not healpix_field):
             raise ValueError(
                 f"window_nside={window_nside!r} runs the halo exchange over two NESTED HEALPix grids: it "

@@ -41,7 +41,7 @@ from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
 from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
-from hpattn_dist.strategies import check_strategy_name, sharded_attention
+from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
@@ -130,7 +130,7 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         healpix_field: bool = True,
         name: str = "",
     ) -> None:
-        _check_strategy_args(strategy, ulysses_degree)
+        check_strategy_args(strategy, ulysses_degree)
         if attn_backend not in KERNEL_BACKENDS:
             raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
         # The oracle's constructor checks its own names (auto|sdpa|manual); it never runs the kernel.
@@ -289,7 +289,7 @@ def convert_spatial_attention(
 
         >>> model = convert_spatial_attention(model, process_group=sp_group)
     """
-    _check_strategy_args(strategy, ulysses_degree)
+    check_strategy_args(strategy, ulysses_degree)
     if attn_backend is not None and attn_backend not in KERNEL_BACKENDS:
         raise ValueError(f"attn_backend must be None or one of {KERNEL_BACKENDS}, got {attn_backend!r}")
     options = {"strategy": strategy, "ulysses_degree": ulysses_degree, "healpix_field": healpix_field}
@@ -302,19 +302,6 @@ def convert_spatial_attention(
             "converted and the model would attend within each rank's shard only"
         )
     return converted
-
-
-def _check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
-    check_strategy_name(strategy)
-    if strategy == "hybrid" and ulysses_degree is None:
-        raise ValueError("strategy='hybrid' needs ulysses_degree=U (a divisor of P and H)")
-    if ulysses_degree is not None:
-        if strategy != "hybrid":
-            raise ValueError(
-                f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}"
-            )
-        if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
-            raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
 
 
 def _convert(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from hpattn_dist.strategies.api import (
     STRATEGIES,
     auto_attention,
+    check_strategy_args,
     check_strategy_name,
     hybrid_attention,
     ring_attention,
@@ -30,6 +31,7 @@ from hpattn_dist.strategies.auto import choose_strategy
 __all__ = [
     "STRATEGIES",
     "auto_attention",
+    "check_strategy_args",
     "check_strategy_name",
     "choose_strategy",
     "hybrid_attention",

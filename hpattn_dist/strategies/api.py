@@ -32,7 +32,7 @@ from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
 from hpattn_dist.strategies.ring import run_ring
 from hpattn_dist.strategies.ulysses import run_ulysses
 
-__all__ = ["STRATEGIES", "auto_attention", "check_strategy_name", "hybrid_attention", "ring_attention",
+__all__ = ["STRATEGIES", "auto_attention", "check_strategy_args", "check_strategy_name", "hybrid_attention", "ring_attention",
            "ring_cross_attention", "sharded_attention", "ulysses_attention"]
 
 STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
@@ -47,6 +47,21 @@ def check_strategy_name(strategy: str) -> None:
     """Raise ``ValueError`` unless ``strategy`` is one of :data:`STRATEGIES`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
+    """A layer's ``strategy`` and ``ulysses_degree``, checked when it is built: a known strategy,
+    and a positive int ``ulysses_degree`` exactly when the strategy is ``"hybrid"``."""
+    check_strategy_name(strategy)
+    if strategy == "hybrid" and ulysses_degree is None:
+        raise ValueError("strategy='hybrid' needs ulysses_degree=U (a divisor of P and H)")
+    if ulysses_degree is not None:
+        if strategy != "hybrid":
+            raise ValueError(
+                f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}"
+            )
+        if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
+            raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
 
 
 def sharded_attention(
