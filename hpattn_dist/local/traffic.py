@@ -10,8 +10,8 @@ cells, U_r the cells holding rank r's queries (its units), m the cells of a unit
 - the halo rows it receives and sends per forward (``cross.halo.forward`` / ``local.halo.forward``
   in :func:`~hpattn_dist.comm.counters.count_communication`, K/V only: a mask or bias adds
   ``B * Hb`` values to each row), against the global ring's: rank r receives every other rank's
-  keys, ``Nk - Nk_r`` rows, and sends, at ring step ``s = 0 .. P-2``, the block of rank
-  ``(r - s) mod P`` (Note [ring schedule]);
+  keys, ``Nk - Nk_r`` rows, and sends what :func:`~hpattn_dist.strategies.auto.communication_volume`
+  counts for the ring over the key split (Note [communication volume]);
 - the (query, key) pairs its kernels score, ``sum`` over its queries of the window's keys,
   against ``Nq_r * Nk``;
 - the cell blocks (``c_q x c_k`` tiles) it computes, ``sum over U_r of m``, against the ring's
@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 from hpattn_dist.comm.groups import offsets
 from hpattn_dist.local.attention import plan_local_attention
+from hpattn_dist.strategies.auto import communication_volume
 
 __all__ = ["RankTraffic", "WindowTraffic", "window_traffic"]
 
@@ -122,7 +123,8 @@ def window_traffic(q_sizes: Sequence[int], k_sizes: Optional[Sequence[int]], win
                 here = min(stop, (cell + 1) * c_q) - max(start, cell * c_q)
                 pairs += here * m * c_k
                 blocks += m
-        ring_sent = sum(keys[(r - s) % p] for s in range(p - 1))
+        ring_sent = communication_volume("ring", batch=batch, heads=heads, head_dim=head_dim, sizes=keys,
+                                         rank=r, itemsize=itemsize).forward // row
         out.append(RankTraffic(
             rank=r, rows_received=plan.halo.rows_received, rows_sent=plan.halo.rows_sent,
             bytes_received=plan.halo.rows_received * row, bytes_sent=plan.halo.rows_sent * row,
