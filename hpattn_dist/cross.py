@@ -40,7 +40,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.oracle import AttnBackend, check_layer_args
-from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -271,19 +271,13 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         self.ulysses_degree = ulysses_degree
         self.healpix_field = bool(healpix_field)
         self.name = name
-        self._fingerprint = ParameterFingerprint()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}" + (
             "" if self.healpix_field else ", healpix_field=False")
 
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field,
-                          point_sets=self.window_nside is None)
-
     def _ref(self) -> LayerRef:
-        """What a call without a window takes its facts from, inside the registered op (as
+        """What a call takes its facts from, inside the registered op (as
         :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
         return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
 
@@ -313,7 +307,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
             self.strategy, q_local, k_local, v_local, self.process_group,
             backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._ref() if self.window_nside is None else self._facts(), cross=True,
+            layer=self._ref(), cross=True,
             window_nside=self.window_nside, mode=self.mode,
         )  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

@@ -64,6 +64,8 @@ class DropoutSpec:
         h_offset: global index of the block's first head (non-zero under head parallelism).
         k_index: optional int64 ``[N_k]`` global pixel index of each key, for key blocks that are
             not contiguous (masked keys removed); overrides ``k_offset``.
+        folded: the block folds window cells into its batch dim (:class:`FoldedIndex`); then
+            ``q_offset``, ``k_offset`` and ``k_index`` are unused.
     """
 
     p: float
@@ -72,16 +74,41 @@ class DropoutSpec:
     k_offset: int = 0
     h_offset: int = 0
     k_index: Optional[Tensor] = None
+    folded: Optional["FoldedIndex"] = None
 
     def shifted(self, *, q: int = 0, h: int = 0) -> "DropoutSpec":
         """The spec of a sub-block starting ``q`` queries and ``h`` heads further on."""
+        folded = self.folded
+        if folded is not None and q:
+            folded = FoldedIndex(folded.heads, folded.q_index[..., q:], folded.k_index)
         return DropoutSpec(
-            self.p, self.seed, self.q_offset + q, self.k_offset, self.h_offset + h, self.k_index
+            self.p, self.seed, self.q_offset + q, self.k_offset, self.h_offset + h, self.k_index, folded
         )
 
 
+@dataclass(frozen=True)
+class FoldedIndex:
+    """Global coordinates of a score block ``[X * B * H, Y, N_q, N_k]`` whose two batch dims fold
+    in independent windows (local attention, Note [local attention plan]): batch row
+    ``(x * B + b) * H + h`` holds batch element b and head h (plus the spec's ``h_offset``), and
+    window ``(x, y)`` has its own queries and keys.
+
+    Attributes:
+        heads: H.
+        q_index: int64 ``[X, Y, N_q]``, the global query pixel of each score row.
+        k_index: int64 ``[X, Y, N_k]``, the global key pixel of each score column.
+    """
+
+    heads: int
+    q_index: Tensor
+    k_index: Tensor
+
+
 def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
-    """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec``."""
+    """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec`` (for a
+    ``spec.folded`` block: ``[X * B * H, Y, N_q, N_k]``, with ``batch = X * B * H`` and ``heads = Y``)."""
+    if spec.folded is not None:
+        return _folded_keep_mask(spec, batch, n_q, n_k, device)
     b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
     i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
@@ -98,6 +125,24 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
     x = _mix32(x ^ j[None, None, None, :])
     threshold = int(spec.p * 2**32)
     return x >= threshold
+
+
+def _folded_keep_mask(spec: DropoutSpec, rows: int, n_q: int, n_k: int, device) -> Tensor:
+    """The keep-mask of a :class:`FoldedIndex` block, ``[X * B * H, Y, N_q, N_k]``: the same hash
+    as :func:`keep_mask`, with each window's own query and key pixels."""
+    folded = spec.folded
+    i = folded.q_index[..., :n_q].to(device=device, dtype=torch.int64)  # [X, Y, N_q]
+    j = folded.k_index.to(device=device, dtype=torch.int64)  # [X, Y, N_k]
+    windows, y = i.shape[0], i.shape[1]
+    if j.shape != (windows, y, n_k) or rows % (windows * folded.heads):
+        raise ValueError(f"a folded block of {rows} rows and {n_k} keys does not fit query index "
+                         f"{tuple(i.shape)}, key index {tuple(j.shape)}, {folded.heads} heads")
+    bh = torch.arange(rows // windows, device=device, dtype=torch.int64)  # [B * H]
+    seed = _mix32(torch.tensor(spec.seed & _MASK32, device=device, dtype=torch.int64))
+    x = _mix32(_mix32((bh // folded.heads) ^ seed) ^ (bh % folded.heads + spec.h_offset))
+    x = _mix32(x[None, :, None, None] ^ i[:, None, :, :])  # [X, B * H, Y, N_q]
+    x = _mix32(x[..., None] ^ j[:, None, :, None, :])  # [X, B * H, Y, N_q, N_k]
+    return (x >= int(spec.p * 2**32)).view(rows, y, n_q, n_k)
 
 
 def draw_seed() -> int:

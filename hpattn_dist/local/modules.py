@@ -25,7 +25,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
 from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
@@ -62,7 +62,9 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N, D]
+        # 3 x [B, H, N, D], each contiguous: local attention reads whole cells of q, k, v in place
+        # (Note [local attention plan]); the projection's [B, N, 3E] output is not kept.
+        return tuple(qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0))
 
     def _project_out(self, out: Tensor) -> Tensor:
         b, _, n, _ = out.shape
@@ -106,12 +108,10 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
                          window_nside=window_nside, mode=mode)
         self.process_group = process_group
         self.name = name
-        self._fingerprint = ParameterFingerprint()
 
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=True, point_sets=False)
+    def _facts_name(self) -> str:
+        return type(self).__name__ + (f" {self.name!r}" if self.name else "")
+
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         try:
@@ -123,7 +123,8 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
         out = healpix_local_attention(
             q, k, v, self.process_group, window_nside=self.window_nside, mode=self.mode,
             backend=self.attn_backend, dropout_p=self._dropout_p if self.training else 0.0,
-            scale=self.scale, key_mask=key_mask, layer=self._facts(),
+            scale=self.scale, key_mask=key_mask,
+            layer=LayerRef(self._facts_name(), tuple(self.parameters()), True),
         )
         return self._project_out(out)
 

@@ -107,8 +107,6 @@ def sharded_attention(
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
     if window_nside is not None:
-        if isinstance(layer, LayerRef):
-            layer = facts_of(layer.name, layer.params, layer.healpix_field)
         entry = "ring_cross_attention" if cross else "healpix_local_attention"
         return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
                                   dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
