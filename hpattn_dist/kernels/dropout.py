@@ -106,9 +106,10 @@ class FoldedIndex:
 
 def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
     """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec`` (for a
-    ``spec.folded`` block: ``[X * B * H, Y, N_q, N_k]``, with ``batch = X * B * H`` and ``heads = Y``)."""
+    ``spec.folded`` block: ``[X * B * H, Y, N_q, N_k]``, with ``batch = X * B * H`` and ``heads = Y``,
+    or the same with its batch dims merged)."""
     if spec.folded is not None:
-        return _folded_keep_mask(spec, batch, n_q, n_k, device)
+        return _folded_keep_mask(spec, batch, heads, n_q, n_k, device)
     b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
     i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
@@ -127,22 +128,23 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
     return x >= threshold
 
 
-def _folded_keep_mask(spec: DropoutSpec, rows: int, n_q: int, n_k: int, device) -> Tensor:
-    """The keep-mask of a :class:`FoldedIndex` block, ``[X * B * H, Y, N_q, N_k]``: the same hash
-    as :func:`keep_mask`, with each window's own query and key pixels."""
+def _folded_keep_mask(spec: DropoutSpec, rows: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
+    """The keep-mask of a :class:`FoldedIndex` block, ``[X * B * H, Y, N_q, N_k]`` (or that block
+    with its batch dims merged, ``[X * B * H * Y, 1, N_q, N_k]``): the same hash as
+    :func:`keep_mask`, with each window's own query and key pixels."""
     folded = spec.folded
     i = folded.q_index[..., :n_q].to(device=device, dtype=torch.int64)  # [X, Y, N_q]
     j = folded.k_index.to(device=device, dtype=torch.int64)  # [X, Y, N_k]
     windows, y = i.shape[0], i.shape[1]
-    if j.shape != (windows, y, n_k) or rows % (windows * folded.heads):
-        raise ValueError(f"a folded block of {rows} rows and {n_k} keys does not fit query index "
+    if j.shape != (windows, y, n_k) or (rows * heads) % (windows * y * folded.heads):
+        raise ValueError(f"a folded block [{rows}, {heads}, {n_q}, {n_k}] does not fit query index "
                          f"{tuple(i.shape)}, key index {tuple(j.shape)}, {folded.heads} heads")
-    bh = torch.arange(rows // windows, device=device, dtype=torch.int64)  # [B * H]
+    bh = torch.arange(rows * heads // (windows * y), device=device, dtype=torch.int64)  # [B * H]
     seed = _mix32(torch.tensor(spec.seed & _MASK32, device=device, dtype=torch.int64))
     x = _mix32(_mix32((bh // folded.heads) ^ seed) ^ (bh % folded.heads + spec.h_offset))
     x = _mix32(x[None, :, None, None] ^ i[:, None, :, :])  # [X, B * H, Y, N_q]
     x = _mix32(x[..., None] ^ j[:, None, :, None, :])  # [X, B * H, Y, N_q, N_k]
-    return (x >= int(spec.p * 2**32)).view(rows, y, n_q, n_k)
+    return (x >= int(spec.p * 2**32)).view(rows, heads, n_q, n_k)
 
 
 def draw_seed() -> int:

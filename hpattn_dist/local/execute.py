@@ -10,27 +10,31 @@ L keys per window in one call, X = A * C * B * H.
 :mod:`hpattn_dist.local.attention`, the registered op :mod:`hpattn_dist.local.ops`.
 
 Note [local attention memory]
-    What a rank holds, in units of one ``[B, H, Nq_r, D]`` tensor (keys in units of ``[B, H,
-    Nk_r, D]``; ``a`` = 1 for fp32/fp64 accumulators, 2 for bf16/fp16; g = the share of the rank's
-    units in its largest window group, about 1/4, Note [local attention plan]; b = the padded
-    border of a group's squares, ``(s + 2)**2 / s**2`` for side s):
+    What a rank holds, in units of one ``[B, H, N_r, D]`` tensor (fp32/fp64; a bf16/fp16 run holds
+    its gradient accumulators in fp32, twice its units), with g a window group's share of the
+    rank's units (about 1/4, Note [local attention plan]), b the padded border of its squares
+    (``(s + 2)**2 / s**2``: 2.25 for faces of 4 x 4 cells), m the key cells of a listed window, e
+    the edge cells (the halo, the cells split with a neighbour rank, the zero block) and s, r the
+    halo rows sent and received, each per ``N_r``:
 
-    * saved for the backward: q, k, v (3, the inputs as given: nothing is copied for saving),
-      out (1), lse (1/D), the edge cells' K/V (2 e, e = edge rows / Nk_r: the halo and the cells
-      split with a neighbour rank; 0 at P = 1 but for a zero block).
-    * forward, while a group runs: its gathered queries (g), padded K/V (2 g b) and the kernel's
-      output and the merge accumulator (2 g), besides the output (1): 1 + g (3 + 2 b).
-    * backward, while a group runs (the peak): dout (1), dq (a), dk and dv (2a: the whole rank's,
-      accumulated), and the group's gathered q, dout, out (3 g), padded K/V (2 g b), padded dK/dV
-      accumulators (2 g b a), dq accumulator (g a) and the kernel's dq, dk, dv of one call (g +
-      6 g: the keys of three cells per window): 1 + 3 a + g (10 + a + 2 b (1 + a)).
+    * saved for the backward: q, k, v as given (nothing is copied for saving), out, lse and the
+      edge cells' K/V (2e), so the backward sends only gradients.
+    * forward: the output (1) and the edge cells' K/V (2e); while a group of squares runs, its
+      queries (g), its padded K/V (2gb), the kernel's output, the merge accumulator and one merge
+      term (3g): ``1 + 2e + g (4 + 2b)``; a list: ``1 + 2e + g (2 + 2m)``; while the halo travels,
+      the two row buffers (``2s + 2r``).
+    * backward: dq, dk, dv (3), the saved edge cells (2e) and their gradients (2e); while a group
+      of squares runs, its gathered q, dout, out (3g), padded K/V and their gradient grids (4gb),
+      dq (2g: the kernel's and the sum) and the kernel's dk, dv of one call (6g: three cells per
+      window): ``3 + 4e + g (11 + 4b)``; a list: ``3 + 4e + g (4 + 4m)``; while the gradients
+      travel: ``3 + 2e + 2r + 2s``.
 
-    A list (``mode="cell"``) needs no padding (b = 1) and one key cell per window (dk, dv: 2 g);
-    where it reads q, k, v in place (the whole rank at P = 1) nothing is gathered and the kernel's
-    outputs are the results: forward 1, backward 1 + 3 a. Attention alone in fp32, neighbourhood,
-    g = 1/4 and b = 2.25 (side 4): forward 1 + 1.9 = 2.9, backward 4 + 6.0 = 10.0; the global
-    ring's backward holds 15 to 17 (Note [ring memory]). ``tests/distributed/test_memory.py``
-    counts the live bytes against these sums.
+    A list that reads q, k, v in place over the whole rank (``mode="cell"`` on cell-aligned shards,
+    P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
+    backward 3. Neighbourhood windows at P = 1 on faces of 4 x 4 cells: forward 3.1, backward 8.0;
+    the global ring's backward holds 6 at P = 1 and 15 to 17 at P >= 2 (Note [ring memory]).
+    ``tests/distributed/test_memory.py`` counts the live bytes (inside the registered ops too)
+    against these sums, and against the ring's.
 """
 
 from __future__ import annotations
@@ -155,35 +159,46 @@ class _Blocks:
 # --------------------------------------------------------------------------------------------
 
 
-def _pack_bytes(parts: list[Optional[Tensor]]) -> Tensor:
-    """Rows ``[S, ...]`` of several dtypes -> one uint8 ``[S, bytes per row]`` buffer."""
-    rows = [p.reshape(p.shape[0], math.prod(p.shape[1:])).contiguous().view(torch.uint8)
-            for p in parts if p is not None]
-    return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+Layout = list[Optional[tuple[tuple[int, ...], torch.dtype]]]
 
 
-def _unpack_bytes(buf: Tensor, like: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
-    """Inverse of :func:`_pack_bytes`: tensors shaped like each of ``like`` (rows from ``buf``)."""
+def _row_views(buf: Tensor, layout: Layout) -> list[Optional[Tensor]]:
+    """Typed views ``[rows, *shape]`` of the parts of a uint8 row buffer ``[rows, W]`` (parts in
+    :func:`_row_width`'s order: each at an offset its element size divides)."""
     out, col = [], 0
-    for t in like:
-        if t is None:
+    for part in layout:
+        if part is None:
             out.append(None)
             continue
-        width = math.prod(t.shape[1:]) * t.element_size()
-        out.append(buf[:, col:col + width].contiguous().view(t.dtype).view(buf.shape[0], *t.shape[1:]))
+        shape, dtype = part
+        width = math.prod(shape) * dtype.itemsize
+        out.append(buf[:, col:col + width].view(dtype).view(buf.shape[0], *shape))
         col += width
     return out
 
 
-def _exchange(parts: list[Optional[Tensor]], plan: LocalPlan, info: GroupInfo, direction: str,
+def _row_width(layout: Layout) -> int:
+    parts = [p for p in layout if p is not None]
+    if [p[1].itemsize for p in parts] != sorted((p[1].itemsize for p in parts), reverse=True):
+        raise ValueError("row parts must come in descending element size")
+    return -(-sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts) // 8) * 8
+
+
+def _exchange(layout: Layout, fill, plan: LocalPlan, info: GroupInfo, direction: str,
               reverse: bool = False) -> list[Optional[Tensor]]:
-    """Rows ``[S, ...]`` (forward) or ``[R, ...]`` (``reverse``) of several tensors in ONE all_to_all."""
+    """ONE all_to_all of rows of several tensors (K/V and a bias: one uint8 buffer, so a bf16 K/V
+    keeps its fp32 bias). ``fill(views)`` writes this rank's outgoing rows into views of the send
+    buffer (``[S, ...]`` forward, ``[R, ...]`` when ``reverse``); returns views of the received
+    rows (``[R, ...]``, resp. ``[S, ...]``), no copy."""
     halo = plan.halo
     counts = (halo.recv_counts, halo.send_counts) if reverse else (halo.send_counts, halo.recv_counts)
+    width = _row_width(layout)
+    send = torch.empty((sum(counts[0]), width), dtype=torch.uint8, device=halo.send_indices.device)
+    fill(_row_views(send, layout))
     label = f"{'cross' if plan.cross else 'local'}.halo.{direction}"
-    recv = all_to_all_rows(_pack_bytes(parts), counts[0], counts[1], info, label)
-    n = halo.rows_sent if reverse else halo.rows_received
-    return _unpack_bytes(recv, [None if p is None else p.new_empty((n, *p.shape[1:])) for p in parts])
+    recv = all_to_all_rows(send, counts[0], counts[1], info, label)
+    del send
+    return _row_views(recv, layout)
 
 
 def _edge_split(store: CellStore) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -367,9 +382,22 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     kv_recv = b_recv = None
     if plan.halo.total_rows:
         send = plan.halo.send_indices
-        parts = [torch.stack((k3.index_select(1, send), v3.index_select(1, send))).permute(2, 0, 1, 3),
-                 None if b3 is None else b3.index_select(1, send).permute(1, 0, 2)]
-        kv_recv, b_recv = _exchange(parts, plan, info, "forward")  # [R, 2, BH, D], [R, B * Hb, 1]
+
+        # rows [S, 2, B * H, D] and [S, B * Hb, 1]; the larger element first (Note: _row_width)
+        bias_first = b3 is not None and b3.dtype.itemsize > q.dtype.itemsize
+        layout = [((2, batch * heads, d), q.dtype), None if b3 is None else ((b3.shape[0], 1), b3.dtype)]
+        order = [1, 0] if bias_first else [0, 1]
+
+        def fill(views: list[Optional[Tensor]]) -> None:
+            kv_rows, b_rows = (views[i] for i in order)
+            kv_rows[:, 0] = k3.transpose(0, 1).index_select(0, send)
+            kv_rows[:, 1] = v3.transpose(0, 1).index_select(0, send)
+            if b3 is not None:
+                b_rows[:] = b3.transpose(0, 1).index_select(0, send)
+
+        received = _exchange([layout[i] for i in order], fill, plan, info, "forward")
+        kv_recv, b_recv = (received[i] for i in order)  # [R, 2, BH, D], [R, B * Hb, 1]
+        del received
     edge_k = _edge_buffer(plan.keys, k3, None if kv_recv is None else kv_recv[:, 0], 0.0)
     edge_v = _edge_buffer(plan.keys, v3, None if kv_recv is None else kv_recv[:, 1], 0.0)
     edge_b = None if b3 is None else _edge_buffer(plan.keys, b3, b_recv, float("-inf"))
@@ -400,6 +428,22 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     return out.view(batch, heads, n_q, d), lse.view(batch, heads, n_q), edge_kv, edge_bias
 
 
+def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
+    """``[X, Y, n, F]`` (a bias ``[X, Y, n]``) blocks as ``[X * Y, 1, n, F]`` views, or None when
+    one of them does not fold (views of a part of the rank's rows, overlapping spans). The fused
+    CPU kernels write their outputs ``[B, N, H, D]``-major: with ``H = 1`` those are contiguous."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            out.append(t.view(t.shape[0] * t.shape[1], 1, *t.shape[2:]))
+        except RuntimeError:  # X and Y do not merge in this tensor's strides
+            return None
+    return out
+
+
 def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc):
     """``(out [X, Y, c_q, D], lse [X, Y, c_q])`` of one group: its calls, merged."""
     qg = _queries(group, queries)
@@ -407,7 +451,12 @@ def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout
     o = l = None
     for dx in call.offsets:
         k_c, v_c, b_c, spec = call.keys(dx)
-        o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec)
+        folded = _fold([qg, k_c, v_c, b_c])
+        if folded is None:
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec)
+        else:
+            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec)
+            o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
         if o is None:
             o, l = (o_c, l_c) if len(call.offsets) == 1 else (o_c.to(acc), l_c.to(acc))
         else:
@@ -444,6 +493,8 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
                                          dropout_p, seed, need_dbias, acc)
         dq = dq.reshape(batch * heads, n_q, d)
         grads = [(t.reshape(t.shape[2], n_k, t.shape[-1]).to(acc), None) for t in (dk, dv, db) if t is not None]
+        if need_dbias and b3.shape[0] != batch * heads:  # a one-head bias: its gradient adds up over heads
+            grads[2] = (grads[2][0].view(batch, heads, n_k, 1).sum(1), None)
     else:
         dq_b = _Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device)
         dk_b, dv_b = (_Blocks(plan.keys, batch * heads, d, queries.bh_rows, acc, q.device) for _ in range(2))
@@ -466,29 +517,36 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         dq, dq_edge = dq_b.rows(n_q)
         _rows_from_edge(plan.queries, dq, dq_edge)
         grads = [dk_b.rows(n_k), dv_b.rows(n_k)] + ([db_b.rows(n_k)] if db_b is not None else [])
+        del dq_b, dk_b, dv_b, db_b  # the edge accumulators live on in `grads` only until they are sent
         for own, edge in grads:
             _rows_from_edge(plan.keys, own, edge, add=True)
     if plan.halo.total_rows:  # every rank takes part, also one that received nothing
         _, _, recv_pos, recv_rows = _edge_split(plan.keys)
-        halo = []
-        for own, edge in grads:  # [S0, E * c_k, F] -> the received rows' gradients [R, S0, F]
-            g = own.new_zeros((plan.halo.rows_received, own.shape[0], own.shape[2]))
-            if edge is not None and recv_pos.numel():
-                g.index_copy_(0, recv_rows, edge.index_select(1, recv_pos).transpose(0, 1))
-            halo.append(g)
-        parts = [torch.stack(halo[:2], 1), halo[2] if len(halo) > 2 else None]  # [R, 2, BH, D], [R, B * Hb, 1]
-        dkv_sent, db_sent = _exchange(parts, plan, info, "backward", reverse=True)
+        edges = [edge for _, edge in grads]
+        grads = [own for own, _ in grads]
+
+        def fill(views: list[Optional[Tensor]]) -> None:  # the received rows' gradients, [R, ...]
+            parts = [views[0][:, 0], views[0][:, 1]] + ([views[1]] if len(edges) > 2 else [])
+            for part, edge in zip(parts, edges):
+                part.zero_()
+                if edge is not None and recv_pos.numel():
+                    part.index_copy_(0, recv_rows, edge.index_select(1, recv_pos).transpose(0, 1))
+            edges.clear()  # the edge cells' gradients are not needed any more
+
+        layout = [((2, batch * heads, d), acc), ((b3.shape[0], 1), acc) if need_dbias else None]
+        dkv_sent, db_sent = _exchange(layout, fill, plan, info, "backward", reverse=True)
         send = plan.halo.send_indices
-        grads[0][0].index_add_(1, send, dkv_sent[:, 0].transpose(0, 1))
-        grads[1][0].index_add_(1, send, dkv_sent[:, 1].transpose(0, 1))
+        grads[0].index_add_(1, send, dkv_sent[:, 0].transpose(0, 1))
+        grads[1].index_add_(1, send, dkv_sent[:, 1].transpose(0, 1))
         if db_sent is not None:
-            grads[2][0].index_add_(1, send, db_sent.transpose(0, 1))
-    dk, dv = (g[0].reshape(batch, heads, n_k, d).to(k.dtype) for g in grads[:2])
+            grads[2].index_add_(1, send, db_sent.transpose(0, 1))
+        del dkv_sent, db_sent
+    else:
+        grads = [own for own, _ in grads]
+    dk, dv = (g.reshape(batch, heads, n_k, d).to(k.dtype) for g in grads[:2])
     dbias = None
     if need_dbias:
-        dbias = grads[2][0].reshape(batch, grads[2][0].shape[0] // batch, n_k)
-        if dbias.shape[1] != bias.shape[1]:  # in place: the kernel's per-head gradient of a one-head bias
-            dbias = dbias.sum(1, keepdim=True)
+        dbias = grads[2].reshape(batch, grads[2].shape[0] // batch, n_k)
     return dq.reshape(batch, heads, n_q, d).to(q.dtype), dk, dv, dbias
 
 
@@ -505,7 +563,13 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
         grids.append(None if not need_dbias else torch.zeros(call.bias.shape, dtype=acc, device=qg.device))
     for dx in call.offsets:
         k_c, v_c, b_c, spec = call.keys(dx)
-        dq_c, dk_c, dv_c, db_c = kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+        folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
+        if folded is None:
+            dq_c, dk_c, dv_c, db_c = kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+        else:
+            dq_c, dk_c, dv_c, db_c = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
+            dq_c, dk_c, dv_c = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq_c, dk_c, dv_c), (qg, k_c, v_c)))
+            db_c = None if db_c is None else db_c.view(b_c.shape[:2] + db_c.shape[2:])
         dq = dq_c.to(acc) if dq is None else dq.add_(dq_c)
         if not group.pad:
             m = group.k_cells.shape[1]
@@ -518,7 +582,7 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
             if grid is None:
                 continue
             f = grid.shape[-1]
-            g = g.reshape(a, cc, -1, y, 3, plan.key_cell_pixels, f)
+            g = g.view(a, cc, -1, y, 3, plan.key_cell_pixels, f)  # a view of the kernel's layout
             for t in range(3):
                 grid[1 + dx:1 + dx + a, :, :, t:t + y].add_(g[:, :, :, :, t])
         del dq_c, dk_c, dv_c, db_c

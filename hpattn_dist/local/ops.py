@@ -147,6 +147,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, key_mask, key_bias, out, plan_t, lse, edge_kv, edge_bias)
     ctx.static = (group_name, window_nside, mode, backend, dropout_p, scale, cross, bias_grad)
     ctx.what = _ENTRIES[int(cross)]
+    ctx.set_materialize_grads(False)  # no zero gradients for the residuals (edge_kv is 2 e units)
 
 
 def _plain_backward(ctx, dout):

@@ -362,7 +362,9 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
                 continue
             sel = sizes_m == m
             cells = window[sel][window[sel] >= 0].view(-1, m)
-            groups.append(_list_group(units[sel], cells, queries, keys, recompute=True))
+            step = max(1, 2 * budget // m)  # about the key cells a group of squares lays out
+            for a in range(0, cells.shape[0], step):
+                groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys, recompute=True))
     return LocalPlan(
         nside, n, mode, c_q, sizes[rank], q_bounds[rank][0], units, (window >= 0).sum(dim=1), queries, keys,
         tuple(groups), halo, key_nside, c_k, key_sizes[rank], k_bounds[rank][0], cross,
