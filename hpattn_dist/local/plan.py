@@ -25,7 +25,9 @@ kernel runs every window of a call at once, with no mask and no ``N x N`` score 
   three cells ``(x + dx, y - 1 .. y + 1)``, which lie next to each other: ONE strided view
   ``[s * C * B * H, s, 3 * c_k, D]`` (overlapping windows, no copy) serves a whole call. The three
   calls' ``(out, lse)`` merge with the ring's online softmax (Note [stable merge]), so every key is
-  laid out once per padded square, never once per window. Where three faces meet a window has
+  laid out once per padded square, never once per window. Squares of side 1 or 2 (the faces at
+  ``n <= 2``, the ends of a rank's range) would pad 9x or 4x: their windows run as lists of cells
+  instead (each unit against its 9 (8, 7, 6) cells). Where three faces meet a window has
   only 7 (at n = 1, 6) other cells: the padded grid holds a zero block there; a masked call gives
   it bias -inf, and an unmasked call's few such windows are computed again from their listed
   cells (the list form, ``recompute``) and overwrite the squares' result. The backward needs no
@@ -66,6 +68,8 @@ __all__ = ["CellStore", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_a
 
 #: The windows of a rank run in about this many groups (a group gathers its blocks at once).
 _GROUPS = 4
+#: Squares of cells smaller than this run their windows as lists (Note [local attention plan]).
+_MIN_SIDE = 4
 _MAX_PLANS = 16
 
 
@@ -352,19 +356,28 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
         by_side = collections.defaultdict(list)
         for square in squares:
             by_side[square[3]].append(square)
+        listed = torch.zeros(units.numel(), dtype=torch.bool)  # windows run as lists
         for side, same in sorted(by_side.items(), reverse=True):
+            if side < _MIN_SIDE:  # a padded border of 4x or 9x: list these windows instead
+                for f, x0, y0, _ in same:
+                    first = int(face_cell(n, torch.tensor(f), torch.tensor(x0), torch.tensor(y0)))
+                    listed[first - int(units[0]):first - int(units[0]) + side * side] = True
+                continue
             for run in _chunks(same, [side * side] * len(same), max(budget, side * side)):
                 groups.append(_square_group(run, n, queries, keys))
-        # Windows missing a cell, computed again from their cells when no bias masks the zero block.
+        # Listed windows, and windows of squares missing a cell, which are computed again from
+        # their cells when no bias masks the zero block; grouped by their number of cells m.
         sizes_m = (window >= 0).sum(dim=1)
         for m in sorted(set(sizes_m.tolist())):
-            if m == window.shape[1]:
-                continue
-            sel = sizes_m == m
-            cells = window[sel][window[sel] >= 0].view(-1, m)
-            step = max(1, 2 * budget // m)  # about the key cells a group of squares lays out
-            for a in range(0, cells.shape[0], step):
-                groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys, recompute=True))
+            for recompute in (False, True):
+                sel = (sizes_m == m) & (~listed if recompute else listed)
+                if recompute and m == window.shape[1] or not bool(sel.any()):
+                    continue
+                cells = window[sel][window[sel] >= 0].view(-1, m)
+                step = max(8, budget // 2)  # about twice the key cells a group of squares lays out
+                for a in range(0, cells.shape[0], step):
+                    groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys,
+                                              recompute=recompute))
     return LocalPlan(
         nside, n, mode, c_q, sizes[rank], q_bounds[rank][0], units, (window >= 0).sum(dim=1), queries, keys,
         tuple(groups), halo, key_nside, c_k, key_sizes[rank], k_bounds[rank][0], cross,
