@@ -178,10 +178,12 @@ def _row_views(buf: Tensor, layout: Layout) -> list[Optional[Tensor]]:
 
 
 def _row_width(layout: Layout) -> int:
+    """Bytes per row: the parts in descending element size, padded to a multiple of the first's."""
     parts = [p for p in layout if p is not None]
-    if [p[1].itemsize for p in parts] != sorted((p[1].itemsize for p in parts), reverse=True):
+    sizes = [dtype.itemsize for _, dtype in parts]
+    if sizes != sorted(sizes, reverse=True):
         raise ValueError("row parts must come in descending element size")
-    return -(-sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts) // 8) * 8
+    return -(-sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts) // sizes[0]) * sizes[0]
 
 
 def _exchange(layout: Layout, fill, plan: LocalPlan, info: GroupInfo, direction: str,

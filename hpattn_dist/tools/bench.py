@@ -776,9 +776,10 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 mode=mode).to(device=device, dtype=dtype)
             say(f"nside {nside}: local {mode} (window_nside {window_nside}), {world} ranks x "
                 f"{threads_per_rank} threads")
-            rec = {**base, "mode": mode, "impl": "local", "world_size": world, "threads_per_rank": threads_per_rank}
-            rec.update(_per_rank(_layer_times(local, x_local, g_local, cfg, device)))
-            group = [rec]
+            local_rec = {**base, "mode": mode, "impl": "local", "world_size": world,
+                         "threads_per_rank": threads_per_rank}
+            local_rec.update(_per_rank(_layer_times(local, x_local, g_local, cfg, device)))
+            records.append(local_rec)
 
             if ring_rec is None:
                 say(f"nside {nside}: global ring, {world} ranks x {threads_per_rank} threads")
@@ -806,12 +807,11 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                     torch.set_num_threads(threads)
                 rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
                            bytes_per_rank=[sum(res.pop("comm")["bytes_sent"].values())])
-            group.append(_gather_objects(rec)[0])
-            t_local = group[0]["fwd_bwd_s"]
-            group[0]["efficiency_fwd_bwd"] = group[1]["fwd_bwd_s"] / t_local
-            group[0]["efficiency_fwd"] = group[1]["fwd_s"] / group[0]["fwd_s"]
-            group[0]["speed_vs_ring_fwd_bwd"] = ring_rec["fwd_bwd_s"] / t_local
-            records += group
+            single_rec = _gather_objects(rec)[0]
+            local_rec["efficiency_fwd_bwd"] = single_rec["fwd_bwd_s"] / local_rec["fwd_bwd_s"]
+            local_rec["efficiency_fwd"] = single_rec["fwd_s"] / local_rec["fwd_s"]
+            local_rec["speed_vs_ring_fwd_bwd"] = ring_rec["fwd_bwd_s"] / local_rec["fwd_bwd_s"]
+            records.append(single_rec)
 
         # The attention alone against FlexAttention (Note [flex baseline]), on rank 0.
         head_dim = cfg.embed_dim // cfg.num_heads
