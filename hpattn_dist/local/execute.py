@@ -281,7 +281,7 @@ class _Call:
 
     def __init__(self, group: WindowGroup, kv: list[_Cells], bias: Optional[_Cells], plan: LocalPlan,
                  dropout_p: float, seed: int, heads: int) -> None:
-        self.group, self.plan = group, plan
+        self.group, self.plan, self.kv = group, plan, kv
         c_q, c_k = plan.cell_pixels, plan.key_cell_pixels
         a, cc, y = group.q_cells.shape
         q_index = _pixels(group.q_cells, c_q).reshape(a * cc, y, c_q) if dropout_p > 0 else None
@@ -303,6 +303,28 @@ class _Call:
                 self.bias = bias.gather(group.k_refs.view(1, 1, y, m)).reshape(-1, y, m * c_k)
             self.k_pixels = _pixels(group.k_cells, c_k).reshape(1, y, m * c_k) if dropout_p > 0 else None
             self.offsets = (0,)
+
+    def fix(self, dx: int, qg: Tensor, o: Tensor, lse: Tensor, kernel: BlockKernel, scale: float) -> None:
+        """Column ``dx`` of the windows that read a zero block there, computed again from its two
+        cells, written into the call's ``o [X, Y, c_q, D]`` and ``lse [X, Y, c_q]`` (no key bias:
+        Note [local attention plan])."""
+        group, c_q, c_k = self.group, self.plan.cell_pixels, self.plan.key_cell_pixels
+        for fix_dx, windows, cells, refs in group.fixes:
+            if fix_dx != dx:
+                continue
+            a, cc, y = group.q_cells.shape
+            at = (windows // (cc * y), windows // y % cc, windows % y)  # (x, square, y) of each window
+            n = windows.numel()
+            q_f = qg.view(a, cc, -1, y, c_q, qg.shape[-1])[at[0], at[1], :, at[2]]  # [n, BH, c_q, D]
+            q_f = q_f.transpose(0, 1).reshape(-1, 1, c_q, qg.shape[-1])
+            k_f, v_f = (side.gather(refs.view(1, 1, n, 2)).reshape(-1, 1, 2 * c_k, side.f) for side in self.kv)
+            spec = None if self.q_index is None else _dropout(
+                self.dropout_p, self.seed, self.heads, _pixels(group.q_cells.reshape(-1)[windows], c_q)[None],
+                _pixels(cells, c_k).reshape(1, n, 2 * c_k))
+            o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec)
+            o.view(a, cc, -1, y, c_q, o.shape[-1])[at[0], at[1], :, at[2]] = \
+                o_f.view(-1, n, c_q, o.shape[-1]).transpose(0, 1).to(o.dtype)
+            lse.view(a, cc, -1, y, c_q)[at[0], at[1], :, at[2]] = l_f.view(-1, n, c_q).transpose(0, 1).to(lse.dtype)
 
     def keys(self, dx: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[DropoutSpec]]:
         group = self.group
@@ -413,8 +435,6 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
         out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device)
         lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device)
         for group in plan.groups:
-            if group.recompute and bias_cells is not None:
-                continue  # the zero blocks carry bias -inf: the squares' result is exact
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc)
             a, cc, y = group.q_refs.shape
             out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
@@ -459,6 +479,8 @@ def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout
         else:
             o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec)
             o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
+        if bias is None:  # with a bias the zero blocks are masked
+            call.fix(dx, qg, o_c, l_c, kernel, scale)
         if o is None:
             o, l = (o_c, l_c) if len(call.offsets) == 1 else (o_c.to(acc), l_c.to(acc))
         else:
@@ -503,9 +525,7 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         db_b = None
         if need_dbias:
             db_b = _Blocks(plan.keys, b3.shape[0], 1, bias_cells.bh_rows, acc, q.device)
-        for group in plan.groups:
-            if group.recompute:
-                continue  # Note [local attention plan]: the zero blocks add nothing to dQ
+        for group in plan.groups:  # Note [local attention plan]: the zero blocks add nothing to dQ
             dq, dk, dv, db = _group_backward(plan, group, sides, kv, bias_cells, heads, kernel, scale, dropout_p,
                                              seed, need_dbias, acc)
             a, cc, y = group.q_refs.shape

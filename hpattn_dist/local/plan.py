@@ -28,10 +28,10 @@ kernel runs every window of a call at once, with no mask and no ``N x N`` score 
   laid out once per padded square, never once per window. Squares of side 1 or 2 (the faces at
   ``n <= 2``, the ends of a rank's range) would pad 9x or 4x: their windows run as lists of cells
   instead (each unit against its 9 (8, 7, 6) cells). Where three faces meet a window has
-  only 7 (at n = 1, 6) other cells: the padded grid holds a zero block there; a masked call gives
-  it bias -inf, and an unmasked call's few such windows are computed again from their listed
-  cells (the list form, ``recompute``) and overwrite the squares' result. The backward needs no
-  such pass: a zero key block adds exactly zero to dQ, and its dK/dV are dropped.
+  only 7 other cells: the padded grid holds a zero block there; a masked call gives it bias -inf,
+  and in an unmasked call the column holding it is computed again for those few windows from its
+  two cells (``fixes``), before the merge. The backward needs no such pass: a zero key block adds
+  exactly zero to dQ, and its dK/dV are dropped.
 
 Queries and keys are read through a *cell store* per side: the cells wholly on this rank are
 views of this rank's rows (no copy), the others (a cell split between ranks, a halo cell) are
@@ -129,8 +129,10 @@ class WindowGroup:
         q_refs, k_refs: the same as refs of the query and key :class:`CellStore`.
         q_view, k_view: for a list whose refs are ``q_view ..`` (``k_view ..``, one key cell each)
             in order and own: read in place; else -1.
-        recompute: windows of the squares computed again without their missing cells (run only
-            when no key bias masks the zero blocks).
+        fixes: for squares, per column offset dx with a zero block in some window's column:
+            ``(dx, windows, k_cells, k_refs)``, the windows (flat ``(x, square, y)`` indices into
+            ``[A, C, Y]``) whose column dx is computed again from its two cells (int64 ``[n, 2]``)
+            when no key bias masks the zero block.
     """
 
     pad: int
@@ -140,11 +142,12 @@ class WindowGroup:
     k_refs: Tensor
     q_view: int = -1
     k_view: int = -1
-    recompute: bool = False
+    fixes: tuple[tuple[int, Tensor, Tensor, Tensor], ...] = ()
 
     def to(self, device: torch.device) -> "WindowGroup":
         return replace(self, q_cells=self.q_cells.to(device), k_cells=self.k_cells.to(device),
-                       q_refs=self.q_refs.to(device), k_refs=self.k_refs.to(device))
+                       q_refs=self.q_refs.to(device), k_refs=self.k_refs.to(device),
+                       fixes=tuple((dx, *(t.to(device) for t in f)) for dx, *f in self.fixes))
 
 
 @dataclass(frozen=True)
@@ -267,8 +270,7 @@ def _chunks(items: list, sizes: list[int], budget: int) -> list[list]:
     return out + ([run] if run else [])
 
 
-def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: CellStore,
-                recompute: bool = False) -> WindowGroup:
+def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: CellStore) -> WindowGroup:
     q_refs, k_refs = queries.refs(units), keys.refs(key_cells)
     q_view = k_view = -1
     y = units.numel()
@@ -277,8 +279,7 @@ def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: Cell
     if key_cells.shape[1] == 1 and int(k_refs.max()) < keys.n_own and torch.equal(
             k_refs[:, 0], k_refs[0, 0] + torch.arange(y)):
         k_view = int(k_refs[0, 0])
-    return WindowGroup(0, units.view(1, 1, y), key_cells, q_refs.view(1, 1, y), k_refs, q_view, k_view,
-                       recompute)
+    return WindowGroup(0, units.view(1, 1, y), key_cells, q_refs.view(1, 1, y), k_refs, q_view, k_view)
 
 
 def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: CellStore,
@@ -290,7 +291,16 @@ def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: Cel
                            for f, x0, y0, _ in squares], dim=1)  # [s, C, s]
     k_cells = torch.stack([padded[f, x0 + ar2[:, None], y0 + ar2[None, :]]
                            for f, x0, y0, _ in squares], dim=1)  # [s + 2, C, s + 2]
-    return WindowGroup(1, q_cells, k_cells, queries.refs(q_cells), keys.refs(k_cells))
+    fixes = []
+    for dx in (-1, 0, 1):
+        # column dx of window (x, c, y): cells (x + dx, c, y - 1 .. y + 1) of the padded grid
+        column = torch.stack([k_cells[1 + dx:1 + dx + s, :, t:t + s] for t in range(3)], dim=-1)
+        hit = (column < 0).any(dim=-1).reshape(-1)  # [A * C * Y]
+        if bool(hit.any()):
+            cells = column.reshape(-1, 3)[hit]
+            cells = cells[cells >= 0].view(-1, 2)  # one cell is missing where three faces meet
+            fixes.append((dx, hit.nonzero().squeeze(1), cells, keys.refs(cells)))
+    return WindowGroup(1, q_cells, k_cells, queries.refs(q_cells), keys.refs(k_cells), fixes=tuple(fixes))
 
 
 def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
@@ -365,19 +375,14 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
                 continue
             for run in _chunks(same, [side * side] * len(same), max(budget, side * side)):
                 groups.append(_square_group(run, n, queries, keys))
-        # Listed windows, and windows of squares missing a cell, which are computed again from
-        # their cells when no bias masks the zero block; grouped by their number of cells m.
+        # Listed windows, grouped by their number of cells m.
         sizes_m = (window >= 0).sum(dim=1)
-        for m in sorted(set(sizes_m.tolist())):
-            for recompute in (False, True):
-                sel = (sizes_m == m) & (~listed if recompute else listed)
-                if recompute and m == window.shape[1] or not bool(sel.any()):
-                    continue
-                cells = window[sel][window[sel] >= 0].view(-1, m)
-                step = max(8, budget // 2)  # about twice the key cells a group of squares lays out
-                for a in range(0, cells.shape[0], step):
-                    groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys,
-                                              recompute=recompute))
+        for m in sorted(set(sizes_m[listed].tolist())):
+            sel = (sizes_m == m) & listed
+            cells = window[sel][window[sel] >= 0].view(-1, m)
+            step = max(8, budget // 2)  # about twice the key cells a group of squares lays out
+            for a in range(0, cells.shape[0], step):
+                groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys))
     return LocalPlan(
         nside, n, mode, c_q, sizes[rank], q_bounds[rank][0], units, (window >= 0).sum(dim=1), queries, keys,
         tuple(groups), halo, key_nside, c_k, key_sizes[rank], k_bounds[rank][0], cross,

@@ -490,6 +490,17 @@ def _per_rank(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _single_process_times(layer: nn.Module, x: Tensor | tuple[Tensor, ...], g: Tensor, cfg: BenchConfig,
+                          device: torch.device, threads: int) -> dict[str, Any]:
+    """:func:`_layer_times` of a 1-process baseline on this rank alone with ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _layer_times(layer, x, g, cfg, device, collective=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """The scaling mode on every rank (collective); returns the records (same on every rank)."""
@@ -522,12 +533,7 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             oracle_rec = {**base, "impl": "oracle", "strategy": None, "kernel": cfg.backend,
                           "world_size": 1, "threads_per_rank": world * threads_per_rank}
             if rank == 0:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    rec = _layer_times(oracle, x, g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                rec = _single_process_times(oracle, x, g, cfg, device, world * threads_per_rank)
                 rec["peak_mem_bytes_per_rank"] = [rec.pop("peak_mem")["bytes"]]
                 rec["bytes_per_rank"] = [0]
                 rec.pop("comm")
@@ -799,12 +805,7 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                     cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
                     mode=mode, process_group=solo).to(device=device, dtype=dtype)
                 single.load_state_dict(local.state_dict())
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    res = _layer_times(single, x, g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                res = _single_process_times(single, x, g, cfg, device, world * threads_per_rank)
                 rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
                            bytes_per_rank=[sum(res.pop("comm")["bytes_sent"].values())])
             single_rec = _gather_objects(rec)[0]
@@ -993,12 +994,7 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                         strategy="ring", process_group=solo, **_locality_kwargs(window))
                     single.load_state_dict(oracle.state_dict())
                     single = single.to(device=device, dtype=dtype)
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    res = _layer_times(single, (x_q, x_kv), g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                res = _single_process_times(single, (x_q, x_kv), g, cfg, device, world * threads_per_rank)
                 single_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
                                   bytes_per_rank=[payload_bytes(res.pop("comm")["bytes_sent"])])
             single_rec = _gather_objects(single_rec)[0]

@@ -37,6 +37,10 @@ CASES = [
     (8, 8, "cell", "auto", False, 0, 0.0),
     (4, 2, "neighbourhood", "manual", True, H, 0.0),
     (4, 1, "cell", "auto", True, 1, 0.25),
+    # window_nside 4: squares of padded faces, with the zero blocks where three faces meet
+    (8, 4, "neighbourhood", "auto", False, 0, 0.0),
+    (8, 4, "neighbourhood", "manual", False, 0, 0.2),
+    (8, 4, "neighbourhood", "manual", True, 1, 0.0),
 ]
 
 

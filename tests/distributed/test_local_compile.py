@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from hpattn_dist import (DistributedLocalSpatialSelfAttention, DistributedSpatialCrossAttention,
-                         LocalSpatialSelfAttention, SpatialCrossAttention, count_communication,
-                         ring_cross_attention)
+                         LocalSpatialSelfAttention, SpatialCrossAttention, ring_cross_attention)
+from tests.distributed.test_compile import _close, _fwd_bwd
 from tests.harness import run_ranks
 from tests.local_reference import healpy_cross_window_mask, reference_local_attention
-from tests.training_model import E, H, Block, bounds, field
+from tests.training_model import Block, CrossBlock, E, H, bounds, field
 
 N, NK, E_KV, WORLD = 48, 192, 8, 2
 # name: layer kwargs (a "cross" name: the windowed cross layer, source grid of NK pixels)
@@ -32,20 +32,6 @@ RUNS = {
     "local neighbourhood, auto kernel": {"window_nside": 1, "mode": "neighbourhood", "attn_backend": "auto"},
     "cross neighbourhood": {"window_nside": 1, "mode": "neighbourhood", "attn_backend": "manual"},
 }
-
-
-class CrossBlock(nn.Module):
-    """LayerNorm + cross-attention from ``x`` to the block's fixed source field + MLP."""
-
-    def __init__(self, attn: nn.Module, x_kv: torch.Tensor) -> None:
-        super().__init__()
-        self.norm1, self.norm_kv, self.attn, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E_KV), attn, nn.LayerNorm(E)
-        self.mlp = nn.Sequential(nn.Linear(E, 2 * E), nn.GELU(), nn.Linear(2 * E, E))
-        self.register_buffer("x_kv", x_kv)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.norm_kv(self.x_kv))
-        return x + self.mlp(self.norm2(x))
 
 
 def _source() -> torch.Tensor:
@@ -69,18 +55,6 @@ def make(name: str, distributed: bool, kv_rows: slice = slice(None)) -> nn.Modul
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return block
-
-
-def _fwd_bwd(fn, params, x, w):
-    """``(y, dx, grads, bytes sent forward, bytes sent backward)``."""
-    x = x.clone().requires_grad_()
-    for p in params.values():
-        p.grad = None
-    with count_communication() as fwd:
-        y = fn(x)
-    with count_communication() as bwd:
-        (w * y).sum().backward()
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in params.items()}, fwd.total_bytes, bwd.total_bytes
 
 
 def _cross_fn_inputs(world: int, rank: int):
@@ -171,10 +145,6 @@ def _single_process() -> dict:
 
     assert not dist.is_initialized()
     return _job(0, 1, SINGLE)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:
-    return bool((a - b).abs().max() <= tol * b.abs().max())
 
 
 def _check_eager_equals_compiled(r: dict, where) -> None:

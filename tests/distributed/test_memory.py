@@ -213,8 +213,7 @@ def local_counts(plan, mode: str) -> tuple[float, float]:
         else:
             m = group.k_cells.shape[1]
             fwd = max(fwd, g * (1 + 2 * m + 1))
-            if not group.recompute:
-                bwd = max(bwd, g * (3 + 4 * m + 1))
+            bwd = max(bwd, g * (3 + 4 * m + 1))
     if mode == "cell" and len(plan.groups) == 1 and plan.groups[0].q_view == 0 and not plan.halo.total_rows:
         return 1.0, 3.0  # read in place: the kernel's outputs are the results
     exchange_fwd = max(2 * s + 2 * r, 3 * r + 2 * e)  # all_to_all buffers; edge cells filled

@@ -131,10 +131,11 @@ def _qkv(n: int, dtype, seed: int):
             for _ in range(3)]
 
 
+@pytest.mark.parametrize("nside,window_nside", [(4, 2), (8, 4)])  # windows as lists, as padded faces
 @pytest.mark.parametrize("backend", ["auto", "manual"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2.5e-2)])
-def test_single_process_op_matches_reference(backend, dtype, tol) -> None:
-    nside, window_nside, mode = 4, 2, "neighbourhood"
+def test_single_process_op_matches_reference(backend, dtype, tol, nside, window_nside) -> None:
+    mode = "neighbourhood"
     q, k, v = _qkv(12 * nside**2, dtype, 1)
     out = healpix_local_attention(q, k, v, window_nside=window_nside, mode=mode, backend=backend)
     assert out.dtype == dtype
@@ -227,8 +228,9 @@ def test_folded_keep_mask_is_each_windows_own_mask() -> None:
 
 
 def test_dropout_runs_a_few_calls_not_one_per_cell(monkeypatch) -> None:
-    """Windows with dropout are folded into the batch like any other (one call per group of cells,
-    three for squares): the manual kernel runs a few times per forward, not once per cell."""
+    """Windows with dropout are folded into the batch like any other (one call per group of cells;
+    for a group of squares three, and two more for the columns that hold a missing cell): the
+    manual kernel runs a few times per forward, not once per cell (192 here)."""
     from hpattn_dist.kernels import dispatch
 
     calls = []
@@ -239,4 +241,4 @@ def test_dropout_runs_a_few_calls_not_one_per_cell(monkeypatch) -> None:
     for mode in ("cell", "neighbourhood"):
         calls.clear()
         healpix_local_attention(q, k, v, window_nside=window_nside, mode=mode, dropout_p=0.2, dropout_seed=3)
-        assert 0 < len(calls) <= 16, (mode, len(calls))
+        assert 0 < len(calls) <= 20, (mode, len(calls))
