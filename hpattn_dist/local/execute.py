@@ -20,9 +20,9 @@ Note [local attention memory]
     * saved for the backward: q, k, v as given (nothing is copied for saving), out, lse and the
       edge cells' K/V (2e), so the backward sends only gradients.
     * forward: the output (1) and the edge cells' K/V (2e); while a group of squares runs, its
-      queries (g), its padded K/V (2gb), the kernel's output, the merge accumulator and one merge
-      term (3g): ``1 + 2e + g (4 + 2b)``; a list: ``1 + 2e + g (2 + 2m)``; while the halo travels,
-      the two row buffers (``2s + 2r``).
+      queries (g), its padded K/V (2gb), the kernel's output and the merge accumulator (2g):
+      ``1 + 2e + g (3 + 2b)``; a list: ``1 + 2e + g (2 + 2m)``; while the halo travels, the two
+      row buffers (``2s + 2r``).
     * backward: dq, dk, dv (3), the saved edge cells (2e) and their gradients (2e); while a group
       of squares runs, its gathered q, dout, out (3g), padded K/V and their gradient grids (4gb),
       dq (2g: the kernel's and the sum) and the kernel's dk, dv of one call (6g: three cells per
@@ -31,7 +31,7 @@ Note [local attention memory]
 
     A list that reads q, k, v in place over the whole rank (``mode="cell"`` on cell-aligned shards,
     P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
-    backward 3. Neighbourhood windows at P = 1 on faces of 4 x 4 cells: forward 3.1, backward 8.0;
+    backward 3. Neighbourhood windows at P = 1 on faces of 4 x 4 cells: forward 2.9, backward 8.0;
     the global ring's backward holds 6 at P = 1 and 15 to 17 at P >= 2 (Note [ring memory]).
     ``tests/distributed/test_memory.py`` counts the live bytes (inside the registered ops too)
     against these sums, and against the ring's.
@@ -110,11 +110,13 @@ class _Blocks:
     add up over the heads)."""
 
     def __init__(self, store: CellStore, rows: int, f: int, bh_rows: Tensor, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, written_once: bool = False) -> None:
         self.store, self.s0, self.f, self.bh_rows = store, rows, f, bh_rows
         self.c = store.cell_pixels
         self.n_edge = store.n_edge + int(store.zero_cell)
-        self.own = torch.zeros((rows * store.n_own + 1, self.c * f), dtype=dtype, device=device)
+        # Results every cell writes once (``put``) need no zeros; accumulators do.
+        alloc = torch.empty if written_once else torch.zeros
+        self.own = alloc((rows * store.n_own + 1, self.c * f), dtype=dtype, device=device)
         self.edge = torch.zeros((rows * self.n_edge, self.c * f), dtype=dtype, device=device)
 
     def _targets(self, refs: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
@@ -203,16 +205,6 @@ def _exchange(layout: Layout, fill, plan: LocalPlan, info: GroupInfo, direction:
     return _row_views(recv, layout)
 
 
-def _edge_split(store: CellStore) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Flat edge positions and their rows: ``(own positions, own rows, received positions, rows
-    into the received buffer)``."""
-    rows = store.edge_rows.reshape(-1)
-    own = (rows >= 0) & (rows < store.n_local)
-    recv = rows >= store.n_local
-    own_pos, recv_pos = own.nonzero().squeeze(1), recv.nonzero().squeeze(1)
-    return own_pos, rows[own_pos], recv_pos, rows[recv_pos] - store.n_local
-
-
 def _edge_buffer(store: CellStore, own: Tensor, received: Optional[Tensor], fill: float) -> Tensor:
     """``[S0, E (+1), c, F]``: the edge cells from own rows ``[S0, N_r, F]`` and received rows
     ``[R, S0, F]``; rows no rank sends are 0, the zero block (if any) is ``fill``."""
@@ -221,7 +213,7 @@ def _edge_buffer(store: CellStore, own: Tensor, received: Optional[Tensor], fill
     edge = own.new_zeros((s0, cells * store.cell_pixels, f))
     if store.zero_cell and fill != 0:
         edge[:, store.n_edge * store.cell_pixels:] = fill
-    own_pos, own_rows, recv_pos, recv_rows = _edge_split(store)
+    own_pos, own_rows, recv_pos, recv_rows = store.own_pos, store.own_rows, store.recv_pos, store.recv_rows
     if own_pos.numel():
         edge.index_copy_(1, own_pos, own.index_select(1, own_rows))
     if recv_pos.numel() and received is not None:
@@ -364,7 +356,7 @@ def _in_place_only(plan: LocalPlan) -> bool:
 
 def _rows_from_edge(store: CellStore, own: Tensor, edge: Tensor, add: bool = False) -> None:
     """Copy (``add``: add) the edge cells' rows that are this rank's own rows into ``own [S0, N_r, F]``."""
-    own_pos, own_rows, _, _ = _edge_split(store)
+    own_pos, own_rows = store.own_pos, store.own_rows
     if own_pos.numel():
         part = edge.index_select(1, own_pos)
         if add:
@@ -432,8 +424,8 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
                               seed, acc)
         out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
     else:
-        out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device)
-        lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device)
+        out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
+        lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
         for group in plan.groups:
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc)
             a, cc, y = group.q_refs.shape
@@ -520,7 +512,7 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         if need_dbias and b3.shape[0] != batch * heads:  # a one-head bias: its gradient adds up over heads
             grads[2] = (grads[2][0].view(batch, heads, n_k, 1).sum(1), None)
     else:
-        dq_b = _Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device)
+        dq_b = _Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device, written_once=True)
         dk_b, dv_b = (_Blocks(plan.keys, batch * heads, d, queries.bh_rows, acc, q.device) for _ in range(2))
         db_b = None
         if need_dbias:
@@ -543,7 +535,7 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         for own, edge in grads:
             _rows_from_edge(plan.keys, own, edge, add=True)
     if plan.halo.total_rows:  # every rank takes part, also one that received nothing
-        _, _, recv_pos, recv_rows = _edge_split(plan.keys)
+        recv_pos, recv_rows = plan.keys.recv_pos, plan.keys.recv_rows
         edges = [edge for _, edge in grads]
         grads = [own for own, _ in grads]
 

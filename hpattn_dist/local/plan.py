@@ -89,6 +89,8 @@ class CellStore:
         edge_rows: int64 ``[E, c]``, each edge cell's rows in ``[own N_r | received R]``; -1 for a
             row no rank sends (a query of another rank: the block is padded with zeros).
         zero_cell: a zero block follows the edge cells (neighbourhood windows, missing cells).
+        own_pos, own_rows: the flat positions in ``edge_rows`` that are this rank's rows, and those rows.
+        recv_pos, recv_rows: the positions that are received rows, and their rows in the received buffer.
     """
 
     cell_pixels: int
@@ -99,6 +101,10 @@ class CellStore:
     edge_cells: Tensor
     edge_rows: Tensor
     zero_cell: bool
+    own_pos: Tensor
+    own_rows: Tensor
+    recv_pos: Tensor
+    recv_rows: Tensor
 
     @property
     def n_edge(self) -> int:
@@ -112,7 +118,9 @@ class CellStore:
         return torch.where(cells < 0, torch.full_like(cells, self.n_own + self.n_edge), out)
 
     def to(self, device: torch.device) -> "CellStore":
-        return replace(self, edge_cells=self.edge_cells.to(device), edge_rows=self.edge_rows.to(device))
+        return replace(self, edge_cells=self.edge_cells.to(device), edge_rows=self.edge_rows.to(device),
+                       own_pos=self.own_pos.to(device), own_rows=self.own_rows.to(device),
+                       recv_pos=self.recv_pos.to(device), recv_rows=self.recv_rows.to(device))
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,11 @@ def _store(start: int, stop: int, c: int, edge_cells: Tensor, recv_pixels: Optio
     else:
         other = (stop - start) + torch.searchsorted(recv_pixels, pixels)
     rows = torch.where(own, pixels - start, other)
+    flat = rows.reshape(-1)
+    own_pos = ((flat >= 0) & (flat < stop - start)).nonzero().squeeze(1)
+    recv_pos = (flat >= stop - start).nonzero().squeeze(1)
     return CellStore(c, stop - start, own_first, n_own, own_first * c - start if n_own else 0,
-                     edge_cells, rows, zero_cell)
+                     edge_cells, rows, zero_cell, own_pos, flat[own_pos], recv_pos, flat[recv_pos] - (stop - start))
 
 
 def _not_own(cells: Tensor, start: int, stop: int, c: int) -> Tensor:

@@ -208,7 +208,7 @@ def local_counts(plan, mode: str) -> tuple[float, float]:
         g = group.q_cells.numel() / n_units
         if group.pad:
             b = group.k_cells.numel() / group.q_cells.numel()
-            fwd = max(fwd, g * (4 + 2 * b))  # q, padded K/V, kernel out, merge accumulator and term
+            fwd = max(fwd, g * (3 + 2 * b))  # q, padded K/V, kernel out, merge accumulator
             bwd = max(bwd, g * (3 + 4 * b + 2 + 6))  # q, dout, out; K/V and dK/dV grids; dq x2; dk, dv
         else:
             m = group.k_cells.shape[1]
