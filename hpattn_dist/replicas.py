@@ -31,7 +31,6 @@ call.
 
 from __future__ import annotations
 
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -39,20 +38,12 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows"]
 
 _RTOL = 1e-9
-
-
-def _bits(value: float) -> int:
-    """A float64 as the int64 with the same bits (the signature carries ints)."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
-def _float(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
 class ParameterFingerprint:
@@ -76,7 +67,7 @@ class ParameterFingerprint:
                     parts.append(torch.stack([flat.sum(dtype=f64), flat.abs().sum(dtype=f64),
                                               flat.square().sum(dtype=f64)]))
             sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0, 0.0, 0.0]
-            self._value = (layout, tuple(_bits(v) for v in sums))
+            self._value = (layout, tuple(float_bits(v) for v in sums))
             self._key = key
         return self._value
 
@@ -151,7 +142,7 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
                    "healpix_field=False" if facts.point_sets else
                    "; local attention needs one (its windows are cells of a coarser HEALPix grid)")
             )
-    values = [[_float(b) for b in row] for row in sums]
+    values = [[bits_float(b) for b in row] for row in sums]
     scale = [max(abs(row[i]) for row in values) for i in range(3)]
     scale[0] = max(scale[0], scale[1])  # sum(p) may cancel: compare it at the scale of sum(|p|)
     differ = [r for r, row in enumerate(values)

@@ -653,7 +653,7 @@ def windowed_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
-                "cross": int(cross),
+                "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),

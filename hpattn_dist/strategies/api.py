@@ -190,7 +190,7 @@ def ring_attention(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
-            is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
+            is not in; or (on every rank) ranks that disagree on B, H, D, dtype, scale or masking.
 
     Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source

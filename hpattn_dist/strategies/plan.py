@@ -8,10 +8,10 @@ Note [one agreement per call]
     Every strategy needs the same facts about its peers before it can move data: every rank's
     pixel count (uneven shards), how many keys survive masking (Note [masked key compaction]),
     whether a mask is left anywhere, the dropout seed of position 0, and that the ranks called
-    with the same B, H, D, dtype, bias form, dropout and strategy. :func:`plan_attention` gathers
-    them in ONE ``validated_signature`` over the group that shards the pixels (the parent group of
-    a hybrid grid), with the local checks inside it so that a rank whose input is bad makes every
-    rank raise (Note [fail together]). The result, an :class:`AttentionPlan`, is all the
+    with the same B, H, D, dtype, score scale, bias form, dropout and strategy.
+    :func:`plan_attention` gathers them in ONE ``validated_signature`` over the group that shards
+    the pixels (the parent group of a hybrid grid), with the local checks inside it so that a
+    rank whose input is bad makes every rank raise (Note [fail together]). The result, an :class:`AttentionPlan`, is all the
     executors read: nothing below the door validates or agrees again.
 
     The strategy is part of the signature (:meth:`Signature.set`'s ``kind``), so ranks that chose
@@ -243,7 +243,8 @@ def plan_attention(
                 "key_bias_heads": -1 if key_bias is None else bias.shape[1],
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
-                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross), **extra_shared,
+                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
+                "scale": head_dim**-0.5 if scale is None else float(scale), **extra_shared,
             },
             (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row, n_keys,
              *(() if layer is None else layer.sums), *grad_bits),
