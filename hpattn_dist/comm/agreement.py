@@ -62,8 +62,8 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES.get(dtype, 0)
 
 
-SIGNATURE_WIDTH = 32
-"""Ints per rank in the signature ``all_gather``: 4 header + up to 28 values (256 bytes)."""
+SIGNATURE_WIDTH = 40
+"""Ints per rank in the signature ``all_gather``: 4 header + up to 36 values (320 bytes)."""
 
 _OK, _FAILED = 0, 1
 

@@ -59,7 +59,7 @@ from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
-from hpattn_dist.replicas import LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, check_layer_rows
 from hpattn_dist.strategies.auto import choose_strategy
 from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
 
@@ -252,10 +252,11 @@ def plan_attention(
             kind=executed,
         )
     if layer is not None:
-        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
+        layer_sums = [r[9:9 + N_SUMS] for r in sig.per_rank]
+        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], layer_sums)
         if cross and layer.healpix_field:
             keys = replace(layer, name=layer.name + " (keys and values)")
-            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
+            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], layer_sums)
     plan = _plan_from_rows(
         sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,

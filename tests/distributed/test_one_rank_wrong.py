@@ -86,7 +86,38 @@ def _scale_cases(rank: int) -> dict:
     return cases
 
 
-CASES: tuple[Callable[[int], dict], ...] = (_scale_cases,)
+def _permuted_weight_cases(rank: int) -> dict:
+    """Issue 23 item 4: weights permuted on one rank pass no fingerprint (sum, sum|p|, sum p^2
+    cannot see them)."""
+    from hpattn_dist import DistributedSpatialCrossAttention
+
+    x = _shard(torch.randn(B, N, E, generator=torch.Generator().manual_seed(3), dtype=torch.float64), rank, 1)
+    cases = {}
+    for name, permute in (
+        ("transposed out_proj.weight", lambda m: m.out_proj.weight.copy_(m.out_proj.weight.T.clone())),
+        ("q and k blocks of qkv_proj swapped",
+         lambda m: m.qkv_proj.weight.copy_(m.qkv_proj.weight[torch.cat([torch.arange(E, 2 * E),
+                                                                        torch.arange(E),
+                                                                        torch.arange(2 * E, 3 * E)])])),
+    ):
+        layer = _layer(rank)
+        if rank == 1:
+            with torch.no_grad():
+                permute(layer)
+        cases[f"permuted, {name}"] = (functools.partial(layer, x), "hold different parameters")
+    torch.manual_seed(0)
+    cross = DistributedSpatialCrossAttention(E, H, attn_backend="manual", healpix_field=False).double()
+    if rank == 1:  # two parameters of one shape exchanged
+        with torch.no_grad():
+            q_w = cross.q_proj.weight.clone()
+            cross.q_proj.weight.copy_(cross.out_proj.weight)
+            cross.out_proj.weight.copy_(q_w)
+    cases["permuted, cross q_proj and out_proj exchanged"] = (functools.partial(cross, x, x),
+                                                              "hold different parameters")
+    return cases
+
+
+CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases)
 
 
 def _job(rank: int, world: int) -> dict:
@@ -123,6 +154,12 @@ def _assert_raised_everywhere(name: str) -> None:
                                               "key_bias (autograd path)", "local", "layer")])
 def test_a_scale_on_one_rank_raises_on_every_rank(name):
     _assert_raised_everywhere(f"scale, {name}")
+
+
+@pytest.mark.parametrize("name", ["transposed out_proj.weight", "q and k blocks of qkv_proj swapped",
+                                  "cross q_proj and out_proj exchanged"])
+def test_weights_permuted_on_one_rank_raise_on_every_rank(name):
+    _assert_raised_everywhere(f"permuted, {name}")
 
 
 def test_the_group_is_healthy_after_every_case():
