@@ -143,7 +143,7 @@ class Signature:
         return all_gather_ints(row + [0] * (SIGNATURE_WIDTH - len(row)), self.info, self._meta_device())
 
     def _meta_device(self) -> torch.device:
-        return self.info.comm_device(self._device if self._device is not None else torch.device("cpu"))
+        return self.info.meta_device(self._device if self._device is not None else torch.device("cpu"))
 
     def read(self, rows: list[tuple[int, ...]]) -> None:
         """Check the OK rows against each other and keep every rank's local values."""
