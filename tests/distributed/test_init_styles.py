@@ -43,6 +43,8 @@ def _job(rank: int, world: int) -> dict:
         cpu = torch.device("cpu")
         res[style] = {
             "cpu backend": info.backend_for(cpu), "data": info.comm_device(cpu), "meta": info.meta_device(cpu),
+            # CUDA data's metadata stays on the CPU backend (Note [agreement off the device])
+            "cuda meta": info.meta_device(torch.device("cuda")),
             "ring grouped": RingExchanger(info)._grouped(cpu),
         }
         q, k, v = (t[:, :, rank * half:(rank + 1) * half] for t in _full())
@@ -65,7 +67,7 @@ def test_each_style_communicates_cpu_tensors_on_gloo(style):
     cpu = torch.device("cpu")
     for r in _results():
         got = r[style]
-        assert got["cpu backend"] == "gloo" and got["data"] == got["meta"] == cpu, got
+        assert got["cpu backend"] == "gloo" and got["data"] == got["meta"] == got["cuda meta"] == cpu, got
         assert got["ring grouped"] is False, style  # separate isend/irecv: gloo does not coalesce
 
 
