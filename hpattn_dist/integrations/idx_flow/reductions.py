@@ -33,7 +33,8 @@ The outputs of ``Squeeze`` (and the stats) are replicated over the group; their 
 Note [replicated activations] in :mod:`hpattn_dist.comm.all_reduce`: partial per rank, summed by
 the all-reduce's adjoint, so a ``Squeeze -> nn.Linear -> Unsqueeze`` bottleneck is exact after
 :func:`~hpattn_dist.grad_sync.sync_gradients`. A loss computed on a replicated tensor (e.g. a
-classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it.
+classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it
+(:func:`~hpattn_dist.grad_sync.replicated_loss`, Note [one loss rule] in :mod:`hpattn_dist.grad_sync`).
 
 Every call that communicates first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
@@ -94,11 +95,13 @@ from torch import Tensor
 
 from hpattn_dist.comm.all_reduce import all_reduce_, all_reduce_sum
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
+from hpattn_dist.swap_modules import carry_hooks
 
 __all__ = [
     "ShardedBatchNorm1d",
@@ -169,8 +172,11 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return y
 
 
-class _Sharded(nn.Module):
-    """Common state of the converted modules: the group, the training mode and a name for errors."""
+class _Sharded(GroupBound, nn.Module):
+    """Common state of the converted modules: the group, the training mode and a name for errors.
+
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
+    """
 
     _kind = ""
 
@@ -257,7 +263,7 @@ def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     return y.to(x.dtype)
 
 
-class ShardedBatchNorm1d(nn.BatchNorm1d):
+class ShardedBatchNorm1d(GroupBound, nn.BatchNorm1d):
     """An ``nn.BatchNorm1d`` over pixel rows ``[R_r, C]`` (``R_r = B * N_r``), inside an idx-flow MLP.
 
     ``SpatialMLP`` / ``GlobalMLP(use_batch_norm=True)`` normalise their hidden ``[B * N, C]``
@@ -624,8 +630,9 @@ def shard_mlp_internals(module: nn.Module, ctx: ShardContext) -> None:
             raise ValueError(
                 f"{prefix}dropout_layers.{i}: expected nn.Dropout, got {type(dropout).__name__}"
             )
-        module.dropout_layers[i] = ShardedDropout(dropout, ctx.process_group,
-                                                  f"{prefix}dropout_layers.{i}")
+        sharded = ShardedDropout(dropout, ctx.process_group, f"{prefix}dropout_layers.{i}")
+        carry_hooks(dropout, sharded)
+        module.dropout_layers[i] = sharded
     module.register_forward_pre_hook(_tell_dropouts_the_batch)
 
 

@@ -1,0 +1,222 @@
+"""One agreement per call of a converted model, and the split every converted model takes.
+
+Legend: B batch, N pixels of a grid, N_r pixels on group rank r, P group size, C channels.
+
+Note [one agreement per model call]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every index-gather layer needs its peers' input lengths before it can plan its halo, and used to
+fetch them in a metadata ``all_gather`` of its own on every call (Note [halo plan] in
+:mod:`hpattn_dist.comm.halo`). Inside a converted model those lengths follow from the model's
+input: the layers are deterministic functions of it, so the ranks' shapes at the k-th call of a
+layer are the same every time the model is called with the same inputs on every rank. So
+``convert_model`` puts :class:`ModelCallAgreement` on the model's root, a forward pre-hook that
+runs ONE :func:`~hpattn_dist.comm.agreement.validated_signature` per call of the model. Its row
+carries:
+
+- shared: a CRC of the tensor arguments' dims, dtypes and sizes other than dim 1, whether
+  autograd records, autocast, a CRC of every module's training flag, a CRC of the connection
+  tables of the model's gather layers;
+- local: dim 1 (the pixels) of each tensor argument.
+
+The agreed rows make the *call key*, identical on every rank. A gather layer called inside the
+model (:func:`current_call`) looks up ``(call key, how many times it was called before in this
+call)`` in its :class:`AgreedFacts`: the first time it runs its own agreement and stores the
+agreed lengths; later calls with the same key use them with no communication, after checking
+locally that its input has the shape it had then. Whether a layer communicates is therefore
+decided from agreed values only, the same way on every rank. Steady state: one metadata
+collective per model call for all the gather layers together. Layers called outside the model's
+forward (a submodule called directly, checkpoint recomputation in backward) find no current call
+and agree on their own, as before.
+
+The rows also make a bad call fail at its start, on every rank: ranks that disagree on a mode
+(``train()`` on one rank, ``eval()`` on another), on grad mode or on a table raise together; and
+a field whose pixels are not split as the model needs (:func:`check_split`) is refused there.
+
+What this needs from the model: the shapes inside a call are determined by the input shapes and
+the modes. A model whose shapes depend on the data (a data-dependent number of pixels) breaks
+that; a rank whose input then differs from the agreed one raises, and its peers stop at the
+exchange timeout.
+
+Note [converted models take shard_bounds]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every grid of ``N`` pixels inside a converted model is split as ``healpix.shard_bounds(N, P)``:
+the gather layers, ``Unsqueeze`` and the pixel tensors (``SpatialViT.pos_embed``, the
+``pixel_tensors`` of ``convert_model``) emit or read that split, and a residual ``x + f(x)``
+needs both operands split alike. So the model's inputs must be split that way too, and a gather
+layer's input always is. A field split otherwise (a "skewed" split) is refused on every rank,
+at the model's call (a tensor argument whose dim 1 differs between ranks and is not the
+``shard_bounds`` split of its total) and in each gather layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.binding import GroupBound
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.healpix import shard_bounds
+
+__all__ = ["AgreedFacts", "CallState", "ModelCallAgreement", "check_split", "current_call"]
+
+_MAX_FIELDS = 16
+"""Tensor arguments whose pixel counts travel in the model call's row (the others are in its CRC)."""
+
+
+def check_split(sizes: Sequence[int], what: str, which: str = "input") -> None:
+    """Refuse a field whose ranks' pixel counts are not ``shard_bounds(sum(sizes), P)``.
+
+    Called with counts agreed by every rank, so every rank raises the same error
+    (Note [converted models take shard_bounds]).
+
+    Raises:
+        ValueError: the split is another contiguous split.
+    """
+    total, world = sum(sizes), len(sizes)
+    expected = [b - a for a, b in shard_bounds(total, world)]
+    if list(sizes) != expected:
+        raise ValueError(
+            f"{what}: the {which} is split {list(sizes)} over the {world} ranks, not as "
+            f"healpix.shard_bounds({total}, {world}) = {expected}: a converted model takes each "
+            f"grid split by shard_bounds (rank r feeds x[:, a:b] with a, b = "
+            f"shard_bounds(N, P)[r]; README, 'idx-flow models')"
+        )
+
+
+@dataclass
+class CallState:
+    """The agreed call of a converted model in progress on this thread."""
+
+    group: Optional[dist.ProcessGroup]
+    key: tuple
+    calls: dict[int, int] = field(default_factory=dict)
+
+    def next_key(self, layer: Any) -> tuple:
+        """``(call key, n)`` for the n-th call of ``layer`` in this model call (n from 0)."""
+        n = self.calls.get(id(layer), 0)
+        self.calls[id(layer)] = n + 1
+        return self.key, n
+
+
+_STACK = threading.local()
+
+
+def _stack() -> list[CallState]:
+    if not hasattr(_STACK, "calls"):
+        _STACK.calls = []
+    return _STACK.calls
+
+
+def current_call(info: GroupInfo) -> Optional[CallState]:
+    """The innermost agreed model call on this thread, if it is over ``info``'s group."""
+    calls = _stack()
+    if calls and info.world_size > 1 and calls[-1].group is info.group:
+        return calls[-1]
+    return None
+
+
+class AgreedFacts:
+    """What a layer agreed on in earlier model calls, by ``(call key, n)`` (Note [one agreement
+    per model call]); the entries of at most ``max_keys`` call keys, the oldest dropped first."""
+
+    def __init__(self, max_keys: int = 8) -> None:
+        self.max_keys = max_keys
+        self._by_key: dict[tuple, dict[int, Any]] = {}
+
+    def get(self, key: tuple) -> Any:
+        return self._by_key.get(key[0], {}).get(key[1])
+
+    def put(self, key: tuple, value: Any) -> None:
+        entries = self._by_key.get(key[0])
+        if entries is None:
+            if len(self._by_key) >= self.max_keys:
+                self._by_key.pop(next(iter(self._by_key)))
+            entries = self._by_key[key[0]] = {}
+        entries[key[1]] = value
+
+
+def _crc(values: Any) -> int:
+    return zlib.crc32(repr(values).encode())
+
+
+class ModelCallAgreement(GroupBound):
+    """The root hooks of a converted model: one agreement per call (Note [one agreement per
+    model call]). Registered by ``convert_model``; picklable (the group is dropped, Note
+    [copying a layer bound to a group])."""
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup], what: str) -> None:
+        self.process_group = process_group
+        self.what = what
+        self._depth = 0
+
+    def _facts(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
+        from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
+
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        fields = [t for t in tensors if t.dim() >= 2]
+        shapes = [(t.dim(), dtype_code(t.dtype), str(t.dtype), t.shape[0], tuple(t.shape[2:]))
+                  for t in fields]
+        modes, tables = [], []
+        for module in root.modules():
+            modes.append(module.training)
+            if isinstance(module, HaloGatherMixin):
+                tables.append(module._hp_table_crc())
+        shared = {
+            "tensor_args": len(tensors),
+            "field_shapes_crc32": _crc(shapes),
+            "grad_enabled": int(torch.is_grad_enabled()),
+            "autocast_crc32": _crc([torch.is_autocast_enabled(d) for d in ("cpu", "cuda")]),
+            "training_modes_crc32": _crc(modes),
+            "tables_crc32": _crc(tables),
+        }
+        local = tuple(int(t.shape[1]) for t in fields[:_MAX_FIELDS])
+        return shared, local
+
+    def enter(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: agree on this call, check the split, open the call's state."""
+        info = resolve_group(self.process_group, "process_group")
+        if info.world_size == 1:
+            return None
+        device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)),
+                      torch.device("cpu"))
+        with validated_signature(info, self.what) as sig:
+            shared, local = self._facts(root, args, kwargs)
+            sig.set(shared, local, device)
+        rows = [tuple(r) for r in sig.per_rank]
+        for j in range(len(rows[0])):
+            sizes = [row[j] for row in rows]
+            if len(set(sizes)) > 1:
+                check_split(sizes, self.what, f"tensor argument {j} (a field [B, N, C])")
+        _stack().append(CallState(info.group, (tuple(shared.values()), tuple(rows))))
+        self._depth += 1
+        return None
+
+    def exit(self, root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook (also called when the forward raised): close the call's state."""
+        if self._depth > 0:
+            self._depth -= 1
+            _stack().pop()
+        return None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._depth = 0
+
+
+def attach_call_agreement(root: nn.Module, process_group: Optional[dist.ProcessGroup]) -> None:
+    """Register :class:`ModelCallAgreement` on ``root`` (once)."""
+    for hook in root._forward_pre_hooks.values():
+        if isinstance(getattr(hook, "__self__", None), ModelCallAgreement):
+            return
+    agreement = ModelCallAgreement(process_group, f"converted model {type(root).__name__}")
+    root.register_forward_pre_hook(agreement.enter, with_kwargs=True)
+    root.register_forward_hook(agreement.exit, with_kwargs=True, always_call=True)
