@@ -377,6 +377,33 @@ def _metadata_per_call(group, rank: int, world: int) -> list[int]:
     return calls
 
 
+class FirstSample(nn.Module):
+    """A flag argument changes the shapes the layers see (``B`` 1 or 2) with the same input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = idx_flow.SpatialConv(48, _t(4, 2, 4)[0], filters=2)
+
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        return self.conv(x[:1] if first_only else x)
+
+
+def _flag_changes_shapes(group, rank: int, world: int) -> list[bool]:
+    """Calls with first_only False, True, False: each equals the unconverted model's rows."""
+    from hpattn_dist.integrations.idx_flow import convert_model
+
+    torch.manual_seed(0)
+    model = FirstSample()
+    model(torch.zeros(1, 192, 3))
+    reference = copy.deepcopy(model)
+    convert_model(model, group, pixelwise=(FirstSample,))
+    x = torch.randn(B, 192, 3)
+    (a, b), (c, d) = shard_bounds(192, world)[rank], shard_bounds(48, world)[rank]
+    with torch.no_grad():
+        return [torch.equal(model(x[:, a:b], flag), reference(x, flag)[:, c:d])
+                for flag in (False, True, False)]
+
+
 def _ranks(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
@@ -392,6 +419,7 @@ def _ranks(rank: int, world: int) -> dict:
             res["pickle"] = _pickle_roundtrip(converted, kind, group, rank, world)
             res["skewed"] = _skewed_split(converted, rank, world)
     res["metadata_per_call"] = _metadata_per_call(group, rank, world)
+    res["flag_calls"] = _flag_changes_shapes(group, rank, world)
     return res
 
 
@@ -451,3 +479,6 @@ def test_gather_layers_agree_once_per_model_call(world: int) -> None:
     # First call: the model's agreement and each of the 4 layers' own; then the model's only.
     for res in _results(world):
         assert res["metadata_per_call"] == [5, 1, 1], res["metadata_per_call"]
+        # A non-tensor argument is part of the call's key: a flag that changes the layers' shapes
+        # makes another key, not a stale plan.
+        assert res["flag_calls"] == [True, True, True], res["flag_calls"]

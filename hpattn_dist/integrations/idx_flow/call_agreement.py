@@ -13,9 +13,10 @@ layer are the same every time the model is called with the same inputs on every 
 runs ONE :func:`~hpattn_dist.comm.agreement.validated_signature` per call of the model. Its row
 carries:
 
-- shared: a CRC of the tensor arguments' dims, dtypes and sizes other than dim 1, whether
-  autograd records, autocast, a CRC of every module's training flag, a CRC of the connection
-  tables of the model's gather layers;
+- shared: a CRC of the tensor arguments' dims, dtypes and sizes other than dim 1, a CRC of the
+  other arguments (numbers, strings, flags such as a rollout length), whether autograd records,
+  autocast, a CRC of every module's training flag, a CRC of the connection tables of the model's
+  gather layers;
 - local: dim 1 (the pixels) of each tensor argument.
 
 The agreed rows make the *call key*, identical on every rank. A gather layer called inside the
@@ -32,8 +33,8 @@ The rows also make a bad call fail at its start, on every rank: ranks that disag
 (``train()`` on one rank, ``eval()`` on another), on grad mode or on a table raise together; and
 a field whose pixels are not split as the model needs (:func:`check_split`) is refused there.
 
-What this needs from the model: the shapes inside a call are determined by the input shapes and
-the modes. A model whose shapes depend on the data (a data-dependent number of pixels) breaks
+What this needs from the model: the shapes inside a call are determined by the arguments (their
+shapes and the other values) and the modes. A model whose shapes depend on the data (a data-dependent number of pixels) breaks
 that; a rank whose input then differs from the agreed one raises, and its peers stop at the
 exchange timeout.
 
@@ -61,7 +62,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.agreement import validated_signature
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.healpix import shard_bounds
@@ -161,10 +162,13 @@ class ModelCallAgreement(GroupBound):
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
         from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
 
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        fields = [t for t in tensors if t.dim() >= 2]
-        shapes = [(t.dim(), dtype_code(t.dtype), str(t.dtype), t.shape[0], tuple(t.shape[2:]))
-                  for t in fields]
+        leaves = tree_flatten((args, kwargs))[0]
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        options = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__qualname__
+                   for v in leaves if not isinstance(v, Tensor)]
+        fields = [t for t in tensors if t.dim() >= 2]  # [B, N_r, ...]: dim 1 may differ by rank
+        shapes = [(str(t.dtype), tuple(t.shape[:1]) + tuple(t.shape[2:]) if t.dim() >= 2 else tuple(t.shape))
+                  for t in tensors]
         modes, tables = [], []
         for module in root.modules():
             modes.append(module.training)
@@ -173,6 +177,7 @@ class ModelCallAgreement(GroupBound):
         shared = {
             "tensor_args": len(tensors),
             "field_shapes_crc32": _crc(shapes),
+            "other_args_crc32": _crc(options),
             "grad_enabled": int(torch.is_grad_enabled()),
             "autocast_crc32": _crc([torch.is_autocast_enabled(d) for d in ("cpu", "cuda")]),
             "training_modes_crc32": _crc(modes),
