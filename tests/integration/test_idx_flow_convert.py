@@ -173,14 +173,16 @@ def test_hooks_move_to_the_replacements() -> None:
     handles = [m.register_forward_hook(lambda mod, i, o, k=k: calls.append(k))
                for k, m in enumerate(model)]
     handles.append(model[1].register_forward_pre_hook(lambda mod, i: calls.append("pre")))
+    handles.append(model[4].register_full_backward_hook(lambda mod, gi, go: calls.append("bwd")))
     convert_model(model)
     assert all(type(m).__module__.startswith("hpattn_dist") for m in model)  # every one replaced
-    model(torch.zeros(1, 48, 3))
-    assert calls == [0, "pre", 1, 2, 3, 4]
+    x = torch.zeros(1, 48, 3, requires_grad=True)
+    model(x).sum().backward()
+    assert calls == [0, "pre", 1, 2, 3, 4, "bwd"]
     for handle in handles:  # the handles of the old modules remove the hooks from the new ones
         handle.remove()
     calls.clear()
-    model(torch.zeros(1, 48, 3))
+    model(x).sum().backward()
     assert calls == []
 
 
