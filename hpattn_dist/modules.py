@@ -290,8 +290,9 @@ def convert_spatial_attention(
     return install(module, {id(old): new for old, new in built})
 
 
-_DISTRIBUTED = (DistributedSpatialSelfAttention, DistributedLocalSpatialSelfAttention,
-                DistributedSpatialCrossAttention)
+DISTRIBUTED_LAYERS = (DistributedSpatialSelfAttention, DistributedLocalSpatialSelfAttention,
+                      DistributedSpatialCrossAttention)
+"""The distributed attention layers (left as they are by the converters)."""
 
 
 def _find_and_build(
@@ -317,7 +318,7 @@ def _find_and_build(
             continue
         found.append(module)
         name = paths[id(module)][0]
-        if isinstance(module, _DISTRIBUTED):
+        if isinstance(module, DISTRIBUTED_LAYERS):
             continue
         if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
             new = to_distributed_local(module, process_group, attn_backend, name=name)
@@ -336,7 +337,7 @@ def _where(paths: list[str]) -> str:
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, (LocalSpatialSelfAttention, *_DISTRIBUTED)) or _has_seed_forward(module) \
+    return isinstance(module, (LocalSpatialSelfAttention, *DISTRIBUTED_LAYERS)) or _has_seed_forward(module) \
         or _runs_forward_of(module, "SpatialCrossAttention")
 
 

@@ -277,3 +277,11 @@ def test_pickling_a_converted_model_without_a_group() -> None:
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)  # process_group=None is kept: no binding needed
     assert torch.equal(loaded(x), model(x))
+
+
+def test_layers_already_distributed_are_kept() -> None:
+    from hpattn_dist import convert_spatial_attention
+
+    model = convert_spatial_attention(nn.Sequential(_conv(), _attention()))
+    attn = model[1]
+    assert convert_model(model) is model and model[1] is attn

@@ -59,6 +59,7 @@ from hpattn_dist.integrations.idx_flow.gather_layers import (
     check_convertible,
 )
 from hpattn_dist.integrations.idx_flow.pixel_tensors import PixelSlices, attach_pixel_slices
+from hpattn_dist.modules import DISTRIBUTED_LAYERS
 from hpattn_dist.strategies import check_strategy_name
 from hpattn_dist.swap_modules import (
     all_or_nothing,
@@ -234,8 +235,11 @@ def _survey(model: nn.Module, paths: dict[int, list[str]], user_types: tuple[typ
             strict: bool) -> _Survey:
     survey = _Survey()
 
+    def converted(module: nn.Module) -> bool:  # by an earlier convert_model, or a distributed layer
+        return bool(getattr(module, "_hp_converted", False)) or isinstance(module, DISTRIBUTED_LAYERS)
+
     def owns_subtree(module: nn.Module) -> bool:
-        return bool(getattr(module, "_hp_converted", False) or _match(module, CONVERTERS)
+        return bool(converted(module) or _match(module, CONVERTERS)
                     or isinstance(module, parametrize.ParametrizationList))
 
     for module in unique_modules(model, descend=lambda m: not owns_subtree(m)):
@@ -244,7 +248,7 @@ def _survey(model: nn.Module, paths: dict[int, list[str]], user_types: tuple[typ
         for hook in module._forward_pre_hooks.values():  # declared by an earlier conversion
             if isinstance(getattr(hook, "__self__", None), PixelSlices):
                 survey.add_pixel(module, name, hook.__self__.dims)
-        if getattr(module, "_hp_converted", False):
+        if converted(module):
             survey.needs_split |= isinstance(module, _NEEDS_SPLIT)  # Halo* subclass the idx-flow types
             survey.grids.update(_grids(module, name))
             continue
