@@ -356,12 +356,14 @@ def _skewed_split(model: nn.Module, rank: int, world: int) -> str:
 
 
 def _metadata_per_call(group, rank: int, world: int) -> list[int]:
-    """all_gather.meta calls in each of 3 calls of a converted model of 4 gather layers."""
+    """all_gather.meta calls in each of 3 calls of a converted model of 4 gather layers and a
+    batch norm in training."""
     from hpattn_dist.comm.counters import count_communication
     from hpattn_dist.integrations.idx_flow import convert_model
 
     torch.manual_seed(0)
     model = nn.Sequential(idx_flow.SpatialConv(192, _t(4, 4, 9)[0], filters=4),
+                          idx_flow.SpatialBatchNorm(4),
                           idx_flow.SpatialConv(48, _t(4, 2, 4)[0], filters=4),
                           idx_flow.SpatialConv(48, _t(2, 2, 9)[0], filters=4),
                           idx_flow.SpatialTransposeConv(192, *_t(2, 4, 4, True)[::2], filters=2))
@@ -476,9 +478,9 @@ def test_skewed_split_is_refused_on_every_rank(world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5])
 def test_gather_layers_agree_once_per_model_call(world: int) -> None:
-    # First call: the model's agreement and each of the 4 layers' own; then the model's only.
+    # First call: the model's agreement and each of the 5 layers' own; then the model's only.
     for res in _results(world):
-        assert res["metadata_per_call"] == [5, 1, 1], res["metadata_per_call"]
+        assert res["metadata_per_call"] == [6, 1, 1], res["metadata_per_call"]
         # A non-tensor argument is part of the call's key: a flag that changes the layers' shapes
         # makes another key, not a stale plan.
         assert res["flag_calls"] == [True, True, True], res["flag_calls"]

@@ -19,11 +19,13 @@ carries:
   gather layers;
 - local: dim 1 (the pixels) of each tensor argument.
 
-The agreed rows make the *call key*, identical on every rank. A gather layer called inside the
-model (:func:`current_call`) looks up ``(call key, how many times it was called before in this
-call)`` in its :class:`AgreedFacts`: the first time it runs its own agreement and stores the
-agreed lengths; later calls with the same key use them with no communication, after checking
-locally that its input has the shape it had then. Whether a layer communicates is therefore
+The agreed rows make the *call key*, identical on every rank. A layer called inside the model
+(:func:`current_call`) looks up ``(call key, the layer, how many times it was called before in
+this call)`` in the model's store (:func:`agreed`): the first time it runs its own agreement and
+stores what was agreed; later calls with the same key use it with no communication, after
+checking locally that its input has the shape it had then. The gather layers store their peers'
+input lengths, the statistics layers of :mod:`.reductions` their peers' pixel counts (the
+dropouts draw a new seed per call and keep their own agreement). Whether a layer communicates is therefore
 decided from agreed values only, the same way on every rank. Steady state: one metadata
 collective per model call for all the gather layers together. Layers called outside the model's
 forward (a submodule called directly, checkpoint recomputation in backward) find no current call
@@ -54,7 +56,7 @@ from __future__ import annotations
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,7 +69,8 @@ from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.healpix import shard_bounds
 
-__all__ = ["AgreedFacts", "CallState", "ModelCallAgreement", "check_split", "current_call"]
+__all__ = ["CallState", "ModelCallAgreement", "agreed", "attach_call_agreement", "check_split",
+           "current_call"]
 
 _MAX_FIELDS = 16
 """Tensor arguments whose pixel counts travel in the model call's row (the others are in its CRC)."""
@@ -95,17 +98,23 @@ def check_split(sizes: Sequence[int], what: str, which: str = "input") -> None:
 
 @dataclass
 class CallState:
-    """The agreed call of a converted model in progress on this thread."""
+    """The agreed call of a converted model in progress on this thread.
+
+    ``facts`` is what layers agreed on in earlier calls of the model with the same ``key``:
+    ``{(id(layer), n): (agreed value, the layer's local input then)}``, n counting the layer's
+    calls within one model call.
+    """
 
     group: Optional[dist.ProcessGroup]
     key: tuple
+    facts: dict
     calls: dict[int, int] = field(default_factory=dict)
 
-    def next_key(self, layer: Any) -> tuple:
-        """``(call key, n)`` for the n-th call of ``layer`` in this model call (n from 0)."""
+    def slot(self, layer: Any) -> tuple[int, int]:
+        """``(id(layer), n)`` for the n-th call of ``layer`` in this model call (n from 0)."""
         n = self.calls.get(id(layer), 0)
         self.calls[id(layer)] = n + 1
-        return self.key, n
+        return id(layer), n
 
 
 _STACK = threading.local()
@@ -125,24 +134,37 @@ def current_call(info: GroupInfo) -> Optional[CallState]:
     return None
 
 
-class AgreedFacts:
-    """What a layer agreed on in earlier model calls, by ``(call key, n)`` (Note [one agreement
-    per model call]); the entries of at most ``max_keys`` call keys, the oldest dropped first."""
+def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], what: str) -> Any:
+    """What ``agree()`` returns for this call of ``layer``: its own agreement, or inside an agreed
+    model call the result of the earlier call with the same key (Note [one agreement per model call]).
 
-    def __init__(self, max_keys: int = 8) -> None:
-        self.max_keys = max_keys
-        self._by_key: dict[tuple, dict[int, Any]] = {}
+    Args:
+        layer: the layer (its identity keys the store).
+        info: the layer's group.
+        mine: this rank's local facts that ``agree()`` depends on (its input's shape, dtype, ...).
+        agree: the layer's own agreement (a collective), run when nothing is known yet.
+        what: the layer, for the error.
 
-    def get(self, key: tuple) -> Any:
-        return self._by_key.get(key[0], {}).get(key[1])
-
-    def put(self, key: tuple, value: Any) -> None:
-        entries = self._by_key.get(key[0])
-        if entries is None:
-            if len(self._by_key) >= self.max_keys:
-                self._by_key.pop(next(iter(self._by_key)))
-            entries = self._by_key[key[0]] = {}
-        entries[key[1]] = value
+    Raises:
+        RuntimeError: ``mine`` differs from the facts of the earlier call with the same key: the
+            model's shapes do not follow from its arguments.
+    """
+    call = current_call(info)
+    if call is None:
+        return agree()
+    slot = call.slot(layer)
+    known = call.facts.get(slot)
+    if known is None:
+        value = agree()
+        call.facts[slot] = (value, mine)
+        return value
+    value, agreed_mine = known
+    if mine != agreed_mine:
+        raise RuntimeError(
+            f"{what}: this call's input {mine} differs from the one agreed in an earlier call of the "
+            f"model with the same arguments ({agreed_mine}): the model's shapes must follow from its "
+            "arguments (Note [one agreement per model call])")
+    return value
 
 
 def _crc(values: Any) -> int:
@@ -154,10 +176,14 @@ class ModelCallAgreement(GroupBound):
     model call]). Registered by ``convert_model``; picklable (the group is dropped, Note
     [copying a layer bound to a group])."""
 
+    _hp_transient = ("_facts_by_key",)
+    _MAX_KEYS = 8
+
     def __init__(self, process_group: Optional[dist.ProcessGroup], what: str) -> None:
         self.process_group = process_group
         self.what = what
         self._depth = 0
+        self._facts_by_key: dict[tuple, dict] = {}
 
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
         from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
@@ -201,7 +227,14 @@ class ModelCallAgreement(GroupBound):
             sizes = [row[j] for row in rows]
             if len(set(sizes)) > 1:
                 check_split(sizes, self.what, f"tensor argument {j} (a field [B, N, C])")
-        _stack().append(CallState(info.group, (tuple(shared.values()), tuple(rows))))
+        key = (tuple(shared.values()), tuple(rows))
+        store = self.__dict__.setdefault("_facts_by_key", {})
+        facts = store.get(key)
+        if facts is None:  # the same keys, evicted in the same order, on every rank
+            if len(store) >= self._MAX_KEYS:
+                store.pop(next(iter(store)))
+            facts = store[key] = {}
+        _stack().append(CallState(info.group, key, facts))
         self._depth += 1
         return None
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.comm.halo import HaloExchanger, halo_exchange
-from hpattn_dist.integrations.idx_flow.call_agreement import AgreedFacts, check_split, current_call
+from hpattn_dist.integrations.idx_flow.call_agreement import agreed, check_split
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.integrations.idx_flow.reductions import shard_mlp_internals
 
@@ -75,8 +75,8 @@ class HaloGatherMixin(GroupBound):
     Class attributes: ``_hp_base``, the layer's own class (idx-flow's or a subclass with the same
     ``forward``); ``_hp_per_output``, names of buffers indexed by output pixel along dim 0.
     Instance attribute ``_hp_process_group``: the group as given to ``convert_model``; the halo
-    exchanger and the agreed facts are caches (rebuilt after copying or unpickling, Note [copying
-    a layer bound to a group]).
+    exchanger is a cache (rebuilt after copying or unpickling, Note [copying a layer bound to a
+    group]).
 
     The input must be split as ``shard_bounds(N_in, P)`` (Note [converted models take
     shard_bounds]); inside an agreed model call the layer reuses what it agreed on in earlier
@@ -85,11 +85,10 @@ class HaloGatherMixin(GroupBound):
 
     _hp_base: type
     _hp_per_output: tuple[str, ...] = ()
-    _hp_transient = ("_hp_exchanger", "_hp_agreed", "_hp_bound_to")
+    _hp_transient = ("_hp_exchanger", "_hp_bound_to")
     _hp_process_group: Any = None
     _hp_what: str = ""
     _hp_exchanger: Optional[HaloExchanger] = None
-    _hp_agreed: Optional[AgreedFacts] = None
     _hp_bound_to: Any = None
 
     def _hp_halo(self) -> HaloExchanger:
@@ -97,7 +96,6 @@ class HaloGatherMixin(GroupBound):
         if self._hp_exchanger is None or self._hp_bound_to is not self._hp_process_group:
             info = resolve_group(self._hp_process_group, "process_group")
             self._hp_exchanger = HaloExchanger(info, self._hp_what)
-            self._hp_agreed = AgreedFacts()
             self._hp_bound_to = self._hp_process_group
         return self._hp_exchanger
 
@@ -106,25 +104,14 @@ class HaloGatherMixin(GroupBound):
 
     def _hp_input_sizes(self, x: Tensor, halo: HaloExchanger) -> tuple[int, ...]:
         """Every rank's ``N_r``: agreed now, or in an earlier call of the model with this key."""
-        call = current_call(halo.info)
-        key = call.next_key(self) if call is not None else None
-        mine = (tuple(x.shape), x.dtype, halo.table_crc(self.connection_indices)) \
-            if isinstance(x, Tensor) else None
-        known = self._hp_agreed.get(key) if key is not None else None
-        if known is not None:
-            sizes, agreed_mine = known
-            if mine != agreed_mine:
-                raise RuntimeError(
-                    f"{self._hp_what}: this call's input {mine[:2] if mine else type(x).__name__} "
-                    f"differs from the one agreed in an earlier call of the model with the same "
-                    f"inputs ({agreed_mine[:2]}): the model's shapes must follow from its inputs "
-                    "(Note [one agreement per model call])")
+        def agree() -> tuple[int, ...]:
+            sizes = halo.agree(x, self.connection_indices, dim=1)
+            check_split(sizes, self._hp_what)
             return sizes
-        sizes = halo.agree(x, self.connection_indices, dim=1)
-        check_split(sizes, self._hp_what)
-        if key is not None:
-            self._hp_agreed.put(key, (sizes, mine))
-        return sizes
+
+        mine = (tuple(x.shape), x.dtype, halo.table_crc(self.connection_indices)) \
+            if isinstance(x, Tensor) else type(x).__name__
+        return agreed(self, halo.info, mine, agree, self._hp_what)
 
     def forward(self, x: Tensor) -> Tensor:
         halo = self._hp_halo()

@@ -98,6 +98,7 @@ from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.integrations.idx_flow.call_agreement import agreed
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
@@ -141,13 +142,19 @@ def _check_field(x: Any, what: str, channels: Optional[int] = None) -> None:
         )
 
 
-def _pixel_counts(info: GroupInfo, what: str, x: Any, channels: Optional[int] = None) -> list[int]:
-    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather)."""
-    with validated_signature(info, what) as sig:
-        _check_field(x, what, channels)
-        batch, n_local, c = x.shape
-        sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype)}, n_local, x.device)
-    return sig.per_rank
+def _pixel_counts(owner: Any, info: GroupInfo, what: str, x: Any,
+                  channels: Optional[int] = None) -> list[int]:
+    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather, or none
+    inside a model call that agreed on it before: Note [one agreement per model call])."""
+    def agree() -> list[int]:
+        with validated_signature(info, what) as sig:
+            _check_field(x, what, channels)
+            batch, n_local, c = x.shape
+            sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype)}, n_local, x.device)
+        return sig.per_rank
+
+    mine = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
+    return agreed(owner, info, mine, agree, what)
 
 
 def _moments(x: Tensor, dims: Sequence[int], count: int, info: GroupInfo) -> tuple[Tensor, Tensor, Tensor]:
@@ -241,7 +248,7 @@ def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     Updates ``bn``'s running stats with the GLOBAL count (see :class:`ShardedSpatialBatchNorm`).
     """
     info = resolve_group(process_group)
-    sizes = _pixel_counts(info, what, x, bn.num_features)
+    sizes = _pixel_counts(bn, info, what, x, bn.num_features)
     count = x.shape[0] * sum(sizes)
     if count <= 1:
         raise ValueError(
@@ -313,7 +320,7 @@ class ShardedSpatialInstanceNorm(_Sharded):
             return norm(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
         info = resolve_group(self.process_group)
         checked = norm.num_features if (norm.affine or norm.track_running_stats) else None
-        sizes = _pixel_counts(info, self._what, x, checked)
+        sizes = _pixel_counts(self, info, self._what, x, checked)
         count = sum(sizes)
         if count <= 1:
             raise ValueError(
@@ -354,7 +361,7 @@ class ShardedSpatialGroupNorm(_Sharded):
     def forward(self, x: Tensor) -> Tensor:
         gn = self.gn
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x, gn.num_channels)
+        sizes = _pixel_counts(self, info, self._what, x, gn.num_channels)
         batch, n_local, channels = x.shape
         groups = gn.num_groups
         per_group = channels // groups
@@ -401,7 +408,7 @@ class ShardedSqueeze(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x)
+        sizes = _pixel_counts(self, info, self._what, x)
         if self.reduction == "sum":
             return all_reduce_sum(x.sum(dim=1), info, _LABEL)
         if self.reduction == "mean":
