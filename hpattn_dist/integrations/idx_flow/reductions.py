@@ -39,7 +39,10 @@ classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`
 Every call that communicates first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
-ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed.
+ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed. Inside a call of a
+converted model whose agreement already covered this layer with the same key, the norms and
+``Squeeze`` reuse the pixel counts agreed then instead (Note [one agreement per model call] in
+:mod:`.call_agreement`).
 
 Each converted module is built as ``ShardedX(module, process_group=None, name="")`` (``name``: the
 layer's place in the model, for error messages), directly or through :func:`converters`'
