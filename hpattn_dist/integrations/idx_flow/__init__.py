@@ -297,7 +297,6 @@ def _declare_pixel_tensors(model: nn.Module, survey: _Survey, paths: dict[int, l
     if not isinstance(pixel_tensors, Mapping):
         raise ValueError("pixel_tensors must be a mapping {'path.to.tensor': pixel dim or None}, got "
                          f"{type(pixel_tensors).__name__}")
-    visited = {id(m) for m, _ in survey.user} | {id(m) for m, _, _ in survey.pixel.values()}
     not_pixel: set[str] = set()
     for full_name, dim in pixel_tensors.items():
         owner_path, _, attr = str(full_name).rpartition(".")
@@ -315,7 +314,7 @@ def _declare_pixel_tensors(model: nn.Module, survey: _Survey, paths: dict[int, l
         if isinstance(dim, bool) or not isinstance(dim, int) or not -tensor.dim() <= dim < tensor.dim():
             raise ValueError(f"pixel_tensors: {full_name!r}: pixel dim {dim!r} is not a dim of its shape "
                              f"{list(tensor.shape)}")
-        if id(owner) not in visited and _match(owner, CONVERTERS):
+        if _match(owner, CONVERTERS):
             raise ValueError(f"pixel_tensors: {full_name!r} belongs to {type(owner).__name__}, whose "
                              "converter reads it on the shard itself: leave it out")
         survey.add_pixel(owner, paths[id(owner)][0], {attr: dim % tensor.dim()})
