@@ -439,7 +439,7 @@ def convert_model(
         for owner, _, dims in survey.pixel.values():
             attach_pixel_slices(replacements.get(id(owner), owner), dims, process_group)
         if survey.needs_split:
-            attach_call_agreement(root, process_group)
+            attach_call_agreement(root, process_group, frozenset(survey.grids))
         bind_process_group(root, process_group)
         check_aliases_kept(before, root, "convert_model")
         if list(root.state_dict()) != state_keys:

@@ -47,8 +47,8 @@ the gather layers, ``Unsqueeze`` and the pixel tensors (``SpatialViT.pos_embed``
 ``pixel_tensors`` of ``convert_model``) emit or read that split, and a residual ``x + f(x)``
 needs both operands split alike. So the model's inputs must be split that way too, and a gather
 layer's input always is. A field split otherwise (a "skewed" split) is refused on every rank,
-at the model's call (a tensor argument whose dim 1 differs between ranks and is not the
-``shard_bounds`` split of its total) and in each gather layer.
+at the model's call (a tensor argument whose dim 1 differs between ranks, adds up to the size of
+one of the model's grids and is not its ``shard_bounds`` split) and in each gather layer.
 """
 
 from __future__ import annotations
@@ -179,9 +179,11 @@ class ModelCallAgreement(GroupBound):
     _hp_transient = ("_facts_by_key",)
     _MAX_KEYS = 8
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup], what: str) -> None:
+    def __init__(self, process_group: Optional[dist.ProcessGroup], what: str,
+                 grids: frozenset = frozenset()) -> None:
         self.process_group = process_group
         self.what = what
+        self.grids = frozenset(grids)
         self._depth = 0
         self._facts_by_key: dict[tuple, dict] = {}
 
@@ -225,7 +227,7 @@ class ModelCallAgreement(GroupBound):
         rows = [tuple(r) for r in sig.per_rank]
         for j in range(len(rows[0])):
             sizes = [row[j] for row in rows]
-            if len(set(sizes)) > 1:
+            if len(set(sizes)) > 1 and sum(sizes) in self.grids:
                 check_split(sizes, self.what, f"tensor argument {j} (a field [B, N, C])")
         key = (tuple(shared.values()), tuple(rows))
         store = self.__dict__.setdefault("_facts_by_key", {})
@@ -250,11 +252,14 @@ class ModelCallAgreement(GroupBound):
         self._depth = 0
 
 
-def attach_call_agreement(root: nn.Module, process_group: Optional[dist.ProcessGroup]) -> None:
-    """Register :class:`ModelCallAgreement` on ``root`` (once)."""
+def attach_call_agreement(root: nn.Module, process_group: Optional[dist.ProcessGroup],
+                          grids: frozenset) -> None:
+    """Register :class:`ModelCallAgreement` on ``root`` (once), checking the split of its tensor
+    arguments whose pixel counts add up to one of ``grids`` (the model's grid sizes)."""
     for hook in root._forward_pre_hooks.values():
         if isinstance(getattr(hook, "__self__", None), ModelCallAgreement):
+            hook.__self__.grids |= frozenset(grids)
             return
-    agreement = ModelCallAgreement(process_group, f"converted model {type(root).__name__}")
+    agreement = ModelCallAgreement(process_group, f"converted model {type(root).__name__}", grids)
     root.register_forward_pre_hook(agreement.enter, with_kwargs=True)
     root.register_forward_hook(agreement.exit, with_kwargs=True, always_call=True)
