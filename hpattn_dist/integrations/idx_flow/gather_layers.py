@@ -36,6 +36,7 @@ import contextlib
 from typing import Any, Iterator, Optional
 
 import idx_flow
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
@@ -94,8 +95,8 @@ class HaloGatherMixin(GroupBound):
     def _hp_halo(self) -> HaloExchanger:
         """The exchanger over ``_hp_process_group`` (made on first use and after a re-binding)."""
         if self._hp_exchanger is None or self._hp_bound_to is not self._hp_process_group:
-            info = resolve_group(self._hp_process_group, "process_group")
-            self._hp_exchanger = HaloExchanger(info, self._hp_what)
+            resolve_group(self._hp_process_group, "process_group")  # a dropped group raises, naming the fix
+            self._hp_exchanger = HaloExchanger(self._hp_process_group, self._hp_what)
             self._hp_bound_to = self._hp_process_group
         return self._hp_exchanger
 
