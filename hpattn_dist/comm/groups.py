@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.comm.binding import UnboundGroup
+
 __all__ = ["GroupInfo", "backend_config", "comm_device_for", "meta_device_for", "nbytes", "offsets",
            "parse_backend_config", "resolve_group"]
 
@@ -158,9 +160,19 @@ def resolve_group(group: "Optional[dist.ProcessGroup] | GroupInfo", name: str = 
     Raises:
         ValueError: this process is not a member of ``group``, or a group was given but
             torch.distributed is not initialised.
+        RuntimeError: ``group`` is the marker a pickled layer holds in place of its group
+            (Note [copying a layer bound to a group] in :mod:`hpattn_dist.comm.binding`).
     """
     if isinstance(group, GroupInfo):
         return group
+    if isinstance(group, UnboundGroup):
+        raise RuntimeError(
+            f"this layer was unpickled without its process group (a ProcessGroup cannot be "
+            f"pickled; {name} is a {group!r}): set layer.process_group = <the sequence-parallel "
+            "group> (or None for the default group), or call "
+            "hpattn_dist.comm.binding.bind_process_group(model, group) on the whole model, "
+            "before calling it"
+        )
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError(f"{name} was given but torch.distributed is not initialised")
