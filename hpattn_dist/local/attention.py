@@ -32,8 +32,8 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
 from hpattn_dist.local.plan import LocalPlan, cached_plan, plan_local_attention
 from hpattn_dist.local.windows import WINDOW_MODES, check_window
-from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerFacts, LayerRef, check_layer_rows
+from hpattn_dist.masks import key_bias_from_mask, mask_layout
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["WindowCall", "agree", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
@@ -65,7 +65,7 @@ class WindowCall:
 
 def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int, mode: str, backend: str,
           dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor], key_bias: Optional[Tensor],
-          seed: int, layer: Optional[LayerFacts], cross: bool, strategy: Optional[str], what: str,
+          seed: int, layer: "Optional[LayerFacts | LayerRef]", cross: bool, strategy: Optional[str], what: str,
           needs_grad: bool, bias_grad: bool) -> WindowCall:
     """The door of windowed attention: this rank's checks inside ONE agreement whose row carries
     ``Nq_r``, ``Nk_r``, whether a mask is left and the seed (Note [fail together]), then the plan.
@@ -84,6 +84,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
                              f"attention, which has no head-parallel form; strategy must be 'ring' or "
                              f"'auto', got {strategy!r}")
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)  # reading parameters may fail on one rank: inside the agreement
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         window_nside = check_window(window_nside, mode)
@@ -91,7 +92,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
             raise ValueError(f"dropout_seed must be an int in [0, 2**31), got {seed!r}")
         bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
-        mask_left = key_mask is not None and not bool(key_mask.all())
+        mask_left = key_mask is not None and mask_layout(key_mask).any_masked
         sig.set(
             {
                 "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
@@ -102,7 +103,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(bias_grad),
-                "cross": int(cross),
+                "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
@@ -113,10 +114,10 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
     sizes = tuple(row[0] for row in per_rank)
     key_sizes = tuple(row[1] for row in per_rank) if cross else None
     if layer is not None:  # the same rows on every rank: raised on every rank
-        check_layer_rows(info, layer, sizes, [row[4:7] for row in per_rank])
+        check_layer_rows(info, layer, sizes, [row[4:4 + N_SUMS] for row in per_rank])
         if cross:
             check_layer_rows(info, replace(layer, name=layer.name + " (keys and values)"), key_sizes,
-                             [row[4:7] for row in per_rank])
+                             [row[4:4 + N_SUMS] for row in per_rank])
     try:
         plan = cached_plan(sizes, key_sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank
@@ -190,7 +191,7 @@ def healpix_local_attention(
             window, masking or whether gradients are needed; for a ``layer``: parameters that
             differ between ranks.
 
-    Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
+    Communication: one 320-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """

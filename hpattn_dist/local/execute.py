@@ -49,7 +49,7 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.halo import all_to_all_rows
 from hpattn_dist.kernels import BlockKernel
 from hpattn_dist.kernels.dropout import DropoutSpec, FoldedIndex
-from hpattn_dist.local.plan import CellStore, LocalPlan, WindowGroup
+from hpattn_dist.local.plan import CellRefs, CellStore, LocalPlan, WindowGroup
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
 
@@ -70,37 +70,41 @@ class _Cells:
         self.store, self.own, self.edge, self.bh_rows = store, own, edge, bh_rows
         self.c, self.f = store.cell_pixels, own.shape[-1]
 
-    def _index(self, refs: Tensor) -> tuple[Tensor, Tensor]:
-        """``refs [A, C, *Y]`` -> source rows ``[A, C, B * H, *Y]`` of the own view and of the edge
-        buffer (each valid where the other is not)."""
-        s = self.store
-        r = refs.unsqueeze(2)
-        bh = self.bh_rows.view(1, 1, -1, *([1] * (refs.dim() - 2)))
-        own = (bh * s.n_local + s.lead + r * self.c).expand(*r.shape[:2], bh.shape[2], *r.shape[3:])
-        edge = bh * self.edge.shape[1] + (r - s.n_own)
-        return own, edge.expand_as(own)
-
-    def gather(self, refs: Tensor) -> Tensor:
+    def gather(self, refs: CellRefs) -> Tensor:
         """The blocks of ``refs [A, C, *Y]`` as ``[A, C, B * H, *Y, c, F]`` (a copy)."""
-        s = self.store
-        own_rows, edge_rows = self._index(refs)
-        is_own = (refs < s.n_own).unsqueeze(2).expand_as(own_rows).reshape(-1)
+        s, r = self.store, refs.refs
+        shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
         flat_edge = self.edge.reshape(-1, self.c * self.f)
         if s.n_own == 0:
-            out = flat_edge.index_select(0, edge_rows.reshape(-1))
-        else:
-            n = self.own.numel() // self.f
-            rows = self.own.as_strided((n - self.c + 1, self.c * self.f), (self.f, 1))
-            out = rows.index_select(0, torch.where(is_own, own_rows.reshape(-1), 0))
-            if not bool(is_own.all()):
-                pos = (~is_own).nonzero().squeeze(1)
-                out.index_copy_(0, pos, flat_edge.index_select(0, edge_rows.reshape(-1)[pos]))
-        return out.view(*own_rows.shape, self.c, self.f)
+            rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
+            return flat_edge.index_select(0, rows.reshape(-1)).view(shape)
+        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
+        own_rows = torch.where(r < s.n_own, r, 0).unsqueeze(2) * self.c + (bh * s.n_local + s.lead)
+        n = self.own.numel() // self.f
+        view = self.own.as_strided((n - self.c + 1, self.c * self.f), (self.f, 1))  # a block at every row
+        out = view.index_select(0, own_rows.reshape(-1))
+        if refs.edge_pos.numel():
+            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
+            rows = self.bh_rows.index_select(0, bh_e) * self.edge.shape[1] + cells - s.n_own
+            out.index_copy_(0, pos, flat_edge.index_select(0, rows))
+        return out.view(shape)
 
     def view(self, first: int, count: int) -> Tensor:
         """Own cells ``first .. first + count - 1`` in place, ``[B * H, count, c, F]``."""
         start = self.store.lead + first * self.c
         return self.own.narrow(1, start, count * self.c).view(self.own.shape[0], count, self.c, self.f)
+
+
+def _expanded(refs: CellRefs, n_bh: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The edge entries of ``refs [A, C, *Y]`` in the ``[A, C, B * H, *Y]`` layout, for every
+    batch-head pair: ``(flat positions, batch-head pairs, refs)``, each ``[n * B * H]``."""
+    r = refs.refs
+    y = math.prod(r.shape[2:])
+    p = refs.edge_pos.view(-1, 1)
+    bh = torch.arange(n_bh, device=p.device).view(1, -1)
+    pos = ((p // y) * n_bh + bh) * y + p % y
+    cells = r.reshape(-1).index_select(0, refs.edge_pos).view(-1, 1).expand(-1, n_bh)
+    return pos.reshape(-1), bh.expand_as(pos).reshape(-1), cells.reshape(-1)
 
 
 class _Blocks:
@@ -119,30 +123,31 @@ class _Blocks:
         self.own = alloc((rows * store.n_own + 1, self.c * f), dtype=dtype, device=device)
         self.edge = torch.zeros((rows * self.n_edge, self.c * f), dtype=dtype, device=device)
 
-    def _targets(self, refs: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        shape = values.shape[:-2]  # [A, C, BH, *Y]
-        r = refs.unsqueeze(2).expand(shape).reshape(-1)
-        bh = self.bh_rows.view(1, 1, -1, *([1] * (refs.dim() - 2))).expand(shape).reshape(-1)
+    def _targets(self, refs: CellRefs, values: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """``(own row of every block, the blocks [n, c * F], (positions, edge rows) of the edge blocks)``."""
+        r, n_own = refs.refs, self.store.n_own
+        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
         rows = values.reshape(-1, self.c * self.f).to(self.own.dtype)
-        is_own = r < self.store.n_own
-        own = torch.where(is_own, bh * self.store.n_own + r, self.own.shape[0] - 1)
-        pos = None if bool(is_own.all()) else (~is_own).nonzero().squeeze(1)
-        edge = None if pos is None else bh[pos] * self.n_edge + r[pos] - self.store.n_own
-        return own, rows, pos, edge
+        own = torch.where(r.unsqueeze(2) < n_own, bh * n_own + r.unsqueeze(2), self.own.shape[0] - 1)
+        edge = None
+        if refs.edge_pos.numel():
+            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
+            edge = (pos, self.bh_rows.index_select(0, bh_e) * self.n_edge + cells - n_own)
+        return own.expand(values.shape[:-2]).reshape(-1), rows, edge
 
-    def add(self, refs: Tensor, values: Tensor) -> None:
+    def add(self, refs: CellRefs, values: Tensor) -> None:
         """Add blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]``."""
-        own, rows, pos, edge = self._targets(refs, values)
+        own, rows, edge = self._targets(refs, values)
         self.own.index_add_(0, own, rows)
-        if pos is not None:
-            self.edge.index_add_(0, edge, rows.index_select(0, pos))
+        if edge is not None:
+            self.edge.index_add_(0, edge[1], rows.index_select(0, edge[0]))
 
-    def put(self, refs: Tensor, values: Tensor) -> None:
+    def put(self, refs: CellRefs, values: Tensor) -> None:
         """Write blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]`` (overwriting)."""
-        own, rows, pos, edge = self._targets(refs, values)
+        own, rows, edge = self._targets(refs, values)
         self.own.index_copy_(0, own, rows)
-        if pos is not None:
-            self.edge.index_copy_(0, edge, rows.index_select(0, pos))
+        if edge is not None:
+            self.edge.index_copy_(0, edge[1], rows.index_select(0, edge[0]))
 
     def rows(self, n_rows: int) -> tuple[Tensor, Tensor]:
         """``(own rows [S0, N_r, F], edge rows [S0, (E + z) * c, F])``; the own rows are a view of
@@ -288,11 +293,10 @@ class _Call:
             if group.k_view >= 0:
                 self.k, self.v = (side.view(group.k_view, y) for side in kv)  # [BH, Y, c_k, D]
             else:
-                k_refs = group.k_refs.view(1, 1, y, m)
-                self.k, self.v = (side.gather(k_refs).reshape(-1, y, m * c_k, side.f) for side in kv)
+                self.k, self.v = (side.gather(group.k_refs).reshape(-1, y, m * c_k, side.f) for side in kv)
             self.bias = None
             if bias is not None:
-                self.bias = bias.gather(group.k_refs.view(1, 1, y, m)).reshape(-1, y, m * c_k)
+                self.bias = bias.gather(group.k_refs).reshape(-1, y, m * c_k)
             self.k_pixels = _pixels(group.k_cells, c_k).reshape(1, y, m * c_k) if dropout_p > 0 else None
             self.offsets = (0,)
 
@@ -309,7 +313,7 @@ class _Call:
             n = windows.numel()
             q_f = qg.view(a, cc, -1, y, c_q, qg.shape[-1])[at[0], at[1], :, at[2]]  # [n, BH, c_q, D]
             q_f = q_f.transpose(0, 1).reshape(-1, 1, c_q, qg.shape[-1])
-            k_f, v_f = (side.gather(refs.view(1, 1, n, 2)).reshape(-1, 1, 2 * c_k, side.f) for side in self.kv)
+            k_f, v_f = (side.gather(refs).reshape(-1, 1, 2 * c_k, side.f) for side in self.kv)
             spec = None if self.q_index is None else _dropout(
                 self.dropout_p, self.seed, self.heads, _pixels(group.q_cells.reshape(-1)[windows], c_q)[None],
                 _pixels(cells, c_k).reshape(1, n, 2 * c_k))
@@ -428,7 +432,7 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
         lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
         for group in plan.groups:
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc)
-            a, cc, y = group.q_refs.shape
+            a, cc, y = group.q_cells.shape
             out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
             lse_b.put(group.q_refs, l.reshape(a, cc, -1, y, plan.cell_pixels, 1))
             del o, l
@@ -520,13 +524,12 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         for group in plan.groups:  # Note [local attention plan]: the zero blocks add nothing to dQ
             dq, dk, dv, db = _group_backward(plan, group, sides, kv, bias_cells, heads, kernel, scale, dropout_p,
                                              seed, need_dbias, acc)
-            a, cc, y = group.q_refs.shape
+            a, cc, y = group.q_cells.shape
             dq_b.put(group.q_refs, dq.view(a, cc, -1, y, plan.cell_pixels, d))
-            k_refs = group.k_refs if group.pad else group.k_refs.view(1, 1, *group.k_refs.shape)
-            dk_b.add(k_refs, dk)
-            dv_b.add(k_refs, dv)
+            dk_b.add(group.k_refs, dk)
+            dv_b.add(group.k_refs, dv)
             if db_b is not None:
-                db_b.add(k_refs, db)
+                db_b.add(group.k_refs, db)
             del dq, dk, dv, db
         dq, dq_edge = dq_b.rows(n_q)
         _rows_from_edge(plan.queries, dq, dq_edge)

@@ -23,7 +23,9 @@ Note [windowed attention as one op]
       makes it an unbacked size, as the Ulysses residuals' M (Note [compiling the attention]).
 
     The dropout seed is an input drawn before the op (Note [seed outside the op] in
-    ``kernels/dropout.py``), so a checkpointed recomputation draws what the forward drew.
+    ``kernels/dropout.py``), so a checkpointed recomputation draws what the forward drew; the layer's
+    parameters are read inside the agreement. Both ops are side-effectful to compilers (Note [ops
+    that communicate are never dead code]).
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from torch import Tensor
 
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.double_backward import refuse_double_backward
-from hpattn_dist.kernels import select_kernel
+from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.local import execute
 from hpattn_dist.local.attention import agree
 from hpattn_dist.local.plan import cached_plan
 from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerFacts, LayerRef, facts_of
+from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.ops import _acc, _distinct, _group, _group_pixels, group_name_of
 
 __all__ = ["op_window_attention"]
@@ -51,14 +53,15 @@ _PLAN_HEAD = 2  # use_bias, seed
 _ENTRIES = ("healpix_local_attention", "ring_cross_attention")
 
 
-def _layer(name: str, params: list[Tensor], healpix: bool, facts: Optional[Tensor]) -> Optional[LayerFacts]:
+def _layer(name: str, params: list[Tensor], healpix: bool,
+           facts: Optional[Tensor]) -> "Optional[LayerFacts | LayerRef]":
+    """The layer of a call: its parameters (read inside the agreement) or their fingerprint."""
     if not name:
         return None
     if facts is not None:
         values = [int(x) for x in facts.tolist()]
-        return LayerFacts(name, values[0], tuple(values[1:4]), healpix, point_sets=False)
-    made = facts_of(name, params, healpix)
-    return LayerFacts(made.name, made.layout, made.sums, made.healpix_field, point_sets=False)
+        return LayerFacts(name, values[0], tuple(values[1:]), healpix, point_sets=False)
+    return LayerRef(name, tuple(params), healpix, point_sets=False)
 
 
 @torch.library.custom_op("hpattn::window_attention_fwd", mutates_args=())
@@ -168,13 +171,10 @@ def _backward(ctx, dout, *unused):
 
 window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _seed_input(dropout_p: float, seed: object) -> Optional[Tensor]:
-    """This rank's seed proposal as an int64 CPU tensor ``[1]`` drawn HERE, before the op (Note
-    [seed outside the op]); None without dropout and without a given seed."""
-    if seed is not None:
-        return torch.tensor([seed], dtype=torch.int64)
-    return torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0 else None  # draw_seed's draw, not read
+# Both ops communicate (the agreement, the halo): never dead code to a compiler (Note [ops that
+# communicate are never dead code] in hpattn_dist/strategies/ops.py).
+for _op in (window_attention_fwd, window_attention_bwd):
+    torch.fx.node.has_side_effect(_op._opoverload)
 
 
 def _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, dropout_p, scale, seed) -> bool:
@@ -207,12 +207,11 @@ def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.Pr
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
     if not _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, dropout_p, scale,
                      dropout_seed):
-        facts = facts_of(layer.name, layer.params, layer.healpix_field) if isinstance(layer, LayerRef) else layer
         # The door raises on every rank for any argument the op cannot take.
         agree(q, k, v, resolve_group(group), window_nside=window_nside, mode=mode, backend=backend,
               dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-              seed=0 if dropout_seed is None else dropout_seed, layer=facts, cross=cross, strategy=strategy,
-              what=what if facts is None else facts.name, needs_grad=needs_grad, bias_grad=bias_grad)
+              seed=0 if dropout_seed is None else dropout_seed, layer=layer, cross=cross, strategy=strategy,
+              what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad)
         raise ValueError(f"{what}: arguments of types the op does not take (q {type(q).__name__} on "
                          f"{getattr(q, 'device', '?')}, window_nside {window_nside!r})")
     params, name, healpix, facts = [], "", True, None
@@ -223,6 +222,6 @@ def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.Pr
         facts = torch.tensor([layer.layout, *layer.sums], dtype=torch.int64)
     return torch.ops.hpattn.window_attention_fwd(
         q, k, v, key_mask, key_bias, group_name_of(group), window_nside, mode, backend, float(dropout_p),
-        q.shape[-1] ** -0.5 if scale is None else float(scale), _seed_input(dropout_p, dropout_seed),
+        q.shape[-1] ** -0.5 if scale is None else float(scale), seed_input(dropout_p, dropout_seed),
         params, name, healpix, facts, needs_grad, bias_grad, bool(cross), strategy or "", what,
     )[0]

@@ -64,7 +64,7 @@ from hpattn_dist.local.windows import (
     cell_squares, check_window, check_window_fits, face_cell, padded_face_cells, window_cells,
 )
 
-__all__ = ["CellStore", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_attention"]
+__all__ = ["CellRefs", "CellStore", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_attention"]
 
 #: The windows of a rank run in about this many groups (a group gathers its blocks at once).
 _GROUPS = 4
@@ -124,6 +124,28 @@ class CellStore:
 
 
 @dataclass(frozen=True)
+class CellRefs:
+    """Refs of a :class:`CellStore` laid out ``[A, C, *Y]``, with the positions of those that are
+    not own cells planned on the host, so that a call reads no device data to route them (Note
+    [agreement off the device] in ``comm/agreement.py``).
+
+    Attributes:
+        refs: int64 ``[A, C, *Y]``.
+        edge_pos: int64 ``[n]``, flat positions (in ``refs``) of refs at or above the store's ``n_own``.
+    """
+
+    refs: Tensor
+    edge_pos: Tensor
+
+    @staticmethod
+    def of(refs: Tensor, store: CellStore) -> "CellRefs":
+        return CellRefs(refs, (refs.reshape(-1) >= store.n_own).nonzero().squeeze(1))
+
+    def to(self, device: torch.device) -> "CellRefs":
+        return CellRefs(self.refs.to(device), self.edge_pos.to(device))
+
+
+@dataclass(frozen=True)
 class WindowGroup:
     """Windows run by the same kernel calls (Note [local attention plan]).
 
@@ -134,28 +156,29 @@ class WindowGroup:
             a list ``[1, 1, Y]``.
         k_cells: int64, squares: ``[s + 2, C, s + 2]`` the padded grids; list: ``[Y, m]`` each
             unit's key cells. -1: no cell (a zero block).
-        q_refs, k_refs: the same as refs of the query and key :class:`CellStore`.
+        q_refs, k_refs: the same as :class:`CellRefs` of the query and key :class:`CellStore`
+            (``k_refs`` of a list ``[1, 1, Y, m]``).
         q_view, k_view: for a list whose refs are ``q_view ..`` (``k_view ..``, one key cell each)
             in order and own: read in place; else -1.
         fixes: for squares, per column offset dx with a zero block in some window's column:
             ``(dx, windows, k_cells, k_refs)``, the windows (flat ``(x, square, y)`` indices into
-            ``[A, C, Y]``) whose column dx is computed again from its two cells (int64 ``[n, 2]``)
-            when no key bias masks the zero block.
+            ``[A, C, Y]``) whose column dx is computed again from its two cells (int64 ``[n, 2]``,
+            and their refs ``[1, 1, n, 2]``) when no key bias masks the zero block.
     """
 
     pad: int
     q_cells: Tensor
     k_cells: Tensor
-    q_refs: Tensor
-    k_refs: Tensor
+    q_refs: CellRefs
+    k_refs: CellRefs
     q_view: int = -1
     k_view: int = -1
-    fixes: tuple[tuple[int, Tensor, Tensor, Tensor], ...] = ()
+    fixes: tuple[tuple[int, Tensor, Tensor, CellRefs], ...] = ()
 
     def to(self, device: torch.device) -> "WindowGroup":
         return replace(self, q_cells=self.q_cells.to(device), k_cells=self.k_cells.to(device),
                        q_refs=self.q_refs.to(device), k_refs=self.k_refs.to(device),
-                       fixes=tuple((dx, *(t.to(device) for t in f)) for dx, *f in self.fixes))
+                       fixes=tuple((dx, w.to(device), c.to(device), r.to(device)) for dx, w, c, r in self.fixes))
 
 
 @dataclass(frozen=True)
@@ -284,13 +307,13 @@ def _chunks(items: list, sizes: list[int], budget: int) -> list[list]:
 def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: CellStore) -> WindowGroup:
     q_refs, k_refs = queries.refs(units), keys.refs(key_cells)
     q_view = k_view = -1
-    y = units.numel()
+    y, m = units.numel(), key_cells.shape[1]
     if int(q_refs.max()) < queries.n_own and torch.equal(q_refs, q_refs[0] + torch.arange(y)):
         q_view = int(q_refs[0])
-    if key_cells.shape[1] == 1 and int(k_refs.max()) < keys.n_own and torch.equal(
-            k_refs[:, 0], k_refs[0, 0] + torch.arange(y)):
+    if m == 1 and int(k_refs.max()) < keys.n_own and torch.equal(k_refs[:, 0], k_refs[0, 0] + torch.arange(y)):
         k_view = int(k_refs[0, 0])
-    return WindowGroup(0, units.view(1, 1, y), key_cells, q_refs.view(1, 1, y), k_refs, q_view, k_view)
+    return WindowGroup(0, units.view(1, 1, y), key_cells, CellRefs.of(q_refs.view(1, 1, y), queries),
+                       CellRefs.of(k_refs.view(1, 1, y, m), keys), q_view, k_view)
 
 
 def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: CellStore,
@@ -310,8 +333,9 @@ def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: Cel
         if bool(hit.any()):
             cells = column.reshape(-1, 3)[hit]
             cells = cells[cells >= 0].view(-1, 2)  # one cell is missing where three faces meet
-            fixes.append((dx, hit.nonzero().squeeze(1), cells, keys.refs(cells)))
-    return WindowGroup(1, q_cells, k_cells, queries.refs(q_cells), keys.refs(k_cells), fixes=tuple(fixes))
+            fixes.append((dx, hit.nonzero().squeeze(1), cells, CellRefs.of(keys.refs(cells).view(1, 1, -1, 2), keys)))
+    return WindowGroup(1, q_cells, k_cells, CellRefs.of(queries.refs(q_cells), queries),
+                       CellRefs.of(keys.refs(k_cells), keys), fixes=tuple(fixes))
 
 
 def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, rank: int,
