@@ -175,7 +175,7 @@ def _local_tables(records: Sequence[dict[str, Any]]) -> list[str]:
         if lines:
             lines.append("")
         cols = (f"{'nside':>5} {'window':>6} {'mode':<13} {'thr':>3} {'implementation':<28} {'fwd min':>8} "
-                f"{'fwd med':>8} {'vs flex':>7} {'f+b min':>8} {'f+b/f':>6}")
+                f"{'fwd med':>8} {'fwd cpu':>8} {'vs flex':>7} {'(cpu)':>6} {'f+b min':>8} {'f+b/f':>6} {'(cpu)':>6}")
         lines += [cols, "-" * len(cols)]
         for r in attention:
             if r["impl"] == "flex":
@@ -184,16 +184,21 @@ def _local_tables(records: Sequence[dict[str, Any]]) -> list[str]:
                     lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} "
                                  f"{name:<28} did not build ({r['error'].split(':')[0]})")
                     continue
-                tail = f"{'':>7} {'':>8} {'':>6}"
+                tail = ""
             else:
                 name = "healpix_local_attention"
-                ratio = format(r["speed_vs_flex_fwd"], "7.2f") if "speed_vs_flex_fwd" in r else "-".rjust(7)
-                tail = f"{ratio} {_ms(r['fwd_bwd_min_s'], 8)} {r['fwd_bwd_over_fwd']:6.2f}"
+
+                def ratio(key: str, width: int) -> str:
+                    return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+                tail = (f" {ratio('speed_vs_flex_fwd', 7)} {ratio('speed_vs_flex_fwd_cpu', 6)} "
+                        f"{_ms(r['fwd_bwd_min_s'], 8)} {r['fwd_bwd_over_fwd']:6.2f} {ratio('fwd_bwd_over_fwd_cpu', 6)}")
             lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} {name:<28} "
-                         f"{_ms(r['fwd_min_s'], 8)} {_ms(r['fwd_s'], 8)} {tail}")
-        lines.append("the attention alone on [B, H, N, D] in one process, runs alternating; vs flex = "
-                     "t(FlexAttention, its faster block size) / t(ours), forward minima;\nf+b/f = our "
-                     "forward+backward over our forward (minima); FlexAttention compiles no backward on CPU")
+                         f"{_ms(r['fwd_min_s'], 8)} {_ms(r['fwd_s'], 8)} {_ms(r['fwd_cpu_min_s'], 8)}{tail}")
+        lines.append("the attention alone on [B, H, N, D] in one process, runs alternating; ms: minimum, "
+                     "median and CPU-time minimum of the forward; vs flex = t(FlexAttention,\nits faster "
+                     "block size) / t(ours) from the forward minima (wall, cpu); f+b/f = our forward+backward "
+                     "over our forward (minima); FlexAttention compiles no backward on CPU")
     return lines
 
 
