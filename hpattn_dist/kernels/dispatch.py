@@ -103,11 +103,14 @@ class BlockKernel:
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,
+        q_finite: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, H, N_q, D], lse [B, H, N_q])``; lse in ``acc_dtype(q.dtype)``.
 
         ``out`` is in the kernel's output dtype (q.dtype for fused kernels, the accumulation dtype
-        for ``manual``); an empty key block gives zero output and ``lse = -inf``.
+        for ``manual``); an empty key block gives zero output and ``lse = -inf``. ``q_finite``:
+        the caller has checked that q holds no NaN (a caller running many blocks of one q checks
+        it once), so no row needs restoring.
         """
         acc = acc_dtype(q.dtype)
         if k.shape[2] == 0 or q.shape[2] == 0:
@@ -122,7 +125,7 @@ class BlockKernel:
         # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle. On the
         # CPU a finite sum of q (one reduction, read on the host) rules NaN out without a pass per
         # row; elsewhere the rows are restored unread (Note [agreement off the device]).
-        if q.device.type != "cpu" or not bool(torch.isfinite(q.sum())):
+        if not q_finite and (q.device.type != "cpu" or not bool(torch.isfinite(q.sum()))):
             nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
             out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
             lse = lse.masked_fill(nan_rows, float("nan"))

@@ -66,14 +66,16 @@ class WindowCall:
 def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int, mode: str, backend: str,
           dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor], key_bias: Optional[Tensor],
           seed: int, layer: "Optional[LayerFacts | LayerRef]", cross: bool, strategy: Optional[str], what: str,
-          needs_grad: bool, bias_grad: bool) -> WindowCall:
+          needs_grad: bool, bias_grad: bool, via_op: bool = True) -> WindowCall:
     """The door of windowed attention: this rank's checks inside ONE agreement whose row carries
     ``Nq_r``, ``Nk_r``, whether a mask is left and the seed (Note [fail together]), then the plan.
 
     ``seed``: this rank's proposal (group rank 0's is used). ``strategy``: what a caller of
     :func:`~hpattn_dist.strategies.sharded_attention` named; the halo exchange has no
     head-parallel form, so anything but ``"ring"`` / ``"auto"`` is refused (on every rank).
-    ``what`` names the entry point (or the layer) in errors.
+    ``what`` names the entry point (or the layer) in errors. ``via_op``: called by the registered
+    op (False: by a rank whose arguments the op cannot take, which raises after the agreement; the
+    flag is agreed, so its peers raise with it instead of running the op's exchanges).
 
     Raises:
         ValueError: (on every rank together) what :func:`windowed_attention` lists.
@@ -104,6 +106,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(bias_grad),
                 "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
+                "via_op": int(via_op),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),

@@ -300,28 +300,6 @@ class _Call:
             self.k_pixels = _pixels(group.k_cells, c_k).reshape(1, y, m * c_k) if dropout_p > 0 else None
             self.offsets = (0,)
 
-    def fix(self, dx: int, qg: Tensor, o: Tensor, lse: Tensor, kernel: BlockKernel, scale: float) -> None:
-        """Column ``dx`` of the windows that read a zero block there, computed again from its two
-        cells, written into the call's ``o [X, Y, c_q, D]`` and ``lse [X, Y, c_q]`` (no key bias:
-        Note [local attention plan])."""
-        group, c_q, c_k = self.group, self.plan.cell_pixels, self.plan.key_cell_pixels
-        for fix_dx, windows, cells, refs in group.fixes:
-            if fix_dx != dx:
-                continue
-            a, cc, y = group.q_cells.shape
-            at = (windows // (cc * y), windows // y % cc, windows % y)  # (x, square, y) of each window
-            n = windows.numel()
-            q_f = qg.view(a, cc, -1, y, c_q, qg.shape[-1])[at[0], at[1], :, at[2]]  # [n, BH, c_q, D]
-            q_f = q_f.transpose(0, 1).reshape(-1, 1, c_q, qg.shape[-1])
-            k_f, v_f = (side.gather(refs).reshape(-1, 1, 2 * c_k, side.f) for side in self.kv)
-            spec = None if self.q_index is None else _dropout(
-                self.dropout_p, self.seed, self.heads, _pixels(group.q_cells.reshape(-1)[windows], c_q)[None],
-                _pixels(cells, c_k).reshape(1, n, 2 * c_k))
-            o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec)
-            o.view(a, cc, -1, y, c_q, o.shape[-1])[at[0], at[1], :, at[2]] = \
-                o_f.view(-1, n, c_q, o.shape[-1]).transpose(0, 1).to(o.dtype)
-            lse.view(a, cc, -1, y, c_q)[at[0], at[1], :, at[2]] = l_f.view(-1, n, c_q).transpose(0, 1).to(lse.dtype)
-
     def keys(self, dx: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[DropoutSpec]]:
         group = self.group
         if not group.pad:
@@ -332,6 +310,37 @@ class _Call:
         spec = None if self.q_index is None else _dropout(
             self.dropout_p, self.seed, self.heads, self.q_index, _span_index(self.k_pixels, dx, group))
         return _span(self.k, dx, group), _span(self.v, dx, group), bias, spec
+
+
+def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int, kernel: BlockKernel,
+                  scale: float, dropout_p: float, seed: int, q_finite: bool) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per column offset, that column of every window reading a zero block there, from its two
+    cells (Note [local attention plan]): ``(out [n, B * H, c_q, D], lse [n, B * H, c_q])``."""
+    c_q, c_k, d = plan.cell_pixels, plan.key_cell_pixels, queries.f
+    out = {}
+    for fix in plan.fixes:
+        n = fix.q_cells.numel()
+        q_f = queries.gather(fix.q_refs).reshape(-1, 1, c_q, d)  # [B * H * n, 1, c_q, D]
+        k_f, v_f = (side.gather(fix.k_refs).reshape(-1, 1, 2 * c_k, d) for side in kv)
+        spec = _dropout(dropout_p, seed, heads, _pixels(fix.q_cells, c_q).view(1, n, c_q),
+                        _pixels(fix.k_cells, c_k).view(1, n, 2 * c_k))
+        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec, q_finite=q_finite)
+        out[fix.dx] = o_f.view(-1, n, c_q, d).transpose(0, 1), l_f.view(-1, n, c_q).transpose(0, 1)
+    return out
+
+
+def _apply_fixes(group: WindowGroup, dx: int, fixed: dict[int, tuple[Tensor, Tensor]], o: Tensor,
+                 lse: Tensor) -> None:
+    """Write the fixed column ``dx`` of a square group's windows into the call's ``o [X, Y, c_q, D]``
+    and ``lse [X, Y, c_q]``."""
+    a, cc, y = group.q_cells.shape
+    for fix_dx, windows, first in group.fixes:
+        if fix_dx != dx:
+            continue
+        o_f, l_f = (t[first:first + windows.numel()] for t in fixed[dx])
+        at = (windows // (cc * y), windows // y % cc, windows % y)  # (x, square, y) of each window
+        o.view(a, cc, -1, y, *o.shape[2:])[at[0], at[1], :, at[2]] = o_f.to(o.dtype)
+        lse.view(a, cc, -1, y, lse.shape[2])[at[0], at[1], :, at[2]] = l_f.to(lse.dtype)
 
 
 def _queries(group: WindowGroup, cells: _Cells) -> Tensor:
@@ -423,15 +432,20 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     edge_b = None if b3 is None else _edge_buffer(plan.keys, b3, b_recv, float("-inf"))
     del kv_recv, b_recv
     queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
+    # One check that q holds no NaN (on the CPU; a read elsewhere: every call restores NaN rows).
+    q_finite = q3.device.type == "cpu" and bool(torch.isfinite(q3.sum()))
+    fixed = {} if bias_cells is not None else _column_fixes(plan, queries, kv, heads, kernel, scale, dropout_p,
+                                                             seed, q_finite)
     if _in_place_only(plan):
         o, l = _group_forward(plan, plan.groups[0], queries, kv, bias_cells, heads, kernel, scale, dropout_p,
-                              seed, acc)
+                              seed, acc, q_finite, fixed)
         out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
     else:
         out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
         lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
         for group in plan.groups:
-            o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc)
+            o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc,
+                                  q_finite, fixed)
             a, cc, y = group.q_cells.shape
             out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
             lse_b.put(group.q_refs, l.reshape(a, cc, -1, y, plan.cell_pixels, 1))
@@ -462,7 +476,8 @@ def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
     return out
 
 
-def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc):
+def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, q_finite,
+                   fixed):
     """``(out [X, Y, c_q, D], lse [X, Y, c_q])`` of one group: its calls, merged."""
     qg = _queries(group, queries)
     call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
@@ -471,12 +486,12 @@ def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout
         k_c, v_c, b_c, spec = call.keys(dx)
         folded = _fold([qg, k_c, v_c, b_c])
         if folded is None:
-            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec)
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, q_finite=q_finite)
         else:
-            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec)
+            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec, q_finite=q_finite)
             o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
         if bias is None:  # with a bias the zero blocks are masked
-            call.fix(dx, qg, o_c, l_c, kernel, scale)
+            _apply_fixes(group, dx, fixed, o_c, l_c)
         if o is None:
             o, l = (o_c, l_c) if len(call.offsets) == 1 else (o_c.to(acc), l_c.to(acc))
         else:

@@ -31,6 +31,7 @@ Note [windowed attention as one op]
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -205,15 +206,20 @@ def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.Pr
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, key_bias))
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
+    if not isinstance(window_nside, (bool, int)) and hasattr(window_nside, "__index__"):
+        window_nside = operator.index(window_nside)  # a numpy integer
     if not _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, dropout_p, scale,
                      dropout_seed):
-        # The door raises on every rank for any argument the op cannot take.
+        # The door raises on every rank for any argument the op cannot take; a peer that took the
+        # op path meets a different signature (via_op) and raises too.
         agree(q, k, v, resolve_group(group), window_nside=window_nside, mode=mode, backend=backend,
               dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
               seed=0 if dropout_seed is None else dropout_seed, layer=layer, cross=cross, strategy=strategy,
-              what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad)
-        raise ValueError(f"{what}: arguments of types the op does not take (q {type(q).__name__} on "
-                         f"{getattr(q, 'device', '?')}, window_nside {window_nside!r})")
+              what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad,
+              via_op=False)
+        raise ValueError(f"{what}: arguments the registered op cannot take (q {type(q).__name__} on "
+                         f"{getattr(q, 'device', '?')}, window_nside {window_nside!r}, scale {scale!r}, "
+                         f"dropout_p {dropout_p!r})")
     params, name, healpix, facts = [], "", True, None
     if isinstance(layer, LayerRef):
         params, name, healpix = [p.detach() for p in layer.params], layer.name, layer.healpix_field

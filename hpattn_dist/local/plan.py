@@ -30,7 +30,7 @@ kernel runs every window of a call at once, with no mask and no ``N x N`` score 
   instead (each unit against its 9 (8, 7, 6) cells). Where three faces meet a window has
   only 7 other cells: the padded grid holds a zero block there; a masked call gives it bias -inf,
   and in an unmasked call the column holding it is computed again for those few windows from its
-  two cells (``fixes``), before the merge. The backward needs no such pass: a zero key block adds
+  two cells (``fixes``: ONE call per column offset for all the rank's groups), before the merge. The backward needs no such pass: a zero key block adds
   exactly zero to dQ, and its dK/dV are dropped.
 
 Queries and keys are read through a *cell store* per side: the cells wholly on this rank are
@@ -64,7 +64,7 @@ from hpattn_dist.local.windows import (
     cell_squares, check_window, check_window_fits, face_cell, padded_face_cells, window_cells,
 )
 
-__all__ = ["CellRefs", "CellStore", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_attention"]
+__all__ = ["CellRefs", "CellStore", "ColumnFix", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_attention"]
 
 #: The windows of a rank run in about this many groups (a group gathers its blocks at once).
 _GROUPS = 4
@@ -161,9 +161,9 @@ class WindowGroup:
         q_view, k_view: for a list whose refs are ``q_view ..`` (``k_view ..``, one key cell each)
             in order and own: read in place; else -1.
         fixes: for squares, per column offset dx with a zero block in some window's column:
-            ``(dx, windows, k_cells, k_refs)``, the windows (flat ``(x, square, y)`` indices into
-            ``[A, C, Y]``) whose column dx is computed again from its two cells (int64 ``[n, 2]``,
-            and their refs ``[1, 1, n, 2]``) when no key bias masks the zero block.
+            ``(dx, windows, first)``: the windows (flat ``(x, square, y)`` indices into ``[A, C, Y]``)
+            whose column dx is computed again from its two cells when no key bias masks the zero
+            block, in the plan's :class:`ColumnFix` of dx from window ``first`` on.
     """
 
     pad: int
@@ -173,12 +173,34 @@ class WindowGroup:
     k_refs: CellRefs
     q_view: int = -1
     k_view: int = -1
-    fixes: tuple[tuple[int, Tensor, Tensor, CellRefs], ...] = ()
+    fixes: tuple[tuple[int, Tensor, int], ...] = ()
 
     def to(self, device: torch.device) -> "WindowGroup":
         return replace(self, q_cells=self.q_cells.to(device), k_cells=self.k_cells.to(device),
                        q_refs=self.q_refs.to(device), k_refs=self.k_refs.to(device),
-                       fixes=tuple((dx, w.to(device), c.to(device), r.to(device)) for dx, w, c, r in self.fixes))
+                       fixes=tuple((dx, w.to(device), first) for dx, w, first in self.fixes))
+
+
+@dataclass(frozen=True)
+class ColumnFix:
+    """One call for every window of the rank whose column dx reads a zero block: their queries
+    against the column's two other cells (Note [local attention plan]).
+
+    Attributes:
+        dx: the column offset.
+        q_cells: int64 ``[n]``, the windows' query cells; q_refs their :class:`CellRefs` ``[1, 1, n]``.
+        k_cells: int64 ``[n, 2]``, the column's cells; k_refs their :class:`CellRefs` ``[1, 1, n, 2]``.
+    """
+
+    dx: int
+    q_cells: Tensor
+    q_refs: CellRefs
+    k_cells: Tensor
+    k_refs: CellRefs
+
+    def to(self, device: torch.device) -> "ColumnFix":
+        return ColumnFix(self.dx, self.q_cells.to(device), self.q_refs.to(device), self.k_cells.to(device),
+                         self.k_refs.to(device))
 
 
 @dataclass(frozen=True)
@@ -199,6 +221,7 @@ class LocalPlan:
             self-attention).
         cross: queries and keys on two grids (their exchange is counted as ``cross.halo.*``,
             else ``local.halo.*``).
+        fixes: the :class:`ColumnFix` calls of the groups' ``fixes``, one per column offset.
     """
 
     nside: int
@@ -218,6 +241,7 @@ class LocalPlan:
     n_local_keys: int
     k_start: int
     cross: bool = False
+    fixes: tuple[ColumnFix, ...] = ()
 
     @property
     def n_units(self) -> int:
@@ -227,7 +251,8 @@ class LocalPlan:
         if self.halo.send_indices.device == device:
             return self
         return replace(self, halo=self.halo.to(device), queries=self.queries.to(device),
-                       keys=self.keys.to(device), groups=tuple(g.to(device) for g in self.groups))
+                       keys=self.keys.to(device), groups=tuple(g.to(device) for g in self.groups),
+                       fixes=tuple(f.to(device) for f in self.fixes))
 
 
 def _unit_cells(start: int, stop: int, c: int) -> Tensor:
@@ -317,7 +342,7 @@ def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: Cell
 
 
 def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: CellStore,
-                  keys: CellStore) -> WindowGroup:
+                  keys: CellStore, fix_columns: dict[int, list]) -> WindowGroup:
     s = squares[0][3]
     padded = padded_face_cells(n)
     ar, ar2 = torch.arange(s), torch.arange(s + 2)
@@ -333,7 +358,9 @@ def _square_group(squares: list[tuple[int, int, int, int]], n: int, queries: Cel
         if bool(hit.any()):
             cells = column.reshape(-1, 3)[hit]
             cells = cells[cells >= 0].view(-1, 2)  # one cell is missing where three faces meet
-            fixes.append((dx, hit.nonzero().squeeze(1), cells, CellRefs.of(keys.refs(cells).view(1, 1, -1, 2), keys)))
+            first = len(fix_columns[dx])
+            fix_columns[dx] += [(q, tuple(k)) for q, k in zip(q_cells.reshape(-1)[hit].tolist(), cells.tolist())]
+            fixes.append((dx, hit.nonzero().squeeze(1), first))
     return WindowGroup(1, q_cells, k_cells, CellRefs.of(queries.refs(q_cells), queries),
                        CellRefs.of(keys.refs(k_cells), keys), fixes=tuple(fixes))
 
@@ -386,6 +413,7 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
 
     budget = max(1, math.ceil(units.numel() / _GROUPS))
     groups: list[WindowGroup] = []
+    fix_columns: dict[int, list] = {-1: [], 0: [], 1: []}
     if mode == "cell":
         # The run of units wholly on this rank on both sides reads q, k, v in place (one call).
         k_first, k_own = keys.own_first, keys.n_own
@@ -409,7 +437,7 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
                     listed[first - int(units[0]):first - int(units[0]) + side * side] = True
                 continue
             for run in _chunks(same, [side * side] * len(same), max(budget, side * side)):
-                groups.append(_square_group(run, n, queries, keys))
+                groups.append(_square_group(run, n, queries, keys, fix_columns))
         # Listed windows, grouped by their number of cells m.
         sizes_m = (window >= 0).sum(dim=1)
         for m in sorted(set(sizes_m[listed].tolist())):
@@ -418,9 +446,16 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
             step = max(8, budget // 2)  # about twice the key cells a group of squares lays out
             for a in range(0, cells.shape[0], step):
                 groups.append(_list_group(units[sel][a:a + step], cells[a:a + step], queries, keys))
+    fixes = []
+    for dx, rows in fix_columns.items():
+        if rows:
+            q_fix = torch.tensor([q for q, _ in rows], dtype=torch.int64)
+            k_fix = torch.tensor([k for _, k in rows], dtype=torch.int64)
+            fixes.append(ColumnFix(dx, q_fix, CellRefs.of(queries.refs(q_fix).view(1, 1, -1), queries), k_fix,
+                                   CellRefs.of(keys.refs(k_fix).view(1, 1, -1, 2), keys)))
     return LocalPlan(
         nside, n, mode, c_q, sizes[rank], q_bounds[rank][0], units, (window >= 0).sum(dim=1), queries, keys,
-        tuple(groups), halo, key_nside, c_k, key_sizes[rank], k_bounds[rank][0], cross,
+        tuple(groups), halo, key_nside, c_k, key_sizes[rank], k_bounds[rank][0], cross, tuple(fixes),
     )
 
 
