@@ -34,7 +34,7 @@ from hpattn_dist.kernels import sdpa as _sdpa
 from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
 from hpattn_dist.kernels.manual import manual_backward, manual_forward
-from hpattn_dist.precision import acc_dtype
+from hpattn_dist.precision import acc_dtype, declared_precision
 
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual", "flash_attn")
 
@@ -75,6 +75,7 @@ class BlockKernel:
         """Every reason this kernel refuses ``inp``; empty when it runs it."""
         return self.capability.not_supported_reasons(inp)
 
+    @declared_precision
     def forward(
         self,
         q: Tensor,
@@ -103,6 +104,7 @@ class BlockKernel:
         out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
         return out, lse.to(acc).masked_fill(nan_rows, float("nan"))
 
+    @declared_precision
     def backward(
         self,
         dout: Tensor,
