@@ -17,7 +17,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GroupInfo", "comm_device_for", "nbytes", "offsets", "resolve_group"]
+__all__ = ["GroupInfo", "backend_for", "comm_device_for", "nbytes", "offsets", "resolve_group"]
+
+
+def backend_for(backend: Optional[str], device_type: str) -> str:
+    """The backend that runs a group's collectives on tensors of ``device_type``.
+
+    Args:
+        backend: ``dist.get_backend(group)``: ``"gloo"``, ``"nccl"``, or a per-device list such as
+            ``"cpu:gloo,cuda:nccl"``; None without a group.
+        device_type: ``"cpu"``, ``"cuda"``, ...
+
+    Returns:
+        The backend's name in lower case (``""`` without a group).
+    """
+    name = (backend or "").lower()
+    if ":" in name:  # "cpu:gloo,cuda:nccl": the backend that serves this device type
+        per_device = dict(part.split(":", 1) for part in name.split(",") if ":" in part)
+        name = per_device.get(device_type, name)
+    return name
 
 
 def comm_device_for(backend: Optional[str], device: torch.device) -> torch.device:

@@ -46,8 +46,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import GroupInfo, nbytes
-from hpattn_dist.comm.waits import ExchangeError, cause_text, get_exchange_timeout, set_exchange_timeout, wait_work
+from hpattn_dist.comm.groups import GroupInfo, backend_for, nbytes
+from hpattn_dist.comm.waits import (ExchangeError, cause_text, exchange_timeout_for, set_exchange_timeout,
+                                   wait_work)
 
 __all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "grouped_p2p", "set_exchange_timeout"]
 
@@ -63,11 +64,7 @@ def grouped_p2p(backend: str, device_type: str) -> bool:
     Returns:
         False for gloo, True for every other backend (Note [p2p grouping]).
     """
-    name = backend.lower()
-    if ":" in name:  # "cpu:gloo,cuda:nccl": the backend that serves this device type
-        per_device = dict(part.split(":", 1) for part in name.split(",") if ":" in part)
-        name = per_device.get(device_type, name)
-    return name != "gloo"
+    return backend_for(backend, device_type) != "gloo"
 
 
 class PendingExchange:
@@ -78,7 +75,8 @@ class PendingExchange:
             direction ``"send to"`` or ``"receive from"``.
         label, step: what the exchange is, for error messages.
         info: the group (to name this rank in messages).
-        timeout_s: bound on :meth:`wait` (None: the process group's own timeout).
+        timeout_s: bound on :meth:`wait` (None: the process group's own timeout; always None on
+            a backend that waits on the device, Note [exchange timeout]).
     """
 
     def __init__(self, works: list, label: str = "exchange", step: Optional[int] = None,
@@ -192,14 +190,14 @@ class RingExchanger:
         if step is None:
             step = self._posts.get(label, 0)
         self._posts[label] = self._posts.get(label, 0) + 1
-        timeout_s = self.timeout_s if self.timeout_s is not None else get_exchange_timeout()
-        pending = PendingExchange([], label, step, self.info, timeout_s)
         messages = []  # (op, tensor, tag, direction, peer_group, peer_global), in posting order
         for tag, (s, r) in enumerate(zip(send, recv)):
             if s is not None and s.numel() > 0:
                 messages.append((dist.isend, s, tag, "send to", self.send_group_rank, self.send_peer))
             if r is not None and r.numel() > 0:
                 messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
+        device = messages[0][1].device if messages else None
+        pending = PendingExchange([], label, step, self.info, exchange_timeout_for(self.info, device, self.timeout_s))
         if messages and self._grouped(messages[0][1].device):
             ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)
                    for op, t, tag, _, _, peer_global in messages]
@@ -213,8 +211,7 @@ class RingExchanger:
     def _grouped(self, device: torch.device) -> bool:
         """Note [p2p grouping], decided once per device type (the backend is fixed)."""
         if device.type not in self._grouped_by_device:
-            backend = dist.get_backend(self.info.group)
-            self._grouped_by_device[device.type] = grouped_p2p(backend, device.type)
+            self._grouped_by_device[device.type] = grouped_p2p(str(self.info.backend), device.type)
         return self._grouped_by_device[device.type]
 
 

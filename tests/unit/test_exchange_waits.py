@@ -1,0 +1,100 @@
+"""Which wait an exchange uses, per backend and tensor device (Note [exchange timeout]).
+
+gloo (a host wait) keeps the exchange timeout: ``Work.wait(timeout)``, answered at once when a
+peer's connection breaks (the fast, named failure of ``tests/distributed/test_reliability.py``).
+On NCCL the same call is a CPU busy-poll that stalls the host and aborts the communicator on
+expiry, so there every wait is the plain ``Work.wait()`` and the process group's timeout and
+watchdog bound it. Tested without a GPU: the group is a stand-in whose backend text is what
+``dist.get_backend`` reports for NCCL groups, the work handles record how they were waited on,
+and the ring's tensors are fake CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from hpattn_dist.comm.groups import GroupInfo, backend_for
+from hpattn_dist.comm.ring import RingExchanger
+from hpattn_dist.comm.waits import exchange_timeout_for, run_collective, set_exchange_timeout
+
+
+class _Group(GroupInfo):
+    """A two-rank group whose backend is ``text`` (no process group behind it)."""
+
+    text = "nccl"
+
+    @property
+    def backend(self) -> str:
+        return self.text
+
+    def global_rank(self, group_rank: int) -> int:
+        return group_rank
+
+
+def _group(text: str) -> GroupInfo:
+    info = _Group(None, 0, 2)
+    object.__setattr__(info, "text", text)
+    return info
+
+
+class _Work:
+    """A work handle that records the keyword arguments of each ``wait``."""
+
+    def __init__(self) -> None:
+        self.waits: list[dict] = []
+
+    def wait(self, **kwargs) -> bool:
+        self.waits.append(kwargs)
+        return True
+
+
+@pytest.fixture
+def exchange_timeout():
+    previous = set_exchange_timeout(5.0)
+    yield 5.0
+    set_exchange_timeout(previous)
+
+
+@pytest.mark.parametrize("text, device, expected", [
+    ("gloo", "cpu", "gloo"), ("nccl", "cuda", "nccl"), ("cpu:gloo,cuda:nccl", "cuda", "nccl"),
+    ("cpu:gloo,cuda:nccl", "cpu", "gloo"), ("CUDA:NCCL,CPU:GLOO", "cpu", "gloo"), (None, "cpu", ""),
+])
+def test_backend_for_device(text, device, expected):
+    assert backend_for(text, device) == expected
+
+
+@pytest.mark.parametrize("text, device, host", [
+    ("gloo", "cpu", True), ("nccl", "cuda", False), ("cpu:gloo,cuda:nccl", "cuda", False),
+    ("cpu:gloo,cuda:nccl", "cpu", True),
+])
+def test_collective_waits_on_the_host_only_on_gloo(exchange_timeout, text, device, host):
+    """run_collective: gloo waits with the exchange timeout, NCCL with the plain wait."""
+    info = _group(text)
+    assert exchange_timeout_for(info, torch.device(device)) == (exchange_timeout if host else None)
+    work = _Work()
+    run_collective(info, "all_to_all", "an all_to_all", lambda: work, torch.device(device))
+    expected = {"timeout": datetime.timedelta(seconds=exchange_timeout)} if host else {}
+    assert work.waits == [expected]
+
+
+@pytest.mark.parametrize("text, host", [("nccl", False), ("cpu:gloo,cuda:nccl", False), ("cuda:gloo", True)])
+def test_ring_exchange_of_cuda_tensors_waits_on_the_device_on_nccl(exchange_timeout, monkeypatch, text, host):
+    """A ring step on (fake) CUDA tensors: one grouped post, and a plain wait on NCCL."""
+    work = _Work()
+    posted = []
+    monkeypatch.setattr(dist, "P2POp", lambda *a, **k: a)  # the real one wants a process group
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.append(ops) or [work])
+    monkeypatch.setattr(dist, "isend", lambda *a, **k: posted.append(a) or work)
+    monkeypatch.setattr(dist, "irecv", lambda *a, **k: posted.append(a) or work)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        send, recv = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
+        exchanger = RingExchanger(_group(text))
+        exchanger.post([send], [recv], "ring.forward").wait()
+    assert posted and work.waits, (posted, work.waits)
+    for w in work.waits:  # gloo: the time left of the exchange timeout
+        assert (0 < w["timeout"].total_seconds() <= exchange_timeout) if host else w == {}, work.waits
