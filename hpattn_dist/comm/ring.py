@@ -83,6 +83,27 @@ class PendingExchange:
                  info: Optional[GroupInfo] = None, timeout_s: Optional[float] = None) -> None:
         self._works = works
         self.label, self.step, self.info, self.timeout_s = label, step, info, timeout_s
+        self._unstage: list[tuple[Tensor, Tensor]] = []
+
+    def stage_on_host(self, messages: list) -> list:
+        """``messages`` (``(op, tensor, ...)``) with host copies of their device tensors: sends
+        copied now, receives copied back by :meth:`wait`.
+
+        Note [gloo with device tensors]
+            gloo's point-to-point ``send`` / ``recv`` hand the tensor's data pointer to its TCP
+            transport as host memory, whatever the device (its collectives stage CUDA tensors
+            themselves; its P2P does not), so a CUDA tensor in a gloo ring would be read and
+            written at a device address by the CPU. A group that serves CUDA tensors with gloo
+            (``"gloo"``, ``"cuda:gloo"``) therefore exchanges host copies: one device-to-host
+            copy per message sent, one host-to-device copy per message received.
+        """
+        staged = []
+        for op, tensor, *rest in messages:
+            host = tensor.to("cpu") if op is dist.isend else torch.empty_like(tensor, device="cpu")
+            if op is not dist.isend:
+                self._unstage.append((host, tensor))
+            staged.append((op, host, *rest))
+        return staged
 
     def start(self, op: Any, tensor: Tensor, tag: int, direction: str, peer_group: int,
               peer_global: int) -> None:
@@ -135,6 +156,9 @@ class PendingExchange:
                 raise self._error(err, direction, peer_group, peer_global,
                                   time.monotonic() - start) from err
         self._works = []
+        for host, tensor in self._unstage:
+            tensor.copy_(host)
+        self._unstage = []
 
     def _error(self, err: BaseException, direction: str, peer_group: int, peer_global: int,
                elapsed: float) -> ExchangeError:
@@ -198,6 +222,8 @@ class RingExchanger:
                 messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
         device = messages[0][1].device if messages else None
         pending = PendingExchange([], label, step, self.info, exchange_timeout_for(self.info, device, self.timeout_s))
+        if device is not None and device.type != "cpu" and backend_for(self.info.backend, device.type) == "gloo":
+            messages = pending.stage_on_host(messages)  # Note [gloo with device tensors]
         if messages and self._grouped(messages[0][1].device):
             ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)
                    for op, t, tag, _, _, peer_global in messages]

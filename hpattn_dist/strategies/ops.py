@@ -114,6 +114,11 @@ __all__ = ["group_name_of", "op_attention"]
 
 _PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere, k_offset
 
+#: Tags of every registered op of the library. ``cudagraph_unsafe``: the ops communicate, read the
+#: agreed plan on the host and wait on peers, none of which a CUDA graph can capture or replay;
+#: with the tag, ``torch.compile(mode="reduce-overhead")`` graphs the code around them instead.
+OP_TAGS = (torch.Tag.cudagraph_unsafe,)
+
 
 def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
     """The registered name of ``group`` (None = WORLD), or ``""`` without torch.distributed."""
@@ -234,7 +239,7 @@ def _shape_of(t: Tensor) -> Tensor:
     return torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device=t.device)
 
 
-@torch.library.custom_op("hpattn::attention_fwd", mutates_args=())
+@torch.library.custom_op("hpattn::attention_fwd", mutates_args=(), tags=OP_TAGS)
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: int, layer_params: list[Tensor], layer_name: str,
@@ -326,7 +331,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return acc_dtype(dtype)
 
 
-@torch.library.custom_op("hpattn::attention_bwd", mutates_args=())
+@torch.library.custom_op("hpattn::attention_bwd", mutates_args=(), tags=OP_TAGS)
 def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                   key_mask: Optional[Tensor], out: Optional[Tensor], plan_t: Tensor, lse: Optional[Tensor],
                   group_name: str,
@@ -432,7 +437,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # (hpattn::heads_to_pixels), Note [ulysses op memory]
 
 
-@torch.library.custom_op("hpattn::attention_heads", mutates_args=())
+@torch.library.custom_op("hpattn::attention_heads", mutates_args=(), tags=OP_TAGS)
 def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, plan_t: Tensor, q: Tensor,
                     group_name: str, strategy: str, ulysses_degree: int, backend: str, dropout_p: float,
                     scale: float) -> tuple[Tensor, Tensor]:
@@ -456,7 +461,7 @@ def _(q_h, k_h, v_h, mask_h, plan_t, q, group_name, strategy, ulysses_degree, ba
                                                                                         dtype=_acc(q_h.dtype))
 
 
-@torch.library.custom_op("hpattn::attention_heads_bwd", mutates_args=())
+@torch.library.custom_op("hpattn::attention_heads_bwd", mutates_args=(), tags=OP_TAGS)
 def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, out_h: Tensor,
                         lse: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
                         ulysses_degree: int, backend: str, dropout_p: float,
@@ -517,7 +522,7 @@ def _query_sizes(plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
     return executed, _sub_groups(group_name, executed, u_deg)[0], sizes
 
 
-@torch.library.custom_op("hpattn::heads_to_pixels", mutates_args=())
+@torch.library.custom_op("hpattn::heads_to_pixels", mutates_args=(), tags=OP_TAGS)
 def heads_to_pixels_op(out_h: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
                        ulysses_degree: int) -> Tensor:
     """The result of a U > 1 call home: ``out_h [B, h, Mq, D]`` -> ``[B, H, Nq_r, D]`` (a
@@ -531,7 +536,7 @@ def _(out_h, plan_t, q, group_name, strategy, ulysses_degree):
     return _pixels_from_heads(q)
 
 
-@torch.library.custom_op("hpattn::pixels_to_heads", mutates_args=())
+@torch.library.custom_op("hpattn::pixels_to_heads", mutates_args=(), tags=OP_TAGS)
 def pixels_to_heads_op(dout: Tensor, plan_t: Tensor, out_h: Tensor, q: Tensor, group_name: str, strategy: str,
                        ulysses_degree: int) -> Tensor:
     """The adjoint of ``hpattn::heads_to_pixels``: ``[B, H, Nq_r, D]`` -> ``[B, h, Mq, D]`` shaped

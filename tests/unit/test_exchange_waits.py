@@ -1,4 +1,5 @@
-"""Which wait an exchange uses, per backend and tensor device (Note [exchange timeout]).
+"""Which wait an exchange uses, per backend and tensor device (Note [exchange timeout]), and
+what the ring hands gloo (Note [gloo with device tensors]).
 
 gloo (a host wait) keeps the exchange timeout: ``Work.wait(timeout)``, answered at once when a
 peer's connection breaks (the fast, named failure of ``tests/distributed/test_reliability.py``).
@@ -82,7 +83,7 @@ def test_collective_waits_on_the_host_only_on_gloo(exchange_timeout, text, devic
     assert work.waits == [expected]
 
 
-@pytest.mark.parametrize("text, host", [("nccl", False), ("cpu:gloo,cuda:nccl", False), ("cuda:gloo", True)])
+@pytest.mark.parametrize("text, host", [("nccl", False), ("cpu:gloo,cuda:nccl", False)])
 def test_ring_exchange_of_cuda_tensors_waits_on_the_device_on_nccl(exchange_timeout, monkeypatch, text, host):
     """A ring step on (fake) CUDA tensors: one grouped post, and a plain wait on NCCL."""
     work = _Work()
@@ -98,3 +99,22 @@ def test_ring_exchange_of_cuda_tensors_waits_on_the_device_on_nccl(exchange_time
     assert posted and work.waits, (posted, work.waits)
     for w in work.waits:  # gloo: the time left of the exchange timeout
         assert (0 < w["timeout"].total_seconds() <= exchange_timeout) if host else w == {}, work.waits
+
+
+@pytest.mark.parametrize("text, staged", [("cuda:gloo", True), ("gloo", True), ("cpu:gloo,cuda:nccl", False)])
+def test_ring_stages_cuda_tensors_through_the_host_on_gloo(monkeypatch, text, staged):
+    """gloo's send / recv read a CUDA tensor's device address as host memory: the ring posts host
+    copies there (and copies received data back at the wait); NCCL gets the device tensors."""
+    work = _Work()
+    posted: list = []
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, *a, **k: (op, t))
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.extend(t for _, t in ops) or [work])
+    monkeypatch.setattr(dist, "isend", lambda t, *a, **k: posted.append(t) or work)
+    monkeypatch.setattr(dist, "irecv", lambda t, *a, **k: posted.append(t) or work)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        send, recv = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
+        pending = RingExchanger(_group(text)).post([send], [recv], "ring.forward")
+    assert len(posted) == 2 and {t.device.type for t in posted} == ({"cpu"} if staged else {"cuda"}), posted
+    # What the wait copies back (a host-to-CUDA copy needs a CUDA build, so it is not run here).
+    assert [(host.device.type, dst is recv) for host, dst in pending._unstage] == ([("cpu", True)] if staged else [])
+    assert not staged or posted[1] is pending._unstage[0][0]
