@@ -149,13 +149,22 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tens
     return out.transpose(1, 2), lse.narrow(2, 0, q.shape[2])
 
 
+def prepare_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """Note [backward layouts] in ``dispatch.py``: dout, q and out as ``[B, N, H, D]`` memory in
+    q's dtype (seen as ``[B, H, N, D]``), lse contiguous fp32."""
+    def bnhd(t: Tensor) -> Tensor:
+        return contiguous(t.to(q.dtype).transpose(1, 2)).transpose(1, 2)
+
+    return bnhd(dout), bnhd(q), bnhd(out), contiguous(lse.float())
+
+
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block gradients through the private backward (Note [flash_attn versions])."""
     from flash_attn.flash_attn_interface import _flash_attn_backward
 
-    def nhd(t: Tensor) -> Tensor:
+    def nhd(t: Tensor) -> Tensor:  # no copy for what prepare_backward made
         return contiguous(t.to(q.dtype).transpose(1, 2))
 
     q_n, k_n, v_n = nhd(q), nhd(k), nhd(v)
@@ -163,7 +172,9 @@ def backward(
     kwargs: dict[str, Any] = dict(
         dout=nhd(dout), q=q_n, k=k_n, v=v_n, out=nhd(out), softmax_lse=contiguous(lse.float()),
         dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=False,
-        alibi_slopes=None, deterministic=True,
+        # The deterministic backward zero-fills an fp32 dq accumulator per split
+        # ([nsplits, B, N, H, D]): only when the user asked for deterministic algorithms.
+        alibi_slopes=None, deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     names = _parameter_names(_flash_attn_backward)
     style = backward_window_style(_flash_attn_backward)

@@ -105,11 +105,13 @@ class _RingAttention(torch.autograd.Function):
         kv, saved_kv = _kv_buffer(k, v, p)  # Note [ring memory]: K/V are held once
         block = _KeyBlock(kv, bias, k_index)  # kv: [2, B, H, M_r, D]
         del kv
+        nan_rows = kernel.nan_rows(q)  # once per call, not per block
         for step in range(p):
             pending, next_block = ring.post_next(step, block, "ring.forward")
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
-                block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
+                block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec,
+                                                      nan_rows)
                 if out is None:
                     out, lse = block_out.to(acc), block_lse.to(acc)
                 else:
@@ -154,6 +156,9 @@ class _RingAttention(torch.autograd.Function):
         delta = None if kernel.fused_backward is not None else (dout.to(acc) * out.to(acc)).sum(dim=-1)
         travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
         ring = _BlockRing(info, kv_sizes)
+        # Every block reads the same dout, q, out and lse: in the kernel's layout once (Note
+        # [backward layouts] in kernels/dispatch.py).
+        dout_k, q_k, out_k, lse_k = kernel.prepare_backward(dout, q, out, lse)
 
         dq: Optional[Tensor] = None
         # One rank: the gradients of the own (only) block are the result as they come.
@@ -169,7 +174,7 @@ class _RingAttention(torch.autograd.Function):
             if block.size > 0:
                 spec = _dropout_spec(plan.dropout_p, plan.seed, plan.q_offset, block.index, plan.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
-                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec,
+                    dout_k, q_k, block.kv[0], block.kv[1], out_k, lse_k, delta, scale, block.bias, spec,
                     need_dbias,
                 )
                 # One block (P = 1, the local attention of Ulysses): its dq is the result.
