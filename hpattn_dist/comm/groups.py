@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.comm.binding import UnboundGroup
+
 __all__ = ["GroupInfo", "backend_for", "comm_device_for", "nbytes", "offsets", "resolve_group"]
 
 
@@ -36,6 +38,17 @@ def backend_for(backend: Optional[str], device_type: str) -> str:
         per_device = dict(part.split(":", 1) for part in name.split(",") if ":" in part)
         name = per_device.get(device_type, name)
     return name
+
+# Note [groups resolved per call]
+# A layer, a converted module or an exchanger built with ``process_group=None`` keeps None and
+# resolves it at EVERY call (:func:`resolve_group`: a dictionary lookup), never a GroupInfo or
+# sub-group taken at construction: after ``destroy_process_group()`` and a new
+# ``init_process_group`` the default group is a new object, which such a model then follows,
+# while a group pinned at conversion raised "not registered" / "not initialized in the world
+# group map". What is derived from a group and cached (the hybrid sub-groups,
+# ``mesh.hybrid_groups_for``; halo plans, keyed by this process's rank) is keyed by the group it
+# was derived from. An explicit ``process_group`` is the caller's: after a re-init they pass the
+# new one.
 
 
 def comm_device_for(backend: Optional[str], device: torch.device) -> torch.device:
@@ -92,9 +105,19 @@ def resolve_group(group: "Optional[dist.ProcessGroup] | GroupInfo", name: str = 
     Raises:
         ValueError: this process is not a member of ``group``, or a group was given but
             torch.distributed is not initialised.
+        RuntimeError: ``group`` is the marker a pickled layer holds in place of its group
+            (Note [copying a layer bound to a group] in :mod:`hpattn_dist.comm.binding`).
     """
     if isinstance(group, GroupInfo):
         return group
+    if isinstance(group, UnboundGroup):
+        raise RuntimeError(
+            f"this layer was unpickled without its process group (a ProcessGroup cannot be "
+            f"pickled; {name} is a {group!r}): set layer.process_group = <the sequence-parallel "
+            "group> (or None for the default group), or call "
+            "hpattn_dist.comm.binding.bind_process_group(model, group) on the whole model, "
+            "before calling it"
+        )
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError(f"{name} was given but torch.distributed is not initialised")

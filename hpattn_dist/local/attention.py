@@ -74,7 +74,7 @@ from hpattn_dist.kernels import (
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.precision import acc_dtype
-from hpattn_dist.replicas import LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
@@ -551,7 +551,7 @@ def healpix_local_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
 ) -> Tensor:
     r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
 
@@ -590,7 +590,7 @@ def healpix_local_attention(
             window, masking or whether gradients are needed; for a ``layer``: parameters that
             differ between ranks.
 
-    Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
+    Communication: one 320-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
@@ -613,7 +613,7 @@ def windowed_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     strategy: Optional[str] = None,
     what: str = "healpix_local_attention",
@@ -634,6 +634,7 @@ def windowed_attention(
                              f"attention, which has no head-parallel form; strategy must be 'ring' or "
                              f"'auto', got {strategy!r}")
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         window_nside = check_window(window_nside, mode)
@@ -653,7 +654,7 @@ def windowed_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
-                "cross": int(cross),
+                "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
@@ -664,10 +665,10 @@ def windowed_attention(
     sizes = tuple(row[0] for row in per_rank)
     key_sizes = tuple(row[1] for row in per_rank) if cross else None
     if layer is not None:  # the same rows on every rank: raised on every rank
-        check_layer_rows(info, layer, sizes, [row[4:7] for row in per_rank])
+        check_layer_rows(info, layer, sizes, [row[4:4 + N_SUMS] for row in per_rank])
         if cross:
             check_layer_rows(info, replace(layer, name=layer.name + " (keys and values)"), key_sizes,
-                             [row[4:7] for row in per_rank])
+                             [row[4:4 + N_SUMS] for row in per_rank])
     try:
         plan = _cached_plan(sizes, key_sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank

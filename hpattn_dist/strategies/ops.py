@@ -26,8 +26,9 @@ Note [attention as one op]
       back) and nothing of the forward's.
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
-    therefore recomputes a checkpointed block without a byte of communication and without a new
-    seed draw. The fake (meta) implementations give the shapes from the static arguments alone,
+    therefore recomputes a checkpointed block without a byte of communication, and with the
+    forward's dropout mask: the seed is an input of the op, drawn before it (Note [seed outside
+    the op] in ``kernels/dropout.py``), so the recomputation draws exactly what the forward drew. The fake (meta) implementations give the shapes from the static arguments alone,
     except M for U > 1, which the peers' shards set (Note [compiling the attention]).
 
     Cross-grid attention (``cross=True``, queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]``
@@ -103,10 +104,10 @@ from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
                                             qkv_to_heads)
 from hpattn_dist.double_backward import refuse_double_backward
-from hpattn_dist.kernels import select_kernel
+from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for
-from hpattn_dist.replicas import LayerRef, facts_of
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
 from hpattn_dist.strategies.ring import _RingAttention
 
@@ -242,26 +243,27 @@ def _shape_of(t: Tensor) -> Tensor:
 @torch.library.custom_op("hpattn::attention_fwd", mutates_args=(), tags=OP_TAGS)
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
-                  dropout_seed: int, layer_params: list[Tensor], layer_name: str,
+                  dropout_seed: Optional[Tensor], layer_params: list[Tensor], layer_name: str,
                   layer_healpix: bool, kv_needs_grad: bool,
                   cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The door (Note [attention as one op]): ``(x, plan, lse, k_h, v_h, mask_h)``.
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
-    ``dropout_seed`` -1 = draw. For U = 1 the whole attention: ``x`` is the result ``[B, H,
-    Nq_r, D]``, ``lse`` ``[B, H, Nq_r]``, the rest empty. For U > 1 the head exchange (Note
-    [ulysses op memory]): ``x`` is q in head layout ``[B, h, Mq, D]``, ``k_h, v_h`` ``[B, h, Mk,
-    D]``, ``mask_h`` ``[B, Mk]`` (or empty), ``lse`` empty. Cross-attention: queries ``[B, H,
-    Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently (Note [cross-grid
-    plan]). ``layer_name`` non-empty: the call is a layer's, whose parameters ``layer_params``
-    and field (``layer_healpix``) are checked in the same agreement (Note [replicated parameter
-    check]).
+    ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call
+    (Note [seed outside the op]), None without dropout. For U = 1 the whole attention: ``x`` is
+    the result ``[B, H, Nq_r, D]``, ``lse`` ``[B, H, Nq_r]``, the rest empty. For U > 1 the head
+    exchange (Note [ulysses op memory]): ``x`` is q in head layout ``[B, h, Mq, D]``, ``k_h, v_h``
+    ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (or empty), ``lse`` empty. Cross-attention:
+    queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently (Note
+    [cross-grid plan]). ``layer_name`` non-empty: the call is a layer's, whose parameters
+    ``layer_params`` and field (``layer_healpix``) are checked in the same agreement (Note
+    [replicated parameter check]).
     """
-    layer = facts_of(layer_name, layer_params, layer_healpix) if layer_name else None
+    layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
     plan, _ = plan_attention(
         strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer, cross=cross,
+        dropout_seed=None if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
     )
     plan_t = _plan_tensor(plan)
@@ -432,6 +434,21 @@ def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad):
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+# Note [ops that communicate are never dead code]
+# Our ops communicate: every rank of the group must run each of them whatever its outputs are
+# used for. A pure op (mutates_args=()) is dead code to a compiler whose graph does not read its
+# outputs: inductor dropped attention_bwd on a rank whose shard is empty (every gradient it
+# returns has no element, so the weight gradients it feeds are zeros without reading it), and
+# the peer blocked in the ring. Marked side-effectful (``torch.fx.node.has_side_effect``), they
+# are impure to every dead-code pass (FX, AOTAutograd's partitioner, inductor's scheduler), so
+# each runs on every rank as in eager, in its place in the graph: successive layers' ops are
+# ordered by their data. Not an ORDERED effect (``register_effect``), which would also thread a
+# token through them: torch 2.13's inductor fails to lower ``with_effects`` around an op with
+# unbacked output sizes (Ulysses' residuals, Note [compiling the attention]). Compile caches
+# (AOTAutograd's, inductor's FX graph cache) key graphs without this registration: a cache
+# written by a version of this library without it serves the old graph, so clear it
+# (``torch._inductor.config.force_disable_caches`` or the cache directory) after upgrading.
+
 
 # --- U > 1: the attention of the heads (hpattn::attention_heads) and the result home
 # (hpattn::heads_to_pixels), Note [ulysses op memory]
@@ -571,6 +588,12 @@ def _pixels_to_heads_backward(ctx, dout_h):
 heads_to_pixels_op.register_autograd(_heads_to_pixels_backward, setup_context=_exchange_setup)
 pixels_to_heads_op.register_autograd(_pixels_to_heads_backward, setup_context=_exchange_setup)
 
+# Note [ops that communicate are never dead code] (every op here communicates, or for a hybrid
+# may: attention_heads runs the ring across Ulysses groups).
+for _op in (attention_fwd, attention_bwd, attention_heads, attention_heads_bwd, heads_to_pixels_op,
+            pixels_to_heads_op):
+    torch.fx.node.has_side_effect(_op._opoverload)
+
 
 def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
                  backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
@@ -583,7 +606,7 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     x, plan_t, _, k_h, v_h, mask_h = torch.ops.hpattn.attention_fwd(
         q, k, v, key_mask, group_name, strategy, u, backend, float(dropout_p), scale,
-        -1 if dropout_seed is None else dropout_seed,
+        seed_input(dropout_p, dropout_seed),
         # Detached: the op reads the parameters' sums only, and must not join their autograd
         # graph (ZeRO-3 re-partitions them between forward and backward).
         [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,

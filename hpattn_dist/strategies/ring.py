@@ -55,6 +55,7 @@ from hpattn_dist.comm.head_exchange import stacked
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import DropoutSpec
+from hpattn_dist.kernels.dispatch import block_layout
 from hpattn_dist.masks import unmasked_keys
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
@@ -151,7 +152,9 @@ class _RingAttention(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         kv_dtype, kv_shape = kv[0].dtype, (2, *kv[0].shape)
         bias_shape = None if bias is None else bias.shape
-        dout = _last_dim_dense(dout)
+        # Once per call, not per block (Note [block layout]): the op's backward hands in the
+        # caller's q as it was given; a transposed dout (the layer's [B, N_r, H, D] memory) stays.
+        q, dout = block_layout(q), block_layout(dout)
         # rowsum(dout * out) [B, H, N_r]; the fused kernels compute it themselves.
         delta = None if kernel.fused_backward is not None else (dout.to(acc) * out.to(acc)).sum(dim=-1)
         travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
@@ -290,13 +293,6 @@ def _kv_buffer(k: Tensor, v: Tensor, p: int) -> tuple["Tensor | tuple[Tensor, Te
         return (k, v), (k, v)
     kv = stacked((k, v))
     return kv, ((k, v) if k.is_contiguous() and v.is_contiguous() else (kv,))
-
-
-def _last_dim_dense(x: Tensor) -> Tensor:
-    """``x`` itself when its last dim is dense (what every block kernel needs), else a copy: an
-    incoming gradient that is a transposed view (the layer's ``[B, N_r, H, D]`` memory) is read
-    in place; the CPU flash backward even prefers that layout."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _grad_buffers(kv_shape: torch.Size, bias_shape: Optional[torch.Size], n: int, acc: torch.dtype,
