@@ -289,10 +289,13 @@ def test_every_strategy_live_bytes(world):
     """Fwd + bwd peak, through the functional API and the layer: Ulysses (and a hybrid whose ring
     is one group, and auto when it picks Ulysses) within 5% of DeepSpeed-Ulysses; the ring and
     the hybrid's ring within Note [ring memory]'s count; a differentiable key bias (the autograd
-    executors and the manual kernel) adds at most the kernel's tiles. Was 2.8x DeepSpeed-Ulysses
+    executors and the manual kernel) adds at most the kernel's tiles and its zeroed copy of K/V.
+    Was 2.8x DeepSpeed-Ulysses
     through the registered op, whose outputs and saved inputs held q, k, v and out twice."""
     pytest.importorskip("deepspeed")
-    tiles = 3 * S_TILE * 8 / S_UNIT  # the manual kernel's score tiles (Note [bounded score tile])
+    # The manual kernel's score tiles (Note [bounded score tile]) and its copy of the block's K/V
+    # with the rows of excluded keys zeroed (Note [non-finite inputs] in hpattn_dist/masks.py).
+    manual_extra = 3 * S_TILE * 8 / S_UNIT + 2
     for rank, res in enumerate(_strategy_results(world)):
         hybrid_r = world // 2
         levels = ("fn", "layer")
@@ -306,5 +309,5 @@ def test_every_strategy_live_bytes(world):
         for name, by_level in bounds.items():
             for level, bound in by_level.items():
                 assert res[name, level] <= bound, (rank, name, level, res[name, level], bound)
-        assert res["ulysses", "fn, key bias"] <= bounds["ulysses"]["fn"] + tiles, (rank, res)
-        assert res["ring", "fn, key bias"] <= bounds["ring"]["fn"] + tiles, (rank, res)
+        assert res["ulysses", "fn, key bias"] <= bounds["ulysses"]["fn"] + manual_extra, (rank, res)
+        assert res["ring", "fn, key bias"] <= bounds["ring"]["fn"] + manual_extra, (rank, res)
