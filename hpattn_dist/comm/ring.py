@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import GroupInfo, backend_for, nbytes
+from hpattn_dist.comm.groups import GroupInfo, nbytes, parse_backend_config
 from hpattn_dist.comm.waits import (ExchangeError, cause_text, exchange_timeout_for, set_exchange_timeout,
                                    wait_work)
 
@@ -57,14 +57,17 @@ def grouped_p2p(backend: str, device_type: str) -> bool:
     """Whether an exchange on ``backend`` posts its sends and receives as one group.
 
     Args:
-        backend: ``dist.get_backend(group)``: ``"gloo"``, ``"nccl"``, or a per-device list such as
-            ``"cpu:gloo,cuda:nccl"``.
+        backend: the group's backend config (``dist.get_backend_config(group)``): ``"gloo"``,
+            ``"nccl"``, or a per-device list such as ``"cpu:gloo,cuda:nccl"`` (a bare
+            ``init_process_group()`` on a CPU build: ``"cpu:gloo"``, where ``dist.get_backend``
+            says "undefined"; Note [init styles] in ``groups.py``).
         device_type: the device type of the tensors exchanged (``"cpu"``, ``"cuda"``).
 
     Returns:
         False for gloo, True for every other backend (Note [p2p grouping]).
     """
-    return backend_for(backend, device_type) != "gloo"
+    backends = parse_backend_config(backend)
+    return backends.get(device_type, backends.get("*")) != "gloo"
 
 
 class PendingExchange:
@@ -93,9 +96,11 @@ class PendingExchange:
             gloo's point-to-point ``send`` / ``recv`` hand the tensor's data pointer to its TCP
             transport as host memory, whatever the device (its collectives stage CUDA tensors
             themselves; its P2P does not), so a CUDA tensor in a gloo ring would be read and
-            written at a device address by the CPU. A group that serves CUDA tensors with gloo
-            (``"gloo"``, ``"cuda:gloo"``) therefore exchanges host copies: one device-to-host
-            copy per message sent, one host-to-device copy per message received.
+            written at a device address by the CPU. Where the group's communication device for
+            the tensors is the host (``comm_device_for``, Note [init styles] in ``groups.py``: a
+            group that serves CUDA tensors with gloo, ``"gloo"`` or ``"cuda:gloo"``) the ring
+            therefore exchanges host copies: one device-to-host copy per message sent, one
+            host-to-device copy per message received.
         """
         staged = []
         for op, tensor, *rest in messages:
@@ -222,7 +227,7 @@ class RingExchanger:
                 messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
         device = messages[0][1].device if messages else None
         pending = PendingExchange([], label, step, self.info, exchange_timeout_for(self.info, device, self.timeout_s))
-        if device is not None and device.type != "cpu" and backend_for(self.info.backend, device.type) == "gloo":
+        if device is not None and self.info.comm_device(device) != device:
             messages = pending.stage_on_host(messages)  # Note [gloo with device tensors]
         if messages and self._grouped(messages[0][1].device):
             ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)
@@ -237,7 +242,8 @@ class RingExchanger:
     def _grouped(self, device: torch.device) -> bool:
         """Note [p2p grouping], decided once per device type (the backend is fixed)."""
         if device.type not in self._grouped_by_device:
-            self._grouped_by_device[device.type] = grouped_p2p(str(self.info.backend), device.type)
+            config = dist.get_backend_config(self.info.group)
+            self._grouped_by_device[device.type] = grouped_p2p(config, device.type)
         return self._grouped_by_device[device.type]
 
 

@@ -33,13 +33,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hpattn_dist.comm.groups import GroupInfo, backend_for
+from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["ExchangeError", "cause_text", "exchange_timeout_for", "get_exchange_timeout", "run_collective",
            "set_exchange_timeout", "wait_work"]
 
 #: Backends whose ``Work.wait(timeout)`` is a host wait answered at once when a peer breaks.
-HOST_WAIT_BACKENDS = ("gloo", "mpi", "")
+HOST_WAIT_BACKENDS = ("gloo", "mpi")
 
 
 class ExchangeError(RuntimeError):
@@ -98,7 +98,8 @@ def exchange_timeout_for(info: GroupInfo, device: Optional[torch.device],
     the exchange timeout when None) on a host-waited backend (gloo), None on one that waits on
     the device (NCCL), where the process group's timeout and watchdog apply (Note [exchange
     timeout]). ``device`` None: a host wait."""
-    if device is not None and backend_for(info.backend, device.type) not in HOST_WAIT_BACKENDS:
+    backend = None if device is None else info.backend_for(device)
+    if backend is not None and backend not in HOST_WAIT_BACKENDS:
         return None
     return get_exchange_timeout() if timeout_s is None else timeout_s
 

@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hpattn_dist.comm.groups import GroupInfo, backend_for
+from hpattn_dist.comm.groups import GroupInfo, parse_backend_config
 from hpattn_dist.comm.ring import RingExchanger
 from hpattn_dist.comm.waits import exchange_timeout_for, run_collective, set_exchange_timeout
 
 
 class _Group(GroupInfo):
-    """A two-rank group whose backend is ``text`` (no process group behind it)."""
+    """A two-rank group whose backend config is ``text`` (no process group behind it)."""
 
     text = "nccl"
 
     @property
-    def backend(self) -> str:
-        return self.text
+    def backends(self) -> dict[str, str]:
+        return parse_backend_config(self.text)
 
     def global_rank(self, group_rank: int) -> int:
         return group_rank
@@ -61,14 +61,6 @@ def exchange_timeout():
     set_exchange_timeout(previous)
 
 
-@pytest.mark.parametrize("text, device, expected", [
-    ("gloo", "cpu", "gloo"), ("nccl", "cuda", "nccl"), ("cpu:gloo,cuda:nccl", "cuda", "nccl"),
-    ("cpu:gloo,cuda:nccl", "cpu", "gloo"), ("CUDA:NCCL,CPU:GLOO", "cpu", "gloo"), (None, "cpu", ""),
-])
-def test_backend_for_device(text, device, expected):
-    assert backend_for(text, device) == expected
-
-
 @pytest.mark.parametrize("text, device, host", [
     ("gloo", "cpu", True), ("nccl", "cuda", False), ("cpu:gloo,cuda:nccl", "cuda", False),
     ("cpu:gloo,cuda:nccl", "cpu", True),
@@ -89,6 +81,7 @@ def test_ring_exchange_of_cuda_tensors_waits_on_the_device_on_nccl(exchange_time
     work = _Work()
     posted = []
     monkeypatch.setattr(dist, "P2POp", lambda *a, **k: a)  # the real one wants a process group
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: text)
     monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.append(ops) or [work])
     monkeypatch.setattr(dist, "isend", lambda *a, **k: posted.append(a) or work)
     monkeypatch.setattr(dist, "irecv", lambda *a, **k: posted.append(a) or work)
@@ -108,6 +101,7 @@ def test_ring_stages_cuda_tensors_through_the_host_on_gloo(monkeypatch, text, st
     work = _Work()
     posted: list = []
     monkeypatch.setattr(dist, "P2POp", lambda op, t, *a, **k: (op, t))
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: text)
     monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.extend(t for _, t in ops) or [work])
     monkeypatch.setattr(dist, "isend", lambda t, *a, **k: posted.append(t) or work)
     monkeypatch.setattr(dist, "irecv", lambda t, *a, **k: posted.append(t) or work)
