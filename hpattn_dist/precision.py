@@ -51,7 +51,7 @@ def declared_precision(fn: _F) -> _F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
-        if device is None or not torch.is_autocast_enabled(device):
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)

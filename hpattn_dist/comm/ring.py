@@ -227,7 +227,13 @@ class RingExchanger:
                 messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
         device = messages[0][1].device if messages else None
         pending = PendingExchange([], label, step, self.info, exchange_timeout_for(self.info, device, self.timeout_s))
-        if device is not None and self.info.comm_device(device) != device:
+        if device is not None and device.type != "cpu" and self.info.backend_for(device) == "gloo":
+            if self.info.comm_device(device).type != "cpu":  # e.g. "cuda:gloo": no host backend
+                raise ValueError(
+                    f"{label}: gloo cannot exchange {device.type} tensors point to point, and the "
+                    f"group has no CPU backend to stage them through (its backends: "
+                    f"{self.info.backends}); register one (init_process_group('cpu:gloo,{device.type}:gloo') "
+                    "or 'gloo') or use NCCL (Note [gloo with device tensors] in comm/ring.py)")
             messages = pending.stage_on_host(messages)  # Note [gloo with device tensors]
         if messages and self._grouped(messages[0][1].device):
             ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)

@@ -94,7 +94,7 @@ def test_ring_exchange_of_cuda_tensors_waits_on_the_device_on_nccl(exchange_time
         assert (0 < w["timeout"].total_seconds() <= exchange_timeout) if host else w == {}, work.waits
 
 
-@pytest.mark.parametrize("text, staged", [("cuda:gloo", True), ("gloo", True), ("cpu:gloo,cuda:nccl", False)])
+@pytest.mark.parametrize("text, staged", [("gloo", True), ("cpu:gloo,cuda:gloo", True), ("cpu:gloo,cuda:nccl", False)])
 def test_ring_stages_cuda_tensors_through_the_host_on_gloo(monkeypatch, text, staged):
     """gloo's send / recv read a CUDA tensor's device address as host memory: the ring posts host
     copies there (and copies received data back at the wait); NCCL gets the device tensors."""
@@ -112,3 +112,13 @@ def test_ring_stages_cuda_tensors_through_the_host_on_gloo(monkeypatch, text, st
     # What the wait copies back (a host-to-CUDA copy needs a CUDA build, so it is not run here).
     assert [(host.device.type, dst is recv) for host, dst in pending._unstage] == ([("cpu", True)] if staged else [])
     assert not staged or posted[1] is pending._unstage[0][0]
+
+
+def test_ring_refuses_cuda_tensors_on_gloo_without_a_host_backend(monkeypatch):
+    """"cuda:gloo" serves CUDA tensors with gloo and registers nothing for the CPU: the ring can
+    neither hand gloo the device tensors nor stage them through the host, so it says so."""
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:gloo")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        send, recv = torch.empty(8, device="cuda"), torch.empty(8, device="cuda")
+        with pytest.raises(ValueError, match="no CPU backend to stage them through"):
+            RingExchanger(_group("cuda:gloo")).post([send], [recv], "ring.forward")
