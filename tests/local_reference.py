@@ -64,14 +64,15 @@ def halo_pixels(nside: int, window_nside: int, mode: str, start: int, stop: int)
 
 def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
                               key_bias: Optional[Tensor] = None,
-                              dropout: Optional[DropoutSpec] = None) -> Tensor:
-    """``softmax(q k^T / sqrt(D) + key_bias)`` over the allowed keys, times v, in float64.
+                              dropout: Optional[DropoutSpec] = None, scale: Optional[float] = None) -> Tensor:
+    """``softmax(q k^T * scale + key_bias)`` over the allowed keys, times v, in float64 (``scale``
+    default ``D ** -0.5``).
 
     ``key_bias``: ``[B, N]`` or ``[B, H, N]`` (``-inf`` masks); a query with no allowed unmasked
     key gets zeros. ``dropout``: spec of the whole matrix (normalise, then drop).
     """
     q, k, v = q.double(), k.double(), v.double()
-    s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if key_bias is not None:
         bias = key_bias.double()
         s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
