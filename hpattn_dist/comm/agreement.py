@@ -27,6 +27,7 @@ anyway (uneven shards), so the checks travel in the collective that fetches them
 from __future__ import annotations
 
 import contextlib
+import struct
 import zlib
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -37,8 +38,8 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import cause_text
 
-__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "dtype_code", "raise_on_every_rank",
-           "validated_signature"]
+__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "bits_float", "dtype_code", "float_bits",
+           "raise_on_every_rank", "validated_signature"]
 
 _DTYPE_CODES = {
     torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4,
@@ -46,13 +47,23 @@ _DTYPE_CODES = {
 _DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
 
 
+def float_bits(value: float) -> int:
+    """A float64 as the int64 with the same bits (signature rows carry ints)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def bits_float(bits: int) -> float:
+    """The inverse of :func:`float_bits`."""
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
+
+
 def dtype_code(dtype: torch.dtype) -> int:
     """A small integer naming a floating dtype, for cross-rank comparison (0 = other)."""
     return _DTYPE_CODES.get(dtype, 0)
 
 
-SIGNATURE_WIDTH = 32
-"""Ints per rank in the signature ``all_gather``: 4 header + up to 28 values (256 bytes)."""
+SIGNATURE_WIDTH = 40
+"""Ints per rank in the signature ``all_gather``: 4 header + up to 36 values (320 bytes)."""
 
 _OK, _FAILED = 0, 1
 
@@ -63,24 +74,27 @@ class Signature:
     def __init__(self, info: GroupInfo, what: str) -> None:
         self.info, self.what = info, what
         self._shared: Optional[dict[str, int]] = None
+        self._floats: set[str] = set()
         self._local: tuple[int, ...] = ()
         self._scalar_local = True
         self._kind = ""
         self._device: Optional[torch.device] = None
         self._per_rank: Optional[list] = None
 
-    def set(self, shared: dict[str, int], local: Union[int, Sequence[int]],
+    def set(self, shared: dict[str, Union[int, float]], local: Union[int, Sequence[int]],
             device: Optional[torch.device] = None, *, kind: str = "") -> None:
         """Declare this rank's signature.
 
         Args:
-            shared: names -> ints every rank must agree on (B, H, D, dtype code, ...).
+            shared: names -> values every rank must agree on exactly (B, H, D, dtype code, the
+                score scale ...): ints, or floats (compared bit for bit, shown as floats).
             local: this rank's own int (its shard length) or tuple of ints; may differ by rank.
             device: the data's device (NCCL needs the all_gather buffer on it).
             kind: the code path (e.g. the strategy); ranks with different kinds raise "called
                 with different signatures".
         """
-        self._shared = {str(k): int(v) for k, v in shared.items()}
+        self._floats = {str(k) for k, v in shared.items() if isinstance(v, float)}
+        self._shared = {str(k): float_bits(v) if isinstance(v, float) else int(v) for k, v in shared.items()}
         self._scalar_local = isinstance(local, int)
         self._local = (int(local),) if self._scalar_local else tuple(int(v) for v in local)
         self._kind, self._device = kind, device
@@ -131,6 +145,8 @@ class Signature:
             differ = [n for i, n in enumerate(names) if any(v[i] != values[0][i] for v in values)]
 
             def show(name: str, value: int) -> str:
+                if name in self._floats:
+                    return f"{name}={bits_float(value)!r}"
                 return f"{name}={_DTYPE_NAMES.get(value, value)}" if name == "dtype" else f"{name}={value}"
 
             table = "; ".join(

@@ -44,6 +44,26 @@ FusedBackward = Callable[..., tuple[Tensor, Tensor, Tensor]]
 _reported: set[str] = set()
 
 
+def block_layout(t: Tensor) -> Tensor:
+    """``t`` in the layout every fused block kernel reads: itself when its last dim is dense (unit
+    stride) and its storage 16-byte aligned, else a contiguous copy.
+
+    Note [block layout]
+        The fused ops read the head dim as dense rows whatever strides they are given: the CPU
+        flash forward and backward return silently wrong results for a q, k, v or out whose last
+        stride is not 1 (``base[..., ::2]``, or a ``[B, H, D, N]`` buffer viewed as ``[B, H, N,
+        D]``), and the CUDA kernels also need 16-byte aligned rows. So :class:`BlockKernel`, the
+        one door every kernel call passes (ring, Ulysses, hybrid, windows, forward and backward,
+        autograd Function or registered op), hands the fused ops their tensors through this
+        function; no kernel sees a caller's raw view. The executors apply it once per call to what
+        they reuse at every block (q, dout), so the kernel's own check finds nothing to copy.
+        The manual kernel reads any strides (its matmuls do).
+    """
+    if t.stride(-1) == 1 and (t.storage_offset() * t.element_size()) % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _report_once(message: str) -> None:
     if message not in _reported:
         _reported.add(message)
@@ -96,7 +116,7 @@ class BlockKernel:
             return out, lse
         if self.fused_forward is None:
             return manual_forward(q, k, v, scale, bias, dropout)
-        out, lse = self.fused_forward(q, k, v, scale)
+        out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
         # The fused CPU op returns out = 0, lse = 0 for a query row holding NaN, where softmax
         # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle.
         nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
@@ -127,7 +147,7 @@ class BlockKernel:
         if self.fused_backward is None:
             return manual_backward(dout, q, k, v, lse, delta, scale, bias, dropout, need_dbias)
         lse_kernel = lse if q.dtype == torch.float64 else lse.float()
-        dq, dk, dv = self.fused_backward(dout, q, k, v, out, lse_kernel, scale)
+        dq, dk, dv = self.fused_backward(*(block_layout(t) for t in (dout, q, k, v, out)), lse_kernel, scale)
         return dq, dk, dv, None
 
 

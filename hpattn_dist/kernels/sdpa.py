@@ -28,7 +28,8 @@ Note [fused op arguments]
       rows; ``attn_bias`` is None; ``grad_input_mask`` asks for dq, dk, dv only.
     * Both: ``dropout_p = 0``, ``is_causal = False``, ``out`` and ``grad_out`` in q's dtype (the
       kernels take one element type for all), philox seed/offset unused (read only with dropout),
-      q/k/v with a unit last stride and 16-byte aligned storage.
+      q/k/v with a unit last stride and 16-byte aligned storage, as :class:`BlockKernel` hands
+      every fused op its tensors (Note [block layout] in ``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -45,13 +46,6 @@ _aten = torch.ops.aten
 
 #: Row padding of the memory-efficient kernel's lse (its ``kAlignLSE``).
 EFFICIENT_LSE_ALIGN = 32
-
-
-def _dense(t: Tensor) -> Tensor:
-    """``t`` itself when its last stride is 1 and its storage is 16-byte aligned, else a copy."""
-    if t.stride(-1) == 1 and (t.storage_offset() * t.element_size()) % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def contiguous(t: Tensor) -> Tensor:
@@ -86,7 +80,7 @@ def cpu_flash_backward(
 def cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """CUDA FlashAttention-2 block: ``(out [B, H, N_q, D] q.dtype, lse fp32 [B, H, N_q])``."""
     res = _aten._scaled_dot_product_flash_attention(
-        _dense(q), _dense(k), _dense(v), 0.0, False, False, scale=scale
+        q, k, v, 0.0, False, False, scale=scale
     )
     return res[0], res[1]
 
@@ -95,7 +89,6 @@ def cuda_flash_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Dense FlashAttention-2 block backward (Note [fused op arguments])."""
-    q, k, v = _dense(q), _dense(k), _dense(v)
     unused = _unused_rng(q.device)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
         dout.to(q.dtype), q, k, v, out.to(q.dtype), contiguous(lse.float()),
@@ -107,7 +100,7 @@ def cuda_flash_backward(
 def cuda_efficient_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """CUDA memory-efficient block: ``(out, lse fp32 [B, H, N_q])`` (the op pads lse rows)."""
     res = _aten._scaled_dot_product_efficient_attention(
-        _dense(q), _dense(k), _dense(v), None, True, 0.0, False, scale=scale
+        q, k, v, None, True, 0.0, False, scale=scale
     )
     return res[0], res[1].narrow(2, 0, q.shape[2])
 
@@ -116,7 +109,6 @@ def cuda_efficient_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Memory-efficient block backward (Note [fused op arguments])."""
-    q, k, v = _dense(q), _dense(k), _dense(v)
     n_q = q.shape[2]
     pad = -n_q % EFFICIENT_LSE_ALIGN
     lse_rows = contiguous(F.pad(lse.float(), (0, pad)))  # [B, H, ceil(N_q / 32) * 32]

@@ -74,7 +74,7 @@ from hpattn_dist.kernels import (
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.precision import acc_dtype
-from hpattn_dist.replicas import LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, check_layer_rows
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
@@ -594,7 +594,7 @@ def healpix_local_attention(
             window, masking or whether gradients are needed; for a ``layer``: parameters that
             differ between ranks.
 
-    Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
+    Communication: one 320-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
@@ -657,7 +657,7 @@ def windowed_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
-                "cross": int(cross),
+                "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
@@ -668,10 +668,10 @@ def windowed_attention(
     sizes = tuple(row[0] for row in per_rank)
     key_sizes = tuple(row[1] for row in per_rank) if cross else None
     if layer is not None:  # the same rows on every rank: raised on every rank
-        check_layer_rows(info, layer, sizes, [row[4:7] for row in per_rank])
+        check_layer_rows(info, layer, sizes, [row[4:4 + N_SUMS] for row in per_rank])
         if cross:
             check_layer_rows(info, replace(layer, name=layer.name + " (keys and values)"), key_sizes,
-                             [row[4:7] for row in per_rank])
+                             [row[4:4 + N_SUMS] for row in per_rank])
     try:
         plan = _cached_plan(sizes, key_sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank

@@ -190,9 +190,9 @@ def ring_attention(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
-            is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
+            is not in; or (on every rank) ranks that disagree on B, H, D, dtype, scale or masking.
 
-    Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
+    Communication: one 320-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
     backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
@@ -257,7 +257,7 @@ def ring_cross_attention(
             or mode, totals that are no NESTED HEALPix grids, a window cell finer than a pixel
             of either grid.
 
-    Communication: one 256-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
+    Communication: one 320-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
     ``2 * B * H * Mk_src * D`` elements per forward (``Mk_src``: the keys of the source rank left
     after masked-key compaction); the backward adds P - 1 K/V transfers and P fp32 dK/dV
     transfers. Queries never travel. With ``window_nside``: one ``all_to_all`` of the halo rows

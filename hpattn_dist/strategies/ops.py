@@ -24,8 +24,9 @@ Note [attention as one op]
       K/V and dK/dV rotation, dq/dk/dv back) and nothing of the forward's.
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
-    therefore recomputes a checkpointed block without a byte of communication and without a new
-    seed draw. The fake (meta) implementations give the shapes from the static arguments alone,
+    therefore recomputes a checkpointed block without a byte of communication, and with the
+    forward's dropout mask: the seed is an input of the op, drawn before it (Note [seed outside
+    the op] in ``kernels/dropout.py``), so the recomputation draws exactly what the forward drew. The fake (meta) implementations give the shapes from the static arguments alone,
     except M for U > 1, which the peers' shards set (Note [compiling the attention]).
 
     Cross-grid attention (``cross=True``, queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]``
@@ -78,7 +79,7 @@ from torch import Tensor
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads, qkv_to_heads
 from hpattn_dist.double_backward import refuse_double_backward
-from hpattn_dist.kernels import select_kernel
+from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for
 from hpattn_dist.replicas import LayerRef, facts_of
@@ -206,14 +207,15 @@ def _empty(q: Tensor) -> Tensor:
 @torch.library.custom_op("hpattn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
-                  dropout_seed: int, layer_params: list[Tensor], layer_name: str,
+                  dropout_seed: Optional[Tensor], layer_params: list[Tensor], layer_name: str,
                   layer_healpix: bool, kv_needs_grad: bool,
                   cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
-    ``dropout_seed`` -1 = draw. For U = 1 the head-layout residuals are empty and ``lse`` is
-    ``[B, H, Nq_r]``; else ``lse`` is ``[B, h, Mq]``, ``q_h, out_h`` ``[B, h, Mq, D]`` and ``k_h,
+    ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call
+    (Note [seed outside the op]), None without dropout. For U = 1 the head-layout residuals are
+    empty and ``lse`` is ``[B, H, Nq_r]``; else ``lse`` is ``[B, h, Mq]``, ``q_h, out_h`` ``[B, h, Mq, D]`` and ``k_h,
     v_h`` ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (``Mq = Mk = M`` but for ``cross``: queries
     ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently, Note
     [cross-grid plan]). ``layer_name`` non-empty: the call is a
@@ -224,7 +226,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     plan, _ = plan_attention(
         strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=None if dropout_seed < 0 else dropout_seed, layer=layer, cross=cross,
+        dropout_seed=None if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
     )
     plan_t = _plan_tensor(plan)
@@ -381,7 +383,7 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
     return torch.ops.hpattn.attention_fwd(
         q, k, v, key_mask, group_name_of(group), strategy, ulysses_degree or 0, backend,
         float(dropout_p), q.shape[-1] ** -0.5 if scale is None else float(scale),
-        -1 if dropout_seed is None else dropout_seed,
+        seed_input(dropout_p, dropout_seed),
         # Detached: the op reads the parameters' sums only, and must not join their autograd
         # graph (ZeRO-3 re-partitions them between forward and backward).
         [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,

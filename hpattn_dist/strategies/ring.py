@@ -54,6 +54,7 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import DropoutSpec
+from hpattn_dist.kernels.dispatch import block_layout
 from hpattn_dist.masks import unmasked_keys
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
@@ -140,7 +141,9 @@ class _RingAttention(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         kv_dtype, kv_shape = kv.dtype, kv.shape
         bias_shape = None if bias is None else bias.shape
-        dout = _last_dim_dense(dout)
+        # Once per call, not per block (Note [block layout]): the op's backward hands in the
+        # caller's q as it was given; a transposed dout (the layer's [B, N_r, H, D] memory) stays.
+        q, dout = block_layout(q), block_layout(dout)
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, H, N_r]
         travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
         ring = _BlockRing(info, kv_sizes)
@@ -277,13 +280,6 @@ def _kv_buffer(k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
     if k.is_contiguous() and v.is_contiguous():
         return kv, (k, v)
     return kv, (kv,)
-
-
-def _last_dim_dense(x: Tensor) -> Tensor:
-    """``x`` itself when its last dim is dense (what every block kernel needs), else a copy: an
-    incoming gradient that is a transposed view (the layer's ``[B, N_r, H, D]`` memory) is read
-    in place; the CPU flash backward even prefers that layout."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _grad_buffers(kv_shape: torch.Size, bias_shape: Optional[torch.Size], n: int, acc: torch.dtype,
