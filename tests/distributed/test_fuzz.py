@@ -24,6 +24,10 @@ from tests.fuzz.space import FAMILIES, KNOWN_DEFECTS, WITNESSES, describe
 
 _RUNS: dict[tuple, tuple[list[Result], float]] = {}
 
+# The run (shared by the tests below) takes about a minute on two idle cores; each case has its own
+# watchdog, so a longer limit than the suite's 300 s only matters on a loaded machine.
+pytestmark = pytest.mark.timeout(900)
+
 
 def _results(config: pytest.Config) -> list[Result]:
     seed, count, only = config.fuzz_seed, config.fuzz_cases, config.fuzz_case

@@ -202,7 +202,8 @@ def layer_params(case: dict) -> dict[str, Tensor]:
 
 def layer_fields(case: dict) -> dict[str, Optional[Tensor]]:
     """Full float64 ``x [B, N, E]`` (constant over B for an ``expanded`` layout), ``x_kv [B, Nk,
-    kv_dim]`` (cross), ``w`` (loss weights), ``mask [B, Nk]`` or None."""
+    kv_dim]`` (cross; ``x`` itself for ``kv_is_q``), ``w`` (loss weights), ``mask [B, Nk]`` and
+    ``bias [B, Nk]`` / ``[B, H, Nk]`` (cross) or None."""
     g = gen(case["data_seed"])
     b, n, e = case["b"], case["n"], case["e"]
     rows = 1 if case["x_layout"] == "expanded" else b
@@ -212,11 +213,17 @@ def layer_fields(case: dict) -> dict[str, Optional[Tensor]]:
     if case["family"] == "layer_cross":
         nk = case["nk"]
         x_kv = torch.randn(b, nk, case["kv_dim"], generator=g, dtype=torch.float64)
+        if case["kv_is_q"]:
+            x_kv = x
     w = torch.randn(b, n, e, generator=g, dtype=torch.float64)
     mask = None
     if case["mask"] is not None:
         mask = torch.rand(b, nk, generator=g, dtype=torch.float64) < case["mask_keep"]
-    return {"x": x, "x_kv": x_kv, "w": w, "mask": mask}
+    bias = None
+    if case.get("kbias") is not None:
+        shape = (b, nk) if case["kbias"] == "bn" else (b, case["h"], nk)
+        bias = 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    return {"x": x, "x_kv": x_kv, "w": w, "mask": mask, "bias": bias}
 
 
 def x_leaf(x: Tensor, layout: str, dtype: torch.dtype, device: str = "cpu",

@@ -40,6 +40,7 @@ from tests.fuzz.space import HANGS
 EXCHANGE_TIMEOUT_S = 10.0  # "raise on every rank within 10 s"
 HANG_TIMEOUT_S = 2.0  # known hangs (space.HANGS): the outcome is the same, sooner
 CASE_LIMIT_S = 90.0  # the watchdog: a compile case on a loaded machine stays far below
+HANG_LIMIT_S = 12.0  # the watchdog for known hangs (space.HANGS), some of which no timeout bounds
 _BARRIER_S = CASE_LIMIT_S + 30.0
 
 
@@ -84,8 +85,10 @@ def fuzz_rank(rank: int, world: int, cases: list[dict], workdir: str, attempt: i
     for case in cases:
         i = case["index"]
         _write(records, ("start", i))
-        set_exchange_timeout(HANG_TIMEOUT_S if case["known_defect"] in HANGS else EXCHANGE_TIMEOUT_S)
-        watchdog = threading.Timer(CASE_LIMIT_S, _hung, (records, i))
+        hangs = case["known_defect"] in HANGS
+        set_exchange_timeout(HANG_TIMEOUT_S if hangs else EXCHANGE_TIMEOUT_S)
+        limit = HANG_LIMIT_S if hangs else CASE_LIMIT_S
+        watchdog = threading.Timer(limit, _hung, (records, i, limit))
         watchdog.daemon = True
         watchdog.start()
         outcome = run_case(case, rank, world, ctx)
@@ -110,13 +113,13 @@ def _write(f: io.BufferedWriter, record: tuple) -> None:
     f.flush()
 
 
-def _hung(records: io.BufferedWriter, index: int) -> None:
+def _hung(records: io.BufferedWriter, index: int, limit: float) -> None:
     buf = io.StringIO()
     with open(records.name + ".stacks", "w+") as f:
         faulthandler.dump_traceback(file=f, all_threads=True)
         f.seek(0)
         buf.write(f.read())
-    _write(records, ("hung", index, buf.getvalue()))
+    _write(records, ("hung", index, f"still running after {limit:g} s; stacks:\n{buf.getvalue()}"))
     os._exit(86)
 
 
@@ -331,7 +334,7 @@ def _perturb_layer(module: nn.Module, case: dict, pert: dict) -> None:
             p.view(-1)[pert["seed"] % p.numel()] += 0.5
     elif kind == "weights_permuted":
         with torch.no_grad():
-            if pert["seed"] % 2 or case["e"] == 1:
+            if pert["seed"] % 2 and case["e"] > 1:  # (a 1 x 1 weight is its own transpose)
                 w = layer.out_proj.weight
                 w.copy_(w.t().clone())
             else:
@@ -385,17 +388,21 @@ def run_layer(case: dict, rank: int, world: int, ctx: RankContext) -> dict:
     if kind == "x_layout":
         x_layout = pert["x_layout"]
     leaf, x, _ = x_leaf(x_local, x_layout, x_dtype, device, case["x_grad"] and kind != "frozen")
-    mask = None
-    kv_leaf = None
+    mask = kv_leaf = key_bias = None
     args: tuple = (x,)
     if case["family"] == "layer_cross":
         k_b = offsets(case["ksizes"])[rank]
-        kv_leaf = local_slice(fields["x_kv"], k_b, 1).to(device=device, dtype=x_dtype).clone()
-        if case["x_grad"] and kind != "frozen":
-            kv_leaf.requires_grad_(True)
-        args = (x, kv_leaf)
+        if case["kv_is_q"]:
+            args = (x, x)
+        else:
+            kv_leaf = local_slice(fields["x_kv"], k_b, 1).to(device=device, dtype=x_dtype).clone()
+            kv_leaf.requires_grad_(case["x_grad"] and kind != "frozen")
+            args = (x, kv_leaf)
         if fields["mask"] is not None:
             mask = local_slice(fields["mask"], k_b, 1).to(device)
+        if fields["bias"] is not None:
+            key_bias = local_slice(fields["bias"], k_b, -1).to(device=device, dtype=x_dtype).clone()
+            key_bias.requires_grad_(case["kbias_grad"] and kind != "frozen")
     elif fields["mask"] is not None:
         mask = (fields["mask"] if kind == "full_field" else local_slice(fields["mask"], q_b, 1)).to(device)
         if kind == "batch":
@@ -419,7 +426,10 @@ def run_layer(case: dict, rank: int, world: int, ctx: RankContext) -> dict:
             ckpt_kw = {"context_fn": checkpoint_context_fn} if case["checkpoint"] == "policy" else {}
             y = checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True, **ckpt_kw)
         else:
-            y = fn(*args, key_mask=mask) if mask is not None else fn(*args)
+            kw = {"key_mask": mask} if mask is not None else {}
+            if key_bias is not None:
+                kw["key_bias"] = key_bias
+            y = fn(*args, **kw)
     if hook == "output" and y.requires_grad:
         y.register_hook(lambda g: g * 3.0)
     if y.requires_grad:
@@ -430,6 +440,7 @@ def run_layer(case: dict, rank: int, world: int, ctx: RankContext) -> dict:
     x_grad = None if leaf.grad is None else _x_grad(leaf.grad, x_layout)
     return {"out": y.detach(), "x_grad": x_grad,
             "kv_grad": None if kv_leaf is None or kv_leaf.grad is None else kv_leaf.grad,
+            "bias_grad": None if key_bias is None or key_bias.grad is None else key_bias.grad,
             "param_grads": {n: None if p.grad is None else p.grad for n, p in module.named_parameters()},
             "backward": y.requires_grad}
 
@@ -464,6 +475,10 @@ def idx_flow_model(case: dict) -> tuple[nn.Module, int, int]:
         model = nn.Sequential(idx_flow.SpatialConv(48, idx, filters=3, bias=False), idx_flow.SpatialBatchNorm(3))
     elif model_kind == "transformer":
         model = idx_flow.SpatialTransformerBlock(c, 2, mlp_ratio=2.0, attn_backend="manual")
+    elif model_kind == "vit":  # patch embedding nside 4 -> 2, one transformer block, a head
+        idx, _ = table(4, 2, 4)
+        model = idx_flow.SpatialViT(48, idx, embed_dim=4, depth=1, num_heads=2, mlp_ratio=2.0, output_dim=2,
+                                    attn_backend="manual")
     else:  # pool_up
         down, _ = table(2, 1, 4)
         up, up_d = table(1, 2, 4)

@@ -245,7 +245,7 @@ def _leaf_layout(case: dict, name: str) -> str:
 
 
 def _self_attention_ref(case: dict, p: dict[str, Tensor], x: Tensor, x_kv: Optional[Tensor],
-                        mask: Optional[Tensor], spec: Any) -> Tensor:
+                        key_bias: Optional[Tensor], spec: Any) -> Tensor:
     """The layer's function on the full field in float64, from its parameters."""
     b, n, e = x.shape
     h = case["h"]
@@ -258,7 +258,6 @@ def _self_attention_ref(case: dict, p: dict[str, Tensor], x: Tensor, x_kv: Optio
     else:
         qkv = F.linear(x, p["qkv_proj.weight"], p.get("qkv_proj.bias")).reshape(b, n, 3, h, d)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    key_bias = _key_bias(mask, None)
     if case["family"] == "layer_local":
         allowed = healpy_window_mask(case["nside"], case["window"], case["mode"])
         out = reference_local_attention(q, k, v, allowed, key_bias=key_bias, dropout=spec)
@@ -303,6 +302,9 @@ def compare_layer(case: dict, results: list[dict]) -> Verdict:
     x_leaf = _rounded(fields["x"][:1] if case["x_layout"] == "expanded" else fields["x"], dt).requires_grad_(True)
     x = x_leaf.expand(fields["x"].shape)
     x_kv = None if fields["x_kv"] is None else _rounded(fields["x_kv"], dt).requires_grad_(True)
+    if case.get("kv_is_q"):
+        x_kv = x
+    bias = None if fields["bias"] is None else _rounded(fields["bias"], dt).requires_grad_(True)
     train = case["train"]
     spec = None
     if train and case["attn_dropout"] > 0:
@@ -321,7 +323,7 @@ def compare_layer(case: dict, results: list[dict]) -> Verdict:
             m = m * masks
         y = y + F.linear(m, params["mlp.3.weight"], params["mlp.3.bias"])
     else:
-        y = _self_attention_ref(case, params, attn_in, x_kv, fields["mask"], spec)
+        y = _self_attention_ref(case, params, attn_in, x_kv, _key_bias(fields["mask"], bias), spec)
     if case.get("hook") == "forward":
         y = y * 2.0
     if case.get("hook") == "output":
@@ -344,8 +346,11 @@ def compare_layer(case: dict, results: list[dict]) -> Verdict:
         errors.add(f"x grad rank {r}", None if got is None else got[0], local_slice(x_leaf.grad, q_bounds[r], 1))
         if got is not None:
             errors.check_zero(f"x grad rank {r}", got[1])
-        if x_kv is not None:
+        if x_kv is not None and not case.get("kv_is_q"):
             errors.add(f"x_kv grad rank {r}", res["kv_grad"], local_slice(x_kv.grad, k_bounds[r], 1))
+    for r, res in enumerate(results):
+        if bias is not None and case["kbias_grad"] and r not in quiet:
+            errors.add(f"key_bias grad rank {r}", res["bias_grad"], local_slice(bias.grad, k_bounds[r], -1))
     for name, p in params.items():
         key = f"attn.{name}" if case.get("block") and not name.startswith(("norm", "mlp")) else name
         total = None

@@ -31,6 +31,7 @@ DEFAULT_CASES = 320
 class Result:
     case: dict
     verdict: Verdict
+    seconds: float = 0.0  # the slowest rank's time in the case
 
 
 def draw_cases(seed: int, count: int, only: Optional[int] = None) -> list[dict]:
@@ -45,7 +46,7 @@ def rerun_command(case: dict) -> str:
 
 def run_cases(cases: list[dict], log: Callable[[str], None] = print) -> list[Result]:
     """Run and judge every case; results in the order of ``cases``."""
-    verdicts: dict[int, Verdict] = {}
+    verdicts: dict[int, tuple[Verdict, float]] = {}
     batches: list[list[dict]] = []
     by_world: dict[int, list[dict]] = defaultdict(list)
     for case in cases:
@@ -56,10 +57,10 @@ def run_cases(cases: list[dict], log: Callable[[str], None] = print) -> list[Res
     batches = [by_world[w] for w in sorted(by_world)] + batches
     for batch in batches:
         _run_batch(batch, verdicts, log)
-    return [Result(c, verdicts[c["index"]]) for c in cases]
+    return [Result(c, *verdicts[c["index"]]) for c in cases]
 
 
-def _run_batch(cases: list[dict], verdicts: dict[int, Verdict], log: Callable[[str], None]) -> None:
+def _run_batch(cases: list[dict], verdicts: dict[int, tuple[Verdict, float]], log: Callable[[str], None]) -> None:
     world = cases[0]["world"]
     remaining = list(cases)
     attempt = 0
@@ -77,10 +78,12 @@ def _run_batch(cases: list[dict], verdicts: dict[int, Verdict], log: Callable[[s
         by_index = {c["index"]: c for c in remaining}
         started = [i for i in (rec_index for rec in records for kind, rec_index, *_ in rec if kind == "start")]
         last = max((remaining.index(by_index[i]) for i in started), default=-1)
+        ran = time.monotonic() - start
         for case in remaining[:last + 1]:
             outcomes = [_outcome(records[r], case["index"], r, failure) for r in range(world)]
-            verdicts[case["index"]] = judge(case, outcomes)
-        log(f"world {world}: {last + 1} of {len(remaining)} cases in {time.monotonic() - start:.1f} s"
+            verdicts[case["index"]] = (judge(case, outcomes), max(o.get("seconds", 0.0) for o in outcomes))
+        log(f"world {world}: {last + 1} of {len(remaining)} cases in {ran:.1f} s, judged in "
+            f"{time.monotonic() - start - ran:.1f} s"
             + ("" if failure is None else f" (group ended after case {remaining[last]['id']})"))
         if failure is not None and last < 0:
             raise failure  # the group never reached a case: a harness problem, not a finding
@@ -107,7 +110,7 @@ def _outcome(records: list[tuple], index: int, rank: int, failure: Optional[Rank
     if done and done[-1][0] == "done":
         return done[-1][2]
     if done:
-        return {"status": "hung", "message": f"still running after {CASE_LIMIT_S:g} s; stacks:\n{done[-1][2]}"}
+        return {"status": "hung", "message": done[-1][2]}
     text = "" if failure is None else failure.failures.get(rank, str(failure))
     return {"status": "crashed", "message": f"no outcome reported (killed, crashed or stopped): {text[-3000:]}"}
 
@@ -125,12 +128,16 @@ def summary(results: list[Result], seconds: float, seed: int) -> str:
             known[r.case["known_defect"]][0] += 1
             known[r.case["known_defect"]][1] += not r.verdict.ok
     worst = max((r.verdict.worst for r in results if r.verdict.ok), default=0.0)
+    spent: dict[str, float] = defaultdict(float)
+    for r in results:
+        spent[r.case["family"]] += r.seconds
     lines = [f"fuzz seed {seed}: {len(results)} cases in {seconds:.1f} s; "
              + ", ".join(f"{k} {v}" for k, v in sorted(fams.items())),
              f"  {len(results) - len(failing) - sum(k[0] for k in known.values())} passed "
              f"({raised} of them by raising on every rank), worst error / tolerance {worst:.2g}; "
              f"{len(failing)} failed",
-             "  known defects (cases, failing): " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(known.items()))]
+             "  known defects (cases, failing): " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(known.items())),
+             "  seconds inside the cases per family: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items()))]
     for r in failing:
         lines.append(f"  FAIL {describe(r.case)}\n    {r.verdict.reason[:2000]}\n    rerun: {rerun_command(r.case)}")
     return "\n".join(lines)

@@ -3,10 +3,10 @@
 A case is a plain dict (printable, picklable): its ``family`` names what runs on the ranks
 (:mod:`tests.fuzz.execute`) and what the parent compares it with (:mod:`tests.fuzz.judge`).
 Case ``i`` of seed ``s`` is drawn from ``random.Random(f"{s}:{i}")`` alone, so any case can be
-drawn again by its two numbers (``tests/fuzz/__main__.py --seed s --case i``). The first
-:data:`WITNESSES` indices are fixed witnesses: one case of each known defect and of each
-expensive family, so that every run holds them whatever the seed (Note [differential fuzzer] in
-``tests/fuzz/__init__.py``).
+drawn again by its two numbers (``python -m tests.fuzz --seed s --case i``). The first
+:data:`WITNESSES` indices are fixed witnesses: a case of each defect issue 23 and this fuzzer
+found (open or fixed) and of each expensive family, so that every run holds them whatever the
+seed (Note [differential fuzzer] in ``tests/fuzz/__init__.py``).
 
 Every case says what it expects: ``"exact"`` (every rank returns, and the gathered result equals
 the float64 single-device reference), ``"raise"`` (every rank raises a clear error whose message
@@ -299,7 +299,12 @@ def draw_layer_cross(d: Draw, world: int) -> dict:
     case["kv_dim"] = d.pick("kv_dim", [case["e"], case["e"] + 1, 2])
     case["sizes"] = split(d, case["n"], world)
     case["ksizes"] = split(d, case["nk"], world, key="ksplit")
+    case["kv_is_q"] = d.chance("kv_is_q", 0.12)  # layer(x, x): one tensor as queries and keys
+    if case["kv_is_q"]:
+        case.update(nk=case["n"], ksizes=case["sizes"], kv_dim=case["e"])
     case["b"] = d.pick("b", [1, 2])
+    case["kbias"] = d.pick("kbias", [None, "bn", "bhn"], [70, 15, 15])
+    case["kbias_grad"] = case["kbias"] is not None and d.chance("kbias_grad", 0.5)
     _layer_options(d, case)
     if strategy in ("ulysses", "hybrid") and world > 1 and h % (world if strategy == "ulysses" else u):
         expect(case, "raise", r"not divisible|divisible by")
@@ -344,16 +349,16 @@ def draw_compile(d: Draw, world: int) -> dict:
 
 
 def draw_idx_flow(d: Draw, world: int) -> dict:
-    model = d.pick("model", ["conv", "conv_bn", "transformer", "pool_up"], [30, 25, 30, 15])
+    model = d.pick("model", ["conv", "conv_bn", "transformer", "pool_up", "vit"], [25, 25, 25, 10, 15])
     case = {"family": "idx_flow", "model": model, "b": d.pick("b", [1, 2]), "c_in": d.integer("c_in", 1, 3),
             "strategy": d.pick("strategy", ["auto", "ring", "ulysses"], [50, 30, 20]),
             "train": d.chance("train", 0.6), "data_seed": d.seed(), "dtype": "float64"}
-    case["nside"] = 2 if model != "transformer" else d.pick("nside", [1, 2])
+    case["nside"] = {"transformer": d.pick("nside", [1, 2]), "vit": 4}.get(model, 2)
     if model == "transformer":
         case["c_in"] = 4  # embed dim of the block (2 heads)
     case["n"] = nside_pixels(case["nside"])
     case["sizes"] = split(d, case["n"], world)
-    if model == "transformer" and case["strategy"] == "ulysses" and 2 % world:
+    if model in ("transformer", "vit") and case["strategy"] == "ulysses" and 2 % world:
         expect(case, "raise", r"not divisible|divisible by")
     return case
 
@@ -426,6 +431,7 @@ PERTURBATIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
 # Kinds whose known defect hangs or crashes (each costs a timeout and a new group): drawn less
 # often while the defect is open; their witnesses are in every run.
 _PERTURB_WEIGHT = {"meta": 0.3, "meta_layer": 0.3, "dtype_input": 0.3, "frozen": 0.3, "no_grad_mode": 0.3,
+                   "bn_train_eval": 0.3,
                    "grad_requires_grad": 0.5, "grad_dtype": 0.5, "grad_extra_param": 0.5}
 
 
@@ -517,25 +523,6 @@ def _executed(case: dict, world: int) -> str:
     return strategy
 
 
-def _strided_grads(case: dict) -> bool:
-    """23.1: a q/k/v view whose last dim is not dense, reaching the CPU flash kernel of the ring."""
-    if case["family"] not in ("attn", "cross") or case.get("window") or case.get("no_grad"):
-        return False
-    if (_executed(case, case["world"]) != "ring" and case["world"] > 1) or case["backend"] == "manual":
-        return False
-    if case["bias"] is not None or case["dropout_p"] > 0:
-        return False  # the manual kernel
-    lay = case["layout"]
-    if (case.get("perturb") or {}).get("kind") == "layout":
-        lay = {r: lay[r] if lay[r] in ("strided", "transposed") else case["perturb"]["layout"][r] for r in "qkv"}
-    not_dense = {r for r in "qkv" if lay.get(r) in ("strided", "transposed")
-                 and not (lay.get("shared") == "packed" and r in lay.get("packed_roles", "qkv"))}
-    if lay.get("shared") in ("alias_qk", "alias_qkv"):
-        not_dense = {"q", "k", "v"} if lay["q"] in ("strided", "transposed") else not_dense - {"k", "v"} \
-            if lay["shared"] == "alias_qkv" else not_dense - {"k"}
-    return bool(not_dense) and case["grads"] != "" and case["d"] > 1 and case["b"] > 0 and case["n"] > 0
-
-
 def _perturbed(kind: str) -> Callable[[dict], bool]:
     return lambda case: (case.get("perturb") or {}).get("kind") == kind
 
@@ -564,14 +551,6 @@ def _empty_shard_inductor(case: dict) -> bool:
 
 
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    "23.1-strided-grads": ("strided q/k/v give wrong gradients through the ring's CPU flash kernel",
-                           _strided_grads),
-    "23.2-checkpoint-dropout": ("checkpoint_context_fn with dropout elsewhere in the block",
-                                lambda c: c["family"] == "ckpt" and c["checkpoint"] == "policy"
-                                and c["attn_dropout"] > 0 and c["mlp_dropout"] > 0),
-    "23.3-scale": ("a different scale on one rank is not agreed", _perturbed("scale")),
-    "23.4-permuted-weights": ("permuted weights pass the replicated-parameter check",
-                              _perturbed("weights_permuted")),
     "23.5-nonfinite": ("NaN/inf semantics differ between the paths and the oracles",
                        lambda c: c["family"] == "nonfinite"),
     "23.6a-input-dtype": ("layer input dtype differing from the weights on one rank hangs",
@@ -643,7 +622,9 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
        b=1, d=2, grads="qkv", no_grad=False),
     _w("local", 2, nside=2, window=1, perturbed=True, perturb_kind="window", perturb_rank=0, split="random"),
 )
-"""Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws)."""
+"""Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
+23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1 and a window
+perturbation."""
 
 
 def draw_case(seed: int, index: int) -> dict:
