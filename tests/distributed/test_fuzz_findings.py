@@ -14,6 +14,11 @@
   code paths differ, e.g. different strategies or library versions): rank 0: 11 shared values;
   ..." on every rank: it names neither H nor the strategies each rank chose, where a fixed
   strategy gets "disagree on H" with every rank's values.
+- ``fuzz-3`` (fixed): Ulysses and hybrid through the autograd path (a ``key_bias`` given) with
+  ranks that differ in which of q, k, v and the key bias require grad: each backward all-to-all
+  ran only on the ranks whose inputs required grad, so a peer waited for the exchange timeout, or
+  paired it with a collective of another size and gloo aborted the process (SIGABRT). Note
+  [backward exchanges on every rank] in ``hpattn_dist/comm/head_exchange.py``.
 
 Legend: B batch, H heads, N pixels, D head dim, P = 2 ranks.
 """
@@ -115,3 +120,64 @@ def _auto_with_other_heads(rank: int, world: int) -> str:
 def test_auto_with_different_heads_names_the_heads():
     for message in run_ranks(_auto_with_other_heads, 2, timeout=60):
         assert re.search(r"\bH\b|heads", message), message
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz-3: head-parallel backward exchanges that depend on each rank's requires_grad (fixed)
+
+_MIXED = {  # name: (strategy, cross, per-rank tensors that require grad; "b" is the key bias)
+    "ulysses, key bias learned on rank 0 only": ("ulysses", False, ("qkvb", "qkv")),
+    "ulysses cross, v on rank 0, q on rank 1": ("ulysses", True, ("vb", "qb")),
+    "hybrid (U = 2), key bias learned on rank 1 only": ("hybrid", False, ("qkv", "qkvb")),
+}
+
+
+def _mixed_data(cross: bool) -> dict:
+    g = torch.Generator().manual_seed(3)
+    n, nk = 5, (7 if cross else 5)
+    q = torch.randn(1, 4, n, 2, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 4, nk, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    return {"q": q, "k": k, "v": v, "b": torch.randn(1, 4, nk, generator=g, dtype=torch.float64),
+            "w": torch.randn(1, 4, n, 2, generator=g, dtype=torch.float64)}
+
+
+def _bounds(n: int, rank: int) -> slice:
+    return slice(0, 3) if rank == 0 else slice(3, n)  # uneven: 3 and n - 3
+
+
+def _mixed_grads(rank: int, world: int) -> dict:
+    from hpattn_dist.comm import set_exchange_timeout
+    from hpattn_dist.strategies import sharded_attention
+
+    set_exchange_timeout(5.0)
+    out = {}
+    for name, (strategy, cross, grads) in _MIXED.items():
+        data = _mixed_data(cross)
+        qs, ks = _bounds(data["q"].shape[2], rank), _bounds(data["k"].shape[2], rank)
+        t = {r: data[r][..., ks] if r == "b" else data[r][:, :, qs if r == "q" else ks] for r in "qkvb"}
+        t = {r: x.clone().requires_grad_(r in grads[rank]) for r, x in t.items()}
+        o = sharded_attention(strategy, t["q"], t["k"], t["v"], key_bias=t["b"], cross=cross, backend="manual",
+                              ulysses_degree=2 if strategy == "hybrid" else None)
+        (o * data["w"][:, :, qs]).sum().backward()
+        out[name] = {r: x.grad for r, x in t.items()}
+    return out
+
+
+def test_head_parallel_backward_with_requires_grad_differing_between_ranks():
+    """Each rank's gradients equal the float64 reference's, for the tensors it asked them for
+    (before the fix: a peer waited for the exchange timeout, or gloo aborted the process)."""
+    from tests.reference import reference_attention
+
+    results = run_ranks(_mixed_grads, 2, timeout=120)
+    for name, (_, cross, grads) in _MIXED.items():
+        data = _mixed_data(cross)
+        t = {r: data[r].clone().requires_grad_() for r in "qkvb"}
+        (reference_attention(t["q"], t["k"], t["v"], key_bias=t["b"]) * data["w"]).sum().backward()
+        for rank, res in enumerate(results):
+            qs, ks = _bounds(data["q"].shape[2], rank), _bounds(data["k"].shape[2], rank)
+            for r in "qkvb":
+                want = t[r].grad[..., ks] if r == "b" else t[r].grad[:, :, qs if r == "q" else ks]
+                got = res[name][r]
+                assert (got is None) == (r not in grads[rank]), (name, rank, r)
+                if got is not None:
+                    assert torch.allclose(got, want, rtol=0, atol=1e-12), (name, rank, r)
