@@ -19,6 +19,9 @@
   ran only on the ranks whose inputs required grad, so a peer waited for the exchange timeout, or
   paired it with a collective of another size and gloo aborted the process (SIGABRT). Note
   [backward exchanges on every rank] in ``hpattn_dist/comm/head_exchange.py``.
+- ``fuzz-4`` (fixed): the registered op's Ulysses / hybrid backward with a key mask and B = 0 took
+  the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
+  on its peers.
 
 Legend: B batch, H heads, N pixels, D head dim, P = 2 ranks.
 """
@@ -181,3 +184,27 @@ def test_head_parallel_backward_with_requires_grad_differing_between_ranks():
                 assert (got is None) == (r not in grads[rank]), (name, rank, r)
                 if got is not None:
                     assert torch.allclose(got, want, rtol=0, atol=1e-12), (name, rank, r)
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz-4: the registered op's head-parallel backward with a key mask and B = 0 (fixed)
+
+
+def _empty_batch_masked(rank: int, world: int) -> tuple:
+    from hpattn_dist.comm import set_exchange_timeout
+    from hpattn_dist.strategies import sharded_attention
+
+    set_exchange_timeout(5.0)
+    n = 1 if rank == 0 else 0  # shards 1, 0, 0, 0: Ulysses groups of M = 1 and M = 0 pixels
+    q = torch.randn(0, 2, n, 3, dtype=torch.float64, requires_grad=True)
+    o = sharded_attention("hybrid", q, q, q, key_mask=torch.ones(0, n, dtype=torch.bool), ulysses_degree=2)
+    o.sum().backward()
+    return tuple(o.shape), tuple(q.grad.shape)
+
+
+def test_head_parallel_backward_with_a_key_mask_and_an_empty_batch():
+    """Hybrid (U = 2, R = 2). Before the fix the op's backward took the empty [0, M] mask for no
+    mask: dq came back with M = 0 pixels on rank 1 (a shape error there; its peers waited)."""
+    for rank, res in enumerate(run_ranks(_empty_batch_masked, 4, timeout=120)):
+        n = 1 if rank == 0 else 0
+        assert res == ((0, 2, n, 3), (0, 2, n, 3)), (rank, res)
