@@ -23,7 +23,7 @@
   the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
   on its peers.
 
-Legend: B batch, H heads, N pixels, D head dim, P = 2 ranks.
+Legend: B batch, H heads, N pixels, D head dim, P ranks (2; 4 for a hybrid grid of U = R = 2).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ reported as strict xfails, one per defect, so a fix must remove its entry.
 Cost: all cases of one world size run in ONE ``run_ranks`` group (:mod:`.execute`); a case that
 leaves the group unusable (a peer that timed out, ranks that ended differently, a crash or a hang
 caught by the watchdog) is judged from the ranks' records and a new group runs the rest
-(:mod:`.runner`). Known hangs run with a 2 s exchange timeout instead of 10 s.
+(:mod:`.runner`). Known hangs run with a 2 s exchange timeout instead of 10 s; compiled cases
+with 30 s, since a compiled call's first agreement waits for the slowest rank's compile
+(:func:`.execute.limits`).
 
 Reproduce: every case is a function of ``(seed, index)``; a failure prints its draws and the
 command that reruns it alone (``--fuzz-seed S --fuzz-case I``); ``python -m tests.fuzz --seed S

@@ -78,10 +78,10 @@ def split(d: Draw, n: int, world: int, key: str = "split") -> list[int]:
     if style == "even" or world == 1:
         return [n // world + (r < n % world) for r in range(world)]
     if style == "one_rank":
-        r = d.rng.randrange(world)
+        r = d.integer(f"{key}_rank", 0, world - 1)
         return [n if i == r else 0 for i in range(world)]
     if style == "one_empty":
-        r = d.rng.randrange(world)
+        r = d.integer(f"{key}_rank", 0, world - 1)
         rest = [n // (world - 1) + (i < n % (world - 1)) for i in range(world - 1)]
         return rest[:r] + [0] + rest[r:]
     cuts = sorted(d.rng.randint(0, n) for _ in range(world - 1))
@@ -621,10 +621,16 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
     _w("attn", 2, strategy="ring", perturbed=True, perturb_kind="frozen", perturb_rank=1, n_range=12, split="even",
        b=1, d=2, grads="qkv", no_grad=False),
     _w("local", 2, nside=2, window=1, perturbed=True, perturb_kind="window", perturb_rank=0, split="random"),
+    _w("cross", 2, windowed=False, strategy="ulysses", h=2, head_mult=1, indivisible_heads=False, bias="bhn",
+       bias_grad=True, grads="v", perturbed=True, perturb_kind="partial_grad", perturb_rank=1, no_grad=False,
+       b=1, n_range=6, nk_range=9, split="random", ksplit="random"),
+    _w("attn", 4, strategy="hybrid", U=2, h=2, head_mult=1, indivisible_heads=False, b=0, mask="random",
+       entry="sharded", n_range=1, split="one_rank", split_rank=0, no_dropout=True, no_grad=False, grads="qkv", perturbed=False),
 )
 """Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
-23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1 and a window
-perturbation."""
+23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
+perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other) and
+fuzz-4 (hybrid, a key mask, B = 0)."""
 
 
 def draw_case(seed: int, index: int) -> dict:
