@@ -33,14 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.agreement import fail_together
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.oracle import AttnBackend, check_layer_args
-from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -271,21 +271,16 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         self.ulysses_degree = ulysses_degree
         self.healpix_field = bool(healpix_field)
         self.name = name
-        self._fingerprint = ParameterFingerprint()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}" + (
             "" if self.healpix_field else ", healpix_field=False")
 
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field,
-                          point_sets=self.window_nside is None)
-
     def _ref(self) -> LayerRef:
-        """What a call without a window takes its facts from, inside the registered op (as
+        """What the call takes its facts from, inside its agreement (as
         :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field,
+                        point_sets=self.window_nside is None)
 
     def _label(self) -> str:
         return type(self).__name__ + (f" {self.name!r}" if self.name else "")
@@ -301,19 +296,18 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         Returns:
             ``[B, Nq_r, E]``.
         """
-        try:
-            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local")
+        with fail_together(resolve_group(self.process_group), self._label()):  # as the self layer's
+            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local",
+                              weight=getattr(self.q_proj, "weight", None))
             check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",
-                              dim_name="kv_dim")
-        except (ValueError, TypeError) as err:
-            raise_on_every_rank(resolve_group(self.process_group), type(self).__name__, err)
-        batch, n_q, _ = x_q_local.shape
-        q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
+                              dim_name="kv_dim", weight=getattr(self.kv_proj, "weight", None))
+            batch, n_q, _ = x_q_local.shape
+            q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
         out_local = sharded_attention(
             self.strategy, q_local, k_local, v_local, self.process_group,
             backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._ref() if self.window_nside is None else self._facts(), cross=True,
+            layer=self._ref(), cross=True,
             window_nside=self.window_nside, mode=self.mode,
         )  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

@@ -35,12 +35,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.agreement import fail_together
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -142,11 +142,6 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         self.ulysses_degree = ulysses_degree
         self.healpix_field = bool(healpix_field)
         self.name = name
-        self._fingerprint = ParameterFingerprint()
-
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field)
 
     def _label(self) -> str:
         return f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
@@ -206,18 +201,16 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
                 "ProcessGroup cannot be pickled): set layer.process_group = <the sequence-parallel "
                 "group> (or None for the default group) before calling it"
             )
-        try:
-            check_layer_input(x, self.embed_dim, key_mask)
-        except (ValueError, TypeError) as err:
-            # The peers are about to enter the strategy's shape all_gather: fail there together.
-            raise_on_every_rank(resolve_group(self.process_group), "DistributedSpatialSelfAttention", err)
-        batch_size, n_local, _ = x.shape
-
-        qkv = self.qkv_proj(x)  # [B, N_r, 3E]
-        qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
-        # The oracle's permute(2, 0, 3, 1, 4).unbind(0), as views whose backward (a stack along
-        # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
-        q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
+        # The peers are about to enter the op's agreement: a check or projection that fails here
+        # fails there, on every rank (Note [fail together]).
+        with fail_together(resolve_group(self.process_group), self._label()):
+            check_layer_input(x, self.embed_dim, key_mask, weight=getattr(self.qkv_proj, "weight", None))
+            batch_size, n_local, _ = x.shape
+            qkv = self.qkv_proj(x)  # [B, N_r, 3E]
+            qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
+            # The oracle's permute(2, 0, 3, 1, 4).unbind(0), as views whose backward (a stack along
+            # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
+            q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
 
         out_local = sharded_attention(
             self.strategy,

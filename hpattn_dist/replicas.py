@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,8 @@ import torch.nn as nn
 from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows"]
+__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows", "facts_of",
+           "resolve_layer"]
 
 _RTOL = 1e-9
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
@@ -123,6 +124,7 @@ class LayerRef:
     name: str
     params: tuple
     healpix_field: bool
+    point_sets: bool = True
 
 
 # Fingerprints of the parameters seen through a LayerRef, per layer name and parameter storage
@@ -130,7 +132,8 @@ class LayerRef:
 _FINGERPRINTS: dict[tuple, ParameterFingerprint] = {}
 
 
-def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> LayerFacts:
+def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool,
+             point_sets: bool = True) -> LayerFacts:
     """The :class:`LayerFacts` of a layer's call from its parameters (cached per parameter version)."""
     key = (name, tuple(p.data_ptr() for p in params))
     fingerprint = _FINGERPRINTS.get(key)
@@ -139,7 +142,16 @@ def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> 
             _FINGERPRINTS.clear()
         fingerprint = _FINGERPRINTS[key] = ParameterFingerprint()
     layout, sums = fingerprint((str(i), p) for i, p in enumerate(params))
-    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field)
+    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field, point_sets=point_sets)
+
+
+def resolve_layer(layer: "LayerFacts | LayerRef | None") -> Optional[LayerFacts]:
+    """A call's :class:`LayerFacts`, read from a :class:`LayerRef` where the call runs. Called
+    INSIDE the call's agreement: reading parameters can fail on one rank (meta parameters, a
+    sharded one), and that failure must reach every rank (Note [fail together])."""
+    if isinstance(layer, LayerRef):
+        return facts_of(layer.name, layer.params, layer.healpix_field, layer.point_sets)
+    return layer
 
 
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],

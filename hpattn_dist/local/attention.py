@@ -74,7 +74,7 @@ from hpattn_dist.kernels import (
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.precision import acc_dtype
-from hpattn_dist.replicas import N_SUMS, LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
@@ -555,7 +555,7 @@ def healpix_local_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
 ) -> Tensor:
     r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
 
@@ -617,7 +617,7 @@ def windowed_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     strategy: Optional[str] = None,
     what: str = "healpix_local_attention",
@@ -638,6 +638,7 @@ def windowed_attention(
                              f"attention, which has no head-parallel form; strategy must be 'ring' or "
                              f"'auto', got {strategy!r}")
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         window_nside = check_window(window_nside, mode)

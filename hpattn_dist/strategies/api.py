@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.local.attention import windowed_attention
-from hpattn_dist.replicas import LayerFacts, LayerRef, facts_of
+from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.hybrid import run_hybrid
 from hpattn_dist.strategies.ops import op_attention
 from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
@@ -107,8 +107,6 @@ def sharded_attention(
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
     if window_nside is not None:
-        if isinstance(layer, LayerRef):
-            layer = facts_of(layer.name, layer.params, layer.healpix_field)
         entry = "ring_cross_attention" if cross else "healpix_local_attention"
         return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
                                   dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
@@ -122,8 +120,6 @@ def sharded_attention(
         return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
                             key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,
                             layer=layer, cross=cross)
-    if isinstance(layer, LayerRef):
-        layer = facts_of(layer.name, layer.params, layer.healpix_field)
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,

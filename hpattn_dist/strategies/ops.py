@@ -82,7 +82,7 @@ from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for
-from hpattn_dist.replicas import LayerRef, facts_of
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
 from hpattn_dist.strategies.ring import _RingAttention
 
@@ -222,7 +222,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     layer's, whose parameters ``layer_params`` and field (``layer_healpix``) are checked in the
     same agreement (Note [replicated parameter check]).
     """
-    layer = facts_of(layer_name, layer_params, layer_healpix) if layer_name else None
+    layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
     plan, _ = plan_attention(
         strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
@@ -371,6 +371,23 @@ def _backward(ctx, dout, *unused):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# Note [ops that communicate are never dead code]
+# Both ops communicate: every rank of the group must run each of them whatever its outputs are
+# used for. A pure op (mutates_args=()) is dead code to a compiler whose graph does not read its
+# outputs: inductor dropped attention_bwd on a rank whose shard is empty (every gradient it
+# returns has no element, so the weight gradients it feeds are zeros without reading it), and
+# the peer blocked in the ring. Marked side-effectful (``torch.fx.node.has_side_effect``), they
+# are impure to every dead-code pass (FX, AOTAutograd's partitioner, inductor's scheduler), so
+# each runs on every rank as in eager, in its place in the graph: successive layers' ops are
+# ordered by their data. Not an ORDERED effect (``register_effect``), which would also thread a
+# token through them: torch 2.13's inductor fails to lower ``with_effects`` around an op with
+# unbacked output sizes (Ulysses' residuals, Note [compiling the attention]). Compile caches
+# (AOTAutograd's, inductor's FX graph cache) key graphs without this registration: a cache
+# written by a version of this library without it serves the old graph, so clear it
+# (``torch._inductor.config.force_disable_caches`` or the cache directory) after upgrading.
+for _op in (attention_fwd, attention_bwd):
+    torch.fx.node.has_side_effect(_op._opoverload)
 
 
 def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,

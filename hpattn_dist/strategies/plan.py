@@ -59,7 +59,7 @@ from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
-from hpattn_dist.replicas import N_SUMS, LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.strategies.auto import choose_strategy
 from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
 
@@ -185,7 +185,7 @@ def plan_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     what: str,
     kv_needs_grad: Optional[bool] = None,
@@ -196,7 +196,8 @@ def plan_attention(
     ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``ulysses_degree`` for
     ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
     dtype (-inf where masked), or None. ``what`` names the entry point in errors. ``layer``: the
-    calling layer's facts (parameter fingerprint, HEALPix field), checked in the same agreement.
+    calling layer's facts (parameter fingerprint, HEALPix field), or a reference to read them from
+    inside the agreement, checked in the same agreement.
     ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
     (inside the registered op); None reads it from grad mode and ``requires_grad``.
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
@@ -216,6 +217,7 @@ def plan_attention(
         sub, parent = None, resolve_group(group)
     with validated_signature(parent, what) as sig:
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)

@@ -119,6 +119,27 @@ def _job(rank: int, world: int) -> dict:
         res[name] = {"breaks": explained.graph_break_count, "graphs": explained.graph_count,
                      "eager": eager, "compiled": compiled, "plain_bytes": plain[3:]}
     res["fake"] = _fakes(rank)
+    res["empty shard"] = _empty_shard(rank, world)
+    return res
+
+
+def _empty_shard(rank: int, world: int) -> dict:
+    """Inductor on a field of ONE pixel: rank 1's shard is empty, so every gradient its
+    ``attention_bwd`` returns has no element; a pure op was dead code there and its peer blocked
+    in the ring (Note [ops that communicate are never dead code]). Caches off: a graph cached by
+    an older registration would hide the regression."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    x, w = field(1)
+    local = bounds(1, world, rank)
+    torch._dynamo.reset()
+    res = {}
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for strategy in ("ring", "ulysses"):
+            block = make_block(True, strategy=strategy)
+            compiled = torch.compile(block, backend="inductor", fullgraph=True)
+            res[strategy] = _fwd_bwd(compiled, dict(block.named_parameters()), x[:, local], w[:, local])
     return res
 
 
@@ -190,6 +211,19 @@ def test_compiled_block_equals_float64_single_device(name):
     assert _close(y, y_ref) and _close(dx, dx_ref)
     for p, g in g_ref.items():
         assert _close(sum(r[name]["compiled"][2][p] for r in results), g, 1e-11), p
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_inductor_with_an_empty_shard_equals_float64_single_device(strategy):
+    x, w = field(1)
+    ref = make_block(False)
+    y_ref, dx_ref, g_ref, *_ = _fwd_bwd(ref, dict(ref.named_parameters()), x, w)
+    results = [r["empty shard"][strategy] for r in _results()]
+    assert results[1][0].shape[1] == 0  # rank 1 holds no pixel
+    assert _close(torch.cat([r[0] for r in results], 1), y_ref)
+    assert _close(torch.cat([r[1] for r in results], 1), dx_ref)
+    for p, g in g_ref.items():
+        assert _close(sum(r[2][p] for r in results), g, 1e-11), p
 
 
 def test_fake_without_symbolic_shapes():

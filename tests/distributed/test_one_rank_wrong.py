@@ -117,7 +117,50 @@ def _permuted_weight_cases(rank: int) -> dict:
     return cases
 
 
-CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases)
+def _hang_cases(rank: int) -> dict:
+    """Issue 23 item 6: what made the peer block until the exchange timeout."""
+    import idx_flow
+
+    from hpattn_dist import DistributedSpatialCrossAttention, ring_attention
+    from hpattn_dist.integrations.idx_flow import convert_model
+    from hpattn_dist.local import DistributedLocalSpatialSelfAttention
+
+    x = _shard(torch.randn(B, N, E, generator=torch.Generator().manual_seed(3), dtype=torch.float64), rank, 1)
+    x_in = x.float() if rank == 1 else x
+    cases = {}
+    # The input's dtype is not the weights' on one rank: the projection raised there alone.
+    cases["hang, layer input dtype"] = (functools.partial(_layer(rank), x_in), "the layer's weights are")
+    torch.manual_seed(0)
+    cross = DistributedSpatialCrossAttention(E, H, attn_backend="manual", healpix_field=False).double()
+    cases["hang, cross layer input dtype"] = (functools.partial(cross, x_in, x), "the layer's weights are")
+    torch.manual_seed(0)
+    local = DistributedLocalSpatialSelfAttention(E, H, attn_backend="manual", window_nside=1).double()
+    cases["hang, local layer input dtype"] = (functools.partial(local, x_in), "the layer's weights are")
+    # Meta tensors on one rank: refused at the door, where every rank hears of it.
+    q, k, v = (_shard(t, rank) for t in _full(0))
+    qm, km, vm = (t.to("meta") if rank == 1 else t for t in (q, k, v))
+    cases["hang, meta q/k/v"] = (functools.partial(ring_attention, qm, km, vm), "meta tensors")
+    cases["hang, meta q/k/v, key_bias"] = (functools.partial(
+        sharded_attention, "ulysses", qm, km, vm, key_bias=torch.zeros(B, q.shape[2], device=qm.device)),
+        "meta tensors")
+    meta_layer = _layer(rank).to("meta") if rank == 1 else _layer(rank)
+    cases["hang, meta layer"] = (functools.partial(meta_layer, x.to("meta") if rank == 1 else x), "meta tensors")
+    # A converted SpatialBatchNorm in training on one rank and in eval on the other.
+    bn = convert_model(idx_flow.SpatialBatchNorm(E).double())
+    bn.train(rank == 0)
+    cases["hang, SpatialBatchNorm train on one rank, eval on the other"] = (
+        functools.partial(bn, x), "disagree on batch_stats")
+    # Two converted layers, rank 1 skipping the first: their agreements are told apart.
+    two = convert_model(torch.nn.Sequential(idx_flow.SpatialBatchNorm(E), idx_flow.SpatialBatchNorm(E)).double())
+    cases["hang, one rank skips a layer"] = (
+        functools.partial(two if rank == 0 else two[1], x), "called with different signatures")
+    drop = convert_model(torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    drop.train(rank == 0)
+    cases["hang, dropout train on one rank, eval on the other"] = (functools.partial(drop, x), "disagree on drops")
+    return cases
+
+
+CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases, _hang_cases)
 
 
 def _job(rank: int, world: int) -> dict:
@@ -160,6 +203,16 @@ def test_a_scale_on_one_rank_raises_on_every_rank(name):
                                   "cross q_proj and out_proj exchanged"])
 def test_weights_permuted_on_one_rank_raise_on_every_rank(name):
     _assert_raised_everywhere(f"permuted, {name}")
+
+
+HANGS = ("layer input dtype", "cross layer input dtype", "local layer input dtype", "meta q/k/v",
+         "meta q/k/v, key_bias", "meta layer", "SpatialBatchNorm train on one rank, eval on the other",
+         "one rank skips a layer", "dropout train on one rank, eval on the other")
+
+
+@pytest.mark.parametrize("name", HANGS)
+def test_what_hung_raises_on_every_rank(name):
+    _assert_raised_everywhere(f"hang, {name}")
 
 
 def test_the_group_is_healthy_after_every_case():
