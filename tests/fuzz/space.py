@@ -420,7 +420,7 @@ PERTURBATIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
     "train_eval": (("layer", "layer_cross", "layer_local"), "raise", r"dropout|train"),
     "x_layout": (("layer", "layer_cross", "layer_local"), "exact", None),
     "full_field": (("layer", "layer_local"), "raise", r"HEALPix field"),
-    "bn_train_eval": (("idx_flow",), "raise", r"train|eval|mode"),
+    "bn_train_eval": (("idx_flow",), "raise", r"train|eval|mode|batch_stats"),
     "grad_requires_grad": (("grad_sync",), "raise", r"requires_grad|gradient"),
     "grad_dtype": (("grad_sync",), "raise", r"dtype"),
     "grad_none": (("grad_sync",), "exact", None),
@@ -430,9 +430,8 @@ PERTURBATIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
 
 # Kinds whose known defect hangs or crashes (each costs a timeout and a new group): drawn less
 # often while the defect is open; their witnesses are in every run.
-_PERTURB_WEIGHT = {"meta": 0.3, "meta_layer": 0.3, "dtype_input": 0.3, "frozen": 0.3, "no_grad_mode": 0.3,
-                   "bn_train_eval": 0.3,
-                   "grad_requires_grad": 0.5, "grad_dtype": 0.5, "grad_extra_param": 0.5}
+_PERTURB_WEIGHT = {"frozen": 0.3, "no_grad_mode": 0.3, "grad_requires_grad": 0.5, "grad_dtype": 0.5,
+                   "grad_extra_param": 0.5}
 
 
 def _perturbations_for(case: dict) -> list[str]:
@@ -507,22 +506,6 @@ def perturb(d: Draw, case: dict, world: int) -> None:
 # Known defects (issue 23): cases that hit one are reported as strict xfails, not failures
 
 
-def _executed(case: dict, world: int) -> str:
-    """The strategy a global case executes (``auto`` as :func:`choose_strategy` decides)."""
-    strategy = case.get("strategy", "ring")
-    if world == 1:
-        return "ring"
-    if strategy == "auto":
-        import torch
-
-        from hpattn_dist.strategies.auto import choose_strategy
-
-        return choose_strategy(case["h"], world, dtype=getattr(torch, case.get("dtype", "float64"))).strategy
-    if strategy == "hybrid" and case.get("U", 1) == 1:
-        return "ring"
-    return strategy
-
-
 def _perturbed(kind: str) -> Callable[[dict], bool]:
     return lambda case: (case.get("perturb") or {}).get("kind") == kind
 
@@ -538,27 +521,9 @@ def _rank_without_grad(case: dict) -> bool:
     return case["b"] > 0 and case["grads"] != ""
 
 
-def _auto_heads(case: dict) -> bool:
-    """fuzz-2: ``auto`` on ranks with different H picks different strategies, and the error says
-    "called with different signatures" without naming H or the strategies."""
-    if not _perturbed("heads")(case) or case.get("strategy") != "auto":
-        return False
-    return _executed(case, case["world"]) != _executed({**case, "h": case["h"] + 1}, case["world"])
-
-
-def _empty_shard_inductor(case: dict) -> bool:
-    return case["family"] == "compile" and case["compiler"] == "inductor" and 0 in case["sizes"]
-
-
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "23.5-nonfinite": ("NaN/inf semantics differ between the paths and the oracles",
                        lambda c: c["family"] == "nonfinite"),
-    "23.6a-input-dtype": ("layer input dtype differing from the weights on one rank hangs",
-                          _perturbed("dtype_input")),
-    "23.6b-batchnorm-mode": ("SpatialBatchNorm in train mode on one rank, eval on another, hangs",
-                             _perturbed("bn_train_eval")),
-    "23.6c-meta": ("meta tensors on one rank hang", lambda c: _perturbed("meta")(c) or _perturbed("meta_layer")(c)),
-    "23.6d-inductor-empty-shard": ("inductor with an empty shard hangs", _empty_shard_inductor),
     "23.7a-sync-gradients": ("sync_gradients with requires_grad, dtype or the parameter list differing "
                              "across ranks aborts or hangs",
                              lambda c: any(_perturbed(k)(c) for k in ("grad_requires_grad", "grad_dtype",
@@ -569,13 +534,10 @@ KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "fuzz-1-rank-without-grad": ("global attention with one rank's forward recording no gradient "
                                  "(no_grad, or no input requiring grad) hangs its peers' backward",
                                  _rank_without_grad),
-    "fuzz-2-auto-heads-unclear": ("strategy='auto' with H differing on one rank: the error names neither H "
-                                  "nor the strategies the ranks chose", _auto_heads),
 }
 """Name -> (what, predicate). Remove an entry when its fix lands: its strict xfail then fails."""
 
-HANGS = ("23.6a-input-dtype", "23.6b-batchnorm-mode", "23.6c-meta", "23.6d-inductor-empty-shard",
-         "23.7a-sync-gradients", "fuzz-1-rank-without-grad")
+HANGS = ("23.7a-sync-gradients", "fuzz-1-rank-without-grad")
 """Known defects that hang until the exchange timeout: run with a short one (Note [differential fuzzer])."""
 
 
@@ -624,13 +586,15 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
     _w("cross", 2, windowed=False, strategy="ulysses", h=2, head_mult=1, indivisible_heads=False, bias="bhn",
        bias_grad=True, grads="v", perturbed=True, perturb_kind="partial_grad", perturb_rank=1, no_grad=False,
        b=1, n_range=6, nk_range=9, split="random", ksplit="random"),
+    _w("layer_local", 3, perturbed=True, perturb_kind="train_eval", perturb_rank=2, no_dropout=False,
+       dropout_p=0.5, nside=2, window=1),
     _w("attn", 4, strategy="hybrid", U=2, h=2, head_mult=1, indivisible_heads=False, b=0, mask="random",
        entry="sharded", n_range=1, split="one_rank", split_rank=0, no_dropout=True, no_grad=False, grads="qkv", perturbed=False),
 )
 """Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
 23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
-perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other) and
-fuzz-4 (hybrid, a key mask, B = 0)."""
+perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
+training mode on one rank, and fuzz-4 (hybrid, a key mask, B = 0)."""
 
 
 def draw_case(seed: int, index: int) -> dict:
