@@ -360,6 +360,10 @@ def draw_idx_flow(d: Draw, world: int) -> dict:
     case["sizes"] = split(d, case["n"], world)
     if model in ("transformer", "vit") and case["strategy"] == "ulysses" and 2 % world:
         expect(case, "raise", r"not divisible|divisible by")
+    elif model != "transformer" and case["sizes"] != [case["n"] // world + (r < case["n"] % world)
+                                                      for r in range(world)]:
+        # A split other than shard_bounds: exact, or refused when the model's call checks the split.
+        expect(case, "exact_or_raise", r"shard_bounds")
     return case
 
 
@@ -407,7 +411,8 @@ PERTURBATIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
     "batch": (("attn", "cross", "local", "layer"), "raise", r"\bB\b|batch"),
     "head_dim": (("attn", "cross", "local"), "raise", r"\bD\b|head dim"),
     "layout": (("attn", "cross", "local"), "exact", None),
-    "partial_grad": (("attn", "cross", "local"), "exact", None),
+    # (the windowed paths agree on which gradients are needed; the global ones take any mixture)
+    "partial_grad": (("attn", "cross", "local"), "exact_or_raise", r"grad"),
     "frozen": (("attn", "cross", "local", "layer"), "exact_or_raise", r"grad"),
     "no_grad_mode": (("attn", "cross", "local", "layer", "layer_local"), "exact_or_raise", r"grad"),
     "window": (("local", "layer_local"), "raise", r"window"),
