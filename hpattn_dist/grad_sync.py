@@ -50,9 +50,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import agree_on_shapes
+from hpattn_dist.comm.agreement import agree_on_shapes, validated_signature
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import nbytes, resolve_group
+from hpattn_dist.comm.groups import GroupInfo, nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
 from hpattn_dist.mesh import _parent_ranks
 
@@ -134,20 +134,24 @@ def sync_gradients(
         process_group: the SP group (None: the default group; nothing to do with one process).
 
     Raises:
-        ValueError: a parameter's gradient is sparse.
+        ValueError: on every rank, when a parameter's gradient is sparse on any rank, or when the
+            ranks' parameters differ in number, shape, dtype, device type or ``requires_grad``
+            (the message names the first that differs): their buffers would not pair up.
 
-    Communication: per buffer, one ``all_reduce`` recorded under ``"all_reduce"``.
+    Communication: one metadata ``all_gather`` (the bucket layout, Note [fail together]), then
+    per buffer one ``all_reduce`` recorded under ``"all_reduce"``.
     """
-    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
-    params = [p for p in params if p.requires_grad]
+    every = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    params = [p for p in every if p.requires_grad]
     info = resolve_group(process_group, "process_group")
-    if info.world_size == 1 or not params:
+    if info.world_size == 1:
+        return
+    _agree_on_buckets(info, every)
+    if not params:
         return
 
     buckets: dict[tuple[str, str], list[nn.Parameter]] = {}
     for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            raise ValueError("sync_gradients: sparse gradients are not supported")
         buckets.setdefault((str(p.dtype), str(p.device)), []).append(p)
 
     # Same key order on every rank, so the collectives pair up.
@@ -174,6 +178,42 @@ def sync_gradients(
                 else:
                     p.grad.copy_(reduced)
             offset += p.numel()
+
+
+def _layout(params: list) -> list[tuple]:
+    """What decides :func:`sync_gradients`' buffers: each parameter's trainability, dtype, device
+    type and shape, in order."""
+    return [(bool(p.requires_grad), str(p.dtype).replace("torch.", ""), p.device.type, tuple(p.shape))
+            for p in params]
+
+
+def _agree_on_buckets(info: GroupInfo, params: list) -> None:
+    """One agreement on the parameters' layout before the buffers are reduced, so that ranks whose
+    buffers would differ in size raise together instead of aborting inside the all_reduce (Note
+    [fail together]); the sparse-gradient refusal travels in it too."""
+    layout = _layout(params)
+    try:
+        with validated_signature(info, "sync_gradients") as sig:
+            for i, p in enumerate(params):
+                if p.requires_grad and p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"sync_gradients: the gradient of parameter {i} is sparse (not supported)")
+            sig.set({"parameters": len(params), "layout_crc32": zlib.crc32(repr(layout).encode())}, 0,
+                    params[0].device if params else None)
+    except ValueError as err:
+        # Every rank holds the same rows and is here: name the first parameter that differs.
+        layouts: list = [None] * info.world_size
+        dist.all_gather_object(layouts, layout, group=info.group)
+        for i in range(max(len(t) for t in layouts)):
+            entries = [t[i] if i < len(t) else None for t in layouts]
+            if any(e != entries[0] for e in entries):
+                table = "; ".join(f"{info.describe_rank(r)}: " + (
+                    "none" if e is None else f"requires_grad={e[0]}, {e[1]} on {e[2]}, shape {e[3]}")
+                    for r, e in enumerate(entries))
+                raise ValueError(
+                    f"sync_gradients: the ranks' parameters differ at parameter {i} (pass the same "
+                    f"parameters, with the same requires_grad and dtype, in the same order on every "
+                    f"rank): {table}") from err
+        raise
 
 
 def broadcast_parameters(

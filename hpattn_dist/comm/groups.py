@@ -19,6 +19,17 @@ from torch import Tensor
 
 __all__ = ["GroupInfo", "comm_device_for", "nbytes", "offsets", "resolve_group"]
 
+# Note [groups resolved per call]
+# A layer, a converted module or an exchanger built with ``process_group=None`` keeps None and
+# resolves it at EVERY call (:func:`resolve_group`: a dictionary lookup), never a GroupInfo or
+# sub-group taken at construction: after ``destroy_process_group()`` and a new
+# ``init_process_group`` the default group is a new object, which such a model then follows,
+# while a group pinned at conversion raised "not registered" / "not initialized in the world
+# group map". What is derived from a group and cached (the hybrid sub-groups,
+# ``mesh.hybrid_groups_for``; halo plans, keyed by this process's rank) is keyed by the group it
+# was derived from. An explicit ``process_group`` is the caller's: after a re-init they pass the
+# new one.
+
 
 def comm_device_for(backend: Optional[str], device: torch.device) -> torch.device:
     """Where a tensor must be to take part in a collective of ``backend`` (None: no group).

@@ -160,7 +160,29 @@ def _hang_cases(rank: int) -> dict:
     return cases
 
 
-CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases, _hang_cases)
+def _sync_gradients_cases(rank: int) -> dict:
+    """Issue 23 item 7: sync_gradients over parameters whose buffers differ between ranks aborted
+    the process inside gloo (a size mismatch)."""
+    from hpattn_dist.grad_sync import sync_gradients
+
+    def params(frozen: bool = False, dtype: torch.dtype = torch.float64, sparse: bool = False) -> list:
+        ps = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64)), torch.nn.Parameter(torch.ones(2, dtype=dtype))]
+        ps[1].requires_grad_(not frozen)
+        for p in ps:
+            p.grad = torch.ones_like(p).to_sparse() if sparse and p is ps[1] else torch.ones_like(p)
+        return ps
+
+    one = rank == 1
+    return {
+        "sync_gradients, requires_grad": (functools.partial(sync_gradients, params(frozen=one)),
+                                          "differ at parameter 1"),
+        "sync_gradients, dtype": (functools.partial(sync_gradients, params(dtype=torch.float32 if one else
+                                                                           torch.float64)), "differ at parameter 1"),
+        "sync_gradients, sparse": (functools.partial(sync_gradients, params(sparse=one)), "is sparse"),
+    }
+
+
+CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases, _hang_cases, _sync_gradients_cases)
 
 
 def _job(rank: int, world: int) -> dict:
@@ -213,6 +235,11 @@ HANGS = ("layer input dtype", "cross layer input dtype", "local layer input dtyp
 @pytest.mark.parametrize("name", HANGS)
 def test_what_hung_raises_on_every_rank(name):
     _assert_raised_everywhere(f"hang, {name}")
+
+
+@pytest.mark.parametrize("name", ["requires_grad", "dtype", "sparse"])
+def test_sync_gradients_over_different_parameters_raises_on_every_rank(name):
+    _assert_raised_everywhere(f"sync_gradients, {name}")
 
 
 def test_the_group_is_healthy_after_every_case():

@@ -32,13 +32,15 @@ gradient (a replicated parameter whose ranks touch disjoint rows).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import idx_flow
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.halo import HaloExchanger, halo_exchange
+from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.comm.halo import HaloExchanger
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.integrations.idx_flow.reductions import shard_mlp_internals
@@ -76,8 +78,7 @@ class HaloGatherMixin:
     _hp_halo: HaloExchanger
 
     def forward(self, x: Tensor) -> Tensor:
-        plan = self._hp_halo.plan(x, self.connection_indices, dim=1)
-        x_ext = halo_exchange(x, plan, self._hp_halo.info, dim=1)
+        x_ext, plan = self._hp_halo(x, self.connection_indices, dim=1)
         start, stop = plan.out_bounds[plan.rank]
         view: dict[str, Any] = {"connection_indices": plan.local_table, "output_points": stop - start}
         for name in self._hp_per_output:
@@ -124,10 +125,11 @@ class HaloSpatialViT(idx_flow.SpatialViT):
     Its children (``patch_embed``, the attention of each block) are converted separately.
     """
 
-    _hp_out_bounds: tuple[int, int]
+    _hp_group: Optional[dist.ProcessGroup] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        start, stop = self._hp_out_bounds
+        info = resolve_group(self._hp_group)  # the group now (Note [groups resolved per call])
+        start, stop = shard_bounds(int(self.pos_embed.shape[1]), info.world_size)[info.rank]
         with _local_view(self, {"pos_embed": self.pos_embed[:, start:stop]}):
             return super().forward(x)
 
@@ -175,7 +177,7 @@ def convert_gather_layer(module: nn.Module, ctx: ShardContext) -> nn.Module:
         shard_mlp_internals(module, ctx)
     what = f"{type(module).__name__} {ctx.name or '(root)'!r}"
     module.__class__ = _SHARDED[type(module)]
-    module._hp_halo = HaloExchanger(ctx.info, what)
+    module._hp_halo = HaloExchanger(ctx.process_group, what)
     return module
 
 
@@ -185,7 +187,7 @@ def convert_vit(module: nn.Module, ctx: ShardContext) -> nn.Module:
     Its children are converted by the caller (:func:`~hpattn_dist.integrations.idx_flow.convert_model`).
     """
     module.__class__ = HaloSpatialViT
-    module._hp_out_bounds = shard_bounds(int(module.pos_embed.shape[1]), ctx.info.world_size)[ctx.info.rank]
+    module._hp_group = ctx.process_group
     return module
 
 
