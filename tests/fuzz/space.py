@@ -435,8 +435,7 @@ PERTURBATIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
 
 # Kinds whose known defect hangs or crashes (each costs a timeout and a new group): drawn less
 # often while the defect is open; their witnesses are in every run.
-_PERTURB_WEIGHT = {"frozen": 0.3, "no_grad_mode": 0.3, "grad_requires_grad": 0.5, "grad_dtype": 0.5,
-                   "grad_extra_param": 0.5}
+_PERTURB_WEIGHT = {"frozen": 0.3, "no_grad_mode": 0.3}
 
 
 def _perturbations_for(case: dict) -> list[str]:
@@ -529,12 +528,6 @@ def _rank_without_grad(case: dict) -> bool:
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "23.5-nonfinite": ("NaN/inf semantics differ between the paths and the oracles",
                        lambda c: c["family"] == "nonfinite"),
-    "23.7a-sync-gradients": ("sync_gradients with requires_grad, dtype or the parameter list differing "
-                             "across ranks aborts or hangs",
-                             lambda c: any(_perturbed(k)(c) for k in ("grad_requires_grad", "grad_dtype",
-                                                                      "grad_extra_param"))),
-    "23.7b-reinit": ("a converted model or hybrid layer after destroy_process_group and re-init fails",
-                     lambda c: c["family"] == "reinit"),
     # Found by this fuzzer (not in issue 23's list); minimal reproducers in test_fuzz_findings.py.
     "fuzz-1-rank-without-grad": ("global attention with one rank's forward recording no gradient "
                                  "(no_grad, or no input requiring grad) hangs its peers' backward",
@@ -542,7 +535,7 @@ KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
 }
 """Name -> (what, predicate). Remove an entry when its fix lands: its strict xfail then fails."""
 
-HANGS = ("23.7a-sync-gradients", "fuzz-1-rank-without-grad")
+HANGS = ("fuzz-1-rank-without-grad",)
 """Known defects that hang until the exchange timeout: run with a short one (Note [differential fuzzer])."""
 
 
