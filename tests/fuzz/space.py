@@ -359,7 +359,7 @@ def draw_idx_flow(d: Draw, world: int) -> dict:
     case["n"] = nside_pixels(case["nside"])
     case["sizes"] = split(d, case["n"], world)
     if model in ("transformer", "vit") and case["strategy"] == "ulysses" and 2 % world:
-        expect(case, "raise", r"not divisible|divisible by")
+        expect(case, "raise", r"not divisible|divisible by|shard_bounds")  # (whichever is checked first)
     elif model != "transformer" and case["sizes"] != [case["n"] // world + (r < case["n"] % world)
                                                       for r in range(world)]:
         # A split other than shard_bounds: exact, or refused when the model's call checks the split.
