@@ -38,7 +38,7 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
-from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask, zero_excluded_keys
 from hpattn_dist.oracle import AttnBackend, check_layer_args
 from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
@@ -157,24 +157,32 @@ class SpatialCrossAttention(nn.Module):
                 dropout_seed=resolve_dropout_seed(dropout_p, None),
             ).to(x_q.dtype)  # [B, H, Nq, D]
             return self.out_proj(out.transpose(1, 2).reshape(batch, n_q, self.embed_dim))
-        scores_bias = None  # [B, H|1, 1, Nk]
+        bias = None  # [B, H|1, Nk]
         if key_bias is not None:
             if tuple(key_bias.shape) == (batch, n_k):
-                scores_bias = key_bias[:, None, None, :]
+                bias = key_bias[:, None, :]
             elif tuple(key_bias.shape) == (batch, self.num_heads, n_k):
-                scores_bias = key_bias[:, :, None, :]
+                bias = key_bias
             else:
                 raise ValueError(f"key_bias must have shape [B, Nk] = {(batch, n_k)} or [B, H, Nk] = "
                                  f"{(batch, self.num_heads, n_k)}, got {tuple(key_bias.shape)}")
-            scores_bias = scores_bias.to(q.dtype)
-        has_key = None
-        if key_mask is not None:
-            # Note [fully masked queries] in oracle.py: such a query's output is zero.
-            has_key = key_mask.any(dim=-1)  # [B]
-            key_mask = key_mask | ~has_key[:, None]
-            masked = torch.zeros((batch, 1, 1, n_k), dtype=q.dtype, device=q.device)
-            masked = masked.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-            scores_bias = masked if scores_bias is None else scores_bias + masked
+            bias = bias.to(q.dtype)
+        scores_bias, has_key = None, None  # [B, H|1, 1, Nk], [B, H|1]
+        if key_mask is not None or bias is not None:
+            # Note [non-finite inputs] in masks.py: excluded keys reach no row (-inf scores, zero
+            # K/V rows); Note [fully masked queries] in oracle.py: a row with no allowed key is
+            # zero, computed over every key (no NaN created) and then replaced.
+            excluded = torch.zeros((batch, 1, n_k), dtype=torch.bool, device=q.device)
+            if bias is not None:
+                excluded = excluded | torch.isneginf(bias)
+            if key_mask is not None:
+                excluded = excluded | ~key_mask[:, None, :]
+            has_key = (~excluded).any(dim=-1)  # [B, H|1]
+            excluded = excluded & has_key[..., None]
+            finite = torch.zeros_like(excluded, dtype=q.dtype) if bias is None else \
+                torch.where(has_key[..., None], bias, torch.zeros_like(bias))
+            k, v = zero_excluded_keys(k, excluded), zero_excluded_keys(v, excluded)
+            scores_bias = finite.masked_fill(excluded, float("-inf"))[:, :, None, :]
 
         if self.attn_backend != "manual" and _SDPA_AVAILABLE:
             dropout_p = self._dropout_p if self.training else 0.0
@@ -186,8 +194,8 @@ class SpatialCrossAttention(nn.Module):
             attn = F.softmax(attn, dim=-1)
             attn = self.dropout(attn)
             out = attn @ v  # [B, H, Nq, D]
-        if has_key is not None:
-            out = out * has_key[:, None, None, None].to(out.dtype)
+        if has_key is not None:  # zeros, also where the attention over every key gave NaN
+            out = torch.where(has_key[:, :, None, None], out, torch.zeros_like(out))
         out = out.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
         return self.out_proj(out)
 

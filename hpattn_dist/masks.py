@@ -1,6 +1,30 @@
 """Key masks and key biases: the additive bias they fold into, and the keys a mask leaves.
 
 Legend: B batch, H heads, N_r pixels (keys) on this rank, M_r keys left after compaction.
+
+Note [non-finite inputs]
+~~~~~~~~~~~~~~~~~~~~~~~~
+Defined once, for every path (global, cross, windowed; ring, Ulysses, hybrid; the registered op
+and the autograd executors) and every oracle (``oracle.py``, ``cross.py``, ``local/oracle.py``,
+the tests' references): a query attends to its ALLOWED keys, those unmasked (``key_mask`` True,
+``key_bias`` above ``-inf``) and, with a window, in its window. Its output is the explicit
+softmax formula over exactly those keys, as PyTorch's SDPA computes it over the same keys:
+
+* a NaN in the query, or in a key or value it attends to, makes its row NaN; an infinite score
+  or value gives what the formula gives (NaN or +-inf);
+* a key it does not attend to never reaches its row, whatever that key holds. A matmul would
+  multiply the key's value by a zero weight (``0 * NaN = NaN``) and a bias would add ``-inf`` to
+  its score (``NaN - inf = NaN``), so the kernels and oracles EXCLUDE such keys: their scores are
+  set to ``-inf`` and their K/V rows to zero (:func:`zero_excluded_keys`); a window leaves them
+  out altogether;
+* a query with no allowed key gets zeros (Note [fully masked queries] in ``oracle.py``), whatever
+  it holds;
+* dropout drops normalised weights, so a dropped key it attends to still counts (its NaN value
+  reaches the row through ``0 * NaN``, as in the formula).
+
+Nothing is checked: non-finite inputs cost no pass over the data and no device read. Gradients
+are the formula's where the output row is finite (keys a query does not attend to get none from
+it); the gradients flowing from a non-finite row are not specified.
 """
 
 from __future__ import annotations
@@ -12,7 +36,13 @@ from torch import Tensor
 
 from hpattn_dist.precision import acc_dtype
 
-__all__ = ["key_bias_from_mask", "unmasked_keys"]
+__all__ = ["key_bias_from_mask", "unmasked_keys", "zero_excluded_keys"]
+
+
+def zero_excluded_keys(t: Tensor, excluded: Optional[Tensor]) -> Tensor:
+    """``t [B, H, N_k, D]`` with the rows of excluded keys (``excluded``: bool ``[B, H|1, N_k]``)
+    set to zero, so that no zero weight multiplies a non-finite value (Note [non-finite inputs])."""
+    return t if excluded is None else t.masked_fill(excluded[..., None], 0)
 
 
 def key_bias_from_mask(

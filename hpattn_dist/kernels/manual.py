@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hpattn_dist.kernels.dropout import DropoutSpec, keep_mask
+from hpattn_dist.masks import zero_excluded_keys
 from hpattn_dist.precision import acc_dtype
 
 TILE_ELEMENTS = 1 << 22
@@ -26,11 +27,18 @@ def _query_chunk(batch: int, heads: int, n_k: int) -> int:
     return max(1, TILE_ELEMENTS // max(1, batch * heads * n_k))
 
 
-def _scores(q_c: Tensor, k_t: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+def _scores(q_c: Tensor, k_t: Tensor, scale: float, bias: Optional[Tensor],
+            excluded: Optional[Tensor]) -> Tensor:
     s = torch.matmul(q_c, k_t).mul_(scale)  # [B, H, C, N_k]
     if bias is not None:
-        s = s + bias[:, :, None, :]
+        # -inf where excluded, also for a NaN query (NaN + -inf is NaN): Note [non-finite inputs]
+        s = (s + bias[:, :, None, :]).masked_fill_(excluded[:, :, None, :], float("-inf"))
     return s
+
+
+def _excluded(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """Keys no query of the block attends to, ``[B, H|1, N_k]`` (Note [non-finite inputs])."""
+    return None if bias is None else torch.isneginf(bias)
 
 
 def manual_forward(
@@ -58,14 +66,15 @@ def manual_forward(
     acc = acc_dtype(q.dtype)
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
-    k_t = k.to(acc).transpose(-2, -1)
-    v_a = v.to(acc)
+    excluded = _excluded(bias)
+    k_t = zero_excluded_keys(k.to(acc), excluded).transpose(-2, -1)
+    v_a = zero_excluded_keys(v.to(acc), excluded)
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=acc, device=q.device)
     chunk = _query_chunk(batch, heads, n_k)
     for start in range(0, n_q, chunk):
         stop = min(start + chunk, n_q)
-        s = _scores(q[:, :, start:stop].to(acc), k_t, scale, bias)
+        s = _scores(q[:, :, start:stop].to(acc), k_t, scale, bias, excluded)
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(s - row_max)
@@ -109,7 +118,8 @@ def manual_backward(
     acc = acc_dtype(q.dtype)
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
-    k_a, v_a = k.to(acc), v.to(acc)
+    excluded = _excluded(bias)
+    k_a, v_a = (zero_excluded_keys(t.to(acc), excluded) for t in (k, v))
     k_t = k_a.transpose(-2, -1)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -121,7 +131,7 @@ def manual_backward(
         q_c = q[:, :, start:stop].to(acc)
         do_c = dout[:, :, start:stop].to(acc)
         lse_c = lse[:, :, start:stop, None]
-        s = _scores(q_c, k_t, scale, bias)
+        s = _scores(q_c, k_t, scale, bias, excluded)
         p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
         p = torch.where(torch.isfinite(lse_c), p, torch.zeros_like(p))
         dp = torch.matmul(do_c, v_a.transpose(-2, -1))

@@ -182,7 +182,26 @@ def _sync_gradients_cases(rank: int) -> dict:
     }
 
 
-CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases, _hang_cases, _sync_gradients_cases)
+def _layout_cases(rank: int) -> dict:
+    """Issue 23 item 1 at P = 2: rank 1 passes q, k, v as views of a [B, H, D, N_r] buffer (a
+    non-unit last stride), with the default kernel; no error, the reference's gradients."""
+    from hpattn_dist import ring_attention
+
+    def call(fn):
+        q, k, v = (_shard(t, rank) for t in _full(0))
+        if rank == 1:
+            q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(q, k, v)
+        w = _shard(torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64), rank)
+        return torch.stack([out, *torch.autograd.grad((w * out).sum(), (q, k, v))])
+
+    return {f"layout, {fn.__name__}": (functools.partial(call, fn), None)
+            for fn in (ring_attention, ring_cross_attention)}
+
+
+CASES: tuple[Callable[[int], dict], ...] = (_scale_cases, _permuted_weight_cases, _hang_cases, _sync_gradients_cases,
+                                            _layout_cases)
 
 
 def _job(rank: int, world: int) -> dict:
@@ -240,6 +259,16 @@ def test_what_hung_raises_on_every_rank(name):
 @pytest.mark.parametrize("name", ["requires_grad", "dtype", "sparse"])
 def test_sync_gradients_over_different_parameters_raises_on_every_rank(name):
     _assert_raised_everywhere(f"sync_gradients, {name}")
+
+
+@pytest.mark.parametrize("name", ["ring_attention", "ring_cross_attention"])
+def test_strided_views_on_one_rank_give_the_reference_gradients(name):
+    got = torch.cat([r[f"layout, {name}"]["out"] for r in _results()], dim=3)  # [4, B, H, N, D]
+    q, k, v = (t.requires_grad_() for t in _full(0))
+    out = reference_attention(q, k, v)
+    w = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want = torch.stack([out.detach(), *torch.autograd.grad((w * out).sum(), (q, k, v))])
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
 
 
 def test_the_group_is_healthy_after_every_case():
