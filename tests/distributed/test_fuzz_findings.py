@@ -21,6 +21,11 @@
 - ``fuzz-4`` (fixed): the registered op's Ulysses / hybrid backward with a key mask and B = 0 took
   the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
   on its peers.
+- ``fuzz-5`` (open, strict xfails; after issue 23's item 5): infinite queries or keys, hence
+  infinite scores, do not always give what Note [non-finite inputs] defines ("an infinite score
+  gives what the formula gives"): the manual kernel in float32 returns zeros for a query whose
+  only score is -inf (the formula: 0/0, NaN), and windowed attention with the manual kernel in
+  float64 returns finite rows where a +inf key makes the formula NaN. One process suffices.
 
 Legend: B batch, H heads, N pixels, D head dim, P ranks (2; 4 for a hybrid grid of U = R = 2).
 """
@@ -205,3 +210,36 @@ def test_head_parallel_backward_with_a_key_mask_and_an_empty_batch():
     for rank, res in enumerate(run_ranks(_empty_batch_masked, 4, timeout=120)):
         n = 1 if rank == 0 else 0
         assert res == ((0, 2, n, 3), (0, 2, n, 3)), (rank, res)
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz-5: infinite scores (open)
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz-5: a query whose only score is -inf gets zeros from the manual "
+                                       "kernel in float32, not the formula's NaN")
+def test_a_minus_infinite_score_gives_the_formulas_nan():
+    from hpattn_dist import ring_attention
+    from tests.reference import reference_attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 1, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 0, 1] = float("-inf")  # q.k = -inf: k[1] > 0 for this seed
+    q, k, v = q.float(), k.float(), v.float()
+    got, want = ring_attention(q, k, v, backend="manual"), reference_attention(q, k, v)
+    assert bool(want.isnan().all())
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz-5: windowed attention (manual kernel, float64) gives finite rows "
+                                       "where a +inf key makes the formula NaN")
+def test_a_plus_infinite_key_in_a_window_gives_the_formulas_nan():
+    from hpattn_dist import healpix_local_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 48, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    k[0, 1, 26, 1] = float("inf")
+    got = healpix_local_attention(q, k, v, window_nside=2, mode="cell", backend="manual")
+    want = reference_local_attention(q, k, v, healpy_window_mask(2, 2, "cell"))
+    assert bool(want.isnan().any())
+    assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
