@@ -26,6 +26,8 @@
   gives what the formula gives"): the manual kernel in float32 returns zeros for a query whose
   only score is -inf (the formula: 0/0, NaN), and windowed attention with the manual kernel in
   float64 returns finite rows where a +inf key makes the formula NaN. One process suffices.
+- ``fuzz-6`` (fixed): the replicated-parameter fingerprint cache (keyed by address and version)
+  gave a new parameter at a freed parameter's address the freed one's sums.
 
 Legend: B batch, H heads, N pixels, D head dim, P ranks (2; 4 for a hybrid grid of U = R = 2).
 """
@@ -243,3 +245,36 @@ def test_a_plus_infinite_key_in_a_window_gives_the_formulas_nan():
     want = reference_local_attention(q, k, v, healpy_window_mask(2, 2, "cell"))
     assert bool(want.isnan().any())
     assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz-6: a parameter fingerprint cached for a freed parameter (fixed)
+
+
+def test_a_parameter_at_a_freed_parameters_address_is_fingerprinted_anew():
+    """Found as a spurious 'hold different parameters' on one rank of a 3200-case run: the cache
+    keyed by (address, version) returned the sums of a freed parameter to the new parameter the
+    allocator put at its address with the same version count (a rank whose weights differ could
+    as well have passed the check on stale sums)."""
+    import gc
+
+    import torch.nn as nn
+
+    from hpattn_dist.replicas import ParameterFingerprint, facts_of
+
+    for trial in range(50):
+        old = nn.Parameter(torch.empty(64, 64, dtype=torch.float64))
+        with torch.no_grad():
+            old.copy_(torch.full((64, 64), 1.0 + trial, dtype=torch.float64))
+        facts_of("layer", (old,), False)
+        address, version = old.data_ptr(), old._version
+        del old
+        gc.collect()
+        new = nn.Parameter(torch.empty(64, 64, dtype=torch.float64))
+        with torch.no_grad():
+            new.copy_(torch.full((64, 64), -5.0, dtype=torch.float64))
+        if (new.data_ptr(), new._version) == (address, version):
+            own = ParameterFingerprint()([("0", new)])
+            assert facts_of("layer", (new,), False).sums == own[1]
+            return
+    pytest.skip("the allocator never put a new parameter at a freed one's address")
