@@ -21,11 +21,12 @@
 - ``fuzz-4`` (fixed): the registered op's Ulysses / hybrid backward with a key mask and B = 0 took
   the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
   on its peers.
-- ``fuzz-5`` (open, strict xfails; after issue 23's item 5): infinite queries or keys, hence
-  infinite scores, do not always give what Note [non-finite inputs] defines ("an infinite score
-  gives what the formula gives"): the manual kernel in float32 returns zeros for a query whose
-  only score is -inf (the formula: 0/0, NaN), and windowed attention with the manual kernel in
-  float64 returns finite rows where a +inf key makes the formula NaN. One process suffices.
+- ``fuzz-5`` (open, strict xfails; after issue 23's item 5): non-finite scores do not always give
+  what Note [non-finite inputs] defines: a row whose scores are all NaN (a NaN key it alone
+  attends to) gets zeros from the CPU flash kernel (``auto``/``sdpa``), a row whose only score is
+  -inf zeros from the manual kernel in float32 (the formula: 0/0, NaN), and windowed attention
+  with the manual kernel in float64 returns finite rows where a +inf key makes the formula NaN.
+  One process suffices.
 - ``fuzz-6`` (fixed): the replicated-parameter fingerprint cache (keyed by address and version)
   gave a new parameter at a freed parameter's address the freed one's sums.
 
@@ -229,6 +230,21 @@ def test_a_minus_infinite_score_gives_the_formulas_nan():
     q[0, 0, 0, 1] = float("-inf")  # q.k = -inf: k[1] > 0 for this seed
     q, k, v = q.float(), k.float(), v.float()
     got, want = ring_attention(q, k, v, backend="manual"), reference_attention(q, k, v)
+    assert bool(want.isnan().all())
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz-5: a row whose only key has a NaN score gets zeros from the CPU "
+                                       "flash kernel, not the formula's NaN")
+def test_a_nan_score_row_gives_the_formulas_nan():
+    from hpattn_dist import ring_cross_attention
+    from tests.reference import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 3, 2, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 1, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    k[0, 0, 0, 1] = float("nan")  # the one key: every query's only score is NaN
+    got, want = ring_cross_attention(q, k, v, backend="auto"), reference_attention(q, k, v)
     assert bool(want.isnan().all())
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
 
