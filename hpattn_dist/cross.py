@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hpattn_dist.comm.agreement import fail_together
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
@@ -200,7 +201,7 @@ class SpatialCrossAttention(nn.Module):
         return self.out_proj(out)
 
 
-class DistributedSpatialCrossAttention(SpatialCrossAttention):
+class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
     """:class:`SpatialCrossAttention` with both grids' pixels sharded across a process group.
 
     Same constructor arguments, parameters (``q_proj``, ``kv_proj``, ``out_proj``) and
@@ -235,6 +236,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
     Parameters are replicated over ``process_group`` and checked on every forward (Note
     [replicated parameter check]); reduce their gradients with
     :func:`hpattn_dist.grad_sync.sync_gradients` (Note [replicated parameters] in ``modules.py``).
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
 
     Example::
 

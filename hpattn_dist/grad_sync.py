@@ -38,6 +38,28 @@ loss by P (or divide by ``N / P`` instead of ``N``) or reduce the SP group with
 
 Parameters the backward does not reach keep ``grad = None`` on every rank where no rank produced
 a gradient; where only some ranks did, the others take part with zeros and end with the sum.
+
+Note [one loss rule]
+~~~~~~~~~~~~~~~~~~~~
+One rule covers every output a sharded model has: **each rank's loss is its share of the
+single-device loss, and the shares sum to it** (``sum_r L_r = L``). Then ``backward`` on every
+rank and :func:`sync_gradients` give every rank the single-device gradient.
+
+- A SHARDED output (one value per pixel, each rank holding its pixels): the share is the rank's
+  part of the per-pixel sum, :func:`sharded_mean` (local sum / GLOBAL count).
+- A REPLICATED output (the same value on every rank: a ``[B, C]`` vector after global pooling,
+  ``idx_flow.Squeeze``, then a classifier's logits or a discriminator's score): every rank
+  computes the whole loss ``L``, so the share is ``L / P``, :func:`replicated_loss`. Taking ``L``
+  itself on every rank (the natural ``loss.mean()``) makes every gradient exactly P times too
+  large after :func:`sync_gradients`, silently.
+- A loss with both kinds of terms (a reconstruction plus a classifier, a generator's adversarial
+  term): the sum of the terms' shares.
+
+Why ``L / P`` is exact: a replicated activation ``y`` carries on rank r the gradient of rank r's
+share only, and the all-reduce that made it sums those over the ranks on its way back (Note
+[replicated activations] in :mod:`hpattn_dist.comm.all_reduce`): ``sum_r dL_r/dy = dL/dy`` reaches
+every rank's pixels. The parameters after the pooling (the head) see ``dL/(P dtheta)`` on every
+rank, and the sum of :func:`sync_gradients` makes that ``dL/dtheta``.
 """
 
 from __future__ import annotations
@@ -60,8 +82,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
-    "broadcast_parameters", "ddp_sequence_parallel", "fsdp_sequence_parallel", "global_loss", "sharded_mean",
-    "sync_gradients",
+    "broadcast_parameters", "ddp_sequence_parallel", "fsdp_sequence_parallel", "global_loss",
+    "replicated_loss", "sharded_mean", "sync_gradients",
 ]
 
 
@@ -92,6 +114,31 @@ def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
         if i != dim % local.dim():
             others *= size
     return local.sum() / (npix * others)
+
+
+def replicated_loss(loss: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """This rank's share of a loss that every rank computes whole: ``loss / P`` (Note [one loss rule]).
+
+    For a loss on a REPLICATED output (the same on every rank of the SP group), e.g. the cross
+    entropy of a classifier after global pooling or a discriminator's score. Summed over the
+    group it is ``loss``; with :func:`sync_gradients` the gradients are the single-device ones.
+    Add it to the shares of sharded terms (:func:`sharded_mean`) for a loss with both.
+
+    Args:
+        loss: the loss every rank computed from the replicated output (any shape; usually 0-dim).
+        process_group: the SP group (None: the default group, or one process when
+            ``torch.distributed`` is not initialised). It does not communicate.
+
+    Returns:
+        ``loss / P``.
+
+    Raises:
+        ValueError: ``loss`` is not a floating tensor.
+    """
+    if not isinstance(loss, Tensor) or not (loss.is_floating_point() or loss.is_complex()):
+        raise ValueError(f"replicated_loss: expected a floating tensor, got "
+                         f"{getattr(loss, 'dtype', type(loss).__name__)}")
+    return loss / resolve_group(process_group, "process_group").world_size
 
 
 def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:

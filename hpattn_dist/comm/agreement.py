@@ -27,6 +27,25 @@ signatures", naming each rank's call, instead of pairing their collectives; and 
 device TYPE is a shared value, so a rank holding meta or CPU tensors among CUDA ranks raises.
 A layer runs its own local work before the agreement (input checks, projections) inside
 :func:`fail_together`, so that an exception there reaches every rank too.
+
+Note [agreement off the device]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The agreement runs on EVERY call (a rank that alone changed its shapes must raise, never pair
+with its peers' cached plan), but it costs the device nothing: its row is host ints, and it
+travels on the group's CPU backend whenever one is registered (a bare ``init_process_group()``,
+"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``). Everything a
+steady-state call (shapes, parameters and mask as before) puts in the row is known on the host
+without reading a device tensor: shapes, dtypes, the scale, the device type, the dropout seed
+(drawn from the CPU generator as a CPU tensor, Note [seed outside the op]), whether gradients are
+needed, the layer's parameter fingerprint (cached per parameter version, Note [replicated
+parameter check]) and a key mask's layout (cached per mask tensor and version,
+:func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads the device either: the plan
+is host ints, the dropout hash mixes the seed on the host, the windows keep their cells as host
+ints. What still reads the device, by design: a group with NO CPU backend (NCCL only) carries the
+row on the GPU, one read per call (register a CPU backend to avoid it); the fingerprint after the
+parameters changed (once per optimizer step per layer; under FSDP2 / ZeRO-3, whose forward
+gathers the parameters anew, every call); a key mask that is a new tensor or was changed in place
+(its values decide which keys travel), including hybrid's gathered mask on every call.
 """
 
 from __future__ import annotations
@@ -133,17 +152,23 @@ class Signature:
             raise RuntimeError(f"{self.what}: Signature.per_rank is only known after the with-block")
         return self._per_rank
 
-    def exchange(self, status: int) -> list[tuple[int, ...]]:
-        """Send this rank's fixed-width row (Note [fail together]); every rank's row."""
+    def row(self, status: int = _OK) -> list[int]:
+        """This rank's fixed-width row of host ints: what :meth:`exchange` sends. A function of the
+        declaration alone, so a cache of agreed rows can key on it (a per-model-call agreement
+        that skips repeated per-layer rows)."""
         row = [status, 0, 0, 0]
         if self._shared is not None:
             names = ",".join([self.what, self._kind, *self._shared]).encode()
             row[1:4] = [zlib.crc32(names), len(self._shared), len(self._local)]
             row += [*self._shared.values(), *self._local]
-        return all_gather_ints(row + [0] * (SIGNATURE_WIDTH - len(row)), self.info, self._meta_device())
+        return row + [0] * (SIGNATURE_WIDTH - len(row))
+
+    def exchange(self, status: int) -> list[tuple[int, ...]]:
+        """Send this rank's fixed-width row (Note [fail together]); every rank's row."""
+        return all_gather_ints(self.row(status), self.info, self._meta_device())
 
     def _meta_device(self) -> torch.device:
-        return self.info.comm_device(self._device if self._device is not None else torch.device("cpu"))
+        return self.info.meta_device(self._device if self._device is not None else torch.device("cpu"))
 
     def read(self, rows: list[tuple[int, ...]]) -> None:
         """Check the OK rows against each other and keep every rank's local values."""

@@ -172,7 +172,7 @@ def _reduce_scatter_front(full_front: Tensor, sizes: list[int], info: GroupInfo)
         return full_front.new_empty((0, *rest))
     home = full_front.device
     full_comm = full_front.to(info.comm_device(home))
-    backend = str(info.backend)
+    backend = str(info.backend_for(home))
     if backend not in _NO_REDUCE_SCATTER:
         if any(s != block for s in sizes):
             padded = full_comm.new_zeros((world_size, block, *rest))

@@ -338,14 +338,16 @@ class HaloExchanger:
     def __deepcopy__(self, memo: dict) -> "HaloExchanger":
         return HaloExchanger(self.group, self.what)  # a copied model shares the group, not the caches
 
-    def _table_crc(self, table: Tensor) -> int:
+    def table_crc(self, table: Tensor) -> int:
+        """CRC-32 of ``table`` (:func:`table_crc`), recomputed only when its storage, version or
+        shape changed; a change also drops the cached plans."""
         key = (table.data_ptr(), table._version, tuple(table.shape), table.device)
         if key != self._crc_key:
             self._crc, self._crc_key, self._plans = table_crc(table), key, {}
         return self._crc
 
-    def plan(self, x_local: Tensor, table: Tensor, dim: int = 1) -> HaloPlan:
-        """Agree with the peers on this call and return this rank's plan (one metadata all_gather).
+    def agree(self, x_local: Tensor, table: Tensor, dim: int = 1) -> tuple[int, ...]:
+        """Agree with the peers on this call: every rank's input length (one metadata all_gather).
 
         Args:
             x_local: this rank's input, its pixels along ``dim`` (e.g. ``[B, N_r, C]``).
@@ -353,11 +355,11 @@ class HaloExchanger:
             dim: the pixel dimension.
 
         Returns:
-            This rank's :class:`HaloPlan`, index tensors on ``x_local``'s device.
+            ``N_r`` of every rank, in group-rank order.
 
         Raises (on every rank together):
-            ValueError: ranks disagree on the table, the other dims or the dtype, or the table
-                does not fit the input grid (``N_in = sum_r N_r``).
+            ValueError: ranks disagree on the table, the other dims or the dtype, or a rank's
+                input is not a tensor of 1 to 8 dims.
         """
         info = self.info
         with validated_signature(info, self.what) as sig:
@@ -369,12 +371,23 @@ class HaloExchanger:
             dim = dim % x_local.dim()
             shape = list(x_local.shape)
             n_local = shape.pop(dim)
-            crc = self._table_crc(table)
+            crc = self.table_crc(table)
             sig.set({"dims": x_local.dim(), "pixel_dim": dim,
                      **{f"size{i}": size for i, size in enumerate(shape)},
                      "dtype": dtype_code(x_local.dtype), "n_out": int(table.shape[0]),
                      "k": int(table.shape[1]), "table_crc": crc}, n_local, x_local.device)
-        sizes = tuple(sig.per_rank)
+        return tuple(sig.per_rank)
+
+    def plan_for(self, sizes: Sequence[int], table: Tensor, device: torch.device) -> HaloPlan:
+        """This rank's plan for inputs of ``sizes`` rows per rank (cached; no communication).
+
+        Raises:
+            ValueError: the table does not fit the input grid (``N_in = sum(sizes)``); with
+                sizes agreed by :meth:`agree`, on every rank together.
+        """
+        self.table_crc(table)  # drops the cached plans if the table changed in place
+        info = self.info
+        sizes = tuple(sizes)
         key = (sizes, info.rank)  # a new group may place this process elsewhere
         plan = self._plans.get(key)
         if plan is None:
@@ -387,9 +400,16 @@ class HaloExchanger:
                 raise ValueError(f"{self.what}: {err}") from None
             if len(self._plans) >= self._MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
-        plan = plan.to(x_local.device)
+        plan = plan.to(device)
         self._plans[key] = plan
         return plan
+
+    def plan(self, x_local: Tensor, table: Tensor, dim: int = 1) -> HaloPlan:
+        """Agree with the peers on this call and return this rank's plan (one metadata all_gather).
+
+        :meth:`agree`, then :meth:`plan_for`; index tensors on ``x_local``'s device.
+        """
+        return self.plan_for(self.agree(x_local, table, dim), table, x_local.device)
 
     def __call__(self, x_local: Tensor, table: Tensor, dim: int = 1) -> tuple[Tensor, HaloPlan]:
         """``(x_ext, plan)``: :meth:`plan`, then :func:`halo_exchange`."""

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import GroupInfo, nbytes
+from hpattn_dist.comm.groups import GroupInfo, nbytes, parse_backend_config
 from hpattn_dist.comm.waits import ExchangeError, cause_text, get_exchange_timeout, set_exchange_timeout, wait_work
 
 __all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "grouped_p2p", "set_exchange_timeout"]
@@ -56,18 +56,17 @@ def grouped_p2p(backend: str, device_type: str) -> bool:
     """Whether an exchange on ``backend`` posts its sends and receives as one group.
 
     Args:
-        backend: ``dist.get_backend(group)``: ``"gloo"``, ``"nccl"``, or a per-device list such as
-            ``"cpu:gloo,cuda:nccl"``.
+        backend: the group's backend config (``dist.get_backend_config(group)``): ``"gloo"``,
+            ``"nccl"``, or a per-device list such as ``"cpu:gloo,cuda:nccl"`` (a bare
+            ``init_process_group()`` on a CPU build: ``"cpu:gloo"``, where ``dist.get_backend``
+            says "undefined"; Note [init styles] in ``groups.py``).
         device_type: the device type of the tensors exchanged (``"cpu"``, ``"cuda"``).
 
     Returns:
         False for gloo, True for every other backend (Note [p2p grouping]).
     """
-    name = backend.lower()
-    if ":" in name:  # "cpu:gloo,cuda:nccl": the backend that serves this device type
-        per_device = dict(part.split(":", 1) for part in name.split(",") if ":" in part)
-        name = per_device.get(device_type, name)
-    return name != "gloo"
+    backends = parse_backend_config(backend)
+    return backends.get(device_type, backends.get("*")) != "gloo"
 
 
 class PendingExchange:
@@ -213,8 +212,8 @@ class RingExchanger:
     def _grouped(self, device: torch.device) -> bool:
         """Note [p2p grouping], decided once per device type (the backend is fixed)."""
         if device.type not in self._grouped_by_device:
-            backend = dist.get_backend(self.info.group)
-            self._grouped_by_device[device.type] = grouped_p2p(backend, device.type)
+            config = dist.get_backend_config(self.info.group)
+            self._grouped_by_device[device.type] = grouped_p2p(config, device.type)
         return self._grouped_by_device[device.type]
 
 

@@ -55,8 +55,10 @@ from torch import Tensor
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """``lowbias32`` finaliser on int64 tensors holding 32-bit values."""
+def _mix32(x: "Tensor | int") -> "Tensor | int":
+    """``lowbias32`` finaliser on int64 tensors holding 32-bit values, or on a Python int (the
+    seed's round runs on the host: no scalar is copied to the device, Note [agreement off the
+    device] in ``comm/agreement.py``)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -94,7 +96,8 @@ class DropoutSpec:
 
 def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
     """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec``."""
-    b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
+    # Views, not indexing: the same ops on every device, fake CUDA tensors of a CPU build included.
+    b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1, 1, 1)
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
     i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
     if spec.k_index is None:
@@ -103,11 +106,10 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
         if spec.k_index.shape != (n_k,):
             raise ValueError(f"k_index has shape {tuple(spec.k_index.shape)}, expected ({n_k},)")
         j = spec.k_index.to(device=device, dtype=torch.int64)
-    seed = _mix32(torch.tensor(spec.seed & _MASK32, device=device, dtype=torch.int64))
-    x = _mix32(b ^ seed)
-    x = _mix32(x ^ h[None, :, None, None])
-    x = _mix32(x ^ i[None, None, :, None])
-    x = _mix32(x ^ j[None, None, None, :])
+    x = _mix32(b ^ _mix32(spec.seed & _MASK32))
+    x = _mix32(x ^ h.view(1, heads, 1, 1))
+    x = _mix32(x ^ i.view(1, 1, n_q, 1))
+    x = _mix32(x ^ j.view(1, 1, 1, n_k))
     threshold = int(spec.p * 2**32)
     return x >= threshold
 

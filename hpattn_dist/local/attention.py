@@ -72,7 +72,7 @@ from hpattn_dist.kernels import (
     KERNEL_BACKENDS, BlockKernel, DropoutSpec, check_backend_name, resolve_dropout_seed, select_kernel,
 )
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
-from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.precision import acc_dtype
 from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
@@ -92,7 +92,8 @@ class UnitBatch:
         units: int64 ``[n]``, positions among this rank's units.
         key_rows: int64 ``[n, m * c]``, each unit's window keys as rows of ``[own | received]``.
         key_pixels: int64 ``[n, m * c]``, the same keys as global pixels (dropout only).
-        cells: int64 ``[n]``, the global cell of each unit (dropout only).
+        cells: the global cell of each unit, as host ints (dropout only: read per unit without a
+            device read).
         first: ``units[0]`` when ``units`` is a contiguous range (then unit tensors are sliced,
             not copied), else -1.
     """
@@ -100,17 +101,18 @@ class UnitBatch:
     units: Tensor
     key_rows: Tensor
     key_pixels: Tensor
-    cells: Tensor
+    cells: tuple[int, ...]
     first: int
 
     @staticmethod
     def of(units: Tensor, key_rows: Tensor, key_pixels: Tensor, cells: Tensor) -> "UnitBatch":
         n = units.numel()
         contiguous = n > 0 and int(units[-1]) - int(units[0]) == n - 1  # units are ascending
-        return UnitBatch(units, key_rows, key_pixels, cells, int(units[0]) if contiguous else -1)
+        first = int(units[0]) if contiguous else -1
+        return UnitBatch(units, key_rows, key_pixels, tuple(cells.tolist()), first)
 
     def to(self, device: torch.device) -> "UnitBatch":
-        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels, self.cells)),
+        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels)), self.cells,
                          self.first)
 
     def take(self, x_units: Tensor) -> Tensor:
@@ -508,7 +510,7 @@ def _chunks(plan: LocalPlan, elements_per_key: int) -> list[UnitBatch]:
 
 
 def _unit_spec(dropout_p: float, seed: int, batch: UnitBatch, i: int, c: int) -> DropoutSpec:
-    return DropoutSpec(dropout_p, seed, q_offset=int(batch.cells[i]) * c, k_index=batch.key_pixels[i])
+    return DropoutSpec(dropout_p, seed, q_offset=batch.cells[i] * c, k_index=batch.key_pixels[i])
 
 
 def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout_p, seed):
@@ -644,7 +646,7 @@ def windowed_attention(
         window_nside = check_window(window_nside, mode)
         bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
-        mask_left = key_mask is not None and not bool(key_mask.all())
+        mask_left = key_mask is not None and mask_layout(key_mask).any_masked
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, key_bias))

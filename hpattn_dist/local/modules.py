@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.agreement import fail_together
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.local.attention import healpix_local_attention
@@ -80,7 +81,7 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
         return self._project_out(out.to(x.dtype))
 
 
-class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
+class DistributedLocalSpatialSelfAttention(GroupBound, LocalSpatialSelfAttention):
     """:class:`LocalSpatialSelfAttention` on a field whose NESTED pixels are sharded over a group.
 
     Same arguments, parameters and ``state_dict`` as the oracle, plus ``process_group`` and
@@ -90,7 +91,8 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
     (Note [local attention plan]). Runs in a single process too (``process_group=None`` without
     ``torch.distributed``), where it is the fast path of the oracle. Parameters are replicated:
     reduce their gradients with :func:`hpattn_dist.grad_sync.sync_gradients`; every call checks
-    that they are equal on every rank (Note [replicated parameter check]).
+    that they are equal on every rank (Note [replicated parameter check]). Deepcopy shares the
+    group, pickling drops it (Note [copying a layer bound to a group]).
 
     Raises:
         ValueError: bad constructor arguments; in forward (on every rank) a misfit input or mask,

@@ -57,7 +57,7 @@ from torch import Tensor
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
-from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
+from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
 from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.strategies.auto import choose_strategy
@@ -227,11 +227,11 @@ def plan_attention(
         if executed != "ring":
             check_heads_divisible(heads, u_deg, what, "group" if executed == "ulysses" else "ulysses_group")
         mask_travels = key_mask is not None and (executed == "ring" or (executed == "hybrid" and key_bias is None))
-        kept = unmasked_keys(key_mask) if mask_travels else None
-        n_kept = n_keys if kept is None else int(kept.numel())
+        layout = mask_layout(key_mask) if mask_travels else None
+        n_kept = n_keys if layout is None else layout.n_kept
         # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
         # so no bias is needed and the fused kernels apply; every rank must agree on that.
-        mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
+        mask_left = layout is not None and layout.left
         row = _grid_row(parent, u_deg, sub)
         # Which gradients must travel home (Note [ring memory]): each rank knows only its own.
         grad_on = torch.is_grad_enabled()

@@ -33,12 +33,16 @@ The outputs of ``Squeeze`` (and the stats) are replicated over the group; their 
 Note [replicated activations] in :mod:`hpattn_dist.comm.all_reduce`: partial per rank, summed by
 the all-reduce's adjoint, so a ``Squeeze -> nn.Linear -> Unsqueeze`` bottleneck is exact after
 :func:`~hpattn_dist.grad_sync.sync_gradients`. A loss computed on a replicated tensor (e.g. a
-classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it.
+classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it
+(:func:`~hpattn_dist.grad_sync.replicated_loss`, Note [one loss rule] in :mod:`hpattn_dist.grad_sync`).
 
 Every call first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
-ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed.
+ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed. Inside a call of a
+converted model whose agreement already covered this layer with the same key, the norms and
+``Squeeze`` reuse the pixel counts agreed then instead (Note [one agreement per model call] in
+:mod:`.call_agreement`).
 
 Note [modes in the agreement]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -106,11 +110,14 @@ from torch import Tensor
 
 from hpattn_dist.comm.all_reduce import all_reduce_, all_reduce_sum
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.integrations.idx_flow.call_agreement import agreed
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
+from hpattn_dist.swap_modules import carry_hooks
 
 __all__ = [
     "ShardedBatchNorm1d",
@@ -150,17 +157,23 @@ def _check_field(x: Any, what: str, channels: Optional[int] = None) -> None:
         )
 
 
-def _pixel_counts(info: GroupInfo, what: str, x: Any, channels: Optional[int] = None,
+def _pixel_counts(owner: Any, info: GroupInfo, what: str, x: Any, channels: Optional[int] = None,
                   mode: Optional[dict[str, int]] = None) -> list[int]:
-    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather).
+    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather, or none
+    inside a model call that agreed on it before: Note [one agreement per model call]).
 
     ``mode``: what else every rank must agree on, e.g. ``{"batch_stats": 1}`` (Note [modes in
     the agreement])."""
-    with validated_signature(info, what) as sig:
-        _check_field(x, what, channels)
-        batch, n_local, c = x.shape
-        sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype), **(mode or {})}, n_local, x.device)
-    return sig.per_rank
+    def agree() -> list[int]:
+        with validated_signature(info, what) as sig:
+            _check_field(x, what, channels)
+            batch, n_local, c = x.shape
+            sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype), **(mode or {})}, n_local, x.device)
+        return sig.per_rank
+
+    mine = (tuple(x.shape), x.dtype, tuple(sorted((mode or {}).items()))) \
+        if isinstance(x, Tensor) else type(x).__name__
+    return agreed(owner, info, mine, agree, what)
 
 
 def _moments(x: Tensor, dims: Sequence[int], count: int, info: GroupInfo) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,8 +198,11 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return y
 
 
-class _Sharded(nn.Module):
-    """Common state of the converted modules: the group, the training mode and a name for errors."""
+class _Sharded(GroupBound, nn.Module):
+    """Common state of the converted modules: the group, the training mode and a name for errors.
+
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
+    """
 
     _kind = ""
 
@@ -254,7 +270,7 @@ def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     """
     info = resolve_group(process_group)
     batch_stats = _uses_batch_stats(bn)
-    sizes = _pixel_counts(info, what, x, bn.num_features, {"batch_stats": int(batch_stats)})
+    sizes = _pixel_counts(bn, info, what, x, bn.num_features, {"batch_stats": int(batch_stats)})
     if not batch_stats:
         return per_pixel()
     count = x.shape[0] * sum(sizes)
@@ -278,7 +294,7 @@ def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     return y.to(x.dtype)
 
 
-class ShardedBatchNorm1d(nn.BatchNorm1d):
+class ShardedBatchNorm1d(GroupBound, nn.BatchNorm1d):
     """An ``nn.BatchNorm1d`` over pixel rows ``[R_r, C]`` (``R_r = B * N_r``), inside an idx-flow MLP.
 
     ``SpatialMLP`` / ``GlobalMLP(use_batch_norm=True)`` normalise their hidden ``[B * N, C]``
@@ -326,7 +342,7 @@ class ShardedSpatialInstanceNorm(_Sharded):
         input_stats = norm.training or not norm.track_running_stats
         info = resolve_group(self.process_group)
         checked = norm.num_features if (norm.affine or norm.track_running_stats) else None
-        sizes = _pixel_counts(info, self._what, x, checked, {"input_stats": int(input_stats)})
+        sizes = _pixel_counts(self, info, self._what, x, checked, {"input_stats": int(input_stats)})
         if not input_stats:
             return norm(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
         count = sum(sizes)
@@ -369,7 +385,7 @@ class ShardedSpatialGroupNorm(_Sharded):
     def forward(self, x: Tensor) -> Tensor:
         gn = self.gn
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x, gn.num_channels)
+        sizes = _pixel_counts(self, info, self._what, x, gn.num_channels)
         batch, n_local, channels = x.shape
         groups = gn.num_groups
         per_group = channels // groups
@@ -416,7 +432,7 @@ class ShardedSqueeze(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x)
+        sizes = _pixel_counts(self, info, self._what, x)
         if self.reduction == "sum":
             return all_reduce_sum(x.sum(dim=1), info, _LABEL)
         if self.reduction == "mean":
@@ -646,8 +662,9 @@ def shard_mlp_internals(module: nn.Module, ctx: ShardContext) -> None:
             raise ValueError(
                 f"{prefix}dropout_layers.{i}: expected nn.Dropout, got {type(dropout).__name__}"
             )
-        module.dropout_layers[i] = ShardedDropout(dropout, ctx.process_group,
-                                                  f"{prefix}dropout_layers.{i}")
+        sharded = ShardedDropout(dropout, ctx.process_group, f"{prefix}dropout_layers.{i}")
+        carry_hooks(dropout, sharded)
+        module.dropout_layers[i] = sharded
     module.register_forward_pre_hook(_tell_dropouts_the_batch)
 
 
