@@ -49,7 +49,9 @@ Note [backward exchanges on every rank]
     on every rank: k and v when any rank needs their gradient, the bias likewise (the plan's
     ``grads_anywhere``, agreed in its one agreement), and q whenever this rank's output needs a
     gradient. A tensor that takes part only for its peers is a detached copy that requires grad;
-    its own gradient is dropped.
+    its own gradient is dropped. When no rank needs dK/dV, the heads of k and v are detached even
+    where they travelled with a q that requires grad, so that the executor (the hybrid's ring)
+    computes and sends no dK/dV: the plan says none is needed.
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
@@ -216,7 +218,7 @@ def qkv_to_heads(
     sizes: list[int],
     label: str,
     key_sizes: Optional[list[int]] = None,
-    grads_anywhere: tuple[bool, bool] = (False, False),
+    grads_anywhere: Optional[tuple[bool, bool]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
 
@@ -226,9 +228,10 @@ def qkv_to_heads(
     are ``[B, H, K_r, D]`` on a grid of their own (cross-attention); unless it equals ``sizes``, q
     travels alone (``label + ".q"``) and k, v together (``label + ".kv"``). ``grads_anywhere``:
     the plan's ``(kv, bias)``, whether any rank of the group needs those gradients (Note
-    [backward exchanges on every rank]).
+    [backward exchanges on every rank]); None leaves every tensor as it is.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    if needs_grad and grads_anywhere is not None:
         kv_any, bias_any = grads_anywhere
         q, k, v, bias = (_taking_part(t, part) for t, part in ((q, True), (k, kv_any), (v, kv_any), (bias, bias_any)))
     key_sizes = sizes if key_sizes is None else key_sizes
@@ -245,6 +248,9 @@ def qkv_to_heads(
         # [B, H, N_r] -> [B, h, N]
         bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
                             label=label + ".bias")
+    if needs_grad and grads_anywhere is not None and not grads_anywhere[0]:
+        # Exchanged with q, the heads of k and v require grad although no rank needs theirs.
+        k_h, v_h = k_h.detach(), v_h.detach()
     return q_h, k_h, v_h, bias_h
 
 

@@ -29,6 +29,9 @@
   One process suffices.
 - ``fuzz-6`` (fixed): the replicated-parameter fingerprint cache (keyed by address and version)
   gave a new parameter at a freed parameter's address the freed one's sums.
+- ``fuzz-7`` (fixed): hybrid through the autograd path (explicit groups, or a key bias) with k and
+  v frozen on every rank raised in the ring's backward on every rank: their heads, exchanged with
+  a q that requires grad, required grad although the plan said no rank needs dK/dV.
 
 Legend: B batch, H heads, N pixels, D head dim, P ranks (2; 4 for a hybrid grid of U = R = 2).
 """
@@ -294,3 +297,48 @@ def test_a_parameter_at_a_freed_parameters_address_is_fingerprinted_anew():
             assert facts_of("layer", (new,), False).sums == own[1]
             return
     pytest.skip("the allocator never put a new parameter at a freed one's address")
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz-7: hybrid through the autograd path with frozen keys and values (fixed)
+
+
+def _frozen_kv(rank: int, world: int, groups: bool) -> dict:
+    from hpattn_dist import build_hybrid_groups, hybrid_attention
+    from hpattn_dist.strategies import sharded_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, w = (torch.randn(1, 2, 8, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    rows = slice(2 * rank, 2 * rank + 2)
+    q_r = q[:, :, rows].clone().requires_grad_()  # k and v frozen on every rank
+    if groups:
+        made = build_hybrid_groups(None, 2)
+        o = hybrid_attention(q_r, k[:, :, rows], v[:, :, rows], ulysses_group=made.ulysses_group,
+                             ring_group=made.ring_group, backend="manual")
+    else:  # a key bias takes the autograd path too
+        o = sharded_attention("hybrid", q_r, k[:, :, rows], v[:, :, rows], ulysses_degree=2, backend="manual",
+                              key_bias=torch.zeros(1, 2, 2, dtype=torch.float64))
+    (o * w[:, :, rows]).sum().backward()
+    return {"out": o.detach(), "dq": q_r.grad}
+
+
+def _frozen_kv_job(rank: int, world: int) -> list:
+    return [_frozen_kv(rank, world, groups) for groups in (True, False)]
+
+
+def test_hybrid_with_frozen_keys_and_values_through_the_autograd_path():
+    """Before the fix every rank raised in the ring's backward ('the plan said no rank needs the
+    K/V/bias gradient, but this rank's inputs require it'): the heads of k and v, exchanged
+    together with a q that requires grad, required grad themselves."""
+    from tests.reference import reference_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, w = (torch.randn(1, 2, 8, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    q.requires_grad_()
+    out = reference_attention(q, k, v)
+    (out * w).sum().backward()
+    for rank, per_call in enumerate(run_ranks(_frozen_kv_job, 4, timeout=120)):
+        rows = slice(2 * rank, 2 * rank + 2)
+        for res in per_call:
+            assert torch.allclose(res["out"], out[:, :, rows].detach(), rtol=0, atol=1e-12), rank
+            assert torch.allclose(res["dq"], q.grad[:, :, rows], rtol=0, atol=1e-12), rank
