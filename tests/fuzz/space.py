@@ -590,12 +590,17 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
     _w("layer_local", 3, perturbed=True, perturb_kind="train_eval", perturb_rank=2, no_dropout=False,
        dropout_p=0.5, nside=2, window=1),
     _w("attn", 4, strategy="hybrid", U=2, h=2, head_mult=1, indivisible_heads=False, b=0, mask="random",
-       entry="sharded", n_range=1, split="one_rank", split_rank=0, no_dropout=True, no_grad=False, grads="qkv", perturbed=False),
+       entry="sharded", n_range=1, split="one_rank", split_rank=0, no_dropout=True, no_grad=False,
+       grads="qkv", perturbed=False),
+    _w("attn", 4, strategy="hybrid", U=2, h=2, head_mult=1, indivisible_heads=False, entry="functional", grads="q",
+       no_grad=False, b=1, n_range=9, split="random", perturbed=False),
 )
+
 """Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
 23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
 perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
-training mode on one rank, and fuzz-4 (hybrid, a key mask, B = 0)."""
+training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0) and fuzz-7 (hybrid with explicit
+groups, k and v frozen)."""
 
 
 def draw_case(seed: int, index: int) -> dict:
