@@ -310,7 +310,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
         return _distinct(_ring_backward(plan, dout, q, k, v, key_mask, out, lse), (dout, q, k, v, out, lse))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     dout_h = pixels_to_heads((dout,), u_info, sizes, f"{executed}.out.grad")[0]
-    mask = mask_h.bool() if mask_h.numel() else None
+    mask = mask_h.bool() if key_mask is not None else None  # (not numel: a B = 0 mask is empty)
     dq_h, dk_h, dv_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse)
     if key_sizes == sizes:  # the adjoint of qkv_to_heads, with its labels
         grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
