@@ -47,6 +47,19 @@ Note [head exchange memory]
     (``[B, H, N_r, D]`` as a permuted view; no unpacking copy). At most one send buffer and one
     result are alive beyond the gradients themselves.
 
+Note [backward exchanges on every rank]
+    The backward of an exchange runs where autograd reaches it: on a rank where none of its inputs
+    requires grad it does not run, and a peer's backward all-to-all waits for that rank until the
+    exchange timeout, or pairs with its next collective of another size (gloo then aborts the
+    process). What requires grad is each rank's own business (frozen keys on one rank, a key bias
+    that is learned on some ranks only), so :func:`qkv_to_heads` makes the same tensors take part
+    on every rank: k and v when any rank needs their gradient, the bias likewise (the plan's
+    ``grads_anywhere``, agreed in its one agreement), and q whenever this rank's output needs a
+    gradient. A tensor that takes part only for its peers is a detached copy that requires grad;
+    its own gradient is dropped. When no rank needs dK/dV, the heads of k and v are detached even
+    where they travelled with a q that requires grad, so that the executor (the hybrid's ring)
+    computes and sends no dK/dV: the plan says none is needed.
+
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
 """
@@ -285,6 +298,7 @@ def qkv_to_heads(
     label: str,
     key_sizes: Optional[list[int]] = None,
     separate: bool = False,
+    grads_anywhere: Optional[tuple[bool, bool]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
 
@@ -292,9 +306,15 @@ def qkv_to_heads(
     q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
     bias (``label + ".bias"``). ``key_sizes``: every rank's key count K_r when k, v (and the bias)
     are ``[B, H, K_r, D]`` on a grid of their own (cross-attention); unless it equals ``sizes``, q
-    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``). ``separate``: q, k and
-    v in buffers of their own (not differentiable; for the registered ops).
+    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``). ``grads_anywhere``:
+    the plan's ``(kv, bias)``, whether any rank of the group needs those gradients (Note
+    [backward exchanges on every rank]); None leaves every tensor as it is. ``separate``: q, k
+    and v in buffers of their own (not differentiable; for the registered ops).
     """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    if needs_grad and grads_anywhere is not None:
+        kv_any, bias_any = grads_anywhere
+        q, k, v, bias = (_taking_part(t, part) for t, part in ((q, True), (k, kv_any), (v, kv_any), (bias, bias_any)))
     key_sizes = sizes if key_sizes is None else key_sizes
 
     def exchange(xs: tuple[Tensor, ...], sizes: list[int], label: str) -> Sequence[Tensor]:
@@ -317,7 +337,18 @@ def qkv_to_heads(
         # [B, H, N_r] -> [B, h, N]
         bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
                             label=label + ".bias")
+    if needs_grad and grads_anywhere is not None and not grads_anywhere[0]:
+        # Exchanged with q, the heads of k and v require grad although no rank needs theirs.
+        k_h, v_h = k_h.detach(), v_h.detach()
     return q_h, k_h, v_h, bias_h
+
+
+def _taking_part(t: Optional[Tensor], part: bool) -> Optional[Tensor]:
+    """``t``, or a detached copy that requires grad when ``t`` must take part in the backward's
+    exchanges but does not require grad itself (Note [backward exchanges on every rank])."""
+    if t is None or t.requires_grad or not part:
+        return t
+    return t.detach().requires_grad_()
 
 
 def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:

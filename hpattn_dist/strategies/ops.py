@@ -462,7 +462,8 @@ def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, plan_
     pixel of its Ulysses group, a ring across the groups for hybrid (R > 1). ``q`` is read for
     its shape only."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
-    return _distinct(_ring_forward(plan, q_h, k_h, v_h, mask_h.bool() if mask_h.numel() else None),
+    # A mask is 2-D ([B, Mk]; B = 0 makes it empty, still a mask), its absence (0,).
+    return _distinct(_ring_forward(plan, q_h, k_h, v_h, mask_h.bool() if mask_h.dim() == 2 else None),
                      (q_h, k_h, v_h, mask_h))
 
 
@@ -485,7 +486,7 @@ def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, m
                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq_h, dk_h, dv_h)`` shaped like ``(q_h, k_h, v_h)``."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
-    mask = mask_h.bool() if mask_h.numel() else None
+    mask = mask_h.bool() if mask_h.dim() == 2 else None
     return _distinct(_ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse),
                      (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor)
 
