@@ -179,7 +179,10 @@ def _row_views(buf: Tensor, layout: Layout) -> list[Optional[Tensor]]:
             continue
         shape, dtype = part
         width = math.prod(shape) * dtype.itemsize
-        out.append(buf[:, col:col + width].view(dtype).view(buf.shape[0], *shape))
+        if width:
+            out.append(buf[:, col:col + width].view(dtype).view(buf.shape[0], *shape))
+        else:  # rows of no bytes (B = 0): a byte view cannot be reinterpreted, nothing to read
+            out.append(buf.new_empty((buf.shape[0], *shape), dtype=dtype))
         col += width
     return out
 
@@ -313,7 +316,7 @@ class _Call:
 
 
 def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int, kernel: BlockKernel,
-                  scale: float, dropout_p: float, seed: int, q_finite: bool) -> dict[int, tuple[Tensor, Tensor]]:
+                  scale: float, dropout_p: float, seed: int) -> dict[int, tuple[Tensor, Tensor]]:
     """Per column offset, that column of every window reading a zero block there, from its two
     cells (Note [local attention plan]): ``(out [n, B * H, c_q, D], lse [n, B * H, c_q])``."""
     c_q, c_k, d = plan.cell_pixels, plan.key_cell_pixels, queries.f
@@ -324,7 +327,7 @@ def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int
         k_f, v_f = (side.gather(fix.k_refs).reshape(-1, 1, 2 * c_k, d) for side in kv)
         spec = _dropout(dropout_p, seed, heads, _pixels(fix.q_cells, c_q).view(1, n, c_q),
                         _pixels(fix.k_cells, c_k).view(1, n, 2 * c_k))
-        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec, q_finite=q_finite)
+        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec)
         out[fix.dx] = o_f.view(-1, n, c_q, d).transpose(0, 1), l_f.view(-1, n, c_q).transpose(0, 1)
     return out
 
@@ -386,7 +389,7 @@ def _bound(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Ten
     kv = [_Cells(plan.keys, k3, edge_k, bh), _Cells(plan.keys, v3, edge_v, bh)]
     bias = None
     if b3 is not None:
-        bias = _Cells(plan.keys, b3, edge_b, _bias_rows(batch, heads, b3.shape[0] // batch, q3.device))
+        bias = _Cells(plan.keys, b3, edge_b, _bias_rows(batch, heads, b3.shape[0] // max(batch, 1), q3.device))
     return queries, kv, bias
 
 
@@ -406,6 +409,10 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     """
     batch, heads, n_q, d = q.shape
     acc = acc_dtype(q.dtype)
+    if batch == 0:  # B is agreed: no rank has a row to send, nothing to compute
+        edge = (plan.keys.n_edge + int(plan.keys.zero_cell)) * plan.key_cell_pixels
+        return (q.new_empty(q.shape), q.new_empty((0, heads, n_q), dtype=acc), q.new_empty((2, 0, edge, d)),
+                None if bias is None else bias.new_empty((0, edge)))
     q3, k3, v3 = _rows3(q), _rows3(k), _rows3(v)
     b3 = None if bias is None else _rows3(bias)
     kv_recv = b_recv = None
@@ -432,20 +439,18 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     edge_b = None if b3 is None else _edge_buffer(plan.keys, b3, b_recv, float("-inf"))
     del kv_recv, b_recv
     queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
-    # One check that q holds no NaN (on the CPU; a read elsewhere: every call restores NaN rows).
-    q_finite = q3.device.type == "cpu" and bool(torch.isfinite(q3.sum()))
     fixed = {} if bias_cells is not None else _column_fixes(plan, queries, kv, heads, kernel, scale, dropout_p,
-                                                             seed, q_finite)
+                                                             seed)
     if _in_place_only(plan):
         o, l = _group_forward(plan, plan.groups[0], queries, kv, bias_cells, heads, kernel, scale, dropout_p,
-                              seed, acc, q_finite, fixed)
+                              seed, acc, fixed)
         out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
     else:
         out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
         lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
         for group in plan.groups:
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc,
-                                  q_finite, fixed)
+                                  fixed)
             a, cc, y = group.q_cells.shape
             out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
             lse_b.put(group.q_refs, l.reshape(a, cc, -1, y, plan.cell_pixels, 1))
@@ -476,19 +481,20 @@ def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
     return out
 
 
-def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, q_finite,
-                   fixed):
+def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, fixed):
     """``(out [X, Y, c_q, D], lse [X, Y, c_q])`` of one group: its calls, merged."""
     qg = _queries(group, queries)
+    nan_rows = kernel.nan_rows(qg)  # [X, Y, c_q], once for the group's calls
     call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
     o = l = None
     for dx in call.offsets:
         k_c, v_c, b_c, spec = call.keys(dx)
         folded = _fold([qg, k_c, v_c, b_c])
         if folded is None:
-            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, q_finite=q_finite)
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows)
         else:
-            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec, q_finite=q_finite)
+            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec,
+                                      None if nan_rows is None else nan_rows.view(folded[0].shape[:3]))
             o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
         if bias is None:  # with a bias the zero blocks are masked
             _apply_fixes(group, dx, fixed, o_c, l_c)
@@ -510,6 +516,9 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
     batch, heads, n_q, d = q.shape
     n_k = k.shape[2]
     acc = acc_dtype(q.dtype)
+    if batch == 0:  # as in the forward: no exchange
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                None if not need_dbias else bias.new_empty(bias.shape, dtype=acc))
     q3, k3, v3, do3, o3 = (_rows3(t) for t in (q, k, v, dout, out))
     b3 = None if bias is None else _rows3(bias)
     c_k = plan.key_cell_pixels

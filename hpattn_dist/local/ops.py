@@ -46,7 +46,7 @@ from hpattn_dist.local.attention import agree
 from hpattn_dist.local.plan import cached_plan
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.replicas import LayerFacts, LayerRef
-from hpattn_dist.strategies.ops import _acc, _distinct, _group, _group_pixels, group_name_of
+from hpattn_dist.strategies.ops import OP_TAGS, _acc, _distinct, _group, _group_pixels, group_name_of
 
 __all__ = ["op_window_attention"]
 
@@ -65,7 +65,7 @@ def _layer(name: str, params: list[Tensor], healpix: bool,
     return LayerRef(name, tuple(params), healpix, point_sets=False)
 
 
-@torch.library.custom_op("hpattn::window_attention_fwd", mutates_args=())
+@torch.library.custom_op("hpattn::window_attention_fwd", mutates_args=(), tags=OP_TAGS)
 def window_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor],
                          group_name: str, window_nside: int, mode: str, backend: str, dropout_p: float,
                          scale: float, dropout_seed: Optional[Tensor], layer_params: list[Tensor],
@@ -109,7 +109,7 @@ def _(q, k, v, key_mask, key_bias, group_name, window_nside, mode, backend, drop
     return out, plan_t, lse, edge_kv, edge_bias
 
 
-@torch.library.custom_op("hpattn::window_attention_bwd", mutates_args=())
+@torch.library.custom_op("hpattn::window_attention_bwd", mutates_args=(), tags=OP_TAGS)
 def window_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                          key_bias: Optional[Tensor], out: Tensor, plan_t: Tensor, lse: Tensor, edge_kv: Tensor,
                          edge_bias: Tensor, group_name: str, window_nside: int, mode: str, backend: str,
@@ -125,7 +125,7 @@ def window_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask
     plan = cached_plan(sizes, key_sizes if cross else None, window_nside, mode, info.rank, q.device)
     bias = key_bias_from_mask(k, key_mask, key_bias) if use_bias else None
     kernel = select_kernel(backend, q, has_bias=use_bias, dropout=dropout_p > 0)
-    edge_b = None if bias is None else edge_bias.view(bias.shape[0] * bias.shape[1], -1)
+    edge_b = None if bias is None else edge_bias.view(bias.shape[0] * bias.shape[1], edge_kv.shape[2])
     dq, dk, dv, dbias = execute.backward(plan, dout, q, k, v, bias, out, lse, edge_kv, edge_b, info, kernel, scale,
                                          dropout_p, seed, bias_grad)
     d_key_bias = q.new_empty((0,))
