@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.comm.halo import HaloPlan, all_to_all_rows, plan_halo
 from hpattn_dist.double_backward import refuse_double_backward
@@ -648,8 +648,7 @@ def windowed_attention(
         batch, heads, n_local, head_dim = q.shape
         mask_left = key_mask is not None and mask_layout(key_mask).any_masked
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, key_bias))
+        needs_grad = records_gradients(q, k, v, key_bias)
         sig.set(
             {
                 "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
@@ -658,7 +657,6 @@ def windowed_attention(
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)),
                 "backend": KERNEL_BACKENDS.index(backend),
-                "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
                 "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
@@ -666,6 +664,7 @@ def windowed_attention(
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
             q.device,
             kind="healpix_local_attention",
+            grads=needs_grad,
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)

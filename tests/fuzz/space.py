@@ -514,30 +514,16 @@ def _perturbed(kind: str) -> Callable[[dict], bool]:
     return lambda case: (case.get("perturb") or {}).get("kind") == kind
 
 
-def _rank_without_grad(case: dict) -> bool:
-    """One rank records no gradient in a global (not windowed) call whose peers need them."""
-    if not (_perturbed("frozen")(case) or _perturbed("no_grad_mode")(case)) or case.get("window"):
-        return False
-    if case["family"] == "local":
-        return False
-    if case["family"] in ("layer", "layer_cross"):
-        return True
-    return case["b"] > 0 and case["grads"] != ""
-
-
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     # Found by this fuzzer (not in issue 23's list); minimal reproducers in test_fuzz_findings.py.
     "fuzz-5-nonfinite-scores": ("a row whose scores are all NaN or -inf (a NaN key it alone attends to, "
                                 "an infinite query or key) gets zeros from the CPU flash and float32 manual "
                                 "kernels, and a +inf key in a window finite rows, where Note [non-finite "
                                 "inputs] gives NaN", lambda c: c["family"] == "nonfinite" and c["nonfinite"][0] in "qk"),
-    "fuzz-1-rank-without-grad": ("global attention with one rank's forward recording no gradient "
-                                 "(no_grad, or no input requiring grad) hangs its peers' backward",
-                                 _rank_without_grad),
 }
 """Name -> (what, predicate). Remove an entry when its fix lands: its strict xfail then fails."""
 
-HANGS = ("fuzz-1-rank-without-grad",)
+HANGS: tuple[str, ...] = ()
 """Known defects that hang until the exchange timeout: run with a short one (Note [differential fuzzer])."""
 
 
