@@ -34,6 +34,7 @@ from hpattn_dist.kernels import sdpa as _sdpa
 from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
 from hpattn_dist.kernels.manual import manual_backward, manual_forward
+from hpattn_dist.masks import nonfinite_reads
 from hpattn_dist.precision import acc_dtype
 
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual", "flash_attn")
@@ -103,11 +104,14 @@ class BlockKernel:
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,
+        key_bad: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, H, N_q, D], lse [B, H, N_q])``; lse in ``acc_dtype(q.dtype)``.
 
         ``out`` is in the kernel's output dtype (q.dtype for fused kernels, the accumulation dtype
-        for ``manual``); an empty key block gives zero output and ``lse = -inf``.
+        for ``manual``); an empty key block gives zero output and ``lse = -inf``; a row that reads
+        a non-finite value NaN output and ``lse = NaN`` (Note [non-finite inputs]; ``key_bad``:
+        the caller's bool ``[B, H, N_k]`` of keys whose k or v is not finite, else found here).
         """
         acc = acc_dtype(q.dtype)
         if k.shape[2] == 0 or q.shape[2] == 0:
@@ -115,13 +119,15 @@ class BlockKernel:
             lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
             return out, lse
         if self.fused_forward is None:
-            return manual_forward(q, k, v, scale, bias, dropout)
-        out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
-        # The fused CPU op returns out = 0, lse = 0 for a query row holding NaN, where softmax
-        # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle.
-        nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
-        out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
-        return out, lse.to(acc).masked_fill(nan_rows, float("nan"))
+            out, lse = manual_forward(q, k, v, scale, bias, dropout)
+        else:
+            out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
+            lse = lse.to(acc)
+        # Rows that read a NaN or an infinity are NaN, out and lse, whatever the kernel made of
+        # them (the CPU flash op: zeros and lse 0 for a row of -inf or NaN scores): Note
+        # [non-finite inputs]. Both are fresh outputs of the kernel, so filled in place.
+        bad = nonfinite_reads(q, k, v, bias, key_bad=key_bad)  # [B, H, N_q]
+        return out.masked_fill_(bad.unsqueeze(-1), float("nan")), lse.masked_fill_(bad, float("nan"))
 
     def backward(
         self,

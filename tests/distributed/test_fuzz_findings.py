@@ -23,11 +23,12 @@
 - ``fuzz-4`` (fixed): the registered op's Ulysses / hybrid backward with a key mask and B = 0 took
   the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
   on its peers.
-- ``fuzz-5`` (open, strict xfails; after issue 23's item 5): non-finite scores do not always give
-  what Note [non-finite inputs] defines: a row whose scores are all NaN (a NaN key it alone
-  attends to) gets zeros from the CPU flash kernel (``auto``/``sdpa``), a row whose only score is
-  -inf zeros from the manual kernel in float32 (the formula: 0/0, NaN), and windowed attention
-  with the manual kernel in float64 returns finite rows where a +inf key makes the formula NaN.
+- ``fuzz-5`` (fixed; after issue 23's item 5): non-finite scores did not always give what Note
+  [non-finite inputs] defined: a row whose scores are all NaN (a NaN key it alone attends to)
+  got zeros from the CPU flash kernel (``auto``/``sdpa``), a row whose only score is -inf zeros
+  from the manual kernel (the formula: 0/0, NaN), in float32 as in a window in float64. On
+  infinite scores the formula depends on its evaluation, so the Note now makes every row that
+  reads a NaN or an infinity NaN, and every kernel and oracle follows it from the inputs alone.
   One process suffices.
 - ``fuzz-6`` (fixed): the replicated-parameter fingerprint cache (keyed by address and version)
   gave a new parameter at a freed parameter's address the freed one's sums.
@@ -266,12 +267,11 @@ def test_head_parallel_backward_with_a_key_mask_and_an_empty_batch():
 
 
 # --------------------------------------------------------------------------------------------
-# fuzz-5: infinite scores (open)
+# fuzz-5: rows of non-finite scores (fixed: Note [non-finite inputs] in hpattn_dist/masks.py)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: a query whose only score is -inf gets zeros from the manual "
-                                       "kernel in float32, not the formula's NaN")
-def test_a_minus_infinite_score_gives_the_formulas_nan():
+def test_a_minus_infinite_score_gives_nan():
+    """Was: zeros from the manual kernel in float32 (its row's only score is -inf)."""
     from hpattn_dist import ring_attention
     from tests.reference import reference_attention
 
@@ -284,9 +284,8 @@ def test_a_minus_infinite_score_gives_the_formulas_nan():
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: a row whose only key has a NaN score gets zeros from the CPU "
-                                       "flash kernel, not the formula's NaN")
-def test_a_nan_score_row_gives_the_formulas_nan():
+def test_a_nan_score_row_gives_nan():
+    """Was: zeros from the CPU flash kernel (every score of the row is NaN)."""
     from hpattn_dist import ring_cross_attention
     from tests.reference import reference_attention
 
@@ -299,9 +298,9 @@ def test_a_nan_score_row_gives_the_formulas_nan():
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: windowed attention (manual kernel, float64) gives finite rows "
-                                       "where a +inf key makes the formula NaN")
-def test_a_plus_infinite_key_in_a_window_gives_the_formulas_nan():
+def test_a_plus_infinite_key_in_a_window_gives_nan():
+    """Was: zeros from the manual kernel in float64 for the row whose window is that key alone
+    (``window_nside = nside``, cell mode: its only score is -inf)."""
     from hpattn_dist import healpix_local_attention
 
     g = torch.Generator().manual_seed(0)

@@ -510,16 +510,9 @@ def perturb(d: Draw, case: dict, world: int) -> None:
 # Known defects (issue 23's and this fuzzer's, still open): their cases are strict xfails, not failures
 
 
-def _perturbed(kind: str) -> Callable[[dict], bool]:
-    return lambda case: (case.get("perturb") or {}).get("kind") == kind
-
-
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    # Found by this fuzzer (not in issue 23's list); minimal reproducers in test_fuzz_findings.py.
-    "fuzz-5-nonfinite-scores": ("a row whose scores are all NaN or -inf (a NaN key it alone attends to, "
-                                "an infinite query or key) gets zeros from the CPU flash and float32 manual "
-                                "kernels, and a +inf key in a window finite rows, where Note [non-finite "
-                                "inputs] gives NaN", lambda c: c["family"] == "nonfinite" and c["nonfinite"][0] in "qk"),
+    # None open. Found by this fuzzer (not in issue 23's list): minimal reproducers in
+    # test_fuzz_findings.py; add an entry per open defect, "name": ("what", predicate).
 }
 """Name -> (what, predicate). Remove an entry when its fix lands: its strict xfail then fails."""
 
