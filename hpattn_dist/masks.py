@@ -74,7 +74,8 @@ def nonfinite_rows(t: Tensor) -> Tensor:
 
 
 def nonfinite_reads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                    allowed: Optional[Tensor] = None, key_bad: Optional[Tensor] = None) -> Tensor:
+                    allowed: Optional[Tensor] = None, key_bad: Optional[Tensor] = None,
+                    q_bad: Optional[Tensor] = None) -> Tensor:
     """Bool ``[B, H, N_q]``: the query rows that Note [non-finite inputs] makes NaN (a row with an
     allowed key that reads a NaN or an infinity).
 
@@ -87,7 +88,11 @@ def nonfinite_reads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
             reductions over q, k and v and no ``N_q x N_k`` tensor).
         key_bad: optional bool ``[B, H, N_k]``, the keys whose k or v is not finite, where the
             caller has it (windowed attention finds it once per call, not in every window).
+        q_bad: optional bool ``[B, H, N_q]``, :func:`nonfinite_rows` of q, where the caller has it
+            (the ring finds it once per call, not for every block).
     """
+    if q_bad is None:
+        q_bad = nonfinite_rows(q)
     if key_bad is None:
         key_bad = nonfinite_rows(k) | nonfinite_rows(v)  # [B, H, N_k]
     attend = allowed
@@ -97,10 +102,10 @@ def nonfinite_reads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
         attend = kept if attend is None else attend & kept
     if attend is None:
         reads = key_bad.any(dim=-1, keepdim=True)  # [B, H, 1]
-        q_rows = nonfinite_rows(q) if k.shape[2] else torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+        q_rows = q_bad if k.shape[2] else torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
     else:
         reads = (attend & key_bad[:, :, None, :]).any(dim=-1)  # [B, H, N_q or 1]
-        q_rows = nonfinite_rows(q) & attend.any(dim=-1)
+        q_rows = q_bad & attend.any(dim=-1)
     return (q_rows | reads).expand(q.shape[:3])
 
 
