@@ -108,6 +108,7 @@ class BlockKernel:
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,
+        *,
         nan_rows: Optional[Tensor] = None,
         key_bad: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:

@@ -525,7 +525,7 @@ def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout
         rows = slice(i * b, (i + 1) * b)
         o, lse = kernel.forward(q_b[rows], k_b[rows], v_b[rows], scale,
                                 None if bias_b is None else bias_b[rows],
-                                _unit_spec(dropout_p, seed, batch, i, c), key_bad_b[rows])
+                                _unit_spec(dropout_p, seed, batch, i, c), key_bad=key_bad_b[rows])
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
