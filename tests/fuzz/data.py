@@ -159,7 +159,10 @@ def functional_fields(case: dict) -> dict[str, Any]:
     if case.get("nonfinite"):
         role, value, (bi, hi, pi, di) = case["nonfinite"]
         t = fields[role].clone()
-        t[bi % max(b, 1), hi % h, pi, di % d] = float(value)
+        if role == "bias":  # [B, Nk] or [B, H, Nk]
+            t[(bi % b, pi) if t.dim() == 2 else (bi % b, hi % h, pi)] = float(value)
+        else:
+            t[bi % max(b, 1), hi % h, pi, di % d] = float(value)
         fields[role] = t
         if shared in ("alias_qk", "alias_qkv"):
             for r in ("k", "v") if shared == "alias_qkv" else ("k",):

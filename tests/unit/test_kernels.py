@@ -209,11 +209,16 @@ def test_empty_key_block(backend, dtype):
     assert out0.shape == (B, H, 0, D) and lse0.shape == (B, H, 0)
 
 
-def test_fully_masked_rows_give_zero_output_and_zero_grads():
+@pytest.mark.parametrize("query", ["finite", "inf", "nan"])
+def test_fully_masked_rows_give_zero_output_and_zero_grads(query):
+    """A query with no allowed key gets zeros and gives no gradient, whatever it holds (Note
+    [non-finite inputs]). Was, for a non-finite query: dK NaN (``0 * inf`` in ``dS^T Q``)."""
     q, k, v, dout = _qkv(11, 13, torch.float64, seed=6)
     bias = torch.zeros(B, 1, 13, dtype=torch.float64)
     bias[0] = float("-inf")  # batch 0: every key masked
     bias[1, 0, ::2] = float("-inf")  # batch 1: half the keys masked
+    if query != "finite":
+        q[0, 1, 4, 2] = float(query)
     kernel = select_kernel("manual", q, has_bias=True)
     out, lse = kernel.forward(q, k, v, 0.4, bias)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
