@@ -164,8 +164,9 @@ def functional_fields(case: dict) -> dict[str, Any]:
         else:
             t[bi % max(b, 1), hi % h, pi, di % d] = float(value)
         fields[role] = t
-        if shared in ("alias_qk", "alias_qkv"):
-            for r in ("k", "v") if shared == "alias_qkv" else ("k",):
+        aliased = {"alias_qk": "qk", "alias_qkv": "qkv"}.get(shared, "")
+        if role in aliased:  # one tensor: the value is in each of its roles
+            for r in aliased:
                 fields[r] = t
     return fields
 
