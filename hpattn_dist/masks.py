@@ -38,8 +38,8 @@ that reads none of them is unchanged) and set the rows :func:`nonfinite_reads` n
 
 Finite inputs whose scores overflow the accumulation dtype (``|q| |k|`` near its largest
 value) are not covered: their rows are unspecified. Gradients are the formula's where the
-output row is finite (keys a query does not attend to get none from it); the gradients flowing
-from a NaN row are not specified.
+output row is finite (keys a query does not attend to get none from it; a query with no allowed
+key gives none, whatever it holds); the gradients flowing from a NaN row are not specified.
 """
 
 from __future__ import annotations
