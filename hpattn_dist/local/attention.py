@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
 from hpattn_dist.local.plan import LocalPlan, cached_plan, plan_local_attention
@@ -103,7 +103,6 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)),
                 "backend": KERNEL_BACKENDS.index(backend),
-                "needs_grad": int(needs_grad),
                 "bias_grad": int(bias_grad),
                 "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 "via_op": int(via_op),
@@ -112,6 +111,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, *, window_nside: int
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
             q.device,
             kind="healpix_local_attention",
+            grads=needs_grad,
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)

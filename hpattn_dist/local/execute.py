@@ -491,10 +491,10 @@ def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout
         k_c, v_c, b_c, spec = call.keys(dx)
         folded = _fold([qg, k_c, v_c, b_c])
         if folded is None:
-            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows)
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows=nan_rows)
         else:
             o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec,
-                                      None if nan_rows is None else nan_rows.view(folded[0].shape[:3]))
+                                      nan_rows=nan_rows.view(folded[0].shape[:3]))
             o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
         if bias is None:  # with a bias the zero blocks are masked
             _apply_fixes(group, dx, fixed, o_c, l_c)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
@@ -203,8 +204,7 @@ def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.Pr
     """:func:`~hpattn_dist.local.attention.windowed_attention` through ``hpattn::window_attention_fwd``
     (Note [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
     ``[B, H, Nq_r, D]`` out."""
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, key_bias))
+    needs_grad = records_gradients(*(t for t in (q, k, v, key_bias) if isinstance(t, Tensor)))
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
     if not isinstance(window_nside, (bool, int)) and hasattr(window_nside, "__index__"):
         window_nside = operator.index(window_nside)  # a numpy integer
