@@ -77,17 +77,24 @@ def _int_attr(value: Any, where: str) -> int:
     return out
 
 
+def _candidates(group, names: list[str], is_grid, what: str) -> list[str]:
+    """The first of ``names`` that is a grid array of the group; else the group's only one (none:
+    ``[]``; several that the variable does not choose between: an error)."""
+    for name in names:
+        if name in group and is_grid(group[name].attrs):
+            return [name]
+    found = [name for name, array in group.arrays() if is_grid(array.attrs)]
+    if len(found) > 1:
+        raise ValueError(f"the store has several {what} variables ({', '.join(map(repr, found))}) and the "
+                         "variable names none of them (attributes 'coordinates' / 'grid_mapping')")
+    return found
+
+
 def _xdggs(group, variable) -> Optional[tuple[int, str, str, str]]:
     """``(nside, ordering, cell-id name, source)`` from an xdggs cell-id coordinate, or None."""
-    names = str(variable.attrs.get("coordinates", "")).split()
-    candidates = [n for n in names if n in group] + [CELL_IDS]
-    candidates += [name for name, _ in group.arrays() if name not in candidates]
-    for name in candidates:
-        if name not in group:
-            continue
+    names = [n for n in str(variable.attrs.get("coordinates", "")).split() if n in group] + [CELL_IDS]
+    for name in _candidates(group, names, lambda attrs: attrs.get("grid_name") == "healpix", "xdggs cell-id"):
         attrs = group[name].attrs
-        if attrs.get("grid_name") != "healpix":
-            continue
         where = f"xdggs attributes of {name!r}"
         if "level" in attrs:
             nside = 2 ** _int_attr(attrs["level"], f"{where}, level")
@@ -102,17 +109,16 @@ def _xdggs(group, variable) -> Optional[tuple[int, str, str, str]]:
 def _grid_mapping(group, variable) -> Optional[tuple[int, str, str]]:
     """``(nside, ordering, source)`` from an easygems / CF grid-mapping variable, or None."""
     named = variable.attrs.get("grid_mapping")
-    candidates = ([named] if isinstance(named, str) else []) + [CRS]
-    candidates += [name for name, _ in group.arrays() if name not in candidates]
-    for name in candidates:
-        if name not in group:
-            continue
+    if isinstance(named, str) and named in group:
+        if group[named].attrs.get("grid_mapping_name") != "healpix":
+            raise ValueError(f"the variable's grid_mapping {named!r} is not a HEALPix grid mapping "
+                             f"(grid_mapping_name={group[named].attrs.get('grid_mapping_name')!r})")
+        names = [named]
+    else:
+        names = [CRS]
+    for name in _candidates(group, names, lambda attrs: attrs.get("grid_mapping_name") == "healpix",
+                            "HEALPix grid-mapping"):
         attrs = group[name].attrs
-        if attrs.get("grid_mapping_name") != "healpix":
-            if name == named:
-                raise ValueError(f"the variable's grid_mapping {name!r} is not a HEALPix grid mapping "
-                                 f"(grid_mapping_name={attrs.get('grid_mapping_name')!r})")
-            continue
         where = f"grid-mapping attributes of {name!r}"
         if "healpix_nside" in attrs:
             nside = _int_attr(attrs["healpix_nside"], f"{where}, healpix_nside")

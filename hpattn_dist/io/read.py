@@ -17,8 +17,7 @@ simpler, but zarr 3 reads the chunks of one selection concurrently and holds the
 
 * NESTED store: the range is one contiguous slice, read as the pieces that fall into each chunk.
 * RING store: the rank's NESTED pixels map to scattered RING positions. Which chunks they touch
-  is found by converting the range in blocks (:func:`hpattn_dist.healpix.nest2ring`, O(block)
-  memory); each touched chunk's positions are converted back (``ring2nest``, O(chunk)), the span
+  is found by converting the range one chunk's worth at a time (:func:`hpattn_dist.healpix.nest2ring`); each touched chunk's positions are converted back (``ring2nest``, O(chunk)), the span
   of the rank's positions in that chunk is read, and its rows are scattered into place. Chunks of
   a RING store cover latitude bands, so a rank reads more bytes than its shard (the bands through
   its patches); the reader returns how many were read (:attr:`ShardReader.cells_read`).
@@ -44,8 +43,6 @@ from hpattn_dist.healpix import nest2ring, ring2nest, shard_bounds
 from hpattn_dist.io.grid import StoreGrid, find_grid
 
 __all__ = ["ShardReader", "open_store", "read_shard", "resolve_variable"]
-
-_BLOCK = 1 << 14  # pixels converted at a time when finding the RING chunks of a range
 
 
 def _zarr():
@@ -173,8 +170,8 @@ class ShardReader:
         nside, c = self.grid.nside, self.cell_chunk
         if self._ring_chunks is None:
             touched = torch.zeros(math.ceil(self.grid.npix / c), dtype=torch.bool)
-            for a in range(self.start, self.stop, _BLOCK):
-                ring = nest2ring(nside, torch.arange(a, min(self.stop, a + _BLOCK)))
+            for a in range(self.start, self.stop, c):  # O(chunk) indices at a time
+                ring = nest2ring(nside, torch.arange(a, min(self.stop, a + c)))
                 touched[ring // c] = True
             self._ring_chunks = touched.nonzero().flatten().tolist()
         for chunk in self._ring_chunks:
