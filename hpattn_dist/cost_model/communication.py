@@ -59,6 +59,7 @@ Note [halo traffic]
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -183,27 +184,29 @@ def halo_rows(sizes: Sequence[int], window_nside: int, mode: str) -> list[HaloRo
     Raises:
         ValueError: a total that is no such field, a window finer than the field.
     """
+    return list(_halo_rows(tuple(int(n) for n in sizes), window_nside, mode))
+
+
+@functools.lru_cache(maxsize=32)
+def _halo_rows(sizes: tuple[int, ...], window_nside: int, mode: str) -> tuple[HaloRows, ...]:
     from hpattn_dist.healpix import check_nside, npix2nside
     from hpattn_dist.local.windows import check_window, check_window_fits, window_cells
 
-    sizes = [int(n) for n in sizes]
     nside = check_nside(npix2nside(sum(sizes)), nest=True)
     window_nside = check_window(window_nside, mode)
     c = check_window_fits(nside, window_nside)
     cells = window_cells(window_nside, mode)  # [N_c, K], -1 = no such neighbour
-    starts = offsets(sizes)
-    bounds = [(a, a + n) for a, n in zip(starts, sizes)]
-    received, sent = [0] * len(sizes), [0] * len(sizes)
-    for s, (a, b) in enumerate(bounds):
+    starts = torch.tensor(offsets(sizes), dtype=torch.int64)
+    stops = starts + torch.tensor(sizes, dtype=torch.int64)
+    received, sent = [0] * len(sizes), torch.zeros(len(sizes), dtype=torch.int64)
+    for s, (a, b) in enumerate(zip(starts.tolist(), stops.tolist())):
         if b <= a:
             continue
         units = cells[a // c:(b - 1) // c + 1]
         window = torch.unique(units[units >= 0])  # the cells whose keys rank s reads
-        lo, hi = window * c, window * c + c
-        for r, (ar, br) in enumerate(bounds):
-            overlap = int((torch.minimum(hi, torch.tensor(br)) - torch.maximum(lo, torch.tensor(ar))).clamp(min=0).sum())
-            if r == s:
-                received[s] += window.numel() * c - overlap
-            else:
-                sent[r] += overlap
-    return [HaloRows(rv, sd) for rv, sd in zip(received, sent)]
+        lo, hi = window[:, None] * c, window[:, None] * c + c  # [W, 1] against every rank's [P]
+        overlap = (torch.minimum(hi, stops) - torch.maximum(lo, starts)).clamp(min=0).sum(dim=0)  # [P]
+        received[s] = window.numel() * c - int(overlap[s])
+        overlap[s] = 0
+        sent += overlap
+    return tuple(HaloRows(rv, int(sd)) for rv, sd in zip(received, sent))

@@ -1,4 +1,5 @@
-"""The ``hpattn-dist`` command line: ``verify`` (oracle check) and ``bench`` (time, memory, traffic).
+"""The ``hpattn-dist`` command line: ``verify`` (oracle check), ``bench`` (time, memory, traffic) and
+``plan`` (the cost model's prediction per strategy, :mod:`hpattn_dist.tools.plan`; no ranks).
 
 Two ways to start it:
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact sequence-parallel HEALPix attention: check it against the "
                     "single-device layer (verify) and measure it (bench).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{verify,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{verify,bench,plan}")
 
     common = argparse.ArgumentParser(add_help=False)
     launch = common.add_argument_group("launch (ignored under torchrun)")
@@ -201,7 +202,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling mode: write a PNG of time and efficiency over nside; needs "
                         "matplotlib (pip install 'hpattn-dist[plot]'), checked before the run "
                         "(default: no plot)")
+    _plan_parser(sub)
     return parser
+
+
+def _bytes(per_second: bool = False):
+    def parse(text: str) -> float:
+        from hpattn_dist.tools.plan import parse_bytes
+
+        try:
+            return parse_bytes(text, per_second)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _plan_parser(sub) -> None:
+    """``hpattn-dist plan``: runs in this process, no ranks (:mod:`hpattn_dist.tools.plan`)."""
+    pl = sub.add_parser("plan", help="predict memory, bytes and time per strategy (cost model, no ranks)")
+    pl.add_argument("--nside", type=_positive_ints, required=True,
+                    help="HEALPix resolution(s), a power of two; a comma list gives one table each")
+    pl.add_argument("--embed", type=int, required=True, help="embedding dim E")
+    pl.add_argument("--heads", type=int, required=True, help="attention heads H")
+    pl.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
+    pl.add_argument("--world", type=_positive_ints, required=True,
+                    help="ranks P of the sequence-parallel group; a comma list gives one table each")
+    pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16",
+                    help="layer dtype (default: bfloat16)")
+    pl.add_argument("--gpu-memory", type=_bytes(), default=80 * 2**30,
+                    help="memory per device, e.g. 80GiB (default: 80GiB)")
+    pl.add_argument("--link", type=_bytes(per_second=True), default=450e9,
+                    help="bytes per second one rank sends, e.g. 450GB/s (NVLink 4, one direction; "
+                         "across nodes use the network's, e.g. 50GB/s) (default: 450GB/s)")
+    pl.add_argument("--tflops", type=float, default=None,
+                    help="peak TFLOP/s of one device (default: H100 SXM dense peak for the dtype)")
+    pl.add_argument("--window-nside", type=int, default=None,
+                    help="also plan windowed attention with this window grid (default: none)")
+    pl.add_argument("--mode", choices=("neighbourhood", "cell"), default="neighbourhood",
+                    help="window mode with --window-nside (default: neighbourhood)")
+    pl.add_argument("--layers", type=int, default=1,
+                    help="attention layers whose saved tensors are held at once (default: 1)")
+    pl.add_argument("--device", dest="plan_device", choices=("cuda", "cpu"), default="cuda",
+                    help="kernels to model: cuda (fused GPU kernels) or cpu (default: cuda)")
+    pl.add_argument("--json", dest="json_path", type=Path, default=None,
+                    help="also write the records as a JSON list to this file (default: none)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,6 +256,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "plan":  # arithmetic only: no ranks, no launcher
+        from hpattn_dist.tools.plan import cli_plan
+
+        try:
+            return cli_plan(args)
+        except ValueError as err:
+            print(f"hpattn-dist plan: {err}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args)  # fail fast, before any rank starts
         under_torchrun = all(k in os.environ for k in _TORCHRUN_ENV)
