@@ -68,7 +68,8 @@ STRATEGY_NAMES = ("ring", "ulysses", "hybrid", "auto")
 DEFAULTS: dict[str, dict[str, object]] = {
     "verify": {"batch": 2, "embed_dim": 32, "num_heads": 4, "seed": 0, "nside": 8,
                "backends": "manual,sdpa", "dtypes": "float64,float32,bfloat16",
-               "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0},
+               "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0, "sample_queries": 0,
+               "data_variable": "x", "data_time": 0},
     "bench": {"batch": 1, "embed_dim": 128, "num_heads": 4, "seed": 0, "mode": "scaling",
               "nsides": "16,32", "backend": "auto", "dtype": "float32", "warmup": 1, "repeats": 5,
               "blocks": "2,4", "land_fractions": "0,0.3,0.7,1", "data_nside": 64, "latent_nside": 16,
@@ -148,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cross-nsides", type=_csv(int), default=None,
                    help="also check cross-grid attention: comma list of source-grid nsides, queries on "
                         "the verify field (hpattn_dist/tools/verify_cross.py) (default: none)")
+    v.add_argument("--sample-queries", type=int, default=None,
+                   help="K > 0: check K random query pixels against a float64 reference streamed over "
+                        "every rank's keys; no rank holds the full field (large nside; "
+                        "hpattn_dist/tools/verify_sampled.py) (default: 0, the full-field check)")
+    v.add_argument("--data", default=None,
+                   help="with --sample-queries: a zarr store whose --data-variable (time, E, cell) is the "
+                        "field, read with hpattn_dist.io.read_shard (default: a seeded random field)")
+    v.add_argument("--data-variable", default=None,
+                   help=f"the store's variable (default: {dv['data_variable']})")
+    v.add_argument("--data-time", type=int, default=None,
+                   help=f"the time index read from the store (default: {dv['data_time']})")
     v.add_argument("--cross-window", default=None,
                    help="also check each --cross-nsides case with the locality option MODE:WINDOW_NSIDE, "
                         "e.g. neighbourhood:1 (default: none)")
@@ -221,12 +233,14 @@ def _plan_parser(sub) -> None:
     """``hpattn-dist plan``: runs in this process, no ranks (:mod:`hpattn_dist.tools.plan`)."""
     pl = sub.add_parser("plan", help="predict memory, bytes and time per strategy (cost model, no ranks)")
     pl.add_argument("--nside", type=_positive_ints, required=True,
-                    help="HEALPix resolution(s), a power of two; a comma list gives one table each")
-    pl.add_argument("--embed", type=int, required=True, help="embedding dim E")
-    pl.add_argument("--heads", type=int, required=True, help="attention heads H")
+                    help="HEALPix resolution(s), a power of two; a comma list gives one table each "
+                         "(required, no default)")
+    pl.add_argument("--embed", type=int, required=True, help="embedding dim E (required, no default)")
+    pl.add_argument("--heads", type=int, required=True, help="attention heads H (required, no default)")
     pl.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
     pl.add_argument("--world", type=_positive_ints, required=True,
-                    help="ranks P of the sequence-parallel group; a comma list gives one table each")
+                    help="ranks P of the sequence-parallel group; a comma list gives one table each "
+                         "(required, no default)")
     pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16",
                     help="layer dtype (default: bfloat16)")
     pl.add_argument("--gpu-memory", type=_bytes(), default=80 * 2**30,
@@ -302,6 +316,8 @@ def load_config(args: argparse.Namespace):
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
             inject_error=args.inject_error, local_windows=args.local_windows,
             cross_nsides=args.cross_nsides, cross_window=args.cross_window,
+            sample_queries=args.sample_queries, data=args.data, data_variable=args.data_variable,
+            data_time=args.data_time,
         )
     from hpattn_dist.tools.bench import BenchConfig
     from hpattn_dist.tools.config import default_config_path
