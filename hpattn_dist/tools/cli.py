@@ -241,6 +241,10 @@ def _plan_parser(sub) -> None:
     pl.add_argument("--world", type=_positive_ints, required=True,
                     help="ranks P of the sequence-parallel group; a comma list gives one table each "
                          "(required, no default)")
+    pl.add_argument("--strategies", type=_csv(str), default=None,
+                    help=f"comma list of {','.join(STRATEGY_NAMES)} to plan (default: all; hybrid: every "
+                         "proper Ulysses degree; auto: the one strategy='auto' runs; windowed attention "
+                         "comes with --window-nside)")
     pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16",
                     help="layer dtype (default: bfloat16)")
     pl.add_argument("--gpu-memory", type=_bytes(), default=80 * 2**30,

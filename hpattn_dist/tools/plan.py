@@ -315,6 +315,22 @@ def as_json(cfg: PlanConfig, estimates: Sequence[StrategyEstimate]) -> dict[str,
             "records": [e.record() for e in estimates]}
 
 
+def _selected(estimates: list[StrategyEstimate], names: Optional[Sequence[str]], auto: str) -> list[StrategyEstimate]:
+    """The estimates ``--strategies`` asks for (windowed attention always, when planned).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not names:
+        return estimates
+    unknown = sorted(set(names) - {"ring", "ulysses", "hybrid", "auto"})
+    if unknown:
+        raise ValueError(f"--strategies: unknown {unknown}; choose from ring, ulysses, hybrid, auto")
+    keep = {n for n in names if n != "hybrid"} | ({auto} if "auto" in names else set())
+    return [e for e in estimates if e.strategy in keep or e.ulysses_degree is None
+            or ("hybrid" in names and e.strategy.startswith("hybrid:"))]
+
+
 def cli_plan(args: Any) -> int:
     """``hpattn-dist plan``: one table per (nside, world) pair; ``--json`` gets every record."""
     documents = []
@@ -325,7 +341,7 @@ def cli_plan(args: Any) -> int:
                              flops=None if args.tflops is None else args.tflops * 1e12,
                              window_nside=args.window_nside, mode=args.mode, layers=args.layers,
                              device=args.plan_device)
-            estimates = plan_layer(cfg)
+            estimates = _selected(plan_layer(cfg), args.strategies, _auto_choice(cfg))
             print(format_plan(cfg, estimates), end="\n\n", flush=True)
             documents.append(as_json(cfg, estimates))
     if args.json_path is not None:  # one flat list of records, each naming its nside and world
