@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 import zlib
 from typing import Any, Optional
 
@@ -120,7 +121,9 @@ def _prepare(store: Any, name: str, rest: tuple[int, ...], dtype, npix: int, tim
         shape = ((time + 1,) if time is not None else ()) + rest + (npix,)
         chunks = ((1,) if time is not None else ()) + rest + (min(chunk_cells, npix),)
         _create(zgroup, name, shape, dtype, chunks, time is not None, nside)
-    zarr.consolidate_metadata(zgroup.store, path=zgroup.path or None)
+    with warnings.catch_warnings():  # zarr 3 notes that consolidated metadata is outside its v3 spec
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        zarr.consolidate_metadata(zgroup.store, path=zgroup.path or None)
 
 
 def _write_chunks(array, rows: Tensor, start: int, stop: int, received: Tensor, time: Optional[int],
