@@ -360,6 +360,10 @@ class CaseResult:
     #: what ran: ``auto`` resolved (``"ulysses"``, ``"hybrid:U2"`` ...), hybrid's degenerate
     #: degrees named (U = 1 is a ring, U = P a Ulysses); None for a skipped case.
     executed: Optional[str] = None
+    #: the sampled check's measurements of the layer's forward + backward, one entry per rank:
+    #: ``time_s``, ``peak_allocated_bytes`` (Note [allocated peak]), ``peak_rss_bytes``
+    #: (Note [peak memory]); None for the full-field check.
+    measured: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -367,7 +371,8 @@ class CaseResult:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k)
-             for k in ("strategy", "executed", "backend", "kernel", "dtype", "skipped", "unreproducible")}
+             for k in ("strategy", "executed", "backend", "kernel", "dtype", "skipped", "unreproducible",
+                       "measured")}
         d["passed"] = self.passed
         d["quantities"] = [
             {"name": q.name, "max_abs": q.max_abs, "rel": q.rel, "ref_max": q.ref_max,
@@ -631,6 +636,11 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
                      + f" {max(q.max_abs for q in params):9.2e} {worst.rel:9.2e} {decides:8.1e}  " + verdict)
         if r.unreproducible is not None:
             lines.append(f"{'':<10} ^ {r.unreproducible}")
+        if r.measured is not None:
+            m = r.measured
+            lines.append(f"{'':<10} ^ forward+backward {max(m['time_s']):.1f} s; peak per rank (GiB): allocated "
+                         + ", ".join(f"{b / 2**30:.3f}" for b in m["peak_allocated_bytes"]) + "; resident "
+                         + ", ".join(f"{b / 2**30:.3f}" for b in m["peak_rss_bytes"]))
     n_fail = sum(not r.passed for r in results)
     n_skip = sum(r.skipped is not None for r in results)
     lines.append(f"{len(results) - n_fail - n_skip} passed, {n_fail} failed, {n_skip} skipped")

@@ -34,6 +34,7 @@ in ``dx`` and the parameter gradients whatever K is.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -211,6 +212,40 @@ class StreamedReference:
         return dx, grads
 
 
+class _Measured:
+    """Wall time, allocator peak (Note [allocated peak]) and resident-set peak (Note [peak
+    memory]) of the layer's forward + backward on this rank."""
+
+    def __init__(self, device: torch.device) -> None:
+        from hpattn_dist.tools.allocations import AllocatedPeak
+        from hpattn_dist.tools.bench import PeakMemory
+
+        self.allocated, self.resident = AllocatedPeak(device), PeakMemory(device)
+
+    def __enter__(self) -> "_Measured":
+        self.resident.__enter__()
+        self.allocated.__enter__()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.allocated.device.type == "cuda":
+            torch.cuda.synchronize(self.allocated.device)
+        self.seconds = time.perf_counter() - self.start
+        self.allocated.__exit__(*exc)
+        self.resident.__exit__(*exc)
+
+    def per_rank(self, info: GroupInfo, device: torch.device) -> dict[str, list]:
+        """Every rank's measurements (one small all-gather)."""
+        mine = torch.tensor([self.seconds, float(self.allocated.peak), float(self.resident.bytes)],
+                            dtype=torch.float64)
+        rows = [mine.clone() for _ in range(info.world_size)]
+        if info.world_size > 1:
+            dist.all_gather(rows, mine.to(info.comm_device(device)), group=info.group)
+        return {"time_s": [float(r[0]) for r in rows], "peak_allocated_bytes": [int(r[1]) for r in rows],
+                "peak_rss_bytes": [int(r[2]) for r in rows]}
+
+
 def _build(cfg: VerifyConfig, embed: int, label: str, group, backend: str, ulysses_degree: Optional[int],
            window: Optional[tuple[int, str]]):
     """The float64 layer of the verify seed (its weights are the reference's) and the distributed
@@ -290,13 +325,17 @@ def run_sampled_cases(
                 _, y_ref, dx_ref, grads_ref = known
                 layer = layer.to(device=device, dtype=dtype)
                 x = x_local.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+                dy = torch.zeros(x.shape, dtype=dtype, device=device)  # dL/dy: g on the sampled rows
+                dy[:, rows] = g[:, mine].to(device=device, dtype=dtype)
                 try:
-                    y = layer(x)
+                    with _Measured(device) as measured:
+                        y = layer(x)
+                        y.backward(dy)
                 except ValueError as err:  # raised on every rank by the library's agreement
                     result.skipped = str(err)
                     results.append(result)
                     continue
-                (y[:, rows] * g[:, mine].to(device=device, dtype=dtype)).sum().backward()
+                result.measured = measured.per_rank(info, device)
                 sync_gradients(layer, group)
                 pairs = [("out", (y.detach()[:, rows] + cfg.inject_error).cpu(), y_ref[:, mine]),
                          ("dx", x.grad.cpu(), dx_ref)]
