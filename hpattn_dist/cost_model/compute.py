@@ -18,9 +18,8 @@ Note [time lower bound]
         time >= max(attention FLOPs / F, ring bytes / W) + (other FLOPs) / F + (other bytes) / W
 
     with F the peak FLOP/s and W the bytes per second one rank can send. It is a bound, not a
-    prediction: kernels reach a fraction of F (CPU flash attention a few percent of the machine's
-    peak, FlashAttention-2 on an H100 about half), and latency, stragglers and the agreement's
-    all-gather are not in it.
+    prediction: kernels reach a fraction of F (measure yours with ``hpattn-dist bench``), and
+    latency, stragglers and the agreement's all-gather are not in it.
 """
 
 from __future__ import annotations
