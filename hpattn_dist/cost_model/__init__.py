@@ -20,14 +20,23 @@ from hpattn_dist.cost_model.communication import (
     AGREEMENT_BYTES, CommVolume, HaloRows, communication_volume, degree_for, equal_shard_cost, halo_rows,
     strategy_name,
 )
+from hpattn_dist.cost_model.compute import LayerWork, attention_flops, time_lower_bound
+from hpattn_dist.cost_model.memory import LayerMemory, MemoryCase, global_layer_memory, local_layer_memory
 
 __all__ = [
     "AGREEMENT_BYTES",
     "CommVolume",
     "HaloRows",
+    "LayerMemory",
+    "LayerWork",
+    "MemoryCase",
+    "attention_flops",
     "communication_volume",
     "degree_for",
     "equal_shard_cost",
+    "global_layer_memory",
     "halo_rows",
+    "local_layer_memory",
     "strategy_name",
+    "time_lower_bound",
 ]
