@@ -10,8 +10,8 @@ Note [store conventions], so xarray opens it as an ordinary dataset and xdggs / 
 grid. Group rank 0 creates (or extends along time) the arrays and consolidates the metadata; the
 other ranks wait for that in the call's second agreement. Then every rank writes, in parallel.
 
-Two ranks must never write parts of the same chunk: a partial write is a read-modify-write of the
-whole chunk, and two of them at once lose one rank's rows. So a chunk is written, whole, by the
+Two ranks must never write parts of the same chunk (of a sharded zarr 3 array: the same shard): a
+partial write is a read-modify-write of the whole chunk, and two of them at once lose one rank's rows. So a chunk is written, whole, by the
 rank whose range holds its FIRST cell. A rank's rows before its first chunk boundary belong to
 the chunk an earlier rank owns; they travel there in one ``all_to_all`` of at most one chunk's
 rows per rank (counted as ``io.write.boundary``): no rank ever holds more than its shard and one
@@ -80,13 +80,20 @@ def _boundary_plan(sizes: list[int], c: int) -> list[list[int]]:
 
 
 def _create(zgroup, name: str, shape: tuple[int, ...], dtype, chunks: tuple[int, ...], time: bool,
-            nside: int) -> None:
-    """Rank 0: the variable, its cell ids and grid mapping, attributes of both conventions."""
+            nside: int) -> bool:
+    """Rank 0: the variable, its cell ids and grid mapping, attributes of both conventions; whether
+    the cell ids are new (then every rank writes its part of them)."""
     xdggs, easygems = grid_attributes(nside, "NESTED")
     npix = shape[-1]
-    if CELL_IDS not in zgroup:
+    new_ids = CELL_IDS not in zgroup
+    if new_ids:
         zgroup.create_array(CELL_IDS, shape=(npix,), dtype="int64", chunks=(chunks[-1],),
                             dimension_names=(CELL_DIM,), attributes=xdggs)
+    else:
+        ids = zgroup[CELL_IDS]
+        if tuple(ids.shape) != (npix,) or {k: ids.attrs.get(k) for k in xdggs} != xdggs:
+            raise ValueError(f"write_shard: the store's {CELL_IDS!r} ({tuple(ids.shape)}, {dict(ids.attrs)}) "
+                             f"describe another grid than this NESTED field of nside {nside}")
     if CRS not in zgroup:
         crs = zgroup.create_array(CRS, shape=(), dtype="int8", attributes=easygems, fill_value=0)
         crs[...] = 0
@@ -96,11 +103,13 @@ def _create(zgroup, name: str, shape: tuple[int, ...], dtype, chunks: tuple[int,
         dimension_names=(*(("time",) if time else ()), *rest_names, CELL_DIM),
         attributes={"grid_mapping": CRS, "coordinates": f"{CELL_IDS} {CRS}"},
     )
+    return new_ids
 
 
 def _prepare(store: Any, name: str, rest: tuple[int, ...], dtype, npix: int, time: Optional[int],
-             chunk_cells: Optional[int]) -> None:
-    """Rank 0's part: create or check the variable, extend its time dimension, consolidate."""
+             chunk_cells: Optional[int]) -> bool:
+    """Rank 0's part: create or check the variable, extend its time dimension, consolidate;
+    whether the cell ids are new."""
     zarr = _zarr()
     zgroup = open_store(store, mode="a") if not isinstance(store, zarr.Group) else store
     nside = npix2nside(npix)
@@ -115,15 +124,23 @@ def _prepare(store: Any, name: str, rest: tuple[int, ...], dtype, npix: int, tim
                              f"nside {nside} (time {time})")
         if time is not None and time >= array.shape[0]:
             array.resize((time + 1, *array.shape[1:]))
+        new_ids = False
     else:
         if chunk_cells is None:
             chunk_cells = _default_chunk(npix, rest, dtype.itemsize)
         shape = ((time + 1,) if time is not None else ()) + rest + (npix,)
         chunks = ((1,) if time is not None else ()) + rest + (min(chunk_cells, npix),)
-        _create(zgroup, name, shape, dtype, chunks, time is not None, nside)
+        new_ids = _create(zgroup, name, shape, dtype, chunks, time is not None, nside)
     with warnings.catch_warnings():  # zarr 3 notes that consolidated metadata is outside its v3 spec
         warnings.filterwarnings("ignore", message="Consolidated metadata")
         zarr.consolidate_metadata(zgroup.store, path=zgroup.path or None)
+    return new_ids
+
+
+def _write_unit(array) -> tuple[int, ...]:
+    """The smallest region written whole: the chunk, or the shard of a sharded (zarr 3) array,
+    whose chunks are rewritten together."""
+    return tuple(getattr(array, "shards", None) or array.chunks)
 
 
 def _write_chunks(array, rows: Tensor, start: int, stop: int, received: Tensor, time: Optional[int],
@@ -131,10 +148,11 @@ def _write_chunks(array, rows: Tensor, start: int, stop: int, received: Tensor, 
     """Write the chunks whose first cell lies in ``[start, stop)``, each whole: ``rows``
     ``[*rest, N_r]`` are this rank's cells, ``received`` ``[*rest, m]`` the cells after ``stop``
     of its last chunk."""
-    c = array.chunks[-1]
+    unit = _write_unit(array)
+    c = unit[-1]
     first = -(-start // c) * c
     lead_shape = array.shape[1:-1] if time is not None else array.shape[:-1]
-    lead_chunks = array.chunks[1:-1] if time is not None else array.chunks[:-1]
+    lead_chunks = unit[1:-1] if time is not None else unit[:-1]
     ranges = [[slice(i, min(i + k, n)) for i in range(0, n, k)] for n, k in zip(lead_shape, lead_chunks)]
     for c0 in range(first, stop, c):
         c1 = min(c0 + c, npix)
@@ -215,9 +233,9 @@ def write_shard(
                          f"{info.world_size}) = {shard_sizes(npix, info.world_size)}")
 
     with validated_signature(info, "write_shard") as sig:  # rank 0 prepares, the others wait
-        if info.rank == 0:
-            _prepare(store, name, rest, dtype, npix, time, chunk_cells)
-        sig.set({}, 0, kind="write_shard.prepare")
+        new_ids = _prepare(store, name, rest, dtype, npix, time, chunk_cells) if info.rank == 0 else False
+        sig.set({}, int(new_ids), kind="write_shard.prepare")
+    write_ids = bool(sig.per_rank[0])
 
     with validated_signature(info, "write_shard") as sig:  # its end is the barrier
         zgroup = _zarr().open_group(store, mode="r+", use_consolidated=False) \
@@ -225,11 +243,12 @@ def write_shard(
         array = zgroup[name]
         start = offsets(sizes)[info.rank]
         stop = start + sizes[info.rank]
-        received = _boundary_rows(tensor, sizes, array.chunks[-1], info)
+        received = _boundary_rows(tensor, sizes, _write_unit(array)[-1], info)
         host = tensor.detach()
         _write_chunks(array, host if host.device.type == "cpu" else host.cpu(), start, stop, received,
                       time, npix)
-        _write_cell_ids(zgroup[CELL_IDS], start, stop)
+        if write_ids:
+            _write_cell_ids(zgroup[CELL_IDS], start, stop)
         sig.set({}, 0, kind="write_shard.write")
 
 
