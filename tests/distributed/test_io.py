@@ -72,7 +72,7 @@ def _write(path: str, data: np.ndarray, order: str, convention: str, chunks: tup
 
 def _io_job(rank: int, world: int, stores: dict[str, str], bad: dict[str, str], out_path: str) -> dict:
     warnings.simplefilter("ignore")
-    from hpattn_dist.io import ShardDataset, read_shard, write_shard
+    from hpattn_dist.io import ShardDataset, check_same_index, read_shard, write_shard
 
     res: dict = {"read": {}, "errors": {}}
     for key, path in stores.items():
@@ -88,6 +88,13 @@ def _io_job(rank: int, world: int, stores: dict[str, str], bad: dict[str, str], 
             res["errors"][key] = None
         except ValueError as err:
             res["errors"][key] = str(err)
+
+    try:  # one rank drew other samples than its peers
+        check_same_index([4, 1] if rank != 4 else [4, 2])
+        res["errors"]["index_mismatch"] = None
+    except ValueError as err:
+        res["errors"]["index_mismatch"] = str(err)
+    check_same_index(torch.tensor([4, 1]))  # the same everywhere: passes
 
     # The harness's ranks are daemonic processes, which multiprocessing forbids to have children;
     # a torchrun rank is not. Lift that for the DataLoader's workers.
@@ -156,7 +163,8 @@ def test_bad_stores_refused_on_every_rank(world5):
     results = world5[0]
     expect = {"no_healpix_count": "no HEALPix field", "no_ordering": "names no HEALPix ordering",
               "permuted_cell_ids": "not the cells in storage order", "conventions_disagree": "disagree",
-              "other_time": "disagree on time", "wrong_ordering_arg": "contradict"}
+              "other_time": "disagree on time", "wrong_ordering_arg": "contradict",
+              "index_mismatch": "disagree on crc, t1"}
     for key, words in expect.items():
         messages = [res["errors"][key] for res in results]
         assert all(m is not None for m in messages), (key, messages)
