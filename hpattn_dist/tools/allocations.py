@@ -14,7 +14,10 @@ Note [allocated peak]
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import sys
+from typing import Any, Iterator
 
 import torch
 
@@ -49,7 +52,8 @@ class AllocatedPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with _quiet_stderr():
+            self._prof.__enter__()
         self.method = "profiler memory events"
         return self
 
@@ -59,7 +63,8 @@ class AllocatedPeak:
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
             self.end = torch.cuda.memory_allocated(self.device) - self._base
             return
-        self._prof.__exit__(*exc)
+        with _quiet_stderr():
+            self._prof.__exit__(*exc)
         events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
         live = peak = 0
@@ -68,3 +73,18 @@ class AllocatedPeak:
             peak = max(peak, live)
         self.peak, self.end = peak, live
         del self._prof
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: the profiler's library prints a line to it at every
+    start and stop, whatever its log level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
