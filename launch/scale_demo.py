@@ -1,6 +1,6 @@
 """The scale demonstrations of docs/performance.md: no full field anywhere, measured against predicted.
 
-    nice -n 19 python launch/scale_demo.py --out /tmp/hpattn_scale      # about an hour on 2 busy cores
+    nice -n 10 python launch/scale_demo.py --out /tmp/hpattn_scale      # hours on 2 busy cores
 
 1. Two ranks write the input fields to zarr stores, each its own NESTED range
    (``launch/write_store.py --random-channels``): nside 128 (196,608 pixels) and nside 256
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="K sampled query pixels")
     parser.add_argument("--window-nside", type=int, default=32)
     parser.add_argument("--skip", default="", help="comma list of steps to skip: global, local, h100")
+    parser.add_argument("--timeout", type=float, default=12 * 3600.0,
+                        help="seconds each verify run may take (a busy 2-core machine needs hours at nside 128)")
     parser.add_argument("--global-nside", type=int, default=128)
     parser.add_argument("--local-nside", type=int, default=256)
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     common = ["--heads", str(args.heads), "--backends", "sdpa", "--dtypes", "float32",
-              "--sample-queries", str(args.samples)]
+              "--sample-queries", str(args.samples), "--timeout", str(args.timeout)]
     runs = []
     if "global" not in skip:
         store = out / f"hp{args.global_nside}.zarr"

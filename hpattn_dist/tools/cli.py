@@ -26,6 +26,7 @@ A ``verify`` rank pins the math library's code path before its first tensor oper
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per rank (default: cores // nproc, at least 1; under "
                              "torchrun: leave torch's setting alone)")
     launch.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds before a local launch is killed (exit 124; default 1800)")
+                        help="seconds before a local launch is killed (exit 124), also the process "
+                             "group's timeout when longer than torch's 30 minutes (default 1800)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cpu (gloo) or cuda (nccl, one GPU per local rank); auto = cuda if "
                              "available (default: cpu)")
@@ -448,7 +450,10 @@ def _run_rank(args: argparse.Namespace) -> int:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # A long local run (--timeout above torch's 30-minute default) may spend longer than that in
+    # one block on a busy machine, while its ring neighbour waits: the group waits as long.
+    pg_timeout = datetime.timedelta(seconds=max(1800.0, args.timeout))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=pg_timeout)
     rank = dist.get_rank()
     try:
         with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py
