@@ -96,13 +96,14 @@ def _xdggs(group, variable) -> Optional[tuple[int, str, str, str]]:
     for name in _candidates(group, names, lambda attrs: attrs.get("grid_name") == "healpix", "xdggs cell-id"):
         attrs = group[name].attrs
         where = f"xdggs attributes of {name!r}"
+        ordering = _scheme(attrs.get("indexing_scheme", "nested"), where)
         if "level" in attrs:
             nside = 2 ** _int_attr(attrs["level"], f"{where}, level")
         elif "nside" in attrs:
             nside = _int_attr(attrs["nside"], f"{where}, nside")
         else:
             raise ValueError(f"{where}: grid_name 'healpix' without a 'level'")
-        return nside, _scheme(attrs.get("indexing_scheme", "nested"), where), name, where
+        return nside, ordering, name, where
     return None
 
 
