@@ -33,14 +33,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.agreement import fail_together
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
-from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask, zero_excluded_keys
 from hpattn_dist.oracle import AttnBackend, check_layer_args
-from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
 from hpattn_dist.validation import check_layer_input
 
@@ -157,24 +158,32 @@ class SpatialCrossAttention(nn.Module):
                 dropout_seed=resolve_dropout_seed(dropout_p, None),
             ).to(x_q.dtype)  # [B, H, Nq, D]
             return self.out_proj(out.transpose(1, 2).reshape(batch, n_q, self.embed_dim))
-        scores_bias = None  # [B, H|1, 1, Nk]
+        bias = None  # [B, H|1, Nk]
         if key_bias is not None:
             if tuple(key_bias.shape) == (batch, n_k):
-                scores_bias = key_bias[:, None, None, :]
+                bias = key_bias[:, None, :]
             elif tuple(key_bias.shape) == (batch, self.num_heads, n_k):
-                scores_bias = key_bias[:, :, None, :]
+                bias = key_bias
             else:
                 raise ValueError(f"key_bias must have shape [B, Nk] = {(batch, n_k)} or [B, H, Nk] = "
                                  f"{(batch, self.num_heads, n_k)}, got {tuple(key_bias.shape)}")
-            scores_bias = scores_bias.to(q.dtype)
-        has_key = None
-        if key_mask is not None:
-            # Note [fully masked queries] in oracle.py: such a query's output is zero.
-            has_key = key_mask.any(dim=-1)  # [B]
-            key_mask = key_mask | ~has_key[:, None]
-            masked = torch.zeros((batch, 1, 1, n_k), dtype=q.dtype, device=q.device)
-            masked = masked.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-            scores_bias = masked if scores_bias is None else scores_bias + masked
+            bias = bias.to(q.dtype)
+        scores_bias, has_key = None, None  # [B, H|1, 1, Nk], [B, H|1]
+        if key_mask is not None or bias is not None:
+            # Note [non-finite inputs] in masks.py: excluded keys reach no row (-inf scores, zero
+            # K/V rows); Note [fully masked queries] in oracle.py: a row with no allowed key is
+            # zero, computed over every key (no NaN created) and then replaced.
+            excluded = torch.zeros((batch, 1, n_k), dtype=torch.bool, device=q.device)
+            if bias is not None:
+                excluded = excluded | torch.isneginf(bias)
+            if key_mask is not None:
+                excluded = excluded | ~key_mask[:, None, :]
+            has_key = (~excluded).any(dim=-1)  # [B, H|1]
+            excluded = excluded & has_key[..., None]
+            finite = torch.zeros_like(excluded, dtype=q.dtype) if bias is None else \
+                torch.where(has_key[..., None], bias, torch.zeros_like(bias))
+            k, v = zero_excluded_keys(k, excluded), zero_excluded_keys(v, excluded)
+            scores_bias = finite.masked_fill(excluded, float("-inf"))[:, :, None, :]
 
         if self.attn_backend != "manual" and _SDPA_AVAILABLE:
             dropout_p = self._dropout_p if self.training else 0.0
@@ -186,13 +195,13 @@ class SpatialCrossAttention(nn.Module):
             attn = F.softmax(attn, dim=-1)
             attn = self.dropout(attn)
             out = attn @ v  # [B, H, Nq, D]
-        if has_key is not None:
-            out = out * has_key[:, None, None, None].to(out.dtype)
+        if has_key is not None:  # zeros, also where the attention over every key gave NaN
+            out = torch.where(has_key[:, :, None, None], out, torch.zeros_like(out))
         out = out.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
         return self.out_proj(out)
 
 
-class DistributedSpatialCrossAttention(SpatialCrossAttention):
+class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
     """:class:`SpatialCrossAttention` with both grids' pixels sharded across a process group.
 
     Same constructor arguments, parameters (``q_proj``, ``kv_proj``, ``out_proj``) and
@@ -227,6 +236,7 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
     Parameters are replicated over ``process_group`` and checked on every forward (Note
     [replicated parameter check]); reduce their gradients with
     :func:`hpattn_dist.grad_sync.sync_gradients` (Note [replicated parameters] in ``modules.py``).
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
 
     Example::
 
@@ -271,21 +281,16 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         self.ulysses_degree = ulysses_degree
         self.healpix_field = bool(healpix_field)
         self.name = name
-        self._fingerprint = ParameterFingerprint()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}" + (
             "" if self.healpix_field else ", healpix_field=False")
 
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field,
-                          point_sets=self.window_nside is None)
-
     def _ref(self) -> LayerRef:
-        """What a call without a window takes its facts from, inside the registered op (as
+        """What the call takes its facts from, inside its agreement (as
         :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field,
+                        point_sets=self.window_nside is None)
 
     def _label(self) -> str:
         return type(self).__name__ + (f" {self.name!r}" if self.name else "")
@@ -301,19 +306,18 @@ class DistributedSpatialCrossAttention(SpatialCrossAttention):
         Returns:
             ``[B, Nq_r, E]``.
         """
-        try:
-            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local")
+        with fail_together(resolve_group(self.process_group), self._label()):  # as the self layer's
+            check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local",
+                              weight=getattr(self.q_proj, "weight", None))
             check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",
-                              dim_name="kv_dim")
-        except (ValueError, TypeError) as err:
-            raise_on_every_rank(resolve_group(self.process_group), type(self).__name__, err)
-        batch, n_q, _ = x_q_local.shape
-        q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
+                              dim_name="kv_dim", weight=getattr(self.kv_proj, "weight", None))
+            batch, n_q, _ = x_q_local.shape
+            q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
         out_local = sharded_attention(
             self.strategy, q_local, k_local, v_local, self.process_group,
             backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._ref() if self.window_nside is None else self._facts(), cross=True,
+            layer=self._ref(), cross=True,
             window_nside=self.window_nside, mode=self.mode,
         )  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

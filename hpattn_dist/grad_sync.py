@@ -38,6 +38,28 @@ loss by P (or divide by ``N / P`` instead of ``N``) or reduce the SP group with
 
 Parameters the backward does not reach keep ``grad = None`` on every rank where no rank produced
 a gradient; where only some ranks did, the others take part with zeros and end with the sum.
+
+Note [one loss rule]
+~~~~~~~~~~~~~~~~~~~~
+One rule covers every output a sharded model has: **each rank's loss is its share of the
+single-device loss, and the shares sum to it** (``sum_r L_r = L``). Then ``backward`` on every
+rank and :func:`sync_gradients` give every rank the single-device gradient.
+
+- A SHARDED output (one value per pixel, each rank holding its pixels): the share is the rank's
+  part of the per-pixel sum, :func:`sharded_mean` (local sum / GLOBAL count).
+- A REPLICATED output (the same value on every rank: a ``[B, C]`` vector after global pooling,
+  ``idx_flow.Squeeze``, then a classifier's logits or a discriminator's score): every rank
+  computes the whole loss ``L``, so the share is ``L / P``, :func:`replicated_loss`. Taking ``L``
+  itself on every rank (the natural ``loss.mean()``) makes every gradient exactly P times too
+  large after :func:`sync_gradients`, silently.
+- A loss with both kinds of terms (a reconstruction plus a classifier, a generator's adversarial
+  term): the sum of the terms' shares.
+
+Why ``L / P`` is exact: a replicated activation ``y`` carries on rank r the gradient of rank r's
+share only, and the all-reduce that made it sums those over the ranks on its way back (Note
+[replicated activations] in :mod:`hpattn_dist.comm.all_reduce`): ``sum_r dL_r/dy = dL/dy`` reaches
+every rank's pixels. The parameters after the pooling (the head) see ``dL/(P dtheta)`` on every
+rank, and the sum of :func:`sync_gradients` makes that ``dL/dtheta``.
 """
 
 from __future__ import annotations
@@ -50,9 +72,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import agree_on_shapes
+from hpattn_dist.comm.agreement import agree_on_shapes, validated_signature
 from hpattn_dist.comm.counters import record
-from hpattn_dist.comm.groups import nbytes, resolve_group
+from hpattn_dist.comm.groups import GroupInfo, nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
 from hpattn_dist.mesh import _parent_ranks
 
@@ -60,8 +82,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
-    "broadcast_parameters", "ddp_sequence_parallel", "fsdp_sequence_parallel", "global_loss", "sharded_mean",
-    "sync_gradients",
+    "broadcast_parameters", "ddp_sequence_parallel", "fsdp_sequence_parallel", "global_loss",
+    "replicated_loss", "sharded_mean", "sync_gradients",
 ]
 
 
@@ -94,6 +116,31 @@ def sharded_mean(local: Tensor, npix: int, dim: int = 1) -> Tensor:
     return local.sum() / (npix * others)
 
 
+def replicated_loss(loss: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """This rank's share of a loss that every rank computes whole: ``loss / P`` (Note [one loss rule]).
+
+    For a loss on a REPLICATED output (the same on every rank of the SP group), e.g. the cross
+    entropy of a classifier after global pooling or a discriminator's score. Summed over the
+    group it is ``loss``; with :func:`sync_gradients` the gradients are the single-device ones.
+    Add it to the shares of sharded terms (:func:`sharded_mean`) for a loss with both.
+
+    Args:
+        loss: the loss every rank computed from the replicated output (any shape; usually 0-dim).
+        process_group: the SP group (None: the default group, or one process when
+            ``torch.distributed`` is not initialised). It does not communicate.
+
+    Returns:
+        ``loss / P``.
+
+    Raises:
+        ValueError: ``loss`` is not a floating tensor.
+    """
+    if not isinstance(loss, Tensor) or not (loss.is_floating_point() or loss.is_complex()):
+        raise ValueError(f"replicated_loss: expected a floating tensor, got "
+                         f"{getattr(loss, 'dtype', type(loss).__name__)}")
+    return loss / resolve_group(process_group, "process_group").world_size
+
+
 def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """The single-device loss value ``sum_r L_r`` on every rank (for logging; no autograd).
 
@@ -109,7 +156,7 @@ def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] =
     total = local_loss.detach().clone()
     if info.world_size > 1:
         run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
-            total, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+            total, op=dist.ReduceOp.SUM, group=info.group, async_op=True), total.device)
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(total) // info.world_size)
     return total
 
@@ -134,20 +181,24 @@ def sync_gradients(
         process_group: the SP group (None: the default group; nothing to do with one process).
 
     Raises:
-        ValueError: a parameter's gradient is sparse.
+        ValueError: on every rank, when a parameter's gradient is sparse on any rank, or when the
+            ranks' parameters differ in number, shape, dtype, device type or ``requires_grad``
+            (the message names the first that differs): their buffers would not pair up.
 
-    Communication: per buffer, one ``all_reduce`` recorded under ``"all_reduce"``.
+    Communication: one metadata ``all_gather`` (the bucket layout, Note [fail together]), then
+    per buffer one ``all_reduce`` recorded under ``"all_reduce"``.
     """
-    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
-    params = [p for p in params if p.requires_grad]
+    every = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    params = [p for p in every if p.requires_grad]
     info = resolve_group(process_group, "process_group")
-    if info.world_size == 1 or not params:
+    if info.world_size == 1:
+        return
+    _agree_on_buckets(info, every)
+    if not params:
         return
 
     buckets: dict[tuple[str, str], list[nn.Parameter]] = {}
     for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            raise ValueError("sync_gradients: sparse gradients are not supported")
         buckets.setdefault((str(p.dtype), str(p.device)), []).append(p)
 
     # Same key order on every rank, so the collectives pair up.
@@ -162,7 +213,7 @@ def sync_gradients(
                 flat[numel + i] = 1
             offset += p.numel()
         run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
-            flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+            flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True), flat.device)
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(flat) // info.world_size)
         present = (flat[numel:] > 0).tolist()  # one device sync per buffer
         offset = 0
@@ -174,6 +225,42 @@ def sync_gradients(
                 else:
                     p.grad.copy_(reduced)
             offset += p.numel()
+
+
+def _layout(params: list) -> list[tuple]:
+    """What decides :func:`sync_gradients`' buffers: each parameter's trainability, dtype, device
+    type and shape, in order."""
+    return [(bool(p.requires_grad), str(p.dtype).replace("torch.", ""), p.device.type, tuple(p.shape))
+            for p in params]
+
+
+def _agree_on_buckets(info: GroupInfo, params: list) -> None:
+    """One agreement on the parameters' layout before the buffers are reduced, so that ranks whose
+    buffers would differ in size raise together instead of aborting inside the all_reduce (Note
+    [fail together]); the sparse-gradient refusal travels in it too."""
+    layout = _layout(params)
+    try:
+        with validated_signature(info, "sync_gradients") as sig:
+            for i, p in enumerate(params):
+                if p.requires_grad and p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"sync_gradients: the gradient of parameter {i} is sparse (not supported)")
+            sig.set({"parameters": len(params), "layout_crc32": zlib.crc32(repr(layout).encode())}, 0,
+                    params[0].device if params else None)
+    except ValueError as err:
+        # Every rank holds the same rows and is here: name the first parameter that differs.
+        layouts: list = [None] * info.world_size
+        dist.all_gather_object(layouts, layout, group=info.group)
+        for i in range(max(len(t) for t in layouts)):
+            entries = [t[i] if i < len(t) else None for t in layouts]
+            if any(e != entries[0] for e in entries):
+                table = "; ".join(f"{info.describe_rank(r)}: " + (
+                    "none" if e is None else f"requires_grad={e[0]}, {e[1]} on {e[2]}, shape {e[3]}")
+                    for r, e in enumerate(entries))
+                raise ValueError(
+                    f"sync_gradients: the ranks' parameters differ at parameter {i} (pass the same "
+                    f"parameters, with the same requires_grad and dtype, in the same order on every "
+                    f"rank): {table}") from err
+        raise
 
 
 def broadcast_parameters(
@@ -222,7 +309,7 @@ def broadcast_parameters(
         with torch.no_grad():
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
             run_collective(info, "broadcast", "a broadcast", lambda: dist.broadcast(
-                flat, src=src, group=info.group, async_op=True))
+                flat, src=src, group=info.group, async_op=True), flat.device)
             record("broadcast", nbytes(flat) if info.rank == 0 else 0)
             offset = 0
             for t in bucket:

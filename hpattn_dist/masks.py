@@ -1,18 +1,50 @@
 """Key masks and key biases: the additive bias they fold into, and the keys a mask leaves.
 
 Legend: B batch, H heads, N_r pixels (keys) on this rank, M_r keys left after compaction.
+
+Note [non-finite inputs]
+~~~~~~~~~~~~~~~~~~~~~~~~
+Defined once, for every path (global, cross, windowed; ring, Ulysses, hybrid; the registered op
+and the autograd executors) and every oracle (``oracle.py``, ``cross.py``, ``local/oracle.py``,
+the tests' references): a query attends to its ALLOWED keys, those unmasked (``key_mask`` True,
+``key_bias`` above ``-inf``) and, with a window, in its window. Its output is the explicit
+softmax formula over exactly those keys, as PyTorch's SDPA computes it over the same keys:
+
+* a NaN in the query, or in a key or value it attends to, makes its row NaN; an infinite score
+  or value gives what the formula gives (NaN or +-inf);
+* a key it does not attend to never reaches its row, whatever that key holds. A matmul would
+  multiply the key's value by a zero weight (``0 * NaN = NaN``) and a bias would add ``-inf`` to
+  its score (``NaN - inf = NaN``), so the kernels and oracles EXCLUDE such keys: their scores are
+  set to ``-inf`` and their K/V rows to zero (:func:`zero_excluded_keys`); a window leaves them
+  out altogether;
+* a query with no allowed key gets zeros (Note [fully masked queries] in ``oracle.py``), whatever
+  it holds;
+* dropout drops normalised weights, so a dropped key it attends to still counts (its NaN value
+  reaches the row through ``0 * NaN``, as in the formula).
+
+Nothing is checked: non-finite inputs cost no pass over the data and no device read. Gradients
+are the formula's where the output row is finite (keys a query does not attend to get none from
+it); the gradients flowing from a non-finite row are not specified.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import collections
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from hpattn_dist.precision import acc_dtype
 
-__all__ = ["key_bias_from_mask", "unmasked_keys"]
+__all__ = ["MaskLayout", "key_bias_from_mask", "mask_layout", "unmasked_keys", "zero_excluded_keys"]
+
+
+def zero_excluded_keys(t: Tensor, excluded: Optional[Tensor]) -> Tensor:
+    """``t [B, H, N_k, D]`` with the rows of excluded keys (``excluded``: bool ``[B, H|1, N_k]``)
+    set to zero, so that no zero weight multiplies a non-finite value (Note [non-finite inputs])."""
+    return t if excluded is None else t.masked_fill(excluded[..., None], 0)
 
 
 def key_bias_from_mask(
@@ -63,9 +95,48 @@ def key_bias_from_mask(
     return bias.contiguous()
 
 
+class MaskLayout(NamedTuple):
+    """What a key mask's VALUES decide: ``kept`` (indices ``[M_r]`` of the keys unmasked in some
+    batch element, None when every key is), ``n_kept`` (M_r), ``left`` (whether a kept key is
+    masked in some batch element, so a bias is still needed after compaction) and ``any_masked``
+    (whether any entry is False)."""
+
+    kept: Optional[Tensor]
+    n_kept: int
+    left: bool
+    any_masked: bool
+
+
+_LAYOUTS: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_MAX_LAYOUTS = 16
+
+
+def mask_layout(key_mask: Tensor) -> MaskLayout:
+    """:class:`MaskLayout` of a bool ``[B, N_r]`` mask, cached by the mask tensor's identity and
+    version: a mask passed again unchanged (a land mask) is read once, not on every call (its
+    values decide shapes, so reading them is a device-to-host transfer; Note [agreement off the
+    device] in ``comm/agreement.py``). An in-place change bumps the version and is read again."""
+    key = id(key_mask)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is key_mask and hit[1] == key_mask._version:
+        _LAYOUTS.move_to_end(key)
+        return hit[2]
+    any_batch = key_mask.any(dim=0)  # [N_r]
+    if bool(any_batch.all()):
+        left = not bool(key_mask.all())
+        layout = MaskLayout(None, key_mask.shape[1], left, left)
+    else:
+        kept = any_batch.nonzero().squeeze(1)
+        layout = MaskLayout(kept, int(kept.numel()), not bool(key_mask[:, kept].all()), True)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.popitem(last=False)
+    _LAYOUTS[key] = (weakref.ref(key_mask), key_mask._version, layout)
+    return layout
+
+
 def unmasked_keys(key_mask: Optional[Tensor]) -> Optional[Tensor]:
     """Indices ``[M_r]`` of the local keys unmasked in at least one batch element, or None when
-    every key is (so nothing can be dropped).
+    every key is (so nothing can be dropped); :func:`mask_layout`'s, cached.
 
     Note [masked key compaction]
         A key masked in EVERY batch element receives zero weight from every query, so it is
@@ -73,9 +144,4 @@ def unmasked_keys(key_mask: Optional[Tensor]) -> Optional[Tensor]:
         (``index_select``'s backward scatters zeros there). Keys masked in only some batch elements
         stay, with ``-inf`` bias where masked. A rank whose keys are all masked sends nothing.
     """
-    if key_mask is None:
-        return None
-    any_batch = key_mask.any(dim=0)  # [N_r]
-    if bool(any_batch.all()):
-        return None
-    return any_batch.nonzero().squeeze(1)
+    return None if key_mask is None else mask_layout(key_mask).kept

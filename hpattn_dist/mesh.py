@@ -201,7 +201,8 @@ def _distinct_parents(table: list) -> list[tuple[tuple[int, ...], int]]:
     return sorted(set(owner.values()))
 
 
-_CACHE: dict[tuple[tuple[int, ...], int], HybridGroups] = {}
+# (parent ranks, ulysses_degree) -> (the parent group object they were built from, the groups)
+_CACHE: dict[tuple[tuple[int, ...], int], tuple[dist.ProcessGroup, HybridGroups]] = {}
 
 
 def hybrid_groups_for(group: Optional[dist.ProcessGroup], ulysses_degree: int) -> HybridGroups:
@@ -209,11 +210,18 @@ def hybrid_groups_for(group: Optional[dist.ProcessGroup], ulysses_degree: int) -
 
     For the layers, which call the strategy on every forward. Collective on the first call for a
     given ``(group members, ulysses_degree)``: every process must make that first call together.
+    The cache holds them for the parent group OBJECT they were split from: after
+    ``destroy_process_group()`` and a new ``init_process_group``, ``group=None`` is a new WORLD,
+    whose first call builds new sub-groups (Note [groups resolved per call] in ``comm/groups.py``).
     """
     key = (_parent_ranks(group), ulysses_degree)
-    if key not in _CACHE:
-        _CACHE[key] = build_hybrid_groups(group, ulysses_degree)
-    return _CACHE[key]
+    parent = dist.group.WORLD if group is None else group
+    cached = _CACHE.get(key)
+    if cached is None or cached[0] is not parent:
+        if cached is not None:  # sub-groups of a destroyed parent: forget them
+            _PARENTS.pop(cached[1], None)
+        _CACHE[key] = (parent, build_hybrid_groups(group, ulysses_degree))
+    return _CACHE[key][1]
 
 
 def forget_groups() -> None:

@@ -27,7 +27,6 @@ compensated (see :mod:`hpattn_dist.grad_sync`). Without it the ranks' parameters
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -35,25 +34,25 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.agreement import fail_together
+from hpattn_dist.comm.binding import GroupBound, bind_process_group
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS
-from hpattn_dist.local.modules import LocalSpatialSelfAttention, to_distributed_local
+from hpattn_dist.cross import DistributedSpatialCrossAttention
+from hpattn_dist.local.modules import (
+    DistributedLocalSpatialSelfAttention,
+    LocalSpatialSelfAttention,
+    to_distributed_local,
+)
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.replicas import LayerFacts, LayerRef, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
+from hpattn_dist.swap_modules import carry_hooks, install, module_paths, unique_modules
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
 
-class _Unbound:
-    """Stands where a pickled layer's process group was (Note [copying a layer bound to a group])."""
-
-    def __repr__(self) -> str:
-        return "<process group dropped by pickling>"
-
-
-class DistributedSpatialSelfAttention(SpatialSelfAttention):
+class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
     """Multi-head self-attention over a HEALPix field whose pixels are sharded across ranks.
 
     Same constructor arguments, attributes, parameter names (``qkv_proj``, ``out_proj``) and
@@ -108,6 +107,10 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
     their gradients over the group with :func:`hpattn_dist.grad_sync.sync_gradients` (Note
     [replicated parameters]).
 
+    ``copy.deepcopy`` shares the process group; pickling drops it, and the unpickled layer raises
+    until ``layer.process_group`` is set (Note [copying a layer bound to a group] in
+    :mod:`hpattn_dist.comm.binding`).
+
     Example::
 
         >>> # on every rank of a group of P ranks, x_full: [B, N, E] identical everywhere
@@ -142,11 +145,6 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         self.ulysses_degree = ulysses_degree
         self.healpix_field = bool(healpix_field)
         self.name = name
-        self._fingerprint = ParameterFingerprint()
-
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
-        return LayerFacts(name=self._label(), layout=layout, sums=sums, healpix_field=self.healpix_field)
 
     def _label(self) -> str:
         return f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
@@ -155,30 +153,6 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         """What the call takes its facts from, where it runs (in the registered op, whose
         parameter sums ``torch.compile`` does not trace)."""
         return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
-
-    # Note [copying a layer bound to a group]
-    # A ProcessGroup is a handle on this process's communicator: it can be shared, not copied or
-    # sent elsewhere. copy.deepcopy SHARES it (the copy attends over the same ranks, like the
-    # original); pickling (torch.save of the module, multiprocessing) DROPS it, and the unpickled
-    # layer raises on use until re-bound with ``layer.process_group = group`` (None: WORLD).
-    # A layer built with process_group=None keeps None both ways (the default group wherever
-    # it is loaded).
-
-    def __deepcopy__(self, memo: dict) -> "DistributedSpatialSelfAttention":
-        if isinstance(self.process_group, dist.ProcessGroup):
-            memo[id(self.process_group)] = self.process_group
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        if isinstance(state.get("process_group"), dist.ProcessGroup):
-            state["process_group"] = _Unbound()
-        return state
 
     def extra_repr(self) -> str:
         return (
@@ -200,24 +174,16 @@ class DistributedSpatialSelfAttention(SpatialSelfAttention):
         Returns:
             ``[B, N_r, E]``.
         """
-        if isinstance(self.process_group, _Unbound):
-            raise RuntimeError(
-                "DistributedSpatialSelfAttention was unpickled without its process group (a "
-                "ProcessGroup cannot be pickled): set layer.process_group = <the sequence-parallel "
-                "group> (or None for the default group) before calling it"
-            )
-        try:
-            check_layer_input(x, self.embed_dim, key_mask)
-        except (ValueError, TypeError) as err:
-            # The peers are about to enter the strategy's shape all_gather: fail there together.
-            raise_on_every_rank(resolve_group(self.process_group), "DistributedSpatialSelfAttention", err)
-        batch_size, n_local, _ = x.shape
-
-        qkv = self.qkv_proj(x)  # [B, N_r, 3E]
-        qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
-        # The oracle's permute(2, 0, 3, 1, 4).unbind(0), as views whose backward (a stack along
-        # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
-        q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
+        # The peers are about to enter the op's agreement: a check or projection that fails here
+        # fails there, on every rank (Note [fail together]).
+        with fail_together(resolve_group(self.process_group, "process_group"), self._label()):
+            check_layer_input(x, self.embed_dim, key_mask, weight=getattr(self.qkv_proj, "weight", None))
+            batch_size, n_local, _ = x.shape
+            qkv = self.qkv_proj(x)  # [B, N_r, 3E]
+            qkv = qkv.reshape(batch_size, n_local, 3, self.num_heads, self.head_dim)
+            # The oracle's permute(2, 0, 3, 1, 4).unbind(0), as views whose backward (a stack along
+            # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
+            q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
 
         out_local = sharded_attention(
             self.strategy,
@@ -245,24 +211,29 @@ def convert_spatial_attention(
     ulysses_degree: Optional[int] = None,
     healpix_field: bool = True,
 ) -> nn.Module:
-    """Replace every :class:`SpatialSelfAttention` in ``module`` by a distributed layer.
+    """Replace every :class:`SpatialSelfAttention` (and cross-attention) in ``module`` by a distributed layer.
 
     Recognised layers (Note [which layers convert]): this package's
     :class:`~hpattn_dist.oracle.SpatialSelfAttention`, idx-flow's ``SpatialSelfAttention`` (for
     instance inside ``idx_flow.SpatialTransformerBlock`` or ``SpatialViT``), a copy of that class
     (the seed layer) and subclasses that keep its ``forward``; idx-flow is never imported.
+    :class:`~hpattn_dist.local.LocalSpatialSelfAttention` layers become
+    :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` (same window; ``strategy``
+    and ``ulysses_degree`` do not apply to them) and
+    :class:`~hpattn_dist.cross.SpatialCrossAttention` layers become
+    :class:`~hpattn_dist.cross.DistributedSpatialCrossAttention` (both grids sharded), so a model
+    mixing them converts in one call.
 
     Modelled on :func:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: returns the converted
     module (``module`` itself when it is not an attention layer, its children converted in place).
-    The new layer takes over the SAME ``qkv_proj`` / ``out_proj`` submodules (hence the same
-    ``Parameter`` objects: weights, device, dtype, ``requires_grad``, hooks on them and optimizer
-    state keyed by them carry over), the same dropout probability and the training mode. No
-    random numbers are drawn. Layers that are already :class:`DistributedSpatialSelfAttention`
-    are left unchanged.
-    :class:`~hpattn_dist.local.LocalSpatialSelfAttention` layers become
-    :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` (same window; ``strategy``
-    and ``ulysses_degree`` do not apply to them), so a model mixing global and local attention
-    converts in one call.
+    The new layer takes over the SAME projection submodules (hence the same ``Parameter``
+    objects: weights, device, dtype, ``requires_grad``, hooks on them and optimizer state keyed by
+    them carry over), the same dropout probability, the training mode and the layer's own hooks.
+    A layer bound under several names or parents is converted once and replaced at every path
+    (:mod:`hpattn_dist.swap_modules`). Every layer is checked and built before the first one is
+    swapped in, so an error leaves ``module`` unchanged. No random numbers are drawn. Distributed
+    layers already in the model are left as they are (a group dropped by pickling is set to
+    ``process_group``, Note [copying a layer bound to a group]).
 
     Args:
         module: a model containing ``SpatialSelfAttention`` layers (or one such layer).
@@ -282,8 +253,9 @@ def convert_spatial_attention(
             ``"hybrid"``, given for another strategy, or not a positive int; ``module`` holds no
             attention layer at all (nothing to convert); a layer breaks the contract (its
             projections' shapes, a dropout or scale its two backends disagree on, an
-            ``attn_backend`` or ``dropout`` the distributed layer lacks) or has the attention's
-            attributes but a ``forward`` of its own (both named, with their path).
+            ``attn_backend`` or ``dropout`` the distributed layer lacks, a strategy a windowed
+            cross-attention cannot run) or has the attention's attributes but a ``forward`` of
+            its own (both named, with their path).
 
     Example::
 
@@ -293,46 +265,79 @@ def convert_spatial_attention(
     if attn_backend is not None and attn_backend not in KERNEL_BACKENDS:
         raise ValueError(f"attn_backend must be None or one of {KERNEL_BACKENDS}, got {attn_backend!r}")
     options = {"strategy": strategy, "ulysses_degree": ulysses_degree, "healpix_field": healpix_field}
-    found: list[str] = []
-    converted = _convert(module, process_group, options, attn_backend, "", found)
+    paths = module_paths(module)
+    found, built = _find_and_build(module, paths, process_group, options, attn_backend)
     if not found:
         raise ValueError(
             f"convert_spatial_attention: {type(module).__qualname__} holds no SpatialSelfAttention "
             "layer (this package's, idx-flow's or a copy of the seed layer), so nothing was "
             "converted and the model would attend within each rank's shard only"
         )
-    return converted
+    # Every layer is built: nothing below can fail, so the model is never left half converted.
+    for old, new in built:
+        carry_hooks(old, new)
+    for layer in found:
+        bind_process_group(layer, process_group)
+    return install(module, {id(old): new for old, new in built})
 
 
-def _convert(
-    module: nn.Module,
+DISTRIBUTED_LAYERS = (DistributedSpatialSelfAttention, DistributedLocalSpatialSelfAttention,
+                      DistributedSpatialCrossAttention)
+"""The distributed attention layers (left as they are by the converters)."""
+
+
+def _find_and_build(
+    root: nn.Module,
+    paths: dict[int, list[str]],
     process_group: Optional[dist.ProcessGroup],
     options: dict,
     attn_backend: Optional[str],
-    path: str,
-    found: list[str],
-) -> nn.Module:
-    if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
-        found.append(path)
-        return to_distributed_local(module, process_group, attn_backend, name=path)
-    if isinstance(module, DistributedSpatialSelfAttention):
-        found.append(path)
-        return module
-    if _has_seed_forward(module):
-        found.append(path)
-        return _convert_layer(module, process_group, options, attn_backend, path)
-    if all(hasattr(module, name) for name in ("qkv_proj", "out_proj", "num_heads")):
-        raise ValueError(
-            f"convert_spatial_attention: {path or 'the model'} ({type(module).__qualname__}) has the "
-            "attributes of SpatialSelfAttention but its own forward, which the distributed layer "
-            "cannot be shown to compute; convert it by hand or keep SpatialSelfAttention.forward"
-        )
-    for name, child in module.named_children():
-        converted = _convert(child, process_group, options, attn_backend,
-                             f"{path}.{name}" if path else name, found)
-        if converted is not child:
-            module.add_module(name, converted)
-    return module
+) -> tuple[list[nn.Module], list[tuple[nn.Module, nn.Module]]]:
+    """Every attention layer under ``root`` (once each), and ``(old, new)`` for those to convert."""
+    found: list[nn.Module] = []
+    built: list[tuple[nn.Module, nn.Module]] = []
+    for module in unique_modules(root, descend=lambda m: not _is_attention(m)):
+        path = _where(paths[id(module)])
+        if not _is_attention(module):
+            if all(hasattr(module, name) for name in ("qkv_proj", "out_proj", "num_heads")):
+                raise ValueError(
+                    f"convert_spatial_attention: {path or 'the model'} ({type(module).__qualname__}) "
+                    "has the attributes of SpatialSelfAttention but its own forward, which the "
+                    "distributed layer cannot be shown to compute; convert it by hand or keep "
+                    "SpatialSelfAttention.forward"
+                )
+            continue
+        found.append(module)
+        name = paths[id(module)][0]
+        if isinstance(module, DISTRIBUTED_LAYERS):
+            continue
+        if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
+            new = to_distributed_local(module, process_group, attn_backend, name=name)
+        elif _runs_forward_of(module, "SpatialCrossAttention"):
+            new = _convert_cross(module, process_group, options, attn_backend, path)
+        else:
+            new = _convert_layer(module, process_group, options, attn_backend, path)
+        built.append((module, new))
+    return found, built
+
+
+def _where(paths: list[str]) -> str:
+    """``"blocks.0.attn"``, or ``"blocks.0.attn (also: global_attn)"`` for an aliased module."""
+    head = paths[0] or "the model"
+    return head if len(paths) == 1 else f"{head} (also: {', '.join(p or 'the model' for p in paths[1:])})"
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, (LocalSpatialSelfAttention, *DISTRIBUTED_LAYERS)) or _has_seed_forward(module) \
+        or _runs_forward_of(module, "SpatialCrossAttention")
+
+
+def _runs_forward_of(module: nn.Module, class_name: str) -> bool:
+    """True when the ``forward`` ``module`` runs is defined by a class named ``class_name``."""
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__name__ == class_name
+    return False
 
 
 def _has_seed_forward(module: nn.Module) -> bool:
@@ -347,10 +352,7 @@ def _has_seed_forward(module: nn.Module) -> bool:
     the seed. The class is matched by name, not imported, so idx-flow stays optional. A subclass
     that overrides ``forward`` computes something else and is refused (see :func:`_convert`).
     """
-    for cls in type(module).__mro__:
-        if "forward" in vars(cls):
-            return cls.__name__ == "SpatialSelfAttention"
-    return False
+    return _runs_forward_of(module, "SpatialSelfAttention")
 
 
 def _layer_spec(layer: nn.Module, path: str) -> dict:
@@ -414,6 +416,34 @@ def _convert_layer(
         ) from err
     new.qkv_proj = layer.qkv_proj
     new.out_proj = layer.out_proj
+    new.dropout = layer.dropout
+    new.train(layer.training)
+    return new
+
+
+def _convert_cross(
+    layer: nn.Module,
+    process_group: Optional[dist.ProcessGroup],
+    options: dict,
+    attn_backend: Optional[str],
+    path: str,
+) -> DistributedSpatialCrossAttention:
+    """A :class:`~hpattn_dist.cross.SpatialCrossAttention` as the distributed layer, built on the
+    meta device and given the layer's own projections and dropout (as :func:`_convert_layer`)."""
+    where = f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__})"
+    if not (isinstance(layer.q_proj, nn.Linear) and isinstance(layer.kv_proj, nn.Linear)
+            and isinstance(layer.out_proj, nn.Linear)):
+        raise ValueError(f"{where}: q_proj, kv_proj and out_proj must be nn.Linear")
+    try:
+        with torch.device("meta"):
+            new = DistributedSpatialCrossAttention(
+                layer.embed_dim, layer.num_heads, layer.kv_dim, layer.dropout_p,
+                layer.q_proj.bias is not None, attn_backend or layer.attn_backend,
+                process_group=process_group, **options, name=path or type(layer).__name__,
+                window_nside=layer.window_nside, mode=layer.mode)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"{where} cannot be converted: {err}") from err
+    new.q_proj, new.kv_proj, new.out_proj = layer.q_proj, layer.kv_proj, layer.out_proj
     new.dropout = layer.dropout
     new.train(layer.training)
     return new

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpattn_dist.masks import zero_excluded_keys
 from hpattn_dist.validation import check_layer_input
 
 AttnBackend = Literal["auto", "sdpa", "manual"]
@@ -138,6 +139,9 @@ class SpatialSelfAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [B, N, 3E]
         qkv = qkv.reshape(batch_size, num_points, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+        if key_mask is not None:  # masked keys reach no row (Note [non-finite inputs] in masks.py)
+            excluded = ~key_mask[:, None, :]
+            k, v = zero_excluded_keys(k, excluded), zero_excluded_keys(v, excluded)
 
         if self._use_sdpa():
             dropout_p = self._dropout_p if self.training else 0.0
@@ -150,8 +154,8 @@ class SpatialSelfAttention(nn.Module):
             attn = F.softmax(attn, dim=-1)
             attn = self.dropout(attn)
             out = attn @ v  # [B, H, N, D]
-        if has_key is not None:
-            out = out * has_key[:, None, None, None].to(out.dtype)
+        if has_key is not None:  # zeros, also where the unmasked attention gave NaN
+            out = torch.where(has_key[:, None, None, None], out, torch.zeros_like(out))
 
         out = out.transpose(1, 2).reshape(batch_size, num_points, self.embed_dim)
         return self.out_proj(out)

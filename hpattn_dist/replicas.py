@@ -13,17 +13,23 @@ the signature ``all_gather`` it makes anyway (Note [one agreement per call] in
 extra collective, a few ints per rank.
 
 The fingerprint is a CRC-32 of the parameters' names, shapes and dtypes (compared exactly, as a
-shared value) and three float64 sums over all of them: ``sum(p)``, ``sum(|p|)`` and
-``sum(p**2)`` (compared within a relative ``1e-9``: the same weights reduced by kernels with a
-different thread count may round differently; different random initialisations differ at order
-1). Any one changed weight changes ``sum(|p|)`` or ``sum(p**2)`` unless the change is a sign flip
-of a zero or below rounding; a permutation of equal weights is not seen (it is not what unseeded
-or mismatched checkpoints produce).
+shared value) and four float64 sums over all of them: ``sum(p)``, ``sum(|p|)``, ``sum(p**2)`` and
+the position-weighted ``sum(w_i * p_i)`` (compared within a relative ``1e-9``: the same weights
+reduced by kernels with a different thread count may round differently; different random
+initialisations differ at order 1). ``i`` counts the elements of all the layer's parameters in
+order (row-major in each) and ``w_i = frac(i * phi)``, ``phi`` the golden ratio's conjugate: a
+Weyl sequence, so no two positions share a weight and moving a value moves the sum (a
+transposed ``out_proj.weight``, the q and k blocks of ``qkv_proj`` swapped, two same-shape
+parameters exchanged). The first three sums do not see permutations; any one changed weight
+changes ``sum(|p|)`` or ``sum(p**2)`` unless the change is a sign flip of a zero or below
+rounding. The weights are made in chunks of :data:`_CHUNK` elements, so the extra memory is
+bounded whatever the layer's size.
 
 The sums are cached per parameter version (``Tensor._version``, bumped by every in-place change:
-an optimizer step, ``copy_``, ``load_state_dict``) and storage, so a call reads the parameters
-again only after they changed: once per training step, the cost of one elementwise pass over the
-layer's weights. A write through ``p.data`` bypasses the version counter (that is what ``.data``
+an optimizer step, ``copy_``, ``load_state_dict``), storage and object (a new parameter that the
+allocator puts at a freed one's address, with the same version count, is read anew), so a call
+reads the parameters again only after they changed: once per training step, the cost of one
+elementwise pass over the layer's weights. A write through ``p.data`` bypasses the version counter (that is what ``.data``
 is for) and is only seen at the next change of the parameter itself. Every call still compares, so weights that drift apart later (an optimizer step
 after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
 call.
@@ -31,28 +37,36 @@ call.
 
 from __future__ import annotations
 
-import struct
+import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows"]
+__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows", "facts_of",
+           "resolve_layer"]
 
 _RTOL = 1e-9
+_PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
+_CHUNK = 1 << 22  # elements per chunk of position weights (32 MiB of float64)
+N_SUMS = 4
+"""The float64 sums of a fingerprint: sum(p), sum(|p|), sum(p**2), sum(w_i p_i)."""
 
 
-def _bits(value: float) -> int:
-    """A float64 as the int64 with the same bits (the signature carries ints)."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
-def _float(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
+def _weighted_sum(flat: torch.Tensor, start: int) -> torch.Tensor:
+    """``sum_i frac((start + i) * phi) * flat[i]`` in float64 (Note [replicated parameter check])."""
+    f64 = torch.float64
+    total = torch.zeros((), dtype=f64, device=flat.device)
+    for a in range(0, flat.numel(), _CHUNK):
+        part = flat[a:a + _CHUNK]
+        weights = torch.arange(start + a, start + a + part.numel(), dtype=f64, device=flat.device)
+        total += torch.dot(part.to(f64), weights.mul_(_PHI).frac_())
+    return total
 
 
 class ParameterFingerprint:
@@ -60,24 +74,28 @@ class ParameterFingerprint:
 
     def __init__(self) -> None:
         self._key: tuple = ()
-        self._value: tuple[int, tuple[int, int, int]] = (0, (0, 0, 0))
+        self._refs: list = []  # the parameters the cached value was read from
+        self._value: tuple[int, tuple[int, ...]] = (0, (0,) * N_SUMS)
 
-    def __call__(self, named: Iterable[tuple[str, nn.Parameter]]) -> tuple[int, tuple[int, int, int]]:
-        """``(layout CRC-32, (sum, sum of |p|, sum of p**2) as int64 bits)`` of ``named``."""
+    def __call__(self, named: Iterable[tuple[str, nn.Parameter]]) -> tuple[int, tuple[int, ...]]:
+        """``(layout CRC-32, the N_SUMS float64 sums as int64 bits)`` of ``named``."""
         named = list(named)
         key = tuple((name, p._version, p.data_ptr(), tuple(p.shape), p.dtype) for name, p in named)
-        if key != self._key:
+        same = key == self._key and all(ref() is p for ref, (_, p) in zip(self._refs, named))
+        if not same:
             layout = zlib.crc32(repr([(name, tuple(p.shape), str(p.dtype)) for name, p in named]).encode())
             parts = []
+            start = 0
             with torch.no_grad():
                 for _, p in named:
                     flat = p.detach().reshape(-1)  # summed in float64, no float64 copy
                     f64 = torch.float64
                     parts.append(torch.stack([flat.sum(dtype=f64), flat.abs().sum(dtype=f64),
-                                              flat.square().sum(dtype=f64)]))
-            sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0, 0.0, 0.0]
-            self._value = (layout, tuple(_bits(v) for v in sums))
-            self._key = key
+                                              flat.square().sum(dtype=f64), _weighted_sum(flat, start)]))
+                    start += flat.numel()
+            sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0] * N_SUMS
+            self._value = (layout, tuple(float_bits(v) for v in sums))
+            self._key, self._refs = key, [weakref.ref(p) for _, p in named]
         return self._value
 
 
@@ -88,7 +106,7 @@ class LayerFacts:
     Attributes:
         name: the layer in errors, e.g. ``"DistributedSpatialSelfAttention 'blocks.0.attn'"``.
         layout: CRC-32 of the parameters' names, shapes and dtypes (must be equal on every rank).
-        sums: the three float64 parameter sums as int64 bits (equal within a relative 1e-9).
+        sums: the :data:`N_SUMS` float64 parameter sums as int64 bits (equal within a relative 1e-9).
         healpix_field: the ranks' shards together must form a HEALPix field, ``N = 12 nside**2``.
         point_sets: the layer can be built for arbitrary point sets (``healpix_field=False``);
             False for local attention, whose windows are cells of the HEALPix hierarchy.
@@ -96,7 +114,7 @@ class LayerFacts:
 
     name: str
     layout: int
-    sums: tuple[int, int, int]
+    sums: tuple[int, ...]
     healpix_field: bool
     point_sets: bool = True
 
@@ -110,6 +128,7 @@ class LayerRef:
     name: str
     params: tuple
     healpix_field: bool
+    point_sets: bool = True
 
 
 # Fingerprints of the parameters seen through a LayerRef, per layer name and parameter storage
@@ -117,7 +136,8 @@ class LayerRef:
 _FINGERPRINTS: dict[tuple, ParameterFingerprint] = {}
 
 
-def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> LayerFacts:
+def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool,
+             point_sets: bool = True) -> LayerFacts:
     """The :class:`LayerFacts` of a layer's call from its parameters (cached per parameter version)."""
     key = (name, tuple(p.data_ptr() for p in params))
     fingerprint = _FINGERPRINTS.get(key)
@@ -126,7 +146,16 @@ def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool) -> 
             _FINGERPRINTS.clear()
         fingerprint = _FINGERPRINTS[key] = ParameterFingerprint()
     layout, sums = fingerprint((str(i), p) for i, p in enumerate(params))
-    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field)
+    return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field, point_sets=point_sets)
+
+
+def resolve_layer(layer: "LayerFacts | LayerRef | None") -> Optional[LayerFacts]:
+    """A call's :class:`LayerFacts`, read from a :class:`LayerRef` where the call runs. Called
+    INSIDE the call's agreement: reading parameters can fail on one rank (meta parameters, a
+    sharded one), and that failure must reach every rank (Note [fail together])."""
+    if isinstance(layer, LayerRef):
+        return facts_of(layer.name, layer.params, layer.healpix_field, layer.point_sets)
+    return layer
 
 
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
@@ -151,15 +180,16 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
                    "healpix_field=False" if facts.point_sets else
                    "; local attention needs one (its windows are cells of a coarser HEALPix grid)")
             )
-    values = [[_float(b) for b in row] for row in sums]
-    scale = [max(abs(row[i]) for row in values) for i in range(3)]
-    scale[0] = max(scale[0], scale[1])  # sum(p) may cancel: compare it at the scale of sum(|p|)
+    values = [[bits_float(b) for b in row] for row in sums]
+    scale = [max(abs(row[i]) for row in values) for i in range(N_SUMS)]
+    # sum(p) and sum(w p) may cancel: compare them at the scale of sum(|p|), which bounds both.
+    scale[0] = scale[3] = max(scale[0], scale[1], scale[3])
     differ = [r for r, row in enumerate(values)
-              if any(abs(row[i] - values[0][i]) > _RTOL * scale[i] for i in range(3))]
+              if any(abs(row[i] - values[0][i]) > _RTOL * scale[i] for i in range(N_SUMS))]
     if differ:
         shown = [0, *differ[:7]]  # rank 0 and the first ranks that differ
         table = "; ".join(f"{info.describe_rank(r)}: sum={values[r][0]:.12g}, sum|p|={values[r][1]:.12g}, "
-                          f"sum p^2={values[r][2]:.12g}" for r in shown)
+                          f"sum p^2={values[r][2]:.12g}, sum w*p={values[r][3]:.12g}" for r in shown)
         table += "; ..." if len(differ) > 7 else ""
         raise ValueError(
             f"{facts.name}: the ranks of the process group hold different parameters (they must "

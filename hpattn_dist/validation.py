@@ -39,8 +39,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
     Raises:
         TypeError: q, k or v is not a tensor.
         ValueError: wrong rank; non-floating dtype; shapes that differ (the message names the
-            dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); mixed dtypes or devices; bad
-            ``scale``.
+            dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); mixed dtypes or devices; meta
+            tensors; bad ``scale``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -66,6 +66,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q, k and v are meta tensors (shapes without data): the attention exchanges "
+                         "their data between ranks, so it runs on a real device")
     if scale is not None and not (
         isinstance(scale, (int, float)) and not isinstance(scale, bool)
         and math.isfinite(scale) and scale > 0
@@ -75,12 +78,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
 
 def check_layer_input(
     x: Tensor, embed_dim: int, key_mask: Optional[Tensor] = None, pixels: str = "N_local",
-    name: str = "x", dim_name: str = "embed_dim",
+    name: str = "x", dim_name: str = "embed_dim", weight: Optional[Tensor] = None,
 ) -> None:
     """The layer's input: a floating ``[B, N_local, E]`` tensor with ``E == embed_dim``, and an
     optional bool ``key_mask [B, N_local]`` on the same device. ``pixels`` names the pixel dim in
     messages (``"N"`` for the single-device layer), ``name`` the input and ``dim_name`` its
-    feature dim (a cross-attention layer has two inputs).
+    feature dim (a cross-attention layer has two inputs). ``weight``: the projection ``x`` meets
+    first; outside ``torch.autocast`` ``x`` must have its dtype and device.
 
     Raises:
         TypeError: ``x`` is not a tensor.
@@ -92,6 +96,10 @@ def check_layer_input(
         raise ValueError(f"{name} must have shape [B, {pixels}, {dim_name}={embed_dim}], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if weight is not None and (x.device.type != weight.device.type or (
+            x.dtype != weight.dtype and not _autocast_on(x.device))):
+        raise ValueError(f"{name} is {x.dtype} on {x.device} but the layer's weights are {weight.dtype} on "
+                         f"{weight.device} (outside torch.autocast the projection needs one dtype and device)")
     if key_mask is not None:
         expected = (x.shape[0], x.shape[1])
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != expected:
@@ -100,6 +108,13 @@ def check_layer_input(
             raise ValueError(f"key_mask must be a bool tensor of shape [B, {pixels}] = {expected}, got {got}")
         if key_mask.device != x.device:
             raise ValueError(f"key_mask is on {key_mask.device} but {name} is on {x.device}")
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 def check_heads_divisible(heads: int, group_size: int, what: str, group_name: str = "group") -> None:

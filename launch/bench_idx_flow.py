@@ -54,6 +54,9 @@ _MARK = "BENCH_IDX_FLOW_RESULT "
 
 def _args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("vit", "medium"), default="vit",
+                   help="vit: idx-flow's SpatialViT; medium: issue 25's encoder-processor-decoder "
+                        "(5 gather layers, --depth transformer blocks at nside / 4)")
     p.add_argument("--nside", type=int, default=32, help="input grid nside (default 32)")
     p.add_argument("--nside-out", type=int, default=None,
                    help="token grid nside (default nside / 2: patches of 4 pixels)")
@@ -91,22 +94,56 @@ def _args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+def _medium(args: argparse.Namespace):
+    """Issue 25's medium model: 5 gather layers around ``depth`` transformer blocks at nside / 4.
+
+    ``[B, 12 nside^2, C_in] -> [B, 12 nside^2, C_in]``: a same-grid SpatialConv (k = 9), two
+    SpatialConv downsamplings (k = 4), the blocks (E = ``embed_dim``), two SpatialTransposeConv
+    upsamplings (k = 4, distance weights).
+    """
+    import idx_flow
+    import torch.nn as nn
+    from idx_flow.utils import compute_connection_indices
+
+    n0, n1, n2 = args.nside, max(1, args.nside // 2), max(1, args.nside // 4)
+    e = args.embed_dim
+    same, _ = compute_connection_indices(n0, n0, 9)
+    down1, _ = compute_connection_indices(n0, n1, 4)
+    down2, _ = compute_connection_indices(n1, n2, 4)
+    up1, _, w1 = compute_connection_indices(n2, n1, 4, return_weights=True)
+    up2, _, w2 = compute_connection_indices(n1, n0, 4, return_weights=True)
+    blocks = [idx_flow.SpatialTransformerBlock(e, args.heads, mlp_ratio=args.mlp_ratio)
+              for _ in range(args.depth)]
+    return nn.Sequential(
+        idx_flow.SpatialConv(12 * n0**2, same, filters=e // 4), nn.GELU(),
+        idx_flow.SpatialConv(12 * n1**2, down1, filters=e // 2), nn.GELU(),
+        idx_flow.SpatialConv(12 * n2**2, down2, filters=e),
+        *blocks,
+        idx_flow.SpatialTransposeConv(12 * n1**2, up1, w1, filters=e // 2), nn.GELU(),
+        idx_flow.SpatialTransposeConv(12 * n0**2, up2, w2, filters=args.in_channels),
+    ), 12 * n0**2, args.in_channels
+
+
 def _model_and_data(args: argparse.Namespace):
     import idx_flow
     import torch
     from idx_flow.utils import compute_connection_indices
 
-    table, _ = compute_connection_indices(args.nside, args.nside_out, args.k)
-    n_in, n_out = 12 * args.nside**2, 12 * args.nside_out**2
+    n_in = 12 * args.nside**2
     torch.manual_seed(0)
-    model = idx_flow.SpatialViT(n_out, table, embed_dim=args.embed_dim, depth=args.depth,
-                                num_heads=args.heads, mlp_ratio=args.mlp_ratio)
+    if args.model == "medium":
+        model, n_out, c_out = _medium(args)
+    else:
+        table, _ = compute_connection_indices(args.nside, args.nside_out, args.k)
+        n_out, c_out = 12 * args.nside_out**2, args.embed_dim
+        model = idx_flow.SpatialViT(n_out, table, embed_dim=args.embed_dim, depth=args.depth,
+                                    num_heads=args.heads, mlp_ratio=args.mlp_ratio)
     with torch.no_grad():
         model.eval()(torch.zeros(1, n_in, args.in_channels))  # idx-flow's lazy parameters
     model.train()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, n_in, args.in_channels, generator=gen)
-    w = torch.randn(args.batch, n_out, args.embed_dim, generator=gen)
+    w = torch.randn(args.batch, n_out, c_out, generator=gen)
     return model, x, w
 
 
@@ -152,6 +189,16 @@ def _measure(model, x, w, repeats: int, warmup: int, sync=None) -> dict[str, Any
     result["saved_bytes"] = _saved_bytes(model, lambda: (model(x) * w).sum())
     if sync is not None:
         result["sync_s"] = statistics.median(time_call(sync, warmup, repeats, cpu))
+
+        def train_step() -> None:
+            step()
+            sync()
+
+        times = time_call(train_step, warmup, repeats, cpu)
+        result["train_step_s"], result["train_step_all_s"] = statistics.median(times), times
+        with count_communication() as stats:
+            train_step()
+        result["calls_per_step"] = dict(stats.calls)
     return result
 
 
@@ -162,6 +209,7 @@ def _child_single(args: argparse.Namespace) -> dict[str, Any]:
     model, x, w = _model_and_data(args)
     out = _measure(model, x, w, args.repeats, args.warmup)
     out["threads"] = torch.get_num_threads()
+    out["train_step_s"] = out["fwd_bwd_s"]  # one process: nothing to synchronise
     return out
 
 
@@ -244,9 +292,15 @@ def _ratio(value: float, base: float) -> str:
 
 def _table(args: argparse.Namespace, single: dict, ranks: list[dict]) -> str:
     slow = ranks[0]  # time_call reports the slowest rank's time on every rank
+    if args.model == "medium":
+        tokens = 12 * max(1, args.nside // 4) ** 2
+        what = (f"issue 25's medium model: nside {args.nside} -> {args.nside} (5 gather layers, "
+                f"{tokens} tokens in the blocks), B={args.batch}, C_in={args.in_channels}, ")
+    else:
+        what = (f"SpatialViT: nside {args.nside} -> {args.nside_out} ({12 * args.nside**2} -> "
+                f"{12 * args.nside_out**2} tokens), k={args.k}, B={args.batch}, C_in={args.in_channels}, ")
     lines = [
-        f"idx-flow SpatialViT: nside {args.nside} -> {args.nside_out} ({12 * args.nside**2} -> "
-        f"{12 * args.nside_out**2} tokens), k={args.k}, B={args.batch}, C_in={args.in_channels}, "
+        "idx-flow " + what +
         f"E={args.embed_dim}, depth={args.depth}, heads={args.heads}, mlp_ratio={args.mlp_ratio}, "
         f"float32, strategy={args.strategy}",
         f"median of {args.repeats} after {args.warmup} warm-up; memory = resident-set growth "
@@ -270,7 +324,11 @@ def _table(args: argparse.Namespace, single: dict, ranks: list[dict]) -> str:
         "",
         f"efficiency (single fwd+bwd / converted fwd+bwd, slowest rank): "
         f"{single['fwd_bwd_s'] / slow['fwd_bwd_s']:.3f}   (goal >= 0.9)",
-        f"with sync_gradients: {single['fwd_bwd_s'] / (slow['fwd_bwd_s'] + slow['sync_s']):.3f}",
+        f"training step (fwd + bwd + sync_gradients, timed together): single "
+        f"{single['train_step_s']:.3f} s, converted {slow['train_step_s']:.3f} s, efficiency "
+        f"{single['train_step_s'] / slow['train_step_s']:.3f}",
+        "collectives per training step on rank 0: " + ", ".join(
+            f"{label} {n}" for label, n in sorted(slow["calls_per_step"].items())),
         f"largest rank / single: peak memory {_ratio(peak, single['peak_mem_bytes'])}, "
         f"saved activations {_ratio(saved, single['saved_bytes'])}   (1/P = {1 / args.world:.3f})",
     ]

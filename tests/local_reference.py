@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hpattn_dist.kernels import DropoutSpec
-from tests.reference import reference_keep_mask
+from tests.reference import reference_attention
 
 
 def healpy_window_cells(window_nside: int, mode: str) -> list[set[int]]:
@@ -64,21 +64,14 @@ def halo_pixels(nside: int, window_nside: int, mode: str, start: int, stop: int)
 
 def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
                               key_bias: Optional[Tensor] = None,
-                              dropout: Optional[DropoutSpec] = None) -> Tensor:
-    """``softmax(q k^T / sqrt(D) + key_bias)`` over the allowed keys, times v, in float64.
+                              dropout: Optional[DropoutSpec] = None, scale: Optional[float] = None) -> Tensor:
+    """``softmax(q k^T * scale + key_bias)`` over the allowed keys, times v, in float64 (``scale``
+    default ``D ** -0.5``): :func:`tests.reference.reference_attention` with the window as its
+    ``allowed`` keys.
 
     ``key_bias``: ``[B, N]`` or ``[B, H, N]`` (``-inf`` masks); a query with no allowed unmasked
-    key gets zeros. ``dropout``: spec of the whole matrix (normalise, then drop).
+    key gets zeros; keys outside a query's window take no part in its row (Note [non-finite
+    inputs] in ``hpattn_dist/masks.py``). ``dropout``: spec of the whole matrix (normalise, then
+    drop).
     """
-    q, k, v = q.double(), k.double(), v.double()
-    s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if key_bias is not None:
-        bias = key_bias.double()
-        s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
-    s = s.masked_fill(~allowed, float("-inf"))
-    has_key = torch.isfinite(s).any(dim=-1, keepdim=True)
-    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1) * has_key
-    if dropout is not None:
-        b, h, n, m = w.shape
-        w = w * reference_keep_mask(dropout, b, h, n, m).double() / (1.0 - dropout.p)
-    return torch.matmul(w, v)
+    return reference_attention(q, k, v, scale=scale, key_bias=key_bias, dropout=dropout, allowed=allowed)

@@ -76,8 +76,10 @@ def reference_attention(
     scale: Optional[float] = None,
     key_bias: Optional[Tensor] = None,
     dropout: Optional[DropoutSpec] = None,
+    allowed: Optional[Tensor] = None,
 ) -> Tensor:
-    """``softmax(q k^T * scale + key_bias) v`` in float64, differentiable w.r.t. every input.
+    """``softmax(q k^T * scale + key_bias) v`` in float64, differentiable w.r.t. every input,
+    over each query's ALLOWED keys only (Note [non-finite inputs] in ``hpattn_dist/masks.py``).
 
     Args:
         q: ``[B, H, N_q, D]``; k, v: ``[B, H, N_k, D]`` (any floating dtype; computed in float64).
@@ -88,21 +90,32 @@ def reference_attention(
         dropout: optional spec of the WHOLE score matrix (offsets of its first query / key / head);
             weights are normalised first, then multiplied by
             ``reference_keep_mask(dropout, ...) / (1 - dropout.p)``.
+        allowed: optional bool ``[N_q, N_k]`` (or broadcastable to ``[B, H, N_q, N_k]``): the keys
+            each query may attend to at all (a window).
 
     Returns:
-        ``[B, H, N_q, D]`` float64.
+        ``[B, H, N_q, D]`` float64. A key a query does not attend to (``-inf`` bias, not allowed)
+        takes no part in its row, not even as ``0 * value``; a non-finite value elsewhere gives
+        what the formula gives.
     """
     q, k, v = q.double(), k.double(), v.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, N_q, N_k]
+    attend = torch.ones(s.shape, dtype=torch.bool) if allowed is None else allowed.expand(s.shape)
     if key_bias is not None:
         bias = key_bias.double()
-        s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
-    has_key = torch.isfinite(s).any(dim=-1, keepdim=True)  # [B, H, N_q, 1]
-    s = torch.where(has_key, s, torch.zeros_like(s))  # softmax of a fully masked row: no NaN
-    w = torch.softmax(s, dim=-1) * has_key
+        bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]
+        attend = attend & ~torch.isneginf(bias)
+        s = s + torch.where(torch.isneginf(bias), 0.0, bias)
+    s = s.masked_fill(~attend, float("-inf"))
+    has_key = attend.any(dim=-1, keepdim=True)  # [B, H, N_q, 1]: by the keys, not their values
+    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1)
+    w = torch.where(has_key, w, torch.zeros_like(w))
     if dropout is not None:
         batch, heads, n_q, n_k = w.shape
         keep = reference_keep_mask(dropout, batch, heads, n_q, n_k).to(w.device)
         w = w * keep.double() / (1.0 - dropout.p)
-    return torch.matmul(w, v)
+    if bool(torch.isfinite(v).all()):
+        return torch.matmul(w, v)
+    # Each row's sum over its own keys, so that no 0 * inf or 0 * NaN of another key enters it.
+    return torch.where(attend[..., None], w[..., None] * v[:, :, None], 0.0).sum(dim=-2)

@@ -7,7 +7,7 @@ process group's timeout (30 min by default): the worst failure of a distributed 
 entry point runs its LOCAL argument checks inside :func:`validated_signature`, whose single
 ``all_gather`` carries, besides the shape signature the ranks must agree on, a status code:
 
-    row = [status, crc32(kind, names), n_shared, n_local, *shared values, *local values, 0 ...]
+    row = [status, crc32(what, kind, names), n_shared, n_local, *shared values, *local values, 0 ...]
 
 one fixed-width int64 row per rank (:data:`SIGNATURE_WIDTH` ints), so a rank whose checks failed
 (and so never computed its signature) still sends a row of the right size. If any row says
@@ -20,13 +20,38 @@ pairs with its peers' signature ``all_gather``.
 
 The signature ``all_gather`` is not an extra cost: the ranks need each other's shard lengths
 anyway (uneven shards), so the checks travel in the collective that fetches them, once per call
-(Note [one agreement per call] in ``strategies/plan.py``). The strategy is part of the row
-(``kind``, hashed with the names), so ranks on different code paths raise instead of pairing.
+(Note [one agreement per call] in ``strategies/plan.py``). The entry point or layer (``what``) and
+the strategy (``kind``) are hashed with the names, so ranks on different code paths, or in
+different layers (one rank skipped a layer its peer ran), raise "called with different
+signatures", naming each rank's call, instead of pairing their collectives; and the data's
+device TYPE is a shared value, so a rank holding meta or CPU tensors among CUDA ranks raises.
+A layer runs its own local work before the agreement (input checks, projections) inside
+:func:`fail_together`, so that an exception there reaches every rank too.
+
+Note [agreement off the device]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The agreement runs on EVERY call (a rank that alone changed its shapes must raise, never pair
+with its peers' cached plan), but it costs the device nothing: its row is host ints, and it
+travels on the group's CPU backend whenever one is registered (a bare ``init_process_group()``,
+"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``). Everything a
+steady-state call (shapes, parameters and mask as before) puts in the row is known on the host
+without reading a device tensor: shapes, dtypes, the scale, the device type, the dropout seed
+(drawn from the CPU generator as a CPU tensor, Note [seed outside the op]), whether gradients are
+needed, the layer's parameter fingerprint (cached per parameter version, Note [replicated
+parameter check]) and a key mask's layout (cached per mask tensor and version,
+:func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads the device either: the plan
+is host ints, the dropout hash mixes the seed on the host, the windows keep their cells as host
+ints. What still reads the device, by design: a group with NO CPU backend (NCCL only) carries the
+row on the GPU, one read per call (register a CPU backend to avoid it); the fingerprint after the
+parameters changed (once per optimizer step per layer; under FSDP2 / ZeRO-3, whose forward
+gathers the parameters anew, every call); a key mask that is a new tensor or was changed in place
+(its values decide which keys travel), including hybrid's gathered mask on every call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 import zlib
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -37,8 +62,8 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import cause_text
 
-__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "dtype_code", "raise_on_every_rank",
-           "validated_signature"]
+__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "bits_float", "device_code", "dtype_code",
+           "fail_together", "float_bits", "raise_on_every_rank", "validated_signature"]
 
 _DTYPE_CODES = {
     torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4,
@@ -46,13 +71,31 @@ _DTYPE_CODES = {
 _DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
 
 
+def float_bits(value: float) -> int:
+    """A float64 as the int64 with the same bits (signature rows carry ints)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def bits_float(bits: int) -> float:
+    """The inverse of :func:`float_bits`."""
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "meta")
+
+
+def device_code(device: torch.device) -> int:
+    """A small integer naming a device TYPE (``cuda:0`` and ``cuda:1`` agree), 0 = other."""
+    return _DEVICE_TYPES.index(device.type) + 1 if device.type in _DEVICE_TYPES else 0
+
+
 def dtype_code(dtype: torch.dtype) -> int:
     """A small integer naming a floating dtype, for cross-rank comparison (0 = other)."""
     return _DTYPE_CODES.get(dtype, 0)
 
 
-SIGNATURE_WIDTH = 32
-"""Ints per rank in the signature ``all_gather``: 4 header + up to 28 values (256 bytes)."""
+SIGNATURE_WIDTH = 40
+"""Ints per rank in the signature ``all_gather``: 4 header + up to 36 values (320 bytes)."""
 
 _OK, _FAILED = 0, 1
 
@@ -63,24 +106,31 @@ class Signature:
     def __init__(self, info: GroupInfo, what: str) -> None:
         self.info, self.what = info, what
         self._shared: Optional[dict[str, int]] = None
+        self._floats: set[str] = set()
         self._local: tuple[int, ...] = ()
         self._scalar_local = True
         self._kind = ""
         self._device: Optional[torch.device] = None
         self._per_rank: Optional[list] = None
 
-    def set(self, shared: dict[str, int], local: Union[int, Sequence[int]],
+    def set(self, shared: dict[str, Union[int, float]], local: Union[int, Sequence[int]],
             device: Optional[torch.device] = None, *, kind: str = "") -> None:
         """Declare this rank's signature.
 
         Args:
-            shared: names -> ints every rank must agree on (B, H, D, dtype code, ...).
+            shared: names -> values every rank must agree on exactly (B, H, D, dtype code, the
+                score scale ...): ints, or floats (compared bit for bit, shown as floats).
             local: this rank's own int (its shard length) or tuple of ints; may differ by rank.
-            device: the data's device (NCCL needs the all_gather buffer on it).
-            kind: the code path (e.g. the strategy); ranks with different kinds raise "called
-                with different signatures".
+            device: the data's device (NCCL needs the all_gather buffer on it); its type is a
+                shared value (``"device"``).
+            kind: the code path (e.g. the strategy); ranks with different kinds, or in different
+                entry points or layers (the ``what`` of :func:`validated_signature`), raise
+                "called with different signatures", naming each rank's call.
         """
-        self._shared = {str(k): int(v) for k, v in shared.items()}
+        self._floats = {str(k) for k, v in shared.items() if isinstance(v, float)}
+        self._shared = {str(k): float_bits(v) if isinstance(v, float) else int(v) for k, v in shared.items()}
+        if device is not None:  # the device kind: a meta or CPU rank among CUDA ranks raises
+            self._shared["device"] = device_code(torch.device(device))
         self._scalar_local = isinstance(local, int)
         self._local = (int(local),) if self._scalar_local else tuple(int(v) for v in local)
         self._kind, self._device = kind, device
@@ -102,17 +152,23 @@ class Signature:
             raise RuntimeError(f"{self.what}: Signature.per_rank is only known after the with-block")
         return self._per_rank
 
-    def exchange(self, status: int) -> list[tuple[int, ...]]:
-        """Send this rank's fixed-width row (Note [fail together]); every rank's row."""
+    def row(self, status: int = _OK) -> list[int]:
+        """This rank's fixed-width row of host ints: what :meth:`exchange` sends. A function of the
+        declaration alone, so a cache of agreed rows can key on it (a per-model-call agreement
+        that skips repeated per-layer rows)."""
         row = [status, 0, 0, 0]
         if self._shared is not None:
-            names = ",".join([self._kind, *self._shared]).encode()
+            names = ",".join([self.what, self._kind, *self._shared]).encode()
             row[1:4] = [zlib.crc32(names), len(self._shared), len(self._local)]
             row += [*self._shared.values(), *self._local]
-        return all_gather_ints(row + [0] * (SIGNATURE_WIDTH - len(row)), self.info, self._meta_device())
+        return row + [0] * (SIGNATURE_WIDTH - len(row))
+
+    def exchange(self, status: int) -> list[tuple[int, ...]]:
+        """Send this rank's fixed-width row (Note [fail together]); every rank's row."""
+        return all_gather_ints(self.row(status), self.info, self._meta_device())
 
     def _meta_device(self) -> torch.device:
-        return self.info.comm_device(self._device if self._device is not None else torch.device("cpu"))
+        return self.info.meta_device(self._device if self._device is not None else torch.device("cpu"))
 
     def read(self, rows: list[tuple[int, ...]]) -> None:
         """Check the OK rows against each other and keep every rank's local values."""
@@ -121,16 +177,26 @@ class Signature:
         n_shared, n_local = len(names), len(self._local)
         header = rows[0][1:4]
         if any(row[1:4] != header for row in rows):
+            # Every rank sees the same rows, so every rank is here: name each rank's call.
+            calls: list[Any] = [None] * info.world_size
+            dist.all_gather_object(calls, (what, self._kind, names), group=info.group)
             raise ValueError(
-                f"{what}: the ranks of the process group called with different signatures (their "
-                "code paths differ, e.g. different strategies or library versions): "
-                + "; ".join(f"{info.describe_rank(r)}: {row[2]} shared values" for r, row in enumerate(rows))
+                "the ranks of the process group called with different signatures (different "
+                "layers or entry points, strategies, or library versions; a rank that skipped a "
+                "collective call, e.g. a layer in eval mode on one rank only, meets its peers in "
+                "the next one): "
+                + "; ".join(f"{info.describe_rank(r)}: {c[0]}" + (f" ({c[1]})" if c[1] else "")
+                            + f" with {', '.join(c[2])}" for r, c in enumerate(calls))
             )
         values = [row[4:4 + n_shared] for row in rows]
         if any(v != values[0] for v in values):
             differ = [n for i, n in enumerate(names) if any(v[i] != values[0][i] for v in values)]
 
             def show(name: str, value: int) -> str:
+                if name in self._floats:
+                    return f"{name}={bits_float(value)!r}"
+                if name == "device":
+                    return f"device={_DEVICE_TYPES[value - 1] if value else 'other'}"
                 return f"{name}={_DTYPE_NAMES.get(value, value)}" if name == "dtype" else f"{name}={value}"
 
             table = "; ".join(
@@ -235,6 +301,18 @@ def raise_on_every_rank(info: GroupInfo, what: str, err: BaseException) -> None:
     if info.world_size == 1:
         raise err
     _raise_failures(info, what, Signature(info, what).exchange(_FAILED), err)
+
+
+@contextlib.contextmanager
+def fail_together(info: GroupInfo, what: str) -> Iterator[None]:
+    """Run a rank's local work that precedes its peers' next agreement (a layer's input checks and
+    projections) so that ANY exception in it reaches every rank: :func:`raise_on_every_rank`. A
+    projection that raises on one rank only (an input dtype that is not the weights') would
+    otherwise leave the peers blocked in the agreement that the op or strategy opens next."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
+        raise_on_every_rank(info, what, err)
 
 
 def agree_on_shapes(

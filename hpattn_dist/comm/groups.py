@@ -17,18 +17,96 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GroupInfo", "comm_device_for", "nbytes", "offsets", "resolve_group"]
+from hpattn_dist.comm.binding import UnboundGroup
+
+__all__ = ["GroupInfo", "backend_config", "comm_device_for", "meta_device_for", "nbytes", "offsets",
+           "parse_backend_config", "resolve_group"]
+
+# Note [init styles]
+# A process group may be made in several styles, and what it can communicate depends on the
+# backends registered PER DEVICE TYPE, which ``dist.get_backend`` does not say: a bare
+# ``init_process_group()`` reports "undefined" (it registers gloo for the CPU, and NCCL for CUDA
+# on a CUDA build), torchtitan's "cuda:nccl,cpu:gloo" reports that string, "gloo" serves CPU and
+# CUDA tensors alike, "nccl" CUDA only. So the library reads the group's backend CONFIG
+# (:func:`backend_config`: ``{device type: backend}``) and decides per tensor:
+#
+# * data (:func:`comm_device_for`) travels on its own device when a backend other than gloo serves
+#   that device type (CUDA data on NCCL, never through host memory and gloo); else from the CPU
+#   when the group has a CPU backend (gloo; CUDA data is staged through the host); else, for an
+#   NCCL-only group, on the current CUDA device;
+# * the per-call metadata ints (:func:`meta_device_for`, Note [agreement off the device] in
+#   ``comm/agreement.py``) live on the CPU whenever a CPU backend is registered, whatever the
+#   data's device: no host-device copy and no device synchronisation for them; only an NCCL-only
+#   group carries them on the GPU;
+# * the ring groups its sends and receives (Note [p2p grouping] in ``comm/ring.py``) by the backend
+#   that serves the exchanged tensors' device type.
+
+# Note [groups resolved per call]
+# A layer, a converted module or an exchanger built with ``process_group=None`` keeps None and
+# resolves it at EVERY call (:func:`resolve_group`: a dictionary lookup), never a GroupInfo or
+# sub-group taken at construction: after ``destroy_process_group()`` and a new
+# ``init_process_group`` the default group is a new object, which such a model then follows,
+# while a group pinned at conversion raised "not registered" / "not initialized in the world
+# group map". What is derived from a group and cached (the hybrid sub-groups,
+# ``mesh.hybrid_groups_for``; halo plans, keyed by this process's rank) is keyed by the group it
+# was derived from. An explicit ``process_group`` is the caller's: after a re-init they pass the
+# new one.
 
 
-def comm_device_for(backend: Optional[str], device: torch.device) -> torch.device:
-    """Where a tensor must be to take part in a collective of ``backend`` (None: no group).
+def parse_backend_config(config: str) -> dict[str, str]:
+    """``"cuda:nccl,cpu:gloo"`` -> ``{"cuda": "nccl", "cpu": "gloo"}``; a bare name serves the
+    device types torch lists for it (``dist.Backend.backend_capability``: ``"nccl"`` ->
+    ``{"cuda": "nccl"}``), or every type when torch does not know it (``{"*": name}``). Names
+    lower-cased (Note [init styles])."""
+    out: dict[str, str] = {}
+    for part in str(config).lower().replace(" ", "").split(","):
+        if part:
+            device, _, name = part.rpartition(":")
+            devices = [device] if device else dist.Backend.backend_capability.get(name, ["*"])
+            out.update((d, name) for d in devices)
+    return out
 
-    NCCL communicates CUDA tensors only: a tensor on the CPU goes to the current CUDA device
-    (``torch.device("cuda")``). Every other backend (gloo) communicates from the CPU.
+
+def _backend_of(backends: dict[str, str], device_type: str) -> Optional[str]:
+    return backends.get(device_type, backends.get("*"))
+
+
+def comm_device_for(backends: dict[str, str], device: torch.device) -> torch.device:
+    """Where a data tensor on ``device`` takes part in a collective of a group whose backends are
+    ``backends`` (:func:`backend_config`; empty: no group). Note [init styles].
+
+    Raises:
+        ValueError: the group has no backend for ``device``'s type, the CPU or CUDA.
     """
-    if backend == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda")
-    return torch.device("cpu")
+    if not backends:
+        return torch.device("cpu")
+    own = _backend_of(backends, device.type)
+    if own is not None and own != "gloo":
+        return device
+    if _backend_of(backends, "cpu") is not None:
+        return torch.device("cpu")
+    if _backend_of(backends, "cuda") is not None:
+        return torch.device("cuda")
+    raise ValueError(f"the process group has no backend for {device.type} tensors, the CPU or CUDA "
+                     f"(its backends: {backends})")
+
+
+def meta_device_for(backends: dict[str, str], device: torch.device) -> torch.device:
+    """Where the per-call metadata ints of data on ``device`` travel: the CPU whenever the group
+    has a CPU backend, else the data's communication device (Note [init styles])."""
+    if not backends or _backend_of(backends, "cpu") is not None:
+        return torch.device("cpu")
+    return comm_device_for(backends, device)
+
+
+def backend_config(group: Optional[dist.ProcessGroup]) -> dict[str, str]:
+    """``{device type: backend name}`` registered for ``group`` (None: WORLD), read from
+    ``dist.get_backend_config`` (a dictionary lookup; Note [init styles])."""
+    try:
+        config = dist.get_backend_config(group)
+    except (AttributeError, RuntimeError, ValueError):  # a backend that keeps no config
+        config = str(dist.get_backend(group))
+    return parse_backend_config(config)
 
 
 @dataclass(frozen=True)
@@ -46,9 +124,13 @@ class GroupInfo:
     world_size: int
 
     @property
-    def backend(self) -> Optional[str]:
-        """The backend name (``"gloo"``, ``"nccl"``, ...), or None without a group."""
-        return None if self.group is None else str(dist.get_backend(self.group))
+    def backends(self) -> dict[str, str]:
+        """``{device type: backend name}`` (:func:`backend_config`); empty without a group."""
+        return {} if self.group is None else backend_config(self.group)
+
+    def backend_for(self, device: torch.device) -> Optional[str]:
+        """The backend that communicates tensors on ``device`` (``"gloo"``, ``"nccl"``, ...)."""
+        return _backend_of(self.backends, self.comm_device(device).type)
 
     def global_rank(self, group_rank: int) -> int:
         """Global rank of ``group_rank`` (``isend``/``irecv`` peers are global ranks)."""
@@ -57,8 +139,12 @@ class GroupInfo:
         return dist.get_global_rank(self.group, group_rank)
 
     def comm_device(self, device: torch.device) -> torch.device:
-        """Where tensors of this group's collectives live: :func:`comm_device_for`."""
-        return comm_device_for(self.backend, device)
+        """Where data on ``device`` takes part in this group's collectives: :func:`comm_device_for`."""
+        return comm_device_for(self.backends, device)
+
+    def meta_device(self, device: torch.device) -> torch.device:
+        """Where the metadata ints of data on ``device`` travel: :func:`meta_device_for`."""
+        return meta_device_for(self.backends, device)
 
     def describe_rank(self, group_rank: int) -> str:
         """``"group rank 1 (global rank 3)"``, or ``"rank 1"`` when the two coincide."""
@@ -74,9 +160,19 @@ def resolve_group(group: "Optional[dist.ProcessGroup] | GroupInfo", name: str = 
     Raises:
         ValueError: this process is not a member of ``group``, or a group was given but
             torch.distributed is not initialised.
+        RuntimeError: ``group`` is the marker a pickled layer holds in place of its group
+            (Note [copying a layer bound to a group] in :mod:`hpattn_dist.comm.binding`).
     """
     if isinstance(group, GroupInfo):
         return group
+    if isinstance(group, UnboundGroup):
+        raise RuntimeError(
+            f"this layer was unpickled without its process group (a ProcessGroup cannot be "
+            f"pickled; {name} is a {group!r}): set layer.process_group = <the sequence-parallel "
+            "group> (or None for the default group), or call "
+            "hpattn_dist.comm.binding.bind_process_group(model, group) on the whole model, "
+            "before calling it"
+        )
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError(f"{name} was given but torch.distributed is not initialised")

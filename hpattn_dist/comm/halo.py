@@ -51,7 +51,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.all_to_all import all_to_all_flat
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
-from hpattn_dist.comm.groups import GroupInfo, offsets
+from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
 
 __all__ = ["HaloExchanger", "HaloPlan", "all_to_all_rows", "halo_exchange", "halo_summary", "plan_halo", "table_crc"]
@@ -317,29 +317,37 @@ class HaloExchanger:
     of the model: the layer passes its table on each call.
 
     Args:
-        info: the group.
+        group: the group (None: WORLD, resolved at each call, Note [groups resolved per call] in
+            ``comm/groups.py``; or a :class:`GroupInfo`, used as it is).
         what: name used in error messages (e.g. ``"SpatialConv 'enc.0'"``).
     """
 
     _MAX_PLANS = 8
 
-    def __init__(self, info: GroupInfo, what: str) -> None:
-        self.info, self.what = info, what
+    def __init__(self, group: "Optional[dist.ProcessGroup] | GroupInfo", what: str) -> None:
+        self.group, self.what = group, what
         self._crc_key: Optional[tuple] = None
         self._crc = 0
         self._plans: dict[tuple, HaloPlan] = {}
 
-    def __deepcopy__(self, memo: dict) -> "HaloExchanger":
-        return HaloExchanger(self.info, self.what)  # a copied model shares the group, not the caches
+    @property
+    def info(self) -> GroupInfo:
+        """This process's view of the group, now."""
+        return resolve_group(self.group)
 
-    def _table_crc(self, table: Tensor) -> int:
+    def __deepcopy__(self, memo: dict) -> "HaloExchanger":
+        return HaloExchanger(self.group, self.what)  # a copied model shares the group, not the caches
+
+    def table_crc(self, table: Tensor) -> int:
+        """CRC-32 of ``table`` (:func:`table_crc`), recomputed only when its storage, version or
+        shape changed; a change also drops the cached plans."""
         key = (table.data_ptr(), table._version, tuple(table.shape), table.device)
         if key != self._crc_key:
             self._crc, self._crc_key, self._plans = table_crc(table), key, {}
         return self._crc
 
-    def plan(self, x_local: Tensor, table: Tensor, dim: int = 1) -> HaloPlan:
-        """Agree with the peers on this call and return this rank's plan (one metadata all_gather).
+    def agree(self, x_local: Tensor, table: Tensor, dim: int = 1) -> tuple[int, ...]:
+        """Agree with the peers on this call: every rank's input length (one metadata all_gather).
 
         Args:
             x_local: this rank's input, its pixels along ``dim`` (e.g. ``[B, N_r, C]``).
@@ -347,13 +355,14 @@ class HaloExchanger:
             dim: the pixel dimension.
 
         Returns:
-            This rank's :class:`HaloPlan`, index tensors on ``x_local``'s device.
+            ``N_r`` of every rank, in group-rank order.
 
         Raises (on every rank together):
-            ValueError: ranks disagree on the table, the other dims or the dtype, or the table
-                does not fit the input grid (``N_in = sum_r N_r``).
+            ValueError: ranks disagree on the table, the other dims or the dtype, or a rank's
+                input is not a tensor of 1 to 8 dims.
         """
-        with validated_signature(self.info, self.what) as sig:
+        info = self.info
+        with validated_signature(info, self.what) as sig:
             if not isinstance(x_local, Tensor) or x_local.dim() < 1 or x_local.dim() > 8:
                 raise ValueError(f"{self.what}: expected a tensor of 1 to 8 dims, got "
                                  f"{getattr(x_local, 'shape', type(x_local).__name__)}")
@@ -362,26 +371,45 @@ class HaloExchanger:
             dim = dim % x_local.dim()
             shape = list(x_local.shape)
             n_local = shape.pop(dim)
-            crc = self._table_crc(table)
+            crc = self.table_crc(table)
             sig.set({"dims": x_local.dim(), "pixel_dim": dim,
                      **{f"size{i}": size for i, size in enumerate(shape)},
                      "dtype": dtype_code(x_local.dtype), "n_out": int(table.shape[0]),
                      "k": int(table.shape[1]), "table_crc": crc}, n_local, x_local.device)
-        sizes = tuple(sig.per_rank)
-        plan = self._plans.get(sizes)
+        return tuple(sig.per_rank)
+
+    def plan_for(self, sizes: Sequence[int], table: Tensor, device: torch.device) -> HaloPlan:
+        """This rank's plan for inputs of ``sizes`` rows per rank (cached; no communication).
+
+        Raises:
+            ValueError: the table does not fit the input grid (``N_in = sum(sizes)``); with
+                sizes agreed by :meth:`agree`, on every rank together.
+        """
+        self.table_crc(table)  # drops the cached plans if the table changed in place
+        info = self.info
+        sizes = tuple(sizes)
+        key = (sizes, info.rank)  # a new group may place this process elsewhere
+        plan = self._plans.get(key)
         if plan is None:
             starts = offsets(sizes)
             in_b = [(s, s + n) for s, n in zip(starts, sizes)]
-            out_b = shard_bounds(int(table.shape[0]), self.info.world_size)
+            out_b = shard_bounds(int(table.shape[0]), info.world_size)
             try:
-                plan = plan_halo(table, in_b, out_b, self.info.rank)
+                plan = plan_halo(table, in_b, out_b, info.rank)
             except ValueError as err:  # same table and sizes on every rank: raised on every rank
                 raise ValueError(f"{self.what}: {err}") from None
             if len(self._plans) >= self._MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
-        plan = plan.to(x_local.device)
-        self._plans[sizes] = plan
+        plan = plan.to(device)
+        self._plans[key] = plan
         return plan
+
+    def plan(self, x_local: Tensor, table: Tensor, dim: int = 1) -> HaloPlan:
+        """Agree with the peers on this call and return this rank's plan (one metadata all_gather).
+
+        :meth:`agree`, then :meth:`plan_for`; index tensors on ``x_local``'s device.
+        """
+        return self.plan_for(self.agree(x_local, table, dim), table, x_local.device)
 
     def __call__(self, x_local: Tensor, table: Tensor, dim: int = 1) -> tuple[Tensor, HaloPlan]:
         """``(x_ext, plan)``: :meth:`plan`, then :func:`halo_exchange`."""

@@ -21,9 +21,10 @@ __all__ = ["all_gather_ints"]
 def all_gather_ints(values: Sequence[int], info: GroupInfo, device: torch.device) -> list[tuple[int, ...]]:
     """Every rank's ``values`` (same length on all ranks), in group-rank order.
 
-    One small collective of an int64 vector on ``info.comm_device(device)``, bounded by the
-    exchange timeout; with one rank, no communication. On gloo it is an ``all_to_all_single`` of
-    the vector repeated P times: one round of messages, where gloo's ``all_gather`` runs P - 1
+    One small collective of an int64 vector on ``info.meta_device(device)`` (the CPU whenever the
+    group has a CPU backend, Note [init styles] in ``groups.py``), bounded by the exchange
+    timeout; with one rank, no communication. On gloo it is an ``all_to_all_single`` of the
+    vector repeated P times: one round of messages, where gloo's ``all_gather`` runs P - 1
     dependent ring steps. NCCL keeps ``all_gather``.
 
     Raises:
@@ -32,16 +33,17 @@ def all_gather_ints(values: Sequence[int], info: GroupInfo, device: torch.device
     if info.world_size == 1:
         return [tuple(int(v) for v in values)]
     p = info.world_size
-    local = torch.tensor(list(values), dtype=torch.int64, device=info.comm_device(device))
-    if info.backend == "gloo":
+    home = info.meta_device(device)
+    local = torch.tensor(list(values), dtype=torch.int64, device=home)
+    if info.backend_for(home) == "gloo":
         send = local.repeat(p)
         received = torch.empty_like(send)
         run_collective(info, "all_gather.meta", "the metadata all_gather", lambda: dist.all_to_all_single(
-            received, send, group=info.group, async_op=True))
+            received, send, group=info.group, async_op=True), local.device)
         gathered = list(received.view(p, -1))
     else:
         gathered = [torch.empty_like(local) for _ in range(p)]
         run_collective(info, "all_gather.meta", "the metadata all_gather", lambda: dist.all_gather(
-            gathered, local, group=info.group, async_op=True))
+            gathered, local, group=info.group, async_op=True), local.device)
     record("all_gather.meta", local.numel() * local.element_size())
     return [tuple(int(v) for v in t.tolist()) for t in gathered]

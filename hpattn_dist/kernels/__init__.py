@@ -7,7 +7,7 @@ Function, for the Ulysses executor).
 """
 
 from hpattn_dist.kernels.dispatch import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
-from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask, resolve_dropout_seed
+from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask, resolve_dropout_seed, seed_input
 
 __all__ = [
     "KERNEL_BACKENDS",
@@ -17,5 +17,6 @@ __all__ = [
     "draw_seed",
     "keep_mask",
     "resolve_dropout_seed",
+    "seed_input",
     "select_kernel",
 ]

@@ -15,6 +15,18 @@ Note [position-keyed dropout]
       ``torch.manual_seed`` makes runs reproducible; the strategies use group rank 0's seed on
       every rank, so ranks whose generators differ still drop consistently.
 
+Note [seed outside the op]
+    A registered attention op (``hpattn::attention_fwd``) never draws from a generator: its seed
+    is an INPUT, an int64 CPU tensor drawn just before the call (:func:`seed_input`). A
+    selective-checkpoint policy that saves the op's outputs (``checkpoint_context_fn``) recomputes
+    the block without running the op, but it does rerun the draw, a plain operator: with
+    ``preserve_rng_state=True`` the recomputation then consumes the generator exactly as the first
+    forward did, and every later random op of the block (an ``nn.Dropout`` in the feed-forward)
+    draws the same mask. A draw inside the op would be skipped by the recomputation and shift
+    every later mask. The op's saved plan carries the agreed seed, so the attention's own mask is
+    the forward's whatever the recomputed draw returns. Under ``torch.compile`` the draw is a node
+    of the graph (inductor lowers it with its own generator, as it does every random op).
+
     The definition, in unsigned 32-bit arithmetic (every product taken mod 2^32)::
 
         mix(x):  x ^= x >> 16;  x *= 0x7FEB352D;  x ^= x >> 15;  x *= 0x846CA68B;  x ^= x >> 16
@@ -43,8 +55,10 @@ from torch import Tensor
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """``lowbias32`` finaliser on int64 tensors holding 32-bit values."""
+def _mix32(x: "Tensor | int") -> "Tensor | int":
+    """``lowbias32`` finaliser on int64 tensors holding 32-bit values, or on a Python int (the
+    seed's round runs on the host: no scalar is copied to the device, Note [agreement off the
+    device] in ``comm/agreement.py``)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -82,7 +96,8 @@ class DropoutSpec:
 
 def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
     """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec``."""
-    b = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None, None]
+    # Views, not indexing: the same ops on every device, fake CUDA tensors of a CPU build included.
+    b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1, 1, 1)
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
     i = torch.arange(spec.q_offset, spec.q_offset + n_q, device=device, dtype=torch.int64)
     if spec.k_index is None:
@@ -91,18 +106,31 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
         if spec.k_index.shape != (n_k,):
             raise ValueError(f"k_index has shape {tuple(spec.k_index.shape)}, expected ({n_k},)")
         j = spec.k_index.to(device=device, dtype=torch.int64)
-    seed = _mix32(torch.tensor(spec.seed & _MASK32, device=device, dtype=torch.int64))
-    x = _mix32(b ^ seed)
-    x = _mix32(x ^ h[None, :, None, None])
-    x = _mix32(x ^ i[None, None, :, None])
-    x = _mix32(x ^ j[None, None, None, :])
+    x = _mix32(b ^ _mix32(spec.seed & _MASK32))
+    x = _mix32(x ^ h.view(1, heads, 1, 1))
+    x = _mix32(x ^ i.view(1, 1, n_q, 1))
+    x = _mix32(x ^ j.view(1, 1, 1, n_k))
     threshold = int(spec.p * 2**32)
     return x >= threshold
 
 
 def draw_seed() -> int:
     """A fresh 31-bit seed from PyTorch's default CPU generator."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(draw_seed_tensor().item())
+
+
+def draw_seed_tensor() -> Tensor:
+    """:func:`draw_seed` as an int64 CPU tensor ``[1]``: the same draw, without reading it."""
+    return torch.randint(0, 2**31 - 1, (1,))
+
+
+def seed_input(dropout_p: float, seed: "int | None") -> Optional[Tensor]:
+    """The seed this rank proposes to a registered attention op, as an int64 CPU tensor ``[1]``
+    (None without dropout and without a given ``seed``): drawn HERE, before the op, so that it is
+    an input of the op (Note [seed outside the op])."""
+    if seed is not None:
+        return torch.tensor([seed], dtype=torch.int64)
+    return draw_seed_tensor() if dropout_p > 0 else None
 
 
 def resolve_dropout_seed(dropout_p: float, seed: "int | None") -> int:

@@ -25,10 +25,12 @@ Note [fused op arguments]
       stride of ``H * D`` that it assumes rather than reads, so ``out`` is passed in that layout
       (``[B, N, H, D]``-contiguous, as the forward op returns it); any other layout gives wrong
       gradients without an error. ``logsumexp`` is padded to the forward's ``ceil(N_q / 32) * 32``
-      rows; ``attn_bias`` is None; ``grad_input_mask`` asks for dq, dk, dv only.
+      rows (once per backward: Note [backward layouts] in ``dispatch.py``); ``attn_bias`` is
+      None; ``grad_input_mask`` asks for dq, dk, dv only.
     * Both: ``dropout_p = 0``, ``is_causal = False``, ``out`` and ``grad_out`` in q's dtype (the
       kernels take one element type for all), philox seed/offset unused (read only with dropout),
-      q/k/v with a unit last stride and 16-byte aligned storage.
+      q/k/v with a unit last stride and 16-byte aligned storage, as :class:`BlockKernel` hands
+      every fused op its tensors (Note [block layout] in ``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -45,13 +47,6 @@ _aten = torch.ops.aten
 
 #: Row padding of the memory-efficient kernel's lse (its ``kAlignLSE``).
 EFFICIENT_LSE_ALIGN = 32
-
-
-def _dense(t: Tensor) -> Tensor:
-    """``t`` itself when its last stride is 1 and its storage is 16-byte aligned, else a copy."""
-    if t.stride(-1) == 1 and (t.storage_offset() * t.element_size()) % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def contiguous(t: Tensor) -> Tensor:
@@ -86,7 +81,7 @@ def cpu_flash_backward(
 def cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """CUDA FlashAttention-2 block: ``(out [B, H, N_q, D] q.dtype, lse fp32 [B, H, N_q])``."""
     res = _aten._scaled_dot_product_flash_attention(
-        _dense(q), _dense(k), _dense(v), 0.0, False, False, scale=scale
+        q, k, v, 0.0, False, False, scale=scale
     )
     return res[0], res[1]
 
@@ -95,7 +90,6 @@ def cuda_flash_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Dense FlashAttention-2 block backward (Note [fused op arguments])."""
-    q, k, v = _dense(q), _dense(k), _dense(v)
     unused = _unused_rng(q.device)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
         dout.to(q.dtype), q, k, v, out.to(q.dtype), contiguous(lse.float()),
@@ -104,10 +98,15 @@ def cuda_flash_backward(
     return dq, dk, dv
 
 
+def cuda_flash_prepare(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """Note [backward layouts]: dout and out in q's dtype, lse contiguous fp32."""
+    return dout.to(q.dtype), q, out.to(q.dtype), contiguous(lse.float())
+
+
 def cuda_efficient_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """CUDA memory-efficient block: ``(out, lse fp32 [B, H, N_q])`` (the op pads lse rows)."""
     res = _aten._scaled_dot_product_efficient_attention(
-        _dense(q), _dense(k), _dense(v), None, True, 0.0, False, scale=scale
+        q, k, v, None, True, 0.0, False, scale=scale
     )
     return res[0], res[1].narrow(2, 0, q.shape[2])
 
@@ -116,16 +115,29 @@ def cuda_efficient_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Memory-efficient block backward (Note [fused op arguments])."""
-    q, k, v = _dense(q), _dense(k), _dense(v)
     n_q = q.shape[2]
-    pad = -n_q % EFFICIENT_LSE_ALIGN
-    lse_rows = contiguous(F.pad(lse.float(), (0, pad)))  # [B, H, ceil(N_q / 32) * 32]
+    lse_rows = lse if lse.shape[2] == _padded_rows(n_q) and lse.is_contiguous() else _padded_lse(lse)
     unused = _unused_rng(q.device)
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
         dout.to(q.dtype), q, k, v, None, _bnhd(out.to(q.dtype)), lse_rows, unused, unused, 0.0,
         [True, True, True, False], False, scale=scale,
     )
     return dq, dk, dv
+
+
+def _padded_rows(n_q: int) -> int:
+    return n_q + (-n_q % EFFICIENT_LSE_ALIGN)
+
+
+def _padded_lse(lse: Tensor) -> Tensor:
+    """``[B, H, N_q]`` -> contiguous fp32 ``[B, H, ceil(N_q / 32) * 32]`` (the forward's rows)."""
+    return contiguous(F.pad(lse.float(), (0, _padded_rows(lse.shape[2]) - lse.shape[2])))
+
+
+def cuda_efficient_prepare(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """Note [backward layouts]: dout in q's dtype, out ``[B, N, H, D]``-contiguous, lse padded;
+    :func:`cuda_efficient_backward` takes an lse of the padded length as it is."""
+    return dout.to(q.dtype), q, _bnhd(out.to(q.dtype)), _padded_lse(lse)
 
 
 # --- capabilities (torch 2.13: aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, flash_api.cpp)

@@ -72,9 +72,9 @@ from hpattn_dist.kernels import (
     KERNEL_BACKENDS, BlockKernel, DropoutSpec, check_backend_name, resolve_dropout_seed, select_kernel,
 )
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
-from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.precision import acc_dtype
-from hpattn_dist.replicas import LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
 
 __all__ = ["LocalPlan", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
@@ -92,7 +92,8 @@ class UnitBatch:
         units: int64 ``[n]``, positions among this rank's units.
         key_rows: int64 ``[n, m * c]``, each unit's window keys as rows of ``[own | received]``.
         key_pixels: int64 ``[n, m * c]``, the same keys as global pixels (dropout only).
-        cells: int64 ``[n]``, the global cell of each unit (dropout only).
+        cells: the global cell of each unit, as host ints (dropout only: read per unit without a
+            device read).
         first: ``units[0]`` when ``units`` is a contiguous range (then unit tensors are sliced,
             not copied), else -1.
     """
@@ -100,17 +101,18 @@ class UnitBatch:
     units: Tensor
     key_rows: Tensor
     key_pixels: Tensor
-    cells: Tensor
+    cells: tuple[int, ...]
     first: int
 
     @staticmethod
     def of(units: Tensor, key_rows: Tensor, key_pixels: Tensor, cells: Tensor) -> "UnitBatch":
         n = units.numel()
         contiguous = n > 0 and int(units[-1]) - int(units[0]) == n - 1  # units are ascending
-        return UnitBatch(units, key_rows, key_pixels, cells, int(units[0]) if contiguous else -1)
+        first = int(units[0]) if contiguous else -1
+        return UnitBatch(units, key_rows, key_pixels, tuple(cells.tolist()), first)
 
     def to(self, device: torch.device) -> "UnitBatch":
-        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels, self.cells)),
+        return UnitBatch(*(t.to(device) for t in (self.units, self.key_rows, self.key_pixels)), self.cells,
                          self.first)
 
     def take(self, x_units: Tensor) -> Tensor:
@@ -333,7 +335,10 @@ def _unpack_bytes(buf: Tensor, like: list[Optional[Tensor]]) -> list[Optional[Te
             out.append(None)
             continue
         width = math.prod(t.shape[1:]) * t.element_size()
-        part = buf[:, col:col + width].contiguous().view(t.dtype)
+        if width:
+            part = buf[:, col:col + width].contiguous().view(t.dtype)
+        else:  # rows of no bytes (B = 0): a byte view cannot be reinterpreted, nothing to read
+            part = buf.new_empty((buf.shape[0], 0), dtype=t.dtype)
         out.append(part.view(buf.shape[0], *t.shape[1:]))
         col += width
     return out
@@ -460,9 +465,10 @@ class _WindowAttention(torch.autograd.Function):
             if need_dbias:
                 if ctx.bias_heads == 1 and dbias_b.shape[1] != 1:
                     dbias_b = dbias_b.sum(dim=1, keepdim=True)
+                hb = dbias_b.shape[1]  # (not -1: ambiguous for B = 0)
                 dbias_ext.index_add_(0, batch.key_rows.reshape(-1),
-                                     dbias_b.to(acc).view(n, b, -1, length).permute(0, 3, 1, 2)
-                                     .reshape(n * length, b, -1))
+                                     dbias_b.to(acc).view(n, b, hb, length).permute(0, 3, 1, 2)
+                                     .reshape(n * length, b, hb))
 
         dkv_own = dkv_ext[:n_r]
         dbias_own = None if dbias_ext is None else dbias_ext[:n_r]
@@ -504,7 +510,7 @@ def _chunks(plan: LocalPlan, elements_per_key: int) -> list[UnitBatch]:
 
 
 def _unit_spec(dropout_p: float, seed: int, batch: UnitBatch, i: int, c: int) -> DropoutSpec:
-    return DropoutSpec(dropout_p, seed, q_offset=int(batch.cells[i]) * c, k_index=batch.key_pixels[i])
+    return DropoutSpec(dropout_p, seed, q_offset=batch.cells[i] * c, k_index=batch.key_pixels[i])
 
 
 def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout_p, seed):
@@ -551,7 +557,7 @@ def healpix_local_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
 ) -> Tensor:
     r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
 
@@ -590,7 +596,7 @@ def healpix_local_attention(
             window, masking or whether gradients are needed; for a ``layer``: parameters that
             differ between ranks.
 
-    Communication: one 256-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
+    Communication: one 320-byte ``all_gather`` (Note [fail together]) and one ``all_to_all`` of
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
@@ -613,7 +619,7 @@ def windowed_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     strategy: Optional[str] = None,
     what: str = "healpix_local_attention",
@@ -634,12 +640,13 @@ def windowed_attention(
                              f"attention, which has no head-parallel form; strategy must be 'ring' or "
                              f"'auto', got {strategy!r}")
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         window_nside = check_window(window_nside, mode)
         bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
-        mask_left = key_mask is not None and not bool(key_mask.all())
+        mask_left = key_mask is not None and mask_layout(key_mask).any_masked
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, key_bias))
@@ -653,7 +660,7 @@ def windowed_attention(
                 "backend": KERNEL_BACKENDS.index(backend),
                 "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
-                "cross": int(cross),
+                "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
@@ -664,10 +671,10 @@ def windowed_attention(
     sizes = tuple(row[0] for row in per_rank)
     key_sizes = tuple(row[1] for row in per_rank) if cross else None
     if layer is not None:  # the same rows on every rank: raised on every rank
-        check_layer_rows(info, layer, sizes, [row[4:7] for row in per_rank])
+        check_layer_rows(info, layer, sizes, [row[4:4 + N_SUMS] for row in per_rank])
         if cross:
             check_layer_rows(info, replace(layer, name=layer.name + " (keys and values)"), key_sizes,
-                             [row[4:7] for row in per_rank])
+                             [row[4:4 + N_SUMS] for row in per_rank])
     try:
         plan = _cached_plan(sizes, key_sizes, window_nside, mode, info.rank, q.device)
     except ValueError as err:  # same sizes and window on every rank: raised on every rank

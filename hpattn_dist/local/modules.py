@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import raise_on_every_rank
+from hpattn_dist.comm.agreement import fail_together
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.local.attention import healpix_local_attention
@@ -25,7 +26,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
 from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerFacts, ParameterFingerprint
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
@@ -80,7 +81,7 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
         return self._project_out(out.to(x.dtype))
 
 
-class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
+class DistributedLocalSpatialSelfAttention(GroupBound, LocalSpatialSelfAttention):
     """:class:`LocalSpatialSelfAttention` on a field whose NESTED pixels are sharded over a group.
 
     Same arguments, parameters and ``state_dict`` as the oracle, plus ``process_group`` and
@@ -90,7 +91,8 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
     (Note [local attention plan]). Runs in a single process too (``process_group=None`` without
     ``torch.distributed``), where it is the fast path of the oracle. Parameters are replicated:
     reduce their gradients with :func:`hpattn_dist.grad_sync.sync_gradients`; every call checks
-    that they are equal on every rank (Note [replicated parameter check]).
+    that they are equal on every rank (Note [replicated parameter check]). Deepcopy shares the
+    group, pickling drops it (Note [copying a layer bound to a group]).
 
     Raises:
         ValueError: bad constructor arguments; in forward (on every rank) a misfit input or mask,
@@ -106,24 +108,22 @@ class DistributedLocalSpatialSelfAttention(LocalSpatialSelfAttention):
                          window_nside=window_nside, mode=mode)
         self.process_group = process_group
         self.name = name
-        self._fingerprint = ParameterFingerprint()
 
-    def _facts(self) -> LayerFacts:
-        layout, sums = self._fingerprint(self.named_parameters())
+    def _ref(self) -> LayerRef:
+        """What the call reads its facts from inside its agreement (Note [replicated parameter check])."""
         label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerFacts(name=label, layout=layout, sums=sums, healpix_field=True, point_sets=False)
+        return LayerRef(label, tuple(self.parameters()), healpix_field=True, point_sets=False)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
-        try:
-            check_layer_input(x, self.embed_dim, key_mask)
-        except (ValueError, TypeError) as err:
-            # The peers are about to enter the op's signature all_gather: fail there together.
-            raise_on_every_rank(resolve_group(self.process_group), type(self).__name__, err)
-        q, k, v = self._qkv(x)
+        # The peers are about to enter the call's agreement: fail there together.
+        ref = self._ref()
+        with fail_together(resolve_group(self.process_group), ref.name):
+            check_layer_input(x, self.embed_dim, key_mask, weight=getattr(self.qkv_proj, "weight", None))
+            q, k, v = self._qkv(x)
         out = healpix_local_attention(
             q, k, v, self.process_group, window_nside=self.window_nside, mode=self.mode,
             backend=self.attn_backend, dropout_p=self._dropout_p if self.training else 0.0,
-            scale=self.scale, key_mask=key_mask, layer=self._facts(),
+            scale=self.scale, key_mask=key_mask, layer=ref,
         )
         return self._project_out(out)
 

@@ -62,18 +62,39 @@ def dense_local_attention(
         dropout_p, dropout_seed: position-keyed dropout of the normalised weights.
 
     Returns:
-        ``[B, H, N, D]`` in q's dtype; a query with no unmasked window key gets zeros.
+        ``[B, H, N, D]`` in q's dtype; a query with no unmasked window key gets zeros. Keys outside
+        a query's window or masked reach no row, whatever they hold (Note [non-finite inputs] in
+        ``hpattn_dist/masks.py``).
     """
     allowed = window_mask(npix2nside(q.shape[2]), window_nside, mode, q.device, npix2nside(k.shape[2]))
+    if key_bias is not None:
+        allowed = allowed & ~torch.isneginf(key_bias)[:, :, None, :]  # [B, H|1, Nq, Nk]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, N, N]
     if key_bias is not None:
-        s = s + key_bias[:, :, None, :].to(s.dtype)
+        s = s + torch.where(torch.isneginf(key_bias), 0, key_bias)[:, :, None, :].to(s.dtype)
     s = s.masked_fill(~allowed, float("-inf"))
-    has_key = torch.isfinite(s).any(dim=-1, keepdim=True)
-    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1) * has_key
+    has_key = allowed.any(dim=-1, keepdim=True)  # by the keys allowed, not by the values
+    w = torch.where(has_key, torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1),
+                    torch.zeros_like(s))
     if dropout_p > 0:
         batch, heads, n_q, n_k = w.shape
         keep = keep_mask(DropoutSpec(dropout_p, dropout_seed), batch, heads, n_q, n_k, q.device)
         w = w * keep.to(w.dtype) / (1.0 - dropout_p)
-    return torch.matmul(w, v)
+    return _weighted_values(w, v, allowed)
+
+
+def _weighted_values(w: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """``sum_j w_ij v_j`` over the ALLOWED keys ``j`` of each row only: ``w [B, H, Nq, Nk]``, ``v
+    [B, H, Nk, D]``. A matmul would also add ``0 * v_j`` for the keys a row does not attend to,
+    which is NaN where ``v_j`` is not finite; so the keys holding a non-finite value are taken out
+    of the matmul and added back, row by row, where they are allowed."""
+    bad = (~torch.isfinite(v)).any(dim=-1).any(dim=0).any(dim=0)  # [Nk]: keys with a non-finite value
+    if not bool(bad.any()):
+        return torch.matmul(w, v)
+    out = torch.matmul(w, v.masked_fill(bad[:, None], 0))
+    cols = bad.nonzero().squeeze(1)
+    w_bad = w.index_select(-1, cols)[..., None]  # [B, H, Nq, n, 1]
+    v_bad = v.index_select(2, cols)[:, :, None]  # [B, H, 1, n, D]
+    allowed_bad = allowed.index_select(-1, cols)[..., None]
+    return out + torch.where(allowed_bad, w_bad * v_bad, torch.zeros((), dtype=out.dtype)).sum(dim=-2)

@@ -119,7 +119,7 @@ def window_traffic(q_sizes: Sequence[int], k_sizes: Optional[Sequence[int]], win
         pairs = blocks = 0
         for b in plan.batches:
             m = b.key_rows.shape[1] // c_k
-            for cell in b.cells.tolist():  # this rank's queries in the cell
+            for cell in b.cells:  # this rank's queries in the cell
                 here = min(stop, (cell + 1) * c_q) - max(start, cell * c_q)
                 pairs += here * m * c_k
                 blocks += m

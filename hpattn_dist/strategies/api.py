@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.local.attention import windowed_attention
-from hpattn_dist.replicas import LayerFacts, LayerRef, facts_of
+from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.hybrid import run_hybrid
 from hpattn_dist.strategies.ops import op_attention
 from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
@@ -107,8 +107,6 @@ def sharded_attention(
     if ulysses_degree is not None and strategy != "hybrid":
         raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
     if window_nside is not None:
-        if isinstance(layer, LayerRef):
-            layer = facts_of(layer.name, layer.params, layer.healpix_field)
         entry = "ring_cross_attention" if cross else "healpix_local_attention"
         return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
                                   dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
@@ -117,13 +115,11 @@ def sharded_attention(
     if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
-        # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
+        # Registered ops only (Note [attention as one op] in ops.py); arguments they cannot
         # carry take the autograd path, whose door refuses the bad ones on every rank.
         return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
                             key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,
                             layer=layer, cross=cross)
-    if isinstance(layer, LayerRef):
-        layer = facts_of(layer.name, layer.params, layer.healpix_field)
     plan, bias = plan_attention(
         strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
         dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
@@ -190,9 +186,9 @@ def ring_attention(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``dropout_p`` or ``backend``; a group this process
-            is not in; or (on every rank) ranks that disagree on B, H, D, dtype or masking.
+            is not in; or (on every rank) ranks that disagree on B, H, D, dtype, scale or masking.
 
-    Communication: one 256-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
+    Communication: one 320-byte ``all_gather`` (shapes, Note [fail together]) plus P - 1 K/V transfers of
     ``2 * B * H * M_src * D`` elements per forward, where ``M_src`` counts the keys of the source
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
     backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
@@ -257,7 +253,7 @@ def ring_cross_attention(
             or mode, totals that are no NESTED HEALPix grids, a window cell finer than a pixel
             of either grid.
 
-    Communication: one 256-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
+    Communication: one 320-byte ``all_gather`` (shapes), then P - 1 K/V transfers of
     ``2 * B * H * Mk_src * D`` elements per forward (``Mk_src``: the keys of the source rank left
     after masked-key compaction); the backward adds P - 1 K/V transfers and P fp32 dK/dV
     transfers. Queries never travel. With ``window_nside``: one ``all_to_all`` of the halo rows

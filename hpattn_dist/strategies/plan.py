@@ -8,10 +8,10 @@ Note [one agreement per call]
     Every strategy needs the same facts about its peers before it can move data: every rank's
     pixel count (uneven shards), how many keys survive masking (Note [masked key compaction]),
     whether a mask is left anywhere, the dropout seed of position 0, and that the ranks called
-    with the same B, H, D, dtype, bias form, dropout and strategy. :func:`plan_attention` gathers
-    them in ONE ``validated_signature`` over the group that shards the pixels (the parent group of
-    a hybrid grid), with the local checks inside it so that a rank whose input is bad makes every
-    rank raise (Note [fail together]). The result, an :class:`AttentionPlan`, is all the
+    with the same B, H, D, dtype, score scale, bias form, dropout and strategy.
+    :func:`plan_attention` gathers them in ONE ``validated_signature`` over the group that shards
+    the pixels (the parent group of a hybrid grid), with the local checks inside it so that a
+    rank whose input is bad makes every rank raise (Note [fail together]). The result, an :class:`AttentionPlan`, is all the
     executors read: nothing below the door validates or agrees again.
 
     The strategy is part of the signature (:meth:`Signature.set`'s ``kind``), so ranks that chose
@@ -57,9 +57,9 @@ from torch import Tensor
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
-from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
+from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
-from hpattn_dist.replicas import LayerFacts, check_layer_rows
+from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.strategies.auto import choose_strategy
 from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
 
@@ -185,7 +185,7 @@ def plan_attention(
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     dropout_seed: Optional[int] = None,
-    layer: Optional[LayerFacts] = None,
+    layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     what: str,
     kv_needs_grad: Optional[bool] = None,
@@ -196,7 +196,8 @@ def plan_attention(
     ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``ulysses_degree`` for
     ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
     dtype (-inf where masked), or None. ``what`` names the entry point in errors. ``layer``: the
-    calling layer's facts (parameter fingerprint, HEALPix field), checked in the same agreement.
+    calling layer's facts (parameter fingerprint, HEALPix field), or a reference to read them from
+    inside the agreement, checked in the same agreement.
     ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
     (inside the registered op); None reads it from grad mode and ``requires_grad``.
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
@@ -216,6 +217,7 @@ def plan_attention(
         sub, parent = None, resolve_group(group)
     with validated_signature(parent, what) as sig:
         check_qkv(q, k, v, scale, cross=cross)
+        layer = resolve_layer(layer)
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)
@@ -225,11 +227,11 @@ def plan_attention(
         if executed != "ring":
             check_heads_divisible(heads, u_deg, what, "group" if executed == "ulysses" else "ulysses_group")
         mask_travels = key_mask is not None and (executed == "ring" or (executed == "hybrid" and key_bias is None))
-        kept = unmasked_keys(key_mask) if mask_travels else None
-        n_kept = n_keys if kept is None else int(kept.numel())
+        layout = mask_layout(key_mask) if mask_travels else None
+        n_kept = n_keys if layout is None else layout.n_kept
         # After compaction a mask shared by the whole batch (a land mask) leaves nothing to mask,
         # so no bias is needed and the fused kernels apply; every rank must agree on that.
-        mask_left = mask_travels and not bool((key_mask if kept is None else key_mask[:, kept]).all())
+        mask_left = layout is not None and layout.left
         row = _grid_row(parent, u_deg, sub)
         # Which gradients must travel home (Note [ring memory]): each rank knows only its own.
         grad_on = torch.is_grad_enabled()
@@ -243,7 +245,8 @@ def plan_attention(
                 "key_bias_heads": -1 if key_bias is None else bias.shape[1],
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
-                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross), **extra_shared,
+                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
+                "scale": head_dim**-0.5 if scale is None else float(scale), **extra_shared,
             },
             (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row, n_keys,
              *(() if layer is None else layer.sums), *grad_bits),
@@ -251,10 +254,11 @@ def plan_attention(
             kind=executed,
         )
     if layer is not None:
-        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
+        layer_sums = [r[9:9 + N_SUMS] for r in sig.per_rank]
+        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], layer_sums)
         if cross and layer.healpix_field:
             keys = replace(layer, name=layer.name + " (keys and values)")
-            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], [r[9:12] for r in sig.per_rank])
+            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], layer_sums)
     plan = _plan_from_rows(
         sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,

@@ -387,7 +387,9 @@ def test_fail_together():
             assert msg is not None and msg.startswith("ValueError"), (rank, name, msg)
         assert "rank 1" in errs["head_dim"] and "D" in errs["head_dim"], errs["head_dim"]
         assert "Nk_local" in errs["kv_lengths"], errs["kv_lengths"]
-        assert "disagree on cross" in errs["self_vs_cross"], errs["self_vs_cross"]
+        # The entry point is part of the signature (Note [fail together]): each rank's call is named.
+        assert "different signatures" in errs["self_vs_cross"] and "rank 1: ring_attention" in \
+            errs["self_vs_cross"] and "ring_cross_attention" in errs["self_vs_cross"], errs["self_vs_cross"]
         assert "x_kv_local must have shape [B, Nk_r, kv_dim=3]" in errs["layer_kv_dim"], errs["layer_kv_dim"]
         assert "(keys and values)" in errs["layer_source_not_healpix"] and "N = 49" in errs[
             "layer_source_not_healpix"], errs["layer_source_not_healpix"]

@@ -91,6 +91,7 @@ def _fake_dist(monkeypatch, backend: str, works_per_group: str, fail: bool = Fal
         return post
 
     monkeypatch.setattr(dist, "get_backend", lambda g=None: backend)
+    monkeypatch.setattr(dist, "get_backend_config", lambda g=None: backend)  # what the ring reads
     monkeypatch.setattr(dist, "get_global_rank", lambda g, r: {0: 4, 1: 6, 2: 5}[r])
     monkeypatch.setattr(dist, "P2POp", _Op)
     monkeypatch.setattr(dist, "batch_isend_irecv", batch)

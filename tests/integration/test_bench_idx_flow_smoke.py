@@ -30,3 +30,18 @@ def test_single_process_role_measures_a_tiny_vit() -> None:
     # Saved activations include at least the token embeddings [B, N_out, E] in float32.
     assert result["saved_bytes"] >= 2 * 12 * 8 * 4
     assert result["bytes_sent"] == 0
+
+
+def test_single_process_role_measures_the_medium_model() -> None:
+    buf = io.StringIO()
+    argv = ["--model", "medium", "--nside", "4", "--embed-dim", "8", "--depth", "1", "--heads", "2",
+            "--warmup", "0", "--repeats", "1", "--world", "1", "--role", "single"]
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert bench_idx_flow.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    line = next(li for li in buf.getvalue().splitlines() if li.startswith(bench_idx_flow._MARK))
+    result = json.loads(line[len(bench_idx_flow._MARK):])
+    assert result["train_step_s"] == result["fwd_bwd_s"] > 0 and result["bytes_sent"] == 0

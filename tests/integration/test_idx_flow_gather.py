@@ -169,28 +169,29 @@ def test_gather_layers_match_idx_flow(world: int) -> None:
 
 
 def _ranks_extras(rank: int, world: int) -> dict:
-    """World 3: a custom input split, a table reloaded in place, pixels along dim 2, a rank
+    """World 3: a skewed input split, a table reloaded in place, pixels along dim 2, a rank
     with another table."""
     from hpattn_dist.comm.groups import resolve_group
     from hpattn_dist.comm.halo import HaloExchanger
     from hpattn_dist.integrations.idx_flow import convert_model
 
     res: dict = {}
-    # 1. Input split [100, 0, 92] (not shard_bounds), outputs still shard_bounds(48, 3).
+    # 1. Input split [100, 0, 92] (not shard_bounds): refused on every rank with the same error, at
+    #    the model's call and by the layer itself (called on its own, outside the model's call).
     model, x, weights = _model("conv", False, 7)
     reference = copy.deepcopy(model)
-    convert_model(model)
+    model = convert_model(nn.Sequential(model))
     sizes = [100, 0, 92]
     a = sum(sizes[:rank])
     c, d = shard_bounds(48, world)[rank]
-    x_local = x[:, a:a + sizes[rank]].clone().requires_grad_(True)
-    out = model(x_local)
-    x_ref = x.clone().requires_grad_(True)
-    out_ref = reference(x_ref)
-    res["split_out"] = _rel(out, out_ref[:, c:d])
-    _loss(out, weights[:, c:d]).backward()
-    _loss(out_ref, weights).backward()
-    res["split_x_grad"] = _rel(x_local.grad, x_ref.grad[:, a:a + sizes[rank]]) if sizes[rank] else 0.0
+    x_local = x[:, a:a + sizes[rank]]
+    for key, call in (("split_model", model), ("split_layer", model[0])):
+        try:
+            call(x_local)
+            res[key] = None
+        except ValueError as err:
+            res[key] = str(err)
+    model = model[0]
 
     # 2. load_state_dict puts a NESTED table into the converted layer: it is replanned.
     nested = _model("conv", True, 7)[0]
@@ -232,7 +233,11 @@ def _ranks_extras(rank: int, world: int) -> dict:
 def test_split_reload_dim2_and_mismatch() -> None:
     results = run_ranks(_ranks_extras, 3, timeout=120.0)
     for rank, res in enumerate(results):
-        for key in ("split_out", "split_x_grad", "reloaded_out", "dim2_out", "dim2_grad"):
+        for key in ("reloaded_out", "dim2_out", "dim2_grad"):
             assert res[key] <= RTOL, (rank, key, res[key])
-        assert res["mismatch"] is not None and "table_crc" in res["mismatch"], (rank, res["mismatch"])
-    assert len({res["mismatch"] for res in results}) == 1
+        for key in ("split_model", "split_layer"):
+            assert res[key] is not None and "shard_bounds(192, 3) = [64, 64, 64]" in res[key], (rank, key)
+        # Caught by the model's one agreement per call, which compares every gather layer's table.
+        assert res["mismatch"] is not None and "tables_crc32" in res["mismatch"], (rank, res["mismatch"])
+    for key in ("mismatch", "split_model", "split_layer"):
+        assert len({res[key] for res in results}) == 1, key

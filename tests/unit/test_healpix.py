@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpattn_dist.comm import collectives
-from hpattn_dist.comm.groups import comm_device_for
+from hpattn_dist.comm.groups import comm_device_for, parse_backend_config
 from hpattn_dist.healpix import (
     check_nside,
     gather,
@@ -304,4 +304,6 @@ def test_scatter_gather_without_a_process_group_are_the_identity():
 ])
 def test_collectives_communicate_on_the_backends_device(backend, device, expected):
     # A CPU tensor scattered / gathered over NCCL travels on the current CUDA device and back.
-    assert comm_device_for(backend, torch.device(device)) == torch.device(expected)
+    # (The backend as its config: Note [init styles]; tests/unit/test_init_styles.py has the rest.)
+    backends = parse_backend_config(backend) if backend else {}
+    assert comm_device_for(backends, torch.device(device)) == torch.device(expected)

@@ -1,12 +1,15 @@
 """What a module converter of :func:`hpattn_dist.integrations.idx_flow.convert_model` receives.
 
 A converter is a callable ``converter(module, ctx) -> nn.Module``: given one idx-flow module (found
-by exact type in the converter registry) and the :class:`ShardContext` of the conversion, it
+by its class in the converter registry, or a subclass that keeps that class's ``forward``) and the
+:class:`ShardContext` of the conversion, it
 returns the module to put in its place. The returned module must keep the parameter and buffer
 NAMES of ``module`` (so ``state_dict`` and optimizers carry over): either ``module`` itself,
 changed in place (e.g. its ``forward`` bound to a sharded version), or a subclass instance that
 shares its parameter objects. It is called on every rank of the group with the same module, so it
-must not communicate (the first forward may).
+must not communicate (the first forward may). It is called once per module, however many paths
+lead to it; ``convert_model`` puts a returned replacement at every path and moves the module's hooks
+to it, and restores the whole model if a converter raises (:mod:`hpattn_dist.swap_modules`).
 
 Sharding contract seen by every converted module: a tensor ``[B, N_r, C]`` holds this rank's
 contiguous range ``healpix.shard_bounds(N, P)[rank]`` of its grid of ``N`` pixels, in the pixel

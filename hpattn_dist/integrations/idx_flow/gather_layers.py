@@ -5,10 +5,13 @@ output pixels on rank r (``shard_bounds(N_out, P)[r]``), R halo rows received, K
 output pixel, C channels.
 
 A converted layer keeps its class's parameters, buffers and ``forward``; it only becomes an
-instance of a subclass (``HaloSpatialConv`` for ``SpatialConv``, ...) whose ``forward``
+instance of a subclass (``HaloSpatialConv`` for ``SpatialConv``, ``Halo<Name>`` for a subclass
+of one that keeps its ``forward``, :func:`halo_class`) whose ``forward``
 
 1. agrees with its peers and plans the halo (:class:`~hpattn_dist.comm.halo.HaloExchanger`, one
-   small metadata ``all_gather``; the plan is computed once per input split and cached),
+   small metadata ``all_gather``, folded into the model's one agreement per call when the shapes
+   repeat: Note [one agreement per model call]; the plan is computed once per input split and
+   cached),
 2. fetches the R input rows its outputs read from other ranks (one ``all_to_all_single``):
    ``x_ext [B, N_r + R, C]``,
 3. runs idx-flow's own ``forward`` on ``x_ext`` while the per-output-pixel state it reads is
@@ -23,28 +26,29 @@ for the rank's view: the remapped table ``[O_r, K]`` (indices into ``x_ext``), `
 buffers' rows ``[start_r, stop_r)``; they are restored afterwards, so ``state_dict`` and
 parameter names never change. Running the library's own code this way keeps the arithmetic per
 output pixel the same as on one device (up to the summation order inside ``einsum``).
-``SpatialViT`` gets the same treatment for its pixel-indexed ``pos_embed [1, N_out, E]``: the
-forward reads the slice ``pos_embed[:, start_r:stop_r]``, so its gradient is non-zero only on the
-rank's rows, and the SUM of :func:`hpattn_dist.grad_sync.sync_gradients` assembles the full
-gradient (a replicated parameter whose ranks touch disjoint rows).
+``SpatialViT``'s pixel-indexed ``pos_embed [1, N_out, E]`` is read the same way, as a pixel
+tensor (:mod:`.pixel_tensors`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import idx_flow
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from hpattn_dist.comm.binding import GroupBound
+from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.comm.halo import HaloExchanger, halo_exchange
-from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.integrations.idx_flow.call_agreement import agreed, check_split
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.integrations.idx_flow.reductions import shard_mlp_internals
 
 __all__ = ["GATHER_CONVERTERS", "HaloGatherMixin", "check_convertible", "convert_gather_layer",
-           "convert_vit"]
+           "halo_class"]
 
 
 @contextlib.contextmanager
@@ -66,18 +70,55 @@ def _local_view(module: nn.Module, values: dict[str, Any]) -> Iterator[None]:
             store[name] = value
 
 
-class HaloGatherMixin:
+class HaloGatherMixin(GroupBound):
     """``forward`` of a converted index-gather layer: ``[B, N_r, C] -> [B, O_r, C_out]``.
 
-    Class attribute ``_hp_per_output``: names of buffers indexed by output pixel along dim 0.
+    Class attributes: ``_hp_base``, the layer's own class (idx-flow's or a subclass with the same
+    ``forward``); ``_hp_per_output``, names of buffers indexed by output pixel along dim 0.
+    Instance attribute ``_hp_process_group``: the group as given to ``convert_model``; the halo
+    exchanger is a cache (rebuilt after copying or unpickling, Note [copying a layer bound to a
+    group]).
+
+    The input must be split as ``shard_bounds(N_in, P)`` (Note [converted models take
+    shard_bounds]); inside an agreed model call the layer reuses what it agreed on in earlier
+    calls with the same key (Note [one agreement per model call]).
     """
 
+    _hp_base: type
     _hp_per_output: tuple[str, ...] = ()
-    _hp_halo: HaloExchanger
+    _hp_transient = ("_hp_exchanger", "_hp_bound_to")
+    _hp_process_group: Any = None
+    _hp_what: str = ""
+    _hp_exchanger: Optional[HaloExchanger] = None
+    _hp_bound_to: Any = None
+
+    def _hp_halo(self) -> HaloExchanger:
+        """The exchanger over ``_hp_process_group`` (made on first use and after a re-binding)."""
+        if self._hp_exchanger is None or self._hp_bound_to is not self._hp_process_group:
+            resolve_group(self._hp_process_group, "process_group")  # a dropped group raises, naming the fix
+            self._hp_exchanger = HaloExchanger(self._hp_process_group, self._hp_what)
+            self._hp_bound_to = self._hp_process_group
+        return self._hp_exchanger
+
+    def _hp_table_crc(self) -> int:
+        return self._hp_halo().table_crc(self.connection_indices)
+
+    def _hp_input_sizes(self, x: Tensor, halo: HaloExchanger) -> tuple[int, ...]:
+        """Every rank's ``N_r``: agreed now, or in an earlier call of the model with this key."""
+        def agree() -> tuple[int, ...]:
+            sizes = halo.agree(x, self.connection_indices, dim=1)
+            check_split(sizes, self._hp_what)
+            return sizes
+
+        mine = (tuple(x.shape), x.dtype, halo.table_crc(self.connection_indices)) \
+            if isinstance(x, Tensor) else type(x).__name__
+        return agreed(self, halo.info, mine, agree, self._hp_what)
 
     def forward(self, x: Tensor) -> Tensor:
-        plan = self._hp_halo.plan(x, self.connection_indices, dim=1)
-        x_ext = halo_exchange(x, plan, self._hp_halo.info, dim=1)
+        halo = self._hp_halo()
+        sizes = self._hp_input_sizes(x, halo)
+        plan = halo.plan_for(sizes, self.connection_indices, x.device)
+        x_ext = halo_exchange(x, plan, halo.info, dim=1)
         start, stop = plan.out_bounds[plan.rank]
         view: dict[str, Any] = {"connection_indices": plan.local_table, "output_points": stop - start}
         for name in self._hp_per_output:
@@ -85,61 +126,56 @@ class HaloGatherMixin:
             if value is not None:
                 view[name] = value[start:stop]
         with _local_view(self, view):
-            return super().forward(x_ext)
+            return self._hp_base.forward(self, x_ext)
+
+    def __reduce_ex__(self, protocol: int):
+        # Classes made by halo_class for subclasses are not importable: rebuild them on loading.
+        return _new_halo_layer, (self._hp_base,), self.__getstate__()
 
 
-class HaloSpatialConv(HaloGatherMixin, idx_flow.SpatialConv):
-    """:class:`idx_flow.SpatialConv` on a shard (see :class:`HaloGatherMixin`)."""
-
-    _hp_per_output = ("kernel_weights",)
-
-
-class HaloSpatialTransposeConv(HaloGatherMixin, idx_flow.SpatialTransposeConv):
-    """:class:`idx_flow.SpatialTransposeConv` on a shard (see :class:`HaloGatherMixin`)."""
-
-    _hp_per_output = ("kernel_weights",)
+def _new_halo_layer(base: type) -> nn.Module:
+    """An empty instance of ``halo_class(base)``, for unpickling (its state is set afterwards)."""
+    return nn.Module.__new__(halo_class(base))
 
 
-class HaloSpatialUpsampling(HaloGatherMixin, idx_flow.SpatialUpsampling):
-    """:class:`idx_flow.SpatialUpsampling` on a shard (see :class:`HaloGatherMixin`)."""
-
-    _hp_per_output = ("interpolation_weights",)
-
-
-class HaloSpatialPooling(HaloGatherMixin, idx_flow.SpatialPooling):
-    """:class:`idx_flow.SpatialPooling` on a shard (see :class:`HaloGatherMixin`)."""
-
-
-class HaloSpatialMLP(HaloGatherMixin, idx_flow.SpatialMLP):
-    """:class:`idx_flow.SpatialMLP` on a shard (see :class:`HaloGatherMixin`)."""
-
-
-class HaloSpatialPatchEmbedding(HaloGatherMixin, idx_flow.SpatialPatchEmbedding):
-    """:class:`idx_flow.SpatialPatchEmbedding` on a shard (see :class:`HaloGatherMixin`)."""
-
-
-class HaloSpatialViT(idx_flow.SpatialViT):
-    """:class:`idx_flow.SpatialViT` on a shard: ``pos_embed`` read on this rank's output rows.
-
-    Its children (``patch_embed``, the attention of each block) are converted separately.
-    """
-
-    _hp_out_bounds: tuple[int, int]
-
-    def forward(self, x: Tensor) -> Tensor:
-        start, stop = self._hp_out_bounds
-        with _local_view(self, {"pos_embed": self.pos_embed[:, start:stop]}):
-            return super().forward(x)
-
-
-_SHARDED: dict[type, type] = {
-    idx_flow.SpatialConv: HaloSpatialConv,
-    idx_flow.SpatialTransposeConv: HaloSpatialTransposeConv,
-    idx_flow.SpatialUpsampling: HaloSpatialUpsampling,
-    idx_flow.SpatialPooling: HaloSpatialPooling,
-    idx_flow.SpatialMLP: HaloSpatialMLP,
-    idx_flow.SpatialPatchEmbedding: HaloSpatialPatchEmbedding,
+_PER_OUTPUT = {
+    idx_flow.SpatialConv: ("kernel_weights",),
+    idx_flow.SpatialTransposeConv: ("kernel_weights",),
+    idx_flow.SpatialUpsampling: ("interpolation_weights",),
+    idx_flow.SpatialPooling: (),
+    idx_flow.SpatialMLP: (),
+    idx_flow.SpatialPatchEmbedding: (),
 }
+"""The idx-flow index-gather layers and their buffers indexed by output pixel (Note [local view])."""
+
+_HALO_CLASSES: dict[type, type] = {}
+
+
+def halo_class(base: type) -> type:
+    """The sharded class of ``base`` (an idx-flow gather layer or a subclass keeping its forward).
+
+    ``HaloSpatialConv`` for ``idx_flow.SpatialConv``, ..., and ``Halo<Name>`` made once for a
+    subclass (a user's subclass, or the class torch's parametrizations inject).
+    """
+    cls = _HALO_CLASSES.get(base)
+    if cls is None:
+        gather = next(c for c in base.__mro__ if c in _PER_OUTPUT)
+        name = f"Halo{base.__name__}"
+        cls = type(name, (HaloGatherMixin, base), {
+            "__module__": __name__, "__qualname__": name, "_hp_base": base,
+            "_hp_per_output": _PER_OUTPUT[gather],
+            "__doc__": f":class:`{base.__module__}.{base.__qualname__}` on a shard (see :class:`HaloGatherMixin`).",
+        })
+        _HALO_CLASSES[base] = cls
+    return cls
+
+
+HaloSpatialConv = halo_class(idx_flow.SpatialConv)
+HaloSpatialTransposeConv = halo_class(idx_flow.SpatialTransposeConv)
+HaloSpatialUpsampling = halo_class(idx_flow.SpatialUpsampling)
+HaloSpatialPooling = halo_class(idx_flow.SpatialPooling)
+HaloSpatialMLP = halo_class(idx_flow.SpatialMLP)
+HaloSpatialPatchEmbedding = halo_class(idx_flow.SpatialPatchEmbedding)
 
 
 def check_convertible(module: nn.Module, name: str) -> None:
@@ -171,23 +207,13 @@ def convert_gather_layer(module: nn.Module, ctx: ShardContext) -> nn.Module:
         ValueError: see :func:`check_convertible`.
     """
     check_convertible(module, ctx.name)
-    if type(module) is idx_flow.SpatialMLP:
+    if isinstance(module, idx_flow.SpatialMLP):
         shard_mlp_internals(module, ctx)
-    what = f"{type(module).__name__} {ctx.name or '(root)'!r}"
-    module.__class__ = _SHARDED[type(module)]
-    module._hp_halo = HaloExchanger(ctx.info, what)
+    module.__class__ = halo_class(type(module))
+    module._hp_process_group = ctx.process_group
+    module._hp_what = f"{type(module)._hp_base.__name__} {ctx.name or '(root)'!r}"
     return module
 
 
-def convert_vit(module: nn.Module, ctx: ShardContext) -> nn.Module:
-    """Make ``SpatialViT`` read its ``pos_embed`` on this rank's output range, in place.
-
-    Its children are converted by the caller (:func:`~hpattn_dist.integrations.idx_flow.convert_model`).
-    """
-    module.__class__ = HaloSpatialViT
-    module._hp_out_bounds = shard_bounds(int(module.pos_embed.shape[1]), ctx.info.world_size)[ctx.info.rank]
-    return module
-
-
-GATHER_CONVERTERS = {cls: convert_gather_layer for cls in _SHARDED}
+GATHER_CONVERTERS = {cls: convert_gather_layer for cls in _PER_OUTPUT}
 """idx-flow type -> converter, for the index-gather layers."""

@@ -12,15 +12,15 @@ idx-flow layer           sharded version                             communicati
                          summed over ranks (two passes); running     stats): signature + 2
                          stats updated with the GLOBAL count         all-reduces of ``[C]``,
                          (unbiased var ``n / (n - 1)``), momentum    same backward; eval with
-                         or cumulative average as torch does         running stats: none
+                         or cumulative average as torch does         running stats: signature
 ``SpatialInstanceNorm``  per (b, c) over N, likewise                 ``[B, C]`` buffers
 ``SpatialGroupNorm``     per (b, g) over N and the group's channels  ``[B, G]`` buffers
 ``Squeeze``              mean / sum: local sum, all-reduce; max:     signature + 1 (2 for max)
                          the first maximum in global pixel order     all-reduce of ``[B, C]``
                          (as ``torch.max``) gets the gradient        (max: ``[P, B, C]``)
 ``Unsqueeze``            this rank's range of ``num_points``         none
-``ChannelDropout``       mask keyed by (seed, b, c), same on every   training, p > 0: one
-                         rank (Note [pixel dropout on shards])       signature all_gather
+``ChannelDropout``       mask keyed by (seed, b, c), same on every   one signature all_gather
+                         rank (Note [pixel dropout on shards])       (eval and p = 0 too)
 ``SpatialDropout``       mask keyed by (seed, b, GLOBAL pixel)       as ChannelDropout
 ``nn.Dropout``           mask keyed by (seed, b, GLOBAL pixel, c);   as ChannelDropout (+ a
                          a replicated ``[B, C]``: by (seed, b, c)    CRC-32 of a ``[B, C]``)
@@ -33,12 +33,28 @@ The outputs of ``Squeeze`` (and the stats) are replicated over the group; their 
 Note [replicated activations] in :mod:`hpattn_dist.comm.all_reduce`: partial per rank, summed by
 the all-reduce's adjoint, so a ``Squeeze -> nn.Linear -> Unsqueeze`` bottleneck is exact after
 :func:`~hpattn_dist.grad_sync.sync_gradients`. A loss computed on a replicated tensor (e.g. a
-classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it.
+classifier after ``Squeeze``) is computed by every rank: give each rank ``1 / P`` of it
+(:func:`~hpattn_dist.grad_sync.replicated_loss`, Note [one loss rule] in :mod:`hpattn_dist.grad_sync`).
 
-Every call that communicates first runs its local input checks inside one
+Every call first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
-ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed.
+ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed. Inside a call of a
+converted model whose agreement already covered this layer with the same key, the norms and
+``Squeeze`` reuse the pixel counts agreed then instead (Note [one agreement per model call] in
+:mod:`.call_agreement`).
+
+Note [modes in the agreement]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A module whose communication depends on its mode (a batch norm reduces over pixels in training
+and normalises each pixel alone in eval with running stats; a dropout agrees on a seed only when
+it drops) agrees in EVERY mode, with the mode as a shared value of its signature, and the
+signature names the layer (its ``what``, hashed into the row). Else a rank in eval skips the
+collective that its peer in training enters, the peer's all_gather pairs with whatever the
+skipping rank calls next, and the two block in mismatched reductions. With the mode agreed the
+ranks raise "disagree on batch_stats"; a rank that skipped a layer anyway (different code)
+meets its peer in another layer's agreement and both raise "called with different signatures".
+The price is one small all_gather per such layer in eval too.
 
 Each converted module is built as ``ShardedX(module, process_group=None, name="")`` (``name``: the
 layer's place in the model, for error messages), directly or through :func:`converters`'
@@ -94,11 +110,14 @@ from torch import Tensor
 
 from hpattn_dist.comm.all_reduce import all_reduce_, all_reduce_sum
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.integrations.idx_flow.call_agreement import agreed
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
+from hpattn_dist.swap_modules import carry_hooks
 
 __all__ = [
     "ShardedBatchNorm1d",
@@ -138,13 +157,23 @@ def _check_field(x: Any, what: str, channels: Optional[int] = None) -> None:
         )
 
 
-def _pixel_counts(info: GroupInfo, what: str, x: Any, channels: Optional[int] = None) -> list[int]:
-    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather)."""
-    with validated_signature(info, what) as sig:
-        _check_field(x, what, channels)
-        batch, n_local, c = x.shape
-        sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype)}, n_local, x.device)
-    return sig.per_rank
+def _pixel_counts(owner: Any, info: GroupInfo, what: str, x: Any, channels: Optional[int] = None,
+                  mode: Optional[dict[str, int]] = None) -> list[int]:
+    """Check ``x`` on every rank together; return every rank's ``N_r`` (one all_gather, or none
+    inside a model call that agreed on it before: Note [one agreement per model call]).
+
+    ``mode``: what else every rank must agree on, e.g. ``{"batch_stats": 1}`` (Note [modes in
+    the agreement])."""
+    def agree() -> list[int]:
+        with validated_signature(info, what) as sig:
+            _check_field(x, what, channels)
+            batch, n_local, c = x.shape
+            sig.set({"B": batch, "C": c, "dtype": dtype_code(x.dtype), **(mode or {})}, n_local, x.device)
+        return sig.per_rank
+
+    mine = (tuple(x.shape), x.dtype, tuple(sorted((mode or {}).items()))) \
+        if isinstance(x, Tensor) else type(x).__name__
+    return agreed(owner, info, mine, agree, what)
 
 
 def _moments(x: Tensor, dims: Sequence[int], count: int, info: GroupInfo) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,8 +198,11 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return y
 
 
-class _Sharded(nn.Module):
-    """Common state of the converted modules: the group, the training mode and a name for errors."""
+class _Sharded(GroupBound, nn.Module):
+    """Common state of the converted modules: the group, the training mode and a name for errors.
+
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
+    """
 
     _kind = ""
 
@@ -218,10 +250,9 @@ class ShardedSpatialBatchNorm(_Sharded):
         self.bn = module.bn
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        if not _uses_batch_stats(bn):
-            return bn(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
-        return _sharded_batch_norm(bn, x, self.process_group, self._what)
+        bn = self.bn  # eval with running stats: per pixel, idx-flow's own forward
+        return _sharded_batch_norm(bn, x, self.process_group, self._what,
+                                   lambda: bn(x.transpose(1, 2)).transpose(1, 2))
 
 
 def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -229,13 +260,19 @@ def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
-                        process_group: Optional[dist.ProcessGroup], what: str) -> Tensor:
-    """``bn`` with batch statistics over (B, N) of every rank: ``[B, N_r, C] -> [B, N_r, C]``.
+                        process_group: Optional[dist.ProcessGroup], what: str,
+                        per_pixel: Callable[[], Tensor]) -> Tensor:
+    """``bn`` with batch statistics over (B, N) of every rank: ``[B, N_r, C] -> [B, N_r, C]``;
+    ``per_pixel()`` where ``bn`` normalises with its running stats (every rank agrees on which,
+    Note [modes in the agreement]).
 
     Updates ``bn``'s running stats with the GLOBAL count (see :class:`ShardedSpatialBatchNorm`).
     """
     info = resolve_group(process_group)
-    sizes = _pixel_counts(info, what, x, bn.num_features)
+    batch_stats = _uses_batch_stats(bn)
+    sizes = _pixel_counts(bn, info, what, x, bn.num_features, {"batch_stats": int(batch_stats)})
+    if not batch_stats:
+        return per_pixel()
     count = x.shape[0] * sum(sizes)
     if count <= 1:
         raise ValueError(
@@ -257,7 +294,7 @@ def _sharded_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     return y.to(x.dtype)
 
 
-class ShardedBatchNorm1d(nn.BatchNorm1d):
+class ShardedBatchNorm1d(GroupBound, nn.BatchNorm1d):
     """An ``nn.BatchNorm1d`` over pixel rows ``[R_r, C]`` (``R_r = B * N_r``), inside an idx-flow MLP.
 
     ``SpatialMLP`` / ``GlobalMLP(use_batch_norm=True)`` normalise their hidden ``[B * N, C]``
@@ -271,12 +308,11 @@ class ShardedBatchNorm1d(nn.BatchNorm1d):
     _hp_what: str = "BatchNorm1d"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _uses_batch_stats(self):
-            return super().forward(x)
         if not isinstance(x, Tensor) or x.dim() != 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{self._hp_what}: expected pixel rows [B * N_r, C], got {shape}")
-        return _sharded_batch_norm(self, x.unsqueeze(0), self._hp_group, self._hp_what).squeeze(0)
+        return _sharded_batch_norm(self, x.unsqueeze(0), self._hp_group, self._hp_what,
+                                   lambda: super(ShardedBatchNorm1d, self).forward(x).unsqueeze(0)).squeeze(0)
 
 
 class ShardedSpatialInstanceNorm(_Sharded):
@@ -303,11 +339,12 @@ class ShardedSpatialInstanceNorm(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.instance_norm
-        if not (norm.training or not norm.track_running_stats):
-            return norm(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
+        input_stats = norm.training or not norm.track_running_stats
         info = resolve_group(self.process_group)
         checked = norm.num_features if (norm.affine or norm.track_running_stats) else None
-        sizes = _pixel_counts(info, self._what, x, checked)
+        sizes = _pixel_counts(self, info, self._what, x, checked, {"input_stats": int(input_stats)})
+        if not input_stats:
+            return norm(x.transpose(1, 2)).transpose(1, 2)  # per pixel: idx-flow's own forward
         count = sum(sizes)
         if count <= 1:
             raise ValueError(
@@ -348,7 +385,7 @@ class ShardedSpatialGroupNorm(_Sharded):
     def forward(self, x: Tensor) -> Tensor:
         gn = self.gn
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x, gn.num_channels)
+        sizes = _pixel_counts(self, info, self._what, x, gn.num_channels)
         batch, n_local, channels = x.shape
         groups = gn.num_groups
         per_group = channels // groups
@@ -395,7 +432,7 @@ class ShardedSqueeze(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         info = resolve_group(self.process_group)
-        sizes = _pixel_counts(info, self._what, x)
+        sizes = _pixel_counts(self, info, self._what, x)
         if self.reduction == "sum":
             return all_reduce_sum(x.sum(dim=1), info, _LABEL)
         if self.reduction == "mean":
@@ -475,16 +512,17 @@ class _ShardedPixelDropout(_Sharded):
         return f"p={self.p}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
+        drops = self.training and self.p > 0.0
         info = resolve_group(self.process_group)
-        with validated_signature(info, self._what) as sig:
+        with validated_signature(info, self._what) as sig:  # also in eval: Note [modes in the agreement]
             field, replicated = self._as_field(x)
             batch, n_local, channels = field.shape
-            shared = {"B": batch, "C": channels, "dtype": dtype_code(x.dtype)}
-            if replicated:
+            shared = {"B": batch, "C": channels, "dtype": dtype_code(x.dtype), "drops": int(drops)}
+            if replicated and drops:
                 shared["crc"] = _crc32(x)
-            sig.set(shared, (n_local, draw_seed()), x.device)
+            sig.set(shared, (n_local, draw_seed() if drops else 0), x.device)
+        if not drops:
+            return x
         seed = sig.per_rank[0][1]  # group rank 0's seed: every rank keys the same mask
         offset = 0 if replicated else offsets([row[0] for row in sig.per_rank])[info.rank]
         mask = self._mask(DropoutSpec(self.p, seed, q_offset=offset), batch, n_local, channels, x.device)
@@ -624,8 +662,9 @@ def shard_mlp_internals(module: nn.Module, ctx: ShardContext) -> None:
             raise ValueError(
                 f"{prefix}dropout_layers.{i}: expected nn.Dropout, got {type(dropout).__name__}"
             )
-        module.dropout_layers[i] = ShardedDropout(dropout, ctx.process_group,
-                                                  f"{prefix}dropout_layers.{i}")
+        sharded = ShardedDropout(dropout, ctx.process_group, f"{prefix}dropout_layers.{i}")
+        carry_hooks(dropout, sharded)
+        module.dropout_layers[i] = sharded
     module.register_forward_pre_hook(_tell_dropouts_the_batch)
 
 

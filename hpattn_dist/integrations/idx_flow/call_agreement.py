@@ -1,0 +1,265 @@
+"""One agreement per call of a converted model, and the split every converted model takes.
+
+Legend: B batch, N pixels of a grid, N_r pixels on group rank r, P group size, C channels.
+
+Note [one agreement per model call]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every index-gather layer needs its peers' input lengths before it can plan its halo, and used to
+fetch them in a metadata ``all_gather`` of its own on every call (Note [halo plan] in
+:mod:`hpattn_dist.comm.halo`). Inside a converted model those lengths follow from the model's
+input: the layers are deterministic functions of it, so the ranks' shapes at the k-th call of a
+layer are the same every time the model is called with the same inputs on every rank. So
+``convert_model`` puts :class:`ModelCallAgreement` on the model's root, a forward pre-hook that
+runs ONE :func:`~hpattn_dist.comm.agreement.validated_signature` per call of the model. Its row
+carries:
+
+- shared: a CRC of the tensor arguments' dims, dtypes and sizes other than dim 1, a CRC of the
+  other arguments (numbers, strings, flags such as a rollout length), whether autograd records,
+  autocast, a CRC of every module's training flag, a CRC of the connection tables of the model's
+  gather layers;
+- local: dim 1 (the pixels) of each tensor argument.
+
+The agreed rows make the *call key*, identical on every rank. A layer called inside the model
+(:func:`current_call`) looks up ``(call key, the layer, how many times it was called before in
+this call)`` in the model's store (:func:`agreed`): the first time it runs its own agreement and
+stores what was agreed; later calls with the same key use it with no communication, after
+checking locally that its input has the shape it had then. The gather layers store their peers'
+input lengths, the statistics layers of :mod:`.reductions` their peers' pixel counts (the
+dropouts draw a new seed per call and keep their own agreement). Whether a layer communicates is therefore
+decided from agreed values only, the same way on every rank. Steady state: one metadata
+collective per model call for all the gather layers together. Layers called outside the model's
+forward (a submodule called directly, checkpoint recomputation in backward) find no current call
+and agree on their own, as before.
+
+The rows also make a bad call fail at its start, on every rank: ranks that disagree on a mode
+(``train()`` on one rank, ``eval()`` on another), on grad mode or on a table raise together; and
+a field whose pixels are not split as the model needs (:func:`check_split`) is refused there.
+
+What this needs from the model: the shapes inside a call are determined by the arguments (their
+shapes and the other values) and the modes. A model whose shapes depend on the data (a data-dependent number of pixels) breaks
+that; a rank whose input then differs from the agreed one raises, and its peers stop at the
+exchange timeout.
+
+Note [converted models take shard_bounds]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every grid of ``N`` pixels inside a converted model is split as ``healpix.shard_bounds(N, P)``:
+the gather layers, ``Unsqueeze`` and the pixel tensors (``SpatialViT.pos_embed``, the
+``pixel_tensors`` of ``convert_model``) emit or read that split, and a residual ``x + f(x)``
+needs both operands split alike. So the model's inputs must be split that way too, and a gather
+layer's input always is. A field split otherwise (a "skewed" split) is refused on every rank,
+at the model's call (a tensor argument whose dim 1 differs between ranks, adds up to the size of
+one of the model's grids and is not its ``shard_bounds`` split) and in each gather layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from hpattn_dist.comm.agreement import validated_signature
+from hpattn_dist.comm.binding import GroupBound
+from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.healpix import shard_bounds
+
+__all__ = ["CallState", "ModelCallAgreement", "agreed", "attach_call_agreement", "check_split",
+           "current_call"]
+
+_MAX_FIELDS = 16
+"""Tensor arguments whose pixel counts travel in the model call's row (the others are in its CRC)."""
+
+
+def check_split(sizes: Sequence[int], what: str, which: str = "input") -> None:
+    """Refuse a field whose ranks' pixel counts are not ``shard_bounds(sum(sizes), P)``.
+
+    Called with counts agreed by every rank, so every rank raises the same error
+    (Note [converted models take shard_bounds]).
+
+    Raises:
+        ValueError: the split is another contiguous split.
+    """
+    total, world = sum(sizes), len(sizes)
+    expected = [b - a for a, b in shard_bounds(total, world)]
+    if list(sizes) != expected:
+        raise ValueError(
+            f"{what}: the {which} is split {list(sizes)} over the {world} ranks, not as "
+            f"healpix.shard_bounds({total}, {world}) = {expected}: a converted model takes each "
+            f"grid split by shard_bounds (rank r feeds x[:, a:b] with a, b = "
+            f"shard_bounds(N, P)[r]; README, 'idx-flow models')"
+        )
+
+
+@dataclass
+class CallState:
+    """The agreed call of a converted model in progress on this thread.
+
+    ``facts`` is what layers agreed on in earlier calls of the model with the same ``key``:
+    ``{(id(layer), n): (agreed value, the layer's local input then)}``, n counting the layer's
+    calls within one model call.
+    """
+
+    group: Optional[dist.ProcessGroup]
+    key: tuple
+    facts: dict
+    calls: dict[int, int] = field(default_factory=dict)
+
+    def slot(self, layer: Any) -> tuple[int, int]:
+        """``(id(layer), n)`` for the n-th call of ``layer`` in this model call (n from 0)."""
+        n = self.calls.get(id(layer), 0)
+        self.calls[id(layer)] = n + 1
+        return id(layer), n
+
+
+_STACK = threading.local()
+
+
+def _stack() -> list[CallState]:
+    if not hasattr(_STACK, "calls"):
+        _STACK.calls = []
+    return _STACK.calls
+
+
+def current_call(info: GroupInfo) -> Optional[CallState]:
+    """The innermost agreed model call on this thread, if it is over ``info``'s group."""
+    calls = _stack()
+    if calls and info.world_size > 1 and calls[-1].group is info.group:
+        return calls[-1]
+    return None
+
+
+def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], what: str) -> Any:
+    """What ``agree()`` returns for this call of ``layer``: its own agreement, or inside an agreed
+    model call the result of the earlier call with the same key (Note [one agreement per model call]).
+
+    Args:
+        layer: the layer (its identity keys the store).
+        info: the layer's group.
+        mine: this rank's local facts that ``agree()`` depends on (its input's shape, dtype, ...).
+        agree: the layer's own agreement (a collective), run when nothing is known yet.
+        what: the layer, for the error.
+
+    Raises:
+        RuntimeError: ``mine`` differs from the facts of the earlier call with the same key: the
+            model's shapes do not follow from its arguments.
+    """
+    call = current_call(info)
+    if call is None:
+        return agree()
+    slot = call.slot(layer)
+    known = call.facts.get(slot)
+    if known is None:
+        value = agree()
+        call.facts[slot] = (value, mine)
+        return value
+    value, agreed_mine = known
+    if mine != agreed_mine:
+        raise RuntimeError(
+            f"{what}: this call's input {mine} differs from the one agreed in an earlier call of the "
+            f"model with the same arguments ({agreed_mine}): the model's shapes must follow from its "
+            "arguments (Note [one agreement per model call])")
+    return value
+
+
+def _crc(values: Any) -> int:
+    return zlib.crc32(repr(values).encode())
+
+
+class ModelCallAgreement(GroupBound):
+    """The root hooks of a converted model: one agreement per call (Note [one agreement per
+    model call]). Registered by ``convert_model``; picklable (the group is dropped, Note
+    [copying a layer bound to a group])."""
+
+    _hp_transient = ("_facts_by_key",)
+    _MAX_KEYS = 8
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup], what: str,
+                 grids: frozenset = frozenset()) -> None:
+        self.process_group = process_group
+        self.what = what
+        self.grids = frozenset(grids)
+        self._depth = 0
+        self._facts_by_key: dict[tuple, dict] = {}
+
+    def _facts(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
+        from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
+
+        leaves = tree_flatten((args, kwargs))[0]
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        options = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__qualname__
+                   for v in leaves if not isinstance(v, Tensor)]
+        fields = [t for t in tensors if t.dim() >= 2]  # [B, N_r, ...]: dim 1 may differ by rank
+        shapes = [(str(t.dtype), tuple(t.shape[:1]) + tuple(t.shape[2:]) if t.dim() >= 2 else tuple(t.shape))
+                  for t in tensors]
+        modes, tables = [], []
+        for module in root.modules():
+            modes.append(module.training)
+            if isinstance(module, HaloGatherMixin):
+                tables.append(module._hp_table_crc())
+        shared = {
+            "tensor_args": len(tensors),
+            "field_shapes_crc32": _crc(shapes),
+            "other_args_crc32": _crc(options),
+            "grad_enabled": int(torch.is_grad_enabled()),
+            "autocast_crc32": _crc([torch.is_autocast_enabled(d) for d in ("cpu", "cuda")]),
+            "training_modes_crc32": _crc(modes),
+            "tables_crc32": _crc(tables),
+        }
+        local = tuple(int(t.shape[1]) for t in fields[:_MAX_FIELDS])
+        return shared, local
+
+    def enter(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: agree on this call, check the split, open the call's state."""
+        info = resolve_group(self.process_group, "process_group")
+        if info.world_size == 1:
+            return None
+        device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)),
+                      torch.device("cpu"))
+        with validated_signature(info, self.what) as sig:
+            shared, local = self._facts(root, args, kwargs)
+            sig.set(shared, local, device)
+        rows = [tuple(r) for r in sig.per_rank]
+        for j in range(len(rows[0])):
+            sizes = [row[j] for row in rows]
+            if len(set(sizes)) > 1 and sum(sizes) in self.grids:
+                check_split(sizes, self.what, f"tensor argument {j} (a field [B, N, C])")
+        key = (tuple(shared.values()), tuple(rows))
+        store = self.__dict__.setdefault("_facts_by_key", {})
+        facts = store.get(key)
+        if facts is None:  # the same keys, evicted in the same order, on every rank
+            if len(store) >= self._MAX_KEYS:
+                store.pop(next(iter(store)))
+            facts = store[key] = {}
+        _stack().append(CallState(info.group, key, facts))
+        self._depth += 1
+        return None
+
+    def exit(self, root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook (also called when the forward raised): close the call's state."""
+        if self._depth > 0:
+            self._depth -= 1
+            _stack().pop()
+        return None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._depth = 0
+
+
+def attach_call_agreement(root: nn.Module, process_group: Optional[dist.ProcessGroup],
+                          grids: frozenset) -> None:
+    """Register :class:`ModelCallAgreement` on ``root`` (once), checking the split of its tensor
+    arguments whose pixel counts add up to one of ``grids`` (the model's grid sizes)."""
+    for hook in root._forward_pre_hooks.values():
+        if isinstance(getattr(hook, "__self__", None), ModelCallAgreement):
+            hook.__self__.grids |= frozenset(grids)
+            return
+    agreement = ModelCallAgreement(process_group, f"converted model {type(root).__name__}", grids)
+    root.register_forward_pre_hook(agreement.enter, with_kwargs=True)
+    root.register_forward_hook(agreement.exit, with_kwargs=True, always_call=True)

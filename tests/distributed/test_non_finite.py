@@ -1,0 +1,193 @@
+"""NaN and inf are defined once (Note [non-finite inputs] in ``hpattn_dist/masks.py``), and every
+path and every oracle follows that definition (issue 23 item 5).
+
+The reference is :func:`tests.reference.reference_attention`: the explicit float64 softmax of each
+query over its allowed keys only (unmasked, in its window; healpy's neighbours for windows). A
+NaN query makes its row NaN; a NaN key or value makes NaN exactly the rows that attend to it; a
+key a row does not attend to (masked, outside its window) never reaches it. On P = 2 gloo ranks
+(one job) the functional entry points and the distributed layers are gathered and compared with
+it, and so are the library's single-device oracles (``SpatialSelfAttention``,
+``SpatialCrossAttention``, ``LocalSpatialSelfAttention``, ``local.oracle.dense_local_attention``),
+computed in the parent: NaN positions equal, +-inf positions equal, finite values to 1e-12.
+
+Legend: B batch, H heads, N pixels (48: nside 2), D head dim, E embed dim, P = 2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hpattn_dist import (DistributedLocalSpatialSelfAttention, DistributedSpatialCrossAttention,
+                         DistributedSpatialSelfAttention, LocalSpatialSelfAttention, SpatialCrossAttention,
+                         SpatialSelfAttention, healpix_local_attention, ring_cross_attention)
+from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.local.oracle import dense_local_attention
+from hpattn_dist.strategies import sharded_attention
+from tests.harness import run_ranks
+from tests.local_reference import healpy_cross_window_mask, healpy_window_mask, reference_local_attention
+from tests.reference import reference_attention
+
+WORLD, B, H, N, D, E = 2, 2, 2, 48, 4, 8
+NAN, INF = float("nan"), float("inf")
+
+
+def _qkv(case: str):
+    g = torch.Generator().manual_seed(len(case))
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = None
+    if case == "nan query":
+        q[0, 1, 5, 2] = NAN
+    elif case == "nan pixel":  # a NaN input pixel: its key and value
+        k[1, :, 30] = NAN
+        v[1, :, 30] = NAN
+    elif case == "nan value":
+        v[0, 0, 7, 1] = NAN
+    elif case == "inf value":
+        v[0, 1, 40, 3] = INF
+    elif case == "masked nan pixel":  # masked in batch element 1 only: it stays in the ring
+        k[1, :, 30] = NAN
+        v[1, :, 30] = NAN
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[1, 30] = False
+    elif case == "masked nan query, no key":  # batch element 1: every key masked
+        q[1, 0, 3, 0] = NAN
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[1] = False
+    return q, k, v, mask
+
+
+CASES = ("nan query", "nan pixel", "nan value", "inf value", "masked nan pixel", "masked nan query, no key")
+WINDOW = (1, "neighbourhood")
+
+
+def _bias(mask):
+    return None if mask is None else torch.zeros(B, N, dtype=torch.float64).masked_fill(~mask, -INF)
+
+
+def _reference(path: str, case: str) -> torch.Tensor:
+    q, k, v, mask = _qkv(case)
+    if path.startswith("local"):
+        return reference_local_attention(q, k, v, healpy_window_mask(2, *WINDOW), key_bias=_bias(mask))
+    if path.startswith("cross window"):
+        allowed = healpy_cross_window_mask(2, 2, *WINDOW)
+        return reference_attention(q, k, v, key_bias=_bias(mask), allowed=allowed)
+    return reference_attention(q, k, v, key_bias=_bias(mask))
+
+
+PATHS = {
+    "ring": lambda q, k, v, m: sharded_attention("ring", q, k, v, key_mask=m),
+    "ulysses": lambda q, k, v, m: sharded_attention("ulysses", q, k, v, key_mask=m),
+    "ring, sdpa kernel": lambda q, k, v, m: sharded_attention("ring", q, k, v, key_mask=m, backend="sdpa"),
+    "local": lambda q, k, v, m: healpix_local_attention(q, k, v, window_nside=WINDOW[0], mode=WINDOW[1],
+                                                        key_mask=m),
+    "cross window": lambda q, k, v, m: ring_cross_attention(q, k, v, key_mask=m, window_nside=WINDOW[0],
+                                                            mode=WINDOW[1]),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Layers: a NaN in one input pixel of x, single-device oracle vs distributed layer
+
+LAYERS = ("self", "cross", "cross window", "local")
+
+
+def _x(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(B, N, E, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    if case == "nan pixel":
+        x[1, 30, 2] = NAN
+    elif case == "masked nan pixel":
+        x[1, 30, 2] = NAN
+        mask[1, 30] = False
+    return x, mask
+
+
+def _layer(kind: str, distributed: bool):
+    torch.manual_seed(0)
+    kw = {"attn_backend": "manual"}
+    if kind == "self":
+        layer = (DistributedSpatialSelfAttention if distributed else SpatialSelfAttention)(E, H, **kw)
+    elif kind.startswith("cross"):
+        if kind == "cross window":
+            kw.update(window_nside=1, mode="neighbourhood")
+        layer = (DistributedSpatialCrossAttention if distributed else SpatialCrossAttention)(E, H, **kw)
+    else:
+        layer = (DistributedLocalSpatialSelfAttention if distributed else LocalSpatialSelfAttention)(
+            E, H, window_nside=1, mode="neighbourhood", **kw)
+    return layer.double()
+
+
+def _call_layer(layer, kind: str, x, mask):
+    if kind.startswith("cross"):
+        return layer(x, x, key_mask=mask)
+    return layer(x, key_mask=mask)
+
+
+def _job(rank: int, world: int) -> dict:
+    res = {}
+    lo, hi = shard_bounds(N, world)[rank]
+    for path, call in PATHS.items():
+        for case in CASES:
+            q, k, v, mask = (None if t is None else t[:, :, lo:hi] if t.dim() == 4 else t[:, lo:hi]
+                             for t in _qkv(case))
+            res[path, case] = call(q, k, v, mask)
+    for kind in LAYERS:
+        for case in ("nan pixel", "masked nan pixel"):
+            x, mask = _x(case)
+            with torch.no_grad():
+                res["layer " + kind, case] = _call_layer(_layer(kind, True), kind, x[:, lo:hi], mask[:, lo:hi])
+    return res
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> list:
+    return run_ranks(_job, WORLD, timeout=120)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what) -> None:
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (what, torch.isnan(got).sum().item(),
+                                                              torch.isnan(want).sum().item())
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)), what
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), what
+    finite = torch.isfinite(want)
+    assert (got[finite] - want[finite]).abs().max() <= 1e-12 * want[finite].abs().max(), what
+
+
+def _gathered(key) -> torch.Tensor:
+    return torch.cat([r[key] for r in _results()], dim=2 if not key[0].startswith("layer") else 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_follow_the_definition(path, case):
+    want = _reference(path, case)
+    assert not torch.isfinite(want).all() or case.startswith("masked")  # the case is non-finite
+    _assert_same(_gathered((path, case)), want, (path, case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_local_oracle_follows_the_definition(case):
+    """Was: a NaN query row gave 0.0, one NaN pixel made 48/48 rows NaN (the window gives 28)."""
+    q, k, v, mask = _qkv(case)
+    got = dense_local_attention(q, k, v, window_nside=WINDOW[0], mode=WINDOW[1],
+                                key_bias=None if mask is None else _bias(mask)[:, None])
+    _assert_same(got, _reference("local", case), case)
+
+
+@pytest.mark.parametrize("case", ["nan pixel", "masked nan pixel"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_single_device_layers_and_distributed_layers_agree(kind, case):
+    """The oracles follow the definition (the windowed cross oracle stayed finite at a NaN target;
+    a masked NaN pixel reached every row through 0 * NaN), and the distributed layers equal them."""
+    x, mask = _x(case)
+    with torch.no_grad():
+        want = _call_layer(_layer(kind, False), kind, x, mask)
+    rows_nan = torch.isnan(want).any(dim=-1)
+    if case == "nan pixel":  # the pixel's own row, and the rows attending to it
+        assert rows_nan[1, 30] and rows_nan[1].sum() == (N if kind in ("self", "cross") else 28), rows_nan.sum()
+    else:  # masked: only the rows its own (NaN) query gives
+        assert rows_nan[1, 30] and rows_nan.sum() == 1, rows_nan.sum()
+    _assert_same(_gathered(("layer " + kind, case)), want, (kind, case))

@@ -1,0 +1,119 @@
+"""No device-to-host read on a steady-state call (issue 24 item 3; Note [agreement off the device]
+in ``hpattn_dist/comm/agreement.py``).
+
+Without a GPU, a device tensor is stood for by a tensor whose data cannot be read: a fake CUDA
+tensor (``FakeTensorMode``), or a ``meta`` tensor, on which ``.item()``, ``int()``, ``bool()``,
+``.tolist()`` and ``nonzero`` raise. :class:`DeviceReads` also records the data-dependent ops and
+the host-to-device copies that reach the dispatcher. Checked:
+
+* the dropout hash on fake CUDA copies no scalar to the device (it mixed the seed as a CUDA tensor
+  on every block of every step);
+* the ring's and the windows' executors, forward and backward with dropout, run on meta tensors
+  (the windows read each unit's cell with ``int()`` on the device);
+* the door (``plan_attention``) with a key mask reads the mask on the first call only: the mask's
+  layout is cached by tensor and version (it read it on every call), and read again after an
+  in-place change.
+
+Legend: B batch, H heads, N pixels, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hpattn_dist.comm.groups import GroupInfo
+from hpattn_dist.kernels import DropoutSpec, keep_mask, select_kernel
+from hpattn_dist.local.attention import _WindowAttention, plan_local_attention
+from hpattn_dist.strategies.plan import plan_attention
+from hpattn_dist.strategies.ring import run_ring
+
+aten = torch.ops.aten
+B, H, N, D = 2, 2, 48, 4
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records data-dependent ops (on any device, or only off the CPU) and host-to-device copies."""
+
+    READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
+             aten.equal.default, aten.item.default}
+
+    def __init__(self, cpu_too: bool = False) -> None:
+        super().__init__()
+        self.cpu_too, self.reads, self.copies = cpu_too, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func in self.READS and any(self.cpu_too or t.device.type != "cpu" for t in tensors):
+            self.reads.append(func)
+        out = func(*args, **kwargs)
+        if func is aten._to_copy.default and args[0].device.type == "cpu" and out.device.type != "cpu":
+            self.copies.append(func)
+        return out
+
+
+def test_dropout_hash_copies_nothing_to_the_device():
+    with FakeTensorMode():
+        with DeviceReads() as rec:
+            spec = DropoutSpec(0.3, 12345, q_offset=7, k_offset=3, h_offset=1)
+            mask = keep_mask(spec, B, H, 16, 32, torch.device("cuda"))
+    assert mask.device.type == "cuda" and mask.shape == (B, H, 16, 32)
+    assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
+
+
+def _ring_plan(q: torch.Tensor, dropout_p: float):
+    from hpattn_dist.strategies.plan import AttentionPlan
+
+    single = GroupInfo(None, 0, 1)
+    return AttentionPlan(
+        strategy="ring", ulysses_group=None, ring_group=single, ulysses_sizes=(q.shape[2],),
+        key_ulysses_sizes=(q.shape[2],), kv_sizes=(q.shape[2],), q_offset=0, k_offset=0, head_offset=0,
+        mask_travels=False, use_bias=False, kernel=select_kernel("manual", q), scale=0.5,
+        dropout_p=dropout_p, seed=99)
+
+
+def _meta_qkv():
+    return [torch.empty(B, H, N, D, device="meta", dtype=torch.float32, requires_grad=True) for _ in range(3)]
+
+
+def test_ring_executor_reads_no_device_data():
+    q, k, v = _meta_qkv()
+    with DeviceReads() as rec:
+        out = run_ring(_ring_plan(q, 0.2), q, k, v, None, None)
+        out.backward(torch.empty_like(out))
+    assert out.shape == q.shape and q.grad.shape == q.shape
+    assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
+
+
+def test_window_executor_reads_no_device_data():
+    q, k, v = _meta_qkv()
+    plan = plan_local_attention((N,), 1, "neighbourhood", 0).to(torch.device("meta"))
+    kernel = select_kernel("manual", q, dropout=True)
+    with DeviceReads() as rec:
+        out = _WindowAttention.apply(q, k, v, None, plan, GroupInfo(None, 0, 1), kernel, 0.5, 0.2, 7, False)
+        out.backward(torch.empty_like(out))
+    assert out.shape == q.shape and k.grad.shape == k.shape
+    assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
+
+
+def test_the_door_reads_a_repeated_mask_once():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[:, :5] = False  # keys masked everywhere: compacted
+    mask[0, 9] = False  # a key masked in one batch element: a bias is left
+
+    def door() -> tuple:
+        with DeviceReads(cpu_too=True) as rec:
+            plan, _ = plan_attention("ring", q, k, v, key_mask=mask, what="test")
+        return plan.kv_sizes, plan.use_bias, len(rec.reads)
+
+    first, again = door(), door()
+    assert first[:2] == again[:2] == ((N - 5,), True)
+    assert first[2] > 0 and again[2] == 0, (first, again)  # read, then cached
+    mask[0, 9] = True  # an in-place change is seen
+    changed = door()
+    assert changed[:2] == ((N - 5,), False) and changed[2] > 0, changed
