@@ -301,6 +301,9 @@ def format_plan(cfg: PlanConfig, estimates: Sequence[StrategyEstimate]) -> str:
         lines.append(f"{e.strategy:<24} {_gib(rec['peak_bytes_per_rank']):>9} {'yes' if e.fits else 'NO':>5} "
                      f"{_gib(rec['saved_bytes_per_rank']):>9} {rec['bytes_sent_per_rank'] / 1e9:>9.3f} "
                      f"{rec['flops_per_rank'] / 1e12:>8.2f} {1e3 * rec['time_lower_bound_s']:>10.2f}{mark}")
+    if cfg.world > 1 and cfg.heads % cfg.world:
+        lines.append(f"ulysses: not a candidate (H = {cfg.heads} is not divisible by P = {cfg.world}); "
+                     "hybrid degrees U divide both")
     if best is None:
         lines.append("nothing fits: more ranks, a window (--window-nside), fewer layers held at once "
                      "(activation checkpointing) or a smaller batch")

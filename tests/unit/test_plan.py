@@ -17,7 +17,7 @@ from hpattn_dist.cost_model import halo_rows
 from hpattn_dist.healpix import shard_sizes
 from hpattn_dist.local import window_traffic
 from hpattn_dist.strategies import choose_strategy
-from hpattn_dist.tools.plan import PlanConfig, parse_bytes, plan_layer, recommend
+from hpattn_dist.tools.plan import PlanConfig, format_plan, parse_bytes, plan_layer, recommend
 
 
 @pytest.mark.parametrize("nside, window, mode, world", [
@@ -68,6 +68,16 @@ def test_plan_command_line_json(tmp_path):
     names = {r["strategy"] for r in records if r["world"] == 8}
     assert names == {"ring", "hybrid:U2", "hybrid:U4", "ulysses", "local:neighbourhood:8"}
     assert sum(r["recommended"] for r in records) == 2  # one per table
+
+
+def test_the_table_says_why_ulysses_is_missing():
+    """A candidate left out is named with the reason, not dropped from the table in silence."""
+    cfg = PlanConfig(nside=8, embed=64, heads=4, batch=1, world=8)
+    estimates = plan_layer(cfg)
+    assert "ulysses" not in {e.strategy for e in estimates}
+    assert "ulysses: not a candidate (H = 4 is not divisible by P = 8)" in format_plan(cfg, estimates)
+    fine = PlanConfig(nside=8, embed=64, heads=4, batch=1, world=4)
+    assert "not a candidate" not in format_plan(fine, plan_layer(fine))
 
 
 def test_nothing_fits_a_tiny_device():
