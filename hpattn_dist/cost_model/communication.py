@@ -54,7 +54,7 @@ Note [halo traffic]
     (accumulation itemsize a). :func:`halo_rows` is that count at the cost of the cell table
     (``12 * window_nside**2`` cells, up to 9 slots each), not of the ``N`` pixels; the tests hold it
     to :func:`hpattn_dist.local.window_traffic` (the plan the layer executes) and to the counters.
-    Plus one 256-byte agreement row per call (``all_gather.meta``), as for every attention.
+    Plus one agreement row per call (``AGREEMENT_BYTES``) (``all_gather.meta``), as for every attention.
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from hpattn_dist.comm.agreement import SIGNATURE_WIDTH
 from hpattn_dist.comm.groups import offsets
 
 __all__ = ["AGREEMENT_BYTES", "CommVolume", "HaloRows", "communication_volume", "degree_for",
            "equal_shard_cost", "halo_rows", "strategy_name"]
 
-AGREEMENT_BYTES = 256
+AGREEMENT_BYTES = 8 * SIGNATURE_WIDTH
 """Bytes one rank sends in the one agreement of an attention call (``all_gather.meta``; Note
 [fail together]: ``SIGNATURE_WIDTH`` int64 values)."""
 

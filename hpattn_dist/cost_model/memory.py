@@ -18,40 +18,42 @@ backward, the layer's input ``x [B, N_r, E]`` and the incoming gradient not coun
 executors; a change there changes its schedule here, and ``tests/distributed/test_cost_model.py``
 holds every schedule to the allocator's peak within 15% (nside 16-64, P 2-4).
 
-Global attention, through the registered op (Note [attention as one op]):
+Global attention, through the registered ops (Note [attention as one op]; for U > 1 the three
+ops of Note [ulysses op memory]):
 
-* forward: the fused projection ``qkv`` (3 px); for U > 1 the head exchange (Note [head exchange
-  memory]: one 3 hq result buffer, a (U - 1)/U receive buffer while it is unpacked); for U = 1 a
-  contiguous copy of q (1 px) and the stacked own K/V (2 px); the fp32 accumulator (a/s hq) and
-  lse; per ring step the block computed on, the block in flight (2 hq each, none after the last
-  step) and the block sent the step before (its posted send holds it until the next post), the
-  kernel's output and the NaN guard's copy of it, the merge's product; after the ring, for U > 1, the
-  output's way back (1 px + receive buffer) and the op's outputs, of which two of the three
-  head-layout inputs are copied (they share one buffer), and the output made contiguous (1 px);
-  the layer's transpose copy before ``out_proj`` (1 px) and ``y`` (1 px).
-* saved between forward and backward: qkv (3 px), the output (1 px) and lse; for U > 1 also the
-  head-layout q/k/v buffer (3 hq), the two copies (2 hq) and ``out_h`` (1 hq); the transpose copy
-  and ``y``.
-* backward: ``out_proj``'s input gradient (1 px); autograd's zero gradients for the op's unused
-  outputs (for U > 1: 4 hq); for U > 1 the gradient to heads (1 hq + receive buffer); the
-  stacked K/V (2 hq); per ring step the block in flight (2 hq), the kernel's block gradients
-  (3 hq) and its scratch, for R > 1 the dK/dV accumulators in flight (2 x 2 a/s hq); then, for
-  U > 1, the gradients back to pixels (3 px + receive buffer) made contiguous (3 px); the stack
-  of dq, dk, dv into the qkv gradient (3 px), dx (1 px) and the parameter gradients.
+* forward: the fused projection ``qkv`` (3 px); for U > 1 the head exchange (a (U - 1)/U send
+  buffer and receive buffer, then q, k, v in three hq buffers of their own); for U = 1 a
+  contiguous copy of q (1 px); the NaN-row mask of q and lse; per ring step (R > 1: the own K/V
+  stacked, 2 hq) the block computed on, the block in flight (none after the last step) and the
+  block sent the step before (its posted send holds it until the next post), the kernel's output
+  (the first block's output is the accumulator; later ones are merged, the merge's product) and
+  the kernel's scratch; for U > 1 the output home in ``[B, N_r, H, D]`` memory (1 px, a (U - 1)/U
+  receive buffer), so the layer's reshape before ``out_proj`` is a view, and ``qkv`` freed at
+  the end (the door saves shapes only); for U = 1 the layer's transpose copy (1 px); ``y`` (1 px).
+* saved between forward and backward: for U = 1 qkv (3 px), the output (1 px), lse and the
+  transpose copy; for U > 1 the head-layout q, k, v (3 hq), ``out_h`` (1 hq), lse and the output
+  (1 px); ``y``.
+* backward: ``out_proj``'s input gradient (1 px) and the parameter gradients; for U > 1 the
+  gradient to heads (1 hq, heads-minor, read by the fused kernel in place; a receive buffer), the
+  pixel gradient then freed; for R > 1 the stacked K/V (2 hq) and per ring step the block in
+  flight, the dK/dV accumulators in flight (2 x 2 a/s hq); the kernel's block gradients (3 hq) and
+  its scratch; for R > 1 dk, dv copied out of the accumulators (U = 1: one of them, 1 px; U > 1:
+  both, heads-minor); for U > 1 the engine frees the residuals and the door sends dq, dk, dv home
+  one at a time (a 1 hq send buffer and a 1 px result each); the stack of dq, dk, dv into the qkv
+  gradient (3 px) and dx (1 px).
 
 The block kernels' own scratch is a property of the kernel: on the CPU, the flash kernel's
-per-thread tiles (:func:`cpu_flash_scratch`) and, in its backward, a copy of a head-contiguous
-``dout``; on CUDA (FlashAttention-2 / memory-efficient) an fp32 ``dq`` accumulator (1 hq * 4/s).
+per-thread tiles (:func:`cpu_flash_scratch`; ``dout`` reaches its backward in the
+``[B, N, h, D]`` layout it reads, no copy); on CUDA (FlashAttention-2 / memory-efficient) an fp32 ``dq`` accumulator (1 hq * 4/s).
 
 Windowed (local) attention (Note [local attention plan]) holds, besides qkv and the layer's
 copies, the extended K/V rows ``[N_r + R_halo, 2, B, H, D]``, the unit-major query, output and
 (backward) gradient copies, and per chunk of units the gathered window keys, bounded by the
 executor's ``_CHUNK_ELEMENTS``. Its schedule is :func:`local_layer_memory`.
 
-Which numbers others' work moves: the Ulysses/hybrid residuals (the two copies and the zero
-gradients above, issue 24 item 7) and the whole local schedule (issue 27, which will give local
-attention a Note of what it holds) are single functions here, :func:`_global_schedule` and
-:func:`local_layer_memory`, to be updated with those executors.
+A change to an executor changes its schedule here: global attention's is :func:`_global_schedule`,
+windowed attention's :func:`local_layer_memory`; ``tests/distributed/test_cost_model.py`` fails
+until they agree again.
 """
 
 from __future__ import annotations
@@ -166,19 +168,19 @@ class _Kernel:
         c = self.case
         return cpu_flash_scratch(n_q, n_k, c.head_dim, c.threads, False) if c.device == "cpu" else 0
 
-    def backward_scratch(self, n_q: int, n_k: int, q_bytes: int, dout_head_contiguous: bool) -> int:
+    def backward_scratch(self, n_q: int, n_k: int, q_bytes: int) -> int:
         c = self.case
-        if c.device == "cpu":
-            copy = q_bytes if dout_head_contiguous else 0  # the kernel reads dout as [B, N, h, D]
-            return cpu_flash_scratch(n_q, n_k, c.head_dim, c.threads, True) + copy
+        if c.device == "cpu":  # dout arrives in the layout the kernel reads (Note [head exchange memory])
+            return cpu_flash_scratch(n_q, n_k, c.head_dim, c.threads, True)
         return q_bytes * 4 // c.itemsize  # FlashAttention-2 / efficient: an fp32 dq accumulator
 
 
 def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
-    """The ledger of ring (U = 1), Ulysses (U = P) and hybrid attention through the op."""
+    """The ledger of ring (U = 1), Ulysses (U = P) and hybrid attention through the op (Note
+    [activation memory]; for U > 1 the three ops of Note [ulysses op memory])."""
     c, led, kernel = case, Ledger(), _Kernel(case)
     b, d, s, a = c.batch, c.head_dim, c.itemsize, c.acc_itemsize
-    p, r_deg = len(c.sizes), len(c.sizes) // u_deg
+    r_deg = len(c.sizes) // u_deg
     h = c.heads // u_deg
     ring_i = c.rank // u_deg
     group = [sum(c.sizes[j * u_deg:(j + 1) * u_deg]) for j in range(r_deg)]  # M_j
@@ -186,30 +188,41 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
     px = c.px
     hq = b * h * m * d * s  # one head-layout tensor of this rank's Ulysses group
     lse = b * h * m * a
+    sent_px = (u_deg - 1) * c.n_local * b * h * d * s  # one tensor's pieces for the other U - 1 ranks
+    recv_hq = (m - c.n_local) * b * h * d * s  # one tensor's pieces from them
 
     def block(j: int) -> int:
         return 2 * b * h * group[j] * d * s
 
     # ---- forward
     led.add("qkv", 3 * px)
-    if u_deg > 1:
-        led.add("qkv_h", 3 * hq)  # the result buffer; q_h, k_h, v_h are views of it
-        led.spike(3 * (m - c.n_local) * b * h * d * s)  # the receive buffer, unpacked into it
+    if u_deg > 1:  # attention_fwd: q, k, v to heads, each in a buffer of its own
+        led.add("send", 3 * sent_px)
+        led.add("recv", 3 * recv_hq)
+        led.free("send")
+        led.add("qkv_h", 3 * hq)
+        led.free("recv")
     else:
         led.add("q_contiguous", px)
-    led.add("acc", hq * a // s)
+    led.spike(hq // s)  # the NaN-row mask of q (bool), once per call
     led.add("lse", lse)
-    if u_deg == 1:
-        led.add("block", 2 * px)  # the own K/V, stacked
+    if r_deg > 1:
+        led.add("block", block(ring_i))  # the own K/V, stacked
+    first = True
     for step in range(r_deg):
         src = (ring_i - step) % r_deg
         if step < r_deg - 1:
             led.add("next", block((ring_i - step - 1) % r_deg))
         if group[src] > 0:
-            led.add("out_b", hq)
-            led.spike(max(kernel.forward_scratch(m, group[src]), hq))  # scratch; the NaN guard's copy
-            led.spike(hq * a // s * (1 if a == s else 2))  # the merge's product (and block_out.to)
-            led.free("out_b")
+            if first:  # the first block's result is the accumulator
+                led.add("acc", hq * a // s)
+                led.spike(kernel.forward_scratch(m, group[src]) + (hq if a != s else 0))
+                first = False
+            else:
+                led.add("out_b", hq)
+                led.spike(kernel.forward_scratch(m, group[src]))
+                led.spike(hq * a // s * (1 if a == s else 2))  # the merge's product (and block_out.to)
+                led.free("out_b")
         led.free("retired")  # the block sent last step: its send held it through this step
         if step < r_deg - 1:
             led.held["retired"] = led.held.pop("block", 0)
@@ -219,31 +232,29 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
         led.add("out_h", hq)
         led.free("acc")
     else:
-        led.held["out_h"] = led.held.pop("acc")
-    if u_deg > 1:
-        led.add("out_buf", px)
-        led.spike((m - c.n_local) * b * h * d * s)
-        led.add("out", px)  # made contiguous
-        led.free("out_buf")
-        led.add("kv_copies", 2 * hq)  # the op's outputs may not share storage
+        led.held["out_h"] = led.held.pop("acc", 0)
+    if u_deg > 1:  # heads_to_pixels: [B, N_r, H, D] memory, so the reshape before out_proj is a view
+        led.add("out", px)
+        led.spike((u_deg - 1) * c.n_local * b * h * d * s)
     else:
         led.free("q_contiguous")
         led.held["out"] = led.held.pop("out_h")
-    led.add("out_t", px)  # out.transpose(1, 2).reshape(B, N_r, E) before out_proj
+        led.add("out_t", px)  # out.transpose(1, 2).reshape(B, N_r, E) before out_proj
     led.add("y", px)
+    if u_deg > 1:
+        led.free("qkv")  # the door saves only shapes: the head-layout tensors are the residuals
     saved, forward = led.live, led.peak
 
     # ---- backward
     led.add("d_out_t", px)
     led.add("param_grads", c.param_grads)
-    led.free("out_t")
-    led.add("zero_grads", lse + (4 * hq if u_deg > 1 else 0))  # autograd's, for the unused outputs
-    if u_deg > 1:
+    led.free("out_t" if u_deg == 1 else "out")
+    if u_deg > 1:  # pixels_to_heads: dout in the layout the fused backward reads in place
         led.add("dout_h", hq)
-        led.spike((m - c.n_local) * b * h * d * s)
-    led.add("block", 2 * hq)  # K/V stacked again
-    led.spike(hq * a // s)
-    led.add("delta", lse)
+        led.spike(recv_hq)
+        led.free("d_out_t")
+    if r_deg > 1:
+        led.add("block", block(ring_i))  # K/V stacked again
     dq_first = True
     for step in range(r_deg):
         src = (ring_i - step) % r_deg
@@ -253,7 +264,7 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
             kv_b = block(src) // 2
             led.add("dq_b", hq)
             led.add("dkv_b", 2 * kv_b)
-            led.spike(kernel.backward_scratch(m, group[src], hq, u_deg > 1))
+            led.spike(kernel.backward_scratch(m, group[src], hq))
             if dq_first:
                 led.held["dq"] = led.held.pop("dq_b")
                 if a != s:
@@ -272,24 +283,30 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
         if step < r_deg - 1:
             led.free("block")
             led.held["block"] = led.held.pop("next")
-    led.free("block", "sent", "delta")
+    led.free("block", "sent")
     if a != s:
         led.add("dq_cast", hq)
         led.free("dq")
-    if u_deg > 1:
-        led.add("grads_px", 3 * px)
-        led.spike(3 * (m - c.n_local) * b * h * d * s)
-        led.add("grads_contiguous", 3 * px)  # the op's outputs, contiguous copies
-        led.free("grads_px", "dq", "dq_cast", "dkv_b", "grads")
-    elif r_deg > 1:
-        if a != s:
-            led.add("dkv_cast", 2 * px)
+    if r_deg > 1:
+        if u_deg > 1:
+            led.add("dkv_copy", 2 * hq)  # dk, dv from the accumulators, in the heads-minor layout
             led.free("grads")
-        led.add("dv_copy", px)  # dk, dv are halves of one buffer: the op copies one
-    led.free("zero_grads", "qkv_h", "kv_copies", "out_h", "lse", "out")
+        else:
+            if a != s:
+                led.add("dkv_cast", 2 * px)
+                led.free("grads")
+            led.add("dv_copy", px)  # dk, dv are halves of one buffer: the op copies one
+    if u_deg > 1:  # the engine frees dout_h and the residuals; the door sends dq, dk, dv home
+        led.free("dout_h", "qkv_h", "out_h", "lse")
+        for i in range(3):
+            led.add("send", hq)
+            led.add(f"grad_px{i}", px)
+            led.free("send")
+        led.free("dq", "dq_cast", "dkv_b", "dkv_copy", "grads")
+    led.free("out_h", "lse", "out")
     led.free("qkv")
     led.add("dqkv", 3 * px)  # the three gradients stacked into the projection's layout
-    led.free("grads_contiguous", "dq", "dq_cast", "dkv_b", "grads", "dkv_cast", "dv_copy")
+    led.free("grad_px0", "grad_px1", "grad_px2", "dq", "dq_cast", "dkv_b", "grads", "dkv_cast", "dv_copy")
     led.add("dx", px)
     led.free("dqkv", "d_out_t")
     return LayerMemory(saved, forward, led.peak)
@@ -388,7 +405,7 @@ def local_layer_memory(case: MemoryCase, window_nside: int, mode: str) -> LayerM
     # so the last chunk's keys, gradients and stack (3 gathered) are still held at the end, when
     # the halo rows' gradients come home and are added (a new 2 px) and dq leaves the units.
     if batches:
-        led.spike(4 * gathered * a // s + 2 * q_chunk + kernel.backward_scratch(c, keys, q_chunk, False))
+        led.spike(4 * gathered * a // s + 2 * q_chunk + kernel.backward_scratch(c, keys, q_chunk))
     led.spike(3 * gathered * a // s + halo.sent * kv_row * a // s + 2 * px * a // s + px)
     led.free("kv_ext", "q_units", "dout_units", "out_units", "delta", "dkv_ext", "kv_halo", "dq_units")
     led.free("out", "lse_units")
