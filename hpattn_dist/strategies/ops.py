@@ -78,6 +78,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads, qkv_to_heads
+from hpattn_dist.comm.model_call import layer_seed
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
@@ -223,11 +224,16 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     same agreement (Note [replicated parameter check]).
     """
     layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
+    info = _group(group_name)
+    seed = None if dropout_seed is None else int(dropout_seed)
+    if seed is not None and layer is not None and dropout_p > 0:  # Note [seeds in a model call]
+        seed = layer_seed(info, layer.name, seed)
     plan, _ = plan_attention(
-        strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
+        strategy, q, k, v, info.group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=None if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
+        dropout_seed=seed, layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
+        in_call=layer is not None,
     )
     plan_t = _plan_tensor(plan)
     if plan.strategy == "ulysses":
