@@ -10,6 +10,9 @@ and the call's dropout seed. The layers that can do without their own agreement 
 layers, the norms, ``Squeeze``, the dropouts and the attention's plan, Note [attention plans in a
 model call] in :mod:`hpattn_dist.strategies.plan`) look their slot up here. Nothing in this
 module communicates, and it does not import idx-flow: the attention's registered op reads it.
+``torch.compile`` never traces the call state: its readers here are compiler-disabled (a graph
+break where a traced layer asks), and the attention reads it inside its op's body, which dynamo
+does not trace, so what a call agreed is read when the call runs, never baked into a graph.
 
 Note [seeds in a model call]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -44,8 +47,8 @@ import torch.distributed as dist
 
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["CallState", "Slot", "agreed", "call_slot", "current_call", "derive_seed", "layer_seed",
-           "pop_call", "push_call"]
+__all__ = ["CallState", "Slot", "agreed", "call_slot", "current_call", "derive_seed", "derives_seeds",
+           "layer_seed", "pop_call", "push_call"]
 
 _MASK31 = 0x7FFFFFFF
 _REPLAYS = 1024
@@ -131,6 +134,7 @@ def pop_call() -> None:
     _stack().pop()
 
 
+@torch.compiler.disable
 def current_call(info: GroupInfo) -> Optional[CallState]:
     """The innermost agreed model call on this thread, if it is over ``info``'s group (a group
     of one included: a converted model on one process derives its seeds alike)."""
@@ -174,6 +178,7 @@ def call_slot(layer: Any, info: GroupInfo) -> Optional[Slot]:
     return None if call is None else Slot(call, layer)
 
 
+@torch.compiler.disable
 def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], what: str) -> Any:
     """What ``agree()`` returns for this call of ``layer``: its own agreement, or inside an agreed
     model call the result of the earlier call with the same key (Note [one agreement per model call]).
@@ -202,6 +207,14 @@ def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], wha
 _REPLAY: dict[str, "OrderedDict[int, int]"] = {}
 
 
+@torch.compiler.disable
+def derives_seeds(info: GroupInfo) -> bool:
+    """Whether a model call over ``info``'s group that draws seeds is in progress on this thread."""
+    call = current_call(info)
+    return call is not None and call.seed is not None
+
+
+@torch.compiler.disable
 def layer_seed(info: GroupInfo, who: str, draw: int) -> int:
     """The seed ``who`` proposes for a call, given its own fresh ``draw``: inside a model call
     over ``info``'s group that draws seeds, the call's next derived seed (remembered under

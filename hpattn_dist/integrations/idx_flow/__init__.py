@@ -144,6 +144,7 @@ def convert_attention(module: nn.Module, ctx: ShardContext) -> nn.Module:
             f"{type(module).__name__} {ctx.name!r}: convert_spatial_attention did not convert it "
             "(this version of hpattn_dist does not recognise idx-flow's attention)"
         )
+    new.name = ctx.name or type(module).__name__  # its place in the model, in errors
     return new
 
 

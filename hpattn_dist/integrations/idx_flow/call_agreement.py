@@ -179,6 +179,7 @@ class ModelCallAgreement(GroupBound):
         record = {(p.data_ptr(), p.numel()): p._version for _, p in named} if checked else None
         return shared, local, {"named": named, "params": record, "seed": seed, "configs": configs}
 
+    @torch.compiler.disable  # host work and one collective: never traced (Note [seeds in a model call])
     def enter(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: agree on this call, check the split, the parameters and the layers'
         settings, open the call's state."""
@@ -239,6 +240,7 @@ class ModelCallAgreement(GroupBound):
             + "; ".join(f"{kind} {name or '(root)'!r} {settings}" for name, kind, settings in every[0][:4])
         )
 
+    @torch.compiler.disable
     def exit(self, root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook (also called when the forward raised): close the call's state."""
         if self._depth > 0:

@@ -113,7 +113,7 @@ from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
-from hpattn_dist.comm.model_call import agreed, current_call, layer_seed
+from hpattn_dist.comm.model_call import agreed, derives_seeds, layer_seed
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
@@ -517,10 +517,9 @@ class _ShardedPixelDropout(_Sharded):
     def forward(self, x: Tensor) -> Tensor:
         drops = self.training and self.p > 0.0
         info = resolve_group(self.process_group)
-        call = current_call(info)
         # Inside a model call that draws seeds every rank proposes the same derived seed (Note
         # [seeds in a model call]); outside one each its own draw, and rank 0's is taken.
-        derived = drops and call is not None and call.seed is not None
+        derived = drops and derives_seeds(info)
         proposal = layer_seed(info, self._what, draw_seed()) if drops else 0
 
         def agree() -> tuple[list[int], int]:
