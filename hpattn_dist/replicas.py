@@ -158,7 +158,7 @@ def fingerprintable(p: torch.Tensor) -> bool:
     """Whether ``p`` holds its whole replicated value here: not a DTensor shard (FSDP2), not a
     ZeRO-3 partition (``ds_id``), not an FSDP flat parameter's freed storage, not on meta."""
     return (type(p.data) is torch.Tensor and not hasattr(p, "ds_id") and p.device.type != "meta"
-            and (p.numel() == 0 or p.untyped_storage().nbytes() > 0))
+            and (p.numel() == 0 or p.data_ptr() != 0))
 
 
 def _differing_ranks(sums: Sequence[Sequence[int]]) -> tuple[list[list[float]], list[int]]:

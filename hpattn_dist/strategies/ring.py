@@ -96,8 +96,8 @@ class _RingAttention(torch.autograd.Function):
         q_in, q = q, q.contiguous()
         p = info.world_size
         acc = acc_dtype(q.dtype)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        out: Optional[Tensor] = None  # the accumulators, from the first block with keys
+        lse: Optional[Tensor] = None
         ring = _BlockRing(info, kv_sizes)
 
         kv, saved_kv = _kv_buffer(k, v)  # Note [ring memory]: K/V are held once
@@ -108,12 +108,18 @@ class _RingAttention(torch.autograd.Function):
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
                 block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
-                merge_into(out, lse, block_out, block_lse)
+                if out is None:  # what merging into empty rows gives (Note [stable merge]), one copy less
+                    out, lse = block_out.to(acc), block_lse.to(acc)
+                else:
+                    merge_into(out, lse, block_out, block_lse)
                 del block_out, block_lse
             if pending is not None:
                 pending.wait()
                 block = next_block
         del block, next_block
+        if out is None:  # no key on any rank: zero output, lse = -inf
+            out = torch.zeros(q.shape, dtype=acc, device=q.device)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
 
         out = out.to(q.dtype)
         ctx.save_for_backward(q, *saved_kv, bias, k_index, out, lse)
