@@ -32,6 +32,12 @@ layer's weights. A write through ``p.data`` bypasses the version counter (that i
 is for) and is only seen at the next change of the parameter itself. Every call still compares, so weights that drift apart later (an optimizer step
 after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
 call.
+
+A converted idx-flow model checks ALL its parameters (gather layers, norms and its own included)
+at the start of each call, one fingerprint for the whole model in the call's row (Note [one
+agreement per model call]); when they differ, one more exchange on that error path names the
+parameters (:func:`check_model_rows`). Its attention layers then skip their own fingerprint while
+their parameters are unchanged since the call's start.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ Note [attention as one op]
     small all-gather): a rank that alone changes its shapes, or recompiles, gets the agreement's
     error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
-    the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
+    the all-gather, except inside a converted model's call, whose own agreement covers the
+    shapes: Note [attention plans in a model call] in ``plan.py``.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
     residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
     and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
     ``k_h, v_h`` and the mask). ``new_dynamic_size`` would refuse to make one unless

@@ -43,6 +43,31 @@ Note [cross-grid plan]
     indices range over the same pixels. With ``window_nside`` (the locality option) a call never
     reaches this plan: :func:`~hpattn_dist.local.attention.windowed_attention` agrees on both
     splits itself and plans a halo exchange (Note [local attention plan]).
+
+Note [attention plans in a model call]
+    A layer's call inside a converted model's agreed call (Note [one agreement per model call] in
+    ``integrations/idx_flow/call_agreement.py``) can do without its own agreement: what the
+    plan follows from is fixed by the call's key, and what changes from call to call is known
+    at the call's start. So the registered op passes ``in_call``, and :func:`plan_attention`
+    looks the layer's slot up (keyed by the layer's name and its calls so far in the model
+    call). The first call with a key agrees as always and stores the agreed rows with this
+    rank's own facts (everything in its row but the seed and the parameter sums); a later call
+    runs the same local checks, compares its facts with the stored ones (a local
+    ``RuntimeError`` if they differ: the model's shapes did not follow from its arguments) and
+    derives the plan from the stored rows, with no exchange. The row's per-call values come
+    from the model's call: the parameter fingerprint was compared for the WHOLE model at its
+    start (the layer checks that its parameters are unchanged since, same storage and
+    version), and the dropout seed is the call's derived seed, the same on every rank (Note
+    [seeds in a model call] in ``comm/model_call.py``). The layer's settings (scale, dropout,
+    backend, strategy) are in the call's row too, so a rank whose layer differs raises at the
+    call's start. A key mask (its kept keys are data), a key bias, parameters not fingerprinted
+    at the call's start or changed since (FSDP2 / ZeRO-3 shards, a hook rewriting them), or a
+    call that drops without a call seed make the layer agree on its own, as outside a model.
+
+    The slot is read inside the op's body, which ``torch.compile`` never traces: a compiled
+    model reads the call's state when it runs, never a value baked in at tracing. (The op's
+    arguments could not carry it without a graph break or a recompilation per call: the seed
+    and the rows change from call to call.)
 """
 
 from __future__ import annotations

@@ -4,41 +4,58 @@ Legend: B batch, N pixels of a grid, N_r pixels on group rank r, P group size, C
 
 Note [one agreement per model call]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Every index-gather layer needs its peers' input lengths before it can plan its halo, and used to
-fetch them in a metadata ``all_gather`` of its own on every call (Note [halo plan] in
-:mod:`hpattn_dist.comm.halo`). Inside a converted model those lengths follow from the model's
-input: the layers are deterministic functions of it, so the ranks' shapes at the k-th call of a
-layer are the same every time the model is called with the same inputs on every rank. So
-``convert_model`` puts :class:`ModelCallAgreement` on the model's root, a forward pre-hook that
-runs ONE :func:`~hpattn_dist.comm.agreement.validated_signature` per call of the model. Its row
-carries:
+Every index-gather layer needs its peers' input lengths before it can plan its halo, every
+attention layer its peers' shard sizes and grid places (Note [one agreement per call] in
+``strategies/plan.py``), the norms and dropouts their peers' pixel counts; each used to fetch them
+in a metadata ``all_gather`` of its own on every call. Inside a converted model those facts follow
+from the model's input: the layers are deterministic functions of it, so the ranks' shapes at the
+k-th call of a layer are the same every time the model is called with the same inputs on every
+rank. So ``convert_model`` puts :class:`ModelCallAgreement` on the model's root (when it holds a
+gather layer, ``Unsqueeze`` or a pixel tensor, or more than one layer that agrees), a forward
+pre-hook that runs ONE :func:`~hpattn_dist.comm.agreement.validated_signature` per call of the
+model. Its row carries:
 
-- shared: a CRC of the tensor arguments' dims, dtypes and sizes other than dim 1, a CRC of the
-  other arguments (numbers, strings, flags such as a rollout length), whether autograd records,
-  autocast, a CRC of every module's training flag, a CRC of the connection tables of the model's
-  gather layers;
-- local: dim 1 (the pixels) of each tensor argument.
+- shared: a CRC of the tensor arguments' dims, dtypes, ``requires_grad`` and sizes other than dim
+  1, a CRC of the other arguments (numbers, strings, flags such as a rollout length), whether
+  autograd records, autocast, a CRC of every module's training flag, a CRC of the connection tables
+  of the model's gather layers, the layout (names, shapes, dtypes) and ``requires_grad`` of its
+  parameters, whether they were fingerprinted, whether a layer drops;
+- local: the fingerprint of every replicated parameter of the model (Note [replicated parameter
+  check] in ``replicas.py``: four float64 sums, cached per parameter version, so read again only
+  after an optimizer step), one call seed (Note [seeds in a model call] in ``comm/model_call.py``),
+  a CRC of the converted layers' settings (``_hp_call_config``: the attention's scale, dropout,
+  strategy, backend, ...; a dropout's probability), and dim 1 (the pixels) of each tensor argument.
 
-The agreed rows make the *call key*, identical on every rank. A layer called inside the model
-(:func:`current_call`) looks up ``(call key, the layer, how many times it was called before in
-this call)`` in the model's store (:func:`agreed`): the first time it runs its own agreement and
-stores what was agreed; later calls with the same key use it with no communication, after
-checking locally that its input has the shape it had then. The gather layers store their peers'
-input lengths, the statistics layers of :mod:`.reductions` their peers' pixel counts (the
-dropouts draw a new seed per call and keep their own agreement). Whether a layer communicates is therefore
-decided from agreed values only, the same way on every rank. Steady state: one metadata
-collective per model call for all the gather layers together. Layers called outside the model's
-forward (a submodule called directly, checkpoint recomputation in backward) find no current call
-and agree on their own, as before.
+The agreed rows, less the sums and the seed, make the *call key*, identical on every rank. A
+layer called inside the model (:func:`~hpattn_dist.comm.model_call.current_call`) looks up
+``(call key, the layer, how many times it was called before in this call)`` in the model's store
+(:func:`~hpattn_dist.comm.model_call.agreed`): the first time it runs its own agreement and stores
+what was agreed; later calls with the same key use it with no communication, after checking
+locally that its own facts (input shape, dtype, ...) are what they were then. The gather layers
+store their peers' input lengths, the statistics layers and dropouts of :mod:`.reductions` their
+peers' pixel counts, the attention layers their plan's rows (Note [attention plans in a model
+call] in ``strategies/plan.py``); the dropouts take their seeds from the call's. Whether a layer
+communicates is therefore decided from agreed values only, the same way on every rank. Steady
+state: ONE metadata collective per model call, all layers together.
 
-The rows also make a bad call fail at its start, on every rank: ranks that disagree on a mode
-(``train()`` on one rank, ``eval()`` on another), on grad mode or on a table raise together; and
-a field whose pixels are not split as the model needs (:func:`check_split`) is refused there.
+What a layer would have checked in its own agreement is checked at the call's start instead, on
+every rank together and before any data moves: parameters that differ (the message names them,
+from one more exchange on that error path), a layer's setting that differs (its name and the
+setting), a mode, grad mode or table that differs; and a field whose pixels are not split as the
+model needs (:func:`check_split`). What cannot be known at the call's start makes the layer agree
+on its own, as outside a model: a key mask (its kept keys are data), parameters that could not be
+fingerprinted at the start (FSDP2 / ZeRO-3 hold shards there; no peers), a layer's parameters
+changed since the start (a forward pre-hook that rewrites them in place), a replicated tensor a
+dropout must compare, windowed attention (its own halo plan). Layers called outside the model's
+forward (a submodule called directly, a ``torch.utils.checkpoint`` recomputation in the backward)
+find no current call and agree on their own, as before.
 
-What this needs from the model: the shapes inside a call are determined by the arguments (their
-shapes and the other values) and the modes. A model whose shapes depend on the data (a data-dependent number of pixels) breaks
-that; a rank whose input then differs from the agreed one raises, and its peers stop at the
-exchange timeout.
+What this needs from the model: the shapes inside a call, and the order in which its layers are
+called, are determined by the arguments (their shapes and the other values) and the modes. A
+model whose shapes or control flow depend on the data (a data-dependent number of pixels, a branch
+on a rank's values) breaks that; a rank whose input then differs from the agreed one raises (an
+unforeseen failure on one rank inside a call, out of memory say, likewise), and its peers stop at
+the exchange timeout (Note [exchange timeout]).
 
 Note [converted models take shard_bounds]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~

@@ -40,9 +40,11 @@ Every call first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
 ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed. Inside a call of a
-converted model whose agreement already covered this layer with the same key, the norms and
-``Squeeze`` reuse the pixel counts agreed then instead (Note [one agreement per model call] in
-:mod:`.call_agreement`).
+converted model whose agreement already covered this layer with the same key, the norms,
+``Squeeze`` and the dropouts reuse the pixel counts agreed then instead (Note [one agreement per
+model call] in :mod:`.call_agreement`), and a dropout takes its seed from the call's (Note [seeds
+in a model call] in :mod:`hpattn_dist.comm.model_call`; a dropout of a replicated ``[B, C]``
+still compares its values every call).
 
 Note [modes in the agreement]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
