@@ -90,7 +90,7 @@ from hpattn_dist.replicas import N_SUMS, ParameterFingerprint, check_model_rows,
 __all__ = ["CallState", "ModelCallAgreement", "agreed", "attach_call_agreement", "check_split",
            "current_call"]
 
-_MAX_FIELDS = 12
+_MAX_FIELDS = 16
 """Tensor arguments whose pixel counts travel in the model call's row (the others are in its CRC)."""
 
 
@@ -131,6 +131,18 @@ def _drops(module: nn.Module) -> bool:
     """Whether ``module`` asks the call for a dropout seed (in training, with a probability > 0)."""
     attr = getattr(type(module), "_hp_drop_attr", None)
     return bool(attr and module.training and float(getattr(module, attr, 0.0) or 0.0) > 0.0)
+
+
+def _replicated_parameters(root: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The model's parameters by name; a pixel tensor that its owner's hook narrowed to this
+    rank's rows (Note [pixel tensors], the owner may be the root itself) counts as its full
+    parameter."""
+    named = []
+    for name, p in root.named_parameters():
+        full = p if isinstance(p, nn.Parameter) else p._base
+        if isinstance(full, nn.Parameter):
+            named.append((name, full))
+    return named
 
 
 class ModelCallAgreement(GroupBound):
@@ -175,7 +187,7 @@ class ModelCallAgreement(GroupBound):
             if config is not None:
                 configs.append((type(module).__name__, config))
                 drops = drops or _drops(module)
-        named = [(n, p) for n, p in root.named_parameters() if isinstance(p, nn.Parameter)]
+        named = _replicated_parameters(root)
         checked = peers and all(fingerprintable(p) for _, p in named)
         layout, sums = self._fingerprint(named) if checked else (0, (0,) * N_SUMS)
         seed = draw_seed() if drops else None
@@ -194,7 +206,7 @@ class ModelCallAgreement(GroupBound):
         }
         local = (*sums, seed or 0, _crc(configs), *(int(t.shape[1]) for t in fields[:_MAX_FIELDS]))
         record = {(p.data_ptr(), p.numel()): p._version for _, p in named} if checked else None
-        return shared, local, {"named": named, "params": record, "seed": seed, "configs": configs}
+        return shared, local, {"named": named, "params": record, "seed": seed}
 
     @torch.compiler.disable  # host work and one collective: never traced (Note [seeds in a model call])
     def enter(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,7 +228,7 @@ class ModelCallAgreement(GroupBound):
         rows = [tuple(r) for r in sig.per_rank]
         head = self._N_HEAD
         if len({row[head - 1] for row in rows}) > 1:
-            self._raise_configs(info, root, extra["configs"])
+            self._raise_configs(info, root)
         if extra["params"] is not None:
             check_model_rows(info, self.what, extra["named"], [row[:N_SUMS] for row in rows])
         for j in range(head, len(rows[0])):
@@ -235,26 +247,25 @@ class ModelCallAgreement(GroupBound):
         self._depth += 1
         return None
 
-    def _raise_configs(self, info: GroupInfo, root: nn.Module, configs: list) -> None:
-        """The ranks' converted layers differ in a setting: name the first that does (one more
-        exchange, on this error path only; every rank is here, holding the same rows)."""
-        names = [name for name, m in root.named_modules() if _config(m) is not None]
+    def _raise_configs(self, info: GroupInfo, root: nn.Module) -> None:
+        """The ranks' converted layers differ in a setting: name where (one more exchange, on this
+        error path only; every rank is here, holding the same rows)."""
         mine = [(name, type(m).__name__, dict(zip(type(m)._hp_call_config, _config(m))))
                 for name, m in root.named_modules() if _config(m) is not None]
         every: list = [None] * info.world_size
         dist.all_gather_object(every, mine, group=info.group)
         lines = []
-        for r, theirs in enumerate(every):
+        for r, theirs in enumerate(every[1:], start=1):
             for i, (name, kind, settings) in enumerate(theirs):
-                ref = every[0][i] if i < len(every[0]) else None
-                if ref is None or ref[0] != name or ref[2] != settings:
-                    differ = {k: v for k, v in settings.items() if ref is None or ref[2].get(k) != v}
-                    lines.append(f"{info.describe_rank(r)}: {kind} {name or '(root)'!r} has {differ}")
+                ref = every[0][i] if i < len(every[0]) else (None, None, {})
+                if ref[0] != name or ref[2] != settings:
+                    differ = {k: v for k, v in settings.items() if ref[2].get(k) != v}
+                    lines.append(f"{info.describe_rank(r)}: {kind} {name or '(root)'!r} has {differ} "
+                                 f"where group rank 0 has {({k: ref[2].get(k) for k in differ})}")
                     break
         raise ValueError(
-            f"{self.what}: the ranks' converted layers differ in their settings (every rank must hold "
-            f"the same model): {'; '.join(lines[:8]) or names}; group rank 0 has "
-            + "; ".join(f"{kind} {name or '(root)'!r} {settings}" for name, kind, settings in every[0][:4])
+            f"{self.what}: the ranks' converted layers differ in their settings (every rank must "
+            f"hold the same model): {'; '.join(lines[:8]) or 'the layers themselves differ'}"
         )
 
     @torch.compiler.disable
