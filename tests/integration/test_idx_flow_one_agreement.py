@@ -22,7 +22,14 @@ spawned group per world size with every case in it:
   no error: every rank drops with group rank 0's seeds, so the output equals the one-process
   run seeded like rank 0;
 - a forward pre-hook that rewrites an attention's weights in place during the call (the same on
-  every rank): that layer agrees on its own (2 metadata collectives per call) and stays exact.
+  every rank): that layer agrees on its own (2 metadata collectives per call) and stays exact;
+- users' shapes of call, on a second model of the same grids (``Shared``: one attention and one
+  dropout bound twice, a positional embedding owned by the root and declared in ``pixel_tensors``):
+  the model called twice per step (a rollout), with dropout, and with its processor checkpointed
+  (recomputed after both calls with each call's masks); a converted model inside a converted model;
+  one metadata collective per converted model call, exact; and the root's pixel tensor different
+  on the last rank: the same ValueError on every rank naming it (its hook shows the call a view
+  of the parameter, which must still be checked).
 """
 
 from __future__ import annotations
@@ -85,15 +92,61 @@ def build(dropout: float = 0.0, checkpointed: bool = False) -> nn.Module:
     return model.double().train()
 
 
+class Shared(nn.Module):
+    """``[B, 768, 3] -> [B, 768, 3]``: ONE attention and ONE dropout bound twice in the processor
+    (``nn.Sequential(attn, drop, lin, attn, drop)``), a positional embedding ``[1, 192, E]`` owned
+    by the root (a pixel tensor), the processor optionally under ``torch.utils.checkpoint``."""
+
+    def __init__(self, dropout: float = 0.0, checkpointed: bool = False) -> None:
+        super().__init__()
+        e = 8
+        self.enc = idx_flow.SpatialConv(768, _t(8, 4, 4)[0], filters=e)
+        self.attn = idx_flow.SpatialSelfAttention(e, 2, dropout=dropout, attn_backend="manual")
+        self.drop = nn.Dropout(dropout)
+        self.proc = nn.Sequential(self.attn, self.drop, nn.Linear(e, e), self.attn, self.drop)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 192, e))
+        up, _, w = _t(4, 8, 4, True)
+        self.dec = idx_flow.SpatialTransposeConv(768, up, w, filters=C_IN)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x) + self.pos
+        h = h + (checkpoint(self.proc, h, use_reentrant=False) if self.checkpointed else self.proc(h))
+        return self.dec(h)
+
+
+class Outer(nn.Module):
+    """A model around a model: ``inner(lin(x))``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.lin = nn.Linear(C_IN, C_IN).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.lin(x))
+
+
+def build_shared(dropout: float = 0.0, checkpointed: bool = False, outer: bool = False) -> nn.Module:
+    torch.manual_seed(6)
+    model = Shared(dropout, checkpointed)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, N_IN, C_IN))
+    model = model.double().train()
+    return Outer(model) if outer else model
+
+
 def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
     return (torch.randn(B, N_IN, C_IN, generator=gen, dtype=torch.float64),
             torch.randn(B, N_IN, C_IN, generator=gen, dtype=torch.float64))
 
 
-def train(model: nn.Module, rank: int, world: int, seed_of=lambda step, rank: 1000 + step) -> dict:
-    """STEPS SGD steps on this rank's rows; each step's output, input and parameter gradients, and
-    the metadata collectives of each call (forward + backward)."""
+def train(model: nn.Module, rank: int, world: int, seed_of=lambda step, rank: 1000 + step,
+          calls: int = 1) -> dict:
+    """STEPS SGD steps on this rank's rows, the model called ``calls`` times per step (a rollout
+    ``model(model(x))``); each step's output, input and parameter gradients, and the metadata
+    collectives of each step (forward + backward)."""
     from hpattn_dist.comm.counters import count_communication
     from hpattn_dist.grad_sync import sharded_mean, sync_gradients
 
@@ -106,7 +159,9 @@ def train(model: nn.Module, rank: int, world: int, seed_of=lambda step, rank: 10
         torch.manual_seed(seed_of(step, rank))  # the generator the dropout seeds come from
         opt.zero_grad(set_to_none=True)
         with count_communication() as stats:
-            out = model(x)
+            out = x
+            for _ in range(calls):
+                out = model(out)
             sharded_mean((out - target[:, a:b]) ** 2, N_IN).backward()
         meta.append(stats.calls["all_gather.meta"])
         if world > 1:
@@ -120,6 +175,11 @@ def train(model: nn.Module, rank: int, world: int, seed_of=lambda step, rank: 10
 def _convert(model: nn.Module, group) -> nn.Module:
     from hpattn_dist.integrations.idx_flow import convert_model
 
+    if isinstance(model, Outer):  # the inner model converted first, then the outer one
+        model.inner = _convert(model.inner, group)
+        return convert_model(model, group, pixelwise=(Outer, Shared), pixel_tensors={"inner.pos": 1})
+    if isinstance(model, Shared):
+        return convert_model(model, group, pixelwise=(Shared,), pixel_tensors={"pos": 1})
     return convert_model(model, group, pixelwise=(Medium,))
 
 
@@ -157,6 +217,29 @@ WRONG = {
     "eval on one rank": (lambda m: (m.blocks[0].eval(), lambda: m.blocks[0].train())[1],
                          "training_modes_crc32"),
 }
+
+
+def _pixel_tensor_wrong(group, rank: int, world: int) -> dict:
+    """The root's positional embedding differs on the last rank, in a steady-state call."""
+    from hpattn_dist.comm.counters import count_communication
+
+    model = _convert(build_shared(), group)
+    a, b = shard_bounds(N_IN, world)[rank]
+    x = data(0)[0][:, a:b]
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        if rank == world - 1:
+            model.pos.add_(1e-3)
+    got = {"error": None, "message": ""}
+    with count_communication() as stats:
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception as err:  # noqa: BLE001 - what each rank raised is the result
+            got.update(error=type(err).__name__, message=str(err))
+    got["calls"] = dict(stats.calls)
+    return got
 
 
 def _one_rank_wrong(group, rank: int, world: int) -> dict:
@@ -222,7 +305,23 @@ def _ranks(rank: int, world: int) -> dict:
     model.blocks[1].attn.register_forward_pre_hook(_rewrites_weights)
     res["rewrites"] = train(_convert(model, group), rank, world)
     res["wrong"] = _one_rank_wrong(group, rank, world)
+    res["pixel tensor wrong"] = _pixel_tensor_wrong(group, rank, world)
+    for kind, (kwargs, calls, _) in SHARED.items():
+        res[kind] = train(_convert(build_shared(**kwargs), group), rank, world, calls=calls)
     return res
+
+
+SHARED = {
+    # kind: (build_shared's arguments, model calls per step, metadata collectives per step once
+    # the key repeats: one per converted model call; the nested model's call holds the inner
+    # one's; a checkpointed processor's 4 layer calls are recomputed in the backward, after the
+    # model call, and agree there on their own, Note [seeds in a model call])
+    "shared": ({}, 1, 1),
+    "shared twice per step": ({}, 2, 2),
+    "nested": ({"outer": True}, 1, 2),
+    "shared dropout twice": ({"dropout": 0.2}, 2, 2),
+    "shared dropout twice checkpointed": ({"dropout": 0.2, "checkpointed": True}, 2, 2 + 2 * 4),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,6 +335,11 @@ def _reference(kind: str) -> dict:
     one process without a process group (``dropout``: the seeds come from the same draws)."""
     if kind == "plain":
         return train(build(), 0, 1)
+    if kind in SHARED:  # dropout: the converted model on one process (no checkpointing)
+        kwargs, calls, _ = SHARED[kind]
+        kwargs = {k: v for k, v in kwargs.items() if k != "checkpointed"}
+        model = build_shared(**kwargs)
+        return train(_convert(model, None) if kwargs.get("dropout") else model, 0, 1, calls=calls)
     if kind == "rewrites":
         model = build()
         model.blocks[1].attn.register_forward_pre_hook(_rewrites_weights)
@@ -327,3 +431,27 @@ def test_a_rank_with_another_generator_drops_with_rank_0s_seeds(world: int) -> N
     for rank, res in enumerate(_results(world)):
         a, b = shard_bounds(N_IN, world)[rank]
         assert _rel(res["wrong"]["generator"], expected[:, a:b]) <= RTOL, rank
+
+
+@pytest.mark.parametrize("kind", list(SHARED))
+@pytest.mark.parametrize("world", WORLDS)
+def test_shared_layers_rollouts_and_nested_models_agree_once_per_model_call(world: int, kind: str) -> None:
+    """A layer bound twice, a model called twice per step (its processor recomputed after both
+    calls, with the masks of each call), a converted model inside a converted model: one metadata
+    collective per converted model call once the key repeats, exact (dropout: equal to the
+    converted model on one process, not checkpointed)."""
+    meta = SHARED[kind][2]
+    ref = _reference(kind)
+    for rank, res in enumerate(_results(world)):
+        assert res[kind]["meta"][1:] == [meta] * (STEPS - 1), (kind, rank, res[kind]["meta"])
+        bad = _errors(res[kind], ref, rank, world)
+        assert not bad, (kind, f"rank {rank}/{world}", bad)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_root_pixel_tensor_that_differs_raises_on_every_rank(world: int) -> None:
+    got = [res["pixel tensor wrong"] for res in _results(world)]
+    assert len({g["message"] for g in got}) == 1, got
+    for rank, g in enumerate(got):
+        assert g["error"] == "ValueError" and "pos (" in g["message"], (rank, g)
+        assert g["calls"] == {"all_gather.meta": 1}, (rank, g["calls"])
