@@ -5,10 +5,12 @@ Note [checkpointing without replaying communication]
     in the backward, and with it the attention's planning agreement and its whole forward
     communication (ring: the P - 1 K/V exchanges; Ulysses: the q/k/v all-to-all), and draws a new
     dropout seed unless the RNG state is preserved. Passed as ``context_fn``, this module's policy
-    saves the outputs of ONE operator, ``hpattn::attention_fwd`` (Note [attention as one op] in
-    :mod:`hpattn_dist.strategies.ops`): the attention's output, the agreed plan (seed included) and
-    the residuals its backward reads (lse; for Ulysses / hybrid the head-layout q, k, v, out,
-    O(N/P) per rank each) and recomputes everything else (norms, projections, MLP) locally. The
+    saves the outputs of the attention's operators (Note [attention as one op] in
+    :mod:`hpattn_dist.strategies.ops`): ``hpattn::attention_fwd`` (the attention's output, the
+    agreed plan, seed included, and the lse; for Ulysses / hybrid the head-layout q, k, v),
+    and for Ulysses / hybrid ``hpattn::attention_heads`` (the head-layout output and lse) and
+    ``hpattn::heads_to_pixels`` (the output), O(N/P) per rank each, and recomputes everything
+    else (norms, projections, MLP) locally. The
     recomputed block therefore sends nothing, the backward sends exactly what an un-checkpointed
     block's backward sends, and dropout masks are those of the forward whatever
     ``preserve_rng_state`` says. A recompute that fails cannot hang the group: it communicates
@@ -30,9 +32,13 @@ import hpattn_dist.strategies.ops  # noqa: F401  (registers torch.ops.hpattn)
 __all__ = ["checkpoint_context_fn", "save_attention_policy"]
 
 
+_ATTENTION_OPS = (torch.ops.hpattn.attention_fwd.default, torch.ops.hpattn.attention_heads.default,
+                  torch.ops.hpattn.heads_to_pixels.default)
+
+
 def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpoint policy: MUST_SAVE the attention operator, recompute everything else."""
-    if op is torch.ops.hpattn.attention_fwd.default:
+    """Selective-checkpoint policy: MUST_SAVE the attention operators, recompute everything else."""
+    if op in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

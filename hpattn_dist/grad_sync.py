@@ -156,7 +156,7 @@ def global_loss(local_loss: Tensor, process_group: Optional[dist.ProcessGroup] =
     total = local_loss.detach().clone()
     if info.world_size > 1:
         run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
-            total, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+            total, op=dist.ReduceOp.SUM, group=info.group, async_op=True), total.device)
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(total) // info.world_size)
     return total
 
@@ -213,7 +213,7 @@ def sync_gradients(
                 flat[numel + i] = 1
             offset += p.numel()
         run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
-            flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+            flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True), flat.device)
         record("all_reduce", 2 * (info.world_size - 1) * nbytes(flat) // info.world_size)
         present = (flat[numel:] > 0).tolist()  # one device sync per buffer
         offset = 0
@@ -309,7 +309,7 @@ def broadcast_parameters(
         with torch.no_grad():
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
             run_collective(info, "broadcast", "a broadcast", lambda: dist.broadcast(
-                flat, src=src, group=info.group, async_op=True))
+                flat, src=src, group=info.group, async_op=True), flat.device)
             record("broadcast", nbytes(flat) if info.rank == 0 else 0)
             offset = 0
             for t in bucket:

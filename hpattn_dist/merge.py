@@ -30,7 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hpattn_dist.precision import declared_precision
 
+
+@declared_precision
 def merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """Merge one block's ``(block_out, block_lse)`` into the accumulators, in place.
 

@@ -26,9 +26,10 @@ rounding. The weights are made in chunks of :data:`_CHUNK` elements, so the extr
 bounded whatever the layer's size.
 
 The sums are cached per parameter version (``Tensor._version``, bumped by every in-place change:
-an optimizer step, ``copy_``, ``load_state_dict``) and storage, so a call reads the parameters
-again only after they changed: once per training step, the cost of one elementwise pass over the
-layer's weights. A write through ``p.data`` bypasses the version counter (that is what ``.data``
+an optimizer step, ``copy_``, ``load_state_dict``), storage and object (a new parameter that the
+allocator puts at a freed one's address, with the same version count, is read anew), so a call
+reads the parameters again only after they changed: once per training step, the cost of one
+elementwise pass over the layer's weights. A write through ``p.data`` bypasses the version counter (that is what ``.data``
 is for) and is only seen at the next change of the parameter itself. Every call still compares, so weights that drift apart later (an optimizer step
 after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
 call.
@@ -42,6 +43,7 @@ their parameters are unchanged since the call's start.
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -78,13 +80,15 @@ class ParameterFingerprint:
 
     def __init__(self) -> None:
         self._key: tuple = ()
+        self._refs: list = []  # the parameters the cached value was read from
         self._value: tuple[int, tuple[int, ...]] = (0, (0,) * N_SUMS)
 
     def __call__(self, named: Iterable[tuple[str, nn.Parameter]]) -> tuple[int, tuple[int, ...]]:
         """``(layout CRC-32, the N_SUMS float64 sums as int64 bits)`` of ``named``."""
         named = list(named)
         key = tuple((name, p._version, p.data_ptr(), tuple(p.shape), p.dtype) for name, p in named)
-        if key != self._key:
+        same = key == self._key and all(ref() is p for ref, (_, p) in zip(self._refs, named))
+        if not same:
             layout = zlib.crc32(repr([(name, tuple(p.shape), str(p.dtype)) for name, p in named]).encode())
             parts = []
             start = 0
@@ -97,7 +101,7 @@ class ParameterFingerprint:
                     start += flat.numel()
             sums = torch.stack([t.to(parts[0].device) for t in parts]).sum(0).tolist() if parts else [0.0] * N_SUMS
             self._value = (layout, tuple(float_bits(v) for v in sums))
-            self._key = key
+            self._key, self._refs = key, [weakref.ref(p) for _, p in named]
         return self._value
 
 

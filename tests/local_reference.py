@@ -64,13 +64,14 @@ def halo_pixels(nside: int, window_nside: int, mode: str, start: int, stop: int)
 
 def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
                               key_bias: Optional[Tensor] = None,
-                              dropout: Optional[DropoutSpec] = None) -> Tensor:
-    """``softmax(q k^T / sqrt(D) + key_bias)`` over the allowed keys, times v, in float64:
-    :func:`tests.reference.reference_attention` with the window as its ``allowed`` keys.
+                              dropout: Optional[DropoutSpec] = None, scale: Optional[float] = None) -> Tensor:
+    """``softmax(q k^T * scale + key_bias)`` over the allowed keys, times v, in float64 (``scale``
+    default ``D ** -0.5``): :func:`tests.reference.reference_attention` with the window as its
+    ``allowed`` keys.
 
     ``key_bias``: ``[B, N]`` or ``[B, H, N]`` (``-inf`` masks); a query with no allowed unmasked
     key gets zeros; keys outside a query's window take no part in its row (Note [non-finite
     inputs] in ``hpattn_dist/masks.py``). ``dropout``: spec of the whole matrix (normalise, then
     drop).
     """
-    return reference_attention(q, k, v, key_bias=key_bias, dropout=dropout, allowed=allowed)
+    return reference_attention(q, k, v, scale=scale, key_bias=key_bias, dropout=dropout, allowed=allowed)

@@ -54,7 +54,7 @@ def all_reduce_(t: Tensor, info: GroupInfo, op: "dist.ReduceOp" = dist.ReduceOp.
     if info.world_size == 1:
         return t
     run_collective(info, label, "the all_reduce",
-                   lambda: dist.all_reduce(t, op=op, group=info.group, async_op=True))
+                   lambda: dist.all_reduce(t, op=op, group=info.group, async_op=True), t.device)
     record(label, 2 * (info.world_size - 1) * nbytes(t) // info.world_size)
     return t
 

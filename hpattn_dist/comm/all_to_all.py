@@ -64,7 +64,7 @@ def all_to_all_flat(send: Tensor, in_splits: list[int], out_splits: list[int], i
     """
     recv = send.new_empty(sum(out_splits))
     run_collective(info, label, "an all_to_all", lambda: dist.all_to_all_single(
-        recv, send, out_splits, in_splits, group=info.group, async_op=True))
+        recv, send, out_splits, in_splits, group=info.group, async_op=True), send.device)
     record(label, (send.numel() - in_splits[info.rank]) * send.element_size())
     return recv
 

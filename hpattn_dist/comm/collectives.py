@@ -154,7 +154,7 @@ def _all_gather_front(x_front: Tensor, sizes: list[int], info: GroupInfo) -> Ten
         padded = x_comm.contiguous()
     out = x_comm.new_empty((world_size * block, *rest))
     run_collective(info, "all_gather", "an all_gather", lambda: _all_gather_single(
-        out, padded, group=info.group, async_op=True))
+        out, padded, group=info.group, async_op=True), out.device)
     record("all_gather", (world_size - 1) * nbytes(padded))
     out = out.to(x_front.device)
     if not uneven:
@@ -190,13 +190,13 @@ def _reduce_scatter_front(full_front: Tensor, sizes: list[int], info: GroupInfo)
                 raise
             _NO_REDUCE_SCATTER.add(backend)
         else:
-            run_collective(info, "reduce_scatter", "a reduce_scatter", lambda: work)
+            run_collective(info, "reduce_scatter", "a reduce_scatter", lambda: work, out.device)
             record("reduce_scatter", (world_size - 1) * nbytes(out))
             return out[: sizes[rank]].to(home)
     # Fallback: all-reduce the full tensor (about 2x the bytes of a reduce-scatter), then slice.
     summed = full_comm.clone(memory_format=torch.contiguous_format)
     run_collective(info, "all_reduce", "an all_reduce", lambda: dist.all_reduce(
-        summed, op=dist.ReduceOp.SUM, group=info.group, async_op=True))
+        summed, op=dist.ReduceOp.SUM, group=info.group, async_op=True), summed.device)
     record("all_reduce", (2 * (world_size - 1) * nbytes(summed)) // world_size)
     start = sum(sizes[:rank])
     return summed[start : start + sizes[rank]].to(home, copy=True)

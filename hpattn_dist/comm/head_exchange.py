@@ -40,6 +40,26 @@ Note [head exchange memory]
     layout (one more tensor at the peak of the Ulysses backward), and returns its ``dq, dk, dv``
     in that layout too, so packing them is a plain copy.
 
+    The registered op's backward (Note [ulysses op memory] in ``strategies/ops.py``) holds the
+    forward's head-layout residuals until it returns, so it sends the three head gradients home
+    with :func:`heads_to_pixels_released` instead: one tensor at a time, each released once packed,
+    its own piece sent to itself, and received straight into its result ``[H, B, N_r, D]``
+    (``[B, H, N_r, D]`` as a permuted view; no unpacking copy). At most one send buffer and one
+    result are alive beyond the gradients themselves.
+
+Note [backward exchanges on every rank]
+    The backward of an exchange runs where autograd reaches it: on a rank where none of its inputs
+    requires grad it does not run, and a peer's backward all-to-all waits for that rank until the
+    exchange timeout, or pairs with its next collective of another size (gloo then aborts the
+    process). What requires grad is each rank's own business (frozen keys on one rank, a key bias
+    that is learned on some ranks only), so :func:`qkv_to_heads` makes the same tensors take part
+    on every rank: k and v when any rank needs their gradient, the bias likewise (the plan's
+    ``grads_anywhere``, agreed in its one agreement), and q whenever this rank's output needs a
+    gradient. A tensor that takes part only for its peers is a detached copy that requires grad;
+    its own gradient is dropped. When no rank needs dK/dV, the heads of k and v are detached even
+    where they travelled with a q that requires grad, so that the executor (the hybrid's ring)
+    computes and sends no dK/dV: the plan says none is needed.
+
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
 """
@@ -55,7 +75,8 @@ from torch import Tensor
 from hpattn_dist.comm.all_to_all import all_to_all, all_to_all_flat
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["gather_pixels", "heads_to_pixels", "pixels_to_heads", "qkv_to_heads"]
+__all__ = ["gather_pixels", "heads_to_pixels", "heads_to_pixels_released", "pixels_to_heads", "qkv_to_heads",
+           "stacked"]
 
 
 def _buffers(like: Tensor, send_elems: int, out_elems: int) -> tuple[Tensor, bool]:
@@ -65,17 +86,30 @@ def _buffers(like: Tensor, send_elems: int, out_elems: int) -> tuple[Tensor, boo
     return like.new_empty(out_elems if reused else send_elems), reused
 
 
+def _free(buf: Tensor) -> None:
+    """Free a buffer of a completed exchange (its wait returned) now, not when the backend drops
+    its own reference: gloo's worker thread may hold the send and receive buffers a moment
+    longer, and the next buffer would then be allocated beside them (Note [head exchange
+    memory]). Nothing reads it again (CUDA: the caching allocator reuses the block on the
+    current stream, which the wait ordered after the collective)."""
+    buf.untyped_storage().resize_(0)
+
+
 def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str,
-                       heads_minor: bool = False) -> list[Tensor]:
+                       heads_minor: bool = False, separate: bool = False) -> list[Tensor]:
     """T x ``[B, H, N_r, D]`` -> T x ``[B, h, N, D]``: views of one contiguous ``[T, B, h, N, D]``,
-    or with ``heads_minor`` transposed views of one ``[T, B, N, h, D]``."""
+    or with ``heads_minor`` transposed views of one ``[T, B, N, h, D]``, or with ``separate`` T
+    contiguous tensors of their own (what a registered op may return, Note [ulysses op memory])."""
     p, r = info.world_size, info.rank
     n_r, n = sizes[r], sum(sizes)
     start, stop = sum(sizes[:r]), sum(sizes[: r + 1])
     batch, heads, _, head_dim = xs[0].shape
     h, t = heads // p, len(xs)
     unit = t * batch * h * head_dim
-    buf, reused = _buffers(xs[0], (p - 1) * n_r * unit, n * unit)
+    if separate:
+        buf, reused = xs[0].new_empty((p - 1) * n_r * unit), False
+    else:
+        buf, reused = _buffers(xs[0], (p - 1) * n_r * unit, n * unit)
     send = buf[: (p - 1) * n_r * unit].view(p - 1, n_r, t, batch, h, head_dim)
     for i, x in enumerate(xs):
         x_p = rearrange(x, "b (p h) n d -> p n b h d", p=p)
@@ -85,8 +119,8 @@ def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], 
                            [0 if j == r else m * unit for j, m in enumerate(sizes)], info, label)
     del send
     if not reused:
-        del buf  # before the result is allocated
-        buf = recv.new_empty(n * unit)
+        _free(buf)  # before the result is allocated
+        buf = None if separate else recv.new_empty(n * unit)
     recv = rearrange(recv.view(n - n_r, t, batch, h, head_dim),
                      "n t b h d -> t b n h d" if heads_minor else "n t b h d -> t b h n d")
     if heads_minor:
@@ -95,13 +129,16 @@ def _scatter_heads_raw(xs: Sequence[Tensor], info: GroupInfo, sizes: list[int], 
         out[:, :, stop:].copy_(recv[:, :, start:])
         for i, x in enumerate(xs):
             out[i, :, start:stop].copy_(x[:, r * h: (r + 1) * h].transpose(1, 2))
+        _free(recv)
         return [y.transpose(1, 2) for y in out.unbind(0)]
-    out = buf.view(t, batch, h, n, head_dim)
-    out[..., :start, :].copy_(recv[..., :start, :])
-    out[..., stop:, :].copy_(recv[..., start:, :])
-    for i, x in enumerate(xs):
-        out[i, :, :, start:stop].copy_(x[:, r * h: (r + 1) * h])
-    return list(out.unbind(0))
+    outs = [recv.new_empty((batch, h, n, head_dim)) for _ in xs] if separate else \
+        list(buf.view(t, batch, h, n, head_dim).unbind(0))
+    for out, part, x in zip(outs, recv.unbind(0), xs):
+        out[..., :start, :].copy_(part[..., :start, :])
+        out[..., stop:, :].copy_(part[..., start:, :])
+        out[:, :, start:stop].copy_(x[:, r * h: (r + 1) * h])
+    _free(recv)
+    return outs
 
 
 def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], label: str) -> list[Tensor]:
@@ -122,7 +159,7 @@ def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], l
                            [0 if j == r else n_r * unit for j in range(p)], info, label)
     del send
     if not reused:
-        del buf
+        _free(buf)
         buf = recv.new_empty(p * n_r * unit)
     recv = recv.view(p - 1, n_r, t, batch, h, head_dim)
     out = buf.view(batch, n_r, t, p * h, head_dim)
@@ -131,6 +168,7 @@ def _gather_heads_raw(ys: Sequence[Tensor], info: GroupInfo, sizes: list[int], l
     out_p[r + 1:].copy_(recv[r:])
     for i, y in enumerate(ys):
         out_p[r, :, i].copy_(rearrange(y[:, :, start:stop], "b h n d -> n b h d"))
+    _free(recv)
     return [y.transpose(1, 2) for y in out.unbind(2)]
 
 
@@ -159,7 +197,8 @@ class _HeadExchange(torch.autograd.Function):
         return (None, None, None, None, None, *back)
 
 
-def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
+def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str,
+                    heads_minor: bool = False) -> tuple[Tensor, ...]:
     """Pixel shards -> whole-sequence heads, for several tensors in one all-to-all.
 
     Args:
@@ -167,15 +206,17 @@ def pixels_to_heads(xs: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
         info: the resolved group.
         sizes: every rank's N_i, in group-rank order (``sizes[r] == N_r``).
         label: counter label (``label + ".grad"`` for the backward).
+        heads_minor: lay the result out as ``[T, B, N, h, D]`` (what a fused backward reads as
+            ``grad_out`` without a copy, Note [head exchange memory]) instead of ``[T, B, h, N, D]``.
 
     Returns:
-        T contiguous tensors ``[B, h, N, D]`` holding heads ``r*h .. r*h+h-1`` of every pixel, pixels
-        in group-rank order; differentiable.
+        T tensors ``[B, h, N, D]`` holding heads ``r*h .. r*h+h-1`` of every pixel, pixels in
+        group-rank order, views of one buffer (contiguous unless ``heads_minor``); differentiable.
     """
     sizes = [int(s) for s in sizes]
     if info.world_size == 1:
         return tuple(x.contiguous() for x in xs)
-    return _HeadExchange.apply(True, False, info, sizes, label, *xs)
+    return _HeadExchange.apply(True, heads_minor, info, sizes, label, *xs)
 
 
 def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int], label: str) -> tuple[Tensor, ...]:
@@ -196,6 +237,57 @@ def heads_to_pixels(ys: Sequence[Tensor], info: GroupInfo, sizes: Sequence[int],
     return _HeadExchange.apply(False, False, info, sizes, label, *ys)
 
 
+def heads_to_pixels_released(ys: list[Tensor], info: GroupInfo, sizes: Sequence[int],
+                             label: str) -> list[Tensor]:
+    """:func:`heads_to_pixels` for tensors nobody else holds, at the least memory (Note [head
+    exchange memory]); not differentiable.
+
+    Args:
+        ys: T tensors ``[B, h, N, D]`` (any strides); the list is emptied, and each tensor is
+            released as soon as it is packed, so the caller must hold no other reference.
+        info, sizes, label: as for :func:`pixels_to_heads` (one all-to-all per tensor, bytes to
+            other ranks counted under ``label``).
+
+    Returns:
+        T tensors ``[B, H, N_r, D]``, each a permuted view of its own contiguous
+        ``[H, B, N_r, D]`` buffer.
+    """
+    p, r = info.world_size, info.rank
+    sizes = [int(s) for s in sizes]
+    out = []
+    while ys:
+        y = ys.pop(0)
+        batch, h, _, head_dim = y.shape
+        if p == 1:
+            out.append(y)
+            continue
+        piece = h * batch * head_dim
+        send = y.new_empty(piece * sum(sizes))  # [P (dest), h, B, N_dest, D], own piece included
+        start = 0
+        for n_j, chunk in zip(sizes, send.split([piece * n for n in sizes])):
+            chunk.view(h, batch, n_j, head_dim).copy_(y[:, :, start:start + n_j].transpose(0, 1))
+            start += n_j
+        del y, chunk
+        recv = all_to_all_flat(send, [piece * n for n in sizes], [piece * sizes[r]] * p, info, label)
+        _free(send)
+        out.append(recv.view(p * h, batch, sizes[r], head_dim).transpose(0, 1))  # [B, H, N_r, D]
+    return out
+
+
+def stacked(ts: Sequence[Tensor]) -> Tensor:
+    """``[T, *shape]`` over T tensors of one shape and dtype: a view when they lie back to back in
+    one contiguous buffer (the views :func:`pixels_to_heads` returns), else ``torch.stack``."""
+    first = ts[0]
+    step = first.numel()
+    adjacent = first.is_contiguous() and all(
+        t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(ts))
+    if adjacent:
+        return first.as_strided((len(ts), *first.shape), (step, *first.stride()))
+    return torch.stack(tuple(ts))
+
+
 def qkv_to_heads(
     q: Tensor,
     k: Tensor,
@@ -205,6 +297,8 @@ def qkv_to_heads(
     sizes: list[int],
     label: str,
     key_sizes: Optional[list[int]] = None,
+    separate: bool = False,
+    grads_anywhere: Optional[tuple[bool, bool]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
 
@@ -212,14 +306,29 @@ def qkv_to_heads(
     q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
     bias (``label + ".bias"``). ``key_sizes``: every rank's key count K_r when k, v (and the bias)
     are ``[B, H, K_r, D]`` on a grid of their own (cross-attention); unless it equals ``sizes``, q
-    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``).
+    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``). ``grads_anywhere``:
+    the plan's ``(kv, bias)``, whether any rank of the group needs those gradients (Note
+    [backward exchanges on every rank]); None leaves every tensor as it is. ``separate``: q, k
+    and v in buffers of their own (not differentiable; for the registered ops).
     """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    if needs_grad and grads_anywhere is not None:
+        kv_any, bias_any = grads_anywhere
+        q, k, v, bias = (_taking_part(t, part) for t, part in ((q, True), (k, kv_any), (v, kv_any), (bias, bias_any)))
     key_sizes = sizes if key_sizes is None else key_sizes
+
+    def exchange(xs: tuple[Tensor, ...], sizes: list[int], label: str) -> Sequence[Tensor]:
+        if not separate:
+            return pixels_to_heads(xs, info, sizes, label)
+        if info.world_size == 1:
+            return [x.contiguous() for x in xs]
+        return _scatter_heads_raw(xs, info, [int(n) for n in sizes], label, separate=True)
+
     if list(key_sizes) == list(sizes):
-        q_h, k_h, v_h = pixels_to_heads((q, k, v), info, sizes, label + ".qkv")
+        q_h, k_h, v_h = exchange((q, k, v), sizes, label + ".qkv")
     else:
-        (q_h,) = pixels_to_heads((q,), info, sizes, label + ".q")
-        k_h, v_h = pixels_to_heads((k, v), info, key_sizes, label + ".kv")
+        (q_h,) = exchange((q,), sizes, label + ".q")
+        k_h, v_h = exchange((k, v), key_sizes, label + ".kv")
     sizes = key_sizes  # the bias is per key
     bias_h = None
     if bias is not None and bias.shape[1] == 1:
@@ -228,7 +337,18 @@ def qkv_to_heads(
         # [B, H, N_r] -> [B, h, N]
         bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
                             label=label + ".bias")
+    if needs_grad and grads_anywhere is not None and not grads_anywhere[0]:
+        # Exchanged with q, the heads of k and v require grad although no rank needs theirs.
+        k_h, v_h = k_h.detach(), v_h.detach()
     return q_h, k_h, v_h, bias_h
+
+
+def _taking_part(t: Optional[Tensor], part: bool) -> Optional[Tensor]:
+    """``t``, or a detached copy that requires grad when ``t`` must take part in the backward's
+    exchanges but does not require grad itself (Note [backward exchanges on every rank])."""
+    if t is None or t.requires_grad or not part:
+        return t
+    return t.detach().requires_grad_()
 
 
 def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:

@@ -39,11 +39,11 @@ def all_gather_ints(values: Sequence[int], info: GroupInfo, device: torch.device
         send = local.repeat(p)
         received = torch.empty_like(send)
         run_collective(info, "all_gather.meta", "the metadata all_gather", lambda: dist.all_to_all_single(
-            received, send, group=info.group, async_op=True))
+            received, send, group=info.group, async_op=True), local.device)
         gathered = list(received.view(p, -1))
     else:
         gathered = [torch.empty_like(local) for _ in range(p)]
         run_collective(info, "all_gather.meta", "the metadata all_gather", lambda: dist.all_gather(
-            gathered, local, group=info.group, async_op=True))
+            gathered, local, group=info.group, async_op=True), local.device)
     record("all_gather.meta", local.numel() * local.element_size())
     return [tuple(int(v) for v in t.tolist()) for t in gathered]

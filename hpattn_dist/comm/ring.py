@@ -47,7 +47,8 @@ from torch import Tensor
 
 from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import GroupInfo, nbytes, parse_backend_config
-from hpattn_dist.comm.waits import ExchangeError, cause_text, get_exchange_timeout, set_exchange_timeout, wait_work
+from hpattn_dist.comm.waits import (ExchangeError, cause_text, exchange_timeout_for, set_exchange_timeout,
+                                   wait_work)
 
 __all__ = ["ExchangeError", "PendingExchange", "RingExchanger", "grouped_p2p", "set_exchange_timeout"]
 
@@ -77,13 +78,37 @@ class PendingExchange:
             direction ``"send to"`` or ``"receive from"``.
         label, step: what the exchange is, for error messages.
         info: the group (to name this rank in messages).
-        timeout_s: bound on :meth:`wait` (None: the process group's own timeout).
+        timeout_s: bound on :meth:`wait` (None: the process group's own timeout; always None on
+            a backend that waits on the device, Note [exchange timeout]).
     """
 
     def __init__(self, works: list, label: str = "exchange", step: Optional[int] = None,
                  info: Optional[GroupInfo] = None, timeout_s: Optional[float] = None) -> None:
         self._works = works
         self.label, self.step, self.info, self.timeout_s = label, step, info, timeout_s
+        self._unstage: list[tuple[Tensor, Tensor]] = []
+
+    def stage_on_host(self, messages: list) -> list:
+        """``messages`` (``(op, tensor, ...)``) with host copies of their device tensors: sends
+        copied now, receives copied back by :meth:`wait`.
+
+        Note [gloo with device tensors]
+            gloo's point-to-point ``send`` / ``recv`` hand the tensor's data pointer to its TCP
+            transport as host memory, whatever the device (its collectives stage CUDA tensors
+            themselves; its P2P does not), so a CUDA tensor in a gloo ring would be read and
+            written at a device address by the CPU. Where the group's communication device for
+            the tensors is the host (``comm_device_for``, Note [init styles] in ``groups.py``: a
+            group that serves CUDA tensors with gloo, ``"gloo"`` or ``"cuda:gloo"``) the ring
+            therefore exchanges host copies: one device-to-host copy per message sent, one
+            host-to-device copy per message received.
+        """
+        staged = []
+        for op, tensor, *rest in messages:
+            host = tensor.to("cpu") if op is dist.isend else torch.empty_like(tensor, device="cpu")
+            if op is not dist.isend:
+                self._unstage.append((host, tensor))
+            staged.append((op, host, *rest))
+        return staged
 
     def start(self, op: Any, tensor: Tensor, tag: int, direction: str, peer_group: int,
               peer_global: int) -> None:
@@ -136,6 +161,9 @@ class PendingExchange:
                 raise self._error(err, direction, peer_group, peer_global,
                                   time.monotonic() - start) from err
         self._works = []
+        for host, tensor in self._unstage:
+            tensor.copy_(host)
+        self._unstage = []
 
     def _error(self, err: BaseException, direction: str, peer_group: int, peer_global: int,
                elapsed: float) -> ExchangeError:
@@ -191,14 +219,22 @@ class RingExchanger:
         if step is None:
             step = self._posts.get(label, 0)
         self._posts[label] = self._posts.get(label, 0) + 1
-        timeout_s = self.timeout_s if self.timeout_s is not None else get_exchange_timeout()
-        pending = PendingExchange([], label, step, self.info, timeout_s)
         messages = []  # (op, tensor, tag, direction, peer_group, peer_global), in posting order
         for tag, (s, r) in enumerate(zip(send, recv)):
             if s is not None and s.numel() > 0:
                 messages.append((dist.isend, s, tag, "send to", self.send_group_rank, self.send_peer))
             if r is not None and r.numel() > 0:
                 messages.append((dist.irecv, r, tag, "receive from", self.recv_group_rank, self.recv_peer))
+        device = messages[0][1].device if messages else None
+        pending = PendingExchange([], label, step, self.info, exchange_timeout_for(self.info, device, self.timeout_s))
+        if device is not None and device.type != "cpu" and self.info.backend_for(device) == "gloo":
+            if self.info.comm_device(device).type != "cpu":  # e.g. "cuda:gloo": no host backend
+                raise ValueError(
+                    f"{label}: gloo cannot exchange {device.type} tensors point to point, and the "
+                    f"group has no CPU backend to stage them through (its backends: "
+                    f"{self.info.backends}); register one (init_process_group('cpu:gloo,{device.type}:gloo') "
+                    "or 'gloo') or use NCCL (Note [gloo with device tensors] in comm/ring.py)")
+            messages = pending.stage_on_host(messages)  # Note [gloo with device tensors]
         if messages and self._grouped(messages[0][1].device):
             ops = [dist.P2POp(op, t, peer_global, group=self.info.group, tag=tag)
                    for op, t, tag, _, _, peer_global in messages]

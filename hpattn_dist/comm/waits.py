@@ -11,6 +11,17 @@ for its neighbour to finish the block before), first call (warm-up) included. Wh
 the backend reports a broken connection (a peer died), an :class:`ExchangeError` names the peer (or
 the group) and the operation. The process group is unusable after that: exit, as after any
 collective timeout.
+
+The exchange timeout is a HOST wait: ``Work.wait(timeout)`` blocks this thread, and gloo (a CPU
+backend) answers it as soon as a peer's connection breaks, which is what makes a dead peer a
+fast, named error. On NCCL (and every backend whose work runs on a device stream, chosen per
+tensor device: ``"cpu:gloo,cuda:nccl"`` waits on the host for CPU tensors only) the same call
+turns into a CPU busy-poll with 1 ms sleeps that also stops the CPU running ahead of the GPU,
+and aborts the communicator on expiry; there every wait is the plain ``Work.wait()`` (the
+compute stream waits for the communication stream, the host does not), and hangs are bounded by
+the process group's own timeout and watchdog (``init_process_group(timeout=...)``; with
+``TORCH_NCCL_ASYNC_ERROR_HANDLING`` the watchdog tears the process down). Set that timeout, not
+this one, to bound NCCL exchanges (:func:`exchange_timeout_for`).
 """
 
 from __future__ import annotations
@@ -20,10 +31,15 @@ import math
 import time
 from typing import Any, Callable, Optional
 
+import torch
+
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["ExchangeError", "cause_text", "get_exchange_timeout", "run_collective", "set_exchange_timeout",
-           "wait_work"]
+__all__ = ["ExchangeError", "cause_text", "exchange_timeout_for", "get_exchange_timeout", "run_collective",
+           "set_exchange_timeout", "wait_work"]
+
+#: Backends whose ``Work.wait(timeout)`` is a host wait answered at once when a peer breaks.
+HOST_WAIT_BACKENDS = ("gloo", "mpi")
 
 
 class ExchangeError(RuntimeError):
@@ -76,6 +92,18 @@ def get_exchange_timeout() -> Optional[float]:
     return _exchange_timeout_s
 
 
+def exchange_timeout_for(info: GroupInfo, device: Optional[torch.device],
+                         timeout_s: Optional[float] = None) -> Optional[float]:
+    """The bound on a wait for ``info``'s collectives on tensors of ``device``: ``timeout_s`` (or
+    the exchange timeout when None) on a host-waited backend (gloo), None on one that waits on
+    the device (NCCL), where the process group's timeout and watchdog apply (Note [exchange
+    timeout]). ``device`` None: a host wait."""
+    backend = None if device is None else info.backend_for(device)
+    if backend is not None and backend not in HOST_WAIT_BACKENDS:
+        return None
+    return get_exchange_timeout() if timeout_s is None else timeout_s
+
+
 def wait_work(work: Any, timeout_s: Optional[float]) -> None:
     """Wait for a ``torch.distributed`` work handle, at most ``timeout_s`` seconds (None: the
     backend's own timeout).
@@ -104,14 +132,16 @@ def cause_text(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def run_collective(info: GroupInfo, label: str, description: str, start: Callable[[], Any]) -> None:
-    """Start a collective (``start()`` returns its async work handle) and wait for it within the
-    exchange timeout; ``description`` says what it is in the error (``"the metadata all_gather"``).
+def run_collective(info: GroupInfo, label: str, description: str, start: Callable[[], Any],
+                   device: Optional[torch.device] = None) -> None:
+    """Start a collective (``start()`` returns its async work handle) on tensors of ``device``
+    and wait for it within the exchange timeout where the wait is on the host (Note [exchange
+    timeout]); ``description`` says what it is in the error (``"the metadata all_gather"``).
 
     Raises:
         ExchangeError: the collective failed or timed out (a rank died, is stuck, or never called).
     """
-    timeout_s = get_exchange_timeout()
+    timeout_s = exchange_timeout_for(info, device)
     begin = time.monotonic()
     try:
         wait_work(start(), timeout_s)

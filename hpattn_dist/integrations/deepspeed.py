@@ -218,8 +218,8 @@ def sequence_parallel_mpu(sequence_parallel_size: int) -> SequenceParallelMPU:
     """Build the sp, dp and sdp groups for S-way sequence parallelism; return the ``mpu``.
 
     Collective over the default process group: every process calls it with the same argument.
-    It creates ``R + S + 1`` groups, plus one single-rank group per process (created with
-    ``use_local_synchronization``, so only that process takes part).
+    It creates ``R + S + 1`` groups, plus one single-rank group per process (all in one split under
+    a bound device, else by each process alone: :func:`_single_rank_group`).
 
     Args:
         sequence_parallel_size: S, the number of consecutive ranks that share one sample's pixels;
@@ -247,8 +247,20 @@ def sequence_parallel_mpu(sequence_parallel_size: int) -> SequenceParallelMPU:
     sp = _axis([range(i * size, (i + 1) * size) for i in range(replicas)], me)
     dp = _axis([range(j, world, size) for j in range(size)], me)
     sdp = _axis([range(world)], me)
-    single = _Axis(dist.new_group([me], use_local_synchronization=True), (me,), 0)
+    single = _Axis(_single_rank_group(me, world), (me,), 0)
     return SequenceParallelMPU(sp=sp, dp=dp, sdp=sdp, single=single)
+
+
+def _single_rank_group(me: int, world: int) -> dist.ProcessGroup:
+    """This process alone, as a group. Under a bound device (``init_process_group(device_id=...)``)
+    every new NCCL group is a communicator split of WORLD that all ranks join, so one process
+    creating its own group alone would wait for the others' matching splits: the W single-rank
+    groups are split off in ONE call instead (``dist.split_group``, one ``ncclCommSplit``).
+    Unbound (gloo, lazily initialised NCCL) each process creates its own, alone."""
+    default = dist.distributed_c10d._get_default_group()
+    if getattr(default, "bound_device_id", None) is not None:
+        return dist.split_group(split_ranks=[[r] for r in range(world)])
+    return dist.new_group([me], use_local_synchronization=True)
 
 
 def deepspeed_loss_factor(engine: Any) -> float:

@@ -34,7 +34,7 @@ from hpattn_dist.kernels import sdpa as _sdpa
 from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
 from hpattn_dist.kernels.manual import manual_backward, manual_forward
-from hpattn_dist.precision import acc_dtype
+from hpattn_dist.precision import acc_dtype, declared_precision
 
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual", "flash_attn")
 
@@ -79,12 +79,15 @@ class BlockKernel:
             ``"sdpa:cuda_efficient"`` or ``"flash_attn"``.
         fused_forward / fused_backward: the fused ops, None for ``manual``.
         capability: what the kernel supports (the default: anything, with bias and dropout).
+        prepare: ``(dout, q, out, lse) -> the same in the backward's layout`` (Note [backward
+            layouts]); None when the backward reads them as they are.
     """
 
     name: str
     fused_forward: Optional[FusedForward] = None
     fused_backward: Optional[FusedBackward] = None
     capability: Capability = Capability(bias=True, dropout=True)
+    prepare: Optional[Callable[..., tuple[Tensor, ...]]] = None
 
     @property
     def backend(self) -> str:
@@ -95,6 +98,7 @@ class BlockKernel:
         """Every reason this kernel refuses ``inp``; empty when it runs it."""
         return self.capability.not_supported_reasons(inp)
 
+    @declared_precision
     def forward(
         self,
         q: Tensor,
@@ -103,11 +107,14 @@ class BlockKernel:
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,
+        nan_rows: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, H, N_q, D], lse [B, H, N_q])``; lse in ``acc_dtype(q.dtype)``.
 
         ``out`` is in the kernel's output dtype (q.dtype for fused kernels, the accumulation dtype
-        for ``manual``); an empty key block gives zero output and ``lse = -inf``.
+        for ``manual``); an empty key block gives zero output and ``lse = -inf``. ``nan_rows``:
+        :meth:`nan_rows` of q, for a caller that runs several blocks of the same queries (the
+        ring builds it once per call, not once per block).
         """
         acc = acc_dtype(q.dtype)
         if k.shape[2] == 0 or q.shape[2] == 0:
@@ -117,12 +124,33 @@ class BlockKernel:
         if self.fused_forward is None:
             return manual_forward(q, k, v, scale, bias, dropout)
         out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
-        # The fused CPU op returns out = 0, lse = 0 for a query row holding NaN, where softmax
-        # attention gives NaN; restore NaN so non-finite inputs propagate as in the oracle.
-        nan_rows = torch.isnan(q).any(dim=-1)  # [B, H, N_q]
-        out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
-        return out, lse.to(acc).masked_fill(nan_rows, float("nan"))
+        nan_rows = self.nan_rows(q) if nan_rows is None else nan_rows
+        lse = lse.to(acc)  # the op's own outputs: filled in place
+        return out.masked_fill_(nan_rows.unsqueeze(-1), float("nan")), lse.masked_fill_(nan_rows, float("nan"))
 
+    def nan_rows(self, q: Tensor) -> Optional[Tensor]:
+        """Bool ``[B, H, N_q]``: the query rows holding a NaN, for a fused kernel (None for
+        ``manual``). The fused CPU op returns out = 0, lse = 0 for such a row, where softmax
+        attention gives NaN; :meth:`forward` restores NaN so non-finite inputs propagate as in the
+        oracle."""
+        return None if self.fused_forward is None else torch.isnan(q).any(dim=-1)
+
+    def prepare_backward(self, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+        """``(dout, q, out, lse)`` in the layout and dtype this kernel's backward reads them in.
+
+        Note [backward layouts]
+            A ring's backward calls the block backward once per key block with the SAME dout, q,
+            out and lse. The fused kernels want them in their own layout (flash_attn:
+            ``[B, N, H, D]`` memory in q's dtype; the memory-efficient kernel: out in that layout
+            and lse padded to 32 rows; every fused kernel: a contiguous fp32 lse), which their
+            wrappers make with a copy when given anything else. Prepared once per backward
+            here, they are read in place by every block; :meth:`backward` takes them as given.
+        """
+        if self.prepare is None:
+            return dout, q, out, lse
+        return self.prepare(dout, q, out, lse if q.dtype == torch.float64 else lse.float())
+
+    @declared_precision
     def backward(
         self,
         dout: Tensor,
@@ -155,11 +183,12 @@ MANUAL = BlockKernel("manual")
 
 #: Every kernel, in order of preference ("auto" takes the first that accepts the input).
 KERNEL_TABLE: tuple[BlockKernel, ...] = (
-    BlockKernel("flash_attn", _flash_attn.forward, _flash_attn.backward, _flash_attn.CAPABILITY),
+    BlockKernel("flash_attn", _flash_attn.forward, _flash_attn.backward, _flash_attn.CAPABILITY,
+                _flash_attn.prepare_backward),
     BlockKernel("sdpa:cuda_flash", _sdpa.cuda_flash_forward, _sdpa.cuda_flash_backward,
-                _sdpa.CUDA_FLASH),
+                _sdpa.CUDA_FLASH, _sdpa.cuda_flash_prepare),
     BlockKernel("sdpa:cuda_efficient", _sdpa.cuda_efficient_forward, _sdpa.cuda_efficient_backward,
-                _sdpa.CUDA_EFFICIENT),
+                _sdpa.CUDA_EFFICIENT, _sdpa.cuda_efficient_prepare),
     BlockKernel("sdpa:cpu_flash", _sdpa.cpu_flash_forward, _sdpa.cpu_flash_backward, _sdpa.CPU_FLASH),
     MANUAL,
 )

@@ -1,9 +1,16 @@
 """Explicit matmul-softmax block kernel, chunked over queries (any dtype, any device).
 
 Note [bounded score tile]
-    A call never materialises more than about ``TILE_ELEMENTS`` scores: queries are processed in
-    chunks of ``max(1, TILE_ELEMENTS // (B * H * N_k))`` rows. Peak extra memory is therefore
-    ``O(TILE_ELEMENTS + N_k * D)`` rather than ``O(N_q * N_k)``.
+    A call never materialises more than about ``TILE_ELEMENTS`` scores at a time: queries are
+    processed in chunks of ``max(1, TILE_ELEMENTS // (B * H * N_k))`` rows, and each chunk's
+    softmax and gradient work in place, so the forward holds one score tile and the backward two
+    (three with dropout); the gradient accumulators are updated in place (``baddbmm_``), with no
+    ``[B, H, N_k, D]`` temporary. Peak extra memory is therefore ``O(TILE_ELEMENTS + N_k * D)``
+    rather than ``O(N_q * N_k)``: 8 MiB of fp32 tiles in the backward and, with a key bias, a
+    copy of the block's K/V whose excluded rows are zeroed (Note [non-finite inputs] in
+    ``masks.py``) are the difference from a fused kernel's peak where this kernel runs instead (a
+    key bias, dropout: Note [ulysses op memory] in ``strategies/ops.py``). Smaller tiles slow the
+    CPU loop down (Python per chunk).
 
 Scores, softmax statistics and accumulators use ``acc_dtype(q.dtype)``: float64 for float64
 inputs, float32 otherwise.
@@ -20,7 +27,7 @@ from hpattn_dist.kernels.dropout import DropoutSpec, keep_mask
 from hpattn_dist.masks import zero_excluded_keys
 from hpattn_dist.precision import acc_dtype
 
-TILE_ELEMENTS = 1 << 22
+TILE_ELEMENTS = 1 << 20
 
 
 def _query_chunk(batch: int, heads: int, n_k: int) -> int:
@@ -32,7 +39,7 @@ def _scores(q_c: Tensor, k_t: Tensor, scale: float, bias: Optional[Tensor],
     s = torch.matmul(q_c, k_t).mul_(scale)  # [B, H, C, N_k]
     if bias is not None:
         # -inf where excluded, also for a NaN query (NaN + -inf is NaN): Note [non-finite inputs]
-        s = (s + bias[:, :, None, :]).masked_fill_(excluded[:, :, None, :], float("-inf"))
+        s.add_(bias[:, :, None, :]).masked_fill_(excluded[:, :, None, :], float("-inf"))
     return s
 
 
@@ -77,14 +84,16 @@ def manual_forward(
         s = _scores(q[:, :, start:stop].to(acc), k_t, scale, bias, excluded)
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(s - row_max)
+        p = s.sub_(row_max).exp_()  # in place: one score tile at a time (Note [bounded score tile])
         denom = p.sum(dim=-1, keepdim=True)
         lse[:, :, start:stop] = (row_max + torch.log(denom)).squeeze(-1)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        p.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
         if dropout is not None:
             keep = keep_mask(dropout.shifted(q=start), batch, heads, stop - start, n_k, q.device)
-            p = p * keep.to(acc) * (1.0 / (1.0 - dropout.p))
+            p.mul_(keep).mul_(1.0 / (1.0 - dropout.p))
+            del keep
         out[:, :, start:stop] = torch.matmul(p, v_a)
+        del s, p
     return out, lse
 
 
@@ -131,20 +140,31 @@ def manual_backward(
         q_c = q[:, :, start:stop].to(acc)
         do_c = dout[:, :, start:stop].to(acc)
         lse_c = lse[:, :, start:stop, None]
-        s = _scores(q_c, k_t, scale, bias, excluded)
-        p = torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c)))
-        p = torch.where(torch.isfinite(lse_c), p, torch.zeros_like(p))
+        finite = torch.isfinite(lse_c)
+        # In place: two score tiles at a time (three with dropout), Note [bounded score tile].
+        p = _scores(q_c, k_t, scale, bias, excluded).sub_(torch.where(finite, lse_c, torch.zeros_like(lse_c))).exp_()
+        p.masked_fill_(~finite, 0.0)
         dp = torch.matmul(do_c, v_a.transpose(-2, -1))
         if dropout is not None:
             keep = keep_mask(dropout.shifted(q=start), batch, heads, stop - start, n_k, q.device)
-            m = keep.to(acc) * (1.0 / (1.0 - dropout.p))
-            dv += torch.matmul((p * m).transpose(-2, -1), do_c)
-            dp = dp * m
+            factor = 1.0 / (1.0 - dropout.p)
+            _accumulate(dv, (p * keep).mul_(factor).transpose(-2, -1), do_c)
+            dp.mul_(keep).mul_(factor)
+            del keep
         else:
-            dv += torch.matmul(p.transpose(-2, -1), do_c)
-        ds = p * (dp - delta[:, :, start:stop, None])
+            _accumulate(dv, p.transpose(-2, -1), do_c)
+        ds = dp.sub_(delta[:, :, start:stop, None]).mul_(p)
+        del p
         dq[:, :, start:stop] = torch.matmul(ds, k_a).mul_(scale)
-        dk += torch.matmul(ds.transpose(-2, -1), q_c).mul_(scale)
+        _accumulate(dk, ds.transpose(-2, -1), q_c, scale)
         if dbias is not None:
             dbias += ds.sum(dim=-2)
+        del ds, dp
     return dq, dk, dv, dbias
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, scale: float = 1.0) -> None:
+    """``acc += (a @ b) * scale`` for ``acc [B, H, M, D]`` without a ``[B, H, M, D]`` temporary."""
+    batch, heads = acc.shape[:2]
+    acc.view(batch * heads, *acc.shape[2:]).baddbmm_(
+        a.reshape(batch * heads, *a.shape[2:]), b.reshape(batch * heads, *b.shape[2:]), alpha=scale)

@@ -25,7 +25,8 @@ Note [fused op arguments]
       stride of ``H * D`` that it assumes rather than reads, so ``out`` is passed in that layout
       (``[B, N, H, D]``-contiguous, as the forward op returns it); any other layout gives wrong
       gradients without an error. ``logsumexp`` is padded to the forward's ``ceil(N_q / 32) * 32``
-      rows; ``attn_bias`` is None; ``grad_input_mask`` asks for dq, dk, dv only.
+      rows (once per backward: Note [backward layouts] in ``dispatch.py``); ``attn_bias`` is
+      None; ``grad_input_mask`` asks for dq, dk, dv only.
     * Both: ``dropout_p = 0``, ``is_causal = False``, ``out`` and ``grad_out`` in q's dtype (the
       kernels take one element type for all), philox seed/offset unused (read only with dropout),
       q/k/v with a unit last stride and 16-byte aligned storage, as :class:`BlockKernel` hands
@@ -97,6 +98,11 @@ def cuda_flash_backward(
     return dq, dk, dv
 
 
+def cuda_flash_prepare(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """Note [backward layouts]: dout and out in q's dtype, lse contiguous fp32."""
+    return dout.to(q.dtype), q, out.to(q.dtype), contiguous(lse.float())
+
+
 def cuda_efficient_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """CUDA memory-efficient block: ``(out, lse fp32 [B, H, N_q])`` (the op pads lse rows)."""
     res = _aten._scaled_dot_product_efficient_attention(
@@ -110,14 +116,28 @@ def cuda_efficient_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Memory-efficient block backward (Note [fused op arguments])."""
     n_q = q.shape[2]
-    pad = -n_q % EFFICIENT_LSE_ALIGN
-    lse_rows = contiguous(F.pad(lse.float(), (0, pad)))  # [B, H, ceil(N_q / 32) * 32]
+    lse_rows = lse if lse.shape[2] == _padded_rows(n_q) and lse.is_contiguous() else _padded_lse(lse)
     unused = _unused_rng(q.device)
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
         dout.to(q.dtype), q, k, v, None, _bnhd(out.to(q.dtype)), lse_rows, unused, unused, 0.0,
         [True, True, True, False], False, scale=scale,
     )
     return dq, dk, dv
+
+
+def _padded_rows(n_q: int) -> int:
+    return n_q + (-n_q % EFFICIENT_LSE_ALIGN)
+
+
+def _padded_lse(lse: Tensor) -> Tensor:
+    """``[B, H, N_q]`` -> contiguous fp32 ``[B, H, ceil(N_q / 32) * 32]`` (the forward's rows)."""
+    return contiguous(F.pad(lse.float(), (0, _padded_rows(lse.shape[2]) - lse.shape[2])))
+
+
+def cuda_efficient_prepare(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """Note [backward layouts]: dout in q's dtype, out ``[B, N, H, D]``-contiguous, lse padded;
+    :func:`cuda_efficient_backward` takes an lse of the padded length as it is."""
+    return dout.to(q.dtype), q, _bnhd(out.to(q.dtype)), _padded_lse(lse)
 
 
 # --- capabilities (torch 2.13: aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, flash_api.cpp)

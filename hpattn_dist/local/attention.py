@@ -335,7 +335,10 @@ def _unpack_bytes(buf: Tensor, like: list[Optional[Tensor]]) -> list[Optional[Te
             out.append(None)
             continue
         width = math.prod(t.shape[1:]) * t.element_size()
-        part = buf[:, col:col + width].contiguous().view(t.dtype)
+        if width:
+            part = buf[:, col:col + width].contiguous().view(t.dtype)
+        else:  # rows of no bytes (B = 0): a byte view cannot be reinterpreted, nothing to read
+            part = buf.new_empty((buf.shape[0], 0), dtype=t.dtype)
         out.append(part.view(buf.shape[0], *t.shape[1:]))
         col += width
     return out
@@ -462,9 +465,10 @@ class _WindowAttention(torch.autograd.Function):
             if need_dbias:
                 if ctx.bias_heads == 1 and dbias_b.shape[1] != 1:
                     dbias_b = dbias_b.sum(dim=1, keepdim=True)
+                hb = dbias_b.shape[1]  # (not -1: ambiguous for B = 0)
                 dbias_ext.index_add_(0, batch.key_rows.reshape(-1),
-                                     dbias_b.to(acc).view(n, b, -1, length).permute(0, 3, 1, 2)
-                                     .reshape(n * length, b, -1))
+                                     dbias_b.to(acc).view(n, b, hb, length).permute(0, 3, 1, 2)
+                                     .reshape(n * length, b, hb))
 
         dkv_own = dkv_ext[:n_r]
         dbias_own = None if dbias_ext is None else dbias_ext[:n_r]

@@ -115,7 +115,7 @@ def sharded_attention(
     if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
             group is None or isinstance(group, dist.ProcessGroup)) and (
             dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
-        # One registered op per call (Note [attention as one op] in ops.py); arguments it cannot
+        # Registered ops only (Note [attention as one op] in ops.py); arguments they cannot
         # carry take the autograd path, whose door refuses the bad ones on every rank.
         return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
                             key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,

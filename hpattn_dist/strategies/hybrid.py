@@ -52,10 +52,12 @@ def run_hybrid(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optio
     mask_h = None
     if plan.mask_travels:
         # A bare mask travels as a mask (1 byte per key), so the ring can drop fully masked keys.
-        q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, "hybrid", key_sizes=key_sizes)
+        q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, "hybrid", key_sizes=key_sizes,
+                                        grads_anywhere=plan.grads_anywhere)
         mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, "hybrid.mask").bool()
         bias_h = key_bias_from_mask(k_h, mask_h, None) if plan.use_bias else None
     else:
-        q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, "hybrid", key_sizes=key_sizes)
+        q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, "hybrid", key_sizes=key_sizes,
+                                             grads_anywhere=plan.grads_anywhere)
     out_h = run_ring(plan, q_h, k_h, v_h, bias_h, mask_h)  # [B, h, M_i, D]
     return heads_to_pixels((out_h,), u_info, sizes, "hybrid.out")[0]

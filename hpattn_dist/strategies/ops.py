@@ -1,4 +1,5 @@
-"""The attention as two registered operators, ``hpattn::attention_fwd`` and ``hpattn::attention_bwd``.
+"""The attention as registered operators: ``hpattn::attention_fwd`` and its backward
+``hpattn::attention_bwd``, and for U > 1 ``hpattn::attention_heads`` and ``hpattn::heads_to_pixels``.
 
 Legend: B batch, H heads, D head dim, P ranks of the group, U Ulysses degree, R = P / U ring
 degree, h = H / U, N_r pixels on this rank, M pixels of this rank's Ulysses group (N_r for U = 1);
@@ -6,11 +7,12 @@ for cross-grid attention Nq_r / Nk_r and Mq / Mk, the queries' and the keys' cou
 
 Note [attention as one op]
     Activation checkpointing, ``torch.compile`` and selective-checkpoint policies see only
-    dispatcher operators. Through ``torch.library.custom_op`` one call of the attention is ONE
-    operator, ``hpattn::attention_fwd``, whose body is the whole door and execution (the plan's
-    agreement, Note [one agreement per call], and the strategy's communication); its backward is
-    a second operator, ``hpattn::attention_bwd``. Everything the backward needs crosses between
-    them as op arguments and outputs, never as hidden state:
+    dispatcher operators. Through ``torch.library.custom_op`` a call of the attention is
+    operators only, and its first, ``hpattn::attention_fwd``, holds the whole door (the plan's
+    agreement, Note [one agreement per call]) and, for U = 1, the whole execution (the ring's
+    communication); its backward is ``hpattn::attention_bwd``. For U > 1 the door op ends with
+    the head exchange of q, k, v, and two more ops follow (Note [ulysses op memory]). Everything
+    a backward needs crosses between them as op arguments and outputs, never as hidden state:
 
     * the static values: the group by its registered name (``ProcessGroup.group_name``, as
       torch's functional collectives take it; ``""`` = a single process), the strategy, U,
@@ -18,10 +20,10 @@ Note [attention as one op]
     * the agreed values, as an int64 output ``plan`` ``[7 + 2U + R]``: ``(use_bias,
       mask_travels, q_offset, head_offset, seed, dK/dV needed, k_offset, ulysses sizes...,
       key ulysses sizes..., kv sizes...)``;
-    * the residuals: ``out``, its ``lse``, and for U > 1 the head-layout tensors the strategy's
-      backward reads (``q_h, k_h, v_h [B, h, M, D]``, ``out_h``, the gathered key mask), so that
-      the backward sends exactly what the autograd executors send (``dout`` to heads, the ring's
-      K/V and dK/dV rotation, dq/dk/dv back) and nothing of the forward's.
+    * the residuals: ``out`` and its ``lse``, for U > 1 in head layout with the head-layout
+      ``q_h, k_h, v_h`` and the gathered key mask, so that the backward sends exactly what the
+      autograd executors send (``dout`` to heads, the ring's K/V and dK/dV rotation, dq/dk/dv
+      back) and nothing of the forward's.
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
     therefore recomputes a checkpointed block without a byte of communication, and with the
@@ -36,23 +38,45 @@ Note [attention as one op]
     v_h [B, h, Mk, D]``, the mask ``[B, Mk]``), and the exchanges are the executors' (labels and
     bytes).
 
+    Note [ulysses op memory]
+    For U > 1 a call is three operators, so that autograd frees what each backward step is done
+    with before the next one runs, as the separate autograd nodes of DeepSpeed-Ulysses do::
+
+        attention_fwd     the door, then q, k, v to heads: q_h [B, h, Mq, D], k_h, v_h [B, h, Mk, D]
+                          (three buffers: an op's outputs may not alias), the key mask gathered
+        attention_heads   out_h, lse [B, h, Mq] of the heads (a ring across Ulysses groups for hybrid)
+        heads_to_pixels   out_h home, [B, H, Nq_r, D] in [B, Nq_r, H, D] memory (so the layer's
+                          reshape before out_proj is a view)
+
+    Backward, in reverse: ``pixels_to_heads`` (the adjoint) sends dout to heads in the layout the
+    fused block backward reads in place, and the engine frees the pixel dout; the backward of
+    ``attention_heads`` runs the block backward from its saved ``q_h, k_h, v_h, out_h, lse``, and
+    the engine frees them and ``dout_h``; the door's backward sends ``dq_h, dk_h, dv_h`` home one
+    at a time (:func:`~hpattn_dist.comm.head_exchange.heads_to_pixels_released`). The door saves
+    only the plan and the shapes of q, k, v (:func:`_shape_of`) for U > 1: every residual is saved
+    once, by ``attention_heads``. As ONE op the engine held the pixel dout through the block
+    backward and the residuals through the exchange home, and the op's outputs and saved inputs
+    held q, k, v, out twice: 2.8x DeepSpeed-Ulysses' peak in the layer. Now the peak is
+    DeepSpeed-Ulysses' own, held by ``tests/distributed/test_memory.py`` (live bytes counted
+    inside the operators, for every strategy).
+
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
     the P2P ring loop, the async all-to-alls) is no graph break: ``torch.compile(model,
-    fullgraph=True)`` sees one ``attention_fwd`` per layer call, and AOTAutograd one
-    ``attention_bwd``. The agreement still runs on EVERY call, compiled or not, inside the op (one
+    fullgraph=True)`` sees one ``attention_fwd`` per layer call (three ops for U > 1), and
+    AOTAutograd their backward ops. The agreement still runs on EVERY call, compiled or not, inside the op (one
     small all-gather): a rank that alone changes its shapes, or recompiles, gets the agreement's
     error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
     the all-gather, except inside a converted model's call, whose own agreement covers the
-    shapes: Note [attention plans in a model call] in ``plan.py``.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
-    residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
-    and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
+    shapes: Note [attention plans in a model call] in ``plan.py``.) The ring's residuals have
+    static shapes; Ulysses' and hybrid's head-layout residuals (and their lse) have M pixels,
+    which the peers' shards set: no fake can know it, and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
     ``k_h, v_h`` and the mask). ``new_dynamic_size`` would refuse to make one unless
     ``fullgraph=True`` or ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (a graph
     break per call otherwise), a guard meant for data-dependent sizes that reach the user's
-    code. M never does: only ``attention_bwd`` reads those residuals, and its outputs, like
-    ``out``, have the inputs' static shapes. So the fake makes the size itself, as torch's own
+    code. M never does: only our ops read those tensors, and the results they hand back (``out``,
+    the gradients) have the inputs' static shapes. So the fake makes the size itself, as torch's own
     ``device_mesh`` ops do, and compile (fullgraph or not, ``explain``, AOTAutograd's backward,
     a ``checkpoint_context_fn`` region) needs no configuration. A ``FakeTensorMode`` without a
     shape environment has no symbolic sizes: there the ring's fake works and a Ulysses layout's
@@ -71,14 +95,15 @@ Note [attention as one op]
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
-from hpattn_dist.comm.head_exchange import gather_pixels, heads_to_pixels, pixels_to_heads, qkv_to_heads
+from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
+                                            qkv_to_heads)
 from hpattn_dist.comm.model_call import layer_seed
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
@@ -91,6 +116,11 @@ from hpattn_dist.strategies.ring import _RingAttention
 __all__ = ["group_name_of", "op_attention"]
 
 _PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere, k_offset
+
+#: Tags of every registered op of the library. ``cudagraph_unsafe``: the ops communicate, read the
+#: agreed plan on the host and wait on peers, none of which a CUDA graph can capture or replay;
+#: with the tag, ``torch.compile(mode="reduce-overhead")`` graphs the code around them instead.
+OP_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
 def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
@@ -206,23 +236,30 @@ def _empty(q: Tensor) -> Tensor:
     return q.new_empty((0,))
 
 
-@torch.library.custom_op("hpattn::attention_fwd", mutates_args=())
+def _shape_of(t: Tensor) -> Tensor:
+    """A tensor with ``t``'s shape, dtype and device over ONE element (all strides 0): what the
+    backward of a U > 1 call reads of q, k, v and out, which it never reads the values of."""
+    return torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device=t.device)
+
+
+@torch.library.custom_op("hpattn::attention_fwd", mutates_args=(), tags=OP_TAGS)
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: Optional[Tensor], layer_params: list[Tensor], layer_name: str,
                   layer_healpix: bool, kv_needs_grad: bool,
-                  cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, plan, lse, q_h, k_h, v_h, out_h, mask_h)`` (Note [attention as one op]).
+                  cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The door (Note [attention as one op]): ``(x, plan, lse, k_h, v_h, mask_h)``.
 
     ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
     ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call
-    (Note [seed outside the op]), None without dropout. For U = 1 the head-layout residuals are
-    empty and ``lse`` is ``[B, H, Nq_r]``; else ``lse`` is ``[B, h, Mq]``, ``q_h, out_h`` ``[B, h, Mq, D]`` and ``k_h,
-    v_h`` ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (``Mq = Mk = M`` but for ``cross``: queries
-    ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently, Note
-    [cross-grid plan]). ``layer_name`` non-empty: the call is a
-    layer's, whose parameters ``layer_params`` and field (``layer_healpix``) are checked in the
-    same agreement (Note [replicated parameter check]).
+    (Note [seed outside the op]), None without dropout. For U = 1 the whole attention: ``x`` is
+    the result ``[B, H, Nq_r, D]``, ``lse`` ``[B, H, Nq_r]``, the rest empty. For U > 1 the head
+    exchange (Note [ulysses op memory]): ``x`` is q in head layout ``[B, h, Mq, D]``, ``k_h, v_h``
+    ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (or empty), ``lse`` empty. Cross-attention:
+    queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently (Note
+    [cross-grid plan]). ``layer_name`` non-empty: the call is a layer's, whose parameters
+    ``layer_params`` and field (``layer_healpix``) are checked in the same agreement (Note
+    [replicated parameter check]).
     """
     layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
     info = _group(group_name)
@@ -237,21 +274,19 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
         in_call=layer is not None,
     )
     plan_t = _plan_tensor(plan)
-    if plan.strategy == "ulysses":
-        plan = dataclasses.replace(plan, ring_group=_single())  # the ring of one: local attention
-    if plan.strategy == "ring":
+    e = _empty(q)
+    if plan.strategy == "ring" or plan.ulysses_group.world_size == 1:  # U = 1
+        if plan.strategy == "ulysses":
+            plan = dataclasses.replace(plan, ring_group=_single())  # a group of one
         out, lse = _ring_forward(plan, q, k, v, key_mask)
-        e = _empty(q)
-        return _distinct((out, plan_t, lse, e, e.clone(), e.clone(), e.clone(), e.clone()), (q, k, v, key_mask))
+        return _distinct((out, plan_t, lse, e, e.clone(), e.clone()), (q, k, v, key_mask))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
-    q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, plan.strategy, key_sizes=key_sizes)
-    mask_h = None
+    q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, plan.strategy, key_sizes=key_sizes,
+                                    separate=True)
+    mask_h = q.new_empty((0,), dtype=torch.bool)
     if key_mask is not None:
         mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, f"{plan.strategy}.mask").bool()
-    out_h, lse_h = _ring_forward(plan, q_h, k_h, v_h, mask_h)
-    out = heads_to_pixels((out_h,), u_info, sizes, f"{plan.strategy}.out")[0].contiguous()
-    mask_r = _empty(q) if mask_h is None else mask_h.to(q.dtype)
-    return _distinct((out, plan_t, lse_h, q_h, k_h, v_h, out_h, mask_r), (q, k, v, key_mask))
+    return _distinct((q_h, plan_t, e.clone(), k_h, v_h, mask_h), (q, k, v, key_mask))
 
 
 def _what(strategy: str, cross: bool = False) -> str:
@@ -271,18 +306,18 @@ def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     r_deg = _group(group_name).world_size // u_deg
     plan_t = torch.empty((_PLAN_HEAD + 2 * u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if executed == "ring":
+    if u_deg == 1:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
-        return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(5))
-    batch, heads, n_local, head_dim = q.shape
-    m_q = n_local if u_deg == 1 else _group_pixels()
-    m_k = k.shape[2] if u_deg == 1 else _group_pixels() if cross else m_q
+        return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(3))
+    batch, heads, _, head_dim = q.shape
+    m_q = _group_pixels()
+    m_k = _group_pixels() if cross else m_q
     h = heads // u_deg
-    q_h, out_h = (q.new_empty((batch, h, m_q, head_dim)) for _ in range(2))
+    q_h = q.new_empty((batch, h, m_q, head_dim))
     k_h, v_h = (q.new_empty((batch, h, m_k, head_dim)) for _ in range(2))
-    mask_r = q.new_empty((0,)) if key_mask is None else q.new_empty((batch, m_k))
-    return out, plan_t, q.new_empty((batch, h, m_q), dtype=_acc(q.dtype)), q_h, k_h, v_h, out_h, mask_r
+    mask_h = q.new_empty((0,), dtype=torch.bool) if key_mask is None else q.new_empty((batch, m_k), dtype=torch.bool)
+    return q_h, plan_t, q.new_empty((0,)), k_h, v_h, mask_h
 
 
 def _group_pixels() -> torch.SymInt:
@@ -305,73 +340,100 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return acc_dtype(dtype)
 
 
-@torch.library.custom_op("hpattn::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], out: Tensor,
-                  plan_t: Tensor, lse: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, out_h: Tensor,
-                  mask_h: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
-                  dropout_p: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` shaped like ``(q, k, v)`` from what ``attention_fwd`` returned."""
+@torch.library.custom_op("hpattn::attention_bwd", mutates_args=(), tags=OP_TAGS)
+def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                  key_mask: Optional[Tensor], out: Optional[Tensor], plan_t: Tensor, lse: Optional[Tensor],
+                  group_name: str,
+                  strategy: str, ulysses_degree: int, backend: str, dropout_p: float,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` shaped like ``(q, k, v)``: the door's backward. U = 1: the ring's, from
+    ``dout`` and the residuals ``out, lse`` (``dk_h, dv_h`` None). U > 1: ``dout, dk_h, dv_h``
+    are the gradients of ``(x, k_h, v_h)`` (None = zero), sent home; ``q, k, v`` are read for
+    their shapes only and the gradients are ``[H, B, N_r, D]``-contiguous buffers seen as ``[B,
+    H, N_r, D]`` (Note [ulysses op memory])."""
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     plan = _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
-    if executed == "ring":
+    if u_deg == 1:
         return _distinct(_ring_backward(plan, dout, q, k, v, key_mask, out, lse), (dout, q, k, v, out, lse))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
-    dout_h = pixels_to_heads((dout,), u_info, sizes, f"{executed}.out.grad")[0]
-    mask = mask_h.bool() if mask_h.numel() else None
-    dq_h, dk_h, dv_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse)
+    h = q.shape[1] // u_deg
+    grads = [_zero_if_none(g, (q.shape[0], h, n, q.shape[3]), q)
+             for g, n in ((dout, sum(sizes)), (dk_h, sum(key_sizes)), (dv_h, sum(key_sizes)))]
     if key_sizes == sizes:  # the adjoint of qkv_to_heads, with its labels
-        grads = heads_to_pixels((dq_h, dk_h, dv_h), u_info, sizes, f"{executed}.qkv.grad")
+        home = heads_to_pixels_released(grads, u_info, sizes, f"{executed}.qkv.grad")
     else:
-        grads = (*heads_to_pixels((dq_h,), u_info, sizes, f"{executed}.q.grad"),
-                 *heads_to_pixels((dk_h, dv_h), u_info, key_sizes, f"{executed}.kv.grad"))
-    return _distinct(grads, (dout, q_h, k_h, v_h, out_h, lse))
+        q_grad = [grads.pop(0)]
+        home = (*heads_to_pixels_released(q_grad, u_info, sizes, f"{executed}.q.grad"),
+                *heads_to_pixels_released(grads, u_info, key_sizes, f"{executed}.kv.grad"))
+    return _distinct(tuple(home), (dout, dk_h, dv_h), layout=lambda t: t)
 
 
-def _distinct(ts: tuple, inputs: tuple = ()) -> tuple:
-    """``ts`` contiguous, with a copy of any tensor sharing storage with an input or an earlier
-    one. The fakes promise contiguous outputs, and compiled code trusts their strides (a block
-    kernel's gradients for a broadcast ``dout`` are not contiguous); an op's outputs may alias
-    nothing (the ring's dK and dV are halves of one buffer, a group of one exchanges nothing)."""
+def _zero_if_none(g: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
+    return like.new_zeros(shape) if g is None else g
+
+
+def _distinct(ts: tuple, inputs: tuple = (), layout: Callable[[Tensor], Tensor] = Tensor.contiguous) -> tuple:
+    """``ts`` in the layout the fake promises (``layout``: contiguous unless said otherwise), with
+    a copy of any tensor sharing storage with an input or an earlier one. Compiled code trusts
+    the fakes' strides (a block kernel's gradients for a broadcast ``dout`` are not contiguous);
+    an op's outputs may alias nothing (the ring's dK and dV are halves of one buffer, a group of
+    one exchanges nothing)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     out = []
     for t in ts:
-        t = t.contiguous()
+        t = layout(t)
         ptr = t.untyped_storage().data_ptr()
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)
     return tuple(out)
 
 
+def _pixels_from_heads(like: Tensor, heads_major: bool = False) -> Tensor:
+    """An uninitialised ``[B, H, N_r, D]`` (``like``'s shape) in the layout a head exchange
+    returns: ``[B, N_r, H, D]``-contiguous (:func:`heads_to_pixels`), or with ``heads_major``
+    ``[H, B, N_r, D]``-contiguous (:func:`heads_to_pixels_released`)."""
+    batch, heads, n, head_dim = like.shape
+    if heads_major:
+        return like.new_empty((heads, batch, n, head_dim)).transpose(0, 1)
+    return like.new_empty((batch, n, heads, head_dim)).transpose(1, 2)
+
+
 @attention_bwd.register_fake
-def _(dout, q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h, group_name, strategy,
-      ulysses_degree, backend, dropout_p, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
+def _(dout, dk_h, dv_h, q, k, v, key_mask, out, plan_t, lse, group_name, strategy, ulysses_degree, backend,
+      dropout_p, scale):
+    if _static_degree(q, group_name, strategy, ulysses_degree)[1] == 1:
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return tuple(_pixels_from_heads(t, heads_major=True) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale = inputs[:10]
     ctx.n_layer_params = len(inputs[11])
-    out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h = output
-    ctx.save_for_backward(q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h)
+    x, plan_t, lse, k_h, v_h, mask_h = output
+    ctx.heads = _static_degree(q, group_name, strategy, ulysses_degree)[1] > 1
+    if ctx.heads:  # the backward only sends gradients home (Note [ulysses op memory])
+        ctx.save_for_backward(*(_shape_of(t) for t in (q, k, v)), None, None, plan_t, None)
+    else:
+        ctx.save_for_backward(q, k, v, key_mask, x, plan_t, lse)
+    ctx.mark_non_differentiable(plan_t, lse, mask_h)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals
     ctx.static = (group_name, strategy, ulysses_degree, backend, dropout_p, scale)
     ctx.what = _what(strategy, inputs[-1])
 
 
-def _plain_backward(ctx, dout):
-    q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h = ctx.saved_tensors
-    return attention_bwd(dout, q, k, v, key_mask, out, plan_t, lse, q_h, k_h, v_h, out_h, mask_h, *ctx.static)
+def _plain_backward(ctx, dx, dk_h=None, dv_h=None):
+    return attention_bwd(dx, dk_h, dv_h, *ctx.saved_tensors, *ctx.static)
 
 
 # The backward is explicit, so not differentiable: Note [double backward], named per entry point.
-_REFUSING = {name: refuse_double_backward(name)(_plain_backward)
-             for name in ("ring_attention", "ring_cross_attention", "ulysses_attention", "hybrid_attention",
-                          "auto_attention")}
+# (U > 1: the door's backward only sends gradients home, but under create_graph it sits behind
+# the refusing attention of the heads; it refuses too, so that the message names the entry point.)
+_ENTRY_POINTS = ("ring_attention", "ring_cross_attention", "ulysses_attention", "hybrid_attention", "auto_attention")
+_REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in _ENTRY_POINTS}
 
 
-def _backward(ctx, dout, *unused):
-    dq, dk, dv = _REFUSING[ctx.what](ctx, dout)
+def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad):
+    dq, dk, dv = _REFUSING[ctx.what](ctx, dx, dk_h, dv_h)
     # No gradient for the layer's parameters through here: the op only reads their sums.
     return (dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None,
             None, None)
@@ -380,7 +442,7 @@ def _backward(ctx, dout, *unused):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # Note [ops that communicate are never dead code]
-# Both ops communicate: every rank of the group must run each of them whatever its outputs are
+# Our ops communicate: every rank of the group must run each of them whatever its outputs are
 # used for. A pure op (mutates_args=()) is dead code to a compiler whose graph does not read its
 # outputs: inductor dropped attention_bwd on a rank whose shard is empty (every gradient it
 # returns has no element, so the weight gradients it feeds are zeros without reading it), and
@@ -393,7 +455,151 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # (AOTAutograd's, inductor's FX graph cache) key graphs without this registration: a cache
 # written by a version of this library without it serves the old graph, so clear it
 # (``torch._inductor.config.force_disable_caches`` or the cache directory) after upgrading.
-for _op in (attention_fwd, attention_bwd):
+
+
+# --- U > 1: the attention of the heads (hpattn::attention_heads) and the result home
+# (hpattn::heads_to_pixels), Note [ulysses op memory]
+
+
+@torch.library.custom_op("hpattn::attention_heads", mutates_args=(), tags=OP_TAGS)
+def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, plan_t: Tensor, q: Tensor,
+                    group_name: str, strategy: str, ulysses_degree: int, backend: str, dropout_p: float,
+                    scale: float) -> tuple[Tensor, Tensor]:
+    """``(out_h [B, h, Mq, D], lse [B, h, Mq])``: the attention of this rank's heads over every
+    pixel of its Ulysses group, a ring across the groups for hybrid (R > 1). ``q`` is read for
+    its shape only."""
+    plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
+    # A mask is 2-D ([B, Mk]; B = 0 makes it empty, still a mask), its absence (0,).
+    return _distinct(_ring_forward(plan, q_h, k_h, v_h, mask_h.bool() if mask_h.dim() == 2 else None),
+                     (q_h, k_h, v_h, mask_h))
+
+
+def _heads_plan(plan_t: Tensor, q: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
+                dropout_p: float, scale: float) -> AttentionPlan:
+    executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
+    return _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
+
+
+@attention_heads.register_fake
+def _(q_h, k_h, v_h, mask_h, plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale):
+    return torch.empty_like(q_h, memory_format=torch.contiguous_format), q_h.new_empty(q_h.shape[:3],
+                                                                                        dtype=_acc(q_h.dtype))
+
+
+@torch.library.custom_op("hpattn::attention_heads_bwd", mutates_args=(), tags=OP_TAGS)
+def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, out_h: Tensor,
+                        lse: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
+                        ulysses_degree: int, backend: str, dropout_p: float,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq_h, dk_h, dv_h)`` shaped like ``(q_h, k_h, v_h)``."""
+    plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
+    mask = mask_h.bool() if mask_h.dim() == 2 else None
+    return _distinct(_ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse),
+                     (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor)
+
+
+def _heads_minor(t: Tensor) -> Tensor:
+    """``t`` ``[B, h, M, D]`` as a ``[B, M, h, D]``-contiguous buffer: the layout the fused CPU
+    (and CUDA) block backward returns its gradients in, so no copy there."""
+    batch, h, m, head_dim = t.shape
+    if t.stride() == (m * h * head_dim, head_dim, h * head_dim, 1):
+        return t
+    return t.new_empty((batch, m, h, head_dim)).transpose(1, 2).copy_(t)
+
+
+@attention_heads_bwd.register_fake
+def _(dout_h, q_h, k_h, v_h, mask_h, out_h, lse, plan_t, q, group_name, strategy, ulysses_degree, backend,
+      dropout_p, scale):
+    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+                 for t in (q_h, k_h, v_h))
+
+
+def _heads_setup(ctx, inputs, output) -> None:
+    q_h, k_h, v_h, mask_h, plan_t, q, *static = inputs
+    out_h, lse = output
+    ctx.save_for_backward(q_h, k_h, v_h, mask_h, out_h, lse, plan_t, _shape_of(q))
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.static = tuple(static)
+    ctx.what = _what(static[1])
+
+
+def _heads_plain_backward(ctx, dout_h):
+    return attention_heads_bwd(dout_h, *ctx.saved_tensors, *ctx.static)
+
+
+_REFUSING_HEADS = {name: refuse_double_backward(name)(_heads_plain_backward) for name in _ENTRY_POINTS}
+
+
+def _heads_backward(ctx, dout_h, lse_grad):
+    dq_h, dk_h, dv_h = _REFUSING_HEADS[ctx.what](ctx, dout_h)
+    return dq_h, dk_h, dv_h, None, None, None, None, None, None, None, None, None
+
+
+attention_heads.register_autograd(_heads_backward, setup_context=_heads_setup)
+
+
+def _query_sizes(plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
+                 ulysses_degree: int) -> tuple[str, GroupInfo, list[int]]:
+    """``(executed strategy, Ulysses group, its ranks' query counts)`` of an agreed ``plan_t``."""
+    executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
+    sizes = [int(n) for n in plan_t[_PLAN_HEAD:_PLAN_HEAD + u_deg].tolist()]
+    return executed, _sub_groups(group_name, executed, u_deg)[0], sizes
+
+
+@torch.library.custom_op("hpattn::heads_to_pixels", mutates_args=(), tags=OP_TAGS)
+def heads_to_pixels_op(out_h: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
+                       ulysses_degree: int) -> Tensor:
+    """The result of a U > 1 call home: ``out_h [B, h, Mq, D]`` -> ``[B, H, Nq_r, D]`` (a
+    ``[B, Nq_r, H, D]``-contiguous buffer), ``q`` read for its shape (Note [ulysses op memory])."""
+    executed, info, sizes = _query_sizes(plan_t, q, group_name, strategy, ulysses_degree)
+    return heads_to_pixels((out_h,), info, sizes, f"{executed}.out")[0]
+
+
+@heads_to_pixels_op.register_fake
+def _(out_h, plan_t, q, group_name, strategy, ulysses_degree):
+    return _pixels_from_heads(q)
+
+
+@torch.library.custom_op("hpattn::pixels_to_heads", mutates_args=(), tags=OP_TAGS)
+def pixels_to_heads_op(dout: Tensor, plan_t: Tensor, out_h: Tensor, q: Tensor, group_name: str, strategy: str,
+                       ulysses_degree: int) -> Tensor:
+    """The adjoint of ``hpattn::heads_to_pixels``: ``[B, H, Nq_r, D]`` -> ``[B, h, Mq, D]`` shaped
+    like ``out_h`` (read for its shape), a ``[B, Mq, h, D]``-contiguous buffer: the layout the
+    fused block backward reads ``dout`` in (Note [head exchange memory])."""
+    executed, info, sizes = _query_sizes(plan_t, q, group_name, strategy, ulysses_degree)
+    return pixels_to_heads((dout,), info, sizes, f"{executed}.out.grad", heads_minor=True)[0]
+
+
+@pixels_to_heads_op.register_fake
+def _(dout, plan_t, out_h, q, group_name, strategy, ulysses_degree):
+    batch, h, m, head_dim = out_h.shape
+    return out_h.new_empty((batch, m, h, head_dim)).transpose(1, 2)
+
+
+def _exchange_setup(ctx, inputs, output) -> None:
+    x, plan_t, *likes = inputs[:-3]
+    ctx.save_for_backward(plan_t, _shape_of(x), *(_shape_of(t) for t in likes))
+    ctx.static = inputs[-3:]
+
+
+def _heads_to_pixels_backward(ctx, dout):
+    plan_t, out_h, q = ctx.saved_tensors
+    return torch.ops.hpattn.pixels_to_heads(dout, plan_t, out_h, q, *ctx.static), None, None, None, None, None
+
+
+def _pixels_to_heads_backward(ctx, dout_h):
+    plan_t, _, _, q = ctx.saved_tensors  # pure communication: the adjoint is exact
+    return torch.ops.hpattn.heads_to_pixels(dout_h, plan_t, q, *ctx.static), None, None, None, None, None, None
+
+
+heads_to_pixels_op.register_autograd(_heads_to_pixels_backward, setup_context=_exchange_setup)
+pixels_to_heads_op.register_autograd(_pixels_to_heads_backward, setup_context=_exchange_setup)
+
+# Note [ops that communicate are never dead code] (every op here communicates, or for a hybrid
+# may: attention_heads runs the ring across Ulysses groups).
+for _op in (attention_fwd, attention_bwd, attention_heads, attention_heads_bwd, heads_to_pixels_op,
+            pixels_to_heads_op):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 
@@ -404,13 +610,19 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
     """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
     (Note [attention as one op]); ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` (``Nk_r = Nq_r``
     unless ``cross``) in, ``[B, H, Nq_r, D]`` out."""
-    return torch.ops.hpattn.attention_fwd(
-        q, k, v, key_mask, group_name_of(group), strategy, ulysses_degree or 0, backend,
-        float(dropout_p), q.shape[-1] ** -0.5 if scale is None else float(scale),
+    group_name, u = group_name_of(group), ulysses_degree or 0
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    x, plan_t, _, k_h, v_h, mask_h = torch.ops.hpattn.attention_fwd(
+        q, k, v, key_mask, group_name, strategy, u, backend, float(dropout_p), scale,
         seed_input(dropout_p, dropout_seed),
         # Detached: the op reads the parameters' sums only, and must not join their autograd
         # graph (ZeRO-3 re-partitions them between forward and backward).
         [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,
         True if layer is None else layer.healpix_field,
         torch.is_grad_enabled() and (k.requires_grad or v.requires_grad), bool(cross),
-    )[0]
+    )
+    if x.shape[1] == q.shape[1]:  # U = 1: the result itself
+        return x
+    out_h = torch.ops.hpattn.attention_heads(x, k_h, v_h, mask_h, plan_t, q, group_name, strategy, u, backend,
+                                             float(dropout_p), scale)[0]
+    return torch.ops.hpattn.heads_to_pixels(out_h, plan_t, q, group_name, strategy, u)

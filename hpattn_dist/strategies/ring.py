@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from hpattn_dist.comm.groups import GroupInfo
+from hpattn_dist.comm.head_exchange import stacked
 from hpattn_dist.comm.ring import PendingExchange, RingExchanger
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import DropoutSpec
@@ -96,19 +97,23 @@ class _RingAttention(torch.autograd.Function):
         q_in, q = q, q.contiguous()
         p = info.world_size
         acc = acc_dtype(q.dtype)
-        out: Optional[Tensor] = None  # the accumulators, from the first block with keys
+        # The first block's result is the accumulator: merging into a row with no key yet takes
+        # the block as it is (Note [stable merge]), so starting from zeros would only cost memory.
+        out: Optional[Tensor] = None
         lse: Optional[Tensor] = None
         ring = _BlockRing(info, kv_sizes)
 
-        kv, saved_kv = _kv_buffer(k, v)  # Note [ring memory]: K/V are held once
+        kv, saved_kv = _kv_buffer(k, v, p)  # Note [ring memory]: K/V are held once
         block = _KeyBlock(kv, bias, k_index)  # kv: [2, B, H, M_r, D]
         del kv
+        nan_rows = kernel.nan_rows(q)  # once per call, not per block
         for step in range(p):
             pending, next_block = ring.post_next(step, block, "ring.forward")
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
-                block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec)
-                if out is None:  # what merging into empty rows gives (Note [stable merge]), one copy less
+                block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec,
+                                                      nan_rows)
+                if out is None:
                     out, lse = block_out.to(acc), block_lse.to(acc)
                 else:
                     merge_into(out, lse, block_out, block_lse)
@@ -117,7 +122,7 @@ class _RingAttention(torch.autograd.Function):
                 pending.wait()
                 block = next_block
         del block, next_block
-        if out is None:  # no key on any rank: zero output, lse = -inf
+        if out is None:  # no key anywhere
             out = torch.zeros(q.shape, dtype=acc, device=q.device)
             lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
 
@@ -139,20 +144,24 @@ class _RingAttention(torch.autograd.Function):
             q, kv, bias, k_index, out, lse = ctx.saved_tensors
         else:
             q, k, v, bias, k_index, out, lse = ctx.saved_tensors
-            kv = _kv_buffer(k, v)[0]
+            kv = _kv_buffer(k, v, ctx.plan.ring_group.world_size)[0]
             del k, v
         plan = ctx.plan
         info, kernel, scale, kv_sizes = plan.ring_group, plan.kernel, plan.scale, plan.kv_sizes
         r, p = info.rank, info.world_size
         acc = acc_dtype(q.dtype)
-        kv_dtype, kv_shape = kv.dtype, kv.shape
+        kv_dtype, kv_shape = kv[0].dtype, (2, *kv[0].shape)
         bias_shape = None if bias is None else bias.shape
         # Once per call, not per block (Note [block layout]): the op's backward hands in the
         # caller's q as it was given; a transposed dout (the layer's [B, N_r, H, D] memory) stays.
         q, dout = block_layout(q), block_layout(dout)
-        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, H, N_r]
+        # rowsum(dout * out) [B, H, N_r]; the fused kernels compute it themselves.
+        delta = None if kernel.fused_backward is not None else (dout.to(acc) * out.to(acc)).sum(dim=-1)
         travels, need_dbias = ctx.dkv_travels, ctx.dbias_travels
         ring = _BlockRing(info, kv_sizes)
+        # Every block reads the same dout, q, out and lse: in the kernel's layout once (Note
+        # [backward layouts] in kernels/dispatch.py).
+        dout_k, q_k, out_k, lse_k = kernel.prepare_backward(dout, q, out, lse)
 
         dq: Optional[Tensor] = None
         # One rank: the gradients of the own (only) block are the result as they come.
@@ -168,10 +177,11 @@ class _RingAttention(torch.autograd.Function):
             if block.size > 0:
                 spec = _dropout_spec(plan.dropout_p, plan.seed, plan.q_offset, block.index, plan.head_offset)
                 dq_b, dk_b, dv_b, dbias_b = kernel.backward(
-                    dout, q, block.kv[0], block.kv[1], out, lse, delta, scale, block.bias, spec,
+                    dout_k, q_k, block.kv[0], block.kv[1], out_k, lse_k, delta, scale, block.bias, spec,
                     need_dbias,
                 )
-                dq = dq_b.to(acc) if dq is None else dq.add_(dq_b)
+                # One block (P = 1, the local attention of Ulysses): its dq is the result.
+                dq = (dq_b if p == 1 else dq_b.to(acc)) if dq is None else dq.add_(dq_b)
                 block_grads = (dk_b, dv_b, dbias_b)
                 del dq_b, dk_b, dv_b, dbias_b  # Note [ring memory]: one step's results at a time
             if p == 1:
@@ -232,12 +242,12 @@ class _RingAttention(torch.autograd.Function):
 class _KeyBlock:
     """The tensors that travel together around the ring: K/V in one buffer, bias and key index."""
 
-    def __init__(self, kv: Tensor, bias: Optional[Tensor], index: Optional[Tensor]) -> None:
-        self.kv, self.bias, self.index = kv, bias, index
+    def __init__(self, kv: "Tensor | tuple[Tensor, Tensor]", bias: Optional[Tensor], index: Optional[Tensor]) -> None:
+        self.kv, self.bias, self.index = kv, bias, index  # kv: [2, B, H, n, D], or (k, v) at P = 1
 
     @property
     def size(self) -> int:
-        return self.kv.shape[3]
+        return self.kv[0].shape[2]
 
     def buffers(self) -> list[Optional[Tensor]]:
         return [self.kv, self.bias, self.index]
@@ -269,23 +279,20 @@ class _BlockRing:
         return self.exchanger.post(block.buffers(), nxt.buffers(), label), nxt
 
 
-def _kv_buffer(k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _kv_buffer(k: Tensor, v: Tensor, p: int) -> tuple["Tensor | tuple[Tensor, Tensor]", tuple[Tensor, ...]]:
     """``(kv [2, B, H, M, D], tensors to save)``: the send buffer of the own block and what the
-    backward needs to rebuild it, with K/V held once (Note [ring memory]).
+    backward needs to rebuild it, with K/V held once (Note [ring memory]). A ring of one
+    (``p = 1``, the local attention of Ulysses) sends nothing: ``kv = (k, v)``, no copy.
 
     k, v adjacent in one contiguous buffer (the heads of :func:`pixels_to_heads`): kv is a view,
     save k, v. Otherwise one stack makes kv; it is what is saved if k or v was not contiguous
     (the layer's views of its fused projection: their copies would be a second K/V), else k and
     v are saved as given and kv lives while the own block is the current one.
     """
-    if (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype and k.shape == v.shape
-            and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-            and v.storage_offset() == k.storage_offset() + k.numel()):
-        return k.as_strided((2, *k.shape), (k.numel(), *k.stride())), (k, v)
-    kv = torch.stack((k, v))
-    if k.is_contiguous() and v.is_contiguous():
-        return kv, (k, v)
-    return kv, (kv,)
+    if p == 1:
+        return (k, v), (k, v)
+    kv = stacked((k, v))
+    return kv, ((k, v) if k.is_contiguous() and v.is_contiguous() else (kv,))
 
 
 def _grad_buffers(kv_shape: torch.Size, bias_shape: Optional[torch.Size], n: int, acc: torch.dtype,

@@ -54,7 +54,8 @@ def run_ulysses(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Opti
     """
     info, sizes = plan.ulysses_group, list(plan.ulysses_sizes)
     q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, info, sizes, "ulysses",
-                                         key_sizes=list(plan.key_ulysses_sizes))
+                                         key_sizes=list(plan.key_ulysses_sizes),
+                                         grads_anywhere=plan.grads_anywhere)
     out_h = local_attention(q_h, k_h, v_h, bias_h, plan.kernel, plan.scale, plan.dropout_p,
                             plan.seed, head_offset=plan.head_offset)
     return heads_to_pixels((out_h,), info, sizes, "ulysses.out")[0]

@@ -210,7 +210,7 @@ def _check_backward_args(calls: list, a: dict[str, Any], dtype: torch.dtype) -> 
 
 def _backward_26(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                  window_size, softcap, alibi_slopes, deterministic, rng_state=None):
-    """flash_attn 2.6.0-2.6.2's private backward signature (a plain function)."""
+    """flash_attn 2.6.x's private backward signature (a plain function)."""
     assert tuple(window_size) == (-1, -1)
     _check_backward_args(_CALLS, dict(locals()), q.dtype)
     return dq, dk, dv, torch.empty(B, H, 128, device=q.device)
@@ -221,7 +221,7 @@ _OP_27: Optional[Any] = None
 
 
 def _backward_27():
-    """flash_attn 2.6.3+'s private backward: a torch.library custom op (signature *args, **kwargs)."""
+    """flash_attn 2.7+'s private backward: a torch.library custom op (signature *args, **kwargs)."""
     global _OP_27
     if _OP_27 is None:
         @torch.library.custom_op("hpattn_test_fa::bwd", mutates_args=("dq", "dk", "dv"),
@@ -269,10 +269,12 @@ def fake_flash_attn(monkeypatch):
         monkeypatch.setitem(sys.modules, "flash_attn", package)
         monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", interface)
         fa.library_problem.cache_clear()
+        fa.installed_release.cache_clear()
 
     _CALLS.clear()
     yield install
     fa.library_problem.cache_clear()
+    fa.installed_release.cache_clear()
 
 
 @pytest.mark.parametrize("version,style", [("2.6.0", "tuple"), ("2.7.4", "left_right"),
@@ -312,3 +314,72 @@ def test_flash_attn_unknown_backward_signature_is_refused(fake_flash_attn):
 
     fake_flash_attn("2.6.3", backward)
     assert "unknown _flash_attn_backward signature" in fa.library_problem()
+
+
+# --- Note [backward layouts] and the NaN rows, once per call ----------------------------------
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the ops that copy or pad a tensor, by the shape they produce."""
+
+    COPY_OPS = (_aten.clone.default, _aten._to_copy.default, _aten.copy_.default,
+                _aten.constant_pad_nd.default, _aten.isnan.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[Any, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.COPY_OPS:
+            self.made.append((func, tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sdpa:cuda_flash", "sdpa:cuda_efficient"])
+def test_ring_blocks_read_prepared_dout_out_lse_without_a_copy(fake_flash_attn, name):
+    """The ring hands every key block the same dout, q, out and lse: prepared once, the block
+    backwards copy none of them (only the block's own k, v where the kernel wants another
+    layout). Before, flash_attn re-laid dout, q, out and lse out per block and the memory-efficient
+    kernel re-padded lse and re-laid out per block."""
+    fake_flash_attn("2.7.4", _backward_27())
+    with FakeTensorMode():
+        q, k, v, dout = _fake_qkv(torch.bfloat16)
+        kernel = dispatch.kernel_by_name(name)
+        out = torch.randn(B, H, NQ, D, device="cuda", dtype=torch.float32)  # the ring's merged out
+        lse = torch.randn(H, B, NQ, device="cuda").transpose(0, 1)  # a strided view
+        prepared = kernel.prepare_backward(dout, q, out, lse)
+        with _Copies() as rec:
+            for _ in range(3):  # three key blocks
+                kernel.backward(*prepared[:2], k, v, *prepared[2:], None, SCALE)
+    query_side = [(f, shape) for f, shape in rec.made if NQ in shape]
+    assert query_side == [], query_side
+
+
+def test_fused_forward_takes_the_nan_rows_of_the_call():
+    """The ring builds the NaN-row mask of its queries once per call and hands it to every
+    block: the block forward then scans q for NaN no more (and fills its own outputs in place)."""
+    kernel = dispatch.kernel_by_name("sdpa:cpu_flash")
+    q, k, v = (torch.randn(B, H, NQ, D) for _ in range(3))
+    q[0, 1, 2, 3] = float("nan")
+    rows = kernel.nan_rows(q)
+    with _Copies() as rec:
+        for _ in range(3):
+            out, lse = kernel.forward(q, k, v, SCALE, nan_rows=rows)
+    assert [f for f, _ in rec.made if f is _aten.isnan.default] == []
+    assert torch.isnan(out[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2]) and not torch.isnan(out[0, 1, 3]).any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_flash_attn_backward_is_deterministic_only_when_asked(fake_flash_attn, deterministic):
+    """flash_attn's deterministic backward zero-fills an fp32 dq accumulator per split (~0.86 GB
+    per block backward at N = 24k on an H100): it follows
+    ``torch.are_deterministic_algorithms_enabled()`` instead of being always on."""
+    fake_flash_attn("2.7.4", _backward_27())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _run_block("flash_attn", torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert [c["deterministic"] for c in _CALLS] == [deterministic]

@@ -105,6 +105,26 @@ def test_flash_attn_refusals(monkeypatch):
         assert any(needle in r for r in _reasons("flash_attn", **kw)), kw
 
 
+@pytest.mark.parametrize("release, sm, refused", [
+    ((2, 7, 2), (10, 0), True), ((2, 6, 3), (12, 0), True), ((2, 7, 2), (9, 0), False),
+    ((2, 7, 3), (10, 0), False), ((2, 8, 0), (12, 0), False),
+])
+def test_flash_attn_before_2_7_3_runs_sm80_to_sm90_only(monkeypatch, release, sm, refused):
+    """Note [flash_attn versions]: before 2.7.3 the package carries kernels up to sm 9.0; a newer
+    GPU is refused at selection with the release in the reason, and "auto" takes the next kernel."""
+    monkeypatch.setattr(fa, "library_problem", lambda: None)
+    monkeypatch.setattr(fa, "installed_release", lambda: release)
+    reasons = _reasons("flash_attn", sm=sm)
+    assert any(f"flash_attn {'.'.join(map(str, release))} runs sm 8.0 to 9.0" in r for r in reasons) == refused
+    assert (select_kernel("auto", _q(BF16), capability=sm).name == "flash_attn") == (not refused)
+
+
+@pytest.mark.parametrize("text, release", [("2.7.2", (2, 7, 2)), ("2.7.2.post1", (2, 7, 2)),
+                                           ("2.8.0+cu124", (2, 8, 0)), ("2.6", (2, 6, 0))])
+def test_flash_attn_release_parsing(text, release):
+    assert fa._release(text) == release
+
+
 def test_rocm_build_refuses_the_cuda_fused_kernels(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2")
     for name in ("sdpa:cuda_flash", "sdpa:cuda_efficient"):
