@@ -219,18 +219,10 @@ WRONG = {
 }
 
 
-def _pixel_tensor_wrong(group, rank: int, world: int) -> dict:
-    """The root's positional embedding differs on the last rank, in a steady-state call."""
+def _call(model: nn.Module, x: torch.Tensor) -> dict:
+    """One call without gradients: what this rank raised (or None) and the collectives it made."""
     from hpattn_dist.comm.counters import count_communication
 
-    model = _convert(build_shared(), group)
-    a, b = shard_bounds(N_IN, world)[rank]
-    x = data(0)[0][:, a:b]
-    with torch.no_grad():
-        for _ in range(2):
-            model(x)
-        if rank == world - 1:
-            model.pos.add_(1e-3)
     got = {"error": None, "message": ""}
     with count_communication() as stats:
         try:
@@ -242,9 +234,20 @@ def _pixel_tensor_wrong(group, rank: int, world: int) -> dict:
     return got
 
 
-def _one_rank_wrong(group, rank: int, world: int) -> dict:
-    from hpattn_dist.comm.counters import count_communication
+def _pixel_tensor_wrong(group, rank: int, world: int) -> dict:
+    """The root's positional embedding differs on the last rank, in a steady-state call."""
+    model = _convert(build_shared(), group)
+    a, b = shard_bounds(N_IN, world)[rank]
+    x = data(0)[0][:, a:b]
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        if rank == world - 1:
+            model.pos.add_(1e-3)
+    return _call(model, x)
 
+
+def _one_rank_wrong(group, rank: int, world: int) -> dict:
     model = _convert(build(dropout=0.1), group)
     a, b = shard_bounds(N_IN, world)[rank]
     x = data(0)[0][:, a:b]
@@ -254,14 +257,7 @@ def _one_rank_wrong(group, rank: int, world: int) -> dict:
     res = {}
     for name, (make_wrong, fragment) in WRONG.items():
         undo = make_wrong(model) if rank == world - 1 else (lambda: None)
-        got = {"fragment": fragment, "error": None, "message": "", "calls": {}}
-        with count_communication() as stats:
-            try:
-                with torch.no_grad():
-                    model(x)
-            except Exception as err:  # noqa: BLE001 - what each rank raised is the result
-                got.update(error=type(err).__name__, message=str(err))
-        got["calls"] = dict(stats.calls)
+        got = {"fragment": fragment, **_call(model, x)}
         undo()
         torch.manual_seed(3)
         with torch.no_grad():
