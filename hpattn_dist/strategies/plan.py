@@ -80,7 +80,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import Signature, dtype_code, validated_signature
+from hpattn_dist.comm.agreement import Signature, dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.model_call import Slot, current_call
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
@@ -217,6 +217,7 @@ def plan_attention(
     what: str,
     kv_needs_grad: Optional[bool] = None,
     in_call: bool = False,
+    needs_grad: Optional[bool] = None,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
 
@@ -228,6 +229,8 @@ def plan_attention(
     inside the agreement, checked in the same agreement.
     ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
     (inside the registered op); None reads it from grad mode and ``requires_grad``.
+    ``needs_grad``: likewise, whether this call's output will be differentiated, agreed by every
+    rank (Note [gradients on every rank or none] in ``comm/agreement.py``).
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
     Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
     ``in_call``: a layer's call that may reuse the plan agreed in an earlier call of a converted
@@ -280,16 +283,18 @@ def plan_attention(
             "scale": head_dim**-0.5 if scale is None else float(scale),
         }
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        grads = records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad
         sig.set(
             {**shared, **({} if layer is None else {"param_layout": layer.layout})},
             (n_local, n_kept, int(mask_left), seed, *row, n_keys, *(() if layer is None else layer.sums),
              *grad_bits),
             q.device,
             kind=executed,
+            grads=grads,
         )
     # What the plan follows from on this rank, less what changes every call (seed, parameter sums).
     mine = (what, executed, q.device.type, tuple(shared.items()), (n_local, n_kept, int(mask_left), *row, n_keys),
-            grad_bits)
+            grad_bits, int(grads))
     if known:
         rows = slot.reuse(mine, what)
     else:
