@@ -102,6 +102,11 @@ class DistributedLocalSpatialSelfAttention(GroupBound, LocalSpatialSelfAttention
             not divide, ranks that disagree (parameters included).
     """
 
+    # Settings a converted model's call agrees on (Note [one agreement per model call]).
+    _hp_call_config = ("embed_dim", "num_heads", "head_dim", "scale", "dropout_p", "attn_backend",
+                       "window_nside", "mode", "name")
+    _hp_drop_attr = "dropout_p"
+
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  attn_backend: AttnBackend = "auto", *, window_nside: int,
                  mode: str = "neighbourhood",
