@@ -63,7 +63,9 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N, D]
+        # 3 x [B, H, N, D], each contiguous: local attention reads whole cells of q, k, v in place
+        # (Note [local attention plan]); the projection's [B, N, 3E] output is not kept.
+        return tuple(qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0))
 
     def _project_out(self, out: Tensor) -> Tensor:
         b, _, n, _ = out.shape

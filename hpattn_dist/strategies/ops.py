@@ -87,9 +87,9 @@ Note [attention as one op]
     their body with dynamo disabled): seconds, once.
 
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``;
-    nor windowed attention (``window_nside``, self or cross), which runs the halo exchange of
-    Note [local attention plan].
+    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
+    Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
+    (Note [windowed attention as one op] in :mod:`hpattn_dist.local.ops`).
 """
 
 from __future__ import annotations

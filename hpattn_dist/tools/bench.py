@@ -42,14 +42,19 @@ Modes (``BenchConfig.mode``):
     kept, from the known mask; the backward recomputes as many), and their ratios to ``f = 0``.
 
 ``local``
-    Sharded HEALPix local attention (issue 17): for each nside, on the same field ``[B, N, E]``
-    and weights, :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with
-    neighbourhood windows, ``window_nside = nside / 8`` (:data:`LOCAL_WINDOW_DIV`, at least 1),
-    on P ranks; global ``ring`` attention (the distributed layer) on the same shards; and the
-    same local layer in ONE process (rank 0, a group of its own, no communication) with
-    ``P * threads_per_rank`` threads while the other ranks wait. Times as in ``scaling``;
+    Sharded HEALPix local attention (issue 17): for each nside and window mode of
+    ``local_modes``, on the same field ``[B, N, E]`` and weights,
+    :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with ``window_nside = nside /
+    8`` (:data:`LOCAL_WINDOW_DIV`, at least 1), on P ranks; global ``ring`` attention (the
+    distributed layer) on the same shards; and the same local layer in ONE process (rank 0, a
+    group of its own, no communication) with ``P * threads_per_rank`` threads while the other
+    ranks wait (``local_layers=False`` skips these three). Times as in ``scaling``;
     ``efficiency = t_single / t_local`` (goal >= 0.9), ``vs ring = t_ring / t_local``; peak
-    memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank.
+    memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank. Then, on rank 0
+    with its own threads, the attention alone (``healpix_local_attention`` on ``[B, H, N, D]``)
+    against FlexAttention with a block mask of the same windows, alternating, forward (Note [flex
+    baseline] in :mod:`hpattn_dist.tools.bench_flex`): ``vs flex = t_flex / t_ours`` from the
+    minima, and our ``f+b / f``.
 
 ``cross``
     Cross-grid attention (issue 18): an encoder (queries on the latent grid ``latent_nside``,
@@ -115,6 +120,7 @@ from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.healpix import check_nside, nside2npix, shard_bounds, shard_sizes
 from hpattn_dist.local.traffic import WindowTraffic, window_traffic
+from hpattn_dist.local.windows import WINDOW_MODES
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.kernels.manual import TILE_ELEMENTS
 from hpattn_dist.precision import DTYPES, acc_dtype
@@ -165,6 +171,9 @@ class BenchConfig:
         cross_cases: cross mode: ``"encoder"`` (data -> latent) and/or ``"decoder"`` (latent -> data).
         windows: cross mode: ``"none"`` (attention to every source pixel) and/or locality windows
             ``"MODE:WINDOW_NSIDE"`` (:func:`hpattn_dist.local.windows.parse_window`).
+        local_modes: local mode: the window modes (``"cell"``, ``"neighbourhood"``).
+        local_layers: local mode: time the layers (local on P ranks, the global ring, local in
+            one process); the attention against FlexAttention runs either way.
     """
 
     mode: str = "scaling"
@@ -187,12 +196,17 @@ class BenchConfig:
     kv_dim: int = 8
     cross_cases: tuple[str, ...] = CROSS_CASES
     windows: tuple[str, ...] = ("none",)
+    local_modes: tuple[str, ...] = ("cell", "neighbourhood")
+    local_layers: bool = True
 
     def __post_init__(self) -> None:
         self.nsides, self.strategies, self.blocks = tuple(self.nsides), tuple(self.strategies), \
             tuple(self.blocks)
         self.land_fractions = tuple(self.land_fractions)
         self.cross_cases, self.windows = tuple(self.cross_cases), tuple(self.windows)
+        self.local_modes = tuple(self.local_modes)
+        if not self.local_modes or any(m not in WINDOW_MODES for m in self.local_modes):
+            raise ValueError(f"local_modes must be a non-empty list of {WINDOW_MODES}, got {self.local_modes!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.nsides:
@@ -476,6 +490,17 @@ def _per_rank(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _single_process_times(layer: nn.Module, x: Tensor | tuple[Tensor, ...], g: Tensor, cfg: BenchConfig,
+                          device: torch.device, threads: int) -> dict[str, Any]:
+    """:func:`_layer_times` of a 1-process baseline on this rank alone with ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _layer_times(layer, x, g, cfg, device, collective=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                 progress: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """The scaling mode on every rank (collective); returns the records (same on every rank)."""
@@ -508,12 +533,7 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             oracle_rec = {**base, "impl": "oracle", "strategy": None, "kernel": cfg.backend,
                           "world_size": 1, "threads_per_rank": world * threads_per_rank}
             if rank == 0:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    rec = _layer_times(oracle, x, g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                rec = _single_process_times(oracle, x, g, cfg, device, world * threads_per_rank)
                 rec["peak_mem_bytes_per_rank"] = [rec.pop("peak_mem")["bytes"]]
                 rec["bytes_per_rank"] = [0]
                 rec.pop("comm")
@@ -735,6 +755,7 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     """The local mode on every rank (collective); returns the records (same on every rank)."""
     from hpattn_dist.local import DistributedLocalSpatialSelfAttention
     from hpattn_dist.modules import DistributedSpatialSelfAttention
+    from hpattn_dist.tools.bench_flex import compare_with_flex
 
     info = resolve_group(None)
     world, rank = info.world_size, info.rank
@@ -745,53 +766,66 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     for nside in cfg.nsides:
         npix = nside2npix(nside)
         window_nside = max(1, nside // LOCAL_WINDOW_DIV)
-        torch.manual_seed(cfg.seed)  # the same weights on every rank (they are checked)
-        local = DistributedLocalSpatialSelfAttention(
-            cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
-            mode="neighbourhood").to(device=device, dtype=dtype)
         gen = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
         g = torch.randn(cfg.batch, npix, cfg.embed_dim, generator=gen).to(device=device, dtype=dtype)
         start, stop = shard_bounds(npix, world)[rank]
         x_local, g_local = x[:, start:stop].contiguous(), g[:, start:stop].contiguous()
-        base = {"nside": nside, "npix": npix, "window_nside": window_nside, "mode": "neighbourhood",
+        base = {"nside": nside, "npix": npix, "window_nside": window_nside,
                 "cell_pixels": (nside // window_nside) ** 2, "dtype": cfg.dtype, "batch": cfg.batch,
                 "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads, "backend": cfg.backend}
-
-        say(f"nside {nside}: local (window_nside {window_nside}), {world} ranks x {threads_per_rank} threads")
-        rec = {**base, "impl": "local", "world_size": world, "threads_per_rank": threads_per_rank}
-        rec.update(_per_rank(_layer_times(local, x_local, g_local, cfg, device)))
-        group = [rec]
-
-        say(f"nside {nside}: global ring, {world} ranks x {threads_per_rank} threads")
-        ring = DistributedSpatialSelfAttention(cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend,
-                                               strategy="ring").to(device=device, dtype=dtype)
-        ring.load_state_dict(local.state_dict())
-        rec = {**base, "impl": "ring", "world_size": world, "threads_per_rank": threads_per_rank}
-        rec.update(_per_rank(_layer_times(ring, x_local, g_local, cfg, device)))
-        group.append(rec)
-
-        say(f"nside {nside}: local, 1 process x {world * threads_per_rank} threads")
-        rec = {**base, "impl": "local_single", "world_size": 1, "threads_per_rank": world * threads_per_rank}
-        if rank == 0:
-            single = DistributedLocalSpatialSelfAttention(
+        ring_rec = None
+        for mode in cfg.local_modes if cfg.local_layers else ():
+            torch.manual_seed(cfg.seed)  # the same weights on every rank (they are checked)
+            local = DistributedLocalSpatialSelfAttention(
                 cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
-                mode="neighbourhood", process_group=solo).to(device=device, dtype=dtype)
-            single.load_state_dict(local.state_dict())
-            threads = torch.get_num_threads()
-            torch.set_num_threads(world * threads_per_rank)
-            try:
-                res = _layer_times(single, x, g, cfg, device, collective=False)
-            finally:
-                torch.set_num_threads(threads)
-            rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
-                       bytes_per_rank=[sum(res.pop("comm")["bytes_sent"].values())])
-        group.append(_gather_objects(rec)[0])
-        t_local = group[0]["fwd_bwd_s"]
-        group[0]["efficiency_fwd_bwd"] = group[2]["fwd_bwd_s"] / t_local
-        group[0]["efficiency_fwd"] = group[2]["fwd_s"] / group[0]["fwd_s"]
-        group[0]["speed_vs_ring_fwd_bwd"] = group[1]["fwd_bwd_s"] / t_local
-        records += group
+                mode=mode).to(device=device, dtype=dtype)
+            say(f"nside {nside}: local {mode} (window_nside {window_nside}), {world} ranks x "
+                f"{threads_per_rank} threads")
+            local_rec = {**base, "mode": mode, "impl": "local", "world_size": world,
+                         "threads_per_rank": threads_per_rank}
+            local_rec.update(_per_rank(_layer_times(local, x_local, g_local, cfg, device)))
+            records.append(local_rec)
+
+            if ring_rec is None:
+                say(f"nside {nside}: global ring, {world} ranks x {threads_per_rank} threads")
+                ring = DistributedSpatialSelfAttention(cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend,
+                                                       strategy="ring").to(device=device, dtype=dtype)
+                ring.load_state_dict(local.state_dict())
+                ring_rec = {**base, "mode": "global", "impl": "ring", "world_size": world,
+                            "threads_per_rank": threads_per_rank}
+                ring_rec.update(_per_rank(_layer_times(ring, x_local, g_local, cfg, device)))
+                records.append(ring_rec)
+
+            say(f"nside {nside}: local {mode}, 1 process x {world * threads_per_rank} threads")
+            rec = {**base, "mode": mode, "impl": "local_single", "world_size": 1,
+                   "threads_per_rank": world * threads_per_rank}
+            if rank == 0:
+                single = DistributedLocalSpatialSelfAttention(
+                    cfg.embed_dim, cfg.num_heads, attn_backend=cfg.backend, window_nside=window_nside,
+                    mode=mode, process_group=solo).to(device=device, dtype=dtype)
+                single.load_state_dict(local.state_dict())
+                res = _single_process_times(single, x, g, cfg, device, world * threads_per_rank)
+                rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
+                           bytes_per_rank=[sum(res.pop("comm")["bytes_sent"].values())])
+            single_rec = _gather_objects(rec)[0]
+            local_rec["efficiency_fwd_bwd"] = single_rec["fwd_bwd_s"] / local_rec["fwd_bwd_s"]
+            local_rec["efficiency_fwd"] = single_rec["fwd_s"] / local_rec["fwd_s"]
+            local_rec["speed_vs_ring_fwd_bwd"] = ring_rec["fwd_bwd_s"] / local_rec["fwd_bwd_s"]
+            records.append(single_rec)
+
+        # The attention alone against FlexAttention (Note [flex baseline]), on rank 0.
+        head_dim = cfg.embed_dim // cfg.num_heads
+        for mode in cfg.local_modes:
+            say(f"nside {nside}: local {mode} attention vs FlexAttention, 1 process x {threads_per_rank} threads")
+            rows = None
+            if rank == 0:
+                gen = torch.Generator().manual_seed(cfg.seed + 1)
+                q, k, v = (torch.randn(cfg.batch, cfg.num_heads, npix, head_dim, generator=gen)
+                           .to(device=device, dtype=dtype) for _ in range(3))
+                rows = compare_with_flex(q, k, v, window_nside, mode, solo, cfg.warmup, cfg.repeats,
+                                         {**base, "world_size": 1, "threads_per_rank": threads_per_rank})
+            records += _gather_objects(rows)[0]
     return records
 
 
@@ -960,12 +994,7 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                         strategy="ring", process_group=solo, **_locality_kwargs(window))
                     single.load_state_dict(oracle.state_dict())
                     single = single.to(device=device, dtype=dtype)
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    res = _layer_times(single, (x_q, x_kv), g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                res = _single_process_times(single, (x_q, x_kv), g, cfg, device, world * threads_per_rank)
                 single_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
                                   bytes_per_rank=[payload_bytes(res.pop("comm")["bytes_sent"])])
             single_rec = _gather_objects(single_rec)[0]
