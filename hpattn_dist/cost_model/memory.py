@@ -46,10 +46,14 @@ The block kernels' own scratch is a property of the kernel: on the CPU, the flas
 per-thread tiles (:func:`cpu_flash_scratch`; ``dout`` reaches its backward in the
 ``[B, N, h, D]`` layout it reads, no copy); on CUDA (FlashAttention-2 / memory-efficient) an fp32 ``dq`` accumulator (1 hq * 4/s).
 
-Windowed (local) attention (Note [local attention plan]) holds, besides qkv and the layer's
-copies, the extended K/V rows ``[N_r + R_halo, 2, B, H, D]``, the unit-major query, output and
-(backward) gradient copies, and per chunk of units the gathered window keys, bounded by the
-executor's ``_CHUNK_ELEMENTS``. Its schedule is :func:`local_layer_memory`.
+Windowed (local) attention is one registered op between the layer's projections. The layer holds
+``qkv`` (3 px, freed at once) and its head-major contiguous copy q, k, v (3 px, the op's
+residuals), then the op, the output's transpose copy (1 px) and ``y``; saved: q, k, v, the output,
+lse, the edge cells' K/V and the transpose copy. Backward: ``out_proj``'s input gradient (1 px),
+the op's contiguous copy of its transposed ``dout`` (1 px), then the op, dq, dk, dv stacked
+(3 px) and dx. What the op holds is ONE count, Note [local attention memory]
+(:func:`hpattn_dist.local.memory.local_attention_units`, also held to the live bytes by
+``tests/distributed/test_memory.py``); its schedule here is :func:`local_layer_memory`.
 
 A change to an executor changes its schedule here: global attention's is :func:`_global_schedule`,
 windowed attention's :func:`local_layer_memory`; ``tests/distributed/test_cost_model.py`` fails
@@ -344,72 +348,50 @@ def unit_batches(sizes: tuple[int, ...], rank: int, window_nside: int, mode: str
 
 
 def local_layer_memory(case: MemoryCase, window_nside: int, mode: str) -> LayerMemory:
-    """Memory of ``DistributedLocalSpatialSelfAttention`` (Note [activation memory]): the ledger of
-    today's windowed executor (``hpattn_dist.local.attention``, chunks of ``_CHUNK_ELEMENTS``
-    gathered K/V elements)."""
-    from hpattn_dist.cost_model.communication import halo_rows
-    from hpattn_dist.local.attention import _CHUNK_ELEMENTS
+    """Memory of ``DistributedLocalSpatialSelfAttention`` (Note [activation memory]): the layer's
+    projections and copies around ONE windowed op, whose own bytes are Note [local attention
+    memory]'s count (:func:`hpattn_dist.local.memory.local_attention_units`) of this rank's plan."""
+    from hpattn_dist.local.memory import local_attention_units
+    from hpattn_dist.local.plan import plan_local_attention
 
-    c_, led, kernel = case, Ledger(), _Kernel(case)
-    b, h, d, s, a = c_.batch, c_.heads, c_.head_dim, c_.itemsize, c_.acc_itemsize
-    px = c_.px
-    halo = halo_rows(c_.sizes, window_nside, mode)[c_.rank]
-    c, units, batches = unit_batches(c_.sizes, c_.rank, window_nside, mode)
-    row = b * h * d * s  # one pixel of one of q, k, v
-    kv_row = 2 * row
-    q_units = units * c * row  # whole cells, padded
-    ext = (c_.n_local + halo.received) * kv_row
-    # the largest chunk: n units of m window cells, at most _CHUNK_ELEMENTS gathered K/V elements
-    per_key = 2 * b * h * d
-    chunk_units = {m: min(n, max(1, _CHUNK_ELEMENTS // (per_key * m * c))) for m, n in batches.items()}
-    gathered = max((n * m * c * kv_row for m, n in chunk_units.items()), default=0)
-    q_chunk = max((n * c * row for n in chunk_units.values()), default=0)
-    keys = max((m * c for m in batches), default=0)
+    c, led, kernel = case, Ledger(), _Kernel(case)
+    px = c.px
+    plan = plan_local_attention(c.sizes, window_nside, mode, c.rank)
+    units = local_attention_units(plan, c.acc_itemsize / c.itemsize)
+    lse = c.batch * c.heads * c.n_local * c.acc_itemsize
+    edge = round(units.edge * px)
+    # the kernel's scratch in its largest call: c_q queries of a group's windows against a window's keys
+    calls = [(group.q_cells.numel(), 3 if group.pad else group.k_cells.shape[1]) for group in plan.groups]
+    cells, keys = max(calls, default=(0, 0), key=lambda call: call[0] * call[1])
+    q_bytes = cells * plan.cell_pixels * c.batch * c.heads * c.head_dim * c.itemsize
+    n_keys = keys * plan.key_cell_pixels
 
     # ---- forward
-    led.add("qkv", 3 * px)
-    led.add("kv_ext", ext)
-    if any(r.received for r in halo_rows(c_.sizes, window_nside, mode)):  # cached
-        led.add("send", halo.sent * kv_row)
-        led.add("kv_halo", halo.received * kv_row)
-        led.free("send")
-    led.spike(q_units)  # the padded copy, permuted into units
-    led.add("q_units", q_units)
-    led.add("out_units", q_units * a // s)
-    led.add("lse_units", units * b * h * c * a)
-    if batches:  # the previous chunk's keys live until the next gather completes
-        led.spike(2 * gathered + q_chunk + max(q_chunk, kernel.forward_scratch(c, keys)))
+    led.add("qkv_proj", 3 * px)
+    led.add("qkv", 3 * px)  # q, k, v: one contiguous [3, B, H, N_r, D] copy, the op's residuals
+    led.free("qkv_proj")
+    if cells:
+        led.spike(round(units.forward * px) + lse + kernel.forward_scratch(plan.cell_pixels, n_keys))
     led.add("out", px)
-    led.free("kv_ext", "q_units", "out_units")
-    led.add("out_t", px)
+    led.add("lse", lse)
+    led.add("edge", edge)  # the edge cells' K/V, saved: the backward sends only gradients
+    led.add("out_t", px)  # out.transpose(1, 2).reshape(B, N_r, E) before out_proj
     led.add("y", px)
     saved, forward = led.live, led.peak
 
     # ---- backward
     led.add("d_out_t", px)
-    led.add("param_grads", c_.param_grads)
+    led.add("param_grads", c.param_grads)
     led.free("out_t")
-    led.add("kv_ext", ext)
-    led.spike(q_units)
-    led.add("q_units", q_units)
-    led.spike(px + q_units)  # dout made contiguous, then padded
-    led.add("dout_units", q_units)
-    led.spike(q_units)
-    led.add("out_units", q_units)
-    led.spike(q_units * a // s)
-    led.add("delta", units * b * h * c * a)
-    led.add("dq_units", q_units * a // s)
-    led.add("dkv_ext", ext * a // s)
-    # Per chunk: the keys, the block gradients dk, dv, their stack and its row-major copy (4
-    # gathered) with the queries' rows; a chunk's tensors live until the next chunk replaces them,
-    # so the last chunk's keys, gradients and stack (3 gathered) are still held at the end, when
-    # the halo rows' gradients come home and are added (a new 2 px) and dq leaves the units.
-    if batches:
-        led.spike(4 * gathered * a // s + 2 * q_chunk + kernel.backward_scratch(c, keys, q_chunk))
-    led.spike(3 * gathered * a // s + halo.sent * kv_row * a // s + 2 * px * a // s + px)
-    led.free("kv_ext", "q_units", "dout_units", "out_units", "delta", "dkv_ext", "kv_halo", "dq_units")
-    led.free("out", "lse_units")
-    led.add("dqkv", 3 * px)
+    if c.heads > 1:  # dout reaches the op as a transposed view of d_out_t: the op copies it
+        led.add("dout", px)
+    if cells:  # the count's backward holds the saved edge cells, which are held already
+        led.spike(round((units.backward - units.edge) * px) + kernel.backward_scratch(plan.cell_pixels, n_keys,
+                                                                                        q_bytes))
+    led.add("dq_dk_dv", 3 * px)
+    led.free("dout", "d_out_t", "qkv", "out", "lse", "edge")  # the op's residuals go with its node
+    led.add("dqkv", 3 * px)  # dq, dk, dv stacked into the projection's layout
+    led.free("dq_dk_dv")
     led.add("dx", px)
-    led.free("dqkv", "d_out_t", "qkv")
+    led.free("dqkv")
     return LayerMemory(saved, forward, led.peak)
