@@ -124,7 +124,7 @@ from hpattn_dist.strategies import STRATEGIES, ring_attention, sharded_attention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
 from hpattn_dist.tools.bench_report import check_plot_target, format_tables, plot_scaling
 from hpattn_dist.tools.config import load_section
-from hpattn_dist.tools.verify import make_distributed_layer, strategy_variants
+from hpattn_dist.tools.verify_cases import make_distributed_layer, strategy_variants
 
 MODES = ("scaling", "emulation", "memory", "masks", "local", "cross")
 LOCAL_WINDOW_DIV = 8
