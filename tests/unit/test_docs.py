@@ -45,8 +45,7 @@ def test_note_references_across_lines():
 
 
 def test_every_note_pointed_to_exists():
-    texts = [p for p in (ROOT / "hpattn_dist").rglob("*.py")] + [ROOT / "README.md"] + sorted(
-        (ROOT / "docs").glob("*.md"))
+    texts = [*(ROOT / "hpattn_dist").rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
     defined = _defined()
     dangling = {f"{name!r} ({path.relative_to(ROOT)})" for path in texts
                 for name in notes.note_references(path.read_text()) if name not in defined}
