@@ -72,36 +72,6 @@ def _shown_strategy(r: "CaseResult") -> str:
     return f"{r.strategy}={r.executed}"
 
 
-def run_case(
-    cfg: VerifyConfig,
-    oracle: SpatialSelfAttention,
-    x: Tensor,
-    g: Tensor,
-    ref: dict[str, Tensor],
-    *,
-    strategy: str,
-    backend: str,
-    dtype_name: str,
-    group: Optional[dist.ProcessGroup],
-    device: torch.device,
-    ulysses_degree: Optional[int] = None,
-    label: Optional[str] = None,
-) -> CaseResult:
-    """Run one case on every rank of ``group`` and compare with the oracle (see module doc)."""
-    dtype = DTYPES[dtype_name]
-
-    def build() -> torch.nn.Module:
-        return make_distributed_layer(oracle, strategy=strategy, attn_backend=backend, group=group, dtype=dtype,
-                                      device=device, ulysses_degree=ulysses_degree)
-
-    result = run_layer_case(cfg, build, [("x", x)], g, ref, label=label or strategy, backend=backend,
-                            dtype_name=dtype_name, group=group, device=device, skip_refusals=True)
-    if result.skipped is None:
-        result.executed = executed_strategy(result.strategy, resolve_group(group).world_size, oracle.num_heads,
-                                            dtype)
-    return result
-
-
 def run_verify(
     cfg: VerifyConfig,
     *,
@@ -126,9 +96,17 @@ def run_verify(
         if progress is not None:
             progress(f"[{i + 1}/{len(cases)}] {label} / {backend} / {dtype_name}")
         def case(reference: dict[str, Tensor]) -> CaseResult:
-            return run_case(cfg, oracle, x, g, reference, strategy=strategy, backend=backend,
-                            dtype_name=dtype_name, group=group, device=device,
-                            ulysses_degree=degree, label=label)
+            dtype = DTYPES[dtype_name]
+
+            def build() -> torch.nn.Module:
+                return make_distributed_layer(oracle, strategy=strategy, attn_backend=backend, group=group,
+                                              dtype=dtype, device=device, ulysses_degree=degree)
+
+            result = run_layer_case(cfg, build, [("x", x)], g, reference, label=label, backend=backend,
+                                    dtype_name=dtype_name, group=group, device=device, skip_refusals=True)
+            if result.skipped is None:
+                result.executed = executed_strategy(label, world, cfg.num_heads, dtype)
+            return result
 
         result = case(ref)
         if not result.passed and dtype_name == "float64":

@@ -37,7 +37,8 @@ from hpattn_dist.tools import tolerances
 from hpattn_dist.tools.config import load_section
 
 __all__ = ["CaseResult", "Quantity", "VerifyConfig", "compare_quantities", "executed_strategy", "load_field",
-           "make_distributed_layer", "oracle_reference", "run_layer_case", "strategy_variants"]
+           "make_distributed_layer", "oracle_reference", "run_layer_case", "run_oracle_cases", "strategy_variants",
+           "window_label"]
 
 
 @dataclass
@@ -419,3 +420,40 @@ def run_layer_case(
     pairs += [("d" + name, p.grad.cpu(), ref["d" + name]) for name, p in layer.named_parameters()]
     result.quantities = compare_quantities(pairs, dtype_name, cfg.tolerance_scale, group, device)
     return result
+
+
+def run_oracle_cases(
+    cfg: VerifyConfig,
+    oracle: nn.Module,
+    make_layer: Callable[[str], nn.Module],
+    inputs: Sequence[tuple[str, Tensor]],
+    g: Tensor,
+    *,
+    label: str,
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[CaseResult]:
+    """Every (backend, dtype) case of ``cfg`` against one float64 ``oracle`` (reference computed once):
+    ``make_layer(backend)`` builds the distributed layer, which gets the oracle's weights in each dtype
+    (:func:`run_layer_case`; ``inputs``, ``g`` as there)."""
+    ref = oracle_reference(oracle, inputs[0][1], g, **dict(inputs[1:]))
+    results = []
+    for backend in cfg.backends:
+        for dtype_name in cfg.dtypes:
+            if progress is not None:
+                progress(f"{label} / {backend} / {dtype_name}")
+
+            def build() -> nn.Module:
+                layer = make_layer(backend)
+                layer.load_state_dict(oracle.state_dict())
+                return layer.to(device=device, dtype=DTYPES[dtype_name])
+
+            results.append(run_layer_case(cfg, build, inputs, g, ref, label=label, backend=backend,
+                                          dtype_name=dtype_name, group=group, device=device))
+    return results
+
+
+def window_label(mode: str, window_nside: int) -> str:
+    """A window's row label: ``nbhd:W`` (neighbourhood) or ``cell:W``."""
+    return f"{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}"

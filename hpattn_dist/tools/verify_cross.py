@@ -24,8 +24,7 @@ from torch import Tensor
 from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
 from hpattn_dist.healpix import nside2npix
 from hpattn_dist.local.windows import parse_window
-from hpattn_dist.precision import DTYPES
-from hpattn_dist.tools.verify_cases import CaseResult, VerifyConfig, oracle_reference, run_layer_case
+from hpattn_dist.tools.verify_cases import CaseResult, VerifyConfig, run_oracle_cases, window_label
 
 __all__ = ["run_cross_cases"]
 
@@ -57,21 +56,12 @@ def run_cross_cases(
         torch.manual_seed(cfg.seed)
         oracle = SpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend="manual",
                                        window_nside=window_nside, mode=mode).double()
-        ref = oracle_reference(oracle, x, g, x_kv=xs)
-        label = f"cross:{s}" + ("" if window is None else
-                                f":{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}")
-        for backend in cfg.backends:
-            for dtype_name in cfg.dtypes:
-                if progress is not None:
-                    progress(f"{label} / {backend} / {dtype_name}")
+        label = f"cross:{s}" + ("" if window is None else f":{window_label(mode, window_nside)}")
 
-                def build() -> nn.Module:
-                    layer = DistributedSpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend=backend,
-                                                             process_group=group, window_nside=window_nside,
-                                                             mode=mode)
-                    layer.load_state_dict(oracle.state_dict())
-                    return layer.to(device=device, dtype=DTYPES[dtype_name])
+        def make_layer(backend: str) -> nn.Module:
+            return DistributedSpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend=backend, process_group=group,
+                                                    window_nside=window_nside, mode=mode)
 
-                results.append(run_layer_case(cfg, build, [("x", x), ("x_kv", xs)], g, ref, label=label,
-                                              backend=backend, dtype_name=dtype_name, group=group, device=device))
+        results += run_oracle_cases(cfg, oracle, make_layer, [("x", x), ("x_kv", xs)], g, label=label, group=group,
+                                    device=device, progress=progress)
     return results

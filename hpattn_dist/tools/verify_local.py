@@ -21,8 +21,7 @@ from torch import Tensor
 
 from hpattn_dist.local import DistributedLocalSpatialSelfAttention, LocalSpatialSelfAttention
 from hpattn_dist.local.windows import parse_window
-from hpattn_dist.precision import DTYPES
-from hpattn_dist.tools.verify_cases import CaseResult, VerifyConfig, oracle_reference, run_layer_case
+from hpattn_dist.tools.verify_cases import CaseResult, VerifyConfig, run_oracle_cases, window_label
 
 __all__ = ["run_local_cases"]
 
@@ -50,20 +49,11 @@ def run_local_cases(
         torch.manual_seed(cfg.seed)
         oracle = LocalSpatialSelfAttention(x.shape[2], cfg.num_heads, window_nside=window_nside,
                                            mode=mode).double()
-        ref = oracle_reference(oracle, x, g)
-        label = f"{'nbhd' if mode == 'neighbourhood' else 'cell'}:{window_nside}"
-        for backend in cfg.backends:
-            for dtype_name in cfg.dtypes:
-                if progress is not None:
-                    progress(f"{label} / {backend} / {dtype_name}")
 
-                def build() -> nn.Module:
-                    layer = DistributedLocalSpatialSelfAttention(
-                        x.shape[2], cfg.num_heads, attn_backend=backend, window_nside=window_nside,
-                        mode=mode, process_group=group)
-                    layer.load_state_dict(oracle.state_dict())
-                    return layer.to(device=device, dtype=DTYPES[dtype_name])
+        def make_layer(backend: str) -> nn.Module:
+            return DistributedLocalSpatialSelfAttention(x.shape[2], cfg.num_heads, attn_backend=backend,
+                                                        window_nside=window_nside, mode=mode, process_group=group)
 
-                results.append(run_layer_case(cfg, build, [("x", x)], g, ref, label=label, backend=backend,
-                                              dtype_name=dtype_name, group=group, device=device))
+        results += run_oracle_cases(cfg, oracle, make_layer, [("x", x)], g, label=window_label(mode, window_nside),
+                                    group=group, device=device, progress=progress)
     return results

@@ -22,8 +22,8 @@ ROOT = Path(hpattn_dist.__path__[0])
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations: dtypes, input checks, masks, the merge, the shard plan",
      ("precision", "validation", "double_backward", "masks", "merge", "shard_plan")),
-    ("communication", ("comm",)),
     ("block kernels", ("kernels",)),
+    ("communication", ("comm",)),
     ("geometry, groups, costs, replicated state, the oracle",
      ("healpix", "mesh", "replicas", "grad_sync", "swap_modules", "shutdown", "oracle", "cost_model",
       "local.windows", "io")),
