@@ -1,11 +1,12 @@
-"""MkDocs hook: the Notes page and the floors table, collected from the sources at build time.
+"""MkDocs hook: the front page, the Notes page and the floors table, read from the sources at build time.
 
 The long reasoning of the library lives in ``Note [name]`` blocks beside the code it explains
 (module and function docstrings, and ``# Note [name]`` comment blocks). ``docs/notes.md`` holds
 the marker ``<!-- notes -->``; this hook replaces it with every Note of ``hpattn_dist/`` (then
 those of ``tests/`` and ``launch/``), grouped by file, so the page never holds a second copy that could drift. Likewise ``<!-- floors -->``
 becomes the table of the package's floors, read from ``FLOORS`` in
-``tests/unit/test_import_floors.py``, the test that holds the imports to it.
+``tests/unit/test_import_floors.py``, the test that holds the imports to it; and
+``<!-- readme -->`` (``docs/index.md``) becomes the README, the one front page.
 """
 
 from __future__ import annotations
@@ -118,8 +119,18 @@ def render_floors(test_file: Path) -> str:
     return "\n".join(rows)
 
 
+README_MARKER = "<!-- readme -->"
+
+
+def readme_for_site(readme: str) -> str:
+    """The README as the site's front page: its links into ``docs/`` made relative to it."""
+    return re.sub(r"\]\(docs/", "](", readme)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     root = Path(config["config_file_path"]).parent
+    if README_MARKER in markdown:
+        markdown = markdown.replace(README_MARKER, readme_for_site((root / "README.md").read_text()))
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, render_notes(root))
     if FLOORS_MARKER in markdown:

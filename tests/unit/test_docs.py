@@ -66,5 +66,6 @@ def test_site_builds_without_warnings(tmp_path):
     page = (site / "notes" / "index.html").read_text()
     missing = [name for name in _defined() if f"Note [{name}]" not in page]
     assert not missing, f"Notes missing from the Notes page: {missing}"
+    assert "Quick start" in (site / "index.html").read_text()  # the README is the front page
     api = (site / "api" / "functions" / "index.html").read_text()
     assert "ring_attention" in api and ":func:" not in api
