@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rst_markup import rst_to_markdown  # noqa: E402  (beside this file)
+from rst_markup import link_notes, note_anchor, rst_to_markdown  # noqa: E402  (beside this file)
 
 MARKER = "<!-- notes -->"
 _HEADING = re.compile(r"^(?P<indent>[ \t]*)(?P<comment># )?Note \[(?P<name>[^\]]+)\]"
@@ -62,8 +62,8 @@ def _docstring_body(lines: list[str], start: int, indent: int) -> list[str]:
     return body
 
 
-def collect_notes(package: Path) -> list[tuple[str, str, int, str]]:
-    """``(file, name, line, body)`` of every Note under ``package``, in file order (a Note is a
+def collect_notes(package: Path) -> list[tuple[str, str, int, str, bool]]:
+    """``(file, name, line, body, inline)`` of every Note under ``package``, in file order (a Note is a
     line ``Note [name]`` alone, optionally underlined with ``~``, or a comment ``# Note [name]``
     alone or followed by ``:`` and its first sentence)."""
     notes = []
@@ -79,8 +79,17 @@ def collect_notes(package: Path) -> list[tuple[str, str, int, str]]:
             else:
                 body = _docstring_body(lines, start, _indent(line))
             rel = path.relative_to(package.parent).as_posix()
-            notes.append((rel, match["name"], i + 1, _dedent(body)))
+            notes.append((rel, match["name"], i + 1, _dedent(body), bool(match["inline"])))
     return notes
+
+
+def all_notes(root: Path) -> list[tuple[str, str, int, str]]:
+    """``(file, name, line, body)`` of every Note of :data:`SOURCES`; a comment that opens with a
+    Note's name and a colon defines it only where no block of that name exists (elsewhere it is a
+    comment on that Note)."""
+    found = [note for source in SOURCES for note in collect_notes(root / source)]
+    blocks = {name for _, name, _, _, inline in found if not inline}
+    return [(rel, name, line, body) for rel, name, line, body, inline in found if not inline or name not in blocks]
 
 
 def note_references(text: str) -> set[str]:
@@ -93,12 +102,11 @@ def note_references(text: str) -> set[str]:
 
 def render_notes(root: Path) -> str:
     out, current = [], None
-    for source in SOURCES:
-        for rel, name, line, body in collect_notes(root / source):
-            if rel != current:
-                out.append(f"## `{rel}`\n")
-                current = rel
-            out.append(f"### Note [{name}]\n\n*line {line}*\n\n{rst_to_markdown(body)}\n")
+    for rel, name, line, body in all_notes(root):
+        if rel != current:
+            out.append(f"## `{rel}`\n")
+            current = rel
+        out.append(f"### Note \\[{name}\\] {{#{note_anchor(name)}}}\n\n*line {line}*\n\n{rst_to_markdown(body)}\n")
     return "\n".join(out)
 
 
@@ -131,6 +139,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     root = Path(config["config_file_path"]).parent
     if README_MARKER in markdown:
         markdown = markdown.replace(README_MARKER, readme_for_site((root / "README.md").read_text()))
+    if MARKER not in markdown:
+        markdown = link_notes(markdown)  # the Notes page links its bodies itself
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, render_notes(root))
     if FLOORS_MARKER in markdown:

@@ -42,13 +42,36 @@ def _fence_tables(text: str) -> str:
     return "\n".join(out)
 
 
+_NOTE_REF = re.compile(r"(?<![\[\w])Note \[([^\]\n]+)\](?!\])")
+
+
+def note_anchor(name: str) -> str:
+    """The anchor of ``Note [name]`` on the Notes page (``docs/notes.md``)."""
+    return "note-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def link_notes(text: str) -> str:
+    """Every ``Note [name]`` outside code becomes a cross-reference to the Notes page."""
+    out, fence = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fence = not fence
+        if fence or line.lstrip().startswith("#") or line.startswith("    "):
+            out.append(line)
+            continue
+        parts = line.split("`")  # even parts lie outside inline code
+        out.append("`".join(_NOTE_REF.sub(lambda m: f"[Note \\[{m[1]}\\]][{note_anchor(m[1])}]", p) if i % 2 == 0
+                            else p for i, p in enumerate(parts)))
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str) -> str:
     """The Markdown form of a docstring's reStructuredText markup (see the module docstring)."""
     text = _ROLE.sub(_role, text)
     text = _NOTE_HEADING.sub(lambda m: f"{m['indent']}**{m['title']}**", text)
     text = re.sub(r"(\S)::[ \t]*$", r"\1:", text, flags=re.M)
     text = re.sub(r"^[ \t]*::[ \t]*\n", "", text, flags=re.M)
-    return _fence_tables(text)
+    return link_notes(_fence_tables(text))
 
 
 if griffe is not None:

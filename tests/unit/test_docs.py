@@ -24,8 +24,8 @@ def _load_notes():
 notes = _load_notes()
 
 
-def _defined() -> set[str]:
-    return {name for source in notes.SOURCES for _, name, _, _ in notes.collect_notes(ROOT / source)}
+def _defined() -> list[str]:
+    return [name for _, name, _, _ in notes.all_notes(ROOT)]
 
 
 def test_collector_reads_each_form_of_note(tmp_path):
@@ -34,7 +34,7 @@ def test_collector_reads_each_form_of_note(tmp_path):
         'def f():\n    """F.\n\n    Note [indented]\n        Nested body.\n\n    Args:\n        x: y.\n    """\n\n'
         '# Note [comment block]\n# Comment body.\nx = 1\n'
         '# Note [inline]: first sentence,\n# then more.\n')
-    got = [(name, body) for _, name, _, body in notes.collect_notes(tmp_path)]
+    got = [(name, body) for _, name, _, body, _ in notes.collect_notes(tmp_path)]
     assert got == [("under lined", "First body\nline two."), ("indented", "Nested body."),
                    ("comment block", "Comment body."), ("inline", "first sentence,\nthen more.")]
 
@@ -44,9 +44,14 @@ def test_note_references_across_lines():
     assert notes.note_references(text) == {"one two", "three four", "five"}
 
 
+def test_every_note_is_defined_once():
+    names = _defined()
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
 def test_every_note_pointed_to_exists():
     texts = [*(ROOT / "hpattn_dist").rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
-    defined = _defined()
+    defined = set(_defined())
     dangling = {f"{name!r} ({path.relative_to(ROOT)})" for path in texts
                 for name in notes.note_references(path.read_text()) if name not in defined}
     assert not dangling, f"Notes pointed to that no source defines: {sorted(dangling)}"
