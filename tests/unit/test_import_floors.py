@@ -33,9 +33,9 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("integrations", ("integrations",)),
     ("tool pieces", ("tools.platform", "tools.config", "tools.tolerances", "tools.allocations",
                      "tools.bench_report")),
-    ("the verify cases", ("tools.verify_cases",)),
+    ("what the checks and benchmarks share", ("tools.verify_cases", "tools.bench_config", "tools.bench_measure")),
     ("checks and benchmarks", ("tools",)),
-    ("the verify command", ("tools.verify",)),
+    ("the verify and bench commands", ("tools.verify", "tools.bench")),
     ("the command line and the public API", ("tools.cli", "__main__", "")),
 )
 
