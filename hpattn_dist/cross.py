@@ -39,7 +39,7 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
-from hpattn_dist.masks import key_bias_from_mask, zero_excluded_keys
+from hpattn_dist.masks import finite_or_zero, key_bias_from_mask, nonfinite_reads
 from hpattn_dist.oracle import AttnBackend, check_layer_args
 from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies import check_strategy_args, sharded_attention
@@ -168,11 +168,14 @@ class SpatialCrossAttention(nn.Module):
                 raise ValueError(f"key_bias must have shape [B, Nk] = {(batch, n_k)} or [B, H, Nk] = "
                                  f"{(batch, self.num_heads, n_k)}, got {tuple(key_bias.shape)}")
             bias = bias.to(q.dtype)
+        # Note [non-finite inputs] in masks.py: the rows reading a NaN or an infinity are NaN; the
+        # formula runs on finite inputs (a row reading none of the zeroed entries is unchanged).
+        nan_rows = nonfinite_reads(q, k, v, bias, None if key_mask is None else key_mask[:, None, None, :])
+        q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         scores_bias, has_key = None, None  # [B, H|1, 1, Nk], [B, H|1]
         if key_mask is not None or bias is not None:
-            # Note [non-finite inputs] in masks.py: excluded keys reach no row (-inf scores, zero
-            # K/V rows); Note [fully masked queries] in oracle.py: a row with no allowed key is
-            # zero, computed over every key (no NaN created) and then replaced.
+            # Note [fully masked queries] in oracle.py: a row with no allowed key is zero,
+            # computed over every key (no NaN created) and then replaced.
             excluded = torch.zeros((batch, 1, n_k), dtype=torch.bool, device=q.device)
             if bias is not None:
                 excluded = excluded | torch.isneginf(bias)
@@ -181,8 +184,7 @@ class SpatialCrossAttention(nn.Module):
             has_key = (~excluded).any(dim=-1)  # [B, H|1]
             excluded = excluded & has_key[..., None]
             finite = torch.zeros_like(excluded, dtype=q.dtype) if bias is None else \
-                torch.where(has_key[..., None], bias, torch.zeros_like(bias))
-            k, v = zero_excluded_keys(k, excluded), zero_excluded_keys(v, excluded)
+                torch.where(has_key[..., None] & (bias < float("inf")), bias, torch.zeros_like(bias))
             scores_bias = finite.masked_fill(excluded, float("-inf"))[:, :, None, :]
 
         if self.attn_backend != "manual" and _SDPA_AVAILABLE:
@@ -197,6 +199,7 @@ class SpatialCrossAttention(nn.Module):
             out = attn @ v  # [B, H, Nq, D]
         if has_key is not None:  # zeros, also where the attention over every key gave NaN
             out = torch.where(has_key[:, :, None, None], out, torch.zeros_like(out))
+        out = out.masked_fill(nan_rows[..., None], float("nan"))
         out = out.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
         return self.out_proj(out)
 

@@ -5,26 +5,41 @@ Legend: B batch, H heads, N_r pixels (keys) on this rank, M_r keys left after co
 Note [non-finite inputs]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 Defined once, for every path (global, cross, windowed; ring, Ulysses, hybrid; the registered op
-and the autograd executors) and every oracle (``oracle.py``, ``cross.py``, ``local/oracle.py``,
-the tests' references): a query attends to its ALLOWED keys, those unmasked (``key_mask`` True,
-``key_bias`` above ``-inf``) and, with a window, in its window. Its output is the explicit
-softmax formula over exactly those keys, as PyTorch's SDPA computes it over the same keys:
+and the autograd executors; every block kernel) and every oracle (``oracle.py``, ``cross.py``,
+``local/oracle.py``, the tests' references): a query attends to its ALLOWED keys, those unmasked
+(``key_mask`` True, ``key_bias`` above ``-inf``) and, with a window, in its window.
 
-* a NaN in the query, or in a key or value it attends to, makes its row NaN; an infinite score
-  or value gives what the formula gives (NaN or +-inf);
-* a key it does not attend to never reaches its row, whatever that key holds. A matmul would
+* A query with no allowed key gets zeros, whatever it holds (Note [fully masked queries] in
+  ``oracle.py``).
+* Otherwise its row is NaN when anything it reads is not finite: its query, or the key, the
+  value or the bias of an allowed key holds a NaN or an infinity (dropout aside: a dropped key
+  still counts). Else every score and value it reads is finite, and its row is the explicit
+  softmax formula over exactly its allowed keys, as PyTorch's SDPA computes it over them.
+* A key it does not attend to never reaches its row, whatever that key holds. A matmul would
   multiply the key's value by a zero weight (``0 * NaN = NaN``) and a bias would add ``-inf`` to
-  its score (``NaN - inf = NaN``), so the kernels and oracles EXCLUDE such keys: their scores are
-  set to ``-inf`` and their K/V rows to zero (:func:`zero_excluded_keys`); a window leaves them
-  out altogether;
-* a query with no allowed key gets zeros (Note [fully masked queries] in ``oracle.py``), whatever
-  it holds;
-* dropout drops normalised weights, so a dropped key it attends to still counts (its NaN value
-  reaches the row through ``0 * NaN``, as in the formula).
+  its score (``NaN - inf = NaN``), so such keys are EXCLUDED: the manual kernel sets their scores
+  to ``-inf`` and their K/V rows to zero (:func:`zero_excluded_keys`), the oracles mask their
+  scores after zeroing every non-finite entry (:func:`finite_or_zero`), and a window leaves them
+  out altogether.
 
-Nothing is checked: non-finite inputs cost no pass over the data and no device read. Gradients
-are the formula's where the output row is finite (keys a query does not attend to get none from
-it); the gradients flowing from a non-finite row are not specified.
+Why infinities make a row NaN rather than "what the formula gives": on infinite scores the
+formula's value depends on how it is evaluated, and no kernel follows one evaluation. A row whose
+scores are all ``-inf`` is ``0 / 0`` in ``torch.softmax`` (NaN) but zeros in SDPA's math backend
+(its safe softmax) and in the manual kernel; PyTorch's CPU flash kernel returns zeros with
+``lse = 0`` for such a row (and for a row whose scores are all NaN), which a ring merge would then
+weigh as a block of real keys; and ``0 * inf`` decides whether a key of weight zero with an
+infinite value spoils a row, which a fused kernel may or may not compute. Which rows read a
+non-finite value is known from the inputs alone, so every kernel follows the same rule at the
+same cost: :func:`nonfinite_reads` per block (two reductions over q, k and
+v, no score read, no device-to-host read), whose rows get NaN output and NaN lse; the online
+merge carries a NaN lse to the final row (Note [stable merge] in ``merge.py``). The oracles
+compute the formula on inputs whose non-finite entries are zeroed (:func:`finite_or_zero`; a row
+that reads none of them is unchanged) and set the rows :func:`nonfinite_reads` names to NaN.
+
+Finite inputs whose scores overflow the accumulation dtype (``|q| |k|`` near its largest
+value) are not covered: their rows are unspecified. Gradients are the formula's where the
+output row is finite (keys a query does not attend to get none from it; a query with no allowed
+key gives none, whatever it holds); the gradients flowing from a NaN row are not specified.
 """
 
 from __future__ import annotations
@@ -38,13 +53,66 @@ from torch import Tensor
 
 from hpattn_dist.precision import acc_dtype
 
-__all__ = ["MaskLayout", "key_bias_from_mask", "mask_layout", "unmasked_keys", "zero_excluded_keys"]
+__all__ = ["MaskLayout", "finite_or_zero", "key_bias_from_mask", "mask_layout", "nonfinite_reads",
+           "nonfinite_rows", "unmasked_keys", "zero_excluded_keys"]
 
 
 def zero_excluded_keys(t: Tensor, excluded: Optional[Tensor]) -> Tensor:
     """``t [B, H, N_k, D]`` with the rows of excluded keys (``excluded``: bool ``[B, H|1, N_k]``)
     set to zero, so that no zero weight multiplies a non-finite value (Note [non-finite inputs])."""
     return t if excluded is None else t.masked_fill(excluded[..., None], 0)
+
+
+def nonfinite_rows(t: Tensor) -> Tensor:
+    """Bool ``[..., N]``: the rows of ``t [..., N, D]`` holding a NaN or an infinity (their max or
+    min is not finite: two reductions, no temporary of ``t``'s size; ``aminmax`` is several times
+    slower on CPU)."""
+    if t.shape[-1] == 0:
+        return torch.zeros(t.shape[:-1], dtype=torch.bool, device=t.device)
+    t = t.detach()
+    return (torch.isfinite(t.amax(dim=-1)) & torch.isfinite(t.amin(dim=-1))).logical_not()  # (~: not on fake CUDA)
+
+
+def nonfinite_reads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                    allowed: Optional[Tensor] = None, key_bad: Optional[Tensor] = None,
+                    q_bad: Optional[Tensor] = None) -> Tensor:
+    """Bool ``[B, H, N_q]``: the query rows that Note [non-finite inputs] makes NaN (a row with an
+    allowed key that reads a NaN or an infinity).
+
+    Args:
+        q: ``[B, H, N_q, D]``; k, v: ``[B, H, N_k, D]``.
+        bias: optional additive key bias ``[B, H|1, N_k]``: ``-inf`` excludes the key, NaN and
+            ``+inf`` are non-finite values read.
+        allowed: optional bool, broadcastable to ``[B, H, N_q, N_k]``: the keys each query may
+            attend to (a window); None: every key (a block kernel's case, where the cost is two
+            reductions over q, k and v and no ``N_q x N_k`` tensor).
+        key_bad: optional bool ``[B, H, N_k]``, the keys whose k or v is not finite, where the
+            caller has it (windowed attention finds it once per call, not in every window).
+        q_bad: optional bool ``[B, H, N_q]``, :func:`nonfinite_rows` of q, where the caller has it
+            (the ring finds it once per call, not for every block).
+    """
+    if q_bad is None:
+        q_bad = nonfinite_rows(q)
+    if key_bad is None:
+        key_bad = nonfinite_rows(k) | nonfinite_rows(v)  # [B, H, N_k]
+    attend = allowed
+    if bias is not None:
+        key_bad = key_bad | (bias < float("inf")).logical_not()  # NaN or +inf (-inf excludes the key)
+        kept = torch.isneginf(bias).logical_not()[:, :, None, :]  # [B, H|1, 1, N_k]
+        attend = kept if attend is None else attend & kept
+    if attend is None:
+        reads = key_bad.any(dim=-1, keepdim=True)  # [B, H, 1]
+        q_rows = q_bad if k.shape[2] else torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+    else:
+        reads = (attend & key_bad[:, :, None, :]).any(dim=-1)  # [B, H, N_q or 1]
+        q_rows = q_bad & attend.any(dim=-1)
+    return (q_rows | reads).expand(q.shape[:3])
+
+
+def finite_or_zero(t: Tensor) -> Tensor:
+    """``t`` with its NaN and infinite entries set to zero (an oracle's input, Note [non-finite
+    inputs]); differentiable, with zero gradient at those entries."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def key_bias_from_mask(

@@ -15,12 +15,13 @@ Note [stable merge]
     a rounded ``lse`` at every step, and in fp32 (N = 64, 30 seeds) its output error grew with the
     number of merged blocks (RMS x1.3 at 4 blocks, x1.5 at 8, relative to one block); this form
     stays at x1.0-1.1. (The correction form ``o_a - w_b * (o_a - o_b)`` of ring-flash-attention
-    is as accurate but turns an infinite ``o_a`` into NaN; this one propagates ``inf`` as the
-    single-device softmax does.)
+    is as accurate but turns an infinite ``o_a`` into NaN; this one keeps it infinite.)
 
     Rows with no key so far (``lse_a = -inf``) take the block as it is (``w_a = 0, w_b = 1``); a
     block with no key (``lse_b = -inf``) gets ``w_b = 0`` and leaves the row unchanged, so empty
-    rows keep ``o = 0`` and ``lse = -inf`` and never see the NaN of ``-inf - -inf``. Accumulators
+    rows keep ``o = 0`` and ``lse = -inf`` and never see the NaN of ``-inf - -inf``. A row that a
+    block makes NaN (``o`` and ``lse`` NaN: Note [non-finite inputs] in ``masks.py``) stays NaN
+    through every later merge, whatever the order (``sigmoid(NaN) = NaN``). Accumulators
     are float32 (float64 for float64 inputs); the caller casts the final output back to the input
     dtype.
 """

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from hpattn_dist.masks import zero_excluded_keys
+from hpattn_dist.masks import finite_or_zero, nonfinite_reads
 from hpattn_dist.validation import check_layer_input
 
 AttnBackend = Literal["auto", "sdpa", "manual"]
@@ -74,7 +74,9 @@ class SpatialSelfAttention(nn.Module):
         - Input ``x``: ``[B, N, E]``; optional ``key_mask``: bool ``[B, N]`` (True = attend).
         - Output: ``[B, N, E]``.
 
-    A query whose keys are all masked gets a zero attention output (then ``out_proj``), never NaN.
+    A query whose keys are all masked gets a zero attention output (then ``out_proj``), never NaN;
+    a query that reads a NaN or an infinity (its own, or an unmasked key's) a NaN one (Note
+    [non-finite inputs] in ``masks.py``).
 
     Example:
         >>> attn = SpatialSelfAttention(embed_dim=64, num_heads=8)
@@ -129,19 +131,19 @@ class SpatialSelfAttention(nn.Module):
         check_layer_input(x, self.embed_dim, key_mask, pixels="N")
         batch_size, num_points, _ = x.shape
         has_key = None
+        qkv = self.qkv_proj(x)  # [B, N, 3E]
+        qkv = qkv.reshape(batch_size, num_points, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+        # Note [non-finite inputs] in masks.py: the rows reading a NaN or an infinity are NaN; the
+        # formula runs on finite inputs (a row reading none of the zeroed entries is unchanged).
+        nan_rows = nonfinite_reads(q, k, v, allowed=None if key_mask is None else key_mask[:, None, None, :])
+        q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         if key_mask is not None:
             # Note [fully masked queries]: softmax over no keys is 0/0 (SDPA and softmax give NaN,
             # whose backward poisons every gradient). We define the attention output of such a
             # query as zero: attend without the mask, then zero the result, so no NaN is created.
             has_key = key_mask.any(dim=-1)  # [B]
             key_mask = key_mask | ~has_key[:, None]
-
-        qkv = self.qkv_proj(x)  # [B, N, 3E]
-        qkv = qkv.reshape(batch_size, num_points, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
-        if key_mask is not None:  # masked keys reach no row (Note [non-finite inputs] in masks.py)
-            excluded = ~key_mask[:, None, :]
-            k, v = zero_excluded_keys(k, excluded), zero_excluded_keys(v, excluded)
 
         if self._use_sdpa():
             dropout_p = self._dropout_p if self.training else 0.0
@@ -154,8 +156,9 @@ class SpatialSelfAttention(nn.Module):
             attn = F.softmax(attn, dim=-1)
             attn = self.dropout(attn)
             out = attn @ v  # [B, H, N, D]
-        if has_key is not None:  # zeros, also where the unmasked attention gave NaN
+        if has_key is not None:
             out = torch.where(has_key[:, None, None, None], out, torch.zeros_like(out))
+        out = out.masked_fill(nan_rows[..., None], float("nan"))
 
         out = out.transpose(1, 2).reshape(batch_size, num_points, self.embed_dim)
         return self.out_proj(out)

@@ -95,27 +95,33 @@ def reference_attention(
 
     Returns:
         ``[B, H, N_q, D]`` float64. A key a query does not attend to (``-inf`` bias, not allowed)
-        takes no part in its row, not even as ``0 * value``; a non-finite value elsewhere gives
-        what the formula gives.
+        takes no part in its row, not even as ``0 * value``. A row with an allowed key is NaN
+        when its query, or the key, value or bias of a key it attends to, holds a NaN or an
+        infinity (then no other value is asserted of it); the formula runs on the rest.
     """
     q, k, v = q.double(), k.double(), v.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, N_q, N_k]
-    attend = torch.ones(s.shape, dtype=torch.bool) if allowed is None else allowed.expand(s.shape)
+    shape = (*q.shape[:3], k.shape[2])  # [B, H, N_q, N_k]
+    attend = torch.ones(shape, dtype=torch.bool) if allowed is None else allowed.expand(shape)
+    key_ok = torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1)  # [B, H, N_k]
+    bias = None
     if key_bias is not None:
         bias = key_bias.double()
-        bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]
-        attend = attend & ~torch.isneginf(bias)
-        s = s + torch.where(torch.isneginf(bias), 0.0, bias)
+        bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]  # [B, H|1, 1, N_k]
+        attend = attend & (bias != float("-inf"))
+        key_ok = key_ok & ~(torch.isnan(bias) | (bias == float("inf")))[:, :, 0, :]
+        bias = torch.where(torch.isfinite(bias), bias, 0.0)
+    has_key = attend.any(dim=-1)  # [B, H, N_q]: by the keys, not their values
+    nan_row = (has_key & ~torch.isfinite(q).all(dim=-1)) | (attend & ~key_ok[:, :, None, :]).any(dim=-1)
+    q, k, v = (torch.where(torch.isfinite(t), t, 0.0) for t in (q, k, v))
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
     s = s.masked_fill(~attend, float("-inf"))
-    has_key = attend.any(dim=-1, keepdim=True)  # [B, H, N_q, 1]: by the keys, not their values
-    w = torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1)
-    w = torch.where(has_key, w, torch.zeros_like(w))
+    w = torch.softmax(torch.where(has_key[..., None], s, torch.zeros_like(s)), dim=-1)
+    w = torch.where(has_key[..., None], w, torch.zeros_like(w))
     if dropout is not None:
         batch, heads, n_q, n_k = w.shape
         keep = reference_keep_mask(dropout, batch, heads, n_q, n_k).to(w.device)
         w = w * keep.double() / (1.0 - dropout.p)
-    if bool(torch.isfinite(v).all()):
-        return torch.matmul(w, v)
-    # Each row's sum over its own keys, so that no 0 * inf or 0 * NaN of another key enters it.
-    return torch.where(attend[..., None], w[..., None] * v[:, :, None], 0.0).sum(dim=-2)
+    return torch.matmul(w, v).masked_fill(nan_row[..., None], float("nan"))

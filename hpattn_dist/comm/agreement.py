@@ -46,6 +46,19 @@ row on the GPU, one read per call (register a CPU backend to avoid it); the fing
 parameters changed (once per optimizer step per layer; under FSDP2 / ZeRO-3, whose forward
 gathers the parameters anew, every call); a key mask that is a new tensor or was changed in place
 (its values decide which keys travel), including hybrid's gathered mask on every call.
+
+Note [gradients on every rank or none]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The backward of a sharded attention communicates (the ring's K/V and dK/dV trips, Ulysses'
+all-to-alls, the halo's gradient rows), so it must run on every rank of the group or on none. A
+rank whose call records no gradient (``torch.no_grad()``, ``inference_mode``, or no input that
+requires grad) runs no backward, and a peer that does would wait for it until the exchange
+timeout. So whether THIS call's output will be differentiated is part of every attention
+agreement (:meth:`Signature.set`'s ``grads``, computed by :func:`records_gradients`): ranks that
+differ raise on every rank, naming the ranks that record gradients and those that do not. Which
+inputs need their gradient may differ between ranks (a key bias learned on one rank only): the
+executors run the same exchanges on every rank whenever any rank needs them (Note [backward
+exchanges on every rank] in ``comm/head_exchange.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +76,7 @@ from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import cause_text
 
 __all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "bits_float", "device_code", "dtype_code",
-           "fail_together", "float_bits", "raise_on_every_rank", "validated_signature"]
+           "fail_together", "float_bits", "raise_on_every_rank", "records_gradients", "validated_signature"]
 
 _DTYPE_CODES = {
     torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4,
@@ -94,6 +107,15 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES.get(dtype, 0)
 
 
+def records_gradients(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` (None skipped) will be differentiated: grad mode is on and
+    one of them requires grad (Note [gradients on every rank or none])."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_GRADS = "grads"
+"""The shared value :meth:`Signature.set` declares for its ``grads`` argument."""
+
 SIGNATURE_WIDTH = 40
 """Ints per rank in the signature ``all_gather``: 4 header + up to 36 values (320 bytes)."""
 
@@ -114,7 +136,7 @@ class Signature:
         self._per_rank: Optional[list] = None
 
     def set(self, shared: dict[str, Union[int, float]], local: Union[int, Sequence[int]],
-            device: Optional[torch.device] = None, *, kind: str = "") -> None:
+            device: Optional[torch.device] = None, *, kind: str = "", grads: Optional[bool] = None) -> None:
         """Declare this rank's signature.
 
         Args:
@@ -126,11 +148,16 @@ class Signature:
             kind: the code path (e.g. the strategy); ranks with different kinds, or in different
                 entry points or layers (the ``what`` of :func:`validated_signature`), raise
                 "called with different signatures", naming each rank's call.
+            grads: whether this call's output will be differentiated (:func:`records_gradients`),
+                for a call whose backward communicates: a shared value whose disagreement raises
+                naming the ranks on each side (Note [gradients on every rank or none]).
         """
         self._floats = {str(k) for k, v in shared.items() if isinstance(v, float)}
         self._shared = {str(k): float_bits(v) if isinstance(v, float) else int(v) for k, v in shared.items()}
         if device is not None:  # the device kind: a meta or CPU rank among CUDA ranks raises
             self._shared["device"] = device_code(torch.device(device))
+        if grads is not None:
+            self._shared[_GRADS] = int(grads)
         self._scalar_local = isinstance(local, int)
         self._local = (int(local),) if self._scalar_local else tuple(int(v) for v in local)
         self._kind, self._device = kind, device
@@ -191,6 +218,8 @@ class Signature:
         values = [row[4:4 + n_shared] for row in rows]
         if any(v != values[0] for v in values):
             differ = [n for i, n in enumerate(names) if any(v[i] != values[0][i] for v in values)]
+            if _GRADS in differ:
+                self._refuse_grads([v[names.index(_GRADS)] for v in values], [n for n in differ if n != _GRADS])
 
             def show(name: str, value: int) -> str:
                 if name in self._floats:
@@ -209,6 +238,18 @@ class Signature:
             )
         tails = [row[4 + n_shared:4 + n_shared + n_local] for row in rows]
         self._per_rank = [t[0] for t in tails] if self._scalar_local else [tuple(t) for t in tails]
+
+    def _refuse_grads(self, grads: list[int], also: list[str]) -> None:
+        """Raise Note [gradients on every rank or none]'s error (the same on every rank)."""
+        on = [r for r, g in enumerate(grads) if g]
+        off = [r for r, g in enumerate(grads) if not g]
+        raise ValueError(
+            f"{self.what}: {_ranks_text(self.info, on)} record{'s' if len(on) == 1 else ''} gradients for "
+            f"this call and {_ranks_text(self.info, off)} do{'es' if len(off) == 1 else ''} not (torch.no_grad() "
+            "or inference_mode, or no input that requires grad); its backward exchanges data with every "
+            "rank, so every rank must record gradients or none"
+            + (f" (the ranks also disagree on {', '.join(also)})" if also else "")
+        )
 
 
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],

@@ -34,6 +34,7 @@ from hpattn_dist.kernels import sdpa as _sdpa
 from hpattn_dist.kernels.capability import Capability, KernelInput, Sm
 from hpattn_dist.kernels.dropout import DropoutSpec
 from hpattn_dist.kernels.manual import manual_backward, manual_forward
+from hpattn_dist.masks import nonfinite_reads, nonfinite_rows
 from hpattn_dist.precision import acc_dtype, declared_precision
 
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "manual", "flash_attn")
@@ -107,14 +108,18 @@ class BlockKernel:
         scale: float,
         bias: Optional[Tensor] = None,
         dropout: Optional[DropoutSpec] = None,
+        *,
         nan_rows: Optional[Tensor] = None,
+        key_bad: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, H, N_q, D], lse [B, H, N_q])``; lse in ``acc_dtype(q.dtype)``.
 
         ``out`` is in the kernel's output dtype (q.dtype for fused kernels, the accumulation dtype
-        for ``manual``); an empty key block gives zero output and ``lse = -inf``. ``nan_rows``:
+        for ``manual``); an empty key block gives zero output and ``lse = -inf``; a row that reads
+        a non-finite value NaN output and ``lse = NaN`` (Note [non-finite inputs]). ``nan_rows``:
         :meth:`nan_rows` of q, for a caller that runs several blocks of the same queries (the
-        ring builds it once per call, not once per block).
+        ring builds it once per call, not once per block); ``key_bad``: the caller's bool
+        ``[B, H, N_k]`` of keys whose k or v is not finite (windows gather it); else found here.
         """
         acc = acc_dtype(q.dtype)
         if k.shape[2] == 0 or q.shape[2] == 0:
@@ -122,18 +127,20 @@ class BlockKernel:
             lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
             return out, lse
         if self.fused_forward is None:
-            return manual_forward(q, k, v, scale, bias, dropout)
-        out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
-        nan_rows = self.nan_rows(q) if nan_rows is None else nan_rows
-        lse = lse.to(acc)  # the op's own outputs: filled in place
-        return out.masked_fill_(nan_rows.unsqueeze(-1), float("nan")), lse.masked_fill_(nan_rows, float("nan"))
+            out, lse = manual_forward(q, k, v, scale, bias, dropout)
+        else:
+            out, lse = self.fused_forward(block_layout(q), block_layout(k), block_layout(v), scale)
+            lse = lse.to(acc)
+        # Rows that read a NaN or an infinity are NaN, out and lse, whatever the kernel made of
+        # them (the CPU flash op: zeros and lse 0 for a row of -inf or NaN scores): Note
+        # [non-finite inputs]. Both are fresh outputs of the kernel, so filled in place.
+        bad = nonfinite_reads(q, k, v, bias, key_bad=key_bad, q_bad=nan_rows)  # [B, H, N_q]
+        return out.masked_fill_(bad.unsqueeze(-1), float("nan")), lse.masked_fill_(bad, float("nan"))
 
-    def nan_rows(self, q: Tensor) -> Optional[Tensor]:
-        """Bool ``[B, H, N_q]``: the query rows holding a NaN, for a fused kernel (None for
-        ``manual``). The fused CPU op returns out = 0, lse = 0 for such a row, where softmax
-        attention gives NaN; :meth:`forward` restores NaN so non-finite inputs propagate as in the
-        oracle."""
-        return None if self.fused_forward is None else torch.isnan(q).any(dim=-1)
+    def nan_rows(self, q: Tensor) -> Tensor:
+        """Bool ``[B, H, N_q]``: the query rows holding a NaN or an infinity, which
+        :meth:`forward` makes NaN wherever they have a key (Note [non-finite inputs])."""
+        return nonfinite_rows(q)
 
     def prepare_backward(self, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
         """``(dout, q, out, lse)`` in the layout and dtype this kernel's backward reads them in.

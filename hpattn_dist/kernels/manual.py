@@ -156,7 +156,9 @@ def manual_backward(
         ds = dp.sub_(delta[:, :, start:stop, None]).mul_(p)
         del p
         dq[:, :, start:stop] = torch.matmul(ds, k_a).mul_(scale)
-        _accumulate(dk, ds.transpose(-2, -1), q_c, scale)
+        # A row with no key (lse -inf) gives no gradient, whatever its query holds: its ds is
+        # zero, and 0 * inf would be NaN (Note [non-finite inputs] in masks.py).
+        _accumulate(dk, ds.transpose(-2, -1), q_c.masked_fill(~finite, 0.0), scale)
         if dbias is not None:
             dbias += ds.sum(dim=-2)
         del ds, dp

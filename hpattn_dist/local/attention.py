@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.comm.halo import HaloPlan, all_to_all_rows, plan_halo
 from hpattn_dist.double_backward import refuse_double_backward
@@ -72,7 +72,7 @@ from hpattn_dist.kernels import (
     KERNEL_BACKENDS, BlockKernel, DropoutSpec, check_backend_name, resolve_dropout_seed, select_kernel,
 )
 from hpattn_dist.local.windows import WINDOW_MODES, check_window, check_window_fits, window_cells
-from hpattn_dist.masks import key_bias_from_mask, mask_layout
+from hpattn_dist.masks import key_bias_from_mask, mask_layout, nonfinite_rows
 from hpattn_dist.precision import acc_dtype
 from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.validation import check_dropout_p, check_qkv
@@ -311,7 +311,8 @@ def _gather_kv(kv_ext: Tensor, key_rows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gather_bias(bias_ext: Optional[Tensor], key_rows: Tensor) -> Optional[Tensor]:
-    """Rows ``[N_ext, B, Hb]`` at ``key_rows [n, L]`` -> ``[n * B, Hb, L]``."""
+    """Rows ``[N_ext, B, Hb]`` (the key bias, or the keys' non-finite flags) at ``key_rows [n, L]`` ->
+    ``[n * B, Hb, L]``."""
     if bias_ext is None:
         return None
     n, length = key_rows.shape
@@ -399,6 +400,9 @@ class _WindowAttention(torch.autograd.Function):
 
         q_units = _to_units(q, plan)  # [U_r, B, H, c, D]
         u_r, b, h, c, d = q_units.shape
+        # The keys whose k or v is not finite, found once here rather than in each of the up to
+        # nine windows that gather a key (Note [non-finite inputs] in masks.py).
+        key_bad_ext = nonfinite_rows(kv_ext).any(dim=1)  # [N_ext, B, H]
         out_units = torch.zeros(q_units.shape, dtype=acc, device=q.device)
         lse_units = torch.full((u_r, b, h, c), float("-inf"), dtype=acc, device=q.device)
         for batch in _chunks(plan, b * h * d * 2):
@@ -406,11 +410,12 @@ class _WindowAttention(torch.autograd.Function):
             q_b = batch.take(q_units).reshape(n * b, h, c, d)
             k_b, v_b = _gather_kv(kv_ext, batch.key_rows)
             bias_b = _gather_bias(bias_ext, batch.key_rows)
+            key_bad_b = _gather_bias(key_bad_ext, batch.key_rows)  # [n * B, H, L]
             if dropout_p > 0:
                 o, lse = _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c,
-                                           dropout_p, seed)
+                                           dropout_p, seed, key_bad_b)
             else:
-                o, lse = kernel.forward(q_b, k_b, v_b, scale, bias_b)
+                o, lse = kernel.forward(q_b, k_b, v_b, scale, bias_b, key_bad=key_bad_b)
             batch.put(out_units, o.view(n, b, h, c, d))
             batch.put(lse_units, lse.view(n, b, h, c))
 
@@ -513,14 +518,14 @@ def _unit_spec(dropout_p: float, seed: int, batch: UnitBatch, i: int, c: int) ->
     return DropoutSpec(dropout_p, seed, q_offset=batch.cells[i] * c, k_index=batch.key_pixels[i])
 
 
-def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout_p, seed):
+def _per_unit_forward(kernel, q_b, k_b, v_b, bias_b, scale, batch, b, c, dropout_p, seed, key_bad_b):
     """One kernel call per unit (batch B), so the dropout hash sees the true batch index."""
     outs, lses = [], []
     for i in range(batch.units.numel()):
         rows = slice(i * b, (i + 1) * b)
         o, lse = kernel.forward(q_b[rows], k_b[rows], v_b[rows], scale,
                                 None if bias_b is None else bias_b[rows],
-                                _unit_spec(dropout_p, seed, batch, i, c))
+                                _unit_spec(dropout_p, seed, batch, i, c), key_bad=key_bad_b[rows])
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
@@ -648,8 +653,7 @@ def windowed_attention(
         batch, heads, n_local, head_dim = q.shape
         mask_left = key_mask is not None and mask_layout(key_mask).any_masked
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, key_bias))
+        needs_grad = records_gradients(q, k, v, key_bias)
         sig.set(
             {
                 "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
@@ -658,7 +662,6 @@ def windowed_attention(
                 "key_mask": int(key_mask is not None),
                 "dropout_ppm": int(round(dropout_p * 1e6)),
                 "backend": KERNEL_BACKENDS.index(backend),
-                "needs_grad": int(needs_grad),
                 "bias_grad": int(needs_grad and key_bias is not None and key_bias.requires_grad),
                 "cross": int(cross), "scale": head_dim**-0.5 if scale is None else float(scale),
                 **({} if layer is None else {"param_layout": layer.layout}),
@@ -666,6 +669,7 @@ def windowed_attention(
             (n_local, k.shape[2], int(mask_left), seed, *(() if layer is None else layer.sums)),
             q.device,
             kind="healpix_local_attention",
+            grads=needs_grad,
         )
     per_rank = sig.per_rank
     sizes = tuple(row[0] for row in per_rank)

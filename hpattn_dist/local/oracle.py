@@ -15,6 +15,7 @@ from torch import Tensor
 from hpattn_dist.healpix import npix2nside
 from hpattn_dist.kernels import DropoutSpec, keep_mask
 from hpattn_dist.local.windows import check_window, check_window_fits, window_cells
+from hpattn_dist.masks import finite_or_zero, nonfinite_reads
 
 __all__ = ["dense_local_attention", "window_mask"]
 
@@ -62,17 +63,21 @@ def dense_local_attention(
         dropout_p, dropout_seed: position-keyed dropout of the normalised weights.
 
     Returns:
-        ``[B, H, N, D]`` in q's dtype; a query with no unmasked window key gets zeros. Keys outside
-        a query's window or masked reach no row, whatever they hold (Note [non-finite inputs] in
-        ``hpattn_dist/masks.py``).
+        ``[B, H, N, D]`` in q's dtype; a query with no unmasked window key gets zeros, one that
+        reads a NaN or an infinity NaN. Keys outside a query's window or masked reach no row,
+        whatever they hold (Note [non-finite inputs] in ``hpattn_dist/masks.py``).
     """
     allowed = window_mask(npix2nside(q.shape[2]), window_nside, mode, q.device, npix2nside(k.shape[2]))
+    # Note [non-finite inputs]: the rows reading a NaN or an infinity are NaN; the formula runs on
+    # finite inputs (a row reading none of the zeroed entries is unchanged).
+    nan_rows = nonfinite_reads(q, k, v, key_bias, allowed)  # [B, H, Nq]
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     if key_bias is not None:
         allowed = allowed & ~torch.isneginf(key_bias)[:, :, None, :]  # [B, H|1, Nq, Nk]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, N, N]
     if key_bias is not None:
-        s = s + torch.where(torch.isneginf(key_bias), 0, key_bias)[:, :, None, :].to(s.dtype)
+        s = s + torch.where(torch.isfinite(key_bias), key_bias, 0)[:, :, None, :].to(s.dtype)
     s = s.masked_fill(~allowed, float("-inf"))
     has_key = allowed.any(dim=-1, keepdim=True)  # by the keys allowed, not by the values
     w = torch.where(has_key, torch.softmax(torch.where(has_key, s, torch.zeros_like(s)), dim=-1),
@@ -81,20 +86,4 @@ def dense_local_attention(
         batch, heads, n_q, n_k = w.shape
         keep = keep_mask(DropoutSpec(dropout_p, dropout_seed), batch, heads, n_q, n_k, q.device)
         w = w * keep.to(w.dtype) / (1.0 - dropout_p)
-    return _weighted_values(w, v, allowed)
-
-
-def _weighted_values(w: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """``sum_j w_ij v_j`` over the ALLOWED keys ``j`` of each row only: ``w [B, H, Nq, Nk]``, ``v
-    [B, H, Nk, D]``. A matmul would also add ``0 * v_j`` for the keys a row does not attend to,
-    which is NaN where ``v_j`` is not finite; so the keys holding a non-finite value are taken out
-    of the matmul and added back, row by row, where they are allowed."""
-    bad = (~torch.isfinite(v)).any(dim=-1).any(dim=0).any(dim=0)  # [Nk]: keys with a non-finite value
-    if not bool(bad.any()):
-        return torch.matmul(w, v)
-    out = torch.matmul(w, v.masked_fill(bad[:, None], 0))
-    cols = bad.nonzero().squeeze(1)
-    w_bad = w.index_select(-1, cols)[..., None]  # [B, H, Nq, n, 1]
-    v_bad = v.index_select(2, cols)[:, :, None]  # [B, H, 1, n, D]
-    allowed_bad = allowed.index_select(-1, cols)[..., None]
-    return out + torch.where(allowed_bad, w_bad * v_bad, torch.zeros((), dtype=out.dtype)).sum(dim=-2)
+    return torch.matmul(w, v).masked_fill(nan_rows[..., None], float("nan"))

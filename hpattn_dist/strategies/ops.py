@@ -100,6 +100,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
                                             qkv_to_heads)
@@ -244,7 +245,7 @@ def _shape_of(t: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
                   strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: Optional[Tensor], layer_params: list[Tensor], layer_name: str,
-                  layer_healpix: bool, kv_needs_grad: bool,
+                  layer_healpix: bool, kv_needs_grad: bool, needs_grad: bool,
                   cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The door (Note [attention as one op]): ``(x, plan, lse, k_h, v_h, mask_h)``.
 
@@ -257,7 +258,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently (Note
     [cross-grid plan]). ``layer_name`` non-empty: the call is a layer's, whose parameters
     ``layer_params`` and field (``layer_healpix``) are checked in the same agreement (Note
-    [replicated parameter check]).
+    [replicated parameter check]). ``kv_needs_grad`` / ``needs_grad``: whether this rank needs
+    dK/dV / differentiates ``out`` at all, read before the op (its body runs with grad mode off;
+    Note [gradients on every rank or none]).
     """
     layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
     plan, _ = plan_attention(
@@ -265,6 +268,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
         dropout_seed=None if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
+        needs_grad=needs_grad,
     )
     plan_t = _plan_tensor(plan)
     e = _empty(q)
@@ -295,7 +299,7 @@ def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: in
 
 @attention_fwd.register_fake
 def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
-      layer_params, layer_name, layer_healpix, kv_needs_grad, cross):
+      layer_params, layer_name, layer_healpix, kv_needs_grad, needs_grad, cross):
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     r_deg = _group(group_name).world_size // u_deg
     plan_t = torch.empty((_PLAN_HEAD + 2 * u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
@@ -429,7 +433,7 @@ def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad):
     dq, dk, dv = _REFUSING[ctx.what](ctx, dx, dk_h, dv_h)
     # No gradient for the layer's parameters through here: the op only reads their sums.
     return (dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None,
-            None, None)
+            None, None, None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -612,7 +616,8 @@ def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional
         # graph (ZeRO-3 re-partitions them between forward and backward).
         [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,
         True if layer is None else layer.healpix_field,
-        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad), bool(cross),
+        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad), records_gradients(q, k, v),
+        bool(cross),
     )
     if x.shape[1] == q.shape[1]:  # U = 1: the result itself
         return x

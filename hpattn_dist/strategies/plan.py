@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import dtype_code, validated_signature
+from hpattn_dist.comm.agreement import dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, mask_layout
@@ -189,6 +189,7 @@ def plan_attention(
     cross: bool = False,
     what: str,
     kv_needs_grad: Optional[bool] = None,
+    needs_grad: Optional[bool] = None,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
 
@@ -200,6 +201,8 @@ def plan_attention(
     inside the agreement, checked in the same agreement.
     ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
     (inside the registered op); None reads it from grad mode and ``requires_grad``.
+    ``needs_grad``: likewise, whether this call's output will be differentiated, agreed by every
+    rank (Note [gradients on every rank or none] in ``comm/agreement.py``).
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
     Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
 
@@ -252,6 +255,7 @@ def plan_attention(
              *(() if layer is None else layer.sums), *grad_bits),
             q.device,
             kind=executed,
+            grads=records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad,
         )
     if layer is not None:
         layer_sums = [r[9:9 + N_SUMS] for r in sig.per_rank]

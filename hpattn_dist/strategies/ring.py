@@ -112,7 +112,7 @@ class _RingAttention(torch.autograd.Function):
             spec = _dropout_spec(dropout_p, seed, q_offset, block.index, head_offset)
             if block.size > 0:
                 block_out, block_lse = kernel.forward(q, block.kv[0], block.kv[1], scale, block.bias, spec,
-                                                      nan_rows)
+                                                      nan_rows=nan_rows)
                 if out is None:
                     out, lse = block_out.to(acc), block_lse.to(acc)
                 else:

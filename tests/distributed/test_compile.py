@@ -162,7 +162,7 @@ def _fakes(rank: int) -> dict:
                     for cross in (False, True):
                         outs = torch.ops.hpattn.attention_fwd(q, k if cross else q, k if cross else q, None,
                                                               group_name_of(None), strategy, 0, "manual", 0.0,
-                                                              0.5, None, [], "", True, False, cross)
+                                                              0.5, None, [], "", True, False, False, cross)
                         res[strategy, env, cross] = [str(tuple(t.shape)) for t in outs]
             except Exception as e:  # noqa: BLE001  (the test asserts which)
                 res[strategy, env, False] = res[strategy, env, True] = type(e).__name__

@@ -5,10 +5,12 @@
   (``RuntimeError: self.stride(0) must be divisible by 4 ...``), and the key bias gradient's
   ``view(n, b, -1, L)`` was ambiguous for B = 0 -- fixed; the empty result and its gradients
   match the float64 reference.
-- ``fuzz-1`` (open, strict xfail): global attention where one rank's forward records no gradient
+- ``fuzz-1`` (fixed): global attention where one rank's forward records no gradient
   (``torch.no_grad()``, or no input requiring grad) while its peers need gradients: the peers'
-  backward waits for that rank until the exchange timeout. The local path refuses the same call
-  on every rank ("disagree on needs_grad"); the global paths should too.
+  backward waited for that rank until the exchange timeout. Every attention agreement now
+  carries whether the call records gradients (Note [gradients on every rank or none] in
+  ``hpattn_dist/comm/agreement.py``), and ranks that differ raise on every rank, naming both
+  sides; the windowed paths, which refused with a table of every shared value, say the same.
 - ``fuzz-2`` (fixed by issue 23's item 6 on branch trust, 3556cd2): ``strategy="auto"`` on ranks
   whose H differs (H = 2 and 3 on two ranks: Ulysses on one, ring on the other) raised "called
   with different signatures (...): rank 0: 11 shared values; ..." on every rank, naming neither H
@@ -21,11 +23,12 @@
 - ``fuzz-4`` (fixed): the registered op's Ulysses / hybrid backward with a key mask and B = 0 took
   the empty ``[0, M]`` mask for no mask (``mask_h.numel()``): a shape error on one rank, a hang
   on its peers.
-- ``fuzz-5`` (open, strict xfails; after issue 23's item 5): non-finite scores do not always give
-  what Note [non-finite inputs] defines: a row whose scores are all NaN (a NaN key it alone
-  attends to) gets zeros from the CPU flash kernel (``auto``/``sdpa``), a row whose only score is
-  -inf zeros from the manual kernel in float32 (the formula: 0/0, NaN), and windowed attention
-  with the manual kernel in float64 returns finite rows where a +inf key makes the formula NaN.
+- ``fuzz-5`` (fixed; after issue 23's item 5): non-finite scores did not always give what Note
+  [non-finite inputs] defined: a row whose scores are all NaN (a NaN key it alone attends to)
+  got zeros from the CPU flash kernel (``auto``/``sdpa``), a row whose only score is -inf zeros
+  from the manual kernel (the formula: 0/0, NaN), in float32 as in a window in float64. On
+  infinite scores the formula depends on its evaluation, so the Note now makes every row that
+  reads a NaN or an infinity NaN, and every kernel and oracle follows it from the inputs alone.
   One process suffices.
 - ``fuzz-6`` (fixed): the replicated-parameter fingerprint cache (keyed by address and version)
   gave a new parameter at a freed parameter's address the freed one's sums.
@@ -82,39 +85,84 @@ def test_windowed_attention_takes_an_empty_batch_on_several_ranks():
             assert got.shape == want.shape, (name, i, got.shape, want.shape)
 
 
+_WITHOUT_GRAD = {  # name: (entry point, how rank 1 records no gradient)
+    "ring (op)": ("ring", "no_grad"),
+    "ulysses (op)": ("ulysses", "frozen"),
+    "hybrid U = 2 (op)": ("hybrid", "no_grad"),
+    "auto (op)": ("auto", "frozen"),
+    "cross ring (op)": ("cross", "no_grad"),
+    "ring with a key bias (autograd)": ("ring bias", "frozen"),
+    "ulysses with a key bias (autograd)": ("ulysses bias", "no_grad"),
+    "hybrid over explicit groups (autograd)": ("hybrid groups", "frozen"),
+    "windowed": ("local", "no_grad"),
+    "windowed cross": ("cross window", "frozen"),
+}
+
+
+def _call_without_grad(entry: str, q, k, v, bias):
+    from hpattn_dist import build_hybrid_groups, healpix_local_attention, hybrid_attention
+    from hpattn_dist.strategies import sharded_attention
+
+    if entry == "hybrid groups":
+        made = build_hybrid_groups(None, 2)
+        return hybrid_attention(q, k, v, ulysses_group=made.ulysses_group, ring_group=made.ring_group)
+    if entry == "local":
+        return healpix_local_attention(q, k, v, window_nside=1, mode="cell")
+    if entry == "cross window":
+        return sharded_attention("ring", q, k, v, cross=True, window_nside=1, mode="cell")
+    strategy = entry.split()[0]
+    return sharded_attention("ring" if strategy == "cross" else strategy, q, k, v, cross=strategy == "cross",
+                             key_bias=bias if entry.endswith("bias") else None,
+                             ulysses_degree=2 if strategy == "hybrid" else None)
+
+
 def _rank_without_grad(rank: int, world: int, outdir: str) -> None:
-    """Rank 1 runs its forward under no_grad; rank 0 needs gradients. Both must raise at the
-    forward (the call cannot be exact: rank 1 will run no backward). Each rank writes what it saw
-    to a file, since the group may be unusable afterwards (the harness's final barrier fails)."""
-    from hpattn_dist import ring_attention
+    """Rank 1's forward records no gradient (``torch.no_grad()``, or no input requiring grad); rank
+    0 needs gradients. Both must raise at the forward (the call cannot be exact: rank 1 will run
+    no backward). Each rank writes what it saw to a file, since before the fix the group was
+    unusable after the first case (the harness's final barrier failed)."""
     from hpattn_dist.comm import set_exchange_timeout
 
     set_exchange_timeout(2.0)
-    q = torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
-    seen = "returned"
-    try:
-        if rank == 1:
-            with torch.no_grad():
-                ring_attention(q, q, q)
-        else:
-            q.requires_grad_()
-            ring_attention(q, q, q).sum().backward()
-    except Exception as err:  # noqa: BLE001 - the test asserts which
-        seen = f"{type(err).__name__}: {err}"
-    with open(os.path.join(outdir, f"rank{rank}"), "w") as f:
-        f.write(seen)
+    seen = {}
+    for name, (entry, how) in _WITHOUT_GRAD.items():
+        g = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(1, 2, 24, 4, generator=g, dtype=torch.float64) for _ in range(3))
+        bias = torch.zeros(1, 24, dtype=torch.float64)
+        if rank == 0 or how == "no_grad":
+            for t in (q, k, v, bias):
+                t.requires_grad_()
+        try:
+            if rank == 1 and how == "no_grad":
+                with torch.no_grad():
+                    _call_without_grad(entry, q, k, v, bias)
+            else:
+                out = _call_without_grad(entry, q, k, v, bias)
+                if out.requires_grad:
+                    out.sum().backward()
+            seen[name] = "returned"
+        except Exception as err:  # noqa: BLE001 - the test asserts which
+            seen[name] = f"{type(err).__name__}: {err}"
+        with open(os.path.join(outdir, f"rank{rank}"), "w") as f:
+            f.write(repr(seen))
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-1: a rank whose forward records no gradient hangs its peers' "
-                                       "backward (global attention); remove fuzz-1 from KNOWN_DEFECTS when fixed")
 def test_a_rank_without_gradients_is_refused_on_every_rank(tmp_path):
+    """Global attention (ring, Ulysses, hybrid, auto, cross; the registered op and the autograd
+    path) and windowed attention, 2 ranks (hybrid: U = 2, R = 1). Before the fix the global paths
+    let rank 1 return while rank 0's backward waited for it until the exchange timeout; the
+    windowed paths refused with a table of every shared value."""
     try:
-        run_ranks(_rank_without_grad, 2, str(tmp_path), timeout=60)
+        run_ranks(_rank_without_grad, 2, str(tmp_path), timeout=120)
     except RankFailure:
         pass  # judged from what each rank saw
-    seen = [(tmp_path / f"rank{r}").read_text() if (tmp_path / f"rank{r}").exists() else "no report"
+    seen = [eval((tmp_path / f"rank{r}").read_text()) if (tmp_path / f"rank{r}").exists() else {}
             for r in range(2)]
-    assert all(s.startswith("ValueError") and "grad" in s for s in seen), seen
+    for name in _WITHOUT_GRAD:
+        for rank in range(2):
+            text = seen[rank].get(name, "no report")
+            assert re.match(r"ValueError: .*rank 0 records gradients for this call and rank 1 does not", text), \
+                (name, rank, text)
 
 
 def _auto_with_other_heads(rank: int, world: int) -> str:
@@ -219,12 +267,11 @@ def test_head_parallel_backward_with_a_key_mask_and_an_empty_batch():
 
 
 # --------------------------------------------------------------------------------------------
-# fuzz-5: infinite scores (open)
+# fuzz-5: rows of non-finite scores (fixed: Note [non-finite inputs] in hpattn_dist/masks.py)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: a query whose only score is -inf gets zeros from the manual "
-                                       "kernel in float32, not the formula's NaN")
-def test_a_minus_infinite_score_gives_the_formulas_nan():
+def test_a_minus_infinite_score_gives_nan():
+    """Was: zeros from the manual kernel in float32 (its row's only score is -inf)."""
     from hpattn_dist import ring_attention
     from tests.reference import reference_attention
 
@@ -237,9 +284,8 @@ def test_a_minus_infinite_score_gives_the_formulas_nan():
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: a row whose only key has a NaN score gets zeros from the CPU "
-                                       "flash kernel, not the formula's NaN")
-def test_a_nan_score_row_gives_the_formulas_nan():
+def test_a_nan_score_row_gives_nan():
+    """Was: zeros from the CPU flash kernel (every score of the row is NaN)."""
     from hpattn_dist import ring_cross_attention
     from tests.reference import reference_attention
 
@@ -252,9 +298,9 @@ def test_a_nan_score_row_gives_the_formulas_nan():
     assert torch.equal(got.isnan(), want.isnan()), (got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz-5: windowed attention (manual kernel, float64) gives finite rows "
-                                       "where a +inf key makes the formula NaN")
-def test_a_plus_infinite_key_in_a_window_gives_the_formulas_nan():
+def test_a_plus_infinite_key_in_a_window_gives_nan():
+    """Was: zeros from the manual kernel in float64 for the row whose window is that key alone
+    (``window_nside = nside``, cell mode: its only score is -inf)."""
     from hpattn_dist import healpix_local_attention
 
     g = torch.Generator().manual_seed(0)

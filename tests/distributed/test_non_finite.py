@@ -3,8 +3,8 @@ path and every oracle follows that definition (issue 23 item 5).
 
 The reference is :func:`tests.reference.reference_attention`: the explicit float64 softmax of each
 query over its allowed keys only (unmasked, in its window; healpy's neighbours for windows). A
-NaN query makes its row NaN; a NaN key or value makes NaN exactly the rows that attend to it; a
-key a row does not attend to (masked, outside its window) never reaches it. On P = 2 gloo ranks
+NaN or an infinity in a query makes its row NaN, in a key or value NaN exactly the rows that
+attend to it; a key a row does not attend to (masked, outside its window) never reaches it. On P = 2 gloo ranks
 (one job) the functional entry points and the distributed layers are gathered and compared with
 it, and so are the library's single-device oracles (``SpatialSelfAttention``,
 ``SpatialCrossAttention``, ``LocalSpatialSelfAttention``, ``local.oracle.dense_local_attention``),
@@ -47,6 +47,12 @@ def _qkv(case: str):
         v[0, 0, 7, 1] = NAN
     elif case == "inf value":
         v[0, 1, 40, 3] = INF
+    elif case == "inf query":  # every score of its row -inf: the kernels gave zeros (fuzz-5)
+        q[0, 0, 9, 1] = -INF
+        k[0, 0, :, 1] = k[0, 0, :, 1].abs()
+    elif case == "inf keys on one rank":  # rank 1's keys of (0, 0): a block of -inf scores for
+        k[0, 0, N // 2:, 1] = INF         # the queries with q[..., 1] < 0 (the CPU flash kernel
+        # returned zeros with lse 0 for it, which the ring merged as a block of real keys)
     elif case == "masked nan pixel":  # masked in batch element 1 only: it stays in the ring
         k[1, :, 30] = NAN
         v[1, :, 30] = NAN
@@ -59,7 +65,8 @@ def _qkv(case: str):
     return q, k, v, mask
 
 
-CASES = ("nan query", "nan pixel", "nan value", "inf value", "masked nan pixel", "masked nan query, no key")
+CASES = ("nan query", "nan pixel", "nan value", "inf value", "inf query", "inf keys on one rank", "masked nan pixel",
+         "masked nan query, no key")
 WINDOW = (1, "neighbourhood")
 
 

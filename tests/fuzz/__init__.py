@@ -14,7 +14,8 @@ the happy path:
   re-initialised process group;
 - inputs: layouts and aliasing (Note [fuzz layouts] in :mod:`.data`), shapes (empty shards,
   B = 0, N < P, uneven splits, everything on one rank), masks, biases, dropout, scale, dtypes,
-  backends, partial ``requires_grad``, ``no_grad``, hooks;
+  backends, partial ``requires_grad``, ``no_grad``, hooks, a NaN or an infinity in q, k, v or
+  the key bias (Note [non-finite inputs] in ``hpattn_dist/masks.py``);
 - one-rank perturbations (:data:`.space.PERTURBATIONS`): one rank's dtype, device, scale,
   strategy, window, mode, weights (perturbed or permuted), training mode, gradients, shapes.
 

@@ -159,10 +159,14 @@ def functional_fields(case: dict) -> dict[str, Any]:
     if case.get("nonfinite"):
         role, value, (bi, hi, pi, di) = case["nonfinite"]
         t = fields[role].clone()
-        t[bi % max(b, 1), hi % h, pi, di % d] = float(value)
+        if role == "bias":  # [B, Nk] or [B, H, Nk]
+            t[(bi % b, pi) if t.dim() == 2 else (bi % b, hi % h, pi)] = float(value)
+        else:
+            t[bi % max(b, 1), hi % h, pi, di % d] = float(value)
         fields[role] = t
-        if shared in ("alias_qk", "alias_qkv"):
-            for r in ("k", "v") if shared == "alias_qkv" else ("k",):
+        aliased = {"alias_qk": "qk", "alias_qkv": "qkv"}.get(shared, "")
+        if role in aliased:  # one tensor: the value is in each of its roles
+            for r in aliased:
                 fields[r] = t
     return fields
 

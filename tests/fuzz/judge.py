@@ -137,10 +137,10 @@ def _rounded(t: Optional[Tensor], dtype: str) -> Optional[Tensor]:
 def _key_bias(mask: Optional[Tensor], bias: Optional[Tensor]) -> Optional[Tensor]:
     if mask is None:
         return bias
-    masked = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     if bias is None:
-        return masked
-    return bias + (masked if bias.dim() == 2 else masked[:, None, :])
+        return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    # A masked key is excluded whatever its bias holds (+inf + -inf would be NaN).
+    return bias.masked_fill(~(mask if bias.dim() == 2 else mask[:, None, :]), float("-inf"))
 
 
 def _dropout_seed(case: dict, rank0_seed: Optional[int]) -> int:

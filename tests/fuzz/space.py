@@ -223,18 +223,23 @@ def draw_local(d: Draw, world: int) -> dict:
 
 
 def draw_nonfinite(d: Draw, world: int) -> dict:
-    """A functional case with one NaN or inf in q, k or v (no mask, bias or dropout)."""
-    base = d.pick("base", ["attn", "local"])
-    force = {"no_dropout": True, "mask": None, "bias": None, "no_grad": False, "hook": False,
-             "indivisible_heads": False, **d.force}
-    case = (draw_attn if base == "attn" else draw_local)(Draw(d.rng, force), world)
+    """A functional case (global, cross or windowed; masks, key biases and dropout as drawn) with one
+    NaN or infinity in q, k, v or the key bias (Note [non-finite inputs] in hpattn_dist/masks.py)."""
+    base = d.pick("base", ["attn", "cross", "local"], [45, 20, 35])
+    force = {"no_grad": False, "hook": False, "indivisible_heads": False, **d.force}
+    draw = {"attn": draw_attn, "cross": draw_cross, "local": draw_local}[base]
+    case = draw(Draw(d.rng, force), world)
     case["family"], case["base"] = "nonfinite", base
-    role = d.pick("nonfinite_role", ["q", "k", "v"])
-    length = case["n"]
-    if length == 0 or case["b"] == 0:
-        case["n"] = length = max(length, 1)
+    role = d.pick("nonfinite_role", ["q", "k", "v"] + (["bias"] if case["bias"] is not None else []))
+    if case["b"] == 0 or case["n"] == 0 or case.get("nk", 1) == 0:
         case["b"] = max(case["b"], 1)
-        case["sizes"] = split(d, length, world) if base == "attn" else case["sizes"]
+        if case["n"] == 0:
+            case["n"] = 1
+            case["sizes"] = split(d, 1, world)
+        if case.get("nk", 1) == 0:
+            case["nk"] = 1
+            case["ksizes"] = split(d, 1, world, key="ksplit")
+    length = case["n"] if role == "q" or base != "cross" else case["nk"]
     at = (d.rng.randrange(4), d.rng.randrange(4), d.rng.randrange(length), d.rng.randrange(16))
     case["nonfinite"] = (role, d.pick("nonfinite_value", ["nan", "inf", "-inf"]), d.force.get("nonfinite_at", at))
     return case
@@ -510,34 +515,13 @@ def perturb(d: Draw, case: dict, world: int) -> None:
 # Known defects (issue 23's and this fuzzer's, still open): their cases are strict xfails, not failures
 
 
-def _perturbed(kind: str) -> Callable[[dict], bool]:
-    return lambda case: (case.get("perturb") or {}).get("kind") == kind
-
-
-def _rank_without_grad(case: dict) -> bool:
-    """One rank records no gradient in a global (not windowed) call whose peers need them."""
-    if not (_perturbed("frozen")(case) or _perturbed("no_grad_mode")(case)) or case.get("window"):
-        return False
-    if case["family"] == "local":
-        return False
-    if case["family"] in ("layer", "layer_cross"):
-        return True
-    return case["b"] > 0 and case["grads"] != ""
-
-
 KNOWN_DEFECTS: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    # Found by this fuzzer (not in issue 23's list); minimal reproducers in test_fuzz_findings.py.
-    "fuzz-5-nonfinite-scores": ("a row whose scores are all NaN or -inf (a NaN key it alone attends to, "
-                                "an infinite query or key) gets zeros from the CPU flash and float32 manual "
-                                "kernels, and a +inf key in a window finite rows, where Note [non-finite "
-                                "inputs] gives NaN", lambda c: c["family"] == "nonfinite" and c["nonfinite"][0] in "qk"),
-    "fuzz-1-rank-without-grad": ("global attention with one rank's forward recording no gradient "
-                                 "(no_grad, or no input requiring grad) hangs its peers' backward",
-                                 _rank_without_grad),
+    # None open. Found by this fuzzer (not in issue 23's list): minimal reproducers in
+    # test_fuzz_findings.py; add an entry per open defect, "name": ("what", predicate).
 }
 """Name -> (what, predicate). Remove an entry when its fix lands: its strict xfail then fails."""
 
-HANGS = ("fuzz-1-rank-without-grad",)
+HANGS: tuple[str, ...] = ()
 """Known defects that hang until the exchange timeout: run with a short one (Note [differential fuzzer])."""
 
 
@@ -568,7 +552,8 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
        healpix_field=True, nside=1, dtype="float64", split="even", h=2, d=2),
     _w("nonfinite", 2, base="attn", strategy="ring", nonfinite_role="q", nonfinite_value="-inf",
        nonfinite_at=(0, 0, 0, 1), n_range=1, split="one_rank", split_rank=0, b=1, h=1, d=3, perturbed=False,
-       layout_style="contig", backend="manual", dtype="float32", default_scale=True, data_seed=2),
+       layout_style="contig", backend="manual", dtype="float32", default_scale=True, data_seed=2, mask=None,
+       bias=None, no_dropout=True),
     _w("layer", 2, strategy="ring", perturbed=True, perturb_kind="dtype_input", perturb_rank=1, healpix_field=True,
        nside=1, dtype="float64", split="even"),
     _w("idx_flow", 2, model="conv_bn", train=True, perturbed=True, perturb_kind="bn_train_eval", perturb_rank=1,

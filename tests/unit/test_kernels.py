@@ -209,11 +209,16 @@ def test_empty_key_block(backend, dtype):
     assert out0.shape == (B, H, 0, D) and lse0.shape == (B, H, 0)
 
 
-def test_fully_masked_rows_give_zero_output_and_zero_grads():
+@pytest.mark.parametrize("query", ["finite", "inf", "nan"])
+def test_fully_masked_rows_give_zero_output_and_zero_grads(query):
+    """A query with no allowed key gets zeros and gives no gradient, whatever it holds (Note
+    [non-finite inputs]). Was, for a non-finite query: dK NaN (``0 * inf`` in ``dS^T Q``)."""
     q, k, v, dout = _qkv(11, 13, torch.float64, seed=6)
     bias = torch.zeros(B, 1, 13, dtype=torch.float64)
     bias[0] = float("-inf")  # batch 0: every key masked
     bias[1, 0, ::2] = float("-inf")  # batch 1: half the keys masked
+    if query != "finite":
+        q[0, 1, 4, 2] = float(query)
     kernel = select_kernel("manual", q, has_bias=True)
     out, lse = kernel.forward(q, k, v, 0.4, bias)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -229,6 +234,48 @@ def test_fully_masked_rows_give_zero_output_and_zero_grads():
     assert dbias.shape == (B, H, 13)  # per head; a head-shared bias sums it over heads
     for got, r in ((dq, rq), (dk, rk), (dv, rv), (dbias.sum(1, keepdim=True), rb)):
         assert _rel(got, r) <= 1e-12
+
+
+_NONFINITE = {  # name: (tensor, index, value); B = 2, H = 3, N_q = 5, N_k = 4, D = 8
+    "nan query": ("q", (0, 1, 2, 3), "nan"),
+    "-inf query, scores all -inf": ("q", (1, 0, 4, 0), "-inf"),  # k[..., 0] > 0 below
+    "nan key, every score of (0, 2) nan": ("k", (0, 2, 1, 5), "nan"),
+    "+inf key": ("k", (1, 1, 3, 2), "inf"),
+    "nan value": ("v", (0, 0, 0, 7), "nan"),
+    "-inf value": ("v", (1, 2, 2, 4), "-inf"),
+    "nan bias": ("bias", (0, 0, 3), "nan"),
+    "+inf bias": ("bias", (1, 0, 1), "inf"),
+    "nan key excluded by the bias": ("k", (1, 2, 0, 3), "nan"),  # reaches no row
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", _NONFINITE)
+def test_rows_reading_a_non_finite_value_are_nan(backend, dtype, case):
+    """Note [non-finite inputs]: NaN output and lse on exactly the rows the reference makes NaN,
+    the reference's values elsewhere; a key the bias excludes (-inf: key 0 of batch 1) reaches no
+    row. Was: zeros (lse -inf, or lse 0 from the CPU flash kernel) for a
+    row whose scores are all -inf or all NaN, finite columns beside a NaN or infinite value."""
+    q, k, v, _ = _qkv(5, 4, torch.float64, seed=8)
+    k[..., 0] = k[..., 0].abs() + 0.1
+    name, at, value = _NONFINITE[case]
+    if backend == "sdpa" and "bias" in case:
+        pytest.skip("the fused kernels take no bias (a bias runs the manual kernel)")
+    bias = torch.zeros(B, 1, 4, dtype=torch.float64) if backend == "manual" else None
+    if bias is not None:
+        bias[1, 0, 0] = float("-inf")
+    {"q": q, "k": k, "v": v, "bias": bias}[name][at] = float(value)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kernel = select_kernel(backend, q, has_bias=bias is not None)
+    out, lse = kernel.forward(q, k, v, 0.5, None if bias is None else bias.to(acc_dtype(dtype)))
+    want = reference_attention(q, k, v, 0.5, key_bias=bias)
+    nan_rows = torch.isnan(want).any(dim=-1)
+    assert nan_rows.any() != (bias is not None and "excluded" in case)
+    assert torch.equal(torch.isnan(want).all(dim=-1), nan_rows)
+    assert torch.equal(torch.isnan(out).all(dim=-1), nan_rows) and torch.equal(torch.isnan(out).any(dim=-1), nan_rows)
+    assert torch.equal(torch.isnan(lse), nan_rows)
+    assert _rel(out[~nan_rows], want[~nan_rows]) <= REL_TOL[dtype]
 
 
 def test_select_kernel_unknown_backend():

@@ -129,6 +129,27 @@ def test_infinite_values_propagate_like_softmax():
     assert torch.all(out == inf) and torch.allclose(lse, torch.full_like(lse, math.log(2.0)))
 
 
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_nan_rows_stay_nan(order):
+    """A block's NaN row (Note [non-finite inputs]: NaN out and lse) makes the merged row NaN
+    whatever the order and whatever it meets (the empty block, rows of no key so far); the other
+    rows are the merge of the finite blocks. (A guard of what the kernels rely on: the merge
+    needed no change.)"""
+    _, _, _, parts = _blocks(seed=5)
+    nan_at = (1, 0, 4)
+    parts = [(o.clone(), lse.clone()) for o, lse in parts]
+    parts[2][0][nan_at] = float("nan")
+    parts[2][1][nan_at] = float("nan")
+    out, lse = _merge_all(parts, order)
+    finite = [(o, lse_b) for o, lse_b in _blocks(seed=5)[3]]
+    want_out, want_lse = _merge_all(finite, order)
+    nan = torch.zeros(B, H, N_Q, dtype=torch.bool)
+    nan[nan_at] = True
+    assert torch.equal(torch.isnan(out).all(dim=-1), nan) and torch.equal(torch.isnan(out).any(dim=-1), nan)
+    assert torch.equal(torch.isnan(lse), nan)
+    assert torch.equal(out[~nan], want_out[~nan]) and torch.equal(lse[~nan], want_lse[~nan])
+
+
 def test_low_precision_blocks_merge_into_fp32_accumulators():
     q, k, v, _ = _blocks(dtype=torch.bfloat16, seed=4)
     kernel = select_kernel("sdpa", q)  # returns bf16 out, fp32 lse
