@@ -8,8 +8,10 @@ What lives here: the layers (``oracle``, ``modules``), the HEALPix shard plan an
 gather (``healpix``), gradient reduction of replicated parameters (``grad_sync``), hybrid process
 groups (``mesh``), shared rules (``validation``, ``masks``, ``precision``, ``merge``), and the
 subpackages ``strategies`` (planning door and executors), ``comm`` (every collective),
-``kernels`` (block attention) and ``integrations`` (DeepSpeed); the ``hpattn-dist`` tools are
-``cli``, ``verify`` and ``bench``. This module holds the public API only.
+``kernels`` (block attention), ``integrations`` (DeepSpeed), ``cost_model`` (the bytes, memory and
+work of each strategy, read by ``auto`` and the planner) and ``io`` (sharded zarr reading and
+writing; the ``[io]`` extra, not imported here); the ``hpattn-dist`` tools are ``cli``, ``verify``,
+``bench`` and ``plan``. This module holds the public API only.
 """
 
 from hpattn_dist.checkpoint import checkpoint_context_fn

@@ -61,6 +61,7 @@ from hpattn_dist.shard_plan import shard_bounds, shard_sizes
 
 __all__ = [
     "check_nside",
+    "check_ordering",
     "nside2npix",
     "npix2nside",
     "nest2ring",
@@ -382,7 +383,13 @@ def _field_npix(x: Tensor, dim: int) -> int:
     return x.shape[dim]
 
 
-def _ordering(value: str, name: str) -> str:
+def check_ordering(value: str, name: str = "ordering") -> str:
+    """The canonical name ``"NESTED"`` or ``"RING"`` of a HEALPix ordering (``"NEST"`` and any
+    case accepted).
+
+    Raises:
+        ValueError: anything else, naming ``name``.
+    """
     key = value.upper() if isinstance(value, str) else None
     if key not in _ORDERINGS:
         raise ValueError(f"{name} must be 'NESTED' (or 'NEST') or 'RING', got {value!r}")
@@ -427,7 +434,7 @@ def reorder(
             "reorder needs both orderings, e.g. reorder(x, src='RING', dst='NESTED') for a RING "
             f"field the layers will shard (got src={src!r}, dst={dst!r})"
         )
-    src, dst = _ordering(src, "src"), _ordering(dst, "dst")
+    src, dst = check_ordering(src, "src"), check_ordering(dst, "dst")
     npix = _field_npix(x, dim)
     try:
         nside = check_nside(npix2nside(npix), nest=True)

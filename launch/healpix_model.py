@@ -5,8 +5,9 @@ Public pieces (used by ``launch/train.py`` and the DeepSpeed example):
 - :class:`ModelConfig`: model and data sizes, checked on construction.
 - :func:`build_model`: the single-device model (built from :class:`SpatialSelfAttention`; turn it
   into a sequence-parallel one with :func:`hpattn_dist.convert_spatial_attention`).
-- :func:`make_batch`: a full synthetic batch ``(x_full [B, N, C_in], y_full [B, N, C_out])`` in
-  NESTED order, identical on every rank that uses the same generator seed.
+- :func:`make_batch`: a synthetic batch ``(x [B, N, C_in], y [B, N, C_out])`` in NESTED order,
+  identical on every rank that uses the same generator seed, or only some pixels of it (a rank's
+  shard, as ``launch/write_store.py`` writes it).
 - :func:`local_loss`: this rank's share of the per-pixel mean squared error (local SUM / GLOBAL
   count), so that ``sum_r local_loss_r`` is the single-device loss and
   :func:`hpattn_dist.grad_sync.sync_gradients` (SUM) gives the single-device gradient.
@@ -244,28 +245,33 @@ def make_batch(
     *,
     dtype: torch.dtype = torch.float32,
     device: Optional[torch.device | str] = None,
+    pixels: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """One full synthetic batch in NESTED order (Note [the synthetic task]).
+    """One synthetic batch in NESTED order (Note [the synthetic task]).
 
     The random draws come from ``generator`` (a CPU generator), so every rank seeding it equally
     gets the same batch; the field is computed in float64 on ``device``, then cast to ``dtype``.
+    ``pixels`` (NESTED indices, e.g. one rank's range) computes only those pixels: the draws are
+    the same, so a rank can make its shard of the batch without the full field.
 
     Returns:
-        ``x_full`` ``[B, N, C_in]`` and ``y_full`` ``[B, N, C_out]``.
+        ``x`` ``[B, n, C_in]`` and ``y`` ``[B, n, C_out]``, ``n = N`` or ``len(pixels)``.
     """
-    n = pixel_centres(nside, device=device)  # [N, 3]
+    if pixels is not None and device is not None:
+        pixels = pixels.to(device)
+    n = pixel_centres(nside, pixels, device=device)  # [n, 3]
     directions = torch.randn(cfg.batch_size, cfg.num_bumps, 3, generator=generator, dtype=torch.float64)
     directions = directions / directions.norm(dim=-1, keepdim=True)  # [B, K, 3]
     signs = torch.randint(0, 2, (cfg.batch_size, cfg.num_bumps), generator=generator)
     amplitudes = (2 * signs - 1).to(torch.float64)  # [B, K], +-1
     directions, amplitudes = directions.to(n.device), amplitudes.to(n.device)
 
-    cos = torch.einsum("nc,bkc->bnk", n, directions)  # [B, N, K]
-    field = (amplitudes[:, None, :] * torch.exp(cfg.kappa * (cos - 1))).sum(-1)  # [B, N]
-    target = (amplitudes[:, None, :] * torch.exp(cfg.kappa / 2 * (-cos - 1))).sum(-1)  # [B, N]
+    cos = torch.einsum("nc,bkc->bnk", n, directions)  # [B, n, K]
+    field = (amplitudes[:, None, :] * torch.exp(cfg.kappa * (cos - 1))).sum(-1)  # [B, n]
+    target = (amplitudes[:, None, :] * torch.exp(cfg.kappa / 2 * (-cos - 1))).sum(-1)  # [B, n]
 
-    x_full = torch.cat((n.expand(cfg.batch_size, -1, -1), field[..., None]), dim=-1)
-    return x_full.to(dtype), target[..., None].to(dtype)
+    x = torch.cat((n.expand(cfg.batch_size, -1, -1), field[..., None]), dim=-1)
+    return x.to(dtype), target[..., None].to(dtype)
 
 
 def local_loss(pred_local: Tensor, y_local: Tensor, npix: int) -> Tensor:

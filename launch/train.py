@@ -16,6 +16,14 @@ Process group: initialised from torchrun's environment (``RANK``, ``WORLD_SIZE``
 ...) with NCCL when the run uses CUDA and gloo on CPU; without that environment the script runs
 as a single process without ``torch.distributed``.
 
+Data: by default each step draws a fresh synthetic batch (``make_batch``, the full field on every
+rank, then :func:`hpattn_dist.healpix.scatter`: fine for the toy sizes here). With ``--data STORE``
+(a zarr store of ``x (time, C_in, cell)`` and ``y (time, C_out, cell)``, e.g. written by
+``launch/write_store.py``) no rank ever holds a full field: a
+:class:`hpattn_dist.io.ShardDataset` reads each rank's NESTED range of the sampled time indices
+(``--workers`` DataLoader workers), every rank draws the same indices from one seeded sampler, and
+:func:`hpattn_dist.io.check_same_index` asserts that they did. The store's grid sets ``nside``.
+
 Rank 0 prints one line per step: a progress bar, the global loss and the step time.
 """
 
@@ -25,12 +33,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,9 +91,16 @@ class TrainConfig:
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
     log_every: int = 1
     """Print every this many steps on rank 0 (the first and last step are always printed)."""
+    data: Optional[str] = None
+    """A zarr store of ``x (time, C_in, cell)`` and ``y (time, C_out, cell)`` to train on instead of
+    fresh synthetic batches; each rank reads only its shard (its grid sets ``nside``)."""
+    workers: int = 0
+    """DataLoader worker processes per rank reading ``data``."""
 
     def __post_init__(self) -> None:
         check_nside(self.nside)
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise ValueError(f"train.workers must be an int >= 0, got {self.workers!r}")
         for name in ("steps", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -220,18 +236,31 @@ def train_step(
     group: Optional[dist.ProcessGroup],
     grad_clip: float = 0.0,
 ) -> Tensor:
+    """One optimizer step from a full batch ``[B, N, C]`` identical on every rank of ``group``
+    (None: a single process): each rank takes its shard, then :func:`train_step_local`."""
+    return train_step_local(model, optimizer, shard(x_full, group), shard(y_full, group), x_full.shape[1],
+                            group, grad_clip)
+
+
+def train_step_local(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_local: Tensor,
+    y_local: Tensor,
+    npix: int,
+    group: Optional[dist.ProcessGroup],
+    grad_clip: float = 0.0,
+) -> Tensor:
     """One optimizer step on this rank's shard; returns the global (single-device) loss.
 
     Args:
-        x_full, y_full: the full batch ``[B, N, C_in]`` / ``[B, N, C_out]``, identical on every
-            rank of ``group`` (None: a single process).
+        x_local, y_local: this rank's pixels ``[B, N_r, C_in]`` / ``[B, N_r, C_out]``.
+        npix: the global pixel count N.
         grad_clip: max global gradient norm, 0 = off.
 
     Returns:
         A detached 0-dim tensor: the per-pixel mean loss over the whole field, equal on all ranks.
     """
-    npix = x_full.shape[1]
-    x_local, y_local = shard(x_full, group), shard(y_full, group)  # [B, N_r, C]
     optimizer.zero_grad(set_to_none=True)
     loss_local = local_loss(model(x_local), y_local, npix)
     loss_local.backward()
@@ -240,6 +269,30 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return global_loss(loss_local, group)
+
+
+def store_batches(train_cfg: TrainConfig, batch_size: int, group: Optional[dist.ProcessGroup],
+                  device: torch.device) -> tuple[int, Iterator[tuple[Tensor, Tensor]]]:
+    """``(N, batches)``: this rank's ``(x_local [B, N_r, C_in], y_local [B, N_r, C_out])`` of the
+    store's samples, drawn by one seeded shuffle (the same on every rank, checked each batch),
+    epoch after epoch (see the module doc)."""
+    from hpattn_dist.io import ShardDataset, check_same_index
+
+    dataset = ShardDataset(train_cfg.data, ("x", "y"), group, return_index=True)
+    if len(dataset) < batch_size:
+        raise ValueError(f"{train_cfg.data} holds {len(dataset)} samples, fewer than one batch of {batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=train_cfg.workers,
+        generator=torch.Generator().manual_seed(train_cfg.seed + 2), persistent_workers=train_cfg.workers > 0)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            for index, item in loader:
+                check_same_index(index, group)
+                yield (item["x"].transpose(1, 2).to(device=device, dtype=train_cfg.torch_dtype),
+                       item["y"].transpose(1, 2).to(device=device, dtype=train_cfg.torch_dtype))
+
+    return 12 * dataset.nside**2, batches()
 
 
 def progress_bar(step: int, steps: int, width: int = 20) -> str:
@@ -270,12 +323,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
     model, optimizer = build(model_cfg, train_cfg, runtime.group, runtime.device)
     generator = torch.Generator().manual_seed(train_cfg.seed + 1)
     npix = nside2npix(train_cfg.nside)
+    from_store = None
+    if train_cfg.data is not None:
+        npix, from_store = store_batches(train_cfg, model_cfg.batch_size, runtime.group, runtime.device)
     log = runtime.rank == 0
     if log:
         n_params = sum(p.numel() for p in model.parameters())
+        source = f"store {train_cfg.data} (shards only)" if from_store is not None else "synthetic batches"
         print(
             f"hpattn_dist train: world {runtime.world_size}, device {runtime.device}, "
-            f"nside {train_cfg.nside} ({npix} pixels), strategy {train_cfg.strategy}, "
+            f"nside {math.isqrt(npix // 12)} ({npix} pixels) from {source}, strategy {train_cfg.strategy}, "
             f"dtype {train_cfg.dtype}, {n_params} parameters, {train_cfg.steps} steps",
             flush=True,
         )
@@ -283,11 +340,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
     step_times: list[float] = []
     for step in range(1, train_cfg.steps + 1):
         start = time.perf_counter()
-        x_full, y_full = make_batch(
-            model_cfg, train_cfg.nside, generator,
-            dtype=train_cfg.torch_dtype, device=runtime.device,
-        )
-        loss = train_step(model, optimizer, x_full, y_full, runtime.group, train_cfg.grad_clip)
+        if from_store is not None:
+            x_local, y_local = next(from_store)
+            loss = train_step_local(model, optimizer, x_local, y_local, npix, runtime.group, train_cfg.grad_clip)
+        else:
+            x_full, y_full = make_batch(
+                model_cfg, train_cfg.nside, generator,
+                dtype=train_cfg.torch_dtype, device=runtime.device,
+            )
+            loss = train_step(model, optimizer, x_full, y_full, runtime.group, train_cfg.grad_clip)
         loss_value = float(loss)  # syncs the device
         step_times.append(time.perf_counter() - start)
         losses.append(loss_value)
@@ -301,7 +362,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, runtime: Runtime) -> d
     steady = step_times[1:] or step_times
     metrics = {
         "world_size": runtime.world_size,
-        "nside": train_cfg.nside,
+        "nside": math.isqrt(npix // 12),
+        "data": train_cfg.data,
         "strategy": train_cfg.strategy,
         "device": str(runtime.device),
         "losses": losses,
@@ -329,6 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="override train.seed")
     parser.add_argument("--dtype", help="override train.dtype")
     parser.add_argument("--device", help="override train.device")
+    parser.add_argument("--data", help="train on this zarr store (x, y; e.g. from launch/write_store.py): "
+                                       "each rank reads its shard, no full field")
+    parser.add_argument("--workers", type=int, help="override train.workers (DataLoader workers with --data)")
     parser.add_argument("--metrics", help="rank 0 writes the losses and step times here (JSON)")
     return parser
 
@@ -339,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     overrides = {
         k: getattr(args, k)
-        for k in ("nside", "steps", "strategy", "ulysses_degree", "seed", "dtype", "device")
+        for k in ("nside", "steps", "strategy", "ulysses_degree", "seed", "dtype", "device", "data", "workers")
     }
     try:
         model_cfg, train_cfg = load_config(args.config, overrides)

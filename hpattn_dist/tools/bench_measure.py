@@ -25,6 +25,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.counters import count_communication
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.tools.allocations import AllocatedPeak
 from hpattn_dist.tools.bench_config import BenchConfig
 
 
@@ -46,11 +47,9 @@ class PeakMemory:
         self.method = ""
 
     def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda.max_memory_allocated"
+        if self.device.type == "cuda":  # the allocator's peak (Note [allocated peak])
+            self._cuda = AllocatedPeak(self.device).__enter__()
+            self.method = self._cuda.method
             return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -64,9 +63,10 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.method == "VmHWM":
+            self._cuda.__exit__(*exc)
+            self.bytes = self._cuda.peak
+            return
+        if self.method == "VmHWM":
             peak = _proc_status_kib("VmHWM")["VmHWM"] * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

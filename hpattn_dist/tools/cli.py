@@ -1,4 +1,5 @@
-"""The ``hpattn-dist`` command line: ``verify`` (oracle check) and ``bench`` (time, memory, traffic).
+"""The ``hpattn-dist`` command line: ``verify`` (oracle check), ``bench`` (time, memory, traffic) and
+``plan`` (the cost model's prediction per strategy, :mod:`hpattn_dist.tools.plan`; no ranks).
 
 Two ways to start it:
 
@@ -25,6 +26,7 @@ A ``verify`` rank pins the math library's code path before its first tensor oper
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -67,7 +69,8 @@ STRATEGY_NAMES = ("ring", "ulysses", "hybrid", "auto")
 DEFAULTS: dict[str, dict[str, object]] = {
     "verify": {"batch": 2, "embed_dim": 32, "num_heads": 4, "seed": 0, "nside": 8,
                "backends": "manual,sdpa", "dtypes": "float64,float32,bfloat16",
-               "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0},
+               "field_ordering": "NESTED", "tolerance_scale": 1.0, "inject_error": 0.0, "sample_queries": 0,
+               "data_variable": "x", "data_time": 0},
     "bench": {"batch": 1, "embed_dim": 128, "num_heads": 4, "seed": 0, "mode": "scaling",
               "nsides": "16,32", "backend": "auto", "dtype": "float32", "warmup": 1, "repeats": 5,
               "blocks": "2,4", "land_fractions": "0,0.3,0.7,1", "data_nside": 64, "latent_nside": 16,
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact sequence-parallel HEALPix attention: check it against the "
                     "single-device layer (verify) and measure it (bench).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{verify,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{verify,bench,plan}")
 
     common = argparse.ArgumentParser(add_help=False)
     launch = common.add_argument_group("launch (ignored under torchrun)")
@@ -109,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per rank (default: cores // nproc, at least 1; under "
                              "torchrun: leave torch's setting alone)")
     launch.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds before a local launch is killed (exit 124; default 1800)")
+                        help="seconds before a local launch is killed (exit 124), also the process "
+                             "group's timeout when longer than torch's 30 minutes (default 1800)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cpu (gloo) or cuda (nccl, one GPU per local rank); auto = cuda if "
                              "available (default: cpu)")
@@ -147,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cross-nsides", type=_csv(int), default=None,
                    help="also check cross-grid attention: comma list of source-grid nsides, queries on "
                         "the verify field (hpattn_dist/tools/verify_cross.py) (default: none)")
+    v.add_argument("--sample-queries", type=int, default=None,
+                   help="K > 0: check K random query pixels against a float64 reference streamed over "
+                        "every rank's keys; no rank holds the full field (large nside; "
+                        "hpattn_dist/tools/verify_sampled.py) (default: 0, the full-field check)")
+    v.add_argument("--data", default=None,
+                   help="with --sample-queries: a zarr store whose --data-variable (time, E, cell) is the "
+                        "field, read with hpattn_dist.io.read_shard (default: a seeded random field)")
+    v.add_argument("--data-variable", default=None,
+                   help=f"the store's variable (default: {dv['data_variable']})")
+    v.add_argument("--data-time", type=int, default=None,
+                   help=f"the time index read from the store (default: {dv['data_time']})")
     v.add_argument("--cross-window", default=None,
                    help="also check each --cross-nsides case with the locality option MODE:WINDOW_NSIDE, "
                         "e.g. neighbourhood:1 (default: none)")
@@ -201,7 +216,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling mode: write a PNG of time and efficiency over nside; needs "
                         "matplotlib (pip install 'hpattn-dist[plot]'), checked before the run "
                         "(default: no plot)")
+    _plan_parser(sub)
     return parser
+
+
+def _bytes(per_second: bool = False):
+    def parse(text: str) -> float:
+        from hpattn_dist.tools.plan import parse_bytes
+
+        try:
+            return parse_bytes(text, per_second)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _plan_parser(sub) -> None:
+    """``hpattn-dist plan``: runs in this process, no ranks (:mod:`hpattn_dist.tools.plan`)."""
+    pl = sub.add_parser("plan", help="predict memory, bytes and time per strategy (cost model, no ranks)")
+    pl.add_argument("--nside", type=_positive_ints, required=True,
+                    help="HEALPix resolution(s), a power of two; a comma list gives one table each "
+                         "(required, no default)")
+    pl.add_argument("--embed", type=int, required=True, help="embedding dim E (required, no default)")
+    pl.add_argument("--heads", type=int, required=True, help="attention heads H (required, no default)")
+    pl.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
+    pl.add_argument("--world", type=_positive_ints, required=True,
+                    help="ranks P of the sequence-parallel group; a comma list gives one table each "
+                         "(required, no default)")
+    pl.add_argument("--strategies", type=_csv(str), default=None,
+                    help=f"comma list of {','.join(STRATEGY_NAMES)} to plan (default: all; hybrid: every "
+                         "proper Ulysses degree; auto: the one strategy='auto' runs; windowed attention "
+                         "comes with --window-nside)")
+    pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16",
+                    help="layer dtype (default: bfloat16)")
+    pl.add_argument("--gpu-memory", type=_bytes(), default=80 * 2**30,
+                    help="memory per device, e.g. 80GiB (default: 80GiB)")
+    pl.add_argument("--link", type=_bytes(per_second=True), default=450e9,
+                    help="bytes per second one rank sends, e.g. 450GB/s (NVLink 4, one direction; "
+                         "across nodes use the network's, e.g. 50GB/s) (default: 450GB/s)")
+    pl.add_argument("--tflops", type=float, default=None,
+                    help="peak TFLOP/s of one device (default: H100 SXM dense peak for the dtype)")
+    pl.add_argument("--window-nside", type=int, default=None,
+                    help="also plan windowed attention with this window grid (default: none)")
+    pl.add_argument("--mode", choices=("neighbourhood", "cell"), default="neighbourhood",
+                    help="window mode with --window-nside (default: neighbourhood)")
+    pl.add_argument("--layers", type=int, default=1,
+                    help="attention layers whose saved tensors are held at once (default: 1)")
+    pl.add_argument("--device", dest="plan_device", choices=("cuda", "cpu"), default="cuda",
+                    help="kernels to model: cuda (fused GPU kernels) or cpu (default: cuda)")
+    pl.add_argument("--json", dest="json_path", type=Path, default=None,
+                    help="also write the records as a JSON list to this file (default: none)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,6 +276,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "plan":  # arithmetic only: no ranks, no launcher
+        from hpattn_dist.tools.plan import cli_plan
+
+        try:
+            return cli_plan(args)
+        except ValueError as err:
+            print(f"hpattn-dist plan: {err}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args)  # fail fast, before any rank starts
         under_torchrun = all(k in os.environ for k in _TORCHRUN_ENV)
@@ -250,6 +322,8 @@ def load_config(args: argparse.Namespace):
             field_ordering=args.field_ordering, tolerance_scale=args.tolerance_scale,
             inject_error=args.inject_error, local_windows=args.local_windows,
             cross_nsides=args.cross_nsides, cross_window=args.cross_window,
+            sample_queries=args.sample_queries, data=args.data, data_variable=args.data_variable,
+            data_time=args.data_time,
         )
     from hpattn_dist.tools.bench import BenchConfig
     from hpattn_dist.tools.config import default_config_path
@@ -376,7 +450,10 @@ def _run_rank(args: argparse.Namespace) -> int:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # A long local run (--timeout above torch's 30-minute default) may spend longer than that in
+    # one block on a busy machine, while its ring neighbour waits: the group waits as long.
+    pg_timeout = datetime.timedelta(seconds=max(1800.0, args.timeout))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=pg_timeout)
     rank = dist.get_rank()
     try:
         with ending_process_group():  # Note [clean exit] in hpattn_dist/shutdown.py

@@ -64,6 +64,7 @@ from hpattn_dist.tools.verify_cases import (  # noqa: F401  (Quantity: re-export
 )
 from hpattn_dist.tools.verify_cross import run_cross_cases
 from hpattn_dist.tools.verify_local import run_local_cases
+from hpattn_dist.tools.verify_sampled import run_sampled_cases
 
 
 def _shown_strategy(r: "CaseResult") -> str:
@@ -80,6 +81,8 @@ def run_verify(
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[CaseResult]:
     """Every (strategy, backend, dtype) case of ``cfg`` on the ranks of ``group`` (collective)."""
+    if cfg.sample_queries:  # no full field: Note [sampled verification]
+        return run_sampled_cases(cfg, group=group, device=device, progress=progress)
     torch.manual_seed(cfg.seed)
     x = load_field(cfg)
     batch, npix, embed_dim = x.shape
@@ -182,9 +185,12 @@ def mkl_cbwr_in_force() -> Optional[str]:
 
 def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: int) -> str:
     """A fixed-width table: one row per case; ``params`` is the worst parameter gradient."""
-    head = (f"hpattn-dist verify: nside {cfg.nside}{'' if cfg.field is None else f' ({cfg.field})'}, "
-            f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: "
-            "float64 SpatialSelfAttention(attn_backend='manual') on the full field\n"
+    source = f" ({cfg.field})" if cfg.field is not None else f" ({cfg.data}:{cfg.data_variable})" if cfg.data else ""
+    reference = ("float64 SpatialSelfAttention(attn_backend='manual') on the full field" if not cfg.sample_queries
+                 else f"float64, streamed over every rank's keys, on {cfg.sample_queries} sampled query pixels "
+                      "(out: those rows; dx: every pixel; parameter gradients of the sampled loss)")
+    head = (f"hpattn-dist verify: nside {cfg.nside}{source}, "
+            f"P={world_size}, B={cfg.batch}, E={cfg.embed_dim}, H={cfg.num_heads}; reference: {reference}\n"
             f"allowed error (x{cfg.tolerance_scale:g}): {tolerances.describe_tolerances()}\n"
             "err/tol: the worst error over its allowed value among out, dx and every parameter "
             "gradient: the column that decides (<= 1 passes); "
@@ -212,6 +218,11 @@ def format_table(results: Sequence[CaseResult], cfg: VerifyConfig, world_size: i
                      + f" {max(q.max_abs for q in params):9.2e} {worst.rel:9.2e} {decides:8.1e}  " + verdict)
         if r.unreproducible is not None:
             lines.append(f"{'':<10} ^ {r.unreproducible}")
+        if r.measured is not None:
+            m = r.measured
+            lines.append(f"{'':<10} ^ forward+backward {max(m['time_s']):.1f} s; peak per rank (GiB): allocated "
+                         + ", ".join(f"{b / 2**30:.3f}" for b in m["peak_allocated_bytes"]) + "; resident "
+                         + ", ".join(f"{b / 2**30:.3f}" for b in m["peak_rss_bytes"]))
     n_fail = sum(not r.passed for r in results)
     n_skip = sum(r.skipped is not None for r in results)
     lines.append(f"{len(results) - n_fail - n_skip} passed, {n_fail} failed, {n_skip} skipped")

@@ -68,6 +68,14 @@ class VerifyConfig:
             field, keys and values on a random field of each nside; :mod:`hpattn_dist.tools.verify_cross`).
         cross_window: ``"MODE:WINDOW_NSIDE"``: every ``cross_nsides`` case runs once more with
             that window (``window_nside`` dividing both grids' nsides); ``""`` = none.
+        sample_queries: K > 0 checks K random query pixels against the float64 reference streamed
+            over every rank's keys, no full field anywhere (Note [sampled verification] in
+            :mod:`hpattn_dist.tools.verify_sampled`); the global strategies and ``local_windows``
+            run, the cross-grid cases do not. 0 = the full-field check.
+        data: a zarr store (``sample_queries`` only) whose ``data_variable`` at ``data_time`` is
+            the field, ``(time, E, cell)`` or ``(time, B, E, cell)``, read with
+            :func:`hpattn_dist.io.read_shard`; it overrides ``nside``, ``batch`` and ``embed_dim``.
+        data_variable, data_time: the variable and time index of ``data``.
     """
 
     nside: int = 8
@@ -85,8 +93,20 @@ class VerifyConfig:
     local_windows: tuple[str, ...] = ()
     cross_nsides: tuple[int, ...] = ()
     cross_window: str = ""
+    sample_queries: int = 0
+    data: Optional[str] = None
+    data_variable: str = "x"
+    data_time: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sample_queries, int) or isinstance(self.sample_queries, bool) \
+                or self.sample_queries < 0:
+            raise ValueError(f"sample_queries must be an int >= 0, got {self.sample_queries!r}")
+        if self.data is not None and not self.sample_queries:
+            raise ValueError("data (a zarr store) is read by the sampled check only: give sample_queries > 0")
+        if self.sample_queries and (self.cross_nsides or self.field is not None):
+            raise ValueError("sample_queries checks the global strategies and local_windows on a sharded field; "
+                             "cross_nsides and field need the full-field check (sample_queries = 0)")
         self.cross_nsides = tuple(self.cross_nsides)
         for source_nside in self.cross_nsides:
             try:
@@ -117,7 +137,9 @@ class VerifyConfig:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
-        for s in self.strategies:
+        if self.strategies == ("none",) and not self.local_windows:
+            raise ValueError("strategies = ['none'] (local_windows alone) leaves nothing to check")
+        for s in self.strategy_names():
             if s not in STRATEGIES:
                 raise ValueError(f"strategies: unknown strategy {s!r}; registered: {tuple(STRATEGIES)}")
         for b in self.backends:
@@ -136,6 +158,10 @@ class VerifyConfig:
             raise ValueError(f"inject_error must be a finite number, got {self.inject_error!r}")
 
     def strategy_names(self) -> tuple[str, ...]:
+        """The global strategies to check: ``strategies``, every registered one when empty, none
+        for ``("none",)`` (only ``local_windows``)."""
+        if self.strategies == ("none",):
+            return ()
         return self.strategies or tuple(STRATEGIES)
 
     @classmethod
@@ -152,6 +178,9 @@ class VerifyConfig:
         if values.get("field") is not None:
             batch, npix, embed_dim = _read_field(Path(values["field"])).shape
             values.update(nside=npix2nside(npix), batch=batch, embed_dim=embed_dim)
+        if values.get("data") is not None:
+            values.update(_store_shape(values["data"], values.get("data_variable", cls.data_variable),
+                                       values.get("data_time", cls.data_time)))
         return cls(**values)
 
 
@@ -294,6 +323,10 @@ class CaseResult:
     #: what ran: ``auto`` resolved (``"ulysses"``, ``"hybrid:U2"`` ...), hybrid's degenerate
     #: degrees named (U = 1 is a ring, U = P a Ulysses); None for a skipped case.
     executed: Optional[str] = None
+    #: the sampled check's measurements of the layer's forward + backward, one entry per rank:
+    #: ``time_s``, ``peak_allocated_bytes`` (Note [allocated peak]), ``peak_rss_bytes``
+    #: (Note [peak memory]); None for the full-field check.
+    measured: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -301,7 +334,8 @@ class CaseResult:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k)
-             for k in ("strategy", "executed", "backend", "kernel", "dtype", "skipped", "unreproducible")}
+             for k in ("strategy", "executed", "backend", "kernel", "dtype", "skipped", "unreproducible",
+                       "measured")}
         d["passed"] = self.passed
         d["quantities"] = [
             {"name": q.name, "max_abs": q.max_abs, "rel": q.rel, "ref_max": q.ref_max,
@@ -321,6 +355,22 @@ def load_field(cfg: VerifyConfig, dtype: torch.dtype = torch.float64) -> Tensor:
     if cfg.field_ordering.upper() == "RING":
         x = reorder(x, src="RING", dst="NESTED", dim=1)
     return x.contiguous()
+
+
+def _store_shape(store: str, name: str, time: int) -> dict[str, int]:
+    """``nside``, ``batch``, ``embed_dim`` of a store's ``(time, [B,] E, cell)`` variable (metadata only).
+
+    Raises:
+        ValueError: what :func:`hpattn_dist.io.read_shard` refuses, or another layout.
+    """
+    from hpattn_dist.io.read import open_store, resolve_variable
+
+    array, grid = resolve_variable(open_store(store), name, time=time)
+    if len(array.shape) not in (3, 4):
+        raise ValueError(f"data {store}: {name!r} must be (time, E, cell) or (time, B, E, cell), got shape "
+                         f"{tuple(array.shape)}")
+    batch = array.shape[1] if len(array.shape) == 4 else 1
+    return {"nside": grid.nside, "batch": batch, "embed_dim": array.shape[-2]}
 
 
 def _read_field(path: Path) -> Tensor:
@@ -363,7 +413,6 @@ def oracle_reference(oracle: nn.Module, x: Tensor, g: Tensor, **more: Tensor) ->
     for name, p in oracle.named_parameters():
         ref["d" + name] = p.grad.detach().clone()
     return ref
-
 
 
 def run_layer_case(

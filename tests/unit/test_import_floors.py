@@ -44,6 +44,9 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
 PENDING_UP: dict[tuple[str, str], str] = {
     ("hpattn_dist.strategies.api", "hpattn_dist.local.attention"):
         "the door calls windowed attention beside the plan: windows as an executor of the plan (issue 28)",
+    ("hpattn_dist.cost_model.memory", "hpattn_dist.local.attention"):
+        "the memory ledger reads the windowed executor's private chunk size: a constant of the cost model "
+        "that the executor reads instead (issue 28, after local attention's rewrite)",
 }
 PENDING_CIRCLES: dict[frozenset[str], str] = {
     frozenset({"hpattn_dist.integrations.idx_flow.call_agreement", "hpattn_dist.integrations.idx_flow.gather_layers",

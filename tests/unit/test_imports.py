@@ -10,7 +10,8 @@ import pytest
 import hpattn_dist
 
 # Tools, optional dependencies and plotting must not ride along with the library import.
-_HEAVY = ("hpattn_dist.tools", "matplotlib", "deepspeed", "idx_flow", "healpy", "sklearn")
+_HEAVY = ("hpattn_dist.tools", "hpattn_dist.io", "matplotlib", "deepspeed", "idx_flow", "healpy", "sklearn",
+          "zarr", "xarray")
 
 
 def test_import_hpattn_dist_is_lean():
@@ -33,7 +34,8 @@ def test_tools_platform_imports_no_torch():
     assert out.stdout.split()[0] == "False"
 
 
-_OPTIONAL = {"hpattn_dist.integrations.deepspeed": "deepspeed", "hpattn_dist.integrations.idx_flow": "idx_flow"}
+_OPTIONAL = {"hpattn_dist.integrations.deepspeed": "deepspeed", "hpattn_dist.integrations.idx_flow": "idx_flow",
+             "hpattn_dist.io": "zarr"}
 
 
 @pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.walk_packages(hpattn_dist.__path__, "hpattn_dist.")))
