@@ -249,6 +249,11 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
         >>> z_local = local_enc(latent_queries_local, data_local)       # parent cell + neighbours
     """
 
+    # Note [attention plans in a model call] in strategies/plan.py.
+    _hp_call_config = ("embed_dim", "num_heads", "kv_dim", "head_dim", "scale", "dropout_p", "attn_backend",
+                       "strategy", "ulysses_degree", "healpix_field", "window_nside", "mode", "name")
+    _hp_drop_attr = "dropout_p"
+
     def __init__(
         self,
         embed_dim: int,

@@ -48,6 +48,6 @@ def merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -
     block_lse = block_lse.to(lse.dtype)
     w_old = torch.sigmoid(lse - block_lse).masked_fill(first, 0.0).unsqueeze(-1)  # [B, H, N_q, 1]
     w_new = torch.sigmoid(block_lse - lse).masked_fill(first, 1.0).unsqueeze(-1)
-    out.mul_(w_old).add_(w_new * block_out.to(out.dtype))
+    out.mul_(w_old).addcmul_(w_new, block_out.to(out.dtype))  # no temporary of out's size
     new_lse = lse - torch.nn.functional.logsigmoid(lse - block_lse)
     lse.copy_(torch.where(first, block_lse, new_lse))

@@ -119,6 +119,12 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         >>> y_local = attn(x_local)                                  # [B, N_r, E]
     """
 
+    # What a converted model's call agrees on for this layer (Note [attention plans in a model
+    # call] in strategies/plan.py), and the probability that makes it ask the call for a seed.
+    _hp_call_config = ("embed_dim", "num_heads", "head_dim", "scale", "dropout_p", "attn_backend",
+                       "strategy", "ulysses_degree", "healpix_field", "name")
+    _hp_drop_attr = "dropout_p"
+
     def __init__(
         self,
         embed_dim: int,

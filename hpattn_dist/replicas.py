@@ -33,6 +33,12 @@ elementwise pass over the layer's weights. A write through ``p.data`` bypasses t
 is for) and is only seen at the next change of the parameter itself. Every call still compares, so weights that drift apart later (an optimizer step
 after gradients that were not reduced, a rank that loaded another checkpoint) raise on the next
 call.
+
+A converted idx-flow model checks ALL its parameters (gather layers, norms and its own included)
+at the start of each call, one fingerprint for the whole model in the call's row (Note [one
+agreement per model call]); when they differ, one more exchange on that error path names the
+parameters (:func:`check_model_rows`). Its attention layers then skip their own fingerprint while
+their parameters are unchanged since the call's start.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ import torch.nn as nn
 from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows", "facts_of",
-           "resolve_layer"]
+__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows", "check_model_rows",
+           "facts_of", "fingerprintable", "resolve_layer"]
 
 _RTOL = 1e-9
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
@@ -158,6 +164,60 @@ def resolve_layer(layer: "LayerFacts | LayerRef | None") -> Optional[LayerFacts]
     return layer
 
 
+def fingerprintable(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds its whole replicated value here: not a DTensor shard (FSDP2), not a
+    ZeRO-3 partition (``ds_id``), not an FSDP flat parameter's freed storage, not on meta."""
+    return (type(p.data) is torch.Tensor and not hasattr(p, "ds_id") and p.device.type != "meta"
+            and (p.numel() == 0 or p.data_ptr() != 0))
+
+
+def _differing_ranks(sums: Sequence[Sequence[int]]) -> tuple[list[list[float]], list[int]]:
+    """The sums as floats and the ranks whose sums differ from group rank 0's (Note [replicated
+    parameter check]: within a relative 1e-9)."""
+    values = [[bits_float(b) for b in row] for row in sums]
+    scale = [max(abs(row[i]) for row in values) for i in range(N_SUMS)]
+    # sum(p) and sum(w p) may cancel: compare them at the scale of sum(|p|), which bounds both.
+    scale[0] = scale[3] = max(scale[0], scale[1], scale[3])
+    differ = [r for r, row in enumerate(values)
+              if any(abs(row[i] - values[0][i]) > _RTOL * scale[i] for i in range(N_SUMS))]
+    return values, differ
+
+
+def check_model_rows(info: GroupInfo, what: str, named: Sequence[tuple[str, torch.Tensor]],
+                     sums: Sequence[Sequence[int]]) -> None:
+    """Check a model call's agreed parameter sums (every rank's fingerprint of ``named``); when
+    they differ, name the parameters that do, in one more exchange on that error path only (every
+    rank is there: they all hold the same rows).
+
+    Raises:
+        ValueError: on every rank, naming the parameters that differ and the ranks holding them.
+    """
+    _, differ = _differing_ranks(sums)
+    if not differ:
+        return
+    import torch.distributed as dist
+
+    mine = [(name, ParameterFingerprint()([(name, p)])[1]) for name, p in named]
+    every: list = [None] * info.world_size
+    dist.all_gather_object(every, mine, group=info.group)
+    names = [name for name, _ in every[0]]
+    bad = []
+    for i, name in enumerate(names):
+        rows = [ranks[i][1] if i < len(ranks) and ranks[i][0] == name else (0,) * N_SUMS for ranks in every]
+        ranks = _differing_ranks(rows)[1]
+        if ranks:
+            bad.append(f"{name} ({', '.join(info.describe_rank(r) for r in ranks[:4])}"
+                       f"{', ...' if len(ranks) > 4 else ''})")
+    raise ValueError(
+        f"{what}: the ranks of the process group hold different parameters (they must be replicated; "
+        f"{len(differ)} of {info.world_size} ranks differ from group rank 0): "
+        f"{', '.join(bad[:8]) + (', ...' if len(bad) > 8 else '') or 'the whole model'} differ from "
+        "group rank 0's. Seed every rank identically before building the model (torch.manual_seed) "
+        "or copy rank 0's weights to every rank with hpattn_dist.broadcast_parameters(model, group) "
+        "before the first forward"
+    )
+
+
 def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
                      sums: Sequence[Sequence[int]]) -> None:
     """Check the agreed rows of a layer's call; the same ValueError on every rank (every rank
@@ -180,12 +240,7 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
                    "healpix_field=False" if facts.point_sets else
                    "; local attention needs one (its windows are cells of a coarser HEALPix grid)")
             )
-    values = [[bits_float(b) for b in row] for row in sums]
-    scale = [max(abs(row[i]) for row in values) for i in range(N_SUMS)]
-    # sum(p) and sum(w p) may cancel: compare them at the scale of sum(|p|), which bounds both.
-    scale[0] = scale[3] = max(scale[0], scale[1], scale[3])
-    differ = [r for r, row in enumerate(values)
-              if any(abs(row[i] - values[0][i]) > _RTOL * scale[i] for i in range(N_SUMS))]
+    values, differ = _differing_ranks(sums)
     if differ:
         shown = [0, *differ[:7]]  # rank 0 and the first ranks that differ
         table = "; ".join(f"{info.describe_rank(r)}: sum={values[r][0]:.12g}, sum|p|={values[r][1]:.12g}, "

@@ -3,8 +3,12 @@
 
     python launch/bench_idx_flow.py                         # nside 32 -> 16, P = 2, E = 128, depth 2
     python launch/bench_idx_flow.py --world 2 --embed-dim 64 --depth 4 --repeats 5 --json out.json
+    python launch/bench_idx_flow.py --model medium --nside 32 --embed-dim 64 --depth 2 --heads 4 \
+        --batch 2 --warmup 2 --repeats 11 --rounds 5        # issue 25's medium model, alternated
 
-Run it on a quiet machine: every number is a wall time or a resident-set size.
+Run it on a quiet machine: every number is a wall time or a resident-set size. ``--rounds K``
+alternates the single-process and P-rank runs K times and prints each round's efficiency and
+their median, so that load which changes during a run hits both.
 
 What runs (each in its own fresh process, started by this script):
 
@@ -72,6 +76,10 @@ def _args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="single-process and P-rank runs, alternated this many times (load that "
+                        "changes during a run then hits both); the efficiency of each round and "
+                        "their median are printed")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for each stage")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     # Internal: the role of a child process.
@@ -81,7 +89,7 @@ def _args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nside_out is None:
         args.nside_out = max(1, args.nside // 2)
-    for name in ("world", "threads_per_rank", "repeats", "batch", "depth", "heads", "embed_dim"):
+    for name in ("world", "threads_per_rank", "repeats", "rounds", "batch", "depth", "heads", "embed_dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -345,17 +353,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_MARK + json.dumps(_child_rank(args)), flush=True)
         return 0
 
-    single = _run_children([_child_argv(argv, "single")], args.world * args.threads_per_rank,
-                           args.timeout, "single process")[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        init = "file://" + os.path.join(tmp, "rendezvous")
-        cmds = [_child_argv(argv, "rank", rank=r, init=init) for r in range(args.world)]
-        ranks = _run_children(cmds, args.threads_per_rank, args.timeout, "rank")
-    print(_table(args, single, ranks))
+    rounds = []
+    for i in range(args.rounds):
+        single = _run_children([_child_argv(argv, "single")], args.world * args.threads_per_rank,
+                               args.timeout, "single process")[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            init = "file://" + os.path.join(tmp, "rendezvous")
+            cmds = [_child_argv(argv, "rank", rank=r, init=init) for r in range(args.world)]
+            ranks = _run_children(cmds, args.threads_per_rank, args.timeout, "rank")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        rounds.append({"single": single, "ranks": ranks, "load_1min": load})
+        if args.rounds > 1:
+            print(f"--- round {i + 1} of {args.rounds} (1-minute load average {load:.1f})")
+        print(_table(args, single, ranks))
+    if args.rounds > 1:
+        effs = [r["single"]["train_step_s"] / r["ranks"][0]["train_step_s"] for r in rounds]
+        print(f"training-step efficiency per round: {', '.join(f'{e:.3f}' for e in effs)}; median "
+              f"{statistics.median(effs):.3f}   (goal >= 0.9)")
     if args.json is not None:
-        args.json.write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
-                                                    if k not in ("role", "rank", "init", "json")},
-                                         "single": single, "ranks": ranks}, indent=1))
+        config = {k: v for k, v in vars(args).items() if k not in ("role", "rank", "init", "json")}
+        last = rounds[-1]
+        args.json.write_text(json.dumps({"config": config, "single": last["single"], "ranks": last["ranks"],
+                                         "rounds": rounds}, indent=1))
     return 0
 
 

@@ -26,6 +26,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class CrossBlock(nn.Module):
+    """LayerNorm + cross-attention from ``x`` to the block's fixed source field ``[B, NK, E_kv]`` + MLP."""
+
+    def __init__(self, attn: nn.Module, x_kv: torch.Tensor) -> None:
+        super().__init__()
+        self.norm1, self.norm_kv = nn.LayerNorm(E), nn.LayerNorm(x_kv.shape[-1])
+        self.attn, self.norm2 = attn, nn.LayerNorm(E)
+        self.mlp = nn.Sequential(nn.Linear(E, 2 * E), nn.GELU(), nn.Linear(2 * E, E))
+        self.register_buffer("x_kv", x_kv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_kv(self.x_kv))
+        return x + self.mlp(self.norm2(x))
+
+
 def make_block(distributed: bool, dropout: float = 0.0, **kw) -> Block:
     """float64 block, weights from seed 0 (identical for the oracle and the distributed layer)."""
     torch.manual_seed(0)

@@ -38,7 +38,8 @@ steady-state call (shapes, parameters and mask as before) puts in the row is kno
 without reading a device tensor: shapes, dtypes, the scale, the device type, the dropout seed
 (drawn from the CPU generator as a CPU tensor, Note [seed outside the op]), whether gradients are
 needed, the layer's parameter fingerprint (cached per parameter version, Note [replicated
-parameter check]) and a key mask's layout (cached per mask tensor and version,
+parameter check]; in a converted model one for the whole model at each call's start) and a key
+mask's layout (cached per mask tensor and version,
 :func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads the device either: the plan
 is host ints, the dropout hash mixes the seed on the host, the windows keep their cells as host
 ints. What still reads the device, by design: a group with NO CPU backend (NCCL only) carries the

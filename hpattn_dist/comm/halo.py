@@ -40,6 +40,7 @@ different table or a misfit input fails together with its peers (Note [fail toge
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.shard_plan import shard_bounds
 
-__all__ = ["HaloExchanger", "HaloPlan", "all_to_all_rows", "halo_exchange", "halo_summary", "plan_halo", "table_crc"]
+__all__ = ["HaloExchanger", "HaloPlan", "all_to_all_rows", "halo_exchange", "halo_summary", "plan_halo",
+           "plan_halo_from_needs", "table_crc"]
 
 Bounds = Sequence[tuple[int, int]]
 
@@ -171,13 +173,39 @@ def plan_halo(table: Tensor, in_bounds: Bounds, out_bounds: Bounds, rank: int) -
     n_out = int(table.shape[0]) if isinstance(table, Tensor) and table.dim() == 2 else -1
     out_b = _check_bounds(out_bounds, n_out, "out_bounds") if n_out >= 0 else ()
     t = _normalized_table(table, n_in)
-    p = len(in_b)
-    if len(out_b) != p or not 0 <= rank < p:
+    if len(out_b) != len(in_b) or not 0 <= rank < len(in_b):
         raise ValueError(f"{len(in_b)} input ranges, {len(out_b)} output ranges and rank {rank} do not fit")
     needs = [torch.unique(t[a:b]) for a, b in out_b]  # each rank's input pixels, sorted
+    plan = plan_halo_from_needs(needs, in_b, rank)
+    my_start, my_stop = in_b[rank]
+    out_start, out_stop = out_b[rank]
+    rows = t[out_start:out_stop]
+    own = (rows >= my_start) & (rows < my_stop)
+    local = torch.where(own, rows - my_start, plan.n_local + torch.searchsorted(plan.recv_pixels, rows))
+    return dataclasses.replace(plan, out_bounds=out_b, local_table=local.contiguous())
+
+
+def plan_halo_from_needs(needs: Sequence[Tensor], in_bounds: Bounds, rank: int) -> HaloPlan:
+    """The exchange of :func:`plan_halo` from what each rank reads rather than from a table.
+
+    Args:
+        needs: per rank, int64 ``[*]``: the sorted distinct input pixels it reads (its own pixels
+            may be left out: they never travel).
+        in_bounds: every rank's contiguous input range, in rank order.
+        rank: the rank to plan for.
+
+    Returns:
+        The :class:`HaloPlan` of ``rank`` without a table (``local_table`` is ``[0, 0]``,
+        ``out_bounds`` empty); received rows arrive in ascending pixel order (``recv_pixels``).
+    """
+    n_in = in_bounds[-1][1] if len(in_bounds) else 0
+    in_b = _check_bounds(in_bounds, n_in, "in_bounds")
+    p = len(in_b)
+    if len(needs) != p or not 0 <= rank < p:
+        raise ValueError(f"{len(in_b)} input ranges, {len(needs)} rows of needs and rank {rank} do not fit")
     owners = [_owners(need, in_b) for need in needs]
     total_rows = sum(int((own != r).sum()) for r, own in enumerate(owners))
-    my_start, my_stop = in_b[rank]
+    my_start, _ = in_b[rank]
 
     # Rank q is sent the pixels of needs[q] inside this rank's range, ascending.
     send_parts, send_counts = [], []
@@ -189,16 +217,11 @@ def plan_halo(table: Tensor, in_bounds: Bounds, out_bounds: Bounds, rank: int) -
     # Received rows arrive grouped by source rank, each group ascending: that is `remote` itself.
     remote = needs[rank][owners[rank] != rank]
     recv_counts = [0 if q == rank else int((owners[rank] == q).sum()) for q in range(p)]
-    n_local = my_stop - my_start
-    out_start, out_stop = out_b[rank]
-    rows = t[out_start:out_stop]
-    own = (rows >= my_start) & (rows < my_stop)
-    local = torch.where(own, rows - my_start, n_local + torch.searchsorted(remote, rows))
     return HaloPlan(
-        rank=rank, world_size=p, in_bounds=in_b, out_bounds=out_b,
-        send_indices=torch.cat(send_parts), send_counts=tuple(send_counts),
-        recv_counts=tuple(recv_counts), local_table=local.contiguous(), recv_pixels=remote,
-        total_rows=total_rows,
+        rank=rank, world_size=p, in_bounds=in_b, out_bounds=(),
+        send_indices=torch.cat(send_parts).to(torch.int64), send_counts=tuple(send_counts),
+        recv_counts=tuple(recv_counts), local_table=torch.zeros((0, 0), dtype=torch.int64),
+        recv_pixels=remote, total_rows=total_rows,
     )
 
 

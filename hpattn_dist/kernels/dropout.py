@@ -78,6 +78,8 @@ class DropoutSpec:
         h_offset: global index of the block's first head (non-zero under head parallelism).
         k_index: optional int64 ``[N_k]`` global pixel index of each key, for key blocks that are
             not contiguous (masked keys removed); overrides ``k_offset``.
+        folded: the block folds window cells into its batch dim (:class:`FoldedIndex`); then
+            ``q_offset``, ``k_offset`` and ``k_index`` are unused.
     """
 
     p: float
@@ -86,16 +88,42 @@ class DropoutSpec:
     k_offset: int = 0
     h_offset: int = 0
     k_index: Optional[Tensor] = None
+    folded: Optional["FoldedIndex"] = None
 
     def shifted(self, *, q: int = 0, h: int = 0) -> "DropoutSpec":
         """The spec of a sub-block starting ``q`` queries and ``h`` heads further on."""
+        folded = self.folded
+        if folded is not None and q:
+            folded = FoldedIndex(folded.heads, folded.q_index[..., q:], folded.k_index)
         return DropoutSpec(
-            self.p, self.seed, self.q_offset + q, self.k_offset, self.h_offset + h, self.k_index
+            self.p, self.seed, self.q_offset + q, self.k_offset, self.h_offset + h, self.k_index, folded
         )
 
 
+@dataclass(frozen=True)
+class FoldedIndex:
+    """Global coordinates of a score block ``[X * B * H, Y, N_q, N_k]`` whose two batch dims fold
+    in independent windows (local attention, Note [local attention plan]): batch row
+    ``(x * B + b) * H + h`` holds batch element b and head h (plus the spec's ``h_offset``), and
+    window ``(x, y)`` has its own queries and keys.
+
+    Attributes:
+        heads: H.
+        q_index: int64 ``[X, Y, N_q]``, the global query pixel of each score row.
+        k_index: int64 ``[X, Y, N_k]``, the global key pixel of each score column.
+    """
+
+    heads: int
+    q_index: Tensor
+    k_index: Tensor
+
+
 def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
-    """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec``."""
+    """Bool keep-mask ``[B, H, N_q, N_k]`` of the score block described by ``spec`` (for a
+    ``spec.folded`` block: ``[X * B * H, Y, N_q, N_k]``, with ``batch = X * B * H`` and ``heads = Y``,
+    or the same with its batch dims merged)."""
+    if spec.folded is not None:
+        return _folded_keep_mask(spec, batch, heads, n_q, n_k, device)
     # Views, not indexing: the same ops on every device, fake CUDA tensors of a CPU build included.
     b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1, 1, 1)
     h = torch.arange(spec.h_offset, spec.h_offset + heads, device=device, dtype=torch.int64)
@@ -112,6 +140,24 @@ def keep_mask(spec: DropoutSpec, batch: int, heads: int, n_q: int, n_k: int, dev
     x = _mix32(x ^ j.view(1, 1, 1, n_k))
     threshold = int(spec.p * 2**32)
     return x >= threshold
+
+
+def _folded_keep_mask(spec: DropoutSpec, rows: int, heads: int, n_q: int, n_k: int, device) -> Tensor:
+    """The keep-mask of a :class:`FoldedIndex` block, ``[X * B * H, Y, N_q, N_k]`` (or that block
+    with its batch dims merged, ``[X * B * H * Y, 1, N_q, N_k]``): the same hash as
+    :func:`keep_mask`, with each window's own query and key pixels."""
+    folded = spec.folded
+    i = folded.q_index[..., :n_q].to(device=device, dtype=torch.int64)  # [X, Y, N_q]
+    j = folded.k_index.to(device=device, dtype=torch.int64)  # [X, Y, N_k]
+    windows, y = i.shape[0], i.shape[1]
+    if j.shape != (windows, y, n_k) or (rows * heads) % (windows * y * folded.heads):
+        raise ValueError(f"a folded block [{rows}, {heads}, {n_q}, {n_k}] does not fit query index "
+                         f"{tuple(i.shape)}, key index {tuple(j.shape)}, {folded.heads} heads")
+    bh = torch.arange(rows * heads // (windows * y), device=device, dtype=torch.int64)  # [B * H]
+    x = _mix32(_mix32((bh // folded.heads) ^ _mix32(spec.seed & _MASK32)) ^ (bh % folded.heads + spec.h_offset))
+    x = _mix32(x.view(1, -1, 1, 1) ^ i.unsqueeze(1))  # [X, B * H, Y, N_q]
+    x = _mix32(x.unsqueeze(-1) ^ j.view(windows, 1, y, 1, n_k))  # [X, B * H, Y, N_q, N_k]
+    return (x >= int(spec.p * 2**32)).view(rows, heads, n_q, n_k)
 
 
 def draw_seed() -> int:

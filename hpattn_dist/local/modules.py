@@ -63,7 +63,9 @@ class LocalSpatialSelfAttention(SpatialSelfAttention):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N, D]
+        # 3 x [B, H, N, D], each contiguous: local attention reads whole cells of q, k, v in place
+        # (Note [local attention plan]); the projection's [B, N, 3E] output is not kept.
+        return tuple(qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0))
 
     def _project_out(self, out: Tensor) -> Tensor:
         b, _, n, _ = out.shape
@@ -99,6 +101,11 @@ class DistributedLocalSpatialSelfAttention(GroupBound, LocalSpatialSelfAttention
             shards that add up to no HEALPix field, a field whose nside ``window_nside`` does
             not divide, ranks that disagree (parameters included).
     """
+
+    # Settings a converted model's call agrees on (Note [one agreement per model call]).
+    _hp_call_config = ("embed_dim", "num_heads", "head_dim", "scale", "dropout_p", "attn_backend",
+                       "window_nside", "mode", "name")
+    _hp_drop_attr = "dropout_p"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  attn_backend: AttnBackend = "auto", *, window_nside: int,

@@ -4,7 +4,7 @@ Legend: P ranks, r a rank, Nq / Nk query / key pixels (Nq_r / Nk_r on rank r), B
 D head dim, c_q / c_k pixels per window cell on the query / key grid, N_c = 12 * window_nside**2
 cells, U_r the cells holding rank r's queries (its units), m the cells of a unit's window.
 
-:func:`window_traffic` runs the planner of :mod:`hpattn_dist.local.attention` for every rank
+:func:`window_traffic` runs the planner of :mod:`hpattn_dist.local.plan` for every rank
 (pure arithmetic, no process group) and reads off, per rank:
 
 - the halo rows it receives and sends per forward (``cross.halo.forward`` / ``local.halo.forward``
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from hpattn_dist.comm.groups import offsets
-from hpattn_dist.local.attention import plan_local_attention
+from hpattn_dist.local.plan import plan_local_attention
 from hpattn_dist.strategies.auto import communication_volume
 
 __all__ = ["RankTraffic", "WindowTraffic", "window_traffic"]
@@ -104,7 +104,7 @@ def window_traffic(q_sizes: Sequence[int], k_sizes: Optional[Sequence[int]], win
         batch, heads, head_dim, itemsize: ``B, H, D`` and bytes per element of K/V.
 
     Raises:
-        ValueError: what :func:`~hpattn_dist.local.attention.plan_local_attention` raises.
+        ValueError: what :func:`~hpattn_dist.local.plan.plan_local_attention` raises.
     """
     q_sizes = tuple(int(n) for n in q_sizes)
     keys = q_sizes if k_sizes is None else tuple(int(n) for n in k_sizes)
@@ -116,13 +116,9 @@ def window_traffic(q_sizes: Sequence[int], k_sizes: Optional[Sequence[int]], win
         plan = plan_local_attention(q_sizes, window_nside, mode, r, None if k_sizes is None else keys)
         c_q, c_k = plan.cell_pixels, plan.key_cell_pixels
         start, stop = q_starts[r], q_starts[r] + q_sizes[r]
-        pairs = blocks = 0
-        for b in plan.batches:
-            m = b.key_rows.shape[1] // c_k
-            for cell in b.cells:  # this rank's queries in the cell
-                here = min(stop, (cell + 1) * c_q) - max(start, cell * c_q)
-                pairs += here * m * c_k
-                blocks += m
+        here = ((plan.units + 1) * c_q).clamp(max=stop) - (plan.units * c_q).clamp(min=start)  # queries per unit
+        pairs = int((here * plan.window_sizes).sum()) * c_k
+        blocks = int(plan.window_sizes.sum())
         ring_sent = communication_volume("ring", batch=batch, heads=heads, head_dim=head_dim, sizes=keys,
                                          rank=r, itemsize=itemsize).forward // row
         out.append(RankTraffic(

@@ -25,6 +25,19 @@ faces meet there) and ``_NB_SWAP[nbnum][face // 4]`` says how the entered face's
 oriented relative to ours (bit 1 flips x, bit 2 flips y, bit 4 swaps x and y). The directions are
 in healpy's order SW, W, NW, N, NE, E, SE, S. The tests compare every cell up to nside 64 (and
 samples above) with healpy.
+
+Note [padded faces]
+~~~~~~~~~~~~~~~~~~~
+The neighbour found above depends only on the face and the stepped-to coordinate ``(x, y)`` in
+``[-1, n]**2``, not on the cell the step started from. So each face, with a border of one cell,
+is an ``(n + 2) x (n + 2)`` grid of cells (:func:`padded_face_cells`; ``-1`` at the corners that
+have no face) in which the neighbourhood of cell ``(x, y)`` is the 3 x 3 block around it: its
+window is a rectangle of the padded grid, and the keys of column ``x + dx`` of that block are
+three cells adjacent in ``y``. A run of NESTED cells ``[4**k * j, 4**k * (j + 1))`` is the aligned
+square of side ``2**k`` at ``(x, y) = morton**-1(4**k * j)`` of its face, so any range of cells is a
+few such squares (:func:`cell_squares`), each a block of a padded face. Local attention lays
+the keys of a square out in that padded grid and reads each column of windows as views
+(Note [local attention plan] in :mod:`hpattn_dist.local.plan`).
 """
 
 from __future__ import annotations
@@ -37,7 +50,8 @@ from torch import Tensor
 
 from hpattn_dist.healpix import _compress_bits, _spread_bits, check_nside
 
-__all__ = ["WINDOW_MODES", "cell_neighbours", "check_window", "parse_window", "window_cells"]
+__all__ = ["WINDOW_MODES", "cell_neighbours", "cell_squares", "check_window", "face_cell",
+           "padded_face_cells", "parse_window", "window_cells"]
 
 WINDOW_MODES: tuple[str, ...] = ("cell", "neighbourhood")
 
@@ -145,6 +159,64 @@ def window_cells(window_nside: int, mode: str) -> Tensor:
     """
     check_window(window_nside, mode)
     return _window_cells_cpu(int(window_nside), mode)
+
+
+def face_cell(window_nside: int, face: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """NESTED cell index of ``(face, x, y)`` on the ``window_nside`` grid (broadcasting int64)."""
+    order = max(int(window_nside).bit_length() - 1, 1)
+    return face * window_nside**2 + (_spread_bits(x, order) | (_spread_bits(y, order) << 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_face_cells_cpu(window_nside: int) -> Tensor:
+    n = window_nside
+    cells = torch.arange(12 * n * n, dtype=torch.int64)
+    order = max(n.bit_length() - 1, 1)
+    face, morton = cells // (n * n), cells % (n * n)
+    ix, iy = _compress_bits(morton, order), _compress_bits(morton >> 1, order)
+    out = torch.full((12, n + 2, n + 2), -1, dtype=torch.int64)
+    out[face, ix + 1, iy + 1] = cells
+    neighbours = cell_neighbours(n)  # [N_c, 8]
+    for d, (dx, dy) in enumerate(zip(_NB_DX, _NB_DY)):
+        # Every step onto the same border position finds the same cell (Note [padded faces]).
+        out[face, ix + dx + 1, iy + dy + 1] = neighbours[:, d]
+    return out
+
+
+def padded_face_cells(window_nside: int) -> Tensor:
+    """Each face of the ``window_nside`` grid with a one-cell border (Note [padded faces]).
+
+    Returns:
+        int64 ``[12, n + 2, n + 2]`` (CPU, ``n = window_nside``): entry ``[f, x + 1, y + 1]`` is
+        the cell at ``(x, y)`` of face ``f`` for ``0 <= x, y < n``, and the cell a step from the
+        face onto the border position ``(x, y)`` reaches, ``-1`` where none (three faces meet).
+        Cached; do not modify.
+    """
+    return _padded_face_cells_cpu(check_nside(window_nside))
+
+
+def cell_squares(first: int, stop: int, window_nside: int) -> list[tuple[int, int, int, int]]:
+    """The NESTED cells ``[first, stop)`` as aligned squares of their faces, in NESTED order.
+
+    Returns:
+        ``(face, x0, y0, side)`` per square: the square holds the cells ``(face, x0 + i, y0 + j)``
+        for ``0 <= i, j < side``, which are the NESTED cells ``[start, start + side**2)`` of one
+        run (Note [padded faces]).
+    """
+    n = check_nside(window_nside)
+    order = n.bit_length() - 1
+    out, a = [], int(first)
+    while a < stop:
+        k = order
+        while k > 0 and (a % 4**k or a + 4**k > stop):
+            k -= 1
+        face, morton = divmod(a, n * n)
+        m = torch.tensor([morton], dtype=torch.int64)
+        x0 = int(_compress_bits(m, max(order, 1)))
+        y0 = int(_compress_bits(m >> 1, max(order, 1)))
+        out.append((face, x0, y0, 2**k))
+        a += 4**k
+    return out
 
 
 def parse_window(spec: str, nside: Optional[int] = None) -> tuple[str, int]:

@@ -68,9 +68,10 @@ Note [attention as one op]
     small all-gather): a rank that alone changes its shapes, or recompiles, gets the agreement's
     error on every rank, never a hang in mismatched exchanges. (Caching plans per input signature
     would save that all-gather but let one rank's new shape meet its peers' cached plan; we pay
-    the all-gather.) The ring's residuals have static shapes; Ulysses' and hybrid's head-layout
-    residuals (and their lse) have M pixels, which the peers' shards set: no fake can know it,
-    and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
+    the all-gather, except inside a converted model's call, whose own agreement covers the
+    shapes: Note [attention plans in a model call] in ``plan.py``.) The ring's residuals have
+    static shapes; Ulysses' and hybrid's head-layout residuals (and their lse) have M pixels,
+    which the peers' shards set: no fake can know it, and it is a fresh unbacked size (two for a cross call: Mq for ``q_h, out_h, lse``, Mk for
     ``k_h, v_h`` and the mask). ``new_dynamic_size`` would refuse to make one unless
     ``fullgraph=True`` or ``torch._dynamo.config.capture_dynamic_output_shape_ops`` (a graph
     break per call otherwise), a guard meant for data-dependent sizes that reach the user's
@@ -86,9 +87,9 @@ Note [attention as one op]
     their body with dynamo disabled): seconds, once.
 
     Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``;
-    nor windowed attention (``window_nside``, self or cross), which runs the halo exchange of
-    Note [local attention plan].
+    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
+    Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
+    (Note [windowed attention as one op] in :mod:`hpattn_dist.local.ops`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
                                             qkv_to_heads)
+from hpattn_dist.comm.model_call import layer_seed
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
@@ -263,11 +265,16 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     Note [gradients on every rank or none]).
     """
     layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
+    info = _group(group_name)
+    seed = None if dropout_seed is None else int(dropout_seed)
+    if seed is not None and layer is not None and dropout_p > 0:  # Note [seeds in a model call]
+        seed = layer_seed(info, layer.name, seed)
     plan, _ = plan_attention(
-        strategy, q, k, v, _group(group_name).group, ulysses_degree=ulysses_degree or None,
+        strategy, q, k, v, info.group, ulysses_degree=ulysses_degree or None,
         backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=None if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
+        dropout_seed=seed, layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
+        in_call=layer is not None,
         needs_grad=needs_grad,
     )
     plan_t = _plan_tensor(plan)

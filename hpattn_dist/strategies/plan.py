@@ -43,19 +43,46 @@ Note [cross-grid plan]
     indices range over the same pixels. With ``window_nside`` (the locality option) a call never
     reaches this plan: :func:`~hpattn_dist.local.attention.windowed_attention` agrees on both
     splits itself and plans a halo exchange (Note [local attention plan]).
+
+Note [attention plans in a model call]
+    A layer's call inside a converted model's agreed call (Note [one agreement per model call] in
+    ``integrations/idx_flow/call_agreement.py``) can do without its own agreement: what the
+    plan follows from is fixed by the call's key, and what changes from call to call is known
+    at the call's start. So the registered op passes ``in_call``, and :func:`plan_attention`
+    looks the layer's slot up (keyed by the layer's name and its calls so far in the model
+    call). The first call with a key agrees as always and stores the agreed rows with this
+    rank's own facts (everything in its row but the seed and the parameter sums); a later call
+    runs the same local checks, compares its facts with the stored ones (a local
+    ``RuntimeError`` if they differ: the model's shapes did not follow from its arguments) and
+    derives the plan from the stored rows, with no exchange. The row's per-call values come
+    from the model's call: the parameter fingerprint was compared for the WHOLE model at its
+    start (the layer checks that its parameters are unchanged since, same storage and
+    version), and the dropout seed is the call's derived seed, the same on every rank (Note
+    [seeds in a model call] in ``comm/model_call.py``). The layer's settings (scale, dropout,
+    backend, strategy) are in the call's row too, so a rank whose layer differs raises at the
+    call's start. A key mask (its kept keys are data), a key bias, parameters not fingerprinted
+    at the call's start or changed since (FSDP2 / ZeRO-3 shards, a hook rewriting them), or a
+    call that drops without a call seed make the layer agree on its own, as outside a model.
+
+    The slot is read inside the op's body, which ``torch.compile`` never traces: a compiled
+    model reads the call's state when it runs, never a value baked in at tracing. (The op's
+    arguments could not carry it without a graph break or a recompilation per call: the seed
+    and the rows change from call to call.)
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import dtype_code, records_gradients, validated_signature
+from hpattn_dist.comm.agreement import Signature, dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
+from hpattn_dist.comm.model_call import Slot, current_call
 from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
@@ -189,6 +216,7 @@ def plan_attention(
     cross: bool = False,
     what: str,
     kv_needs_grad: Optional[bool] = None,
+    in_call: bool = False,
     needs_grad: Optional[bool] = None,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
@@ -205,6 +233,9 @@ def plan_attention(
     rank (Note [gradients on every rank or none] in ``comm/agreement.py``).
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
     Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
+    ``in_call``: a layer's call that may reuse the plan agreed in an earlier call of a converted
+    model with the same key (Note [attention plans in a model call]); ``dropout_seed`` is then
+    the call's derived seed when it drops.
 
     Raises (on every rank of the group, Note [fail together]):
         ValueError / TypeError: a bad argument on any rank; ranks that disagree on shapes,
@@ -218,9 +249,11 @@ def plan_attention(
         parent = resolve_group(hybrid_parent(*groups, sub[0].world_size * sub[1].world_size))
     else:
         sub, parent = None, resolve_group(group)
-    with validated_signature(parent, what) as sig:
+    slot = _model_call_slot(parent, layer, key_mask, key_bias, dropout_p) if in_call else None
+    known = slot is not None and slot.known is not None
+    with (_declared(parent, what) if known else validated_signature(parent, what)) as sig:
         check_qkv(q, k, v, scale, cross=cross)
-        layer = resolve_layer(layer)
+        layer = None if known else resolve_layer(layer)  # known: checked at the model call's start
         check_dropout_p(dropout_p)
         check_backend_name(backend)
         executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)
@@ -241,34 +274,66 @@ def plan_attention(
         kv_grad = (k.requires_grad or v.requires_grad) if kv_needs_grad is None else kv_needs_grad
         grad_bits = (int(grad_on and kv_grad) if kv_needs_grad is None else int(kv_needs_grad),
                      int(grad_on and key_bias is not None and key_bias.requires_grad))
-        extra_shared = {} if layer is None else {"param_layout": layer.layout}
+        shared = {
+            "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
+            "key_bias_heads": -1 if key_bias is None else bias.shape[1],
+            "key_mask": int(key_mask is not None),
+            "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
+            "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
+            "scale": head_dim**-0.5 if scale is None else float(scale),
+        }
+        seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        grads = records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad
         sig.set(
-            {
-                "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
-                "key_bias_heads": -1 if key_bias is None else bias.shape[1],
-                "key_mask": int(key_mask is not None),
-                "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
-                "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
-                "scale": head_dim**-0.5 if scale is None else float(scale), **extra_shared,
-            },
-            (n_local, n_kept, int(mask_left), resolve_dropout_seed(dropout_p, dropout_seed), *row, n_keys,
-             *(() if layer is None else layer.sums), *grad_bits),
+            {**shared, **({} if layer is None else {"param_layout": layer.layout})},
+            (n_local, n_kept, int(mask_left), seed, *row, n_keys, *(() if layer is None else layer.sums),
+             *grad_bits),
             q.device,
             kind=executed,
-            grads=records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad,
+            grads=grads,
         )
+    # What the plan follows from on this rank, less what changes every call (seed, parameter sums).
+    mine = (what, executed, q.device.type, tuple(shared.items()), (n_local, n_kept, int(mask_left), *row, n_keys),
+            grad_bits, int(grads))
+    if known:
+        rows = slot.reuse(mine, what)
+    else:
+        rows = sig.per_rank
+        if slot is not None:
+            slot.store(rows, mine)
     if layer is not None:
-        layer_sums = [r[9:9 + N_SUMS] for r in sig.per_rank]
-        check_layer_rows(parent, layer, [r[0] for r in sig.per_rank], layer_sums)
+        layer_sums = [r[9:9 + N_SUMS] for r in rows]
+        check_layer_rows(parent, layer, [r[0] for r in rows], layer_sums)
         if cross and layer.healpix_field:
             keys = replace(layer, name=layer.name + " (keys and values)")
-            check_layer_rows(parent, keys, [r[8] for r in sig.per_rank], layer_sums)
+            check_layer_rows(parent, keys, [r[8] for r in rows], layer_sums)
     plan = _plan_from_rows(
-        sig.per_rank, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
+        rows, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
         scale=head_dim**-0.5 if scale is None else float(scale), dropout_p=float(dropout_p), what=what,
     )
+    if known:  # every rank proposed the call's derived seed (Note [seeds in a model call])
+        plan = replace(plan, seed=seed)
     return plan, bias
+
+
+@contextlib.contextmanager
+def _declared(info: GroupInfo, what: str) -> Iterator[Signature]:
+    """A :class:`Signature` declared without an exchange: the call reuses agreed rows (a local
+    failure is raised here only, Note [attention plans in a model call])."""
+    yield Signature(info, what)
+
+
+def _model_call_slot(parent: GroupInfo, layer: "Optional[LayerFacts | LayerRef]", key_mask: Optional[Tensor],
+                     key_bias: Optional[Tensor], dropout_p: float) -> Optional[Slot]:
+    """The layer's slot in the converted model's call in progress, when its plan may come from an
+    earlier call with the same key; None when the call must agree on its own."""
+    if not isinstance(layer, LayerRef) or key_mask is not None or key_bias is not None:
+        return None  # a mask's kept keys are data: agreed on every call
+    call = current_call(parent) if parent.world_size > 1 else None
+    if call is None or not call.covers(layer.params) or (dropout_p > 0 and call.seed is None):
+        return None
+    return Slot(call, ("attention", layer.name))
 
 
 def _plan_from_rows(rows: list, executed: str, u_deg: int, parent: GroupInfo, sub: Optional[tuple],

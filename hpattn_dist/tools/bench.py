@@ -42,14 +42,19 @@ Modes (``BenchConfig.mode``):
     kept, from the known mask; the backward recomputes as many), and their ratios to ``f = 0``.
 
 ``local``
-    Sharded HEALPix local attention (issue 17): for each nside, on the same field ``[B, N, E]``
-    and weights, :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with
-    neighbourhood windows, ``window_nside = nside / 8`` (:data:`LOCAL_WINDOW_DIV`, at least 1),
-    on P ranks; global ``ring`` attention (the distributed layer) on the same shards; and the
-    same local layer in ONE process (rank 0, a group of its own, no communication) with
-    ``P * threads_per_rank`` threads while the other ranks wait. Times as in ``scaling``;
+    Sharded HEALPix local attention (issue 17): for each nside and window mode of
+    ``local_modes``, on the same field ``[B, N, E]`` and weights,
+    :class:`~hpattn_dist.local.DistributedLocalSpatialSelfAttention` with ``window_nside = nside /
+    8`` (:data:`LOCAL_WINDOW_DIV`, at least 1), on P ranks; global ``ring`` attention (the
+    distributed layer) on the same shards; and the same local layer in ONE process (rank 0, a
+    group of its own, no communication) with ``P * threads_per_rank`` threads while the other
+    ranks wait (``local_layers=False`` skips these three). Times as in ``scaling``;
     ``efficiency = t_single / t_local`` (goal >= 0.9), ``vs ring = t_ring / t_local``; peak
-    memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank.
+    memory (Note [peak memory]) and bytes sent (counted: the halo rows) per rank. Then, on rank 0
+    with its own threads, the attention alone (``healpix_local_attention`` on ``[B, H, N, D]``)
+    against FlexAttention with a block mask of the same windows, alternating, forward (Note [flex
+    baseline] in :mod:`hpattn_dist.tools.bench_flex`): ``vs flex = t_flex / t_ours`` from the
+    minima, and our ``f+b / f``.
 
 ``cross``
     Cross-grid attention (issue 18): an encoder (queries on the latent grid ``latent_nside``,

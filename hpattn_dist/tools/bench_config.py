@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 
 from hpattn_dist.healpix import check_nside
+from hpattn_dist.local.windows import WINDOW_MODES
 from hpattn_dist.precision import DTYPES
 from hpattn_dist.oracle import ATTN_BACKENDS
 from hpattn_dist.strategies import STRATEGIES
@@ -64,6 +65,9 @@ class BenchConfig:
         cross_cases: cross mode: ``"encoder"`` (data -> latent) and/or ``"decoder"`` (latent -> data).
         windows: cross mode: ``"none"`` (attention to every source pixel) and/or locality windows
             ``"MODE:WINDOW_NSIDE"`` (:func:`hpattn_dist.local.windows.parse_window`).
+        local_modes: local mode: the window modes (``"cell"``, ``"neighbourhood"``).
+        local_layers: local mode: time the layers (local on P ranks, the global ring, local in
+            one process); the attention against FlexAttention runs either way.
     """
 
     mode: str = "scaling"
@@ -86,12 +90,17 @@ class BenchConfig:
     kv_dim: int = 8
     cross_cases: tuple[str, ...] = CROSS_CASES
     windows: tuple[str, ...] = ("none",)
+    local_modes: tuple[str, ...] = ("cell", "neighbourhood")
+    local_layers: bool = True
 
     def __post_init__(self) -> None:
         self.nsides, self.strategies, self.blocks = tuple(self.nsides), tuple(self.strategies), \
             tuple(self.blocks)
         self.land_fractions = tuple(self.land_fractions)
         self.cross_cases, self.windows = tuple(self.cross_cases), tuple(self.windows)
+        self.local_modes = tuple(self.local_modes)
+        if not self.local_modes or any(m not in WINDOW_MODES for m in self.local_modes):
+            raise ValueError(f"local_modes must be a non-empty list of {WINDOW_MODES}, got {self.local_modes!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.nsides:

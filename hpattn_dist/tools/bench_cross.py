@@ -28,7 +28,7 @@ from hpattn_dist.strategies.auto import choose_strategy
 from hpattn_dist.tools.verify_cases import strategy_variants
 from hpattn_dist.tools.bench_config import BenchConfig, CROSS_STRATEGIES, cross_window
 from hpattn_dist.tools.bench_measure import (
-    gather_objects, gather_per_rank, layer_times, payload_bytes, ratio_or_none,
+    gather_objects, gather_per_rank, layer_times, payload_bytes, ratio_or_none, single_process_times,
 )
 
 
@@ -177,12 +177,7 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
                         strategy="ring", process_group=solo, **_locality_kwargs(window))
                     single.load_state_dict(oracle.state_dict())
                     single = single.to(device=device, dtype=dtype)
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    res = layer_times(single, (x_q, x_kv), g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                res = single_process_times(single, (x_q, x_kv), g, cfg, device, world * threads_per_rank)
                 single_rec.update(res, peak_mem_bytes_per_rank=[res.pop("peak_mem")["bytes"]],
                                   bytes_per_rank=[payload_bytes(res.pop("comm")["bytes_sent"])])
             single_rec = gather_objects(single_rec)[0]

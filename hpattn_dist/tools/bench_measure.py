@@ -161,5 +161,16 @@ def gather_per_rank(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def single_process_times(layer: nn.Module, x: Tensor | tuple[Tensor, ...], g: Tensor, cfg: BenchConfig,
+                          device: torch.device, threads: int) -> dict[str, Any]:
+    """:func:`layer_times` of a 1-process baseline on this rank alone with ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return layer_times(layer, x, g, cfg, device, collective=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 def ratio_or_none(value: float, base: float) -> Optional[float]:
     return value / base if base else None

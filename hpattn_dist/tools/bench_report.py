@@ -126,26 +126,7 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
                      "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
                      "each repeat the slowest rank's")
     elif mode == "local":
-        cols = (f"{'nside':>5} {'window':>6} {'P':>2} {'thr':>3} {'implementation':<22} {'fwd ms':>7} "
-                f"{'f+b ms':>7} {'(min)':>6} {'eff fb':>6} {'vs ring':>7} {'MiB peak':>8} {'MiB sent':>8}")
-        lines += [cols, "-" * len(cols)]
-        names = {"local": "local (neighbourhood)", "ring": "global ring",
-                 "local_single": "local, 1 process"}
-        for r in records:
-            def opt(key: str, width: int) -> str:
-                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
-
-            lines.append(
-                f"{r['nside']:>5} {r['window_nside']:>6} {r['world_size']:>2} {r['threads_per_rank']:>3} "
-                f"{names[r['impl']]:<22} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
-                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd_bwd', 6)} "
-                f"{opt('speed_vs_ring_fwd_bwd', 7)} "
-                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {_mib(max(r['bytes_per_rank'])):>8}"
-                f"{' !' if is_noisy(r) else ''}")
-        lines.append("window = window_nside (nside / 8); eff fb = t(local, 1 process, same total threads) / "
-                     "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
-                     "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
-                     "largest rank's; ! = median > 2x minimum (busy machine)")
+        lines += _local_tables(records)
     elif mode == "cross":
         lines += _cross_tables(records)
     else:
@@ -161,6 +142,64 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
         lines.append("peak = growth of the resident set during ring fwd+bwd (manual kernel); "
                      "scores in the accumulation dtype")
     return "\n".join(lines)
+
+
+def _local_tables(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The local mode's tables: the layers (local on P ranks, the global ring, local in one
+    process), then the attention alone against FlexAttention."""
+    lines: list[str] = []
+    layers = [r for r in records if r["impl"] in ("local", "ring", "local_single")]
+    if layers:
+        cols = (f"{'nside':>5} {'window':>6} {'P':>2} {'thr':>3} {'implementation':<26} {'fwd ms':>7} "
+                f"{'f+b ms':>7} {'(min)':>6} {'eff fb':>6} {'vs ring':>7} {'MiB peak':>8} {'MiB sent':>8}")
+        lines += [cols, "-" * len(cols)]
+        names = {"local": "local", "ring": "global ring", "local_single": "local, 1 process"}
+        for r in layers:
+            def opt(key: str, width: int) -> str:
+                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+            name = names[r["impl"]] + ("" if r["impl"] == "ring" else f" ({r['mode']})")
+            lines.append(
+                f"{r['nside']:>5} {r['window_nside']:>6} {r['world_size']:>2} {r['threads_per_rank']:>3} "
+                f"{name:<26} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
+                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd_bwd', 6)} "
+                f"{opt('speed_vs_ring_fwd_bwd', 7)} "
+                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {_mib(max(r['bytes_per_rank'])):>8}"
+                f"{' !' if is_noisy(r) else ''}")
+        lines.append("window = window_nside (nside / 8); eff fb = t(local, 1 process, same total threads) / "
+                     "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
+                     "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
+                     "largest rank's; ! = median > 2x minimum (busy machine)")
+    attention = [r for r in records if r["impl"] in ("attention", "flex")]
+    if attention:
+        if lines:
+            lines.append("")
+        cols = (f"{'nside':>5} {'window':>6} {'mode':<13} {'thr':>3} {'implementation':<28} {'fwd min':>8} "
+                f"{'fwd med':>8} {'fwd cpu':>8} {'vs flex':>7} {'(cpu)':>6} {'f+b min':>8} {'f+b/f':>6} {'(cpu)':>6}")
+        lines += [cols, "-" * len(cols)]
+        for r in attention:
+            if r["impl"] == "flex":
+                name = f"FlexAttention, block {r['block_size']}"
+                if "error" in r:
+                    lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} "
+                                 f"{name:<28} did not build ({r['error'].split(':')[0]})")
+                    continue
+                tail = ""
+            else:
+                name = "healpix_local_attention"
+
+                def ratio(key: str, width: int) -> str:
+                    return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
+
+                tail = (f" {ratio('speed_vs_flex_fwd', 7)} {ratio('speed_vs_flex_fwd_cpu', 6)} "
+                        f"{_ms(r['fwd_bwd_min_s'], 8)} {r['fwd_bwd_over_fwd']:6.2f} {ratio('fwd_bwd_over_fwd_cpu', 6)}")
+            lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} {name:<28} "
+                         f"{_ms(r['fwd_min_s'], 8)} {_ms(r['fwd_s'], 8)} {_ms(r['fwd_cpu_min_s'], 8)}{tail}")
+        lines.append("the attention alone on [B, H, N, D] in one process, runs alternating; ms: minimum, "
+                     "median and CPU-time minimum of the forward; vs flex = t(FlexAttention,\nits faster "
+                     "block size) / t(ours) from the forward minima (wall, cpu); f+b/f = our forward+backward "
+                     "over our forward (minima); FlexAttention compiles no backward on CPU")
+    return lines
 
 
 def _cross_tables(records: Sequence[dict[str, Any]]) -> list[str]:

@@ -20,7 +20,7 @@ from hpattn_dist.oracle import SpatialSelfAttention
 from hpattn_dist.strategies.auto import choose_strategy, communication_volume
 from hpattn_dist.tools.verify_cases import make_distributed_layer, strategy_variants
 from hpattn_dist.tools.bench_config import BenchConfig
-from hpattn_dist.tools.bench_measure import gather_objects, gather_per_rank, layer_times
+from hpattn_dist.tools.bench_measure import gather_objects, gather_per_rank, layer_times, single_process_times
 
 
 def expected_bytes(
@@ -130,12 +130,7 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             oracle_rec = {**base, "impl": "oracle", "strategy": None, "kernel": cfg.backend,
                           "world_size": 1, "threads_per_rank": world * threads_per_rank}
             if rank == 0:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(world * threads_per_rank)
-                try:
-                    rec = layer_times(oracle, x, g, cfg, device, collective=False)
-                finally:
-                    torch.set_num_threads(threads)
+                rec = single_process_times(oracle, x, g, cfg, device, world * threads_per_rank)
                 rec["peak_mem_bytes_per_rank"] = [rec.pop("peak_mem")["bytes"]]
                 rec["bytes_per_rank"] = [0]
                 rec.pop("comm")

@@ -74,7 +74,8 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "bench": {"batch": 1, "embed_dim": 128, "num_heads": 4, "seed": 0, "mode": "scaling",
               "nsides": "16,32", "backend": "auto", "dtype": "float32", "warmup": 1, "repeats": 5,
               "blocks": "2,4", "land_fractions": "0,0.3,0.7,1", "data_nside": 64, "latent_nside": 16,
-              "kv_dim": 8, "cross_cases": "encoder,decoder", "windows": "none"},
+              "kv_dim": 8, "cross_cases": "encoder,decoder", "windows": "none",
+              "local_modes": "cell,neighbourhood"},
 }
 
 
@@ -174,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
                         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
                         "memory per rank of the manual kernel; masks: what the ring saves when "
-                        "keys are masked (land) on one rank or all; local: neighbourhood "
-                        "attention (window_nside = nside/8) vs global ring and vs itself in one "
-                        "process; cross: cross-grid encoder and decoder layers vs the 1-process "
+                        "keys are masked (land) on one rank or all; local: local attention "
+                        "(window_nside = nside/8) vs global ring, vs itself in one process and vs "
+                        "FlexAttention; cross: cross-grid encoder and decoder layers vs the 1-process "
                         "layer (time, memory, bytes vs closed form) "
                         f"(default: {db['mode']})")
     b.add_argument("--nsides", type=_positive_ints, default=None,
@@ -208,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross mode: comma list of none (every source pixel) or locality windows "
                         f"MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (ring and auto only) "
                         f"(default: {db['windows']})")
+    b.add_argument("--local-modes", type=_csv(str), default=None,
+                   help=f"local mode: comma list of window modes, cell and/or neighbourhood "
+                        f"(default: {db['local_modes']})")
+    b.add_argument("--no-local-layers", dest="local_layers", action="store_false", default=None,
+                   help="local mode: skip the layer rows (local on P ranks, the global ring, local in "
+                        "one process); the attention vs FlexAttention rows run either way "
+                        "(default: run them)")
     b.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", default=None,
                    help="skip the DeepSpeed-Ulysses peer (default: run it when deepspeed imports)")
     b.add_argument("--no-oracle", dest="oracle", action="store_false", default=None,
@@ -336,6 +344,7 @@ def load_config(args: argparse.Namespace):
         oracle=args.oracle, deepspeed=args.deepspeed, seed=args.seed,
         land_fractions=args.land_fractions, data_nside=args.data_nside, latent_nside=args.latent_nside,
         kv_dim=args.kv_dim, cross_cases=args.cross_cases, windows=args.windows,
+        local_modes=args.local_modes, local_layers=args.local_layers,
     )
 
 

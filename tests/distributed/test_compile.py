@@ -16,13 +16,12 @@ import functools
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from hpattn_dist import (DistributedSpatialCrossAttention, SpatialCrossAttention, checkpoint_context_fn,
                          count_communication)
 from tests.harness import run_ranks
-from tests.training_model import E, H, bounds, field, make_block
+from tests.training_model import CrossBlock, E, H, bounds, field, make_block
 
 N, NK, E_KV, WORLD = 11, 7, 8, 2
 # name: (layer kwargs, how the block is compiled). Ulysses and hybrid (and auto, which picks a
@@ -42,20 +41,6 @@ RUNS = {
     "cross ring": ({"strategy": "ring"}, "fullgraph"),
     "cross ulysses": ({"strategy": "ulysses"}, "fullgraph"),
 }
-
-
-class CrossBlock(nn.Module):
-    """LayerNorm + cross-attention from ``x`` to the block's fixed source field + MLP."""
-
-    def __init__(self, attn: nn.Module, x_kv: torch.Tensor) -> None:
-        super().__init__()
-        self.norm1, self.norm_kv, self.attn, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E_KV), attn, nn.LayerNorm(E)
-        self.mlp = nn.Sequential(nn.Linear(E, 2 * E), nn.GELU(), nn.Linear(2 * E, E))
-        self.register_buffer("x_kv", x_kv)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.norm_kv(self.x_kv))
-        return x + self.mlp(self.norm2(x))
 
 
 def make_cross_block(distributed: bool, x_kv: torch.Tensor, **kw) -> CrossBlock:

@@ -41,6 +41,7 @@ CASES = {
     "dec-nbhd-mask-bias": (8, 1, 1, "neighbourhood", "sdpa", True, "bn", 0.0),  # 64 queries per cell
     "same-nside-cell": (4, 4, 2, "cell", "manual", False, "", 0.0),             # same grid, two splits
     "enc-dropout": (2, 4, 1, "neighbourhood", "manual", True, "bn", 0.3),
+    "enc-squares-dropout": (4, 8, 4, "neighbourhood", "manual", False, "", 0.25),  # padded faces
 }
 
 # name: (E, H, kv_dim, nside_q, nside_k, W, mode, dropout)

@@ -9,7 +9,8 @@ the host-to-device copies that reach the dispatcher. Checked:
 * the dropout hash on fake CUDA copies no scalar to the device (it mixed the seed as a CUDA tensor
   on every block of every step);
 * the ring's and the windows' executors, forward and backward with dropout, run on meta tensors
-  (the windows read each unit's cell with ``int()`` on the device);
+  (the windows read each unit's cell with ``int()`` on the device; the cell-block executor routes
+  its edge cells by positions planned on the host);
 * the door (``plan_attention``) with a key mask reads the mask on the first call only: the mask's
   layout is cached by tensor and version (it read it on every call), and read again after an
   in-place change.
@@ -19,6 +20,9 @@ Legend: B batch, H heads, N pixels, D head dim.
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -26,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import DropoutSpec, keep_mask, select_kernel
-from hpattn_dist.local.attention import _WindowAttention, plan_local_attention
+from hpattn_dist.local import execute
+from hpattn_dist.local.plan import plan_local_attention
 from hpattn_dist.strategies.plan import plan_attention
 from hpattn_dist.strategies.ring import run_ring
 
@@ -88,14 +93,22 @@ def test_ring_executor_reads_no_device_data():
     assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
 
 
-def test_window_executor_reads_no_device_data():
-    q, k, v = _meta_qkv()
-    plan = plan_local_attention((N,), 1, "neighbourhood", 0).to(torch.device("meta"))
+@pytest.mark.parametrize("n,window_nside,split", [(N, 1, (N,)), (768, 4, (300, 468))])
+def test_window_executor_reads_no_device_data(n, window_nside, split):
+    """Windows as lists (nside 2, window 1) and as padded faces with their column fixes (nside 8,
+    window 4), forward and backward with dropout; the second rank of a 2-way split reads cells in
+    place, gathers edge cells and would exchange a halo (not run here: the group is one process)."""
+    q, k, v = (torch.empty(B, H, split[-1], D, device="meta", dtype=torch.float32) for _ in range(3))
+    rank = len(split) - 1
+    plan = plan_local_attention(split, window_nside, "neighbourhood", rank).to(torch.device("meta"))
+    plan = dataclasses.replace(plan, halo=dataclasses.replace(plan.halo, total_rows=0))
     kernel = select_kernel("manual", q, dropout=True)
+    info = GroupInfo(None, 0, 1)
     with DeviceReads() as rec:
-        out = _WindowAttention.apply(q, k, v, None, plan, GroupInfo(None, 0, 1), kernel, 0.5, 0.2, 7, False)
-        out.backward(torch.empty_like(out))
-    assert out.shape == q.shape and k.grad.shape == k.shape
+        out, lse, edge_kv, edge_bias = execute.forward(plan, q, k, v, None, info, kernel, 0.5, 0.2, 7)
+        grads = execute.backward(plan, torch.empty_like(out), q, k, v, None, out, lse, edge_kv, edge_bias, info,
+                                 kernel, 0.5, 0.2, 7, False)
+    assert out.shape == q.shape and grads[1].shape == k.shape
     assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
 
 

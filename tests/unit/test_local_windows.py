@@ -6,7 +6,10 @@
 - every rank's planned halo is exactly the set of window pixels other ranks own (healpy sets),
   for even, uneven and tiny splits;
 - the halo follows the boundary of the shard, not its area (fixed window pixel count);
-- the sharded op in one process (all kernels, dtypes, masks, dropout) equals the dense reference.
+- the sharded op in one process (all kernels, dtypes, masks, dropout) equals the dense reference;
+- the padded faces hold every window as a 3 x 3 block (healpy), the squares of a cell range are
+  its aligned runs (healpy's xyf2pix), a folded dropout block drops what each window's own
+  block drops (the reference definition), and dropout costs no kernel call per cell.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 from hpattn_dist import healpix_local_attention
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.kernels import DropoutSpec
+from hpattn_dist.kernels import keep_mask
 from hpattn_dist.local import cell_neighbours, plan_local_attention, window_cells, window_mask
+from hpattn_dist.local.windows import cell_squares, padded_face_cells
 from hpattn_dist.local.oracle import dense_local_attention
 from tests.local_reference import halo_pixels, healpy_window_mask, reference_local_attention
 
@@ -126,10 +131,11 @@ def _qkv(n: int, dtype, seed: int):
             for _ in range(3)]
 
 
+@pytest.mark.parametrize("nside,window_nside", [(4, 2), (8, 4)])  # windows as lists, as padded faces
 @pytest.mark.parametrize("backend", ["auto", "manual"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2.5e-2)])
-def test_single_process_op_matches_reference(backend, dtype, tol) -> None:
-    nside, window_nside, mode = 4, 2, "neighbourhood"
+def test_single_process_op_matches_reference(backend, dtype, tol, nside, window_nside) -> None:
+    mode = "neighbourhood"
     q, k, v = _qkv(12 * nside**2, dtype, 1)
     out = healpix_local_attention(q, k, v, window_nside=window_nside, mode=mode, backend=backend)
     assert out.dtype == dtype
@@ -164,3 +170,75 @@ def test_single_process_dropout_and_masks_match_reference() -> None:
     assert torch.isfinite(out).all() and (out[1, :, :16] == 0).all()
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("window_nside", [1, 2, 4, 8, 16])
+def test_padded_faces_hold_every_window_as_a_block(window_nside: int) -> None:
+    """Note [padded faces]: in face f's padded grid the 3 x 3 block around cell (x, y) holds that
+    cell's window, each healpy neighbour at its step (SW, W, NW, N, NE, E, SE, S), -1 where healpy
+    has none; every cell sits at its own (x, y)."""
+    n = window_nside
+    padded = padded_face_cells(n)
+    steps = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
+    cells = np.arange(12 * n * n)
+    ref = hp.get_all_neighbours(n, cells, nest=True).T
+    face, pix = np.divmod(cells, n * n)
+    x = np.array([sum(((p >> (2 * b)) & 1) << b for b in range(8)) for p in pix])
+    y = np.array([sum(((p >> (2 * b + 1)) & 1) << b for b in range(8)) for p in pix])
+    assert np.array_equal(padded[face, x + 1, y + 1].numpy(), cells)
+    for d, (dx, dy) in enumerate(steps):
+        assert np.array_equal(padded[face, x + dx + 1, y + dy + 1].numpy(), ref[:, d]), (d, dx, dy)
+
+
+@pytest.mark.parametrize("first,stop,window_nside", [(0, 192, 4), (3, 40, 4), (17, 700, 8), (5, 6, 2), (0, 12, 1)])
+def test_cell_squares_cover_the_range_once(first: int, stop: int, window_nside: int) -> None:
+    """The squares are aligned runs of NESTED cells, in order, covering [first, stop) exactly;
+    their cells (face, x0 + i, y0 + j) are the run's cells (healpy's xyf2pix)."""
+    n = window_nside
+    covered = []
+    for face, x0, y0, side in cell_squares(first, stop, n):
+        run = sorted(int(hp.xyf2pix(n, x0 + i, y0 + j, face, nest=True)) for i in range(side) for j in range(side))
+        assert run == list(range(run[0], run[0] + side * side)) and run[0] % (side * side) == 0
+        covered += run
+    assert covered == list(range(first, stop))
+
+
+def test_folded_keep_mask_is_each_windows_own_mask() -> None:
+    """Note [position-keyed dropout] for a block folding windows into its batch dims: window
+    (x, y), batch element b and head h drop what the independent definition drops for their
+    global query and key pixels, in either layout of the batch dims."""
+    from hpattn_dist.kernels.dropout import FoldedIndex
+    from tests.reference import reference_keep_mask
+
+    gen = torch.Generator().manual_seed(4)
+    windows, batch, heads, y, n_q, n_k = 3, 2, 3, 4, 5, 6
+    q_index = torch.randint(0, 3000, (windows, y, n_q), generator=gen)
+    k_index = torch.randint(0, 3000, (windows, y, n_k), generator=gen)
+    spec = DropoutSpec(0.4, 1234, h_offset=2, folded=FoldedIndex(heads, q_index, k_index))
+    rows = windows * batch * heads
+    got = keep_mask(spec, rows, y, n_q, n_k, "cpu")
+    assert torch.equal(keep_mask(spec, rows * y, 1, n_q, n_k, "cpu").view(rows, y, n_q, n_k), got)
+    got = got.view(windows, batch, heads, y, n_q, n_k)
+    for x in range(windows):
+        for w in range(y):
+            for i in range(n_q):  # one query row at a time: the reference takes a query offset
+                one = DropoutSpec(0.4, 1234, q_offset=int(q_index[x, w, i]), h_offset=2, k_index=k_index[x, w])
+                want = reference_keep_mask(one, batch, heads, 1, n_k)[:, :, 0]
+                assert torch.equal(got[x, :, :, w, i], want), (x, w, i)
+
+
+def test_dropout_runs_a_few_calls_not_one_per_cell(monkeypatch) -> None:
+    """Windows with dropout are folded into the batch like any other (one call per group of cells;
+    for a group of squares three, and two more for the columns that hold a missing cell): the
+    manual kernel runs a few times per forward, not once per cell (192 here)."""
+    from hpattn_dist.kernels import dispatch
+
+    calls = []
+    real = dispatch.manual_forward
+    monkeypatch.setattr(dispatch, "manual_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    nside, window_nside = 16, 4  # 192 cells
+    q, k, v = _qkv(12 * nside**2, torch.float64, 5)
+    for mode in ("cell", "neighbourhood"):
+        calls.clear()
+        healpix_local_attention(q, k, v, window_nside=window_nside, mode=mode, dropout_p=0.2, dropout_seed=3)
+        assert 0 < len(calls) <= 20, (mode, len(calls))

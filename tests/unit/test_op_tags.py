@@ -16,7 +16,8 @@ import hpattn_dist  # noqa: F401  (registers torch.ops.hpattn)
 
 def test_every_hpattn_op_is_cudagraph_unsafe():
     names = sorted(name for name in OPDEFS if name.startswith("hpattn::"))
-    assert {"hpattn::attention_fwd", "hpattn::attention_bwd"} <= set(names), names
+    assert {"hpattn::attention_fwd", "hpattn::attention_bwd", "hpattn::window_attention_fwd",
+            "hpattn::window_attention_bwd"} <= set(names), names
     for name in names:
         op = getattr(torch.ops.hpattn, name.split("::")[1]).default
         assert torch.Tag.cudagraph_unsafe in op.tags, (name, op.tags)

@@ -144,6 +144,7 @@ def convert_attention(module: nn.Module, ctx: ShardContext) -> nn.Module:
             f"{type(module).__name__} {ctx.name!r}: convert_spatial_attention did not convert it "
             "(this version of hpattn_dist does not recognise idx-flow's attention)"
         )
+    new.name = ctx.name or type(module).__name__  # its place in the model, in errors
     return new
 
 
@@ -217,6 +218,7 @@ class _Survey:
     grids: dict[int, str] = field(default_factory=dict)
     user: list[tuple[nn.Module, str]] = field(default_factory=list)
     needs_split: bool = False
+    agreeing: int = 0  # layers that agree with their peers (converted now or before)
 
     def add_pixel(self, module: nn.Module, path: str, dims: Mapping[str, int]) -> None:
         entry = self.pixel.setdefault(id(module), (module, path, {}))
@@ -249,6 +251,7 @@ def _survey(model: nn.Module, paths: dict[int, list[str]], user_types: tuple[typ
             if isinstance(getattr(hook, "__self__", None), PixelSlices):
                 survey.add_pixel(module, name, hook.__self__.dims)
         if converted(module):
+            survey.agreeing += 1
             survey.needs_split |= isinstance(module, _NEEDS_SPLIT)  # Halo* subclass the idx-flow types
             survey.grids.update(_grids(module, name))
             continue
@@ -265,6 +268,7 @@ def _survey(model: nn.Module, paths: dict[int, list[str]], user_types: tuple[typ
                     "your change in a module around it)")
                 continue
             survey.todo.append((module, name, CONVERTERS[cls]))
+            survey.agreeing += 1
             survey.grids.update(_grids(module, name))
             survey.needs_split |= cls in _NEEDS_SPLIT
             continue
@@ -438,7 +442,7 @@ def convert_model(
         root = install(model, replacements)
         for owner, _, dims in survey.pixel.values():
             attach_pixel_slices(replacements.get(id(owner), owner), dims, process_group)
-        if survey.needs_split:
+        if survey.needs_split or survey.agreeing > 1:  # one agreement instead of several
             attach_call_agreement(root, process_group, frozenset(survey.grids))
         bind_process_group(root, process_group)
         check_aliases_kept(before, root, "convert_model")

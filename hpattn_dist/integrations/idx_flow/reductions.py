@@ -40,9 +40,11 @@ Every call first runs its local input checks inside one
 :func:`~hpattn_dist.comm.groups.validated_signature` all_gather (Note [fail together]): a bad
 shard on any rank raises the same ``ValueError`` on every rank, and the same all_gather brings the
 ranks' pixel counts (the GLOBAL count of the statistics) and the dropout seed. Inside a call of a
-converted model whose agreement already covered this layer with the same key, the norms and
-``Squeeze`` reuse the pixel counts agreed then instead (Note [one agreement per model call] in
-:mod:`.call_agreement`).
+converted model whose agreement already covered this layer with the same key, the norms,
+``Squeeze`` and the dropouts reuse the pixel counts agreed then instead (Note [one agreement per
+model call] in :mod:`.call_agreement`), and a dropout takes its seed from the call's (Note [seeds
+in a model call] in :mod:`hpattn_dist.comm.model_call`; a dropout of a replicated ``[B, C]``
+still compares its values every call).
 
 Note [modes in the agreement]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -113,7 +115,7 @@ from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
 from hpattn_dist.healpix import shard_bounds
-from hpattn_dist.integrations.idx_flow.call_agreement import agreed
+from hpattn_dist.comm.model_call import agreed, derives_seeds, layer_seed
 from hpattn_dist.integrations.idx_flow.context import ShardContext
 from hpattn_dist.kernels import DropoutSpec, draw_seed, keep_mask
 from hpattn_dist.kernels.manual import acc_dtype
@@ -503,6 +505,9 @@ def _check_p(p: Any, what: str) -> float:
 class _ShardedPixelDropout(_Sharded):
     """Shared body of the dropouts: agree on a seed, build the keyed mask, scale."""
 
+    _hp_call_config = ("p",)  # agreed by a converted model's call (Note [seeds in a model call])
+    _hp_drop_attr = "p"
+
     def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
                  name: str = "") -> None:
         super().__init__(module, process_group, name)
@@ -514,17 +519,33 @@ class _ShardedPixelDropout(_Sharded):
     def forward(self, x: Tensor) -> Tensor:
         drops = self.training and self.p > 0.0
         info = resolve_group(self.process_group)
-        with validated_signature(info, self._what) as sig:  # also in eval: Note [modes in the agreement]
-            field, replicated = self._as_field(x)
-            batch, n_local, channels = field.shape
-            shared = {"B": batch, "C": channels, "dtype": dtype_code(x.dtype), "drops": int(drops)}
-            if replicated and drops:
-                shared["crc"] = _crc32(x)
-            sig.set(shared, (n_local, draw_seed() if drops else 0), x.device)
+        # Inside a model call that draws seeds every rank proposes the same derived seed (Note
+        # [seeds in a model call]); outside one each its own draw, and rank 0's is taken.
+        derived = drops and derives_seeds(info)
+        proposal = layer_seed(info, self._what, draw_seed()) if drops else 0
+
+        def agree() -> tuple[list[int], int]:
+            with validated_signature(info, self._what) as sig:  # also in eval: Note [modes in the agreement]
+                field, replicated = self._as_field(x)
+                batch, n_local, channels = field.shape
+                shared = {"B": batch, "C": channels, "dtype": dtype_code(x.dtype), "drops": int(drops)}
+                if replicated and drops:
+                    shared["crc"] = _crc32(x)
+                sig.set(shared, (n_local, proposal), x.device)
+            return [row[0] for row in sig.per_rank], sig.per_rank[0][1]  # group rank 0's seed
+
+        if drops and (not derived or self._replicated(x)):  # a fresh seed, or a CRC of the data
+            sizes, seed = agree()
+        else:
+            mine = (tuple(x.shape), x.dtype, drops, getattr(self, "batch", None)) \
+                if isinstance(x, Tensor) else type(x).__name__
+            sizes, seed = agreed(self, info, mine, agree, self._what)
+            seed = proposal  # the call's derived seed, the same on every rank
         if not drops:
             return x
-        seed = sig.per_rank[0][1]  # group rank 0's seed: every rank keys the same mask
-        offset = 0 if replicated else offsets([row[0] for row in sig.per_rank])[info.rank]
+        field, replicated = self._as_field(x)
+        batch, n_local, channels = field.shape
+        offset = 0 if replicated else offsets(sizes)[info.rank]
         mask = self._mask(DropoutSpec(self.p, seed, q_offset=offset), batch, n_local, channels, x.device)
         y = field * mask.to(x.dtype)
         if self.p < 1.0:  # p == 1 drops everything: zeros, as torch
@@ -535,6 +556,10 @@ class _ShardedPixelDropout(_Sharded):
         """Check ``x`` (locally) and return it as ``[B, N_r, C]``, and whether it is replicated."""
         _check_field(x, self._what)
         return x, False
+
+    def _replicated(self, x: Any) -> bool:
+        """Whether ``x`` is read as a replicated tensor (its values are then agreed each call)."""
+        return False
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         raise NotImplementedError
@@ -610,7 +635,7 @@ class ShardedDropout(_ShardedPixelDropout):
                                  f"got {shape}")
             rows = x.shape[0] // self.batch if self.batch else 0
             return x.reshape(self.batch, rows, x.shape[1]), False
-        if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
+        if self._replicated(x):
             return x.unsqueeze(1), True
         if isinstance(x, Tensor) and x.dim() != 3:
             raise ValueError(
@@ -619,6 +644,9 @@ class ShardedDropout(_ShardedPixelDropout):
             )
         _check_field(x, self._what)
         return x, False
+
+    def _replicated(self, x: Any) -> bool:
+        return self.batch is None and isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point()
 
     def _mask(self, spec: DropoutSpec, batch: int, n_local: int, channels: int, device) -> Tensor:
         return keep_mask(spec, batch, 1, n_local, channels, device).view(batch, n_local, channels)

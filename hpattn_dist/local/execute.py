@@ -1,0 +1,630 @@
+"""Running one rank's local-attention plan: the halo, the cell stores, the window groups' kernel calls.
+
+Legend: B batch, H heads, Hb key-bias heads (1 or H), D head dim, F a row's trailing size (D for
+q/k/v, 1 for a bias or an lse), Nq_r / Nk_r this rank's queries / keys, c_q / c_k pixels per cell,
+E edge cells, R halo rows received, S rows sent, and for a window group (Note [local attention
+plan] in :mod:`hpattn_dist.local.plan`) A x C x Y windows (squares: x, square, y; a list: 1, 1, Y),
+L keys per window in one call, X = A * C * B * H.
+
+:func:`forward` and :func:`backward` are the executor; the door (the agreement, the plan) is
+:mod:`hpattn_dist.local.attention`, the registered op :mod:`hpattn_dist.local.ops`.
+
+Note [local attention memory]
+    What a rank holds, in units of one ``[B, H, N_r, D]`` tensor (fp32/fp64; a bf16/fp16 run holds
+    its gradient accumulators in fp32, twice its units), with g a window group's share of the
+    rank's units (about 1/4, Note [local attention plan]), b the padded border of its squares
+    (``(s + 2)**2 / s**2``: 2.25 for faces of 4 x 4 cells), m the key cells of a listed window, e
+    the edge cells (the halo, the cells split with a neighbour rank, the zero block) and s, r the
+    halo rows sent and received, each per ``N_r``:
+
+    * saved for the backward: q, k, v as given (nothing is copied for saving), out, lse and the
+      edge cells' K/V (2e), so the backward sends only gradients.
+    * forward: the output (1) and the edge cells' K/V (2e); while a group of squares runs, its
+      queries (g), its padded K/V (2gb), the kernel's output and the merge accumulator (2g):
+      ``1 + 2e + g (3 + 2b)``; a list: ``1 + 2e + g (2 + 2m)``; while the halo travels, the two
+      row buffers (``2s + 2r``).
+    * backward: dq, dk, dv (3), the saved edge cells (2e) and their gradients (2e); while a group
+      of squares runs, its gathered q, dout, out (3g), padded K/V and their gradient grids (4gb),
+      dq (2g: the kernel's and the sum) and the kernel's dk, dv of one call (6g: three cells per
+      window): ``3 + 4e + g (11 + 4b)``; a list: ``3 + 4e + g (4 + 4m)``; while the gradients
+      travel: ``3 + 2e + 2r + 2s``.
+
+    A list that reads q, k, v in place over the whole rank (``mode="cell"`` on cell-aligned shards,
+    P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
+    backward 3. Neighbourhood windows at P = 1 on faces of 4 x 4 cells: forward 2.9, backward 8.0;
+    the global ring's backward holds 6 at P = 1 and 15 to 17 at P >= 2 (Note [ring memory]).
+    ``tests/distributed/test_memory.py`` counts the live bytes (inside the registered ops too)
+    against these sums, and against the ring's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hpattn_dist.comm.groups import GroupInfo
+from hpattn_dist.comm.halo import all_to_all_rows
+from hpattn_dist.kernels import BlockKernel
+from hpattn_dist.kernels.dropout import DropoutSpec, FoldedIndex
+from hpattn_dist.local.plan import CellRefs, CellStore, LocalPlan, WindowGroup
+from hpattn_dist.merge import merge_into
+from hpattn_dist.precision import acc_dtype
+
+__all__ = ["forward", "backward"]
+
+
+# --------------------------------------------------------------------------------------------
+# Cell stores bound to one call's tensors
+# --------------------------------------------------------------------------------------------
+
+
+class _Cells:
+    """One side's cell blocks for one call: own rows ``[S0, N_r, F]`` (contiguous, read in place
+    through an overlapping row view) and the edge buffer ``[S0, E (+1), c, F]``; ``bh_rows [B * H]``
+    maps a batch-head pair to its source row (a bias of one head serves every head)."""
+
+    def __init__(self, store: CellStore, own: Tensor, edge: Tensor, bh_rows: Tensor) -> None:
+        self.store, self.own, self.edge, self.bh_rows = store, own, edge, bh_rows
+        self.c, self.f = store.cell_pixels, own.shape[-1]
+
+    def gather(self, refs: CellRefs) -> Tensor:
+        """The blocks of ``refs [A, C, *Y]`` as ``[A, C, B * H, *Y, c, F]`` (a copy)."""
+        s, r = self.store, refs.refs
+        shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
+        flat_edge = self.edge.reshape(-1, self.c * self.f)
+        if s.n_own == 0:
+            rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
+            return flat_edge.index_select(0, rows.reshape(-1)).view(shape)
+        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
+        own_rows = torch.where(r < s.n_own, r, 0).unsqueeze(2) * self.c + (bh * s.n_local + s.lead)
+        n = self.own.numel() // self.f
+        view = self.own.as_strided((n - self.c + 1, self.c * self.f), (self.f, 1))  # a block at every row
+        out = view.index_select(0, own_rows.reshape(-1))
+        if refs.edge_pos.numel():
+            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
+            rows = self.bh_rows.index_select(0, bh_e) * self.edge.shape[1] + cells - s.n_own
+            out.index_copy_(0, pos, flat_edge.index_select(0, rows))
+        return out.view(shape)
+
+    def view(self, first: int, count: int) -> Tensor:
+        """Own cells ``first .. first + count - 1`` in place, ``[B * H, count, c, F]``."""
+        start = self.store.lead + first * self.c
+        return self.own.narrow(1, start, count * self.c).view(self.own.shape[0], count, self.c, self.f)
+
+
+def _expanded(refs: CellRefs, n_bh: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The edge entries of ``refs [A, C, *Y]`` in the ``[A, C, B * H, *Y]`` layout, for every
+    batch-head pair: ``(flat positions, batch-head pairs, refs)``, each ``[n * B * H]``."""
+    r = refs.refs
+    y = math.prod(r.shape[2:])
+    p = refs.edge_pos.view(-1, 1)
+    bh = torch.arange(n_bh, device=p.device).view(1, -1)
+    pos = ((p // y) * n_bh + bh) * y + p % y
+    cells = r.reshape(-1).index_select(0, refs.edge_pos).view(-1, 1).expand(-1, n_bh)
+    return pos.reshape(-1), bh.expand_as(pos).reshape(-1), cells.reshape(-1)
+
+
+class _Blocks:
+    """One side's per-cell results or gradient accumulators: own cells ``[S0 * n_own + 1, c * F]``
+    (aligned rows; the last row takes what belongs to edge cells) and edge cells ``[S0 * (E + z),
+    c * F]``; ``bh_rows [B * H]`` maps a batch-head pair to its row (gradients of a one-head bias
+    add up over the heads)."""
+
+    def __init__(self, store: CellStore, rows: int, f: int, bh_rows: Tensor, dtype: torch.dtype,
+                 device: torch.device, written_once: bool = False) -> None:
+        self.store, self.s0, self.f, self.bh_rows = store, rows, f, bh_rows
+        self.c = store.cell_pixels
+        self.n_edge = store.n_edge + int(store.zero_cell)
+        # Results every cell writes once (``put``) need no zeros; accumulators do.
+        alloc = torch.empty if written_once else torch.zeros
+        self.own = alloc((rows * store.n_own + 1, self.c * f), dtype=dtype, device=device)
+        self.edge = torch.zeros((rows * self.n_edge, self.c * f), dtype=dtype, device=device)
+
+    def _targets(self, refs: CellRefs, values: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """``(own row of every block, the blocks [n, c * F], (positions, edge rows) of the edge blocks)``."""
+        r, n_own = refs.refs, self.store.n_own
+        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
+        rows = values.reshape(-1, self.c * self.f).to(self.own.dtype)
+        own = torch.where(r.unsqueeze(2) < n_own, bh * n_own + r.unsqueeze(2), self.own.shape[0] - 1)
+        edge = None
+        if refs.edge_pos.numel():
+            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
+            edge = (pos, self.bh_rows.index_select(0, bh_e) * self.n_edge + cells - n_own)
+        return own.expand(values.shape[:-2]).reshape(-1), rows, edge
+
+    def add(self, refs: CellRefs, values: Tensor) -> None:
+        """Add blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]``."""
+        own, rows, edge = self._targets(refs, values)
+        self.own.index_add_(0, own, rows)
+        if edge is not None:
+            self.edge.index_add_(0, edge[1], rows.index_select(0, edge[0]))
+
+    def put(self, refs: CellRefs, values: Tensor) -> None:
+        """Write blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]`` (overwriting)."""
+        own, rows, edge = self._targets(refs, values)
+        self.own.index_copy_(0, own, rows)
+        if edge is not None:
+            self.edge.index_copy_(0, edge[1], rows.index_select(0, edge[0]))
+
+    def rows(self, n_rows: int) -> tuple[Tensor, Tensor]:
+        """``(own rows [S0, N_r, F], edge rows [S0, (E + z) * c, F])``; the own rows are a view of
+        the accumulator when the own cells cover the rank's rows exactly."""
+        s = self.store
+        own = self.own[:-1].view(self.s0, s.n_own * self.c, self.f)
+        if s.lead != 0 or s.n_own * self.c != n_rows:
+            full = own.new_zeros((self.s0, n_rows, self.f))
+            full.narrow(1, s.lead, s.n_own * self.c).copy_(own)
+            own = full
+        return own, self.edge.view(self.s0, -1, self.f)
+
+
+# --------------------------------------------------------------------------------------------
+# The halo and the edge buffers
+# --------------------------------------------------------------------------------------------
+
+
+Layout = list[Optional[tuple[tuple[int, ...], torch.dtype]]]
+
+
+def _row_views(buf: Tensor, layout: Layout) -> list[Optional[Tensor]]:
+    """Typed views ``[rows, *shape]`` of the parts of a uint8 row buffer ``[rows, W]`` (parts in
+    :func:`_row_width`'s order: each at an offset its element size divides)."""
+    out, col = [], 0
+    for part in layout:
+        if part is None:
+            out.append(None)
+            continue
+        shape, dtype = part
+        width = math.prod(shape) * dtype.itemsize
+        if width:
+            out.append(buf[:, col:col + width].view(dtype).view(buf.shape[0], *shape))
+        else:  # rows of no bytes (B = 0): a byte view cannot be reinterpreted, nothing to read
+            out.append(buf.new_empty((buf.shape[0], *shape), dtype=dtype))
+        col += width
+    return out
+
+
+def _row_width(layout: Layout) -> int:
+    """Bytes per row: the parts in descending element size, padded to a multiple of the first's."""
+    parts = [p for p in layout if p is not None]
+    sizes = [dtype.itemsize for _, dtype in parts]
+    if sizes != sorted(sizes, reverse=True):
+        raise ValueError("row parts must come in descending element size")
+    return -(-sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts) // sizes[0]) * sizes[0]
+
+
+def _exchange(layout: Layout, fill, plan: LocalPlan, info: GroupInfo, direction: str,
+              reverse: bool = False) -> list[Optional[Tensor]]:
+    """ONE all_to_all of rows of several tensors (K/V and a bias: one uint8 buffer, so a bf16 K/V
+    keeps its fp32 bias). ``fill(views)`` writes this rank's outgoing rows into views of the send
+    buffer (``[S, ...]`` forward, ``[R, ...]`` when ``reverse``); returns views of the received
+    rows (``[R, ...]``, resp. ``[S, ...]``), no copy."""
+    halo = plan.halo
+    counts = (halo.recv_counts, halo.send_counts) if reverse else (halo.send_counts, halo.recv_counts)
+    width = _row_width(layout)
+    send = torch.empty((sum(counts[0]), width), dtype=torch.uint8, device=halo.send_indices.device)
+    fill(_row_views(send, layout))
+    label = f"{'cross' if plan.cross else 'local'}.halo.{direction}"
+    recv = all_to_all_rows(send, counts[0], counts[1], info, label)
+    del send
+    return _row_views(recv, layout)
+
+
+def _edge_buffer(store: CellStore, own: Tensor, received: Optional[Tensor], fill: float) -> Tensor:
+    """``[S0, E (+1), c, F]``: the edge cells from own rows ``[S0, N_r, F]`` and received rows
+    ``[R, S0, F]``; rows no rank sends are 0, the zero block (if any) is ``fill``."""
+    s0, f = own.shape[0], own.shape[-1]
+    cells = store.n_edge + int(store.zero_cell)
+    edge = own.new_zeros((s0, cells * store.cell_pixels, f))
+    if store.zero_cell and fill != 0:
+        edge[:, store.n_edge * store.cell_pixels:] = fill
+    own_pos, own_rows, recv_pos, recv_rows = store.own_pos, store.own_rows, store.recv_pos, store.recv_rows
+    if own_pos.numel():
+        edge.index_copy_(1, own_pos, own.index_select(1, own_rows))
+    if recv_pos.numel() and received is not None:
+        edge.index_copy_(1, recv_pos, received.index_select(0, recv_rows).transpose(0, 1))
+    return edge.view(s0, cells, store.cell_pixels, f)
+
+
+def _rows3(t: Tensor) -> Tensor:
+    """``[B, H, N, F]`` (or ``[B, Hb, N]``) as contiguous rows ``[B * H, N, F]``."""
+    if t.dim() == 3:
+        t = t.unsqueeze(-1)
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]).contiguous()
+
+
+def _bias_rows(batch: int, heads: int, bias_heads: int, device: torch.device) -> Tensor:
+    """Source row of each batch-head pair in a ``[B * Hb, ...]`` bias."""
+    bh = torch.arange(batch * heads, device=device)
+    return bh if bias_heads == heads else bh // heads
+
+
+# --------------------------------------------------------------------------------------------
+# One window group's kernel calls
+# --------------------------------------------------------------------------------------------
+
+
+def _pixels(cells: Tensor, c: int) -> Tensor:
+    """Global pixels ``[*, c]`` of ``cells`` (-1, a zero block: pixel 0)."""
+    return cells.clamp(min=0)[..., None] * c + torch.arange(c, device=cells.device)
+
+
+def _span(grid: Tensor, dx: int, group: WindowGroup) -> Tensor:
+    """The keys of column ``dx`` of every window of a square group: ``grid [A + 2, C, S0, Y + 2,
+    c, F]`` -> ``[A * C * S0, Y, 3 * c, F]``, three cells adjacent in y (an overlapping view)."""
+    a = group.q_cells.shape[0]
+    part = grid[1 + dx:1 + dx + a]
+    part = part.reshape(-1, *part.shape[3:])  # [A * C * S0, Y + 2, c, F]
+    y, c, f = group.q_cells.shape[2], part.shape[2], part.shape[3]
+    return part.as_strided((part.shape[0], y, 3 * c, f), (part.stride(0), c * f, f, 1))
+
+
+def _span_index(pixels: Tensor, dx: int, group: WindowGroup) -> Tensor:
+    """:func:`_span` of the key pixels ``[A + 2, C, Y + 2, c]`` -> ``[A * C, Y, 3 * c]``."""
+    a, y = group.q_cells.shape[0], group.q_cells.shape[2]
+    part = pixels[1 + dx:1 + dx + a].reshape(-1, *pixels.shape[2:])
+    c = part.shape[2]
+    return part.as_strided((part.shape[0], y, 3 * c), (part.stride(0), c, 1))
+
+
+def _dropout(dropout_p: float, seed: int, heads: int, q_index: Tensor, k_index: Tensor) -> Optional[DropoutSpec]:
+    if dropout_p <= 0:
+        return None
+    return DropoutSpec(dropout_p, seed, folded=FoldedIndex(heads, q_index, k_index))
+
+
+class _Call:
+    """The tensors of one call's keys: ``(k, v, bias, dropout spec)`` per column offset."""
+
+    def __init__(self, group: WindowGroup, kv: list[_Cells], bias: Optional[_Cells], plan: LocalPlan,
+                 dropout_p: float, seed: int, heads: int) -> None:
+        self.group, self.plan, self.kv = group, plan, kv
+        c_q, c_k = plan.cell_pixels, plan.key_cell_pixels
+        a, cc, y = group.q_cells.shape
+        q_index = _pixels(group.q_cells, c_q).reshape(a * cc, y, c_q) if dropout_p > 0 else None
+        self.dropout_p, self.seed, self.heads, self.q_index = dropout_p, seed, heads, q_index
+        if group.pad:
+            self.k, self.v = (side.gather(group.k_refs) for side in kv)  # [A + 2, C, BH, Y + 2, c_k, D]
+            self.bias = None if bias is None else bias.gather(group.k_refs)
+            self.k_pixels = _pixels(group.k_cells, c_k) if dropout_p > 0 else None
+            self.offsets = (-1, 0, 1)
+        else:
+            m = group.k_cells.shape[1]
+            if group.k_view >= 0:
+                self.k, self.v = (side.view(group.k_view, y) for side in kv)  # [BH, Y, c_k, D]
+            else:
+                self.k, self.v = (side.gather(group.k_refs).reshape(-1, y, m * c_k, side.f) for side in kv)
+            self.bias = None
+            if bias is not None:
+                self.bias = bias.gather(group.k_refs).reshape(-1, y, m * c_k)
+            self.k_pixels = _pixels(group.k_cells, c_k).reshape(1, y, m * c_k) if dropout_p > 0 else None
+            self.offsets = (0,)
+
+    def keys(self, dx: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[DropoutSpec]]:
+        group = self.group
+        if not group.pad:
+            spec = None if self.q_index is None else _dropout(self.dropout_p, self.seed, self.heads,
+                                                              self.q_index, self.k_pixels)
+            return self.k, self.v, self.bias, spec
+        bias = None if self.bias is None else _span(self.bias, dx, group).squeeze(-1)
+        spec = None if self.q_index is None else _dropout(
+            self.dropout_p, self.seed, self.heads, self.q_index, _span_index(self.k_pixels, dx, group))
+        return _span(self.k, dx, group), _span(self.v, dx, group), bias, spec
+
+
+def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int, kernel: BlockKernel,
+                  scale: float, dropout_p: float, seed: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per column offset, that column of every window reading a zero block there, from its two
+    cells (Note [local attention plan]): ``(out [n, B * H, c_q, D], lse [n, B * H, c_q])``."""
+    c_q, c_k, d = plan.cell_pixels, plan.key_cell_pixels, queries.f
+    out = {}
+    for fix in plan.fixes:
+        n = fix.q_cells.numel()
+        q_f = queries.gather(fix.q_refs).reshape(-1, 1, c_q, d)  # [B * H * n, 1, c_q, D]
+        k_f, v_f = (side.gather(fix.k_refs).reshape(-1, 1, 2 * c_k, d) for side in kv)
+        spec = _dropout(dropout_p, seed, heads, _pixels(fix.q_cells, c_q).view(1, n, c_q),
+                        _pixels(fix.k_cells, c_k).view(1, n, 2 * c_k))
+        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec)
+        out[fix.dx] = o_f.view(-1, n, c_q, d).transpose(0, 1), l_f.view(-1, n, c_q).transpose(0, 1)
+    return out
+
+
+def _apply_fixes(group: WindowGroup, dx: int, fixed: dict[int, tuple[Tensor, Tensor]], o: Tensor,
+                 lse: Tensor) -> None:
+    """Write the fixed column ``dx`` of a square group's windows into the call's ``o [X, Y, c_q, D]``
+    and ``lse [X, Y, c_q]``."""
+    a, cc, y = group.q_cells.shape
+    for fix_dx, windows, first in group.fixes:
+        if fix_dx != dx:
+            continue
+        o_f, l_f = (t[first:first + windows.numel()] for t in fixed[dx])
+        at = (windows // (cc * y), windows // y % cc, windows % y)  # (x, square, y) of each window
+        o.view(a, cc, -1, y, *o.shape[2:])[at[0], at[1], :, at[2]] = o_f.to(o.dtype)
+        lse.view(a, cc, -1, y, lse.shape[2])[at[0], at[1], :, at[2]] = l_f.to(lse.dtype)
+
+
+def _queries(group: WindowGroup, cells: _Cells) -> Tensor:
+    """``[X, Y, c_q, F]`` of a group's queries (in place for a list read in place)."""
+    if group.q_view >= 0:
+        return cells.view(group.q_view, group.q_cells.shape[2])
+    g = cells.gather(group.q_refs)  # [A, C, BH, Y, c, F]
+    return g.view(-1, *g.shape[3:])
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward
+# --------------------------------------------------------------------------------------------
+
+
+def _in_place_only(plan: LocalPlan) -> bool:
+    """One list group reads every query and key cell of the rank in place, in order: its kernel
+    outputs are the results (``mode="cell"`` on cell-aligned shards, P = 1 in particular)."""
+    if len(plan.groups) != 1:
+        return False
+    g, qs, ks = plan.groups[0], plan.queries, plan.keys
+    return (not g.pad and g.q_view == 0 and g.k_view == 0 and qs.n_edge == 0 and ks.n_edge == 0
+            and not ks.zero_cell and qs.lead == 0 and ks.lead == 0 and qs.n_own * qs.cell_pixels == qs.n_local
+            and ks.n_own * ks.cell_pixels == ks.n_local and g.q_cells.shape[2] == qs.n_own == ks.n_own)
+
+
+def _rows_from_edge(store: CellStore, own: Tensor, edge: Tensor, add: bool = False) -> None:
+    """Copy (``add``: add) the edge cells' rows that are this rank's own rows into ``own [S0, N_r, F]``."""
+    own_pos, own_rows = store.own_pos, store.own_rows
+    if own_pos.numel():
+        part = edge.index_select(1, own_pos)
+        if add:
+            own.index_add_(1, own_rows, part.to(own.dtype))
+        else:
+            own.index_copy_(1, own_rows, part.to(own.dtype))
+
+
+def _bound(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Tensor], edge_k: Tensor,
+           edge_v: Tensor, edge_b: Optional[Tensor], batch: int, heads: int
+           ) -> tuple[_Cells, list[_Cells], Optional[_Cells]]:
+    bh = torch.arange(batch * heads, device=q3.device)
+    queries = _Cells(plan.queries, q3, _edge_buffer(plan.queries, q3, None, 0.0), bh)
+    kv = [_Cells(plan.keys, k3, edge_k, bh), _Cells(plan.keys, v3, edge_v, bh)]
+    bias = None
+    if b3 is not None:
+        bias = _Cells(plan.keys, b3, edge_b, _bias_rows(batch, heads, b3.shape[0] // max(batch, 1), q3.device))
+    return queries, kv, bias
+
+
+def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], info: GroupInfo,
+            kernel: BlockKernel, scale: float, dropout_p: float, seed: int
+            ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Local attention of this rank's queries (Note [local attention plan]).
+
+    Args:
+        q: ``[B, H, Nq_r, D]``; k, v: ``[B, H, Nk_r, D]``; bias: ``[B, Hb, Nk_r]`` in the
+            accumulation dtype (-inf = masked) or None.
+
+    Returns:
+        ``(out [B, H, Nq_r, D] q.dtype, lse [B, H, Nq_r] acc, edge_kv [2, B * H, (E + z) * c_k,
+        D], edge_bias [B * Hb, (E + z) * c_k] or None)``: the edge buffers are what the backward
+        reads besides the inputs (no second exchange).
+    """
+    batch, heads, n_q, d = q.shape
+    acc = acc_dtype(q.dtype)
+    if batch == 0:  # B is agreed: no rank has a row to send, nothing to compute
+        edge = (plan.keys.n_edge + int(plan.keys.zero_cell)) * plan.key_cell_pixels
+        return (q.new_empty(q.shape), q.new_empty((0, heads, n_q), dtype=acc), q.new_empty((2, 0, edge, d)),
+                None if bias is None else bias.new_empty((0, edge)))
+    q3, k3, v3 = _rows3(q), _rows3(k), _rows3(v)
+    b3 = None if bias is None else _rows3(bias)
+    kv_recv = b_recv = None
+    if plan.halo.total_rows:
+        send = plan.halo.send_indices
+
+        # rows [S, 2, B * H, D] and [S, B * Hb, 1]; the larger element first (Note: _row_width)
+        bias_first = b3 is not None and b3.dtype.itemsize > q.dtype.itemsize
+        layout = [((2, batch * heads, d), q.dtype), None if b3 is None else ((b3.shape[0], 1), b3.dtype)]
+        order = [1, 0] if bias_first else [0, 1]
+
+        def fill(views: list[Optional[Tensor]]) -> None:
+            kv_rows, b_rows = (views[i] for i in order)
+            kv_rows[:, 0] = k3.transpose(0, 1).index_select(0, send)
+            kv_rows[:, 1] = v3.transpose(0, 1).index_select(0, send)
+            if b3 is not None:
+                b_rows[:] = b3.transpose(0, 1).index_select(0, send)
+
+        received = _exchange([layout[i] for i in order], fill, plan, info, "forward")
+        kv_recv, b_recv = (received[i] for i in order)  # [R, 2, BH, D], [R, B * Hb, 1]
+        del received
+    edge_k = _edge_buffer(plan.keys, k3, None if kv_recv is None else kv_recv[:, 0], 0.0)
+    edge_v = _edge_buffer(plan.keys, v3, None if kv_recv is None else kv_recv[:, 1], 0.0)
+    edge_b = None if b3 is None else _edge_buffer(plan.keys, b3, b_recv, float("-inf"))
+    del kv_recv, b_recv
+    queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
+    fixed = {} if bias_cells is not None else _column_fixes(plan, queries, kv, heads, kernel, scale, dropout_p,
+                                                             seed)
+    if _in_place_only(plan):
+        o, l = _group_forward(plan, plan.groups[0], queries, kv, bias_cells, heads, kernel, scale, dropout_p,
+                              seed, acc, fixed)
+        out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
+    else:
+        out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
+        lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
+        for group in plan.groups:
+            o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc,
+                                  fixed)
+            a, cc, y = group.q_cells.shape
+            out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
+            lse_b.put(group.q_refs, l.reshape(a, cc, -1, y, plan.cell_pixels, 1))
+            del o, l
+        out, out_edge = out_b.rows(n_q)
+        lse, lse_edge = lse_b.rows(n_q)
+        _rows_from_edge(plan.queries, out, out_edge)
+        _rows_from_edge(plan.queries, lse, lse_edge)
+        lse = lse.squeeze(-1)
+    edge_kv = torch.stack((edge_k, edge_v)).view(2, batch * heads, -1, d)
+    edge_bias = None if edge_b is None else edge_b.reshape(edge_b.shape[0], edge_b.shape[1] * edge_b.shape[2])
+    return out.view(batch, heads, n_q, d), lse.view(batch, heads, n_q), edge_kv, edge_bias
+
+
+def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
+    """``[X, Y, n, F]`` (a bias ``[X, Y, n]``) blocks as ``[X * Y, 1, n, F]`` views, or None when
+    one of them does not fold (views of a part of the rank's rows, overlapping spans). The fused
+    CPU kernels write their outputs ``[B, N, H, D]``-major: with ``H = 1`` those are contiguous."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            out.append(t.view(t.shape[0] * t.shape[1], 1, *t.shape[2:]))
+        except RuntimeError:  # X and Y do not merge in this tensor's strides
+            return None
+    return out
+
+
+def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, fixed):
+    """``(out [X, Y, c_q, D], lse [X, Y, c_q])`` of one group: its calls, merged."""
+    qg = _queries(group, queries)
+    nan_rows = kernel.nan_rows(qg)  # [X, Y, c_q], once for the group's calls
+    call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
+    o = l = None
+    for dx in call.offsets:
+        k_c, v_c, b_c, spec = call.keys(dx)
+        folded = _fold([qg, k_c, v_c, b_c])
+        if folded is None:
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows=nan_rows)
+        else:
+            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec,
+                                      nan_rows=nan_rows.view(folded[0].shape[:3]))
+            o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
+        if bias is None:  # with a bias the zero blocks are masked
+            _apply_fixes(group, dx, fixed, o_c, l_c)
+        if o is None:
+            o, l = (o_c, l_c) if len(call.offsets) == 1 else (o_c.to(acc), l_c.to(acc))
+        else:
+            merge_into(o, l, o_c, l_c)
+        del o_c, l_c
+    return o, l
+
+
+def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+             out: Tensor, lse: Tensor, edge_kv: Tensor, edge_bias: Optional[Tensor], info: GroupInfo,
+             kernel: BlockKernel, scale: float, dropout_p: float, seed: int, need_dbias: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients ``(dq, dk, dv, dbias)`` from :func:`forward`'s outputs (no forward recomputed:
+    each call uses the final ``out`` and ``lse``); the halo rows' gradients go home in one
+    all_to_all. ``dbias`` ``[B, Hb, Nk_r]`` in the accumulation dtype when ``need_dbias``."""
+    batch, heads, n_q, d = q.shape
+    n_k = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    if batch == 0:  # as in the forward: no exchange
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                None if not need_dbias else bias.new_empty(bias.shape, dtype=acc))
+    q3, k3, v3, do3, o3 = (_rows3(t) for t in (q, k, v, dout, out))
+    b3 = None if bias is None else _rows3(bias)
+    c_k = plan.key_cell_pixels
+    cells_k = plan.keys.n_edge + int(plan.keys.zero_cell)
+    edge_k, edge_v = (t.view(batch * heads, cells_k, c_k, d) for t in edge_kv.unbind(0))
+    edge_b = None if edge_bias is None else edge_bias.view(b3.shape[0], cells_k, c_k, 1)
+    queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
+    douts = _Cells(plan.queries, do3, _edge_buffer(plan.queries, do3, None, 0.0), queries.bh_rows)
+    outs = _Cells(plan.queries, o3, _edge_buffer(plan.queries, o3, None, 0.0), queries.bh_rows)
+    l3 = lse.reshape(batch * heads, n_q, 1).contiguous()
+    lses = _Cells(plan.queries, l3, _edge_buffer(plan.queries, l3, None, 0.0), queries.bh_rows)
+    sides = (queries, douts, outs, lses)
+
+    if _in_place_only(plan):
+        dq, dk, dv, db = _group_backward(plan, plan.groups[0], sides, kv, bias_cells, heads, kernel, scale,
+                                         dropout_p, seed, need_dbias, acc)
+        dq = dq.reshape(batch * heads, n_q, d)
+        grads = [(t.reshape(t.shape[2], n_k, t.shape[-1]).to(acc), None) for t in (dk, dv, db) if t is not None]
+        if need_dbias and b3.shape[0] != batch * heads:  # a one-head bias: its gradient adds up over heads
+            grads[2] = (grads[2][0].view(batch, heads, n_k, 1).sum(1), None)
+    else:
+        dq_b = _Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device, written_once=True)
+        dk_b, dv_b = (_Blocks(plan.keys, batch * heads, d, queries.bh_rows, acc, q.device) for _ in range(2))
+        db_b = None
+        if need_dbias:
+            db_b = _Blocks(plan.keys, b3.shape[0], 1, bias_cells.bh_rows, acc, q.device)
+        for group in plan.groups:  # Note [local attention plan]: the zero blocks add nothing to dQ
+            dq, dk, dv, db = _group_backward(plan, group, sides, kv, bias_cells, heads, kernel, scale, dropout_p,
+                                             seed, need_dbias, acc)
+            a, cc, y = group.q_cells.shape
+            dq_b.put(group.q_refs, dq.view(a, cc, -1, y, plan.cell_pixels, d))
+            dk_b.add(group.k_refs, dk)
+            dv_b.add(group.k_refs, dv)
+            if db_b is not None:
+                db_b.add(group.k_refs, db)
+            del dq, dk, dv, db
+        dq, dq_edge = dq_b.rows(n_q)
+        _rows_from_edge(plan.queries, dq, dq_edge)
+        grads = [dk_b.rows(n_k), dv_b.rows(n_k)] + ([db_b.rows(n_k)] if db_b is not None else [])
+        del dq_b, dk_b, dv_b, db_b  # the edge accumulators live on in `grads` only until they are sent
+        for own, edge in grads:
+            _rows_from_edge(plan.keys, own, edge, add=True)
+    if plan.halo.total_rows:  # every rank takes part, also one that received nothing
+        recv_pos, recv_rows = plan.keys.recv_pos, plan.keys.recv_rows
+        edges = [edge for _, edge in grads]
+        grads = [own for own, _ in grads]
+
+        def fill(views: list[Optional[Tensor]]) -> None:  # the received rows' gradients, [R, ...]
+            parts = [views[0][:, 0], views[0][:, 1]] + ([views[1]] if len(edges) > 2 else [])
+            for part, edge in zip(parts, edges):
+                part.zero_()
+                if edge is not None and recv_pos.numel():
+                    part.index_copy_(0, recv_rows, edge.index_select(1, recv_pos).transpose(0, 1))
+            edges.clear()  # the edge cells' gradients are not needed any more
+
+        layout = [((2, batch * heads, d), acc), ((b3.shape[0], 1), acc) if need_dbias else None]
+        dkv_sent, db_sent = _exchange(layout, fill, plan, info, "backward", reverse=True)
+        send = plan.halo.send_indices
+        grads[0].index_add_(1, send, dkv_sent[:, 0].transpose(0, 1))
+        grads[1].index_add_(1, send, dkv_sent[:, 1].transpose(0, 1))
+        if db_sent is not None:
+            grads[2].index_add_(1, send, db_sent.transpose(0, 1))
+        del dkv_sent, db_sent
+    else:
+        grads = [own for own, _ in grads]
+    dk, dv = (g.reshape(batch, heads, n_k, d).to(k.dtype) for g in grads[:2])
+    dbias = None
+    if need_dbias:
+        dbias = grads[2].reshape(batch, grads[2].shape[0] // batch, n_k)
+    return dq.reshape(batch, heads, n_q, d).to(q.dtype), dk, dv, dbias
+
+
+def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_p, seed, need_dbias, acc):
+    """One group's ``(dq [X, Y, c_q, D] acc, dk, dv, dbias)``: a list's block gradients ``[1, 1, B * H,
+    Y, m, c_k, F]``-shaped, a square group's as its padded grid ``[s + 2, C, B * H, s + 2, c_k, F]``."""
+    qg, dog, og, lg = (_queries(group, side) for side in sides)
+    lg = lg.squeeze(-1).contiguous()
+    delta = None if kernel.fused_backward is not None else (dog.to(acc) * og.to(acc)).sum(dim=-1)
+    call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
+    dq = None
+    if group.pad:
+        grids = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (call.k, call.v)]
+        grids.append(None if not need_dbias else torch.zeros(call.bias.shape, dtype=acc, device=qg.device))
+    for dx in call.offsets:
+        k_c, v_c, b_c, spec = call.keys(dx)
+        folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
+        if folded is None:
+            dq_c, dk_c, dv_c, db_c = kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+        else:
+            dq_c, dk_c, dv_c, db_c = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
+            dq_c, dk_c, dv_c = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq_c, dk_c, dv_c), (qg, k_c, v_c)))
+            db_c = None if db_c is None else db_c.view(b_c.shape[:2] + db_c.shape[2:])
+        dq = dq_c.to(acc) if dq is None else dq.add_(dq_c)
+        if not group.pad:
+            m = group.k_cells.shape[1]
+            y = group.q_cells.shape[2]
+            shape = lambda t, f: t.reshape(1, 1, -1, y, m, plan.key_cell_pixels, f)  # noqa: E731
+            return dq, shape(dk_c, dk_c.shape[-1]), shape(dv_c, dv_c.shape[-1]), \
+                None if db_c is None else shape(db_c, 1)
+        a, cc, y = group.q_cells.shape
+        for grid, g in zip(grids, (dk_c, dv_c, db_c)):
+            if grid is None:
+                continue
+            f = grid.shape[-1]
+            g = g.view(a, cc, -1, y, 3, plan.key_cell_pixels, f)  # a view of the kernel's layout
+            for t in range(3):
+                grid[1 + dx:1 + dx + a, :, :, t:t + y].add_(g[:, :, :, :, t])
+        del dq_c, dk_c, dv_c, db_c
+    return dq, grids[0], grids[1], grids[2]
