@@ -20,8 +20,8 @@ ROOT = Path(hpattn_dist.__path__[0])
 
 # Bottom up. A package name stands for all its modules unless a longer name says otherwise.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations: dtypes, input checks, masks, the merge, the shard plan",
-     ("precision", "validation", "double_backward", "masks", "merge", "shard_plan")),
+    ("foundations: dtypes, input checks, masks, the merge, the shard plan, tracing",
+     ("precision", "validation", "double_backward", "masks", "merge", "shard_plan", "tracing")),
     ("block kernels", ("kernels",)),
     ("communication", ("comm",)),
     ("geometry, groups, costs, replicated state, the oracle",
