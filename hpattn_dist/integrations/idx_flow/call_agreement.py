@@ -169,8 +169,6 @@ class ModelCallAgreement(GroupBound):
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict, peers: bool) -> tuple[dict, tuple, dict]:
         """``(shared, local, extra)``: the call's row, and what it checked (``extra``: the
         parameters' record or None, the seed drawn or None, the layers' settings)."""
-        from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
-
         leaves = tree_flatten((args, kwargs))[0]
         tensors = [t for t in leaves if isinstance(t, Tensor)]
         options = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__qualname__
@@ -183,8 +181,9 @@ class ModelCallAgreement(GroupBound):
         drops = False
         for module in root.modules():
             modes.append(module.training)
-            if isinstance(module, HaloGatherMixin):
-                tables.append(module._hp_table_crc())
+            table_crc = getattr(type(module), "_hp_table_crc", None)  # a converted gather layer's table
+            if table_crc is not None:
+                tables.append(table_crc(module))
             config = _config(module)
             if config is not None:
                 configs.append((type(module).__name__, config))
