@@ -193,7 +193,7 @@ LOCAL_N = 12 * LOCAL_NSIDE**2
 
 def _local_memory_job(rank: int, world: int) -> dict:
     from hpattn_dist import healpix_local_attention
-    from hpattn_dist.local.memory import local_attention_units
+    from hpattn_dist.cost_model.memory import local_attention_units
     from hpattn_dist.local.plan import plan_local_attention
 
     sizes = [LOCAL_N // world] * world
@@ -212,7 +212,7 @@ def _local_memory_job(rank: int, world: int) -> dict:
             out = healpix_local_attention(q, k, v, window_nside=LOCAL_WINDOW, mode=mode)
         with LiveBytes([q, k, v, dout, out]) as bwd:
             out.backward(dout)
-        count = local_attention_units(plan_local_attention(tuple(sizes), LOCAL_WINDOW, mode, rank))
+        count = local_attention_units(plan_local_attention(tuple(sizes), LOCAL_WINDOW, mode, rank).geometry())
         res[mode] = {"fwd": fwd.peak / unit, "bwd": bwd.peak / unit, "count": (count.forward, count.backward)}
     q, k, v, dout = (t[:, :, start:start + sizes[rank]].clone() for t in full)
     for t in (q, k, v):
