@@ -32,7 +32,9 @@ infinite value spoils a row, which a fused kernel may or may not compute. Which 
 non-finite value is known from the inputs alone, so every kernel follows the same rule at the
 same cost: :func:`nonfinite_reads` per block (two reductions over q, k and
 v, no score read, no device-to-host read), whose rows get NaN output and NaN lse; the online
-merge carries a NaN lse to the final row (Note [stable merge] in ``merge.py``). The oracles
+merge carries a NaN lse to the final row (Note [stable merge] in ``merge.py``). Windows find
+the flags of their queries and keys once per call and read them like the keys, and skip them
+where the inputs are known finite (Note [known finite inputs]). The oracles
 compute the formula on inputs whose non-finite entries are zeroed (:func:`finite_or_zero`; a row
 that reads none of them is unchanged) and set the rows :func:`nonfinite_reads` names to NaN.
 
