@@ -32,6 +32,7 @@ from hpattn_dist import (DistributedLocalSpatialSelfAttention, DistributedSpatia
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.plan import plan_local_attention
+from hpattn_dist.masks import known_finite
 from hpattn_dist.strategies import sharded_attention
 from tests.harness import run_ranks
 from tests.local_reference import (healpy_cross_window_mask, healpy_window_cells, healpy_window_mask,
@@ -266,3 +267,30 @@ def test_single_device_layers_and_distributed_layers_agree(kind, case):
     else:  # masked: only the rows its own (NaN) query gives
         assert rows_nan[1, 30] and rows_nan.sum() == 1, rows_nan.sum()
     _assert_same(_gathered(("layer " + kind, case)), want, (kind, case))
+
+
+def test_known_finite():
+    """Note [known finite inputs]: a NaN or an infinity anywhere answers False, so does a sum that
+    overflows, a bias of NaN or +inf, and a tensor off the CPU; a bias of -inf masks a key."""
+    t = torch.randn(3, 5, dtype=torch.float64)
+    bias = torch.zeros(3)
+    assert known_finite(t, t, biases=(bias, None)) and known_finite(biases=(bias.fill_(-INF),))
+    for bad in (NAN, INF, -INF):
+        u = t.clone()
+        u[1, 2] = bad
+        assert not known_finite(t, u)
+    assert not known_finite(torch.full((4,), 1e308, dtype=torch.float64))  # finite, but the sum overflows
+    assert not known_finite(biases=(torch.tensor([0.0, NAN]),)) and not known_finite(biases=(torch.tensor([INF]),))
+    assert not known_finite(torch.empty(3, device="meta"))
+
+
+def test_finite_values_whose_sum_overflows_are_not_marked():
+    """known_finite answers False for them; the search per row then finds no non-finite value.
+    (A window reads 9 of the large values: its rows' sums do not overflow.)"""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, SQ_N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    v[0, 0, ::SQ_C, 0] = 1e307
+    assert torch.isfinite(v).all() and not known_finite(v)
+    want = reference_local_attention(q, k, v, healpy_window_mask(SQ_NSIDE, SQ_WINDOW, "neighbourhood"))
+    got = healpix_local_attention(q, k, v, window_nside=SQ_WINDOW, mode="neighbourhood")
+    assert torch.isfinite(want).all() and torch.allclose(got, want, rtol=1e-10, atol=1e-12)
