@@ -60,6 +60,7 @@ from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import GroupInfo, nbytes, resolve_group
 from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import run_collective
+from hpattn_dist.shard_plan import even_split
 
 __all__ = [
     "even_split",
@@ -77,13 +78,6 @@ _reduce_scatter_single = (
 
 # Backends found (at run time) to lack reduce-scatter; they use all-reduce + slice instead.
 _NO_REDUCE_SCATTER: set[str] = set()
-
-
-def even_split(total: int, parts: int) -> list[int]:
-    """``total // parts`` each, the first ``total % parts`` one more: the shard plan's rule
-    (:func:`hpattn_dist.healpix.shard_sizes`) and the default split of this module."""
-    base, extra = divmod(total, parts)
-    return [base + 1 if rank < extra else base for rank in range(parts)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from torch import Tensor
 from hpattn_dist.comm.all_to_all import all_to_all_flat
 from hpattn_dist.comm.agreement import dtype_code, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, offsets, resolve_group
-from hpattn_dist.healpix import shard_bounds
+from hpattn_dist.shard_plan import shard_bounds
 
 __all__ = ["HaloExchanger", "HaloPlan", "all_to_all_rows", "halo_exchange", "halo_summary", "plan_halo",
            "plan_halo_from_needs", "table_crc"]

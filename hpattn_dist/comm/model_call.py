@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from hpattn_dist.comm.groups import GroupInfo
+from hpattn_dist.tracing import not_traced
 
 __all__ = ["CallState", "Slot", "agreed", "call_slot", "current_call", "derive_seed", "derives_seeds",
            "layer_seed", "pop_call", "push_call"]
@@ -134,7 +135,7 @@ def pop_call() -> None:
     _stack().pop()
 
 
-@torch.compiler.disable
+@not_traced
 def current_call(info: GroupInfo) -> Optional[CallState]:
     """The innermost agreed model call on this thread, if it is over ``info``'s group (a group
     of one included: a converted model on one process derives its seeds alike)."""
@@ -178,7 +179,7 @@ def call_slot(layer: Any, info: GroupInfo) -> Optional[Slot]:
     return None if call is None else Slot(call, layer)
 
 
-@torch.compiler.disable
+@not_traced
 def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], what: str) -> Any:
     """What ``agree()`` returns for this call of ``layer``: its own agreement, or inside an agreed
     model call the result of the earlier call with the same key (Note [one agreement per model call]).
@@ -207,14 +208,14 @@ def agreed(layer: Any, info: GroupInfo, mine: Any, agree: Callable[[], Any], wha
 _REPLAY: dict[str, "OrderedDict[int, int]"] = {}
 
 
-@torch.compiler.disable
+@not_traced
 def derives_seeds(info: GroupInfo) -> bool:
     """Whether a model call over ``info``'s group that draws seeds is in progress on this thread."""
     call = current_call(info)
     return call is not None and call.seed is not None
 
 
-@torch.compiler.disable
+@not_traced
 def layer_seed(info: GroupInfo, who: str, draw: int) -> int:
     """The seed ``who`` proposes for a call, given its own fresh ``draw``: inside a model call
     over ``info``'s group that draws seeds, the call's next derived seed (remembered under

@@ -7,7 +7,7 @@ neighbour rank, Note [local attention plan]), c_k key pixels per cell.
 Note [windowed attention as one op]
     As Note [attention as one op] (``strategies/ops.py``): one call of windowed attention (local,
     or cross-grid with ``window_nside``) is ONE dispatcher operator whose body is the door
-    (:func:`~hpattn_dist.local.attention.agree`: the checks and the one agreement), the plan and
+    (:func:`~hpattn_dist.local.agreement.agree`: the checks and the one agreement), the plan and
     the executor (:mod:`hpattn_dist.local.execute`, its halo exchange included); its backward is a
     second operator. ``torch.compile(fullgraph=True)`` sees one node per call, with or without a
     process group. What crosses between the two, as arguments and outputs:
@@ -43,7 +43,7 @@ from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import seed_input, select_kernel
 from hpattn_dist.local import execute
-from hpattn_dist.local.attention import agree
+from hpattn_dist.local.agreement import agree
 from hpattn_dist.local.plan import cached_plan
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.replicas import LayerFacts, LayerRef

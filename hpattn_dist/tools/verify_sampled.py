@@ -46,7 +46,7 @@ from hpattn_dist.grad_sync import sync_gradients
 from hpattn_dist.healpix import nside2npix, shard_bounds
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.precision import DTYPES
-from hpattn_dist.tools.verify import (
+from hpattn_dist.tools.verify_cases import (
     CaseResult, VerifyConfig, compare_quantities, executed_strategy, strategy_variants,
 )
 
@@ -218,7 +218,7 @@ class _Measured:
 
     def __init__(self, device: torch.device) -> None:
         from hpattn_dist.tools.allocations import AllocatedPeak
-        from hpattn_dist.tools.bench import PeakMemory
+        from hpattn_dist.tools.bench_measure import PeakMemory
 
         self.allocated, self.resident = AllocatedPeak(device), PeakMemory(device)
 
@@ -250,7 +250,7 @@ def _build(cfg: VerifyConfig, embed: int, label: str, group, backend: str, ulyss
            window: Optional[tuple[int, str]]):
     """The float64 layer of the verify seed (its weights are the reference's) and the distributed
     layer under test."""
-    from hpattn_dist import DistributedSpatialSelfAttention
+    from hpattn_dist.modules import DistributedSpatialSelfAttention
     from hpattn_dist.local import DistributedLocalSpatialSelfAttention
 
     torch.manual_seed(cfg.seed)

@@ -9,9 +9,10 @@ import pytest
 
 import hpattn_dist
 
-# Tools, optional dependencies and plotting must not ride along with the library import.
+# Tools, optional dependencies and plotting must not ride along with the library import; nor
+# torch._dynamo (seconds per process, and Note [clean exit]: hpattn_dist.tracing).
 _HEAVY = ("hpattn_dist.tools", "hpattn_dist.io", "matplotlib", "deepspeed", "idx_flow", "healpy", "sklearn",
-          "zarr", "xarray")
+          "zarr", "xarray", "torch._dynamo")
 
 
 def test_import_hpattn_dist_is_lean():

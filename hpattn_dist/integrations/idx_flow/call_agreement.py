@@ -87,6 +87,7 @@ from hpattn_dist.comm.model_call import CallState, agreed, current_call, pop_cal
 from hpattn_dist.healpix import shard_bounds
 from hpattn_dist.kernels import draw_seed
 from hpattn_dist.replicas import N_SUMS, ParameterFingerprint, check_model_rows, fingerprintable
+from hpattn_dist.tracing import not_traced
 
 __all__ = ["CallState", "ModelCallAgreement", "agreed", "attach_call_agreement", "check_split",
            "current_call"]
@@ -168,8 +169,6 @@ class ModelCallAgreement(GroupBound):
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict, peers: bool) -> tuple[dict, tuple, dict]:
         """``(shared, local, extra)``: the call's row, and what it checked (``extra``: the
         parameters' record or None, the seed drawn or None, the layers' settings)."""
-        from hpattn_dist.integrations.idx_flow.gather_layers import HaloGatherMixin
-
         leaves = tree_flatten((args, kwargs))[0]
         tensors = [t for t in leaves if isinstance(t, Tensor)]
         options = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__qualname__
@@ -182,8 +181,9 @@ class ModelCallAgreement(GroupBound):
         drops = False
         for module in root.modules():
             modes.append(module.training)
-            if isinstance(module, HaloGatherMixin):
-                tables.append(module._hp_table_crc())
+            table_crc = getattr(type(module), "_hp_table_crc", None)  # a converted gather layer's table
+            if table_crc is not None:
+                tables.append(table_crc(module))
             config = _config(module)
             if config is not None:
                 configs.append((type(module).__name__, config))
@@ -209,7 +209,7 @@ class ModelCallAgreement(GroupBound):
         record = {(p.data_ptr(), p.numel()): p._version for _, p in named} if checked else None
         return shared, local, {"named": named, "params": record, "seed": seed}
 
-    @torch.compiler.disable  # host work and one collective: never traced (Note [seeds in a model call])
+    @not_traced  # host work and one collective: never traced (Note [seeds in a model call])
     def enter(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: agree on this call, check the split, the parameters and the layers'
         settings, open the call's state."""
@@ -269,7 +269,7 @@ class ModelCallAgreement(GroupBound):
             f"hold the same model): {'; '.join(lines[:8]) or 'the layers themselves differ'}"
         )
 
-    @torch.compiler.disable
+    @not_traced
     def exit(self, root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook (also called when the forward raised): close the call's state."""
         if self._depth > 0:

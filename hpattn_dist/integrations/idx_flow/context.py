@@ -16,19 +16,24 @@ contiguous range ``healpix.shard_bounds(N, P)[rank]`` of its grid of ``N`` pixel
 order of the model's connection tables (RING for tables from
 ``idx_flow.utils.compute_connection_indices``). Legend: B batch, N pixels of the grid at that
 point of the model, N_r pixels on group rank r, P group size, C channels.
+
+The modules this package converts build on :class:`ShardedModule` (the group, the training mode,
+a name for errors) and check their input with :func:`check_field`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 import torch.nn as nn
+from torch import Tensor
 
+from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["Converter", "ShardContext"]
+__all__ = ["Converter", "ShardContext", "ShardedModule", "check_field"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +59,34 @@ class ShardContext:
 
 Converter = Callable[[nn.Module, ShardContext], nn.Module]
 """``converter(module, ctx) -> nn.Module``: see the module docstring."""
+
+
+def check_field(x: Any, what: str, channels: Optional[int] = None) -> None:
+    """``x`` must be a floating ``[B, N_r, C]`` tensor (with ``C == channels`` when given)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: expected a tensor [B, N_r, C], got {type(x).__name__}")
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(
+            f"{what}: expected a floating tensor [B, N_r, C], got shape {tuple(x.shape)} {x.dtype}"
+        )
+    if channels is not None and x.shape[2] != channels:
+        raise ValueError(
+            f"{what}: expected {channels} channels (input [B, N_r, {channels}]), got shape "
+            f"{tuple(x.shape)}"
+        )
+
+
+class ShardedModule(GroupBound, nn.Module):
+    """Common state of the converted modules: the group, the training mode and a name for errors.
+
+    Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
+    """
+
+    _kind = ""
+
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup], name: str) -> None:
+        super().__init__()
+        self.process_group = process_group
+        # Errors name the layer and (from convert_model's ctx.name) where it sits in the model.
+        self._what = f"{self._kind} {name!r}" if name else self._kind
+        self.training = module.training
