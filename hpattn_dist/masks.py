@@ -32,7 +32,9 @@ infinite value spoils a row, which a fused kernel may or may not compute. Which 
 non-finite value is known from the inputs alone, so every kernel follows the same rule at the
 same cost: :func:`nonfinite_reads` per block (two reductions over q, k and
 v, no score read, no device-to-host read), whose rows get NaN output and NaN lse; the online
-merge carries a NaN lse to the final row (Note [stable merge] in ``merge.py``). The oracles
+merge carries a NaN lse to the final row (Note [stable merge] in ``merge.py``). Windows find
+the flags of their queries and keys once per call and read them like the keys, and skip them
+where the inputs are known finite (Note [known finite inputs]). The oracles
 compute the formula on inputs whose non-finite entries are zeroed (:func:`finite_or_zero`; a row
 that reads none of them is unchanged) and set the rows :func:`nonfinite_reads` names to NaN.
 
@@ -45,16 +47,17 @@ key gives none, whatever it holds); the gradients flowing from a NaN row are not
 from __future__ import annotations
 
 import collections
+import math
 import weakref
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from hpattn_dist.precision import acc_dtype
 
-__all__ = ["MaskLayout", "finite_or_zero", "key_bias_from_mask", "mask_layout", "nonfinite_reads",
-           "nonfinite_rows", "unmasked_keys", "zero_excluded_keys"]
+__all__ = ["MaskLayout", "finite_or_zero", "key_bias_from_mask", "known_finite", "mask_layout",
+           "nonfinite_reads", "nonfinite_rows", "unmasked_keys", "zero_excluded_keys"]
 
 
 def zero_excluded_keys(t: Tensor, excluded: Optional[Tensor]) -> Tensor:
@@ -71,6 +74,27 @@ def nonfinite_rows(t: Tensor) -> Tensor:
         return torch.zeros(t.shape[:-1], dtype=torch.bool, device=t.device)
     t = t.detach()
     return (torch.isfinite(t.amax(dim=-1)) & torch.isfinite(t.amin(dim=-1))).logical_not()  # (~: not on fake CUDA)
+
+
+def known_finite(*tensors: Tensor, biases: Sequence[Optional[Tensor]] = ()) -> bool:
+    """True when every entry of ``tensors`` is finite and no entry of ``biases`` (additive key
+    biases, None for none) is NaN or ``+inf`` (``-inf`` masks a key): then no row reads a
+    non-finite value (Note [non-finite inputs]) and a caller may skip :func:`nonfinite_reads`.
+
+    Note [known finite inputs]
+        Decided on the host, so only for plain CPU tensors, where reading a value is no
+        device-to-host transfer (Note [agreement off the device] in ``comm/agreement.py``):
+        anything else (a device, meta or fake tensor) answers False, and the caller finds the
+        rows as the Note says. One sum per tensor (a NaN or an infinity makes it NaN or
+        infinite), a fraction of :func:`nonfinite_rows`' two row reductions; a finite tensor
+        whose sum overflows also answers False, which only costs the per-row search.
+    """
+    biases = [b for b in biases if b is not None]
+    if any(type(t) is not Tensor or t.device.type != "cpu" for t in (*tensors, *biases)):
+        return False
+    if not all(math.isfinite(t.detach().sum().item()) for t in tensors if t.numel()):
+        return False
+    return all(bool((b.detach() < float("inf")).all()) for b in biases)  # False at NaN and +inf
 
 
 def nonfinite_reads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,

@@ -111,6 +111,7 @@ class BlockKernel:
         *,
         nan_rows: Optional[Tensor] = None,
         key_bad: Optional[Tensor] = None,
+        finite: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, H, N_q, D], lse [B, H, N_q])``; lse in ``acc_dtype(q.dtype)``.
 
@@ -119,7 +120,9 @@ class BlockKernel:
         a non-finite value NaN output and ``lse = NaN`` (Note [non-finite inputs]). ``nan_rows``:
         :meth:`nan_rows` of q, for a caller that runs several blocks of the same queries (the
         ring builds it once per call, not once per block); ``key_bad``: the caller's bool
-        ``[B, H, N_k]`` of keys whose k or v is not finite (windows gather it); else found here.
+        ``[B, H, N_k]`` of keys whose k or v is not finite (windows find it once per call and
+        view it like their keys); else found here. ``finite``: the caller knows that no row
+        reads a non-finite value (:func:`~hpattn_dist.masks.known_finite`), so none is marked.
         """
         acc = acc_dtype(q.dtype)
         if k.shape[2] == 0 or q.shape[2] == 0:
@@ -134,6 +137,8 @@ class BlockKernel:
         # Rows that read a NaN or an infinity are NaN, out and lse, whatever the kernel made of
         # them (the CPU flash op: zeros and lse 0 for a row of -inf or NaN scores): Note
         # [non-finite inputs]. Both are fresh outputs of the kernel, so filled in place.
+        if finite:
+            return out, lse
         bad = nonfinite_reads(q, k, v, bias, key_bad=key_bad, q_bad=nan_rows)  # [B, H, N_q]
         return out.masked_fill_(bad.unsqueeze(-1), float("nan")), lse.masked_fill_(bad, float("nan"))
 

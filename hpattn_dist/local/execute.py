@@ -53,6 +53,7 @@ from hpattn_dist.comm.halo import all_to_all_rows
 from hpattn_dist.kernels import BlockKernel
 from hpattn_dist.kernels.dropout import DropoutSpec, FoldedIndex
 from hpattn_dist.local.plan import CellRefs, CellStore, LocalPlan, WindowGroup
+from hpattn_dist.masks import known_finite, nonfinite_rows
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
 
@@ -73,19 +74,21 @@ class _Cells:
         self.store, self.own, self.edge, self.bh_rows = store, own, edge, bh_rows
         self.c, self.f = store.cell_pixels, own.shape[-1]
 
-    def gather(self, refs: CellRefs) -> Tensor:
-        """The blocks of ``refs [A, C, *Y]`` as ``[A, C, B * H, *Y, c, F]`` (a copy)."""
+    def gather(self, refs: CellRefs, scratch: Optional["_Scratch"] = None) -> Tensor:
+        """The blocks of ``refs [A, C, *Y]`` as ``[A, C, B * H, *Y, c, F]`` (a copy; into
+        ``scratch``'s buffer for this side when given)."""
         s, r = self.store, refs.refs
         shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
+        out = None if scratch is None else scratch.take(self, (math.prod(shape[:-2]), self.c * self.f))
         flat_edge = self.edge.reshape(-1, self.c * self.f)
         if s.n_own == 0:
             rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
-            return flat_edge.index_select(0, rows.reshape(-1)).view(shape)
+            return _select(flat_edge, rows.reshape(-1), out).view(shape)
         bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
         own_rows = torch.where(r < s.n_own, r, 0).unsqueeze(2) * self.c + (bh * s.n_local + s.lead)
         n = self.own.numel() // self.f
         view = self.own.as_strided((n - self.c + 1, self.c * self.f), (self.f, 1))  # a block at every row
-        out = view.index_select(0, own_rows.reshape(-1))
+        out = _select(view, own_rows.reshape(-1), out)
         if refs.edge_pos.numel():
             pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
             rows = self.bh_rows.index_select(0, bh_e) * self.edge.shape[1] + cells - s.n_own
@@ -96,6 +99,26 @@ class _Cells:
         """Own cells ``first .. first + count - 1`` in place, ``[B * H, count, c, F]``."""
         start = self.store.lead + first * self.c
         return self.own.narrow(1, start, count * self.c).view(self.own.shape[0], count, self.c, self.f)
+
+
+def _select(rows: Tensor, index: Tensor, out: Optional[Tensor]) -> Tensor:
+    return rows.index_select(0, index) if out is None else torch.index_select(rows, 0, index, out=out)
+
+
+class _Scratch:
+    """One call's gather buffers, one per cell store side, reused by its window groups (a group's
+    gathered blocks are dead before the next group gathers): a group's blocks do not come from a
+    fresh allocation, whose pages the system would zero again for every group."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+
+    def take(self, side: _Cells, shape: tuple[int, int]) -> Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(id(side))
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[id(side)] = side.own.new_empty((n,))
+        return buf[:n].view(shape)
 
 
 def _expanded(refs: CellRefs, n_bh: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -283,28 +306,40 @@ class _Call:
     """The tensors of one call's keys: ``(k, v, bias, dropout spec)`` per column offset."""
 
     def __init__(self, group: WindowGroup, kv: list[_Cells], bias: Optional[_Cells], plan: LocalPlan,
-                 dropout_p: float, seed: int, heads: int) -> None:
+                 dropout_p: float, seed: int, heads: int, key_flags: Optional[_Cells] = None,
+                 scratch: Optional[_Scratch] = None) -> None:
         self.group, self.plan, self.kv = group, plan, kv
         c_q, c_k = plan.cell_pixels, plan.key_cell_pixels
         a, cc, y = group.q_cells.shape
         q_index = _pixels(group.q_cells, c_q).reshape(a * cc, y, c_q) if dropout_p > 0 else None
         self.dropout_p, self.seed, self.heads, self.q_index = dropout_p, seed, heads, q_index
         if group.pad:
-            self.k, self.v = (side.gather(group.k_refs) for side in kv)  # [A + 2, C, BH, Y + 2, c_k, D]
-            self.bias = None if bias is None else bias.gather(group.k_refs)
+            self.k, self.v = (side.gather(group.k_refs, scratch) for side in kv)  # [A + 2, C, BH, Y + 2, c_k, D]
+            self.bias = None if bias is None else bias.gather(group.k_refs, scratch)
+            self.flags = None if key_flags is None else key_flags.gather(group.k_refs, scratch)
             self.k_pixels = _pixels(group.k_cells, c_k) if dropout_p > 0 else None
             self.offsets = (-1, 0, 1)
         else:
             m = group.k_cells.shape[1]
+            sides = kv + ([] if key_flags is None else [key_flags])
             if group.k_view >= 0:
-                self.k, self.v = (side.view(group.k_view, y) for side in kv)  # [BH, Y, c_k, D]
+                read = [side.view(group.k_view, y) for side in sides]  # [BH, Y, c_k, D]
             else:
-                self.k, self.v = (side.gather(group.k_refs).reshape(-1, y, m * c_k, side.f) for side in kv)
+                read = [side.gather(group.k_refs, scratch).reshape(-1, y, m * c_k, side.f) for side in sides]
+            self.k, self.v = read[:2]
+            self.flags = None if key_flags is None else read[2].squeeze(-1)
             self.bias = None
             if bias is not None:
-                self.bias = bias.gather(group.k_refs).reshape(-1, y, m * c_k)
+                self.bias = bias.gather(group.k_refs, scratch).reshape(-1, y, m * c_k)
             self.k_pixels = _pixels(group.k_cells, c_k).reshape(1, y, m * c_k) if dropout_p > 0 else None
             self.offsets = (0,)
+
+    def key_flags(self, dx: int) -> Optional[Tensor]:
+        """Bool ``[X, Y, L]``: the keys of column ``dx`` whose k or v is not finite, read like the
+        keys (None: the call's inputs are known finite)."""
+        if self.flags is None or not self.group.pad:
+            return self.flags
+        return _span(self.flags, dx, self.group).squeeze(-1)
 
     def keys(self, dx: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[DropoutSpec]]:
         group = self.group
@@ -319,7 +354,8 @@ class _Call:
 
 
 def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int, kernel: BlockKernel,
-                  scale: float, dropout_p: float, seed: int) -> dict[int, tuple[Tensor, Tensor]]:
+                  scale: float, dropout_p: float, seed: int, flags: Optional[tuple[_Cells, _Cells]]
+                  ) -> dict[int, tuple[Tensor, Tensor]]:
     """Per column offset, that column of every window reading a zero block there, from its two
     cells (Note [local attention plan]): ``(out [n, B * H, c_q, D], lse [n, B * H, c_q])``."""
     c_q, c_k, d = plan.cell_pixels, plan.key_cell_pixels, queries.f
@@ -330,7 +366,12 @@ def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int
         k_f, v_f = (side.gather(fix.k_refs).reshape(-1, 1, 2 * c_k, d) for side in kv)
         spec = _dropout(dropout_p, seed, heads, _pixels(fix.q_cells, c_q).view(1, n, c_q),
                         _pixels(fix.k_cells, c_k).view(1, n, 2 * c_k))
-        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec)
+        q_bad = key_bad = None
+        if flags is not None:
+            q_bad = flags[0].gather(fix.q_refs).reshape(-1, 1, c_q)
+            key_bad = flags[1].gather(fix.k_refs).reshape(-1, 1, 2 * c_k)
+        o_f, l_f = kernel.forward(q_f, k_f, v_f, scale, None, spec, nan_rows=q_bad, key_bad=key_bad,
+                                  finite=flags is None)
         out[fix.dx] = o_f.view(-1, n, c_q, d).transpose(0, 1), l_f.view(-1, n, c_q).transpose(0, 1)
     return out
 
@@ -349,11 +390,11 @@ def _apply_fixes(group: WindowGroup, dx: int, fixed: dict[int, tuple[Tensor, Ten
         lse.view(a, cc, -1, y, lse.shape[2])[at[0], at[1], :, at[2]] = l_f.to(lse.dtype)
 
 
-def _queries(group: WindowGroup, cells: _Cells) -> Tensor:
+def _queries(group: WindowGroup, cells: _Cells, scratch: Optional[_Scratch] = None) -> Tensor:
     """``[X, Y, c_q, F]`` of a group's queries (in place for a list read in place)."""
     if group.q_view >= 0:
         return cells.view(group.q_view, group.q_cells.shape[2])
-    g = cells.gather(group.q_refs)  # [A, C, BH, Y, c, F]
+    g = cells.gather(group.q_refs, scratch)  # [A, C, BH, Y, c, F]
     return g.view(-1, *g.shape[3:])
 
 
@@ -442,22 +483,25 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     edge_b = None if b3 is None else _edge_buffer(plan.keys, b3, b_recv, float("-inf"))
     del kv_recv, b_recv
     queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
+    flags = _flags(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, queries.bh_rows)
     fixed = {} if bias_cells is not None else _column_fixes(plan, queries, kv, heads, kernel, scale, dropout_p,
-                                                             seed)
+                                                             seed, flags)
     if _in_place_only(plan):
         o, l = _group_forward(plan, plan.groups[0], queries, kv, bias_cells, heads, kernel, scale, dropout_p,
-                              seed, acc, fixed)
+                              seed, acc, fixed, flags)
         out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
     else:
         out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
         lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
+        scratch = _Scratch()
         for group in plan.groups:
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc,
-                                  fixed)
+                                  fixed, flags, scratch)
             a, cc, y = group.q_cells.shape
             out_b.put(group.q_refs, o.to(q.dtype).view(a, cc, -1, y, plan.cell_pixels, d))
             lse_b.put(group.q_refs, l.reshape(a, cc, -1, y, plan.cell_pixels, 1))
             del o, l
+        del scratch
         out, out_edge = out_b.rows(n_q)
         lse, lse_edge = lse_b.rows(n_q)
         _rows_from_edge(plan.queries, out, out_edge)
@@ -484,20 +528,38 @@ def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
     return out
 
 
-def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, fixed):
+def _flags(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Tensor], edge_k: Tensor,
+           edge_v: Tensor, edge_b: Optional[Tensor], bh_rows: Tensor) -> Optional[tuple[_Cells, _Cells]]:
+    """The call's non-finite flags as cell stores ``(queries, keys)`` of bool rows ``[B * H, N, 1]``
+    (a query holding a NaN or an infinity; a key whose k or v does), found ONCE per call and read
+    like the queries and keys, so that no kernel call scans its (overlapping) key blocks; None
+    when the inputs are known finite (Note [known finite inputs] in ``masks.py``)."""
+    if known_finite(q3, k3, v3, edge_k, edge_v, biases=(b3, edge_b)):
+        return None
+    q_bad = nonfinite_rows(q3).unsqueeze(-1)
+    k_bad = (nonfinite_rows(k3) | nonfinite_rows(v3)).unsqueeze(-1)
+    edge_bad = (nonfinite_rows(edge_k) | nonfinite_rows(edge_v)).unsqueeze(-1)  # the edge cells' rows
+    return (_Cells(plan.queries, q_bad, _edge_buffer(plan.queries, q_bad, None, 0.0), bh_rows),
+            _Cells(plan.keys, k_bad, edge_bad, bh_rows))
+
+
+def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, fixed, flags,
+                   scratch=None):
     """``(out [X, Y, c_q, D], lse [X, Y, c_q])`` of one group: its calls, merged."""
-    qg = _queries(group, queries)
-    nan_rows = kernel.nan_rows(qg)  # [X, Y, c_q], once for the group's calls
-    call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
+    qg = _queries(group, queries, scratch)
+    nan_rows = None if flags is None else _queries(group, flags[0], scratch).squeeze(-1)  # [X, Y, c_q]
+    call = _Call(group, kv, bias, plan, dropout_p, seed, heads, None if flags is None else flags[1], scratch)
     o = l = None
     for dx in call.offsets:
         k_c, v_c, b_c, spec = call.keys(dx)
-        folded = _fold([qg, k_c, v_c, b_c])
+        key_bad = call.key_flags(dx)  # [X, Y, L]
+        folded = _fold([qg, k_c, v_c, b_c, nan_rows, key_bad])
         if folded is None:
-            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows=nan_rows)
+            o_c, l_c = kernel.forward(qg, k_c, v_c, scale, b_c, spec, nan_rows=nan_rows, key_bad=key_bad,
+                                      finite=flags is None)
         else:
-            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec,
-                                      nan_rows=nan_rows.view(folded[0].shape[:3]))
+            o_c, l_c = kernel.forward(*folded[:3], scale, folded[3], spec, nan_rows=folded[4],
+                                      key_bad=folded[5], finite=flags is None)
             o_c, l_c = o_c.view(qg.shape[:3] + o_c.shape[3:]), l_c.view(qg.shape[:3])
         if bias is None:  # with a bias the zero blocks are masked
             _apply_fixes(group, dx, fixed, o_c, l_c)
@@ -548,9 +610,10 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         db_b = None
         if need_dbias:
             db_b = _Blocks(plan.keys, b3.shape[0], 1, bias_cells.bh_rows, acc, q.device)
+        scratch = _Scratch()
         for group in plan.groups:  # Note [local attention plan]: the zero blocks add nothing to dQ
             dq, dk, dv, db = _group_backward(plan, group, sides, kv, bias_cells, heads, kernel, scale, dropout_p,
-                                             seed, need_dbias, acc)
+                                             seed, need_dbias, acc, scratch)
             a, cc, y = group.q_cells.shape
             dq_b.put(group.q_refs, dq.view(a, cc, -1, y, plan.cell_pixels, d))
             dk_b.add(group.k_refs, dk)
@@ -558,6 +621,7 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
             if db_b is not None:
                 db_b.add(group.k_refs, db)
             del dq, dk, dv, db
+        del scratch
         dq, dq_edge = dq_b.rows(n_q)
         _rows_from_edge(plan.queries, dq, dq_edge)
         grads = [dk_b.rows(n_k), dv_b.rows(n_k)] + ([db_b.rows(n_k)] if db_b is not None else [])
@@ -594,13 +658,14 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
     return dq.reshape(batch, heads, n_q, d).to(q.dtype), dk, dv, dbias
 
 
-def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_p, seed, need_dbias, acc):
+def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_p, seed, need_dbias, acc,
+                    scratch=None):
     """One group's ``(dq [X, Y, c_q, D] acc, dk, dv, dbias)``: a list's block gradients ``[1, 1, B * H,
     Y, m, c_k, F]``-shaped, a square group's as its padded grid ``[s + 2, C, B * H, s + 2, c_k, F]``."""
-    qg, dog, og, lg = (_queries(group, side) for side in sides)
+    qg, dog, og, lg = (_queries(group, side, scratch) for side in sides)
     lg = lg.squeeze(-1).contiguous()
     delta = None if kernel.fused_backward is not None else (dog.to(acc) * og.to(acc)).sum(dim=-1)
-    call = _Call(group, kv, bias, plan, dropout_p, seed, heads)
+    call = _Call(group, kv, bias, plan, dropout_p, seed, heads, scratch=scratch)
     dq = None
     if group.pad:
         grids = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (call.k, call.v)]
