@@ -21,7 +21,10 @@ from hpattn_dist.cost_model.communication import (
     strategy_name,
 )
 from hpattn_dist.cost_model.compute import LayerWork, attention_flops, time_lower_bound
-from hpattn_dist.cost_model.memory import LayerMemory, MemoryCase, global_layer_memory, local_layer_memory
+from hpattn_dist.cost_model.memory import (
+    LayerMemory, LocalMemoryUnits, MemoryCase, WindowGeometry, global_layer_memory, local_attention_units,
+    local_layer_memory,
+)
 
 __all__ = [
     "AGREEMENT_BYTES",
@@ -29,13 +32,16 @@ __all__ = [
     "HaloRows",
     "LayerMemory",
     "LayerWork",
+    "LocalMemoryUnits",
     "MemoryCase",
+    "WindowGeometry",
     "attention_flops",
     "communication_volume",
     "degree_for",
     "equal_shard_cost",
     "global_layer_memory",
     "halo_rows",
+    "local_attention_units",
     "local_layer_memory",
     "strategy_name",
     "time_lower_bound",

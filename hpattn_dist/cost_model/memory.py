@@ -46,10 +46,14 @@ The block kernels' own scratch is a property of the kernel: on the CPU, the flas
 per-thread tiles (:func:`cpu_flash_scratch`; ``dout`` reaches its backward in the
 ``[B, N, h, D]`` layout it reads, no copy); on CUDA (FlashAttention-2 / memory-efficient) an fp32 ``dq`` accumulator (1 hq * 4/s).
 
-Windowed (local) attention (Note [local attention plan]) holds, besides qkv and the layer's
-copies, the extended K/V rows ``[N_r + R_halo, 2, B, H, D]``, the unit-major query, output and
-(backward) gradient copies, and per chunk of units the gathered window keys, bounded by the
-executor's ``_CHUNK_ELEMENTS``. Its schedule is :func:`local_layer_memory`.
+Windowed (local) attention is one registered op between the layer's projections. The layer holds
+``qkv`` (3 px, freed at once) and its head-major contiguous copy q, k, v (3 px, the op's
+residuals), then the op, the output's transpose copy (1 px) and ``y``; saved: q, k, v, the output,
+lse, the edge cells' K/V and the transpose copy. Backward: ``out_proj``'s input gradient (1 px),
+the op's contiguous copy of its transposed ``dout`` (1 px), then the op, dq, dk, dv stacked
+(3 px) and dx. What the op holds is ONE count, Note [local attention memory]
+(:func:`local_attention_units` of the rank's plan, also held to the live bytes by
+``tests/distributed/test_memory.py``); its schedule here is :func:`local_layer_memory`.
 
 A change to an executor changes its schedule here: global attention's is :func:`_global_schedule`,
 windowed attention's :func:`local_layer_memory`; ``tests/distributed/test_cost_model.py`` fails
@@ -61,8 +65,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["LayerMemory", "Ledger", "MemoryCase", "cpu_flash_scratch", "global_layer_memory",
-           "local_layer_memory", "unit_batches"]
+__all__ = ["LayerMemory", "Ledger", "LocalMemoryUnits", "MemoryCase", "WindowGeometry", "WindowGroupShape",
+           "cpu_flash_scratch", "global_layer_memory", "local_attention_units", "local_layer_memory",
+           "unit_batches"]
 
 
 @dataclass(frozen=True)
@@ -343,73 +348,143 @@ def unit_batches(sizes: tuple[int, ...], rank: int, window_nside: int, mode: str
     return c, (stop - 1) // c - start // c + 1, counts
 
 
-def local_layer_memory(case: MemoryCase, window_nside: int, mode: str) -> LayerMemory:
-    """Memory of ``DistributedLocalSpatialSelfAttention`` (Note [activation memory]): the ledger of
-    today's windowed executor (``hpattn_dist.local.attention``, chunks of ``_CHUNK_ELEMENTS``
-    gathered K/V elements)."""
-    from hpattn_dist.cost_model.communication import halo_rows
-    from hpattn_dist.local.attention import _CHUNK_ELEMENTS
+@dataclass(frozen=True)
+class WindowGroupShape:
+    """The cells of one window group (Note [local attention plan]).
 
-    c_, led, kernel = case, Ledger(), _Kernel(case)
-    b, h, d, s, a = c_.batch, c_.heads, c_.head_dim, c_.itemsize, c_.acc_itemsize
-    px = c_.px
-    halo = halo_rows(c_.sizes, window_nside, mode)[c_.rank]
-    c, units, batches = unit_batches(c_.sizes, c_.rank, window_nside, mode)
-    row = b * h * d * s  # one pixel of one of q, k, v
-    kv_row = 2 * row
-    q_units = units * c * row  # whole cells, padded
-    ext = (c_.n_local + halo.received) * kv_row
-    # the largest chunk: n units of m window cells, at most _CHUNK_ELEMENTS gathered K/V elements
-    per_key = 2 * b * h * d
-    chunk_units = {m: min(n, max(1, _CHUNK_ELEMENTS // (per_key * m * c))) for m, n in batches.items()}
-    gathered = max((n * m * c * kv_row for m, n in chunk_units.items()), default=0)
-    q_chunk = max((n * c * row for n in chunk_units.values()), default=0)
-    keys = max((m * c for m in batches), default=0)
+    Attributes:
+        pad: a group of padded squares (three calls, one per column offset); else a list.
+        query_cells: its query cells (``A * C * Y``).
+        key_cells: the key cells it lays out: squares, the padded grids (``(s + 2)**2 * C``); a
+            list, ``Y * m``.
+        window_cells: the key cells of one window in one call: 3 (a column), or a list's m.
+    """
+
+    pad: bool
+    query_cells: int
+    key_cells: int
+    window_cells: int
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """What Note [local attention memory] counts from one rank's plan of windowed attention
+    (:meth:`hpattn_dist.local.plan.LocalPlan.geometry`).
+
+    Attributes:
+        cell_pixels, key_cell_pixels: ``c_q``, ``c_k``.
+        n_units: the cells holding this rank's queries, ``U_r``.
+        n_local_keys: ``Nk_r``.
+        edge_pixels: the edge cells' pixels, zero block included (``(E + z) * c_k``).
+        rows_sent, rows_received: the halo rows (Note [halo traffic]).
+        groups: the window groups, in the order they run.
+        in_place: one list reads q, k, v in place over the whole rank (its kernel's outputs are
+            the results).
+    """
+
+    cell_pixels: int
+    key_cell_pixels: int
+    n_units: int
+    n_local_keys: int
+    edge_pixels: int
+    rows_sent: int
+    rows_received: int
+    groups: tuple[WindowGroupShape, ...]
+    in_place: bool
+
+
+@dataclass(frozen=True)
+class LocalMemoryUnits:
+    """What one windowed call holds above its inputs, in units of one ``[B, H, Nk_r, D]`` tensor
+    of the layer's dtype (Note [local attention memory]).
+
+    Attributes:
+        edge: the edge cells' K/V the forward saves for the backward (``2e``).
+        forward: peak during the forward, the output and ``edge`` included.
+        backward: peak during the backward with q, k, v, out and dout given, dq, dk, dv and the
+            saved ``edge`` included.
+    """
+
+    edge: float
+    forward: float
+    backward: float
+
+
+def local_attention_units(geometry: WindowGeometry, acc_ratio: float = 1.0) -> LocalMemoryUnits:
+    """Note [local attention memory] (``hpattn_dist/local/execute.py``), the ONE count of what the
+    windowed op holds: from each group's share g of the rank's units and, for squares, its padded
+    border b; the edge cells e, the halo rows sent s and received r (each per ``Nk_r``).
+
+    ``acc_ratio``: the accumulation itemsize over the layer's (2 for bf16 / fp16, else 1); the
+    backward's accumulators (dq, dk, dv, the edge cells' and the grids' gradients, the sum of a
+    group's dq, the gradients' halo trip) count that many units each.
+    """
+    geo, a = geometry, acc_ratio
+    n_units, n_r = geo.n_units, geo.n_local_keys
+    if n_r == 0 or n_units == 0:
+        return LocalMemoryUnits(0.0, 0.0, 0.0)
+    if geo.in_place:
+        return LocalMemoryUnits(0.0, 1.0, 3.0)  # the kernel's outputs are the results
+    e = geo.edge_pixels / n_r
+    s, r = geo.rows_sent / n_r, geo.rows_received / n_r
+    fwd = bwd = 0.0
+    for group in geo.groups:
+        g = group.query_cells / n_units
+        if group.pad:
+            b = group.key_cells / group.query_cells
+            fwd = max(fwd, g * (3 + 2 * b))  # q, padded K/V, kernel out, merge accumulator
+            # q, dout, out; K/V and their gradient grids; dq (the kernel's and the sum); dk, dv
+            bwd = max(bwd, g * (3 + 2 * b + 2 * b * a + 1 + a + 6))
+        else:
+            m = group.window_cells
+            fwd = max(fwd, g * (1 + 2 * m + 1))
+            bwd = max(bwd, g * (3 + 4 * m + 1))
+    exchange_fwd = max(2 * s + 2 * r, 3 * r + 2 * e)  # all_to_all buffers; edge cells filled
+    exchange_bwd = 3 * a + 2 * e + (2 * r + 2 * s) * a  # dq, dk, dv, the saved edge cells, the trips
+    return LocalMemoryUnits(2 * e, max(1 + 2 * e + fwd, exchange_fwd),
+                            max(3 * a + 2 * e + 2 * e * a + bwd, exchange_bwd))
+
+
+def local_layer_memory(case: MemoryCase, geometry: WindowGeometry) -> LayerMemory:
+    """Memory of ``DistributedLocalSpatialSelfAttention`` (Note [activation memory]): the layer's
+    projections and copies around ONE windowed op, whose own bytes are :func:`local_attention_units`
+    of this rank's plan (``geometry``: :meth:`hpattn_dist.local.plan.LocalPlan.geometry`)."""
+    c, geo, led, kernel = case, geometry, Ledger(), _Kernel(case)
+    px = c.px
+    units = local_attention_units(geo, c.acc_itemsize / c.itemsize)
+    lse = c.batch * c.heads * c.n_local * c.acc_itemsize
+    edge = round(units.edge * px)
+    # the kernel's scratch in its largest call: c_q queries of a group's windows against a window's keys
+    calls = [(group.query_cells, group.window_cells) for group in geo.groups]
+    cells, keys = max(calls, default=(0, 0), key=lambda call: call[0] * call[1])
+    q_bytes = cells * geo.cell_pixels * c.batch * c.heads * c.head_dim * c.itemsize
+    n_keys = keys * geo.key_cell_pixels
 
     # ---- forward
-    led.add("qkv", 3 * px)
-    led.add("kv_ext", ext)
-    if any(r.received for r in halo_rows(c_.sizes, window_nside, mode)):  # cached
-        led.add("send", halo.sent * kv_row)
-        led.add("kv_halo", halo.received * kv_row)
-        led.free("send")
-    led.spike(q_units)  # the padded copy, permuted into units
-    led.add("q_units", q_units)
-    led.add("out_units", q_units * a // s)
-    led.add("lse_units", units * b * h * c * a)
-    if batches:  # the previous chunk's keys live until the next gather completes
-        led.spike(2 * gathered + q_chunk + max(q_chunk, kernel.forward_scratch(c, keys)))
+    led.add("qkv_proj", 3 * px)
+    led.add("qkv", 3 * px)  # q, k, v: one contiguous [3, B, H, N_r, D] copy, the op's residuals
+    led.free("qkv_proj")
+    if cells:
+        led.spike(round(units.forward * px) + lse + kernel.forward_scratch(geo.cell_pixels, n_keys))
     led.add("out", px)
-    led.free("kv_ext", "q_units", "out_units")
-    led.add("out_t", px)
+    led.add("lse", lse)
+    led.add("edge", edge)  # the edge cells' K/V, saved: the backward sends only gradients
+    led.add("out_t", px)  # out.transpose(1, 2).reshape(B, N_r, E) before out_proj
     led.add("y", px)
     saved, forward = led.live, led.peak
 
     # ---- backward
     led.add("d_out_t", px)
-    led.add("param_grads", c_.param_grads)
+    led.add("param_grads", c.param_grads)
     led.free("out_t")
-    led.add("kv_ext", ext)
-    led.spike(q_units)
-    led.add("q_units", q_units)
-    led.spike(px + q_units)  # dout made contiguous, then padded
-    led.add("dout_units", q_units)
-    led.spike(q_units)
-    led.add("out_units", q_units)
-    led.spike(q_units * a // s)
-    led.add("delta", units * b * h * c * a)
-    led.add("dq_units", q_units * a // s)
-    led.add("dkv_ext", ext * a // s)
-    # Per chunk: the keys, the block gradients dk, dv, their stack and its row-major copy (4
-    # gathered) with the queries' rows; a chunk's tensors live until the next chunk replaces them,
-    # so the last chunk's keys, gradients and stack (3 gathered) are still held at the end, when
-    # the halo rows' gradients come home and are added (a new 2 px) and dq leaves the units.
-    if batches:
-        led.spike(4 * gathered * a // s + 2 * q_chunk + kernel.backward_scratch(c, keys, q_chunk))
-    led.spike(3 * gathered * a // s + halo.sent * kv_row * a // s + 2 * px * a // s + px)
-    led.free("kv_ext", "q_units", "dout_units", "out_units", "delta", "dkv_ext", "kv_halo", "dq_units")
-    led.free("out", "lse_units")
-    led.add("dqkv", 3 * px)
+    if c.heads > 1:  # dout reaches the op as a transposed view of d_out_t: the op copies it
+        led.add("dout", px)
+    if cells:  # the count's backward holds the saved edge cells, which are held already
+        led.spike(round((units.backward - units.edge) * px) + kernel.backward_scratch(geo.cell_pixels, n_keys, q_bytes))
+    led.add("dq_dk_dv", 3 * px)
+    led.free("dout", "d_out_t", "qkv", "out", "lse", "edge")  # the op's residuals go with its node
+    led.add("dqkv", 3 * px)  # dq, dk, dv stacked into the projection's layout
+    led.free("dq_dk_dv")
     led.add("dx", px)
-    led.free("dqkv", "d_out_t", "qkv")
+    led.free("dqkv")
     return LayerMemory(saved, forward, led.peak)

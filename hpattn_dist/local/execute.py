@@ -33,8 +33,11 @@ Note [local attention memory]
     P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
     backward 3. Neighbourhood windows at P = 1 on faces of 4 x 4 cells: forward 2.9, backward 8.0;
     the global ring's backward holds 6 at P = 1 and 15 to 17 at P >= 2 (Note [ring memory]).
-    ``tests/distributed/test_memory.py`` counts the live bytes (inside the registered ops too)
-    against these sums, and against the ring's.
+    These sums are ONE function, ``hpattn_dist.cost_model.memory.local_attention_units`` of the
+    plan's :meth:`~hpattn_dist.local.plan.LocalPlan.geometry`, which
+    ``tests/distributed/test_memory.py`` holds to the live bytes (inside the registered ops too)
+    and the cost model's layer schedule reads (``local_layer_memory``, held to the allocator's
+    peak by ``tests/distributed/test_cost_model.py``): a change here changes it.
 """
 
 from __future__ import annotations

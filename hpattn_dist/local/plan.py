@@ -59,6 +59,7 @@ from torch import Tensor
 
 from hpattn_dist.comm.groups import offsets
 from hpattn_dist.comm.halo import HaloPlan, plan_halo_from_needs
+from hpattn_dist.cost_model.memory import WindowGeometry, WindowGroupShape
 from hpattn_dist.healpix import npix2nside
 from hpattn_dist.local.windows import (
     cell_squares, check_window, check_window_fits, face_cell, padded_face_cells, window_cells,
@@ -246,6 +247,16 @@ class LocalPlan:
     @property
     def n_units(self) -> int:
         return int(self.units.numel())
+
+    def geometry(self) -> WindowGeometry:
+        """The shapes Note [local attention memory] counts (``hpattn_dist.cost_model.memory``)."""
+        groups = tuple(WindowGroupShape(bool(g.pad), int(g.q_cells.numel()), int(g.k_cells.numel()),
+                                        3 if g.pad else int(g.k_cells.shape[1])) for g in self.groups)
+        in_place = (self.mode == "cell" and len(self.groups) == 1 and self.groups[0].q_view == 0
+                    and not self.halo.total_rows)
+        return WindowGeometry(self.cell_pixels, self.key_cell_pixels, self.n_units, self.n_local_keys,
+                              (self.keys.n_edge + int(self.keys.zero_cell)) * self.key_cell_pixels,
+                              self.halo.rows_sent, self.halo.rows_received, groups, in_place)
 
     def to(self, device: torch.device) -> "LocalPlan":
         if self.halo.send_indices.device == device:

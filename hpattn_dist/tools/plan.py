@@ -224,6 +224,8 @@ def _a2a_bytes(cfg: PlanConfig, sizes: list[int], rank: int, u_deg: int) -> int:
 
 
 def _local(cfg: PlanConfig, sizes: list[int]) -> StrategyEstimate:
+    from hpattn_dist.local.plan import plan_local_attention
+
     b, h, d = cfg.batch, cfg.heads, cfg.embed // cfg.heads
     kv_row = 2 * b * h * d
     halo = halo_rows(sizes, cfg.window_nside, cfg.mode)
@@ -232,7 +234,8 @@ def _local(cfg: PlanConfig, sizes: list[int]) -> StrategyEstimate:
         fwd.append(AGREEMENT_BYTES + halo[rank].sent * kv_row * cfg.itemsize)
         bwd.append(halo[rank].received * kv_row * cfg.acc_itemsize)
         case = MemoryCase(b, h, d, tuple(sizes), rank, cfg.itemsize, cfg.acc_itemsize, cfg.device, cfg.threads)
-        mem.append(local_layer_memory(case, cfg.window_nside, cfg.mode))
+        mem.append(local_layer_memory(case, plan_local_attention(tuple(sizes), cfg.window_nside, cfg.mode,
+                                                                 rank).geometry()))
         c, _, batches = unit_batches(tuple(sizes), rank, cfg.window_nside, cfg.mode)
         w = attention_flops(b, d, h * sum(n * c * m * c for m, n in batches.items()), sizes[rank], cfg.embed)
         work.append(w)

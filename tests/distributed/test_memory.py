@@ -191,35 +191,9 @@ LOCAL_NSIDE, LOCAL_WINDOW = 16, 4  # 3072 pixels; cells of 16 pixels, faces of 4
 LOCAL_N = 12 * LOCAL_NSIDE**2
 
 
-def local_counts(plan, mode: str) -> tuple[float, float]:
-    """Note [local attention memory], counted for the attention alone in float64 (a = 1) with the
-    inputs, the output and dout given (they exist anyway): ``(forward, backward)`` in units of one
-    ``[B, H, N_r, D]`` tensor (N_r = Nk_r here), from the plan's geometry: each group's share g of
-    the rank's units and, for squares, its padded border b; the edge cells e, rows sent s and
-    received r (each per N_r)."""
-    n_units, n_r = plan.n_units, plan.n_local_keys
-    e = (plan.keys.n_edge + int(plan.keys.zero_cell)) * plan.key_cell_pixels / n_r
-    s, r = plan.halo.rows_sent / n_r, plan.halo.rows_received / n_r
-    fwd = bwd = 0.0
-    for group in plan.groups:
-        g = group.q_cells.numel() / n_units
-        if group.pad:
-            b = group.k_cells.numel() / group.q_cells.numel()
-            fwd = max(fwd, g * (3 + 2 * b))  # q, padded K/V, kernel out, merge accumulator
-            bwd = max(bwd, g * (3 + 4 * b + 2 + 6))  # q, dout, out; K/V and dK/dV grids; dq x2; dk, dv
-        else:
-            m = group.k_cells.shape[1]
-            fwd = max(fwd, g * (1 + 2 * m + 1))
-            bwd = max(bwd, g * (3 + 4 * m + 1))
-    if mode == "cell" and len(plan.groups) == 1 and plan.groups[0].q_view == 0 and not plan.halo.total_rows:
-        return 1.0, 3.0  # read in place: the kernel's outputs are the results
-    exchange_fwd = max(2 * s + 2 * r, 3 * r + 2 * e)  # all_to_all buffers; edge cells filled
-    exchange_bwd = 3 + 2 * e + 2 * r + 2 * s  # dq, dk, dv, the saved edge cells, the two trips' buffers
-    return max(1 + 2 * e + fwd, exchange_fwd), max(3 + 4 * e + bwd, exchange_bwd)
-
-
 def _local_memory_job(rank: int, world: int) -> dict:
     from hpattn_dist import healpix_local_attention
+    from hpattn_dist.cost_model.memory import local_attention_units
     from hpattn_dist.local.plan import plan_local_attention
 
     sizes = [LOCAL_N // world] * world
@@ -238,8 +212,8 @@ def _local_memory_job(rank: int, world: int) -> dict:
             out = healpix_local_attention(q, k, v, window_nside=LOCAL_WINDOW, mode=mode)
         with LiveBytes([q, k, v, dout, out]) as bwd:
             out.backward(dout)
-        plan = plan_local_attention(tuple(sizes), LOCAL_WINDOW, mode, rank)
-        res[mode] = {"fwd": fwd.peak / unit, "bwd": bwd.peak / unit, "count": local_counts(plan, mode)}
+        count = local_attention_units(plan_local_attention(tuple(sizes), LOCAL_WINDOW, mode, rank).geometry())
+        res[mode] = {"fwd": fwd.peak / unit, "bwd": bwd.peak / unit, "count": (count.forward, count.backward)}
     q, k, v, dout = (t[:, :, start:start + sizes[rank]].clone() for t in full)
     for t in (q, k, v):
         t.requires_grad_(True)

@@ -41,12 +41,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # Arrows up and circles that are still there, each with the change that removes it. The tests fail
 # on a new one and on an entry here that no longer exists, so this list only shrinks.
-PENDING_UP: dict[tuple[str, str], str] = {
-    ("hpattn_dist.cost_model.memory", "hpattn_dist.local.attention"):
-        "the memory ledger models the windowed executor from before the cell-block rewrite and imports its "
-        "private _CHUNK_ELEMENTS, which that rewrite removed (hpattn-dist plan --window-nside raises "
-        "ImportError): the ledger must follow the new executor, with its constants in the cost model",
-}
+PENDING_UP: dict[tuple[str, str], str] = {}
 PENDING_CIRCLES: dict[frozenset[str], str] = {}
 
 
