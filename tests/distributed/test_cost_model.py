@@ -13,6 +13,7 @@ must lie within 15% of the measured one.
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from hpattn_dist.tools.plan import PlanConfig, plan_layer
 from tests.harness import run_ranks
 
 TOLERANCE = 0.15
+_REPEATS = 3
+_SETTLE_S = 0.01  # lets gloo's worker thread run before the forward's accounting ends
 
 # (nside, E, H, strategy label as the planner names it): a few points per world size keep the suite
 # short while covering every strategy and both windows; global attention at nside 16 (its cost is
@@ -58,16 +61,23 @@ def _measure_job(rank: int, world: int, cases: list) -> list[dict]:
         x = torch.randn(1, stop - start, embed, requires_grad=True)
         g = torch.randn(1, stop - start, embed)
         layer(x).backward(g)  # first calls: imports, plans, the kernels' one-time state
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with count_communication() as stats:
-            with AllocatedPeak() as fwd:
-                y = layer(x)
-            with AllocatedPeak() as bwd:
-                y.backward(g)
-        out.append({"bytes": stats.total_bytes, "peak": max(fwd.peak, fwd.end + bwd.peak),
-                    "saved": fwd.end})
-        del y
+        runs = []
+        for _ in range(_REPEATS):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            with count_communication() as stats:
+                with AllocatedPeak() as fwd:
+                    y = layer(x)
+                    time.sleep(_SETTLE_S)
+                with AllocatedPeak() as bwd:
+                    y.backward(g)
+            runs.append({"bytes": stats.total_bytes, "peak": max(fwd.peak, fwd.end + bwd.peak),
+                         "saved": fwd.end})
+            del y
+        # gloo's worker thread drops its references to a finished exchange's buffers shortly
+        # AFTER wait() returns, when the scheduler lets it: on a loaded machine a forward may end
+        # with them still held. That can only add bytes, so the least of a few runs is the layer's.
+        out.append({key: min(r[key] for r in runs) for key in runs[0]})
     return out
 
 
