@@ -15,11 +15,9 @@ module         what lives there
 
 from __future__ import annotations
 
+from hpattn_dist.attention_spec import STRATEGIES, check_strategy_args, check_strategy_name
 from hpattn_dist.strategies.api import (
-    STRATEGIES,
     auto_attention,
-    check_strategy_args,
-    check_strategy_name,
     hybrid_attention,
     ring_attention,
     ring_cross_attention,

@@ -101,6 +101,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
@@ -269,10 +270,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], g
     seed = None if dropout_seed is None else int(dropout_seed)
     if seed is not None and layer is not None and dropout_p > 0:  # Note [seeds in a model call]
         seed = layer_seed(info, layer.name, seed)
+    spec = AttentionSpec(strategy, backend, dropout_p, scale, seed, ulysses_degree or None, cross)
     plan, _ = plan_attention(
-        strategy, q, k, v, info.group, ulysses_degree=ulysses_degree or None,
-        backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=seed, layer=layer, cross=cross,
+        spec, q, k, v, info.group, key_mask=key_mask, layer=layer,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
         in_call=layer is not None,
         needs_grad=needs_grad,

@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import DropoutSpec, keep_mask, select_kernel
 from hpattn_dist.local import execute
@@ -121,7 +122,7 @@ def test_the_door_reads_a_repeated_mask_once():
 
     def door() -> tuple:
         with DeviceReads(cpu_too=True) as rec:
-            plan, _ = plan_attention("ring", q, k, v, key_mask=mask, what="test")
+            plan, _ = plan_attention(AttentionSpec("ring"), q, k, v, key_mask=mask, what="test")
         return plan.kv_sizes, plan.use_bias, len(rec.reads)
 
     first, again = door(), door()
