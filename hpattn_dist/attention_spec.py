@@ -181,10 +181,12 @@ class AttentionSpec:
         for ``"hybrid"``), the backend (named ``attn_backend``) and the window, which needs HEALPix
         grids (``healpix_field``)."""
         check_strategy_args(self.strategy, self.ulysses_degree)
+        if self.window_nside is not None and (self.strategy not in ("ring", "auto") or not healpix_field):
+            raise ValueError(
+                f"window_nside={self.window_nside!r} runs the halo exchange over two NESTED HEALPix grids: it "
+                f"needs strategy 'ring' or 'auto' and healpix_field=True, got strategy={self.strategy!r}, "
+                f"healpix_field={healpix_field!r}")
         check_backend_name(self.backend, "attn_backend")
-        if self.window_nside is not None and not healpix_field:
-            raise ValueError(f"{what}: window_nside={self.window_nside!r} runs the halo exchange over two "
-                             "NESTED HEALPix grids: it needs healpix_field=True")
         return self._checked_window(what)
 
     def _checked_window(self, what: str) -> "AttentionSpec":

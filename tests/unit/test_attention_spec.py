@@ -100,9 +100,10 @@ def test_check_refuses_each_bad_option(field, value, message):
 
 
 def test_check_refuses_a_window_with_a_head_parallel_strategy_naming_the_entry_point():
-    for check in (lambda s: s.check("ring_cross_attention"), lambda s: s.check_layer("ring_cross_attention")):
-        with pytest.raises(ValueError, match="ring_cross_attention: window_nside=2 .* strategy must be 'ring' or 'auto'"):
-            check(AttentionSpec("ulysses", window_nside=2))
+    with pytest.raises(ValueError, match="ring_cross_attention: window_nside=2 .* strategy must be 'ring' or 'auto'"):
+        AttentionSpec("ulysses", window_nside=2).check("ring_cross_attention")
+    with pytest.raises(ValueError, match="needs strategy 'ring' or 'auto' and healpix_field=True"):
+        AttentionSpec("ulysses", window_nside=2).check_layer("DistributedSpatialCrossAttention")
 
 
 def test_check_returns_the_window_as_an_int():
