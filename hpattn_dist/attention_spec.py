@@ -104,10 +104,9 @@ def check_ulysses_degree(ulysses_degree: Optional[int]) -> None:
 def check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
     """A layer's (or a converter's) ``strategy`` and ``ulysses_degree``, checked when it is built: a
     known strategy, and a positive int ``ulysses_degree`` exactly when the strategy is ``"hybrid"``."""
-    check_strategy_name(strategy)
+    AttentionSpec(strategy, ulysses_degree=ulysses_degree).check_strategy()
     if strategy == "hybrid" and ulysses_degree is None:
         raise ValueError("strategy='hybrid' needs ulysses_degree=U (a divisor of P and H)")
-    AttentionSpec(strategy, ulysses_degree=ulysses_degree).check_strategy()
     check_ulysses_degree(ulysses_degree)
 
 
