@@ -42,7 +42,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import finite_or_zero, key_bias_from_mask, nonfinite_reads
 from hpattn_dist.oracle import AttnBackend, MultiHeadBase
-from hpattn_dist.replicas import LayerRef
+from hpattn_dist.replicas import LayerRef, layer_label
 from hpattn_dist.strategies.api import attend
 from hpattn_dist.validation import check_layer_input
 
@@ -279,11 +279,8 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
     def _ref(self) -> LayerRef:
         """What the call takes its facts from, inside its agreement (as
         :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field,
+        return LayerRef(layer_label(self), tuple(self.parameters()), self.healpix_field,
                         point_sets=self.window_nside is None)
-
-    def _label(self) -> str:
-        return type(self).__name__ + (f" {self.name!r}" if self.name else "")
 
     def forward(self, x_q_local: Tensor, x_kv_local: Tensor, key_mask: Optional[Tensor] = None,
                 key_bias: Optional[Tensor] = None) -> Tensor:
@@ -296,7 +293,7 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
         Returns:
             ``[B, Nq_r, E]``.
         """
-        with fail_together(resolve_group(self.process_group), self._label()):  # as the self layer's
+        with fail_together(resolve_group(self.process_group), layer_label(self)):  # as the self layer's
             check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local",
                               weight=getattr(self.q_proj, "weight", None))
             check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",

@@ -46,7 +46,7 @@ from hpattn_dist.local.modules import (
     to_distributed_local,
 )
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.replicas import LayerRef
+from hpattn_dist.replicas import LayerRef, layer_label
 from hpattn_dist.strategies.api import attend
 from hpattn_dist.swap_modules import carry_hooks, install, module_paths, unique_modules
 from hpattn_dist.validation import check_layer_input
@@ -151,13 +151,10 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         self.healpix_field = bool(healpix_field)
         self.name = name
 
-    def _label(self) -> str:
-        return f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
-
     def _ref(self) -> LayerRef:
         """What the call takes its facts from, where it runs (in the registered op, whose
         parameter sums ``torch.compile`` does not trace)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+        return LayerRef(layer_label(self), tuple(self.parameters()), self.healpix_field)
 
     def extra_repr(self) -> str:
         return (
@@ -181,7 +178,7 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         """
         # The peers are about to enter the op's agreement: a check or projection that fails here
         # fails there, on every rank (Note [fail together]).
-        with fail_together(resolve_group(self.process_group, "process_group"), self._label()):
+        with fail_together(resolve_group(self.process_group, "process_group"), layer_label(self)):
             check_layer_input(x, self.embed_dim, key_mask, weight=getattr(self.qkv_proj, "weight", None))
             batch_size, n_local, _ = x.shape
             qkv = self.qkv_proj(x)  # [B, N_r, 3E]

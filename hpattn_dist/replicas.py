@@ -55,9 +55,15 @@ from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_layer_rows", "check_model_rows",
-           "facts_of", "fingerprintable", "resolve_layer"]
+           "facts_of", "fingerprintable", "layer_label", "resolve_layer"]
 
 _RTOL = 1e-9
+
+
+def layer_label(layer: object) -> str:
+    """A distributed layer as errors name it: its class, then its ``name`` when it has one."""
+    name = getattr(layer, "name", "")
+    return type(layer).__name__ + (f" {name!r}" if name else "")
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
 _CHUNK = 1 << 22  # elements per chunk of position weights (32 MiB of float64)
 N_SUMS = 4
