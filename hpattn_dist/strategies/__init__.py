@@ -9,7 +9,7 @@ module         what lives there
 ``ulysses``    the Ulysses executor (Note [ulysses schedule])
 ``hybrid``     the hybrid executor: Ulysses exchange + ring executor (Note [hybrid schedule])
 ``auto``       the communication-volume model behind ``strategy="auto"``
-``api``        the public functions and the one factory, :func:`sharded_attention`
+``api``        the public functions and the one door, :func:`~hpattn_dist.strategies.api.attend`
 =============  ==================================================================================
 """
 

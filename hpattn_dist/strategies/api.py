@@ -1,6 +1,7 @@
-"""The public functional API and the one factory behind it: plan at the door, then execute.
+"""The public functional API and the one door behind it: plan at the door, then execute.
 
-Every entry point (the functions below and the layers) goes through :func:`sharded_attention`:
+Every entry point (the functions below and the layers) builds an
+:class:`~hpattn_dist.attention_spec.AttentionSpec` of its options and goes through :func:`attend`:
 :func:`~hpattn_dist.strategies.plan.plan_attention` checks the call and agrees with the peers
 once (Note [one agreement per call]), and the executor the plan names runs it:
 
