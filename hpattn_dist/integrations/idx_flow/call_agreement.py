@@ -164,7 +164,7 @@ class ModelCallAgreement(GroupBound):
         self.grids = frozenset(grids)
         self._depth = 0
         self._facts_by_key: dict[tuple, dict] = {}
-        self._fingerprint = ParameterFingerprint()
+        self._fingerprint = ParameterFingerprint(what)
 
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict, peers: bool) -> tuple[dict, tuple, dict]:
         """``(shared, local, extra)``: the call's row, and what it checked (``extra``: the
@@ -190,7 +190,7 @@ class ModelCallAgreement(GroupBound):
                 drops = drops or _drops(module)
         named = _replicated_parameters(root)
         checked = peers and all(fingerprintable(p) for _, p in named)
-        layout, sums = self._fingerprint(named) if checked else (0, (0,) * N_SUMS)
+        layout, sums = self._fingerprint.deferred(named) if checked else (0, (0,) * N_SUMS)
         seed = draw_seed() if drops else None
         shared = {
             "tensor_args": len(tensors),
@@ -215,7 +215,7 @@ class ModelCallAgreement(GroupBound):
         settings, open the call's state."""
         info = resolve_group(self.process_group, "process_group")
         if "_fingerprint" not in self.__dict__:
-            self._fingerprint = ParameterFingerprint()
+            self._fingerprint = ParameterFingerprint(self.what)
         if info.world_size == 1:  # nothing to agree on; the seeds are derived alike (Note [seeds in a model call])
             if any(_drops(m) for m in root.modules() if _config(m) is not None):
                 push_call(CallState(info.group, (), {}, seed=draw_seed()))
