@@ -33,20 +33,33 @@ Note [agreement off the device]
 The agreement runs on EVERY call (a rank that alone changed its shapes must raise, never pair
 with its peers' cached plan), but it costs the device nothing: its row is host ints, and it
 travels on the group's CPU backend whenever one is registered (a bare ``init_process_group()``,
-"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``). Everything a
-steady-state call (shapes, parameters and mask as before) puts in the row is known on the host
-without reading a device tensor: shapes, dtypes, the scale, the device type, the dropout seed
-(drawn from the CPU generator as a CPU tensor, Note [seed outside the op]), whether gradients are
-needed, the layer's parameter fingerprint (cached per parameter version, Note [replicated
-parameter check]; in a converted model one for the whole model at each call's start) and a key
-mask's layout (cached per mask tensor and version,
-:func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads the device either: the plan
-is host ints, the dropout hash mixes the seed on the host, the windows keep their cells as host
-ints. What still reads the device, by design: a group with NO CPU backend (NCCL only) carries the
-row on the GPU, one read per call (register a CPU backend to avoid it); the fingerprint after the
-parameters changed (once per optimizer step per layer; under FSDP2 / ZeRO-3, whose forward
-gathers the parameters anew, every call); a key mask that is a new tensor or was changed in place
-(its values decide which keys travel), including hybrid's gathered mask on every call.
+"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``), and for a
+group without one (NCCL only) on a gloo side group over the same ranks, made once by the group's
+members at its first collective (Note [CPU side group] there). Everything a steady-state call
+(shapes and mask as before) puts in the row is known on the host without reading a device
+tensor: shapes, dtypes, the scale, the device type, the dropout seed (drawn from the CPU
+generator as a CPU tensor, Note [seed outside the op]), whether gradients are needed, the layer's
+parameter fingerprint (cached per parameter storage and version; on a device, the previous
+call's fingerprint, copied to pinned host memory without waiting, Note [fingerprint one call
+late] in ``replicas.py``, also when FSDP2 or ZeRO-3 gather the parameters anew every call; in a
+converted model one for the whole model at each call's start) and a key mask's layout (cached per
+mask tensor and version, :func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads
+the device either: the plan is host ints, the dropout hash mixes the seed on the host, the
+windows keep their cells as host ints.
+
+What still reads the device, by design:
+
+* a layer's first call (its fingerprint, to refuse differing weights before they are used);
+* a group with no CPU backend whose side group could not be made (Note [CPU side group]: the
+  members hold different numbers of groups, or ``HPATTN_CPU_SIDE_GROUP=0``): one read per call;
+* a ``key_mask`` that is a new tensor or was changed in place, and hybrid's gathered mask on every
+  call. This is inherent in compaction (Note [masked key compaction]): which keys are masked in
+  every batch element decides how many keys travel, a shape every rank must know. The rule for a
+  user: a fixed mask (a land mask) passed as the same tensor every call is read once; a mask that
+  changes every batch and lives on the device goes without a read as a key bias,
+  ``key_bias = zeros(B, N_r).masked_fill(~mask, -inf)``: the same result (a query
+  with no allowed key is zero, Note [non-finite inputs]), no key dropped, the biased kernel;
+  windowed attention reads a new mask once too (whether any key is masked picks the kernel).
 
 Note [gradients on every rank or none]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~

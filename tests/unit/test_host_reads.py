@@ -186,3 +186,19 @@ def test_a_layers_door_reads_no_device_data_when_its_parameters_move(monkeypatch
             assert read_now == ([] if i == 1 else [calls[i - 1][2][0][0]]), (i, read_now, calls[i - 1][2])
         else:  # nothing new to sum, nothing to read
             assert to_host == [] and read_now == [], (to_host, read_now)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_a_new_mask_passed_as_a_key_bias_is_not_read(monkeypatch, strategy):
+    """The no-read path for a mask that changes every call (Note [agreement off the device]): as a
+    ``-inf`` key bias nothing decides shapes, so the door reads nothing ([B, H, N]: a fake CUDA
+    tensor cannot be indexed with None)."""
+    monkeypatch.setattr(capability, "cuda_capability", lambda device: (9, 0))
+    with FakeTensorMode():
+        q, k, v = (torch.empty(B, H, N, D, device="cuda") for _ in range(3))
+        for _ in range(2):
+            mask = torch.empty(B, N, device="cuda", dtype=torch.bool)
+            bias = torch.zeros(B, H, N, device="cuda").masked_fill(mask.unsqueeze(1).logical_not(), float("-inf"))
+            with DeviceReads() as rec:
+                plan, _ = plan_attention(strategy, q, k, v, what="test", backend="manual", key_bias=bias)
+            assert plan.use_bias and rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
