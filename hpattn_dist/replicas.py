@@ -62,7 +62,8 @@ check is pulled forward to before the optimizer step where one is in between:
 every layer's latest call, summed) to the agreement it makes anyway, waits for those copies (the
 backward is done by then) and raises on every rank, naming the layers (one more exchange on that
 error path only). Without ``sync_gradients`` (FSDP2 and DDP reduce themselves) the next forward
-raises, after one step of the optimizer on the differing weights. Layers that share a name and
+raises, after one step of the optimizer on the differing weights. (A flush at the end of each
+model call would cost one more collective per call; the next call's agreement is free.) Layers that share a name and
 shapes (unnamed layers of one class) share a fingerprint record, so the row of such a layer
 carries the fingerprint of the previous layer of that name; ``name=`` keeps them apart. On the
 CPU nothing is deferred: each call carries its own parameters' fingerprint. A converted idx-flow
@@ -71,11 +72,12 @@ model's one fingerprint per call follows the same rule.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -172,12 +174,24 @@ def _identity(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[tuple, list]:
     with the parameter's place in it and ``Tensor._version``."""
     key, storages = [], []
     for name, p in named:
-        storage = p.untyped_storage()
+        try:
+            storage = p.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without one: never cached
+            key.append((name, next(_UNCACHED)))
+            storages.append(None)
+            continue
         address = None if isinstance(p, FakeTensor) else p.data_ptr()  # a fake tensor has none
         key.append((name, id(storage), address, p.storage_offset(), tuple(p.shape), tuple(p.stride()),
                     p.dtype, p.device, p._version))
         storages.append(storage)
     return tuple(key), storages
+
+
+_UNCACHED = itertools.count()
+
+
+def _ref(storage: Optional[torch.UntypedStorage]) -> "Callable[[], Optional[torch.UntypedStorage]]":
+    return (lambda: None) if storage is None else weakref.ref(storage)
 
 
 _KNOWN = 64
@@ -214,7 +228,7 @@ class ParameterFingerprint:
     def _start(self, named: list, key: tuple, storages: list) -> _Landing:
         layout = zlib.crc32(repr([(name, tuple(p.shape), str(p.dtype)) for name, p in named]).encode())
         landing = _Landing(layout, _device_sums(named))
-        self._known[key] = ([weakref.ref(s) for s in storages], landing)
+        self._known[key] = ([_ref(s) for s in storages], landing)
         while len(self._known) > _KNOWN:
             self._known.popitem(last=False)
         return landing
@@ -242,7 +256,7 @@ class ParameterFingerprint:
         if entry is None:
             entry = self._start(named, key, storages)
         carried = _value(entry if self._last is None else self._last)
-        self._last, self._last_storages = entry, [weakref.ref(s) for s in storages]
+        self._last, self._last_storages = entry, [_ref(s) for s in storages]
         return carried
 
     def flush(self, storages: set[int]) -> Optional[tuple[int, tuple[int, ...]]]:

@@ -22,7 +22,7 @@ model. Its row carries:
   parameters, whether they were fingerprinted, whether a layer drops;
 - local: the fingerprint of every replicated parameter of the model (Note [replicated parameter
   check] in ``replicas.py``: four float64 sums, cached per parameter version, so read again only
-  after an optimizer step; a pixel tensor that its hook already narrowed to the rank's rows, one
+  after an optimizer step; on a device those of the previous call, Note [fingerprint one call late]; a pixel tensor that its hook already narrowed to the rank's rows, one
   the root owns, is fingerprinted whole), one call seed (Note [seeds in a model call] in ``comm/model_call.py``),
   a CRC of the converted layers' settings (``_hp_call_config``: the attention's scale, dropout,
   strategy, backend, ...; a dropout's probability), and dim 1 (the pixels) of each tensor argument.
