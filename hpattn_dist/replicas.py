@@ -54,7 +54,8 @@ by then; nothing reads device memory). The first call of a layer reads its sums 
 previous call), so weights that differ from the start still raise before anything is computed
 with them. Every rank carries the fingerprint of the same call (the ranks make the same calls in
 the same order), so the comparison is made from the agreed rows and raises on EVERY rank, naming
-the layer and the ranks, as before.
+the layer and the ranks, as before. After that error every rank forgets what the layers carried
+(:func:`_forget`), so that a call after ``broadcast_parameters`` starts afresh.
 
 What a user gets: a rank whose weights differ raises at most one call late, on every rank. The
 check is pulled forward to before the optimizer step where one is in between:
@@ -259,6 +260,11 @@ class ParameterFingerprint:
         self._last, self._last_storages = entry, [_ref(s) for s in storages]
         return carried
 
+    def forget(self) -> None:
+        """Carry nothing from earlier calls: the next :meth:`deferred` call reads its parameters
+        now, as a first call does."""
+        self._last, self._last_storages = None, []
+
     def flush(self, storages: set[int]) -> Optional[tuple[int, tuple[int, ...]]]:
         """The fingerprint of the parameters of the latest :meth:`deferred` call (waiting for its
         copy), if they are all among ``storages`` (ids of live storages) and still there; else None."""
@@ -415,6 +421,7 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
             )
     values, differ = _differing_ranks(sums)
     if differ:
+        _forget(facts.name)
         shown = [0, *differ[:7]]  # rank 0 and the first ranks that differ
         table = "; ".join(f"{info.describe_rank(r)}: sum={values[r][0]:.12g}, sum|p|={values[r][1]:.12g}, "
                           f"sum p^2={values[r][2]:.12g}, sum w*p={values[r][3]:.12g}" for r in shown)
@@ -423,12 +430,27 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
             f"{facts.name}: the ranks of the process group hold different parameters (they must "
             f"be replicated; {len(differ)} of {info.world_size} ranks differ from group rank 0): "
             f"{table}"
-            + (" (on a GPU these are the parameters of this layer's previous call, Note [fingerprint "
+            + (" (on a GPU these may be the parameters of this layer's previous call, Note [fingerprint "
                "one call late])" if facts.late else "")
             + ". Seed every rank identically before building the model "
             "(torch.manual_seed) or copy rank 0's weights to every rank with "
             "hpattn_dist.broadcast_parameters(model, group) before the first forward"
         )
+
+
+def _forget(name: Optional[str] = None) -> None:
+    """Drop the deferred fingerprints of the layers named ``name`` (None: all), after a mismatch
+    was raised on every rank: their next call reads its own parameters again, as a first call
+    does, instead of carrying the differing ones (a user who mends the weights with
+    ``broadcast_parameters`` and calls again must not see the old error). Every rank raised the
+    same error, so every rank forgets alike (Note [fingerprint one call late])."""
+    for key in [k for k in _FINGERPRINTS if name is None or k[0] == name]:
+        del _FINGERPRINTS[key]
+    if name is None:
+        for ref in _DEFERRED:
+            fingerprint = ref()
+            if fingerprint is not None:
+                fingerprint.forget()
 
 
 def flush_fingerprints(params: Iterable[torch.Tensor]) -> list[tuple[str, tuple[int, tuple[int, ...]]]]:
@@ -484,6 +506,7 @@ def check_flushed_rows(info: GroupInfo, what: str, flushed: Sequence[tuple[str, 
         if ranks:
             bad.append(f"{name} ({', '.join(info.describe_rank(same[r]) for r in ranks[:4])}"
                        f"{', ...' if len(ranks) > 4 else ''})")
+    _forget()
     raise ValueError(
         f"{what}: the ranks of the process group hold different parameters (they must be replicated): "
         f"{', '.join(bad[:8]) + (', ...' if len(bad) > 8 else '') or 'some layer'} differ from group rank "

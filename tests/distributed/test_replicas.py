@@ -202,6 +202,8 @@ def _late(rank: int, world: int) -> dict:
     torch.manual_seed(rank)  # different weights from the first call: raised at once
     first = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="first").double()
     out["first"] = _attempt(first, x_local)
+    broadcast_parameters(first)  # mended: the next call must not carry the old fingerprint
+    out["mended"] = _attempt(first, x_local)
     layer = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="late").double()
     broadcast_parameters(layer)
     for step in range(2):
@@ -222,6 +224,7 @@ def test_a_deferred_fingerprint_raises_on_every_rank_at_most_one_call_late():
     outs = run_ranks(_late, 2, timeout=90.0)
     for rank, out in enumerate(outs):
         assert out["first"] is not None and "'first'" in out["first"], (rank, out["first"])
+        assert out["mended"] is None, (rank, out["mended"])
         assert out["late_call"] is None, (rank, out["late_call"])
         msg = out["flushed"]
         assert msg is not None and "sync_gradients" in msg and "'late'" in msg and "rank 1" in msg, (rank, msg)

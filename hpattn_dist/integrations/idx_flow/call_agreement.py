@@ -231,7 +231,11 @@ class ModelCallAgreement(GroupBound):
         if len({row[head - 1] for row in rows}) > 1:
             self._raise_configs(info, root)
         if extra["params"] is not None:
-            check_model_rows(info, self.what, extra["named"], [row[:N_SUMS] for row in rows])
+            try:
+                check_model_rows(info, self.what, extra["named"], [row[:N_SUMS] for row in rows])
+            except ValueError:  # raised on every rank: start afresh (Note [fingerprint one call late])
+                self._fingerprint.forget()
+                raise
         for j in range(head, len(rows[0])):
             sizes = [row[j] for row in rows]
             if len(set(sizes)) > 1 and sum(sizes) in self.grids:
