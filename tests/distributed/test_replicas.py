@@ -230,3 +230,33 @@ def test_a_deferred_fingerprint_raises_on_every_rank_at_most_one_call_late():
         assert msg is not None and "sync_gradients" in msg and "'late'" in msg and "rank 1" in msg, (rank, msg)
         msg = out["next_call"]
         assert msg is not None and "'late'" in msg and "previous call" in msg, (rank, msg)
+
+
+def _late_model(rank: int, world: int) -> dict:
+    """A converted idx-flow model's one fingerprint per call, every parameter deferred."""
+    from hpattn_dist import replicas
+    from hpattn_dist.healpix import shard_bounds
+    from tests.integration.test_idx_flow_one_agreement import N_IN, _convert, build, data
+
+    replicas._deferred = lambda p: True
+    model = _convert(build(), None)  # seeded alike on every rank
+    a, b = shard_bounds(N_IN, world)[rank]
+    x = data(0)[0][:, a:b]
+    out = {}
+    with torch.no_grad():
+        model(x)  # the lazily built parameters made, equal
+        if rank == world - 1:
+            model.blocks[0].attn.qkv_proj.weight.add_(1e-3)
+        out["late"] = _attempt(model, x)  # carries the previous call's (equal) fingerprint
+        out["next"] = _attempt(model, x)
+        broadcast_parameters(model)
+        out["mended"] = _attempt(model, x)
+    return out
+
+
+def test_a_converted_models_deferred_fingerprint_raises_one_call_late_and_starts_afresh():
+    outs = run_ranks(_late_model, 2, timeout=120.0)
+    for rank, out in enumerate(outs):
+        assert out["late"] is None, (rank, out["late"])
+        assert out["next"] is not None and "blocks.0.attn.qkv_proj.weight" in out["next"], (rank, out["next"])
+        assert out["mended"] is None, (rank, out["mended"])
