@@ -42,8 +42,10 @@ def all_gather_ints(values: Sequence[int], info: GroupInfo, device: torch.device
     if side is not None or info.backend_for(home) == "gloo":
         send = local.repeat(p)
         received = torch.empty_like(send)
+        # The side group is gloo: a host wait within the exchange timeout (device None).
         run_collective(info, "all_gather.meta", "the metadata all_gather", lambda: dist.all_to_all_single(
-            received, send, group=info.group if side is None else side, async_op=True), local.device)
+            received, send, group=info.group if side is None else side, async_op=True),
+            local.device if side is None else None)
         gathered = list(received.view(p, -1))
     else:
         gathered = [torch.empty_like(local) for _ in range(p)]

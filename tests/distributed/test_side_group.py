@@ -30,12 +30,19 @@ def _side_group(rank: int, world: int) -> dict:
         return real_new_group(*args, **kwargs)
 
     dist.new_group = new_group
+    from hpattn_dist.comm import waits
+
+    bounds: list = []  # the wait bound of every collective: the side group's is a host wait
+    real_wait = waits.wait_work
+    waits.set_exchange_timeout(60.0)
+    waits.wait_work = lambda work, timeout_s: (bounds.append(timeout_s), real_wait(work, timeout_s))[1]
     sub = real_new_group([0, 1])  # every rank creates it (rank 2 gets no member handle)
     out: dict = {"made": made}
     if rank < 2:
         nccl_only.add(sub)
         info = groups.resolve_group(sub)
         out["sizes"] = [agree_on_shapes(info, torch.device("cpu"), {"B": 2}, 10 + rank, "test") for _ in range(3)]
+        out["bounds"] = list(bounds)
         try:
             agree_on_shapes(info, torch.device("cpu"), {"B": 2 + rank}, 0, "test")
         except ValueError as err:
@@ -60,6 +67,7 @@ def test_an_nccl_only_groups_metadata_travels_on_a_side_group_made_by_its_member
         assert out["sizes"] == [[10, 11]] * 3, out["sizes"]
         assert out["made"][:1] == [([0, 1], "gloo", True)] and len(out["made"]) == 1, out["made"]  # once, cached
         assert out["side"] is True
+        assert out["bounds"] == [60.0] * 3, out["bounds"]  # a host wait within the exchange timeout
         assert "disagree on B" in out["disagree"], out["disagree"]
         assert out["mismatch"] is None and out["made_after"] == [], out
     assert outs[2]["made"] == []  # the rank outside the group made nothing
