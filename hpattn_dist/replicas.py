@@ -64,11 +64,13 @@ every layer's latest call, summed) to the agreement it makes anyway, waits for t
 backward is done by then) and raises on every rank, naming the layers (one more exchange on that
 error path only). Without ``sync_gradients`` (FSDP2 and DDP reduce themselves) the next forward
 raises, after one step of the optimizer on the differing weights. (A flush at the end of each
-model call would cost one more collective per call; the next call's agreement is free.) Layers that share a name and
-shapes (unnamed layers of one class) share a fingerprint record, so the row of such a layer
-carries the fingerprint of the previous layer of that name; ``name=`` keeps them apart. On the
-CPU nothing is deferred: each call carries its own parameters' fingerprint. A converted idx-flow
-model's one fingerprint per call follows the same rule.
+model call would cost one more collective per call; the next call's agreement is free.)
+
+Layers that share a name and shapes (unnamed layers of one class) share a fingerprint record: the
+row of such a layer carries the fingerprint of the previous layer of that name, whose copy the
+host waits for, so the CPU runs at most one such layer ahead of the device; ``name=`` keeps them
+apart (a whole step ahead). On the CPU nothing is deferred: each call carries its own parameters'
+fingerprint. A converted idx-flow model's one fingerprint per call follows the same rule.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from hpattn_dist.comm.agreement import bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
-__all__ = ["FLUSH_WIDTH", "N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
+__all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
            "check_layer_rows", "check_model_rows", "facts_of", "fingerprintable", "flush_fingerprints", "flush_row",
            "resolve_layer"]
 
@@ -469,10 +471,6 @@ def flush_fingerprints(params: Iterable[torch.Tensor]) -> list[tuple[str, tuple[
                 out.append((fingerprint.name, value))
     _DEFERRED[:] = alive
     return out
-
-
-FLUSH_WIDTH = 1 + N_SUMS
-"""Ints a flush adds to a row: a CRC of the flushed names and layouts, and their summed sums."""
 
 
 def flush_row(flushed: Sequence[tuple[str, tuple[int, tuple[int, ...]]]]) -> tuple[int, ...]:

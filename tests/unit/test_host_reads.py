@@ -171,9 +171,9 @@ def test_a_layers_door_reads_no_device_data_when_its_parameters_move(monkeypatch
         weights = (torch.empty(3 * H * D, H * D, device="cuda"), torch.empty(3 * H * D, device="cuda"))
         for _ in range(4):
             params = tuple(torch.empty_like(w) for w in weights) if regathered else weights
+            layer = LayerRef(f"layer {regathered}", tuple(p.detach() for p in params), False)
             with DeviceReads() as rec:
-                plan, _ = plan_attention("ring", q, k, v, what="test", backend="manual",
-                                         layer=LayerRef(f"layer {regathered}", tuple(p.detach() for p in params), False))
+                plan, _ = plan_attention("ring", q, k, v, what="test", backend="manual", layer=layer)
             calls.append((rec.reads, rec.copies, rec.to_host, list(landed)))
             landed.clear()
     assert plan.kv_sizes == (N,)
