@@ -55,7 +55,9 @@ previous call), so weights that differ from the start still raise before anythin
 with them. Every rank carries the fingerprint of the same call (the ranks make the same calls in
 the same order), so the comparison is made from the agreed rows and raises on EVERY rank, naming
 the layer and the ranks, as before. After that error every rank forgets what the layers carried
-(:func:`_forget`), so that a call after ``broadcast_parameters`` starts afresh.
+(:func:`_forget`), so that a call after ``broadcast_parameters`` starts afresh; so does every rank
+after any failed agreement over the layer's group (:func:`forget_group`: a rank that failed
+before reading its layer's fingerprint would otherwise carry an older one than its peers).
 
 What a user gets: a rank whose weights differ raises at most one call late, on every rank. The
 check is pulled forward to before the optimizer step where one is in between:
@@ -86,12 +88,12 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from hpattn_dist.comm.agreement import bits_float, float_bits
+from hpattn_dist.comm.agreement import agreeing_group, bits_float, float_bits
 from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
            "check_layer_rows", "check_model_rows", "facts_of", "fingerprintable", "flush_fingerprints", "flush_row",
-           "resolve_layer"]
+           "forget_group", "resolve_layer"]
 
 _RTOL = 1e-9
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
@@ -219,6 +221,7 @@ class ParameterFingerprint:
         self._known: "OrderedDict[tuple, tuple[list, tuple | _Landing]]" = OrderedDict()
         self._last: "Optional[tuple | _Landing]" = None
         self._last_storages: list = []
+        self._group: Optional[object] = None  # the group of the agreement of the latest deferred call
         self._registered = False
 
     def _lookup(self, key: tuple, storages: list) -> "Optional[tuple | _Landing]":
@@ -260,6 +263,7 @@ class ParameterFingerprint:
             entry = self._start(named, key, storages)
         carried = _value(entry if self._last is None else self._last)
         self._last, self._last_storages = entry, [_ref(s) for s in storages]
+        self._group = agreeing_group()
         return carried
 
     def forget(self) -> None:
@@ -440,23 +444,30 @@ def check_layer_rows(info: GroupInfo, facts: LayerFacts, sizes: Sequence[int],
         )
 
 
-def _forget(name: Optional[str] = None) -> None:
-    """Drop the deferred fingerprints of the layers named ``name`` (None: all), after a mismatch
-    was raised on every rank: their next call reads its own parameters again, as a first call
-    does, instead of carrying the differing ones (a user who mends the weights with
-    ``broadcast_parameters`` and calls again must not see the old error). Every rank raised the
-    same error, so every rank forgets alike (Note [fingerprint one call late])."""
-    for key in [k for k in _FINGERPRINTS if name is None or k[0] == name]:
+def _forget(name: str) -> None:
+    """Drop the deferred fingerprints of the layers named ``name`` after a mismatch was raised on
+    every rank: their next call reads its own parameters again, as a first call does, instead of
+    carrying the differing ones (a user who mends the weights with ``broadcast_parameters`` and
+    calls again must not see the old error). Every rank raised the same error, so every rank
+    forgets alike (Note [fingerprint one call late])."""
+    for key in [k for k in _FINGERPRINTS if k[0] == name]:
         del _FINGERPRINTS[key]
-    if name is None:
-        for ref in _DEFERRED:
-            fingerprint = ref()
-            if fingerprint is not None:
-                fingerprint.forget()
 
 
-def flush_fingerprints(params: Iterable[torch.Tensor]) -> list[tuple[str, tuple[int, tuple[int, ...]]]]:
-    """``(name, (layout, sums))`` of every deferred fingerprint whose layer's latest call on a
+def forget_group(group: object) -> None:
+    """Forget what the layers whose latest call agreed over ``group`` carry (an agreement over it
+    failed on every rank: Note [fingerprint one call late])."""
+    for ref in _DEFERRED:
+        fingerprint = ref()
+        if fingerprint is not None and fingerprint._group is group:
+            fingerprint.forget()
+
+
+Flushed = Sequence[tuple["ParameterFingerprint", tuple[int, tuple[int, ...]]]]
+
+
+def flush_fingerprints(params: Iterable[torch.Tensor]) -> Flushed:
+    """``(fingerprint, (layout, sums))`` of every deferred fingerprint whose layer's latest call on a
     device took its parameters from ``params`` (waiting for their copies), in the order of their
     first deferred use (the same on every rank that ran the same layers). Note [fingerprint one
     call late]."""
@@ -468,21 +479,20 @@ def flush_fingerprints(params: Iterable[torch.Tensor]) -> list[tuple[str, tuple[
             alive.append(ref)
             value = fingerprint.flush(storages)
             if value is not None:
-                out.append((fingerprint.name, value))
+                out.append((fingerprint, value))
     _DEFERRED[:] = alive
     return out
 
 
-def flush_row(flushed: Sequence[tuple[str, tuple[int, tuple[int, ...]]]]) -> tuple[int, ...]:
+def flush_row(flushed: Flushed) -> tuple[int, ...]:
     """``(CRC of the names and layouts, the N_SUMS sums added over the flushed fingerprints, as
     int64 bits)``: what a flush puts in an agreement's row."""
-    crc = zlib.crc32(repr([(name, layout) for name, (layout, _) in flushed]).encode())
+    crc = zlib.crc32(repr([(fp.name, layout) for fp, (layout, _) in flushed]).encode())
     totals = [sum(bits_float(sums[i]) for _, (_, sums) in flushed) for i in range(N_SUMS)]
     return (crc, *(float_bits(t) for t in totals))
 
 
-def check_flushed_rows(info: GroupInfo, what: str, flushed: Sequence[tuple[str, tuple[int, tuple[int, ...]]]],
-                       rows: Sequence[Sequence[int]]) -> None:
+def check_flushed_rows(info: GroupInfo, what: str, flushed: Flushed, rows: Sequence[Sequence[int]]) -> None:
     """Check every rank's :func:`flush_row` (agreed rows: the same decision on every rank). Ranks
     that flushed other layers than group rank 0 (a different history) are not compared; the
     layers' next calls check them. When sums differ, one more exchange on that error path
@@ -497,14 +507,15 @@ def check_flushed_rows(info: GroupInfo, what: str, flushed: Sequence[tuple[str, 
     import torch.distributed as dist
 
     every: list = [None] * info.world_size
-    dist.all_gather_object(every, [(name, sums) for name, (_, sums) in flushed], group=info.group)
+    dist.all_gather_object(every, [(fp.name, sums) for fp, (_, sums) in flushed], group=info.group)
     bad = []
     for i, (name, _) in enumerate(every[0]):
         ranks = _differing_ranks([every[r][i][1] for r in same])[1]
         if ranks:
             bad.append(f"{name} ({', '.join(info.describe_rank(same[r]) for r in ranks[:4])}"
                        f"{', ...' if len(ranks) > 4 else ''})")
-    _forget()
+    for fingerprint, _ in flushed:  # every rank raises: start afresh
+        fingerprint.forget()
     raise ValueError(
         f"{what}: the ranks of the process group hold different parameters (they must be replicated): "
         f"{', '.join(bad[:8]) + (', ...' if len(bad) > 8 else '') or 'some layer'} differ from group rank "

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
 import zlib
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -89,7 +90,8 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import cause_text
 
-__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "bits_float", "device_code", "dtype_code",
+__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "agreeing_group", "bits_float", "device_code",
+           "dtype_code",
            "fail_together", "float_bits", "raise_on_every_rank", "records_gradients", "validated_signature"]
 
 _DTYPE_CODES = {
@@ -266,13 +268,28 @@ class Signature:
         )
 
 
+_AGREEING = threading.local()
+
+
+def agreeing_group() -> Optional[dist.ProcessGroup]:
+    """The group of the :func:`validated_signature` block running on this thread, or None."""
+    groups = _AGREEING.__dict__.get("groups")
+    return groups[-1] if groups else None
+
+
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
                     local_err: Optional[BaseException]) -> None:
     """Exchange the failed ranks' errors and raise the same exception on every rank.
 
     The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
     is identical everywhere, also when the failure happened in another entry point (a layer).
+    Every rank of the group forgets the deferred parameter fingerprints of its layers over the
+    group: a rank that failed before reading its layer's would otherwise carry an older one than
+    its peers at the next call (Note [fingerprint one call late] in ``replicas.py``).
     """
+    from hpattn_dist.replicas import forget_group  # replicas imports this module
+
+    forget_group(info.group)
     mine = None if local_err is None else (what, type(local_err).__name__, cause_text(local_err))
     texts: list[Any] = [None] * info.world_size
     dist.all_gather_object(texts, mine, group=info.group)
@@ -332,12 +349,16 @@ def validated_signature(info: GroupInfo, what: str) -> Iterator[Signature]:
         ExchangeError: the all_gather itself failed (a rank died or is stuck).
     """
     sig = Signature(info, what)
+    groups = _AGREEING.__dict__.setdefault("groups", [])
+    groups.append(info.group)
     try:
         yield sig
     except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
         if info.world_size == 1:
             raise
         _raise_failures(info, what, sig.exchange(_FAILED), err)
+    finally:
+        groups.pop()
     if not sig.declared:
         raise RuntimeError(f"{what}: validated_signature block ended without Signature.set()")
     rows = sig.exchange(_OK)

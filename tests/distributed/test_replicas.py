@@ -217,6 +217,21 @@ def _late(rank: int, world: int) -> dict:
     out["late_call"] = _attempt(lambda: layer(x_local).square().sum().backward())
     out["flushed"] = _attempt(sync_gradients, layer)  # before the optimizer step
     out["next_call"] = _attempt(layer, x_local)  # no sync_gradients in between: the next call
+    # A call that fails on one rank before it reads its layer's fingerprint (a bad input), between
+    # two updates made alike on every rank: the good call after it must not compare old with new.
+    retry = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="retry").double()
+    broadcast_parameters(retry)
+
+    def update() -> None:
+        with torch.no_grad():
+            for p in retry.parameters():
+                p.mul_(1.01)
+
+    retry(x_local)
+    update()
+    out["bad_input"] = _attempt(retry, x_local[..., :E - 1] if rank == 1 else x_local)
+    update()
+    out["retried"] = _attempt(retry, x_local)
     return out
 
 
@@ -230,6 +245,8 @@ def test_a_deferred_fingerprint_raises_on_every_rank_at_most_one_call_late():
         assert msg is not None and "sync_gradients" in msg and "'late'" in msg and "rank 1" in msg, (rank, msg)
         msg = out["next_call"]
         assert msg is not None and "'late'" in msg and "previous call" in msg, (rank, msg)
+        assert out["bad_input"] is not None and "'retry'" in out["bad_input"], (rank, out["bad_input"])
+        assert out["retried"] is None, (rank, out["retried"])
 
 
 def _late_model(rank: int, world: int) -> dict:
