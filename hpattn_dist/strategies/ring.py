@@ -56,12 +56,11 @@ from hpattn_dist.comm.ring import PendingExchange, RingExchanger
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import DropoutSpec
 from hpattn_dist.kernels.dispatch import block_layout
-from hpattn_dist.masks import unmasked_keys
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
 from hpattn_dist.strategies.plan import AttentionPlan
 
-__all__ = ["run_ring"]
+__all__: list[str] = []  # the ring Function runs inside the registered ops (strategies/ops.py)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -310,25 +309,3 @@ def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[
     if dropout_p <= 0.0:
         return None
     return DropoutSpec(dropout_p, seed, q_offset=q_offset, h_offset=head_offset, k_index=k_index)
-
-def run_ring(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-             key_mask: Optional[Tensor]) -> Tensor:
-    """Execute ``plan`` over its ring group (Note [ring schedule]).
-
-    ``q``: ``[B, h, N_i, D]``, this ring member's queries; ``k, v``: ``[B, h, K_i, D]``, its keys
-    (``K_i = N_i`` but for cross-attention, Note [cross-grid plan]); ``bias``: ``[B, h|1, K_i]`` in
-    the accumulation dtype or None; ``key_mask``: bool ``[B, K_i]`` when the mask travels as a mask
-    (its fully masked keys are dropped, Note [masked key compaction]). Returns ``[B, h, N_i, D]``
-    in q's dtype.
-    """
-    kept = unmasked_keys(key_mask) if plan.mask_travels else None
-    if not plan.use_bias:
-        bias = None
-    k_index = None
-    if plan.dropout_p > 0:
-        local_index = torch.arange(k.shape[2], device=k.device) if kept is None else kept
-        k_index = local_index + plan.k_offset
-    if kept is not None:
-        k, v = k.index_select(2, kept), v.index_select(2, kept)
-        bias = None if bias is None else bias.index_select(2, kept)
-    return _RingAttention.apply(q, k, v, bias, k_index, plan)
