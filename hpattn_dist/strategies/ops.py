@@ -60,6 +60,12 @@ Note [attention as one op]
     DeepSpeed-Ulysses' own, held by ``tests/distributed/test_memory.py`` (live bytes counted
     inside the operators, for every strategy).
 
+    A key bias adds only tensors of its own size (``[B, h|1, Mk]``: ``bias_h``, saved by
+    ``attention_heads``; its gradient, and that gradient's trip home) to the same ops' peak; the
+    kernel a bias selects where no fused kernel takes one (the manual kernel on CPU) holds its
+    score tiles and a zeroed copy of K/V beyond a fused kernel's peak (Note [bounded score
+    tile]). The manual kernel's gradients are not heads-minor, so they are laid out one at a time.
+
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
     the P2P ring loop, the async all-to-alls) is no graph break: ``torch.compile(model,
@@ -86,9 +92,14 @@ Note [attention as one op]
     The first call of a registered op in a process imports ``torch._dynamo`` (custom ops run
     their body with dynamo disabled): seconds, once.
 
-    Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
-    Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
+    Every global and cross-grid call goes through these ops, a differentiable ``key_bias`` and a
+    hybrid over explicit ``(ulysses_group, ring_group)`` (both names in the one group argument,
+    joined by :data:`_PAIR`) included; arguments they cannot take are refused in one place (Note
+    [what the attention op cannot take]). The key bias is an input of ``attention_fwd`` and its
+    gradient an output of ``attention_bwd``: for U = 1 the ring carries it beside K/V and dbias
+    beside dK/dV (Note [ring memory]); for U > 1 it travels to heads in the door, the key mask
+    folded in (``bias_h``, an output the heads' op reads and differentiates), and dbias comes
+    home in the door's backward (Note [ulysses schedule]). Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
     (Note [windowed attention as one op] in :mod:`hpattn_dist.local.ops`).
 """
 
@@ -468,16 +479,19 @@ def _zero_if_none(g: Optional[Tensor], shape: tuple, like: Tensor, dtype: Option
     return like.new_zeros(shape, dtype=dtype) if g is None else g
 
 
-def _distinct(ts: tuple, inputs: tuple = (), layout: Callable[[Tensor], Tensor] = Tensor.contiguous) -> tuple:
+def _distinct(ts: "tuple | list", inputs: tuple = (), layout: Callable[[Tensor], Tensor] = Tensor.contiguous,
+              release: bool = False) -> tuple:
     """``ts`` in the layout the fake promises (``layout``: contiguous unless said otherwise), with
     a copy of any tensor sharing storage with an input or an earlier one. Compiled code trusts
     the fakes' strides (a block kernel's gradients for a broadcast ``dout`` are not contiguous);
     an op's outputs may alias nothing (the ring's dK and dV are halves of one buffer, a group of
-    one exchanges nothing)."""
+    one exchanges nothing). ``release``: ``ts`` is a list nobody else holds, emptied as it goes,
+    so that each tensor is freed once laid out."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     out = []
-    for t in ts:
-        t = layout(t)
+    ts = ts if release else list(ts)
+    while ts:
+        t = layout(ts.pop(0))
         ptr = t.untyped_storage().data_ptr()
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)
@@ -601,9 +615,12 @@ def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, m
     unless some rank needs the key bias's gradient)."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
     mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
-    dq_h, dk_h, dv_h, dbias_h = _ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse)
+    grads = list(_ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse))
+    dbias_h = grads.pop()
     dbias_h = q_h.new_empty((0,), dtype=_acc(q_h.dtype)) if dbias_h is None else dbias_h.contiguous()
-    return (*_distinct((dq_h, dk_h, dv_h), (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor),
+    # One gradient at a time: a kernel whose gradients are not heads-minor (the manual one) gets
+    # each copied while the others wait, not all three beside their copies (Note [ulysses op memory]).
+    return (*_distinct(grads, (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor, release=True),
             *_distinct((dbias_h,), (bias_h,)))
 
 

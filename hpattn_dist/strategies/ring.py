@@ -35,6 +35,11 @@ Note [ring memory]
     accumulators in flight are the price of hiding both trips behind compute. Nothing else is
     held: no K/V block allocated for its shape alone, no earlier step's results, no second K/V.
 
+    A key bias ``[B, H|1, N_src]`` adds tensors of its own size only: its block beside K/V (computed
+    on, in flight), the dbias accumulators beside dK/dV and the kernel's block dbias. The kernel a
+    bias selects where no fused kernel takes one (the manual kernel on CPU) adds its score tiles
+    and a zeroed copy of the block's K/V (Note [bounded score tile]).
+
     The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
     k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
     only), and a rank that skipped the trip while its neighbour waits for it would pair the
