@@ -21,9 +21,9 @@ Note [attention as one op]
       mask_travels, q_offset, head_offset, seed, dK/dV needed, k_offset, ulysses sizes...,
       key ulysses sizes..., kv sizes...)``;
     * the residuals: ``out`` and its ``lse``, for U > 1 in head layout with the head-layout
-      ``q_h, k_h, v_h`` and the gathered key mask, so that the backward sends exactly what the
-      autograd executors send (``dout`` to heads, the ring's K/V and dK/dV rotation, dq/dk/dv
-      back) and nothing of the forward's.
+      ``q_h, k_h, v_h``, the gathered key mask or the key bias, so that the backward sends only
+      what a backward must (``dout`` to heads, the ring's K/V and dK/dV rotation, dq/dk/dv and
+      dbias back) and nothing of the forward's.
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
     therefore recomputes a checkpointed block without a byte of communication, and with the
@@ -340,8 +340,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     # A key bias travels with the mask folded in (Note [ulysses schedule]); a bare mask as a mask.
     bias = None if key_bias is None else key_bias_from_mask(k, key_mask, key_bias)
-    q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, plan.strategy, key_sizes=key_sizes,
-                                         separate=True)
+    q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, plan.strategy, key_sizes=key_sizes)
     del bias
     mask_h = q.new_empty((0,), dtype=torch.bool)
     if key_mask is not None and key_bias is None:
