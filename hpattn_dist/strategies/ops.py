@@ -468,9 +468,12 @@ def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], 
 
 def _key_bias_grad(dbias: Optional[Tensor], key_bias: Optional[Tensor], q: Tensor) -> Tensor:
     """The gradient of ``key_bias`` (``[B, N_r]`` or ``[B, H, N_r]``) from that of the folded bias
-    ``[B, H|1, N_r]``, contiguous; empty where none was computed."""
-    if dbias is None or key_bias is None:
+    ``[B, H|1, N_r]``, contiguous (zeros where no rank needs it: the shape the fake promises);
+    empty without a key bias."""
+    if key_bias is None:
         return q.new_empty((0,))
+    if dbias is None:
+        return key_bias.new_zeros(key_bias.shape)
     return dbias.reshape(key_bias.shape).to(key_bias.dtype).contiguous()
 
 
@@ -616,7 +619,9 @@ def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, m
     mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
     grads = list(_ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse))
     dbias_h = grads.pop()
-    dbias_h = q_h.new_empty((0,), dtype=_acc(q_h.dtype)) if dbias_h is None else dbias_h.contiguous()
+    # Shaped like bias_h, as the fake promises: zeros where no rank needs the gradient, (0,) without a bias.
+    dbias_h = torch.zeros_like(bias_h, memory_format=torch.contiguous_format) if dbias_h is None \
+        else dbias_h.contiguous()
     # One gradient at a time: a kernel whose gradients are not heads-minor (the manual one) gets
     # each copied while the others wait, not all three beside their copies (Note [ulysses op memory]).
     return (*_distinct(grads, (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor, release=True),
