@@ -6,7 +6,8 @@ module         what lives there
 ``plan``       :func:`~hpattn_dist.strategies.plan.plan_attention`: local checks, the ONE
                cross-rank agreement of a call, the frozen :class:`AttentionPlan`
 ``ops``        the registered ops every global call runs through (Note [attention as one op])
-               and the one refusal of what they cannot take
+``call``       a call's arguments as the ops take them, the ops in sequence, and the one refusal
+               of what they cannot take (Note [what the attention op cannot take])
 ``ring``       the ring's autograd Function, whose body the ops run (Note [ring schedule])
 ``ulysses``    Note [ulysses schedule]
 ``hybrid``     Note [hybrid schedule]: Ulysses exchange + the ring across sub-groups

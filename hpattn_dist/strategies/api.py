@@ -32,7 +32,7 @@ from torch import Tensor
 
 from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.replicas import LayerFacts, LayerRef
-from hpattn_dist.strategies.ops import op_attention
+from hpattn_dist.strategies.call import op_attention
 
 __all__ = ["STRATEGIES", "auto_attention", "check_strategy_args", "check_strategy_name", "hybrid_attention", "ring_attention",
            "ring_cross_attention", "sharded_attention", "ulysses_attention"]

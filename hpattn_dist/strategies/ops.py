@@ -106,27 +106,26 @@ Note [attention as one op]
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NoReturn, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
                                             qkv_to_heads)
 from hpattn_dist.comm.model_call import layer_seed
 from hpattn_dist.double_backward import refuse_double_backward
-from hpattn_dist.kernels import seed_input, select_kernel
-from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
+from hpattn_dist.kernels import select_kernel
+from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
 from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
-from hpattn_dist.strategies.ring import _RingAttention
+from hpattn_dist.strategies.ring import folded_bias, ring_backward, ring_forward
 
-__all__ = ["group_name_of", "off_op_reason", "op_attention", "refuse_off_op"]
+__all__ = ["group_name_of"]
 
 _PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere, k_offset
 
@@ -172,25 +171,6 @@ def _grid(name: str) -> tuple[GroupInfo, Optional[tuple[GroupInfo, GroupInfo]]]:
     return resolve_group(hybrid_parent(u_pg, r_pg, sub[0].world_size * sub[1].world_size)), sub
 
 
-class _Ctx:
-    """Stands in for an autograd ctx when the ring Function's forward/backward run inside the op."""
-
-    def __init__(self, plan: AttentionPlan, saved: tuple = (), has_bias: bool = False) -> None:
-        self.plan, self.saved_tensors = plan, saved
-        # The dK/dV accumulators (and dbias beside them) travel home when some rank needs them
-        # (agreed at the door, Note [ring memory]); dbias is computed wherever any rank needs it,
-        # since for U > 1 every Ulysses rank holds part of each key's gradient.
-        kv_grad, bias_grad = plan.grads_anywhere
-        bias_grad = has_bias and bias_grad
-        self.needs_input_grad = (True, kv_grad, kv_grad, bias_grad, False, False)
-        self.kv_stacked = False
-        self.dkv_travels = (kv_grad or bias_grad) and plan.ring_group.world_size > 1
-        self.dbias_travels = bias_grad
-
-    def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
-        self.saved_tensors = tensors
-
-
 def _single() -> GroupInfo:
     return GroupInfo(None, 0, 1)
 
@@ -230,57 +210,6 @@ def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int,
         kernel=select_kernel(backend, q, has_bias=bool(use_bias), dropout=dropout_p > 0),
         scale=scale, dropout_p=dropout_p, seed=seed, grads_anywhere=(bool(grad_bits & 1), bool(grad_bits & 2)),
     )
-
-
-def _folded_bias(plan: AttentionPlan, k: Tensor, mask: Optional[Tensor], key_bias: Optional[Tensor],
-                 bias_h: Optional[Tensor] = None) -> Optional[Tensor]:
-    """The one additive bias ``[B, H|1, M]`` (accumulation dtype, -inf at masked keys) the ring
-    Function reads: the key bias in head layout where it travelled (``bias_h``, the mask already
-    folded in), else folded here from the key mask and ``key_bias``; None where the plan applies none."""
-    if bias_h is not None:
-        return bias_h
-    return key_bias_from_mask(k, mask, key_bias) if plan.use_bias else None
-
-
-def _ring_inputs(plan: AttentionPlan, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
-    """What the ring Function takes: compacted keys and bias (Note [masked key compaction]), key indices."""
-    kept = unmasked_keys(mask) if plan.mask_travels else None
-    k_index = None
-    if plan.dropout_p > 0:
-        k_index = (torch.arange(k.shape[2], device=k.device) if kept is None else kept) + plan.k_offset
-    if kept is not None:
-        k, v = k.index_select(2, kept), v.index_select(2, kept)
-        bias = None if bias is None else bias.index_select(2, kept)
-    return k, v, bias, k_index, kept
-
-
-def _ring_forward(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                  mask: Optional[Tensor]):
-    """``[B, h, M, D]`` -> ``(out, lse)``: the ring Function's forward, run as it is; ``bias``
-    from :func:`_folded_bias`."""
-    k_c, v_c, bias, k_index, _ = _ring_inputs(plan, k, v, bias, mask)
-    ctx = _Ctx(plan)
-    out = _RingAttention.forward(ctx, q, k_c, v_c, bias, k_index, plan)
-    return out, ctx.saved_tensors[-1]  # lse is saved last
-
-
-def _ring_backward(plan: AttentionPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                   mask: Optional[Tensor], out: Tensor, lse: Tensor):
-    """The ring Function's backward from the saved ``out, lse``: ``(dq, dk, dv, dbias)``, dK/dV
-    (and dbias ``[B, H|1, M]``, None unless some rank needs it) scattered to all keys."""
-    k_c, v_c, bias_c, k_index, kept = _ring_inputs(plan, k, v, bias, mask)
-    ctx = _Ctx(plan, (q, k_c, v_c, bias_c, k_index, out, lse), has_bias=bias_c is not None)
-    with torch.no_grad():
-        dq, dk_c, dv_c, dbias_c = _RingAttention.backward(ctx, dout)[:4]
-    if dk_c is None:  # no rank needs dK/dV (the op's outputs are tensors all the same)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    elif kept is None:
-        dk, dv = dk_c, dv_c
-    else:
-        dk, dv = torch.zeros_like(k).index_copy_(2, kept, dk_c), torch.zeros_like(v).index_copy_(2, kept, dv_c)
-    if dbias_c is not None and kept is not None:
-        dbias_c = dbias_c.new_zeros(bias.shape).index_copy_(2, kept, dbias_c)
-    return dq, dk, dv, dbias_c
 
 
 def _empty(q: Tensor) -> Tensor:
@@ -335,7 +264,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     if plan.strategy == "ring" or plan.ulysses_group.world_size == 1:  # U = 1
         if plan.strategy == "ulysses":
             plan = dataclasses.replace(plan, ring_group=_single())  # a group of one
-        out, lse = _ring_forward(plan, q, k, v, _folded_bias(plan, k, key_mask, key_bias), key_mask)
+        out, lse = ring_forward(plan, q, k, v, folded_bias(plan, k, key_mask, key_bias), key_mask)
         return _distinct((out, plan_t, lse, e, e.clone(), e.clone(), e.clone()), (q, k, v, key_mask, key_bias))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     # A key bias travels with the mask folded in (Note [ulysses schedule]); a bare mask as a mask.
@@ -352,25 +281,13 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
 def _layer(name: str, params: list[Tensor], healpix: bool,
            facts: Optional[Tensor]) -> "Optional[LayerFacts | LayerRef]":
     """The layer of a call from the op's arguments: its parameters (read inside the agreement),
-    or the fingerprint a caller gave (:func:`_layer_args` packs both)."""
+    or the fingerprint a caller gave (``strategies/call.py`` packs both)."""
     if not name:
         return None
     if facts is not None:
         layout, point_sets, *sums = (int(x) for x in facts.tolist())
         return LayerFacts(name, layout, tuple(sums), healpix, point_sets=bool(point_sets))
     return LayerRef(name, tuple(params), healpix)
-
-
-def _layer_args(layer: "Optional[LayerFacts | LayerRef]") -> tuple[list[Tensor], str, bool, Optional[Tensor]]:
-    """``(layer_params, layer_name, layer_healpix, layer_facts)``: a layer as op arguments."""
-    if isinstance(layer, LayerFacts):
-        facts = torch.tensor([layer.layout, int(layer.point_sets), *layer.sums], dtype=torch.int64)
-        return [], layer.name, layer.healpix_field, facts
-    if layer is None:
-        return [], "", True, None
-    # Detached: the op reads the parameters' sums only, and must not join their autograd graph
-    # (ZeRO-3 re-partitions them between forward and backward).
-    return [p.detach() for p in layer.params], layer.name, layer.healpix_field, None
 
 
 def _what(strategy: str, cross: bool = False) -> str:
@@ -443,8 +360,8 @@ def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], 
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     plan = _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
     if u_deg == 1:
-        bias = _folded_bias(plan, k, key_mask, key_bias)
-        dq, dk, dv, dbias = _ring_backward(plan, dout, q, k, v, bias, key_mask, out, lse)
+        bias = folded_bias(plan, k, key_mask, key_bias)
+        dq, dk, dv, dbias = ring_backward(plan, dout, q, k, v, bias, key_mask, out, lse)
         return _distinct((dq, dk, dv, _key_bias_grad(dbias, key_bias, q)), (dout, q, k, v, out, lse, key_bias))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     h = q.shape[1] // u_deg
@@ -585,7 +502,7 @@ def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, bias_
     its shape only; ``mask_h``, ``bias_h`` as ``attention_fwd`` returned them."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
     mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
-    return _distinct(_ring_forward(plan, q_h, k_h, v_h, bias, mask), (q_h, k_h, v_h, mask_h, bias_h))
+    return _distinct(ring_forward(plan, q_h, k_h, v_h, bias, mask), (q_h, k_h, v_h, mask_h, bias_h))
 
 
 def _heads_mask_bias(plan: AttentionPlan, k_h: Tensor, mask_h: Tensor,
@@ -593,7 +510,7 @@ def _heads_mask_bias(plan: AttentionPlan, k_h: Tensor, mask_h: Tensor,
     """The heads' key mask and folded bias. A mask is 2-D (``[B, Mk]``; B = 0 makes it empty, still
     a mask), a bias 3-D; their absence is ``(0,)``."""
     mask = mask_h.bool() if mask_h.dim() == 2 else None
-    return mask, _folded_bias(plan, k_h, mask, None, bias_h if bias_h.dim() == 3 else None)
+    return mask, folded_bias(plan, k_h, mask, None, bias_h if bias_h.dim() == 3 else None)
 
 
 def _heads_plan(plan_t: Tensor, q: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
@@ -617,7 +534,7 @@ def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, m
     unless some rank needs the key bias's gradient)."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
     mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
-    grads = list(_ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse))
+    grads = list(ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse))
     dbias_h = grads.pop()
     # Shaped like bias_h, as the fake promises: zeros where no rank needs the gradient, (0,) without a bias.
     dbias_h = torch.zeros_like(bias_h, memory_format=torch.contiguous_format) if dbias_h is None \
@@ -733,101 +650,3 @@ pixels_to_heads_op.register_autograd(_pixels_to_heads_backward, setup_context=_e
 for _op in (attention_fwd, attention_bwd, attention_heads, attention_heads_bwd, heads_to_pixels_op,
             pixels_to_heads_op):
     torch.fx.node.has_side_effect(_op._opoverload)
-
-
-def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
-                 backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
-                 key_bias: Optional[Tensor] = None, dropout_seed: Optional[int],
-                 ulysses_degree: Optional[int], layer: "Optional[LayerFacts | LayerRef]" = None,
-                 cross: bool = False, groups: Optional[tuple] = None) -> Tensor:
-    """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
-    (Note [attention as one op]); ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` (``Nk_r = Nq_r``
-    unless ``cross``), ``key_bias [B, Nk_r]`` or ``[B, H, Nk_r]`` in, ``[B, H, Nq_r, D]`` out.
-    ``groups``: an explicit ``(ulysses_group, ring_group)`` pair (``hybrid_attention``) instead of
-    ``group``. Arguments the op cannot take are refused on every rank (:func:`refuse_off_op`)."""
-    what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else _what(strategy, cross)
-    group, groups = _process_groups(group), None if groups is None else tuple(_process_groups(g) for g in groups)
-    reason = off_op_reason(q, k, v, key_mask, key_bias, group if groups is None else groups, backend, dropout_p,
-                           scale, dropout_seed, ulysses_degree, layer)
-    if reason is not None:
-        refuse_off_op(reason, strategy, q, k, v, group, groups=groups, backend=backend, dropout_p=dropout_p,
-                      scale=scale, key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
-                      ulysses_degree=ulysses_degree, layer=layer, cross=cross, what=what)
-    group_name = group_name_of(group) if groups is None else _PAIR.join(group_name_of(g) for g in groups)
-    u = ulysses_degree or 0
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    grad_on = torch.is_grad_enabled()
-    x, plan_t, _, k_h, v_h, mask_h, bias_h = torch.ops.hpattn.attention_fwd(
-        q, k, v, key_mask, key_bias, group_name, strategy, u, backend, float(dropout_p), scale,
-        seed_input(dropout_p, dropout_seed), *_layer_args(layer),
-        grad_on and (k.requires_grad or v.requires_grad), records_gradients(q, k, v, key_bias),
-        grad_on and key_bias is not None and key_bias.requires_grad, bool(cross),
-    )
-    if x.shape[1] == q.shape[1]:  # U = 1: the result itself
-        return x
-    out_h = torch.ops.hpattn.attention_heads(x, k_h, v_h, mask_h, bias_h, plan_t, q, group_name, strategy, u,
-                                             backend, float(dropout_p), scale)[0]
-    return torch.ops.hpattn.heads_to_pixels(out_h, plan_t, q, group_name, strategy, u)
-
-
-def _process_groups(group: object) -> object:
-    """A resolved :class:`GroupInfo` as its ProcessGroup (None: WORLD or no torch.distributed)."""
-    return group.group if isinstance(group, GroupInfo) else group
-
-
-# Note [what the attention op cannot take]
-# A call runs through the registered ops only: compile, checkpoint policies and the memory
-# accounting then see one op family, and there is one execution of each strategy. What an op's
-# schema cannot carry, or what would dispatch differently on one rank than on its peers, is no
-# valid call: tensors that are not all on one real device (a meta tensor dispatches to the op's
-# fake, which skips the agreement and its exchanges, so the peers would wait), a group that is
-# no ProcessGroup (an unbound layer's marker; the op takes groups by registered name), a
-# dropout seed that is no int in [0, 2**31), a scale or dropout probability that is no real
-# number, a ``ulysses_degree`` that is no int, a layer that is neither LayerRef nor LayerFacts.
-# :func:`off_op_reason` names the argument; such a rank still runs the door's agreement
-# (:func:`refuse_off_op`, the agreed ``via_op`` flag off), so that its bad argument, or the
-# flag, makes EVERY rank raise (Note [fail together]) instead of leaving the peers in the op's
-# exchanges. Where the door's own checks refuse the argument first, that message is raised.
-
-
-def off_op_reason(q: object, k: object, v: object, key_mask: object, key_bias: object, group: object, backend: object,
-                  dropout_p: object, scale: object, dropout_seed: object, ulysses_degree: object,
-                  layer: object) -> Optional[str]:
-    """Why the registered op cannot take these arguments (naming the argument), or None
-    (Note [what the attention op cannot take]). ``group``: a group, or an explicit pair."""
-    import math
-
-    named = {"q": q, "k": k, "v": v, "key_mask": key_mask, "key_bias": key_bias}
-    for name, t in named.items():
-        if not (t is None and name.startswith("key_") or isinstance(t, Tensor)):
-            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    devices = {str(t.device) for t in named.values() if t is not None}
-    if len(devices) > 1 or "meta" in devices:
-        return ("q, k, v, key_mask and key_bias must be on one real device, got "
-                + ", ".join(f"{n} on {t.device}" for n, t in named.items() if t is not None))
-    for name, g in zip(("group",) if not isinstance(group, tuple) else ("ulysses_group", "ring_group"),
-                       group if isinstance(group, tuple) else (group,)):
-        if not (g is None or isinstance(g, dist.ProcessGroup)):
-            return f"{name} must be a torch.distributed ProcessGroup or None, got {type(g).__name__}"
-    real = (int, float)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, real) or not math.isfinite(dropout_p):
-        return f"dropout_p must be a finite number, got {dropout_p!r}"
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, real)):
-        return f"scale must be None or a number, got {scale!r}"
-    if dropout_seed is not None and (type(dropout_seed) is not int or not 0 <= dropout_seed < 2**31):
-        return f"dropout_seed must be an int in [0, 2**31), got {dropout_seed!r}"
-    if ulysses_degree is not None and (type(ulysses_degree) is not int or ulysses_degree < 1):
-        return f"ulysses_degree must be a positive int, got {ulysses_degree!r}"
-    if not isinstance(backend, str):
-        return f"backend must be a str, got {backend!r}"
-    if layer is not None and not isinstance(layer, (LayerFacts, LayerRef)):
-        return f"layer must be a LayerFacts or LayerRef, got {type(layer).__name__}"
-    return None
-
-
-def refuse_off_op(reason: str, strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
-                  *, what: str, **kwargs) -> NoReturn:
-    """The one refusal of arguments the op cannot take (Note [what the attention op cannot take]):
-    the door's agreement with ``via_op`` off, then ``ValueError`` naming the argument."""
-    plan_attention(strategy, q, k, v, group, via_op=False, what=what, **kwargs)
-    raise ValueError(f"{what}: {reason}")
