@@ -95,7 +95,7 @@ Note [attention as one op]
     Every global and cross-grid call goes through these ops, a differentiable ``key_bias`` and a
     hybrid over explicit ``(ulysses_group, ring_group)`` (both names in the one group argument,
     joined by :data:`_PAIR`) included; arguments they cannot take are refused in one place (Note
-    [what the attention op cannot take]). The key bias is an input of ``attention_fwd`` and its
+    [what the attention op cannot take] in ``call.py``). The key bias is an input of ``attention_fwd`` and its
     gradient an output of ``attention_bwd``: for U = 1 the ring carries it beside K/V and dbias
     beside dK/dV (Note [ring memory]); for U > 1 it travels to heads in the door, the key mask
     folded in (``bias_h``, an output the heads' op reads and differentiates), and dbias comes

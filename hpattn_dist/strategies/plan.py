@@ -235,7 +235,7 @@ def plan_attention(
     rank (Note [gradients on every rank or none] in ``comm/agreement.py``); ``bias_needs_grad``
     likewise for the gradient of ``key_bias``.
     ``via_op``: called by the registered op (False: by the one refusal of arguments it cannot
-    take, Note [what the attention op cannot take] in ``ops.py``; the flag is agreed, so the
+    take, Note [what the attention op cannot take] in ``call.py``; the flag is agreed, so the
     peers raise with that rank instead of running the op's exchanges).
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
     Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
