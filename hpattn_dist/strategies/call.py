@@ -123,7 +123,7 @@ def refuse_off_op(reason: str, strategy: str, q: Tensor, k: Tensor, v: Tensor, g
 def _layer_args(layer: "Optional[LayerFacts | LayerRef]") -> tuple[list[Tensor], str, bool, Optional[Tensor]]:
     """``(layer_params, layer_name, layer_healpix, layer_facts)``: a layer as op arguments."""
     if isinstance(layer, LayerFacts):
-        facts = torch.tensor([layer.layout, int(layer.point_sets), *layer.sums], dtype=torch.int64)
+        facts = torch.tensor([layer.layout, int(layer.point_sets), int(layer.late), *layer.sums], dtype=torch.int64)
         return [], layer.name, layer.healpix_field, facts
     if layer is None:
         return [], "", True, None

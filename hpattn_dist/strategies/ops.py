@@ -241,7 +241,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     dtype (or empty), ``lse`` empty. Cross-attention: queries ``[B, H, Nq_r, D]`` and keys ``[B, H,
     Nk_r, D]`` on grids sharded independently (Note [cross-grid plan]). ``layer_name`` non-empty:
     the call is a layer's, whose parameters ``layer_params`` (or their fingerprint
-    ``layer_facts``, int64 ``[layout, point_sets, *sums]``) and field (``layer_healpix``) are
+    ``layer_facts``, int64 ``[layout, point_sets, late, *sums]``) and field (``layer_healpix``) are
     checked in the same agreement (Note [replicated parameter check]). ``kv_needs_grad`` /
     ``bias_needs_grad`` / ``needs_grad``: whether this rank needs dK/dV / the key bias's gradient
     / differentiates ``out`` at all, read before the op (its body runs with grad mode off; Note
@@ -285,8 +285,8 @@ def _layer(name: str, params: list[Tensor], healpix: bool,
     if not name:
         return None
     if facts is not None:
-        layout, point_sets, *sums = (int(x) for x in facts.tolist())
-        return LayerFacts(name, layout, tuple(sums), healpix, point_sets=bool(point_sets))
+        layout, point_sets, late, *sums = (int(x) for x in facts.tolist())
+        return LayerFacts(name, layout, tuple(sums), healpix, point_sets=bool(point_sets), late=bool(late))
     return LayerRef(name, tuple(params), healpix)
 
 
