@@ -88,7 +88,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from hpattn_dist.comm.agreement import agreeing_group, bits_float, float_bits
+from hpattn_dist.comm.agreement import agreeing_group, bits_float, float_bits, on_agreement_failure
 from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
@@ -462,6 +462,8 @@ def forget_group(group: object) -> None:
         if fingerprint is not None and fingerprint._group is group:
             fingerprint.forget()
 
+
+on_agreement_failure(forget_group)
 
 Flushed = Sequence[tuple["ParameterFingerprint", tuple[int, tuple[int, ...]]]]
 

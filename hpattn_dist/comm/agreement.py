@@ -81,7 +81,7 @@ import contextlib
 import struct
 import threading
 import zlib
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -277,19 +277,28 @@ def agreeing_group() -> Optional[dist.ProcessGroup]:
     return groups[-1] if groups else None
 
 
+_ON_FAILURE: list[Callable[[Optional[dist.ProcessGroup]], None]] = []
+
+
+def on_agreement_failure(callback: Callable[[Optional[dist.ProcessGroup]], None]) -> None:
+    """Run ``callback(group)`` on every rank of a group whose agreement failed, before the error
+    is raised there (a module above this floor registers what it must forget then)."""
+    _ON_FAILURE.append(callback)
+
+
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
                     local_err: Optional[BaseException]) -> None:
     """Exchange the failed ranks' errors and raise the same exception on every rank.
 
     The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
     is identical everywhere, also when the failure happened in another entry point (a layer).
-    Every rank of the group forgets the deferred parameter fingerprints of its layers over the
-    group: a rank that failed before reading its layer's would otherwise carry an older one than
-    its peers at the next call (Note [fingerprint one call late] in ``replicas.py``).
+    Every rank of the group runs the :func:`on_agreement_failure` callbacks first: there
+    ``replicas.py`` forgets the deferred parameter fingerprints of its layers over the group, as
+    a rank that failed before reading its layer's would otherwise carry an older one than its
+    peers at the next call (Note [fingerprint one call late] in ``replicas.py``).
     """
-    from hpattn_dist.replicas import forget_group  # replicas imports this module
-
-    forget_group(info.group)
+    for forget in _ON_FAILURE:
+        forget(info.group)
     mine = None if local_err is None else (what, type(local_err).__name__, cause_text(local_err))
     texts: list[Any] = [None] * info.world_size
     dist.all_gather_object(texts, mine, group=info.group)
