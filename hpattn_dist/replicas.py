@@ -469,8 +469,7 @@ def forget_group(group: object) -> None:
             fingerprint.forget()
 
 
-on_agreement_failure(forget_group)  # comm/agreement.py calls it on every rank of a failed agreement
-
+on_agreement_failure(forget_group)
 
 Flushed = Sequence[tuple["ParameterFingerprint", tuple[int, tuple[int, ...]]]]
 

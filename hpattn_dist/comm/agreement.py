@@ -92,8 +92,7 @@ from hpattn_dist.comm.waits import cause_text
 
 __all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "agreeing_group", "bits_float", "device_code",
            "dtype_code",
-           "fail_together", "float_bits", "on_agreement_failure", "raise_on_every_rank", "records_gradients",
-           "validated_signature"]
+           "fail_together", "float_bits", "raise_on_every_rank", "records_gradients", "validated_signature"]
 
 _DTYPE_CODES = {
     torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4,
@@ -137,18 +136,6 @@ SIGNATURE_WIDTH = 40
 """Ints per rank in the signature ``all_gather``: 4 header + up to 36 values (320 bytes)."""
 
 _OK, _FAILED = 0, 1
-
-#: Called with the group of every agreement that fails, on every rank of it, before the error is
-#: raised (:func:`on_agreement_failure`).
-_FAILURE_HOOKS: list[Callable[[Optional[dist.ProcessGroup]], None]] = []
-
-
-def on_agreement_failure(hook: Callable[[Optional[dist.ProcessGroup]], None]) -> None:
-    """Have ``hook(group)`` called on every rank whenever an agreement over ``group`` fails, before
-    the error is raised: state a floor above keeps per group (``replicas``' deferred fingerprints)
-    is dropped alike on every rank, without this floor importing it."""
-    if hook not in _FAILURE_HOOKS:
-        _FAILURE_HOOKS.append(hook)
 
 
 class Signature:
@@ -290,19 +277,28 @@ def agreeing_group() -> Optional[dist.ProcessGroup]:
     return groups[-1] if groups else None
 
 
+_ON_FAILURE: list[Callable[[Optional[dist.ProcessGroup]], None]] = []
+
+
+def on_agreement_failure(callback: Callable[[Optional[dist.ProcessGroup]], None]) -> None:
+    """Run ``callback(group)`` on every rank of a group whose agreement failed, before the error
+    is raised there (a module above this floor registers what it must forget then)."""
+    _ON_FAILURE.append(callback)
+
+
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
                     local_err: Optional[BaseException]) -> None:
     """Exchange the failed ranks' errors and raise the same exception on every rank.
 
     The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
     is identical everywhere, also when the failure happened in another entry point (a layer).
-    Every rank of the group runs the hooks of :func:`on_agreement_failure` first: ``replicas``
-    forgets the deferred parameter fingerprints of its layers over the group, since a rank that
-    failed before reading its layer's would otherwise carry an older one than its peers at the next
-    call (Note [fingerprint one call late] in ``replicas.py``).
+    Every rank of the group runs the :func:`on_agreement_failure` callbacks first: there
+    ``replicas.py`` forgets the deferred parameter fingerprints of its layers over the group, as
+    a rank that failed before reading its layer's would otherwise carry an older one than its
+    peers at the next call (Note [fingerprint one call late] in ``replicas.py``).
     """
-    for hook in _FAILURE_HOOKS:
-        hook(info.group)
+    for forget in _ON_FAILURE:
+        forget(info.group)
     mine = None if local_err is None else (what, type(local_err).__name__, cause_text(local_err))
     texts: list[Any] = [None] * info.world_size
     dist.all_gather_object(texts, mine, group=info.group)
