@@ -33,16 +33,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import fail_together
 from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
-from hpattn_dist.kernels import KERNEL_BACKENDS, resolve_dropout_seed
+from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.masks import finite_or_zero, key_bias_from_mask, nonfinite_reads
-from hpattn_dist.oracle import AttnBackend, check_layer_args
-from hpattn_dist.replicas import LayerRef
-from hpattn_dist.strategies import check_strategy_args, sharded_attention
+from hpattn_dist.oracle import AttnBackend, MultiHeadBase
+from hpattn_dist.replicas import LayerRef, layer_label
+from hpattn_dist.strategies.api import attend
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialCrossAttention", "SpatialCrossAttention"]
@@ -50,7 +51,7 @@ __all__ = ["DistributedSpatialCrossAttention", "SpatialCrossAttention"]
 _SDPA_AVAILABLE = hasattr(F, "scaled_dot_product_attention")
 
 
-class SpatialCrossAttention(nn.Module):
+class SpatialCrossAttention(MultiHeadBase):
     """Multi-head cross-attention from the pixels of one grid to those of another (single device).
 
     Every target pixel attends to every source pixel: ``softmax(Q K^T / sqrt(D) + bias) V`` per
@@ -93,30 +94,17 @@ class SpatialCrossAttention(nn.Module):
         window_nside: Optional[int] = None,
         mode: str = "neighbourhood",
     ) -> None:
-        super().__init__()
-        check_layer_args(embed_dim, num_heads, dropout, attn_backend)
+        super().__init__(embed_dim, num_heads, dropout, attn_backend)
         if window_nside is not None:
             window_nside = check_window(window_nside, mode)
         self.window_nside, self.mode = window_nside, mode
         kv_dim = embed_dim if kv_dim is None else kv_dim
         if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim <= 0:
             raise ValueError(f"kv_dim must be None or a positive int, got {kv_dim!r}")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
         self.kv_dim = kv_dim
-        self.head_dim = embed_dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.attn_backend = attn_backend
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.kv_proj = nn.Linear(kv_dim, 2 * embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self._dropout_p = dropout
-
-    @property
-    def dropout_p(self) -> float:
-        """Dropout probability on the attention weights (applied in training mode only)."""
-        return self._dropout_p
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_dim={self.kv_dim}, "
@@ -271,14 +259,8 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
         window_nside: Optional[int] = None,
         mode: str = "neighbourhood",
     ) -> None:
-        check_strategy_args(strategy, ulysses_degree)
-        if window_nside is not None and (strategy not in ("ring", "auto") or not healpix_field):
-            raise ValueError(
-                f"window_nside={window_nside!r} runs the halo exchange over two NESTED HEALPix grids: it "
-                f"needs strategy 'ring' or 'auto' and healpix_field=True, got strategy={strategy!r}, "
-                f"healpix_field={healpix_field!r}")
-        if attn_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
+        AttentionSpec(strategy, attn_backend, ulysses_degree=ulysses_degree, cross=True, window_nside=window_nside,
+                      mode=mode).check_layer(type(self).__name__, healpix_field)
         # As DistributedSpatialSelfAttention: flash_attn is a kernel name the oracle does not run.
         super().__init__(embed_dim, num_heads, kv_dim, dropout, bias,
                          "auto" if attn_backend == "flash_attn" else attn_backend,
@@ -297,11 +279,8 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
     def _ref(self) -> LayerRef:
         """What the call takes its facts from, inside its agreement (as
         :meth:`DistributedSpatialSelfAttention._ref <hpattn_dist.modules.DistributedSpatialSelfAttention>`)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field,
+        return LayerRef(layer_label(self), tuple(self.parameters()), self.healpix_field,
                         point_sets=self.window_nside is None)
-
-    def _label(self) -> str:
-        return type(self).__name__ + (f" {self.name!r}" if self.name else "")
 
     def forward(self, x_q_local: Tensor, x_kv_local: Tensor, key_mask: Optional[Tensor] = None,
                 key_bias: Optional[Tensor] = None) -> Tensor:
@@ -314,18 +293,16 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
         Returns:
             ``[B, Nq_r, E]``.
         """
-        with fail_together(resolve_group(self.process_group), self._label()):  # as the self layer's
+        with fail_together(resolve_group(self.process_group), layer_label(self)):  # as the self layer's
             check_layer_input(x_q_local, self.embed_dim, pixels="Nq_r", name="x_q_local",
                               weight=getattr(self.q_proj, "weight", None))
             check_layer_input(x_kv_local, self.kv_dim, key_mask, pixels="Nk_r", name="x_kv_local",
                               dim_name="kv_dim", weight=getattr(self.kv_proj, "weight", None))
             batch, n_q, _ = x_q_local.shape
             q_local, k_local, v_local = self._project(x_q_local, x_kv_local)
-        out_local = sharded_attention(
-            self.strategy, q_local, k_local, v_local, self.process_group,
-            backend=self.attn_backend, dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.scale, key_mask=key_mask, key_bias=key_bias, ulysses_degree=self.ulysses_degree,
-            layer=self._ref(), cross=True,
-            window_nside=self.window_nside, mode=self.mode,
-        )  # [B, H, Nq_r, D]
+        spec = AttentionSpec(self.strategy, self.attn_backend, self.dropout_p if self.training else 0.0, self.scale,
+                             ulysses_degree=self.ulysses_degree, cross=True, window_nside=self.window_nside,
+                             mode=self.mode)
+        out_local = attend(spec, q_local, k_local, v_local, self.process_group, key_mask=key_mask,
+                           key_bias=key_bias, layer=self._ref())  # [B, H, Nq_r, D]
         return self.out_proj(out_local.transpose(1, 2).reshape(batch, n_q, self.embed_dim))

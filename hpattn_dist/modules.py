@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec, check_strategy_args
 from hpattn_dist.comm.agreement import fail_together
 from hpattn_dist.comm.binding import GroupBound, bind_process_group
 from hpattn_dist.comm.groups import resolve_group
@@ -45,8 +46,8 @@ from hpattn_dist.local.modules import (
     to_distributed_local,
 )
 from hpattn_dist.oracle import ATTN_BACKENDS, SpatialSelfAttention
-from hpattn_dist.replicas import LayerRef
-from hpattn_dist.strategies import check_strategy_args, sharded_attention
+from hpattn_dist.replicas import LayerRef, layer_label
+from hpattn_dist.strategies.api import attend
 from hpattn_dist.swap_modules import carry_hooks, install, module_paths, unique_modules
 from hpattn_dist.validation import check_layer_input
 
@@ -139,9 +140,7 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         healpix_field: bool = True,
         name: str = "",
     ) -> None:
-        check_strategy_args(strategy, ulysses_degree)
-        if attn_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {KERNEL_BACKENDS}, got {attn_backend!r}")
+        AttentionSpec(strategy, attn_backend, ulysses_degree=ulysses_degree).check_layer(type(self).__name__)
         # The oracle's constructor checks its own names (auto|sdpa|manual); it never runs the kernel.
         super().__init__(embed_dim, num_heads, dropout, bias,
                          "auto" if attn_backend == "flash_attn" else attn_backend)
@@ -152,13 +151,10 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         self.healpix_field = bool(healpix_field)
         self.name = name
 
-    def _label(self) -> str:
-        return f"{type(self).__name__}" + (f" {self.name!r}" if self.name else "")
-
     def _ref(self) -> LayerRef:
         """What the call takes its facts from, where it runs (in the registered op, whose
         parameter sums ``torch.compile`` does not trace)."""
-        return LayerRef(self._label(), tuple(self.parameters()), self.healpix_field)
+        return LayerRef(layer_label(self), tuple(self.parameters()), self.healpix_field)
 
     def extra_repr(self) -> str:
         return (
@@ -182,7 +178,7 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         """
         # The peers are about to enter the op's agreement: a check or projection that fails here
         # fails there, on every rank (Note [fail together]).
-        with fail_together(resolve_group(self.process_group, "process_group"), self._label()):
+        with fail_together(resolve_group(self.process_group, "process_group"), layer_label(self)):
             check_layer_input(x, self.embed_dim, key_mask, weight=getattr(self.qkv_proj, "weight", None))
             batch_size, n_local, _ = x.shape
             qkv = self.qkv_proj(x)  # [B, N_r, 3E]
@@ -191,19 +187,10 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
             # dim 2) writes the qkv gradient in place of the contiguous [B, N_r, 3, H, D] directly.
             q_local, k_local, v_local = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, H, N_r, D]
 
-        out_local = sharded_attention(
-            self.strategy,
-            q_local,
-            k_local,
-            v_local,
-            self.process_group,
-            backend=self.attn_backend,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.scale,
-            key_mask=key_mask,
-            ulysses_degree=self.ulysses_degree,
-            layer=self._ref(),
-        )  # [B, H, N_r, D]
+        spec = AttentionSpec(self.strategy, self.attn_backend, self.dropout_p if self.training else 0.0, self.scale,
+                             ulysses_degree=self.ulysses_degree)
+        out_local = attend(spec, q_local, k_local, v_local, self.process_group, key_mask=key_mask,
+                           layer=self._ref())  # [B, H, N_r, D]
 
         out_local = out_local.transpose(1, 2).reshape(batch_size, n_local, self.embed_dim)
         return self.out_proj(out_local)

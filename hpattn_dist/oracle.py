@@ -53,7 +53,28 @@ def check_layer_args(embed_dim: int, num_heads: int, dropout: float, attn_backen
         )
 
 
-class SpatialSelfAttention(nn.Module):
+class MultiHeadBase(nn.Module):
+    """What the single-device attention layers share: the checked head split (``head_dim = E / H``,
+    ``scale = head_dim ** -0.5``), the backend name and the dropout of the normalised weights."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, attn_backend: str) -> None:
+        super().__init__()
+        check_layer_args(embed_dim, num_heads, dropout, attn_backend)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_backend = attn_backend
+        self.dropout = nn.Dropout(dropout)
+        self._dropout_p = dropout
+
+    @property
+    def dropout_p(self) -> float:
+        """Dropout probability on the attention weights (applied in training mode only)."""
+        return self._dropout_p
+
+
+class SpatialSelfAttention(MultiHeadBase):
     """Multi-head self-attention over the pixels of a HEALPix field (single device).
 
     Every pixel attends to every other pixel: ``softmax(Q K^T / sqrt(D)) V`` per head, with a fused
@@ -94,22 +115,9 @@ class SpatialSelfAttention(nn.Module):
         bias: bool = True,
         attn_backend: AttnBackend = "auto",
     ) -> None:
-        super().__init__()
-        check_layer_args(embed_dim, num_heads, dropout, attn_backend)
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.attn_backend = attn_backend
+        super().__init__(embed_dim, num_heads, dropout, attn_backend)
         self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self._dropout_p = dropout
-
-    @property
-    def dropout_p(self) -> float:
-        """Dropout probability on the attention weights (applied in training mode only)."""
-        return self._dropout_p
 
     def _use_sdpa(self) -> bool:
         if self.attn_backend == "manual":

@@ -93,13 +93,19 @@ from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
            "check_layer_rows", "check_model_rows", "facts_of", "fingerprintable", "flush_fingerprints", "flush_row",
-           "forget_group", "resolve_layer"]
+           "forget_group", "layer_label", "resolve_layer"]
 
 _RTOL = 1e-9
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
 _CHUNK = 1 << 22  # elements per chunk of position weights (32 MiB of float64)
 N_SUMS = 4
 """The float64 sums of a fingerprint: sum(p), sum(|p|), sum(p**2), sum(w_i p_i)."""
+
+
+def layer_label(layer: object) -> str:
+    """A distributed layer as errors name it: its class, then its ``name`` when it has one."""
+    name = getattr(layer, "name", "")
+    return type(layer).__name__ + (f" {name!r}" if name else "")
 
 
 def _weighted_sum(flat: torch.Tensor, start: int) -> torch.Tensor:

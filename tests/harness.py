@@ -59,7 +59,7 @@ from typing import Any, Callable, Optional
 
 from hpattn_dist.tools.platform import pin_math_library
 
-__all__ = ["RankFailure", "run_ranks"]
+__all__ = ["RankFailure", "attempt", "run_ranks"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -483,3 +483,12 @@ def _raise_failure(ranks: list[_Rank], name: str, world_size: int, timeout: floa
             lines.append(f"\n--- rank {r.rank} (killed while {_phase_text(r)}); "
                          f"its Python stacks:\n{_read_stack(r.stack_path)}")
     raise RankFailure("\n".join(lines), failures)
+
+
+def attempt(fn: Callable[[], Any]) -> Optional[str]:
+    """Run ``fn`` (on a rank); None, or ``"<ExceptionType>: <message>"`` for the parent to check."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the parent checks the type
+        return f"{type(exc).__name__}: {exc}"
+    return None

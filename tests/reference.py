@@ -125,3 +125,20 @@ def reference_attention(
         keep = reference_keep_mask(dropout, batch, heads, n_q, n_k).to(w.device)
         w = w * keep.double() / (1.0 - dropout.p)
     return torch.matmul(w, v).masked_fill(nan_row[..., None], float("nan"))
+
+
+def reference_with_grads(data: dict, dropout: Optional[DropoutSpec] = None) -> dict:
+    """Float64 forward and gradients of the whole attention of ``data`` (``q, k, v`` ``[B, H, N, D]``,
+    ``dout``, optional ``bias`` ``[B, N]`` / ``[B, H, N]`` and bool ``mask`` ``[B, N]``, folded into
+    the key bias): ``{"out", "dq", "dk", "dv", "dbias"}`` (``dbias`` None without a bias)."""
+    q, k, v = (data[x].clone().requires_grad_() for x in ("q", "k", "v"))
+    bias_leaf = None if data["bias"] is None else data["bias"].clone().requires_grad_()
+    bias = bias_leaf
+    if data["mask"] is not None:
+        mask = data["mask"]
+        bias = torch.zeros(mask.shape, dtype=torch.float64) if bias is None else bias
+        bias = bias.masked_fill(~(mask if bias.dim() == 2 else mask[:, None, :]), float("-inf"))
+    out = reference_attention(q, k, v, key_bias=bias, dropout=dropout)
+    out.backward(data["dout"])
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
+            "dbias": None if bias_leaf is None else bias_leaf.grad}

@@ -50,7 +50,7 @@ recorded when ``P == 1`` (no communication happens). Labels: ``"all_gather"``,
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -201,79 +201,56 @@ def _reduce_scatter_front(full_front: Tensor, sizes: list[int], info: GroupInfo)
 # --------------------------------------------------------------------------------------------
 
 
-class _GatherAlongDim(torch.autograd.Function):
-    """All-gather of shards along ``dim``.
+def _gather(x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+    if len(sizes) == 1:
+        return x.clone()
+    return _all_gather_front(x.movedim(dim, 0), sizes, info).movedim(0, dim).contiguous()
 
-    ============  ==============  ==============================================
-    tensor        local shape     formula
-    ============  ==============  ==============================================
-    x (input)     ``[*, N_r, *]`` this rank's shard
-    y (output)    ``[*, N, *]``   ``y = cat(x_0, ..., x_{P-1})``, same on all ranks
-    dx            ``[*, N_r, *]`` ``dx = (sum_q dy_q)[slice r]`` (reduce-scatter)
-    ============  ==============  ==============================================
+
+def _reduce_scatter(x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+    if len(sizes) == 1:
+        return x.clone()
+    return _reduce_scatter_front(x.movedim(dim, 0), sizes, info).movedim(0, dim).contiguous()
+
+
+def _scatter(x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
+    start = sum(sizes[:info.rank])
+    return x.narrow(dim, start, sizes[info.rank]).clone(memory_format=torch.contiguous_format)
+
+
+#: Each movement along a sharded dim: ``(forward, the movement its backward is)``.
+_MOVES: dict[str, tuple[Callable[..., Tensor], str]] = {
+    "gather": (_gather, "reduce_scatter"),
+    "reduce_scatter": (_reduce_scatter, "gather"),
+    "scatter": (_scatter, "gather"),
+}
+
+
+class _AlongDim(torch.autograd.Function):
+    """A movement of shards along ``dim`` (``move``), whose backward is its adjoint movement.
+
+    ================  ==============  ==============  ============================================
+    move              x (input)       y (output)      formulas
+    ================  ==============  ==============  ============================================
+    gather            ``[*, N_r, *]`` ``[*, N, *]``   ``y = cat(x_0, ..., x_{P-1})``, same on all
+                                                      ranks; ``dx = (sum_q dy_q)[slice r]``
+                                                      (reduce-scatter)
+    reduce_scatter    ``[*, N, *]``   ``[*, N_r, *]`` ``y = (sum_q x_q)[slice r]``;
+                                                      ``dx = cat(dy_0, ..., dy_{P-1})`` (gather)
+    scatter           ``[*, N, *]``   ``[*, N_r, *]`` ``y = x[slice r]`` of an x identical on every
+                                                      rank; ``dx = cat(dy_0, ..., dy_{P-1})``
+    ================  ==============  ==============  ============================================
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
-        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
-        if len(sizes) == 1:
-            return x.clone()
-        return _all_gather_front(x.movedim(dim, 0), sizes, info).movedim(0, dim).contiguous()
+    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int], move: str) -> Tensor:
+        ctx.info, ctx.dim, ctx.sizes, ctx.adjoint = info, dim, sizes, _MOVES[move][1]
+        return _MOVES[move][0](x, info, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        grad_x = _ReduceScatterAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
-        return grad_x, None, None, None
-
-
-class _ReduceScatterAlongDim(torch.autograd.Function):
-    """Sum over ranks, then this rank's slice along ``dim``.
-
-    ============  ==============  ==============================================
-    tensor        local shape     formula
-    ============  ==============  ==============================================
-    x (input)     ``[*, N, *]``   one full tensor per rank
-    y (output)    ``[*, N_r, *]`` ``y = (sum_q x_q)[slice r]``
-    dx            ``[*, N, *]``   ``dx = cat(dy_0, ..., dy_{P-1})`` (all-gather)
-    ============  ==============  ==============================================
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
-        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
-        if len(sizes) == 1:
-            return x.clone()
-        y = _reduce_scatter_front(x.movedim(dim, 0), sizes, info)
-        return y.movedim(0, dim).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        grad_x = _GatherAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
-        return grad_x, None, None, None
-
-
-class _ScatterAlongDim(torch.autograd.Function):
-    """This rank's slice of a tensor replicated on every rank (no communication forward).
-
-    ============  ==============  ==============================================
-    tensor        local shape     formula
-    ============  ==============  ==============================================
-    x (input)     ``[*, N, *]``   identical on every rank
-    y (output)    ``[*, N_r, *]`` ``y = x[slice r]``
-    dx            ``[*, N, *]``   ``dx = cat(dy_0, ..., dy_{P-1})`` (all-gather)
-    ============  ==============  ==============================================
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, info: GroupInfo, dim: int, sizes: list[int]) -> Tensor:
-        ctx.info, ctx.dim, ctx.sizes = info, dim, sizes
-        start = sum(sizes[:info.rank])
-        return x.narrow(dim, start, sizes[info.rank]).clone(memory_format=torch.contiguous_format)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        grad_x = _GatherAlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes)
-        return grad_x, None, None, None
+        grad_x = _AlongDim.apply(grad_y, ctx.info, ctx.dim, ctx.sizes, ctx.adjoint)
+        return grad_x, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +298,7 @@ def gather_along_dim(
             f"{name}: x.shape[{dim}]={x.shape[dim]} (x of shape {tuple(x.shape)}) but "
             f"sizes[{info.rank}]={sizes[info.rank]} for this group rank (sizes={sizes})"
         )
-    return _GatherAlongDim.apply(x, info, dim, sizes)
+    return _AlongDim.apply(x, info, dim, sizes, "gather")
 
 
 def scatter_along_dim(
@@ -353,7 +330,7 @@ def scatter_along_dim(
         ExchangeError: the collective failed or timed out (Note [exchange timeout]).
     """
     info, dim, sizes = _split_args(x, group, dim, sizes, "scatter_along_dim")
-    return _ScatterAlongDim.apply(x, info, dim, sizes)
+    return _AlongDim.apply(x, info, dim, sizes, "scatter")
 
 
 def reduce_scatter_along_dim(
@@ -383,4 +360,4 @@ def reduce_scatter_along_dim(
         ExchangeError: the collective failed or timed out (Note [exchange timeout]).
     """
     info, dim, sizes = _split_args(x, group, dim, sizes, "reduce_scatter_along_dim")
-    return _ReduceScatterAlongDim.apply(x, info, dim, sizes)
+    return _AlongDim.apply(x, info, dim, sizes, "reduce_scatter")

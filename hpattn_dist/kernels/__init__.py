@@ -7,13 +7,14 @@ Function, for the Ulysses executor).
 """
 
 from hpattn_dist.kernels.dispatch import KERNEL_BACKENDS, BlockKernel, check_backend_name, select_kernel
-from hpattn_dist.kernels.dropout import DropoutSpec, draw_seed, keep_mask, resolve_dropout_seed, seed_input
+from hpattn_dist.kernels.dropout import DropoutSpec, check_dropout_seed, draw_seed, keep_mask, resolve_dropout_seed, seed_input
 
 __all__ = [
     "KERNEL_BACKENDS",
     "BlockKernel",
     "DropoutSpec",
     "check_backend_name",
+    "check_dropout_seed",
     "draw_seed",
     "keep_mask",
     "resolve_dropout_seed",

@@ -206,10 +206,10 @@ KERNEL_TABLE: tuple[BlockKernel, ...] = (
 )
 
 
-def check_backend_name(backend: str) -> None:
-    """Raise ``ValueError`` unless ``backend`` is one of :data:`KERNEL_BACKENDS`."""
+def check_backend_name(backend: str, name: str = "backend") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``backend`` is one of :data:`KERNEL_BACKENDS`."""
     if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+        raise ValueError(f"{name} must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
 def kernel_by_name(name: str) -> BlockKernel:

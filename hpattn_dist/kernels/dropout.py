@@ -184,7 +184,12 @@ def resolve_dropout_seed(dropout_p: float, seed: "int | None") -> int:
     else 0. Strategies then take group rank 0's proposal (Note [position-keyed dropout]).
     """
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"dropout_seed must be an int in [0, 2**31), got {seed!r}")
+        check_dropout_seed(seed)
         return seed
     return draw_seed() if dropout_p > 0 else 0
+
+
+def check_dropout_seed(seed: "int | None") -> None:
+    """Raise ``ValueError`` unless ``seed`` is None or an int in ``[0, 2**31)``."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise ValueError(f"dropout_seed must be an int in [0, 2**31), got {seed!r}")

@@ -21,11 +21,12 @@ pixels (:class:`~hpattn_dist.kernels.dropout.FoldedIndex`), so dropout costs no 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Unpack
 
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionOptions, AttentionSpec, check_option_names
 from hpattn_dist.local.agreement import WindowCall, agree
 from hpattn_dist.local.ops import op_window_attention
 from hpattn_dist.local.plan import plan_local_attention
@@ -42,13 +43,8 @@ def healpix_local_attention(
     *,
     window_nside: int,
     mode: str = "neighbourhood",
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
     layer: Optional[LayerFacts] = None,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Windowed attention on a HEALPix field whose NESTED pixels are sharded over ``group``.
 
@@ -65,17 +61,10 @@ def healpix_local_attention(
         window_nside: resolution of the window grid, a power of two dividing nside; a cell holds
             ``(nside // window_nside)**2`` pixels.
         mode: ``"cell"`` or ``"neighbourhood"``.
-        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``.
-        dropout_p: attention-weight dropout in ``[0, 1)``, normalised first, then dropped, keyed
-            by global (query, key) pixels (Note [position-keyed dropout]).
-        scale: score scale, default ``D ** -0.5``.
-        key_mask: optional bool ``[B, N_r]``, True = the key may be attended to. A query whose
-            window has no unmasked key gets a zero output and zero gradients.
-        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
-        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator;
-            group rank 0's value is used on every rank.
         layer: the calling layer's facts (parameter fingerprint), checked in the same agreement
             (Note [replicated parameter check]).
+        **options: :class:`~hpattn_dist.attention_spec.AttentionOptions` (``key_mask [B, N_r]``:
+            a query whose window has no unmasked key gets a zero output and zero gradients).
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -91,9 +80,8 @@ def healpix_local_attention(
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
-    return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
-                              dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-                              dropout_seed=dropout_seed, layer=layer)
+    check_option_names("healpix_local_attention", options)
+    return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, layer=layer, **options)
 
 
 def windowed_attention(
@@ -104,16 +92,11 @@ def windowed_attention(
     *,
     window_nside: int,
     mode: str = "neighbourhood",
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
     layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     strategy: Optional[str] = None,
     what: str = "healpix_local_attention",
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     """Windowed attention, self (:func:`healpix_local_attention`) or across two grids (``cross=True``:
     ``q [B, H, Nq_r, D]`` on one NESTED grid, ``k, v [B, H, Nk_r, D]``, the key mask and bias on
@@ -122,9 +105,10 @@ def windowed_attention(
     and the executor.
 
     ``layer``: the calling layer's facts, or a :class:`~hpattn_dist.replicas.LayerRef` whose
-    parameters the op reads (so that ``torch.compile`` sees no parameter sums). ``strategy``,
-    ``what``: as for :func:`~hpattn_dist.local.agreement.agree`.
+    parameters the op reads (so that ``torch.compile`` sees no parameter sums). ``strategy``
+    (None: none named), ``what``: as for :func:`~hpattn_dist.local.agreement.agree`.
     """
-    return op_window_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
-                               dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-                               dropout_seed=dropout_seed, layer=layer, cross=cross, strategy=strategy, what=what)
+    spec, key_mask, key_bias = AttentionSpec.from_options(
+        what, options, strategy="auto" if strategy is None else strategy, cross=cross, window_nside=window_nside,
+        mode=mode)
+    return op_window_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer, what=what)

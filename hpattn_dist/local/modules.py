@@ -26,7 +26,7 @@ from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
 from hpattn_dist.oracle import AttnBackend, SpatialSelfAttention
 from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerRef
+from hpattn_dist.replicas import LayerRef, layer_label
 from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedLocalSpatialSelfAttention", "LocalSpatialSelfAttention", "to_distributed_local"]
@@ -118,8 +118,7 @@ class DistributedLocalSpatialSelfAttention(GroupBound, LocalSpatialSelfAttention
 
     def _ref(self) -> LayerRef:
         """What the call reads its facts from inside its agreement (Note [replicated parameter check])."""
-        label = type(self).__name__ + (f" {self.name!r}" if self.name else "")
-        return LayerRef(label, tuple(self.parameters()), healpix_field=True, point_sets=False)
+        return LayerRef(layer_label(self), tuple(self.parameters()), healpix_field=True, point_sets=False)
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         # The peers are about to enter the call's agreement: fail there together.

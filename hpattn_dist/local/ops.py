@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.double_backward import refuse_double_backward
@@ -78,17 +80,16 @@ def window_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call, or
     None without dropout. ``layer_name`` non-empty: a layer's call, whose parameters
     (``layer_params``, or their fingerprint ``layer_facts``: int64 ``[layout, *sums]``) and field are checked
-    in the same agreement. ``strategy`` ``""``: none named. ``out [B, H, Nq_r, D]``, ``lse [B, H,
+    in the same agreement. ``strategy``: as the caller named it. ``out [B, H, Nq_r, D]``, ``lse [B, H,
     Nq_r]`` (accumulation dtype), ``edge_kv [2, B * H, (E + z) * c_k, D]``, ``edge_bias`` flat
     (empty without a bias).
     """
     info = _group(group_name)
     layer = _layer(layer_name, layer_params, layer_healpix, layer_facts)
-    call = agree(q, k, v, info, window_nside=window_nside, mode=mode, backend=backend, dropout_p=dropout_p,
-                 scale=scale, key_mask=key_mask, key_bias=key_bias,
-                 seed=0 if dropout_seed is None else int(dropout_seed), layer=layer, cross=cross,
-                 strategy=strategy or None, what=what if layer is None else layer.name,
-                 needs_grad=needs_grad, bias_grad=bias_grad)
+    spec = AttentionSpec(strategy or "auto", backend, dropout_p, scale, 0 if dropout_seed is None else int(dropout_seed),
+                         cross=cross, window_nside=window_nside, mode=mode)
+    call = agree(q, k, v, info, spec, key_mask=key_mask, key_bias=key_bias, layer=layer,
+                 what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad)
     out, lse, edge_kv, edge_bias = execute.forward(call.plan, q, k, v, call.bias, info, call.kernel, call.scale,
                                                    dropout_p, call.seed)
     plan_t = torch.tensor((int(call.use_bias), call.seed, *call.sizes, *(call.key_sizes or call.sizes)),
@@ -179,7 +180,7 @@ for _op in (window_attention_fwd, window_attention_bwd):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 
-def _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, dropout_p, scale, seed) -> bool:
+def _op_ready(q, k, v, key_mask, key_bias, group, spec: AttentionSpec) -> bool:
     """Arguments the op's schema takes, on one real device: anything else goes to the door
     directly, which refuses it on every rank (Note [fail together])."""
     tensors = (q, k, v, key_mask, key_bias)
@@ -188,38 +189,35 @@ def _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, d
         return False
     devices = {t.device for t in tensors if t is not None}
     number = (int, float)
+    dropout_p, scale, seed = spec.dropout_p, spec.scale, spec.dropout_seed
     return (len(devices) == 1 and q.device.type != "meta"
             and (group is None or isinstance(group, dist.ProcessGroup))
-            and type(window_nside) is int and isinstance(mode, str) and isinstance(backend, str)
+            and type(spec.window_nside) is int and isinstance(spec.mode, str) and isinstance(spec.backend, str)
+            and isinstance(spec.strategy, str)
             and isinstance(dropout_p, number) and not isinstance(dropout_p, bool) and math.isfinite(dropout_p)
             and (scale is None or isinstance(scale, number) and not isinstance(scale, bool))
             and (seed is None or type(seed) is int and 0 <= seed < 2**31))
 
 
-def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
-                        window_nside: int, mode: str, backend: str, dropout_p: float, scale: Optional[float],
-                        key_mask: Optional[Tensor], key_bias: Optional[Tensor], dropout_seed: Optional[int],
-                        layer: "Optional[LayerFacts | LayerRef]", cross: bool, strategy: Optional[str],
-                        what: str) -> Tensor:
+def op_window_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
+                        *, key_mask: Optional[Tensor], key_bias: Optional[Tensor],
+                        layer: "Optional[LayerFacts | LayerRef]", what: str) -> Tensor:
     """:func:`~hpattn_dist.local.attention.windowed_attention` through ``hpattn::window_attention_fwd``
     (Note [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
-    ``[B, H, Nq_r, D]`` out."""
+    ``[B, H, Nq_r, D]`` out; ``spec`` with ``window_nside`` set."""
     needs_grad = records_gradients(*(t for t in (q, k, v, key_bias) if isinstance(t, Tensor)))
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
-    if not isinstance(window_nside, (bool, int)) and hasattr(window_nside, "__index__"):
-        window_nside = operator.index(window_nside)  # a numpy integer
-    if not _op_ready(q, k, v, key_mask, key_bias, group, window_nside, mode, backend, dropout_p, scale,
-                     dropout_seed):
+    if not isinstance(spec.window_nside, (bool, int)) and hasattr(spec.window_nside, "__index__"):
+        spec = replace(spec, window_nside=operator.index(spec.window_nside))  # a numpy integer
+    if not _op_ready(q, k, v, key_mask, key_bias, group, spec):
         # The door raises on every rank for any argument the op cannot take; a peer that took the
         # op path meets a different signature (via_op) and raises too.
-        agree(q, k, v, resolve_group(group), window_nside=window_nside, mode=mode, backend=backend,
-              dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-              seed=0 if dropout_seed is None else dropout_seed, layer=layer, cross=cross, strategy=strategy,
-              what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad,
-              via_op=False)
+        proposal = replace(spec, dropout_seed=0 if spec.dropout_seed is None else spec.dropout_seed)
+        agree(q, k, v, resolve_group(group), proposal, key_mask=key_mask, key_bias=key_bias, layer=layer,
+              what=what if layer is None else layer.name, needs_grad=needs_grad, bias_grad=bias_grad, via_op=False)
         raise ValueError(f"{what}: arguments the registered op cannot take (q {type(q).__name__} on "
-                         f"{getattr(q, 'device', '?')}, window_nside {window_nside!r}, scale {scale!r}, "
-                         f"dropout_p {dropout_p!r})")
+                         f"{getattr(q, 'device', '?')}, window_nside {spec.window_nside!r}, scale {spec.scale!r}, "
+                         f"dropout_p {spec.dropout_p!r})")
     params, name, healpix, facts = [], "", True, None
     if isinstance(layer, LayerRef):
         params, name, healpix = [p.detach() for p in layer.params], layer.name, layer.healpix_field
@@ -227,7 +225,8 @@ def op_window_attention(q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.Pr
         name, healpix = layer.name, layer.healpix_field
         facts = torch.tensor([layer.layout, *layer.sums], dtype=torch.int64)
     return torch.ops.hpattn.window_attention_fwd(
-        q, k, v, key_mask, key_bias, group_name_of(group), window_nside, mode, backend, float(dropout_p),
-        q.shape[-1] ** -0.5 if scale is None else float(scale), seed_input(dropout_p, dropout_seed),
-        params, name, healpix, facts, needs_grad, bias_grad, bool(cross), strategy or "", what,
+        q, k, v, key_mask, key_bias, group_name_of(group), spec.window_nside, spec.mode, spec.backend,
+        float(spec.dropout_p), q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale),
+        seed_input(spec.dropout_p, spec.dropout_seed), params, name, healpix, facts, needs_grad, bias_grad,
+        bool(spec.cross), spec.strategy, what,
     )[0]

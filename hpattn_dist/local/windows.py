@@ -48,12 +48,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hpattn_dist.attention_spec import WINDOW_MODES, check_window
 from hpattn_dist.healpix import _compress_bits, _spread_bits, check_nside
 
 __all__ = ["WINDOW_MODES", "cell_neighbours", "cell_squares", "check_window", "face_cell",
            "padded_face_cells", "parse_window", "window_cells"]
-
-WINDOW_MODES: tuple[str, ...] = ("cell", "neighbourhood")
 
 _NB_DX = (-1, -1, 0, 1, 1, 1, 0, -1)
 _NB_DY = (0, 1, 1, 1, 0, -1, -1, -1)
@@ -70,21 +69,6 @@ _NB_FACE = (
 )
 _NB_SWAP = ((0, 0, 3), (0, 0, 6), (0, 0, 0), (0, 0, 5), (0, 0, 0), (5, 0, 0), (0, 0, 0),
             (6, 0, 0), (3, 0, 0))
-
-
-def check_window(window_nside: int, mode: str) -> int:
-    """Validate the window arguments (not yet against a field's nside).
-
-    Raises:
-        ValueError: ``window_nside`` not a positive power of two, or ``mode`` not in
-            :data:`WINDOW_MODES`.
-    """
-    if mode not in WINDOW_MODES:
-        raise ValueError(f"mode must be one of {WINDOW_MODES}, got {mode!r}")
-    try:
-        return check_nside(window_nside)
-    except ValueError as err:
-        raise ValueError(f"window_nside: {err}") from None
 
 
 def check_window_fits(nside: int, window_nside: int) -> int:

@@ -12,17 +12,15 @@ module         what lives there
 ``ulysses``    Note [ulysses schedule]
 ``hybrid``     Note [hybrid schedule]: Ulysses exchange + the ring across sub-groups
 ``auto``       the communication-volume model behind ``strategy="auto"``
-``api``        the public functions and the one factory, :func:`sharded_attention`
+``api``        the public functions and the one door, :func:`~hpattn_dist.strategies.api.attend`
 =============  ==================================================================================
 """
 
 from __future__ import annotations
 
+from hpattn_dist.attention_spec import STRATEGIES, check_strategy_args, check_strategy_name
 from hpattn_dist.strategies.api import (
-    STRATEGIES,
     auto_attention,
-    check_strategy_args,
-    check_strategy_name,
     hybrid_attention,
     ring_attention,
     ring_cross_attention,

@@ -1,6 +1,7 @@
-"""The public functional API and the one factory behind it: plan at the door, then execute.
+"""The public functional API and the one door behind it: plan at the door, then execute.
 
-Every entry point (the functions below and the layers) goes through :func:`sharded_attention`,
+Every entry point (the functions below and the layers) builds an
+:class:`~hpattn_dist.attention_spec.AttentionSpec` of its options and goes through :func:`attend`,
 and every call of it through registered operators: windowed attention through
 ``hpattn::window_attention_fwd`` (:mod:`hpattn_dist.local.ops`), every other call through
 ``hpattn::attention_fwd`` (:mod:`hpattn_dist.strategies.ops`, Note [attention as one op]), whose
@@ -25,41 +26,18 @@ Legend: B batch, H heads, D head dim, P ranks in the group, N_r pixels on rank r
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Unpack
 
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionOptions, AttentionSpec, check_option_names
 from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.call import op_attention
 
-__all__ = ["STRATEGIES", "auto_attention", "check_strategy_args", "check_strategy_name", "hybrid_attention", "ring_attention",
-           "ring_cross_attention", "sharded_attention", "ulysses_attention"]
-
-STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
-"""The strategy names :func:`sharded_attention` and the layers accept."""
-
-
-def check_strategy_name(strategy: str) -> None:
-    """Raise ``ValueError`` unless ``strategy`` is one of :data:`STRATEGIES`."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-
-
-def check_strategy_args(strategy: str, ulysses_degree: Optional[int]) -> None:
-    """A layer's ``strategy`` and ``ulysses_degree``, checked when it is built: a known strategy,
-    and a positive int ``ulysses_degree`` exactly when the strategy is ``"hybrid"``."""
-    check_strategy_name(strategy)
-    if strategy == "hybrid" and ulysses_degree is None:
-        raise ValueError("strategy='hybrid' needs ulysses_degree=U (a divisor of P and H)")
-    if ulysses_degree is not None:
-        if strategy != "hybrid":
-            raise ValueError(
-                f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}"
-            )
-        if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
-            raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
+__all__ = ["attend", "auto_attention", "hybrid_attention", "ring_attention", "ring_cross_attention", "sharded_attention",
+           "ulysses_attention"]
 
 
 def sharded_attention(
@@ -69,22 +47,19 @@ def sharded_attention(
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
     *,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
     ulysses_degree: Optional[int] = None,
     layer: "Optional[LayerFacts | LayerRef]" = None,
     cross: bool = False,
     window_nside: Optional[int] = None,
     mode: str = "neighbourhood",
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
-    """Attention over a pixel dimension sharded across ``group`` with the named strategy.
+    """Attention over a pixel dimension sharded across ``group`` with the named strategy: the one
+    door every entry point and layer calls (with the fields of an
+    :class:`~hpattn_dist.attention_spec.AttentionSpec`).
 
-    ``q, k, v``: ``[B, H, N_r, D]``; the keyword arguments are those of :func:`ring_attention`,
-    plus ``ulysses_degree`` (U, a divisor of P and H) for ``"hybrid"``, whose sub-groups are
+    ``q, k, v``: ``[B, H, N_r, D]``; ``options``: :class:`~hpattn_dist.attention_spec.AttentionOptions`;
+    ``ulysses_degree`` (U, a divisor of P and H) for ``"hybrid"``, whose sub-groups are
     created on the first call (collectively, by every process; see
     :func:`hpattn_dist.mesh.hybrid_groups_for`) and cached. ``layer``: the calling layer's facts
     (:class:`~hpattn_dist.replicas.LayerFacts`, or a :class:`~hpattn_dist.replicas.LayerRef` to take
@@ -101,9 +76,23 @@ def sharded_attention(
             ``"hybrid"`` (or missing for it), a window with a head-parallel strategy, and
             everything :func:`ring_attention` raises.
     """
-    check_strategy_name(strategy)
-    if ulysses_degree is not None and strategy != "hybrid":
-        raise ValueError(f"ulysses_degree is only used by strategy='hybrid', got strategy={strategy!r}")
+    spec, key_mask, key_bias = AttentionSpec.from_options(
+        "sharded_attention", options, strategy=strategy, ulysses_degree=ulysses_degree, cross=cross,
+        window_nside=window_nside, mode=mode)
+    return attend(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer)
+
+
+def attend(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup] = None, *,
+           key_mask: Optional[Tensor] = None, key_bias: Optional[Tensor] = None,
+           layer: "Optional[LayerFacts | LayerRef]" = None) -> Tensor:
+    """The one door: every entry point and layer calls it with its :class:`~hpattn_dist.attention_spec.AttentionSpec`
+    (arguments as for :func:`sharded_attention`). The strategy, which routes the call, is checked
+    here, before any exchange; every other option inside the call's one agreement
+    (:meth:`~hpattn_dist.attention_spec.AttentionSpec.check`, Note [fail together])."""
+    spec.check_strategy()
+    strategy, backend, dropout_p, scale, dropout_seed = (spec.strategy, spec.backend, spec.dropout_p, spec.scale,
+                                                         spec.dropout_seed)
+    ulysses_degree, cross, window_nside, mode = spec.ulysses_degree, spec.cross, spec.window_nside, spec.mode
     if window_nside is not None:
         entry = "ring_cross_attention" if cross else "healpix_local_attention"
         return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
@@ -120,13 +109,7 @@ def ring_attention(
     k: Tensor,
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
-    *,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Exact softmax attention of this rank's queries over the keys of EVERY rank in ``group``.
 
@@ -139,17 +122,9 @@ def ring_attention(
         q, k, v: this rank's shard ``[B, H, N_r, D]``; ``N_r`` may differ between ranks (zero too).
         group: the process group that shards the pixels (None = WORLD, or a single process when
             torch.distributed is not initialised).
-        backend: block kernel, ``"auto" | "sdpa" | "manual" | "flash_attn"``
-            (see :mod:`hpattn_dist.kernels.dispatch`).
-        dropout_p: attention-weight dropout probability in ``[0, 1)``; weights are normalised
-            first, then dropped (Note [position-keyed dropout]: the mask does not depend on P).
-        scale: score scale, default ``D ** -0.5``.
-        key_mask: optional bool ``[B, N_r]``, True = this key may be attended to. A query with no
-            unmasked key anywhere gets a zero output and zero gradients (PyTorch's SDPA returns NaN
-            there).
-        key_bias: optional float ``[B, N_r]`` or ``[B, H, N_r]`` added to every score of that key.
-        dropout_seed: seed of the dropout mask; None draws one from PyTorch's default generator.
-            Either way group rank 0's value is used on every rank, so all ranks drop alike.
+        **options: the keyword arguments every attention function shares, ``backend``,
+            ``dropout_p``, ``scale``, ``key_mask`` (``[B, N_r]``), ``key_bias`` and
+            ``dropout_seed``: :class:`~hpattn_dist.attention_spec.AttentionOptions`.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -163,8 +138,8 @@ def ring_attention(
     rank that are unmasked in at least one batch element (Note [masked key compaction]); the
     backward adds P - 1 K/V transfers and P fp32 dK/dV transfers.
     """
-    return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed)
+    check_option_names("ring_attention", options)
+    return sharded_attention("ring", q, k, v, group, **options)
 
 
 def ring_cross_attention(
@@ -173,14 +148,9 @@ def ring_cross_attention(
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
     *,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
     window_nside: Optional[int] = None,
     mode: str = "neighbourhood",
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Exact cross-attention: this rank's queries over the keys of EVERY rank, where queries and
     keys live on two grids (or point sets) sharded independently; optionally only over the keys
@@ -197,11 +167,7 @@ def ring_cross_attention(
         q: this rank's queries ``[B, H, Nq_r, D]``.
         k, v: this rank's keys and values ``[B, H, Nk_r, D]``; ``Nq_r`` and ``Nk_r`` are independent
             of each other and may differ between ranks (zero included).
-        group, backend, dropout_p, scale, dropout_seed: as for :func:`ring_attention`. The dropout
-            mask is keyed by (global query index, global key index), each counted on its own grid.
-        key_mask: optional bool ``[B, Nk_r]``, True = this key may be attended to.
-        key_bias: optional float ``[B, Nk_r]`` or ``[B, H, Nk_r]`` (for instance the log of each
-            source pixel's area, a quadrature weight).
+        group: as for :func:`ring_attention`.
         window_nside: None (every query sees every key), or the locality option for mappers:
             both grids are NESTED HEALPix grids (``Nq = 12 * nside_q**2``, ``Nk = 12 *
             nside_k**2``, power-of-two nsides) and query pixel ``i`` sees only the keys whose cell
@@ -213,6 +179,9 @@ def ring_cross_attention(
             :func:`hpattn_dist.local.window_traffic`.
         mode: the window, ``"cell"`` (the query's parent cell) or ``"neighbourhood"`` (that cell
             and its 8 (7, 6) neighbours), as for :func:`~hpattn_dist.local.healpix_local_attention`.
+        **options: :class:`~hpattn_dist.attention_spec.AttentionOptions`, with the keys' ``Nk_r``
+            (``key_mask [B, Nk_r]``, ``key_bias [B, Nk_r]`` or ``[B, H, Nk_r]``). The dropout mask
+            is keyed by (global query index, global key index), each counted on its own grid.
 
     Returns:
         ``[B, H, Nq_r, D]`` in the dtype of ``q``.
@@ -234,9 +203,9 @@ def ring_cross_attention(
 
         >>> out = ring_cross_attention(q_latent, k_data, v_data, window_nside=8, mode="neighbourhood")
     """
-    return sharded_attention("ring", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed, cross=True,
-                             window_nside=window_nside, mode=mode)
+    check_option_names("ring_cross_attention", options)
+    return sharded_attention("ring", q, k, v, group, cross=True, window_nside=window_nside, mode=mode,
+                             **options)
 
 
 def ulysses_attention(
@@ -244,13 +213,7 @@ def ulysses_attention(
     k: Tensor,
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
-    *,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Exact softmax attention over every rank's pixels, computed head-parallel (DeepSpeed-Ulysses).
 
@@ -260,8 +223,8 @@ def ulysses_attention(
 
     Args:
         q, k, v: this rank's shard ``[B, H, N_r, D]``; H must be divisible by P.
-        group, backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for
-            :func:`ring_attention` (the dropout mask is the ring's: position-keyed).
+        group, **options: as for :func:`ring_attention` (the dropout mask is the ring's:
+            position-keyed).
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -273,8 +236,8 @@ def ulysses_attention(
     Communication: one small all-gather (shapes), then two all-to-alls forward (q/k/v in, out
     back) and two backward; bytes per rank in :mod:`hpattn_dist.strategies.ulysses`.
     """
-    return sharded_attention("ulysses", q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                             key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed)
+    check_option_names("ulysses_attention", options)
+    return sharded_attention("ulysses", q, k, v, group, **options)
 
 
 def hybrid_attention(
@@ -284,12 +247,7 @@ def hybrid_attention(
     *,
     ulysses_group: Optional[dist.ProcessGroup],
     ring_group: Optional[dist.ProcessGroup],
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    key_mask: Optional[Tensor] = None,
-    key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Exact softmax attention over the pixels of all U * R ranks: Ulysses x ring.
 
@@ -303,7 +261,7 @@ def hybrid_attention(
             H must be divisible by U.
         ulysses_group: the ranks that split heads (size U).
         ring_group: the ranks with this rank's Ulysses index, one per Ulysses group (size R).
-        backend, dropout_p, scale, key_mask, key_bias, dropout_seed: as for ``ring_attention``.
+        **options: as for :func:`ring_attention`.
 
     Returns:
         ``[B, H, N_r, D]`` in the dtype of ``q``.
@@ -315,9 +273,10 @@ def hybrid_attention(
             groups covering fewer processes than WORLD that :func:`~hpattn_dist.mesh.build_hybrid_groups`
             did not build (no group of exactly their ranks is known to agree over).
     """
-    return op_attention("hybrid", q, k, v, None, groups=(ulysses_group, ring_group), backend=backend,
-                        dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-                        dropout_seed=dropout_seed, ulysses_degree=None)
+    spec, key_mask, key_bias = AttentionSpec.from_options("hybrid_attention", options, strategy="hybrid")
+    return op_attention("hybrid", q, k, v, None, groups=(ulysses_group, ring_group), backend=spec.backend,
+                        dropout_p=spec.dropout_p, scale=spec.scale, key_mask=key_mask, key_bias=key_bias,
+                        dropout_seed=spec.dropout_seed, ulysses_degree=None)
 
 
 def auto_attention(

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import seed_input
@@ -112,11 +113,15 @@ def off_op_reason(q: object, k: object, v: object, key_mask: object, key_bias: o
     return None
 
 
+_SPEC_FIELDS = ("backend", "dropout_p", "scale", "dropout_seed", "ulysses_degree", "cross")
+
+
 def refuse_off_op(reason: str, strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
                   *, what: str, **kwargs) -> NoReturn:
     """The one refusal of arguments the op cannot take (Note [what the attention op cannot take]):
     the door's agreement with ``via_op`` off, then ``ValueError`` naming the argument."""
-    plan_attention(strategy, q, k, v, group, via_op=False, what=what, **kwargs)
+    fields = {name: kwargs.pop(name) for name in _SPEC_FIELDS if name in kwargs}
+    plan_attention(AttentionSpec(strategy, **fields), q, k, v, group, via_op=False, what=what, **kwargs)
     raise ValueError(f"{what}: {reason}")
 
 

@@ -112,6 +112,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
@@ -252,10 +253,10 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     seed = None if dropout_seed is None else int(dropout_seed)
     if seed is not None and isinstance(layer, LayerRef) and dropout_p > 0:  # Note [seeds in a model call]
         seed = layer_seed(parent, layer.name, seed)
+    spec = AttentionSpec(strategy, backend, dropout_p, scale, seed, ulysses_degree or None, cross)
     plan, _ = plan_attention(
-        strategy, q, k, v, parent.group, groups=None if sub is None else tuple(g.group for g in sub),
-        ulysses_degree=ulysses_degree or None, backend=backend, dropout_p=dropout_p, scale=scale,
-        key_mask=key_mask, key_bias=key_bias, dropout_seed=seed, layer=layer, cross=cross,
+        spec, q, k, v, parent.group, groups=None if sub is None else tuple(g.group for g in sub),
+        key_mask=key_mask, key_bias=key_bias, layer=layer,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
         in_call=isinstance(layer, LayerRef), needs_grad=needs_grad, bias_needs_grad=bias_needs_grad,
     )

@@ -80,15 +80,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpattn_dist.attention_spec import AttentionSpec, check_ulysses_degree
 from hpattn_dist.comm.agreement import Signature, dtype_code, records_gradients, validated_signature
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.model_call import Slot, current_call
-from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, check_backend_name, resolve_dropout_seed, select_kernel
+from hpattn_dist.kernels import KERNEL_BACKENDS, BlockKernel, resolve_dropout_seed, select_kernel
 from hpattn_dist.masks import key_bias_from_mask, mask_layout
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
 from hpattn_dist.replicas import N_SUMS, LayerFacts, LayerRef, check_layer_rows, resolve_layer
 from hpattn_dist.strategies.auto import choose_strategy
-from hpattn_dist.validation import check_dropout_p, check_heads_divisible, check_qkv
+from hpattn_dist.validation import check_heads_divisible, check_qkv
 
 __all__ = ["AttentionPlan", "plan_attention"]
 
@@ -167,8 +168,7 @@ def _choose(strategy: str, parent: GroupInfo, sub: Optional[tuple], ulysses_degr
     if ulysses_degree is None:
         raise ValueError("strategy 'hybrid' over one process group needs ulysses_degree=U (a "
                          "divisor of the group size and of the head count), or use strategy='auto'")
-    if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or ulysses_degree < 1:
-        raise ValueError(f"ulysses_degree must be a positive int, got {ulysses_degree!r}")
+    check_ulysses_degree(ulysses_degree)
     if p == 1:
         return "ring", 1  # a group of one (or no torch.distributed): nothing to split
     if p % ulysses_degree != 0:
@@ -198,22 +198,16 @@ def _check_grid(rows: Sequence[tuple], u_deg: int, r_deg: int, what: str) -> lis
 
 
 def plan_attention(
-    strategy: str,
+    spec: AttentionSpec,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
     *,
     groups: Optional[tuple] = None,
-    ulysses_degree: Optional[int] = None,
-    backend: str = "auto",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
     key_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
-    dropout_seed: Optional[int] = None,
     layer: "Optional[LayerFacts | LayerRef]" = None,
-    cross: bool = False,
     what: str,
     kv_needs_grad: Optional[bool] = None,
     in_call: bool = False,
@@ -223,9 +217,10 @@ def plan_attention(
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
 
-    ``strategy``: ``"ring" | "ulysses" | "hybrid" | "auto"``; ``groups``: an explicit
-    ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``ulysses_degree`` for
-    ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
+    ``spec``: the call's options (:class:`~hpattn_dist.attention_spec.AttentionSpec`, checked here,
+    inside the agreement; no window: Note [cross-grid plan]); ``groups``: an explicit
+    ``(ulysses_group, ring_group)`` pair (hybrid), else ``group`` (split by ``spec.ulysses_degree``
+    for ``"hybrid"``). ``bias``: this rank's additive key bias ``[B, H|1, N_r]`` in the accumulation
     dtype (-inf where masked), or None. ``what`` names the entry point in errors. ``layer``: the
     calling layer's facts (parameter fingerprint, HEALPix field), or a reference to read them from
     inside the agreement, checked in the same agreement.
@@ -237,10 +232,10 @@ def plan_attention(
     ``via_op``: called by the registered op (False: by the one refusal of arguments it cannot
     take, Note [what the attention op cannot take] in ``call.py``; the flag is agreed, so the
     peers raise with that rank instead of running the op's exchanges).
-    ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
-    Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
+    ``spec.cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B,
+    H, Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
     ``in_call``: a layer's call that may reuse the plan agreed in an earlier call of a converted
-    model with the same key (Note [attention plans in a model call]); ``dropout_seed`` is then
+    model with the same key (Note [attention plans in a model call]); ``spec.dropout_seed`` is then
     the call's derived seed when it drops.
 
     Raises (on every rank of the group, Note [fail together]):
@@ -255,14 +250,14 @@ def plan_attention(
         parent = resolve_group(hybrid_parent(*groups, sub[0].world_size * sub[1].world_size))
     else:
         sub, parent = None, resolve_group(group)
-    slot = _model_call_slot(parent, layer, key_mask, key_bias, dropout_p) if in_call else None
+    slot = _model_call_slot(parent, layer, key_mask, key_bias, spec.dropout_p) if in_call else None
     known = slot is not None and slot.known is not None
     with (_declared(parent, what) if known else validated_signature(parent, what)) as sig:
-        check_qkv(q, k, v, scale, cross=cross)
+        check_qkv(q, k, v, spec.scale, cross=spec.cross)
         layer = None if known else resolve_layer(layer)  # known: checked at the model call's start
-        check_dropout_p(dropout_p)
-        check_backend_name(backend)
-        executed, u_deg = _choose(strategy, parent, sub, ulysses_degree, q)
+        spec = spec.check(what)
+        strategy, backend, dropout_p, scale, cross = spec.strategy, spec.backend, spec.dropout_p, spec.scale, spec.cross
+        executed, u_deg = _choose(strategy, parent, sub, spec.ulysses_degree, q)
         bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
         n_keys = k.shape[2]
@@ -289,7 +284,7 @@ def plan_attention(
             "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
             "scale": head_dim**-0.5 if scale is None else float(scale), "via_op": int(via_op),
         }
-        seed = resolve_dropout_seed(dropout_p, dropout_seed)
+        seed = resolve_dropout_seed(dropout_p, spec.dropout_seed)
         grads = records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad
         sig.set(
             {**shared, **({} if layer is None else {"param_layout": layer.layout})},

@@ -23,8 +23,8 @@ import torch
 from hpattn_dist import DistributedSpatialCrossAttention, count_communication, ring_attention, ring_cross_attention
 from hpattn_dist.kernels import DropoutSpec, draw_seed
 from hpattn_dist.strategies import sharded_attention
-from tests.harness import run_ranks
-from tests.reference import reference_attention
+from tests.harness import attempt, run_ranks
+from tests.reference import reference_attention, reference_with_grads
 
 WORLD_SIZES = (1, 2, 3, 4, 5)
 TORCH_SEED = 4321  # torch.manual_seed on every rank right before a dropout call
@@ -196,16 +196,6 @@ def _run_layer_cases(rank: int, p: int) -> dict:
     return results
 
 
-def _attempt(fn) -> Optional[str]:
-    try:
-        fn()
-    except ValueError as exc:
-        return "ValueError: " + str(exc)
-    except Exception as exc:  # noqa: BLE001 - the parent reports the wrong type
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _fail_together(rank: int) -> dict:
     """Only rank 1 is wrong; EVERY rank must raise, and the group stays usable."""
     q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 3, 8)
@@ -221,7 +211,7 @@ def _fail_together(rank: int) -> dict:
     x_q = torch.randn(1, 4, 8)  # 3 x 4 = 12 target pixels: nside 1
     attempts["layer_kv_dim"] = lambda: layer(x_q, torch.randn(1, 16, 4 if odd else 3))
     attempts["layer_source_not_healpix"] = lambda: layer(x_q, torch.randn(1, 17 if odd else 16, 3))
-    found = {name: _attempt(fn) for name, fn in attempts.items()}
+    found = {name: attempt(fn) for name, fn in attempts.items()}
     found["after"] = tuple(ring_cross_attention(q, k, k).shape)
     found["layer_after"] = tuple(layer(x_q, torch.randn(1, 16, 3)).shape)  # 48 source pixels: nside 2
     return found
@@ -248,19 +238,8 @@ def _assembled(world: int, name: str) -> dict:
 
 
 def _reference(case: dict) -> dict:
-    data = _make_data(case)
-    q, k, v = (data[x].clone().requires_grad_() for x in ("q", "k", "v"))
-    bias_leaf = None if data["bias"] is None else data["bias"].clone().requires_grad_()
-    bias = bias_leaf
-    if data["mask"] is not None:
-        mask = data["mask"]
-        bias = torch.zeros(mask.shape, dtype=torch.float64) if bias is None else bias
-        bias = bias.masked_fill(~(mask if bias.dim() == 2 else mask[:, None, :]), float("-inf"))
-    dropout = DropoutSpec(case["dropout_p"], _dropout_seed()) if case["dropout_p"] > 0 else None
-    out = reference_attention(q, k, v, key_bias=bias, dropout=dropout)
-    out.backward(data["dout"])
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-            "dbias": None if bias_leaf is None else bias_leaf.grad}
+    return reference_with_grads(_make_data(case), DropoutSpec(case["dropout_p"], _dropout_seed())
+                                if case["dropout_p"] > 0 else None)
 
 
 def _rel_errors(got: dict, ref: dict) -> dict[str, float]:

@@ -23,14 +23,13 @@ from hpattn_dist.strategies.auto import communication_volume
 from tests.distributed.test_ulysses import (
     GRADS,
     assemble,
-    attempt,
     case,
     max_rel_error,
     payload,
     reference,
     run_case,
 )
-from tests.harness import run_ranks
+from tests.harness import attempt, run_ranks
 
 WORLD = 4
 DEGREES = (2, 1, 4)  # U; R = 4 / U

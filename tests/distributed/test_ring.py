@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from hpattn_dist import count_communication, ring_attention
 from hpattn_dist.kernels import DropoutSpec, draw_seed
-from tests.harness import run_ranks
+from tests.harness import attempt, run_ranks
 from tests.reference import reference_attention
 
 WORLD_SIZES = (1, 2, 3, 4, 5)
@@ -191,17 +191,6 @@ def _run_case(rank: int, case: dict, group, members: list[int], group_index: int
     return res
 
 
-def _attempt(fn) -> Optional[str]:
-    """Run ``fn``; the ValueError message, or a note of what else happened."""
-    try:
-        fn()
-    except ValueError as exc:
-        return "ValueError: " + str(exc)
-    except Exception as exc:  # noqa: BLE001 - the parent reports the wrong type
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _validation_errors(rank: int, world_size: int) -> dict:
     """Bad input on every rank, and ranks that disagree (only rank 1 differs)."""
     g = torch.Generator().manual_seed(7 + rank)
@@ -227,7 +216,7 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "disagree_mask": lambda: ring_attention(
             x, x, x, key_mask=torch.ones(2, 5, dtype=torch.bool) if odd else None),
     }
-    found = {name: _attempt(fn) for name, fn in attempts.items()}
+    found = {name: attempt(fn) for name, fn in attempts.items()}
     # the group is still usable (no rank is left inside a collective)
     ok = ring_attention(x, x, x)
     found["after"] = ok.shape

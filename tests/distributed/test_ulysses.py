@@ -12,7 +12,7 @@ Legend: B batch, H heads, N global pixels, N_r pixels of group rank r, D head di
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -22,8 +22,8 @@ from hpattn_dist import count_communication, ring_attention, ulysses_attention
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.kernels import DropoutSpec, draw_seed
 from hpattn_dist.strategies.auto import communication_volume
-from tests.harness import run_ranks
-from tests.reference import reference_attention
+from tests.harness import attempt, run_ranks
+from tests.reference import reference_with_grads
 
 TORCH_SEED = 4321  # torch.manual_seed on every rank before a dropout call
 GRADS = ("dq", "dk", "dv")
@@ -83,15 +83,6 @@ def run_case(fn: Callable, c: dict, position: int, group_size: int, **kwargs: An
             "fwd": fwd.as_dict(), "bwd": bwd.as_dict(), "position": position, "sizes": sizes}
 
 
-def attempt(fn: Callable[[], Any]) -> Optional[str]:
-    """Run ``fn``; None, or ``"<ExceptionType>: <message>"``."""
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - the parent checks the type
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def assemble(shards: list[dict]) -> dict:
     """Concatenate per-position shards (any order) along the pixel dim."""
     shards = sorted(shards, key=lambda s: s["position"])
@@ -109,19 +100,8 @@ def dropout_seed() -> int:
 
 def reference(c: dict) -> dict:
     """Float64 forward and gradients of the whole attention (mask folded into the key bias)."""
-    data = make_data(c)
-    q, k, v = (data[x].clone().requires_grad_() for x in ("q", "k", "v"))
-    bias_leaf = None if data["bias"] is None else data["bias"].clone().requires_grad_()
-    bias = bias_leaf
-    if data["mask"] is not None:
-        mask = data["mask"]
-        bias = torch.zeros(mask.shape, dtype=torch.float64) if bias is None else bias
-        bias = bias.masked_fill(~(mask if bias.dim() == 2 else mask[:, None, :]), float("-inf"))
-    dropout = DropoutSpec(c["dropout_p"], dropout_seed()) if c["dropout_p"] > 0 else None
-    out = reference_attention(q, k, v, key_bias=bias, dropout=dropout)
-    out.backward(data["dout"])
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-            "dbias": None if bias_leaf is None else bias_leaf.grad}
+    return reference_with_grads(make_data(c), DropoutSpec(c["dropout_p"], dropout_seed()) if c["dropout_p"] > 0
+                                else None)
 
 
 def max_rel_error(got: dict, ref: dict) -> dict[str, float]:

@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpattn_dist import replicas
+from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import DropoutSpec, capability, keep_mask, select_kernel
 from hpattn_dist.local import execute
@@ -134,7 +135,7 @@ def test_the_door_reads_a_repeated_mask_once():
 
     def door() -> tuple:
         with DeviceReads(cpu_too=True) as rec:
-            plan, _ = plan_attention("ring", q, k, v, key_mask=mask, what="test")
+            plan, _ = plan_attention(AttentionSpec("ring"), q, k, v, key_mask=mask, what="test")
         return plan.kv_sizes, plan.use_bias, len(rec.reads)
 
     first, again = door(), door()
@@ -174,7 +175,7 @@ def test_a_layers_door_reads_no_device_data_when_its_parameters_move(monkeypatch
             params = tuple(torch.empty_like(w) for w in weights) if regathered else weights
             layer = LayerRef(f"layer {regathered}", tuple(p.detach() for p in params), False)
             with DeviceReads() as rec:
-                plan, _ = plan_attention("ring", q, k, v, what="test", backend="manual", layer=layer)
+                plan, _ = plan_attention(AttentionSpec("ring", "manual"), q, k, v, what="test", layer=layer)
             calls.append((rec.reads, rec.copies, rec.to_host, list(landed)))
             landed.clear()
     assert plan.kv_sizes == (N,)
@@ -201,5 +202,5 @@ def test_a_new_mask_passed_as_a_key_bias_is_not_read(monkeypatch, strategy):
             mask = torch.empty(B, N, device="cuda", dtype=torch.bool)
             bias = torch.zeros(B, H, N, device="cuda").masked_fill(mask.unsqueeze(1).logical_not(), float("-inf"))
             with DeviceReads() as rec:
-                plan, _ = plan_attention(strategy, q, k, v, what="test", backend="manual", key_bias=bias)
+                plan, _ = plan_attention(AttentionSpec(strategy, "manual"), q, k, v, what="test", key_bias=bias)
             assert plan.use_bias and rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
