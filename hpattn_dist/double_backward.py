@@ -3,7 +3,7 @@
 Note [double backward]
     With ``create_graph=True`` autograd records the ops of each backward so that a gradient can be
     differentiated again (gradient penalties, Hessian-vector products). Our attention Functions
-    (``_RingAttention``, ``_LocalAttention``) compute their backward from saved statistics (the
+    (``_RingAttention`` and the registered ops' backwards) compute their backward from saved statistics (the
     final lse, ``delta = rowsum(dO * O)``) and, in the ring, with point-to-point exchanges that
     autograd cannot see; differentiating that backward gave wrong second derivatives (or None)
     with no error. Their backward is therefore decorated with

@@ -77,6 +77,7 @@ from hpattn_dist.comm.counters import record
 from hpattn_dist.comm.groups import GroupInfo, nbytes, resolve_group
 from hpattn_dist.comm.waits import run_collective
 from hpattn_dist.mesh import _parent_ranks
+from hpattn_dist.replicas import check_flushed_rows, flush_fingerprints, flush_row
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -183,7 +184,9 @@ def sync_gradients(
     Raises:
         ValueError: on every rank, when a parameter's gradient is sparse on any rank, or when the
             ranks' parameters differ in number, shape, dtype, device type or ``requires_grad``
-            (the message names the first that differs): their buffers would not pair up.
+            (the message names the first that differs): their buffers would not pair up; or
+            when the layers' parameter fingerprints still deferred from the forward on a device
+            differ (Note [fingerprint one call late] in :mod:`hpattn_dist.replicas`).
 
     Communication: one metadata ``all_gather`` (the bucket layout, Note [fail together]), then
     per buffer one ``all_reduce`` recorded under ``"all_reduce"``.
@@ -244,8 +247,11 @@ def _agree_on_buckets(info: GroupInfo, params: list) -> None:
             for i, p in enumerate(params):
                 if p.requires_grad and p.grad is not None and p.grad.is_sparse:
                     raise ValueError(f"sync_gradients: the gradient of parameter {i} is sparse (not supported)")
-            sig.set({"parameters": len(params), "layout_crc32": zlib.crc32(repr(layout).encode())}, 0,
-                    params[0].device if params else None)
+            # The layers' fingerprints still on their way to the host, checked before the
+            # optimizer step (Note [fingerprint one call late] in replicas.py).
+            flushed = flush_fingerprints(params)
+            sig.set({"parameters": len(params), "layout_crc32": zlib.crc32(repr(layout).encode())},
+                    flush_row(flushed), params[0].device if params else None)
     except ValueError as err:
         # Every rank holds the same rows and is here: name the first parameter that differs.
         layouts: list = [None] * info.world_size
@@ -261,6 +267,7 @@ def _agree_on_buckets(info: GroupInfo, params: list) -> None:
                     f"parameters, with the same requires_grad and dtype, in the same order on every "
                     f"rank): {table}") from err
         raise
+    check_flushed_rows(info, "sync_gradients", flushed, sig.per_rank)
 
 
 def broadcast_parameters(

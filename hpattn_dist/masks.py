@@ -4,8 +4,8 @@ Legend: B batch, H heads, N_r pixels (keys) on this rank, M_r keys left after co
 
 Note [non-finite inputs]
 ~~~~~~~~~~~~~~~~~~~~~~~~
-Defined once, for every path (global, cross, windowed; ring, Ulysses, hybrid; the registered op
-and the autograd executors; every block kernel) and every oracle (``oracle.py``, ``cross.py``,
+Defined once, for every path (global, cross, windowed; ring, Ulysses, hybrid; the registered ops;
+every block kernel) and every oracle (``oracle.py``, ``cross.py``,
 ``local/oracle.py``, the tests' references): a query attends to its ALLOWED keys, those unmasked
 (``key_mask`` True, ``key_bias`` above ``-inf``) and, with a window, in its window.
 

@@ -548,7 +548,19 @@ def _pg_items(device: torch.device) -> list[tuple[str, Callable[[], Any]]]:
     def sync_audit():
         if device.type != "cuda":
             return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
-        step = layer_steps()
+        from hpattn_dist import DistributedSpatialSelfAttention
+
+        layer = DistributedSpatialSelfAttention(64, 4, healpix_field=False).to(device)
+        xl = torch.randn(1, SIZES["layer_n"], 64, device=device, requires_grad=True)
+
+        def step():  # an update between calls, as an optimizer step (Note [fingerprint one call late])
+            layer(xl).sum().backward()
+            with torch.no_grad():
+                for p in layer.parameters():
+                    if p.grad is not None:
+                        p.sub_(1e-6 * p.grad)
+                    p.grad = None
+
         step()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

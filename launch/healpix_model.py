@@ -110,11 +110,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "model")
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    """``cls(**values)`` for a config dataclass; keys it has no field for raise ``ValueError``
+    naming them and the ``section`` of the config file."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} config keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
 
 
 class _Block(nn.Module):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -55,9 +54,9 @@ from hpattn_dist.strategies import check_strategy_name
 
 if __package__ in (None, ""):  # run as a script (python / torchrun launch/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from healpix_model import ModelConfig, build_model, local_loss, make_batch
+    from healpix_model import ModelConfig, build_model, config_from_dict, local_loss, make_batch
 else:  # imported as launch.train (tests)
-    from .healpix_model import ModelConfig, build_model, local_loss, make_batch
+    from .healpix_model import ModelConfig, build_model, config_from_dict, local_loss, make_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "train_small.json"
@@ -127,11 +126,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "train")
 
 
 def load_config(

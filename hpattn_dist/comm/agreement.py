@@ -33,20 +33,33 @@ Note [agreement off the device]
 The agreement runs on EVERY call (a rank that alone changed its shapes must raise, never pair
 with its peers' cached plan), but it costs the device nothing: its row is host ints, and it
 travels on the group's CPU backend whenever one is registered (a bare ``init_process_group()``,
-"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``). Everything a
-steady-state call (shapes, parameters and mask as before) puts in the row is known on the host
-without reading a device tensor: shapes, dtypes, the scale, the device type, the dropout seed
-(drawn from the CPU generator as a CPU tensor, Note [seed outside the op]), whether gradients are
-needed, the layer's parameter fingerprint (cached per parameter version, Note [replicated
-parameter check]; in a converted model one for the whole model at each call's start) and a key
-mask's layout (cached per mask tensor and version,
-:func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads the device either: the plan
-is host ints, the dropout hash mixes the seed on the host, the windows keep their cells as host
-ints. What still reads the device, by design: a group with NO CPU backend (NCCL only) carries the
-row on the GPU, one read per call (register a CPU backend to avoid it); the fingerprint after the
-parameters changed (once per optimizer step per layer; under FSDP2 / ZeRO-3, whose forward
-gathers the parameters anew, every call); a key mask that is a new tensor or was changed in place
-(its values decide which keys travel), including hybrid's gathered mask on every call.
+"gloo", torchtitan's "cuda:nccl,cpu:gloo": Note [init styles] in ``comm/groups.py``), and for a
+group without one (NCCL only) on a gloo side group over the same ranks, made once by the group's
+members at its first collective (Note [CPU side group] there). Everything a steady-state call
+(shapes and mask as before) puts in the row is known on the host without reading a device
+tensor: shapes, dtypes, the scale, the device type, the dropout seed (drawn from the CPU
+generator as a CPU tensor, Note [seed outside the op]), whether gradients are needed, the layer's
+parameter fingerprint (cached per parameter storage and version; on a device, the previous
+call's fingerprint, copied to pinned host memory without waiting, Note [fingerprint one call
+late] in ``replicas.py``, also when FSDP2 or ZeRO-3 gather the parameters anew every call; in a
+converted model one for the whole model at each call's start) and a key mask's layout (cached per
+mask tensor and version, :func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads
+the device either: the plan is host ints, the dropout hash mixes the seed on the host, the
+windows keep their cells as host ints.
+
+What still reads the device, by design:
+
+* a layer's first call (its fingerprint, to refuse differing weights before they are used);
+* a group with no CPU backend whose side group could not be made (Note [CPU side group]: the
+  members hold different numbers of groups, or ``HPATTN_CPU_SIDE_GROUP=0``): one read per call;
+* a ``key_mask`` that is a new tensor or was changed in place, and hybrid's gathered mask on every
+  call. This is inherent in compaction (Note [masked key compaction]): which keys are masked in
+  every batch element decides how many keys travel, a shape every rank must know. The rule for a
+  user: a fixed mask (a land mask) passed as the same tensor every call is read once; a mask that
+  changes every batch and lives on the device goes without a read as a key bias,
+  ``key_bias = zeros(B, N_r).masked_fill(~mask, -inf)``: the same result (a query
+  with no allowed key is zero, Note [non-finite inputs]), no key dropped, the biased kernel;
+  windowed attention reads a new mask once too (whether any key is masked picks the kernel).
 
 Note [gradients on every rank or none]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -66,8 +79,9 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
 import zlib
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -76,7 +90,8 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.meta import all_gather_ints
 from hpattn_dist.comm.waits import cause_text
 
-__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "bits_float", "device_code", "dtype_code",
+__all__ = ["SIGNATURE_WIDTH", "Signature", "agree_on_shapes", "agreeing_group", "bits_float", "device_code",
+           "dtype_code",
            "fail_together", "float_bits", "raise_on_every_rank", "records_gradients", "validated_signature"]
 
 _DTYPE_CODES = {
@@ -253,13 +268,37 @@ class Signature:
         )
 
 
+_AGREEING = threading.local()
+
+
+def agreeing_group() -> Optional[dist.ProcessGroup]:
+    """The group of the :func:`validated_signature` block running on this thread, or None."""
+    groups = _AGREEING.__dict__.get("groups")
+    return groups[-1] if groups else None
+
+
+_ON_FAILURE: list[Callable[[Optional[dist.ProcessGroup]], None]] = []
+
+
+def on_agreement_failure(callback: Callable[[Optional[dist.ProcessGroup]], None]) -> None:
+    """Run ``callback(group)`` on every rank of a group whose agreement failed, before the error
+    is raised there (a module above this floor registers what it must forget then)."""
+    _ON_FAILURE.append(callback)
+
+
 def _raise_failures(info: GroupInfo, what: str, rows: list[tuple[int, ...]],
                     local_err: Optional[BaseException]) -> None:
     """Exchange the failed ranks' errors and raise the same exception on every rank.
 
     The message depends only on the failed ranks' ``what`` and errors (not on this rank's), so it
     is identical everywhere, also when the failure happened in another entry point (a layer).
+    Every rank of the group runs the :func:`on_agreement_failure` callbacks first: there
+    ``replicas.py`` forgets the deferred parameter fingerprints of its layers over the group, as
+    a rank that failed before reading its layer's would otherwise carry an older one than its
+    peers at the next call (Note [fingerprint one call late] in ``replicas.py``).
     """
+    for forget in _ON_FAILURE:
+        forget(info.group)
     mine = None if local_err is None else (what, type(local_err).__name__, cause_text(local_err))
     texts: list[Any] = [None] * info.world_size
     dist.all_gather_object(texts, mine, group=info.group)
@@ -319,12 +358,16 @@ def validated_signature(info: GroupInfo, what: str) -> Iterator[Signature]:
         ExchangeError: the all_gather itself failed (a rank died or is stuck).
     """
     sig = Signature(info, what)
+    groups = _AGREEING.__dict__.setdefault("groups", [])
+    groups.append(info.group)
     try:
         yield sig
     except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
         if info.world_size == 1:
             raise
         _raise_failures(info, what, sig.exchange(_FAILED), err)
+    finally:
+        groups.pop()
     if not sig.declared:
         raise RuntimeError(f"{what}: validated_signature block ended without Signature.set()")
     rows = sig.exchange(_OK)

@@ -10,6 +10,7 @@ to :mod:`hpattn_dist.comm.counters`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from hpattn_dist.comm.binding import UnboundGroup
 
-__all__ = ["GroupInfo", "backend_config", "comm_device_for", "meta_device_for", "nbytes", "offsets",
-           "parse_backend_config", "resolve_group"]
+__all__ = ["GroupInfo", "backend_config", "comm_device_for", "cpu_side_group", "meta_device_for", "nbytes",
+           "offsets", "parse_backend_config", "resolve_group"]
 
 # Note [init styles]
 # A process group may be made in several styles, and what it can communicate depends on the
@@ -40,6 +41,22 @@ __all__ = ["GroupInfo", "backend_config", "comm_device_for", "meta_device_for", 
 #   group carries them on the GPU;
 # * the ring groups its sends and receives (Note [p2p grouping] in ``comm/ring.py``) by the backend
 #   that serves the exchanged tensors' device type.
+
+# Note [CPU side group]
+# An NCCL-only group (``init_process_group("nccl")``, or a ``new_group(backend="nccl")``) has no CPU
+# backend, so the per-call metadata row would travel on the GPU: a host-to-device copy and a
+# device-to-host read on every call (Note [agreement off the device] in ``comm/agreement.py``).
+# So the first metadata collective over such a group creates a gloo group over the same ranks
+# (:func:`cpu_side_group`), once per group and cached, and every later row travels there as host
+# ints. It is created collectively by the group's members only
+# (``new_group(ranks, backend="gloo", use_local_synchronization=True)``: ranks outside the group
+# do not take part and are not waited for), at their first collective over the group, which they
+# reach in the same order as that group's collectives. torch names such a group from its ranks
+# and the number of groups the process already holds, which must then be equal on the members
+# (a rank that made more groups than its peers would name it differently and wait forever); so
+# the members first compare that number, once, on the group itself, and if it differs (or gloo
+# is missing) the group keeps its metadata on the GPU (cached too: asked once).
+# ``HPATTN_CPU_SIDE_GROUP=0`` (the same on every rank) turns the side group off.
 
 # Note [groups resolved per call]
 # A layer, a converted module or an exchanger built with ``process_group=None`` keeps None and
@@ -152,6 +169,40 @@ class GroupInfo:
         if global_rank == group_rank:
             return f"rank {group_rank}"
         return f"group rank {group_rank} (global rank {global_rank})"
+
+
+_SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, Optional[dist.ProcessGroup]]] = {}
+"""Per group (by identity; the group is kept so that its id is not reused): its CPU side group,
+or None where it has none (Note [CPU side group])."""
+
+
+def cpu_side_group(info: "GroupInfo") -> Optional[dist.ProcessGroup]:
+    """A gloo group over ``info``'s ranks for the metadata of a group without a CPU backend,
+    created by the group's members at their first call and cached; None where the group has a
+    CPU backend, or no side group can be made (Note [CPU side group]).
+
+    Collective over ``info``'s members on the first call for a group without a CPU backend.
+    """
+    group = info.group
+    if group is None or info.world_size == 1 or _backend_of(info.backends, "cpu") is not None:
+        return None
+    cached = _SIDE_GROUPS.get(id(group))
+    if cached is not None and cached[0] is group:
+        return cached[1]
+    side = None
+    if os.environ.get("HPATTN_CPU_SIDE_GROUP", "1") != "0" and dist.is_gloo_available():
+        ranks = [info.global_rank(r) for r in range(info.world_size)]
+        try:
+            held = len(dist.distributed_c10d._world.pg_names)  # what torch names the group from
+        except AttributeError:  # a torch that keeps it elsewhere: no side group
+            held = -1
+        counts: list = [None] * info.world_size
+        dist.all_gather_object(counts, held, group=group)  # once per group, on the group itself
+        if held >= 0 and len(set(counts)) == 1:
+            side = dist.new_group(ranks, backend="gloo", use_local_synchronization=True,
+                                  group_desc="hpattn_dist metadata")
+    _SIDE_GROUPS[id(group)] = (group, side)
+    return side
 
 
 def resolve_group(group: "Optional[dist.ProcessGroup] | GroupInfo", name: str = "group") -> GroupInfo:

@@ -49,16 +49,14 @@ Note [head exchange memory]
 
 Note [backward exchanges on every rank]
     The backward of an exchange runs where autograd reaches it: on a rank where none of its inputs
-    requires grad it does not run, and a peer's backward all-to-all waits for that rank until the
-    exchange timeout, or pairs with its next collective of another size (gloo then aborts the
-    process). What requires grad is each rank's own business (frozen keys on one rank, a key bias
-    that is learned on some ranks only), so :func:`qkv_to_heads` makes the same tensors take part
-    on every rank: k and v when any rank needs their gradient, the bias likewise (the plan's
-    ``grads_anywhere``, agreed in its one agreement), and q whenever this rank's output needs a
-    gradient. A tensor that takes part only for its peers is a detached copy that requires grad;
-    its own gradient is dropped. When no rank needs dK/dV, the heads of k and v are detached even
-    where they travelled with a q that requires grad, so that the executor (the hybrid's ring)
-    computes and sends no dK/dV: the plan says none is needed.
+    requires grad it would not run, and a peer's backward all-to-all would wait for that rank
+    until the exchange timeout, or pair with its next collective of another size (gloo then aborts
+    the process). The attention's exchanges run inside the registered ops (Note [ulysses op
+    memory] in ``strategies/ops.py``), whose door agrees whether the call's output is
+    differentiated at all (Note [gradients on every rank or none]) and which gradients any rank
+    needs (``plan.grads_anywhere``): the door's backward then runs on every rank and sends the
+    same tensors home everywhere (k and v whatever this rank needs, dbias when any rank needs it;
+    a gradient this rank does not need is dropped).
 
 Counting, as for :func:`~hpattn_dist.comm.all_to_all.all_to_all`: the bytes sent to other ranks,
 under ``label`` forward and ``label + ".grad"`` backward.
@@ -297,29 +295,20 @@ def qkv_to_heads(
     sizes: list[int],
     label: str,
     key_sizes: Optional[list[int]] = None,
-    separate: bool = False,
-    grads_anywhere: Optional[tuple[bool, bool]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``.
+    """``[B, H, N_r, D]`` shards -> contiguous ``[B, h, N, D]`` whole-sequence heads ``r*h ..``,
+    each in a buffer of its own (what a registered op may return, Note [ulysses op memory]); not
+    differentiable.
 
     ``bias`` ``[B, H|1, N_r]`` -> ``[B, h|1, N]``. ``sizes``: every rank's N_r. One all-to-all for
     q, k and v together (label ``label + ".qkv"``, Note [head exchange layout]) and one for the
     bias (``label + ".bias"``). ``key_sizes``: every rank's key count K_r when k, v (and the bias)
     are ``[B, H, K_r, D]`` on a grid of their own (cross-attention); unless it equals ``sizes``, q
-    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``). ``grads_anywhere``:
-    the plan's ``(kv, bias)``, whether any rank of the group needs those gradients (Note
-    [backward exchanges on every rank]); None leaves every tensor as it is. ``separate``: q, k
-    and v in buffers of their own (not differentiable; for the registered ops).
+    travels alone (``label + ".q"``) and k, v together (``label + ".kv"``).
     """
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
-    if needs_grad and grads_anywhere is not None:
-        kv_any, bias_any = grads_anywhere
-        q, k, v, bias = (_taking_part(t, part) for t, part in ((q, True), (k, kv_any), (v, kv_any), (bias, bias_any)))
     key_sizes = sizes if key_sizes is None else key_sizes
 
     def exchange(xs: tuple[Tensor, ...], sizes: list[int], label: str) -> Sequence[Tensor]:
-        if not separate:
-            return pixels_to_heads(xs, info, sizes, label)
         if info.world_size == 1:
             return [x.contiguous() for x in xs]
         return _scatter_heads_raw(xs, info, [int(n) for n in sizes], label, separate=True)
@@ -337,18 +326,7 @@ def qkv_to_heads(
         # [B, H, N_r] -> [B, h, N]
         bias_h = all_to_all(bias, info, scatter_dim=1, gather_dim=2, gather_sizes=sizes,
                             label=label + ".bias")
-    if needs_grad and grads_anywhere is not None and not grads_anywhere[0]:
-        # Exchanged with q, the heads of k and v require grad although no rank needs theirs.
-        k_h, v_h = k_h.detach(), v_h.detach()
     return q_h, k_h, v_h, bias_h
-
-
-def _taking_part(t: Optional[Tensor], part: bool) -> Optional[Tensor]:
-    """``t``, or a detached copy that requires grad when ``t`` must take part in the backward's
-    exchanges but does not require grad itself (Note [backward exchanges on every rank])."""
-    if t is None or t.requires_grad or not part:
-        return t
-    return t.detach().requires_grad_()
 
 
 def gather_pixels(x: Tensor, info: GroupInfo, sizes: list[int], label: str) -> Tensor:

@@ -1,46 +1,44 @@
 """The public functional API and the one factory behind it: plan at the door, then execute.
 
-Every entry point (the functions below and the layers) goes through :func:`sharded_attention`:
-:func:`~hpattn_dist.strategies.plan.plan_attention` checks the call and agrees with the peers
-once (Note [one agreement per call]), and the executor the plan names runs it:
+Every entry point (the functions below and the layers) goes through :func:`sharded_attention`,
+and every call of it through registered operators: windowed attention through
+``hpattn::window_attention_fwd`` (:mod:`hpattn_dist.local.ops`), every other call through
+``hpattn::attention_fwd`` (:mod:`hpattn_dist.strategies.ops`, Note [attention as one op]), whose
+body is the door (:func:`~hpattn_dist.strategies.plan.plan_attention`: the checks and the one
+agreement, Note [one agreement per call]) and the strategy the plan names:
 
 ===========  ====================================================================================
-strategy     executor
+strategy     execution
 ===========  ====================================================================================
-``ring``     :func:`~hpattn_dist.strategies.ring.run_ring` (K/V blocks rotate, Note [ring schedule])
-``ulysses``  :func:`~hpattn_dist.strategies.ulysses.run_ulysses` (H divisible by P)
-``hybrid``   :func:`~hpattn_dist.strategies.hybrid.run_hybrid`: the Ulysses exchange over
-             sub-groups of ``ulysses_degree`` ranks, the ring executor across them
+``ring``     the ring Function's body (K/V blocks rotate, Note [ring schedule])
+``ulysses``  the head exchange, one block over every pixel, and back (Note [ulysses schedule])
+``hybrid``   the head exchange over sub-groups of U ranks, the ring across them (Note [hybrid
+             schedule])
 ``auto``     the planner's choice among the three (:func:`~hpattn_dist.strategies.auto.choose_strategy`)
 ===========  ====================================================================================
+
+Arguments the ops cannot take are refused in one place, on every rank (Note [what the attention
+op cannot take] in :mod:`hpattn_dist.strategies.ops`).
 
 Legend: B batch, H heads, D head dim, P ranks in the group, N_r pixels on rank r.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.replicas import LayerFacts, LayerRef
-from hpattn_dist.strategies.hybrid import run_hybrid
-from hpattn_dist.strategies.ops import op_attention
-from hpattn_dist.strategies.plan import AttentionPlan, plan_attention
-from hpattn_dist.strategies.ring import run_ring
-from hpattn_dist.strategies.ulysses import run_ulysses
+from hpattn_dist.strategies.call import op_attention
 
 __all__ = ["STRATEGIES", "auto_attention", "check_strategy_args", "check_strategy_name", "hybrid_attention", "ring_attention",
            "ring_cross_attention", "sharded_attention", "ulysses_attention"]
 
 STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
 """The strategy names :func:`sharded_attention` and the layers accept."""
-
-_EXECUTORS: dict[str, Callable[..., Tensor]] = {"ring": run_ring, "ulysses": run_ulysses, "hybrid": run_hybrid}
-_ENTRY_NAMES = {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention",
-                "auto": "auto_attention"}
 
 
 def check_strategy_name(strategy: str) -> None:
@@ -112,37 +110,9 @@ def sharded_attention(
                                   dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
                                   dropout_seed=dropout_seed, layer=layer, cross=cross, strategy=strategy,
                                   what=entry if layer is None else layer.name)
-    if key_bias is None and not isinstance(layer, LayerFacts) and _one_device(q, k, v, key_mask) and (
-            group is None or isinstance(group, dist.ProcessGroup)) and (
-            dropout_seed is None or type(dropout_seed) is int and 0 <= dropout_seed < 2**31):
-        # Registered ops only (Note [attention as one op] in ops.py); arguments they cannot
-        # carry take the autograd path, whose door refuses the bad ones on every rank.
-        return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                            key_mask=key_mask, dropout_seed=dropout_seed, ulysses_degree=ulysses_degree,
-                            layer=layer, cross=cross)
-    plan, bias = plan_attention(
-        strategy, q, k, v, group, ulysses_degree=ulysses_degree, backend=backend,
-        dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-        dropout_seed=dropout_seed, layer=layer, cross=cross,
-        what=(("ring_cross_attention" if cross and strategy == "ring" else _ENTRY_NAMES[strategy])
-              if layer is None else layer.name),
-    )
-    return execute(plan, q, k, v, bias, key_mask)
-
-
-def _one_device(*tensors: Optional[Tensor]) -> bool:
-    """Tensors (None skipped) on one real device: what the registered op dispatches alike on every
-    rank (mixed or meta devices would reach its fake implementation, skipping the agreement)."""
-    if not all(t is None or isinstance(t, Tensor) for t in tensors) or not isinstance(tensors[0], Tensor):
-        return False
-    devices = {t.device for t in tensors if t is not None}
-    return len(devices) == 1 and tensors[0].device.type != "meta"
-
-
-def execute(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-            key_mask: Optional[Tensor]) -> Tensor:
-    """Run ``plan``'s executor on this rank's tensors (no further agreement)."""
-    return _EXECUTORS[plan.strategy](plan, q, k, v, bias, key_mask)
+    return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
+                        key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
+                        ulysses_degree=ulysses_degree, layer=layer, cross=cross)
 
 
 def ring_attention(
@@ -345,12 +315,9 @@ def hybrid_attention(
             groups covering fewer processes than WORLD that :func:`~hpattn_dist.mesh.build_hybrid_groups`
             did not build (no group of exactly their ranks is known to agree over).
     """
-    plan, bias = plan_attention(
-        "hybrid", q, k, v, groups=(ulysses_group, ring_group), backend=backend, dropout_p=dropout_p,
-        scale=scale, key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
-        what="hybrid_attention",
-    )
-    return execute(plan, q, k, v, bias, key_mask)
+    return op_attention("hybrid", q, k, v, None, groups=(ulysses_group, ring_group), backend=backend,
+                        dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
+                        dropout_seed=dropout_seed, ulysses_degree=None)
 
 
 def auto_attention(

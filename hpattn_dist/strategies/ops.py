@@ -21,9 +21,9 @@ Note [attention as one op]
       mask_travels, q_offset, head_offset, seed, dK/dV needed, k_offset, ulysses sizes...,
       key ulysses sizes..., kv sizes...)``;
     * the residuals: ``out`` and its ``lse``, for U > 1 in head layout with the head-layout
-      ``q_h, k_h, v_h`` and the gathered key mask, so that the backward sends exactly what the
-      autograd executors send (``dout`` to heads, the ring's K/V and dK/dV rotation, dq/dk/dv
-      back) and nothing of the forward's.
+      ``q_h, k_h, v_h``, the gathered key mask or the key bias, so that the backward sends only
+      what a backward must (``dout`` to heads, the ring's K/V and dK/dV rotation, dq/dk/dv and
+      dbias back) and nothing of the forward's.
 
     A policy that saves ``attention_fwd``'s outputs (:func:`hpattn_dist.checkpoint_context_fn`)
     therefore recomputes a checkpointed block without a byte of communication, and with the
@@ -60,6 +60,12 @@ Note [attention as one op]
     DeepSpeed-Ulysses' own, held by ``tests/distributed/test_memory.py`` (live bytes counted
     inside the operators, for every strategy).
 
+    A key bias adds only tensors of its own size (``[B, h|1, Mk]``: ``bias_h``, saved by
+    ``attention_heads``; its gradient, and that gradient's trip home) to the same ops' peak; the
+    kernel a bias selects where no fused kernel takes one (the manual kernel on CPU) holds its
+    score tiles and a zeroed copy of K/V beyond a fused kernel's peak (Note [bounded score
+    tile]). The manual kernel's gradients are not heads-minor, so they are laid out one at a time.
+
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,
     the P2P ring loop, the async all-to-alls) is no graph break: ``torch.compile(model,
@@ -86,9 +92,14 @@ Note [attention as one op]
     The first call of a registered op in a process imports ``torch._dynamo`` (custom ops run
     their body with dynamo disabled): seconds, once.
 
-    Not through these ops (the autograd executors of :mod:`hpattn_dist.strategies.api` run):
-    a differentiable ``key_bias`` and a hybrid over explicit ``(ulysses_group, ring_group)``.
-    Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
+    Every global and cross-grid call goes through these ops, a differentiable ``key_bias`` and a
+    hybrid over explicit ``(ulysses_group, ring_group)`` (both names in the one group argument,
+    joined by :data:`_PAIR`) included; arguments they cannot take are refused in one place (Note
+    [what the attention op cannot take] in ``call.py``). The key bias is an input of ``attention_fwd`` and its
+    gradient an output of ``attention_bwd``: for U = 1 the ring carries it beside K/V and dbias
+    beside dK/dV (Note [ring memory]); for U > 1 it travels to heads in the door, the key mask
+    folded in (``bias_h``, an output the heads' op reads and differentiates), and dbias comes
+    home in the door's backward (Note [ulysses schedule]). Windowed attention (``window_nside``, self or cross) is its own op, ``hpattn::window_attention_fwd``
     (Note [windowed attention as one op] in :mod:`hpattn_dist.local.ops`).
 """
 
@@ -101,20 +112,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.comm.agreement import records_gradients
+from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
                                             qkv_to_heads)
 from hpattn_dist.comm.model_call import layer_seed
 from hpattn_dist.double_backward import refuse_double_backward
-from hpattn_dist.kernels import seed_input, select_kernel
-from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
-from hpattn_dist.mesh import hybrid_groups_for
-from hpattn_dist.replicas import LayerRef
+from hpattn_dist.kernels import select_kernel
+from hpattn_dist.masks import key_bias_from_mask
+from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
+from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
-from hpattn_dist.strategies.ring import _RingAttention
+from hpattn_dist.strategies.ring import folded_bias, ring_backward, ring_forward
 
-__all__ = ["group_name_of", "op_attention"]
+__all__ = ["group_name_of"]
 
 _PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV needed anywhere, k_offset
 
@@ -134,28 +145,30 @@ def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
 
 
 def _group(name: str) -> GroupInfo:
+    return resolve_group(_process_group(name))
+
+
+def _process_group(name: str) -> Optional[dist.ProcessGroup]:
     if not name:
-        return _single()
+        return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return resolve_group(_resolve_process_group(name))
+    return _resolve_process_group(name)
 
 
-class _Ctx:
-    """Stands in for an autograd ctx when the ring Function's forward/backward run inside the op."""
+#: Joins the names of an explicit ``(ulysses_group, ring_group)`` pair into the op's one group
+#: argument (group names are torch's, and hold no such character).
+_PAIR = "|"
 
-    def __init__(self, plan: AttentionPlan, saved: tuple = ()) -> None:
-        self.plan, self.saved_tensors = plan, saved
-        # No key_bias on this path; the dK/dV accumulators travel home when some rank needs them
-        # (agreed at the door, Note [ring memory]).
-        kv_grad = plan.grads_anywhere[0]
-        self.needs_input_grad = (True, kv_grad, kv_grad, False, False, False)
-        self.kv_stacked = False
-        self.dkv_travels = kv_grad and plan.ring_group.world_size > 1
-        self.dbias_travels = False
 
-    def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
-        self.saved_tensors = tensors
+def _grid(name: str) -> tuple[GroupInfo, Optional[tuple[GroupInfo, GroupInfo]]]:
+    """``(parent, (ulysses group, ring group) or None)`` of the op's group argument: one group, or
+    an explicit hybrid pair (``hybrid_attention``), whose parent is the group they were built from."""
+    if _PAIR not in name:
+        return _group(name), None
+    u_pg, r_pg = (_process_group(n) for n in name.split(_PAIR))
+    sub = resolve_group(u_pg, "ulysses_group"), resolve_group(r_pg, "ring_group")
+    return resolve_group(hybrid_parent(u_pg, r_pg, sub[0].world_size * sub[1].world_size)), sub
 
 
 def _single() -> GroupInfo:
@@ -164,7 +177,9 @@ def _single() -> GroupInfo:
 
 def _sub_groups(parent_name: str, strategy: str, u_deg: int) -> tuple[GroupInfo, GroupInfo]:
     """``(ulysses_group, ring_group)`` of the executed strategy (a group of one where absent)."""
-    parent = _group(parent_name)
+    parent, sub = _grid(parent_name)
+    if sub is not None:
+        return sub
     if strategy == "ring":
         return _single(), parent
     if strategy == "ulysses":
@@ -175,7 +190,7 @@ def _sub_groups(parent_name: str, strategy: str, u_deg: int) -> tuple[GroupInfo,
 
 def _plan_tensor(plan: AttentionPlan) -> Tensor:
     values = (int(plan.use_bias), int(plan.mask_travels), plan.q_offset, plan.head_offset, plan.seed,
-              int(plan.grads_anywhere[0]), plan.k_offset,
+              int(plan.grads_anywhere[0]) | int(plan.grads_anywhere[1]) << 1, plan.k_offset,
               *plan.ulysses_sizes, *plan.key_ulysses_sizes, *plan.kv_sizes)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -183,7 +198,7 @@ def _plan_tensor(plan: AttentionPlan) -> Tensor:
 def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int, backend: str,
                dropout_p: float, scale: float) -> AttentionPlan:
     values = [int(x) for x in t.tolist()]
-    use_bias, mask_travels, q_offset, head_offset, seed, kv_grad, k_offset = values[:_PLAN_HEAD]
+    use_bias, mask_travels, q_offset, head_offset, seed, grad_bits, k_offset = values[:_PLAN_HEAD]
     u_info, r_info = _sub_groups(group_name, strategy, u_deg)
     sizes = tuple(values[_PLAN_HEAD:_PLAN_HEAD + u_deg])
     key_sizes = tuple(values[_PLAN_HEAD + u_deg:_PLAN_HEAD + 2 * u_deg])
@@ -193,44 +208,8 @@ def _plan_from(t: Tensor, q: Tensor, group_name: str, strategy: str, u_deg: int,
         k_offset=k_offset, head_offset=head_offset,
         mask_travels=bool(mask_travels), use_bias=bool(use_bias),
         kernel=select_kernel(backend, q, has_bias=bool(use_bias), dropout=dropout_p > 0),
-        scale=scale, dropout_p=dropout_p, seed=seed, grads_anywhere=(bool(kv_grad), False),
+        scale=scale, dropout_p=dropout_p, seed=seed, grads_anywhere=(bool(grad_bits & 1), bool(grad_bits & 2)),
     )
-
-
-def _ring_inputs(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
-    """What ``run_ring`` hands its Function: compacted keys, the bias from the mask, key indices."""
-    kept = unmasked_keys(mask) if plan.mask_travels else None
-    bias = key_bias_from_mask(k, mask, None) if plan.use_bias else None
-    k_index = None
-    if plan.dropout_p > 0:
-        k_index = (torch.arange(k.shape[2], device=k.device) if kept is None else kept) + plan.k_offset
-    if kept is not None:
-        k, v = k.index_select(2, kept), v.index_select(2, kept)
-        bias = None if bias is None else bias.index_select(2, kept)
-    return k, v, bias, k_index, kept
-
-
-def _ring_forward(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
-    """``[B, h, M, D]`` -> ``(out, lse)``: the ring Function's forward, run as it is."""
-    k_c, v_c, bias, k_index, _ = _ring_inputs(plan, q, k, v, mask)
-    ctx = _Ctx(plan)
-    out = _RingAttention.forward(ctx, q, k_c, v_c, bias, k_index, plan)
-    return out, ctx.saved_tensors[-1]  # lse is saved last
-
-
-def _ring_backward(plan: AttentionPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                   mask: Optional[Tensor], out: Tensor, lse: Tensor):
-    """The ring Function's backward from the saved ``out, lse``; dK/dV scattered to all keys."""
-    k_c, v_c, bias, k_index, kept = _ring_inputs(plan, q, k, v, mask)
-    ctx = _Ctx(plan, (q, k_c, v_c, bias, k_index, out, lse))
-    with torch.no_grad():
-        dq, dk_c, dv_c = _RingAttention.backward(ctx, dout)[:3]
-    if dk_c is None:  # no rank needs dK/dV (the op's outputs are tensors all the same)
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
-    if kept is None:
-        return dq, dk_c, dv_c
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    return dq, dk.index_copy_(2, kept, dk_c), dv.index_copy_(2, kept, dv_c)
 
 
 def _empty(q: Tensor) -> Tensor:
@@ -244,53 +223,71 @@ def _shape_of(t: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("hpattn::attention_fwd", mutates_args=(), tags=OP_TAGS)
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], group_name: str,
-                  strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor],
+                  group_name: str, strategy: str, ulysses_degree: int, backend: str, dropout_p: float, scale: float,
                   dropout_seed: Optional[Tensor], layer_params: list[Tensor], layer_name: str,
-                  layer_healpix: bool, kv_needs_grad: bool, needs_grad: bool,
-                  cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The door (Note [attention as one op]): ``(x, plan, lse, k_h, v_h, mask_h)``.
+                  layer_healpix: bool, layer_facts: Optional[Tensor], kv_needs_grad: bool, needs_grad: bool,
+                  bias_needs_grad: bool, cross: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The door (Note [attention as one op]): ``(x, plan, lse, k_h, v_h, mask_h, bias_h)``.
 
-    ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 = None;
-    ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call
-    (Note [seed outside the op]), None without dropout. For U = 1 the whole attention: ``x`` is
-    the result ``[B, H, Nq_r, D]``, ``lse`` ``[B, H, Nq_r]``, the rest empty. For U > 1 the head
-    exchange (Note [ulysses op memory]): ``x`` is q in head layout ``[B, h, Mq, D]``, ``k_h, v_h``
-    ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (or empty), ``lse`` empty. Cross-attention:
-    queries ``[B, H, Nq_r, D]`` and keys ``[B, H, Nk_r, D]`` on grids sharded independently (Note
-    [cross-grid plan]). ``layer_name`` non-empty: the call is a layer's, whose parameters
-    ``layer_params`` and field (``layer_healpix``) are checked in the same agreement (Note
-    [replicated parameter check]). ``kv_needs_grad`` / ``needs_grad``: whether this rank needs
-    dK/dV / differentiates ``out`` at all, read before the op (its body runs with grad mode off;
-    Note [gradients on every rank or none]).
+    ``group_name``: the group's registered name, or an explicit hybrid pair's two joined by
+    :data:`_PAIR`. ``strategy`` as the caller gave it (``"auto"`` too); ``ulysses_degree`` 0 =
+    None; ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call
+    (Note [seed outside the op]), None without dropout. ``key_bias``: ``[B, Nk_r]`` or ``[B, H,
+    Nk_r]``. For U = 1 the whole attention: ``x`` is the result ``[B, H, Nq_r, D]``, ``lse`` ``[B,
+    H, Nq_r]``, the rest empty. For U > 1 the head exchange (Note [ulysses op memory]): ``x`` is q
+    in head layout ``[B, h, Mq, D]``, ``k_h, v_h`` ``[B, h, Mk, D]``, ``mask_h`` ``[B, Mk]`` (or
+    empty), ``bias_h`` the key bias with the mask folded in, ``[B, h|1, Mk]`` in the accumulation
+    dtype (or empty), ``lse`` empty. Cross-attention: queries ``[B, H, Nq_r, D]`` and keys ``[B, H,
+    Nk_r, D]`` on grids sharded independently (Note [cross-grid plan]). ``layer_name`` non-empty:
+    the call is a layer's, whose parameters ``layer_params`` (or their fingerprint
+    ``layer_facts``, int64 ``[layout, point_sets, late, *sums]``) and field (``layer_healpix``) are
+    checked in the same agreement (Note [replicated parameter check]). ``kv_needs_grad`` /
+    ``bias_needs_grad`` / ``needs_grad``: whether this rank needs dK/dV / the key bias's gradient
+    / differentiates ``out`` at all, read before the op (its body runs with grad mode off; Note
+    [gradients on every rank or none]).
     """
-    layer = LayerRef(layer_name, tuple(layer_params), layer_healpix) if layer_name else None
-    info = _group(group_name)
+    layer = _layer(layer_name, layer_params, layer_healpix, layer_facts)
+    parent, sub = _grid(group_name)
     seed = None if dropout_seed is None else int(dropout_seed)
-    if seed is not None and layer is not None and dropout_p > 0:  # Note [seeds in a model call]
-        seed = layer_seed(info, layer.name, seed)
+    if seed is not None and isinstance(layer, LayerRef) and dropout_p > 0:  # Note [seeds in a model call]
+        seed = layer_seed(parent, layer.name, seed)
     plan, _ = plan_attention(
-        strategy, q, k, v, info.group, ulysses_degree=ulysses_degree or None,
-        backend=backend, dropout_p=dropout_p, scale=scale, key_mask=key_mask,
-        dropout_seed=seed, layer=layer, cross=cross,
+        strategy, q, k, v, parent.group, groups=None if sub is None else tuple(g.group for g in sub),
+        ulysses_degree=ulysses_degree or None, backend=backend, dropout_p=dropout_p, scale=scale,
+        key_mask=key_mask, key_bias=key_bias, dropout_seed=seed, layer=layer, cross=cross,
         what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
-        in_call=layer is not None,
-        needs_grad=needs_grad,
+        in_call=isinstance(layer, LayerRef), needs_grad=needs_grad, bias_needs_grad=bias_needs_grad,
     )
     plan_t = _plan_tensor(plan)
     e = _empty(q)
     if plan.strategy == "ring" or plan.ulysses_group.world_size == 1:  # U = 1
         if plan.strategy == "ulysses":
             plan = dataclasses.replace(plan, ring_group=_single())  # a group of one
-        out, lse = _ring_forward(plan, q, k, v, key_mask)
-        return _distinct((out, plan_t, lse, e, e.clone(), e.clone()), (q, k, v, key_mask))
+        out, lse = ring_forward(plan, q, k, v, folded_bias(plan, k, key_mask, key_bias), key_mask)
+        return _distinct((out, plan_t, lse, e, e.clone(), e.clone(), e.clone()), (q, k, v, key_mask, key_bias))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
-    q_h, k_h, v_h, _ = qkv_to_heads(q, k, v, None, u_info, sizes, plan.strategy, key_sizes=key_sizes,
-                                    separate=True)
+    # A key bias travels with the mask folded in (Note [ulysses schedule]); a bare mask as a mask.
+    bias = None if key_bias is None else key_bias_from_mask(k, key_mask, key_bias)
+    q_h, k_h, v_h, bias_h = qkv_to_heads(q, k, v, bias, u_info, sizes, plan.strategy, key_sizes=key_sizes)
+    del bias
     mask_h = q.new_empty((0,), dtype=torch.bool)
-    if key_mask is not None:
+    if key_mask is not None and key_bias is None:
         mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, f"{plan.strategy}.mask").bool()
-    return _distinct((q_h, plan_t, e.clone(), k_h, v_h, mask_h), (q, k, v, key_mask))
+    bias_h = q.new_empty((0,), dtype=_acc(q.dtype)) if bias_h is None else bias_h
+    return _distinct((q_h, plan_t, e.clone(), k_h, v_h, mask_h, bias_h), (q, k, v, key_mask, key_bias))
+
+
+def _layer(name: str, params: list[Tensor], healpix: bool,
+           facts: Optional[Tensor]) -> "Optional[LayerFacts | LayerRef]":
+    """The layer of a call from the op's arguments: its parameters (read inside the agreement),
+    or the fingerprint a caller gave (``strategies/call.py`` packs both)."""
+    if not name:
+        return None
+    if facts is not None:
+        layout, point_sets, late, *sums = (int(x) for x in facts.tolist())
+        return LayerFacts(name, layout, tuple(sums), healpix, point_sets=bool(point_sets), late=bool(late))
+    return LayerRef(name, tuple(params), healpix)
 
 
 def _what(strategy: str, cross: bool = False) -> str:
@@ -301,27 +298,32 @@ def _what(strategy: str, cross: bool = False) -> str:
 
 
 def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: int) -> tuple[str, int]:
-    return _choose(strategy, _group(group_name), None, ulysses_degree or None, q)
+    parent, sub = _grid(group_name)
+    return _choose(strategy, parent, sub, ulysses_degree or None, q)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
-      layer_params, layer_name, layer_healpix, kv_needs_grad, needs_grad, cross):
+def _(q, k, v, key_mask, key_bias, group_name, strategy, ulysses_degree, backend, dropout_p, scale, dropout_seed,
+      layer_params, layer_name, layer_healpix, layer_facts, kv_needs_grad, needs_grad, bias_needs_grad, cross):
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
-    r_deg = _group(group_name).world_size // u_deg
+    r_deg = _grid(group_name)[0].world_size // u_deg
     plan_t = torch.empty((_PLAN_HEAD + 2 * u_deg + r_deg,), dtype=torch.int64)  # CPU, like the real one
+    acc = _acc(q.dtype)
     if u_deg == 1:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
-        return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(3))
+        lse = q.new_empty(q.shape[:3], dtype=acc)
+        return out, plan_t, lse, *(q.new_empty((0,)) for _ in range(3)), q.new_empty((0,), dtype=acc)
     batch, heads, _, head_dim = q.shape
     m_q = _group_pixels()
     m_k = _group_pixels() if cross else m_q
     h = heads // u_deg
     q_h = q.new_empty((batch, h, m_q, head_dim))
     k_h, v_h = (q.new_empty((batch, h, m_k, head_dim)) for _ in range(2))
-    mask_h = q.new_empty((0,), dtype=torch.bool) if key_mask is None else q.new_empty((batch, m_k), dtype=torch.bool)
-    return q_h, plan_t, q.new_empty((0,)), k_h, v_h, mask_h
+    mask_h = q.new_empty((0,), dtype=torch.bool) if key_mask is None or key_bias is not None \
+        else q.new_empty((batch, m_k), dtype=torch.bool)
+    bias_h = q.new_empty((0,), dtype=acc) if key_bias is None \
+        else q.new_empty((batch, 1 if key_bias.dim() == 2 else h, m_k), dtype=acc)
+    return q_h, plan_t, q.new_empty((0,)), k_h, v_h, mask_h, bias_h
 
 
 def _group_pixels() -> torch.SymInt:
@@ -345,22 +347,31 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("hpattn::attention_bwd", mutates_args=(), tags=OP_TAGS)
-def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
-                  key_mask: Optional[Tensor], out: Optional[Tensor], plan_t: Tensor, lse: Optional[Tensor],
-                  group_name: str,
-                  strategy: str, ulysses_degree: int, backend: str, dropout_p: float,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` shaped like ``(q, k, v)``: the door's backward. U = 1: the ring's, from
-    ``dout`` and the residuals ``out, lse`` (``dk_h, dv_h`` None). U > 1: ``dout, dk_h, dv_h``
-    are the gradients of ``(x, k_h, v_h)`` (None = zero), sent home; ``q, k, v`` are read for
-    their shapes only and the gradients are ``[H, B, N_r, D]``-contiguous buffers seen as ``[B,
-    H, N_r, D]`` (Note [ulysses op memory])."""
+def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], dbias_h: Optional[Tensor], q: Tensor,
+                  k: Tensor, v: Tensor, key_mask: Optional[Tensor], key_bias: Optional[Tensor], out: Optional[Tensor],
+                  plan_t: Tensor, lse: Optional[Tensor], group_name: str, strategy: str, ulysses_degree: int,
+                  backend: str, dropout_p: float, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dkey_bias)`` shaped like ``(q, k, v, key_bias)`` (``dkey_bias`` empty unless
+    some rank needs it): the door's backward. U = 1: the ring's, from ``dout`` and the residuals
+    ``out, lse`` (``dk_h, dv_h, dbias_h`` None). U > 1: ``dout, dk_h, dv_h, dbias_h`` are the
+    gradients of ``(x, k_h, v_h, bias_h)`` (None = zero), sent home; ``q, k, v, key_bias`` are
+    read for their shapes only and the gradients are ``[H, B, N_r, D]``-contiguous buffers seen as
+    ``[B, H, N_r, D]`` (Note [ulysses op memory])."""
     executed, u_deg = _static_degree(q, group_name, strategy, ulysses_degree)
     plan = _plan_from(plan_t, q, group_name, executed, u_deg, backend, dropout_p, scale)
     if u_deg == 1:
-        return _distinct(_ring_backward(plan, dout, q, k, v, key_mask, out, lse), (dout, q, k, v, out, lse))
+        bias = folded_bias(plan, k, key_mask, key_bias)
+        dq, dk, dv, dbias = ring_backward(plan, dout, q, k, v, bias, key_mask, out, lse)
+        return _distinct((dq, dk, dv, _key_bias_grad(dbias, key_bias, q)), (dout, q, k, v, out, lse, key_bias))
     u_info, sizes, key_sizes = plan.ulysses_group, list(plan.ulysses_sizes), list(plan.key_ulysses_sizes)
     h = q.shape[1] // u_deg
+    dbias = None
+    if key_bias is not None and plan.grads_anywhere[1]:  # the adjoint of the bias's trip to heads
+        shape = (q.shape[0], 1 if key_bias.dim() == 2 else h, sum(key_sizes))
+        dbias = all_to_all(_zero_if_none(dbias_h, shape, q, _acc(q.dtype)), u_info, scatter_dim=2, gather_dim=1,
+                           scatter_sizes=key_sizes, label=f"{executed}.bias.grad")
+        del dbias_h
+        dbias = dbias.sum(1, keepdim=True) if key_bias.dim() == 2 else dbias  # [B, U, Nk_r]: each rank's heads
     grads = [_zero_if_none(g, (q.shape[0], h, n, q.shape[3]), q)
              for g, n in ((dout, sum(sizes)), (dk_h, sum(key_sizes)), (dv_h, sum(key_sizes)))]
     if key_sizes == sizes:  # the adjoint of qkv_to_heads, with its labels
@@ -369,23 +380,37 @@ def attention_bwd(dout: Tensor, dk_h: Optional[Tensor], dv_h: Optional[Tensor], 
         q_grad = [grads.pop(0)]
         home = (*heads_to_pixels_released(q_grad, u_info, sizes, f"{executed}.q.grad"),
                 *heads_to_pixels_released(grads, u_info, key_sizes, f"{executed}.kv.grad"))
-    return _distinct(tuple(home), (dout, dk_h, dv_h), layout=lambda t: t)
+    return _distinct((*home, _key_bias_grad(dbias, key_bias, q)), (dout, dk_h, dv_h), layout=lambda t: t)
 
 
-def _zero_if_none(g: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
-    return like.new_zeros(shape) if g is None else g
+def _key_bias_grad(dbias: Optional[Tensor], key_bias: Optional[Tensor], q: Tensor) -> Tensor:
+    """The gradient of ``key_bias`` (``[B, N_r]`` or ``[B, H, N_r]``) from that of the folded bias
+    ``[B, H|1, N_r]``, contiguous (zeros where no rank needs it: the shape the fake promises);
+    empty without a key bias."""
+    if key_bias is None:
+        return q.new_empty((0,))
+    if dbias is None:
+        return key_bias.new_zeros(key_bias.shape)
+    return dbias.reshape(key_bias.shape).to(key_bias.dtype).contiguous()
 
 
-def _distinct(ts: tuple, inputs: tuple = (), layout: Callable[[Tensor], Tensor] = Tensor.contiguous) -> tuple:
+def _zero_if_none(g: Optional[Tensor], shape: tuple, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return like.new_zeros(shape, dtype=dtype) if g is None else g
+
+
+def _distinct(ts: "tuple | list", inputs: tuple = (), layout: Callable[[Tensor], Tensor] = Tensor.contiguous,
+              release: bool = False) -> tuple:
     """``ts`` in the layout the fake promises (``layout``: contiguous unless said otherwise), with
     a copy of any tensor sharing storage with an input or an earlier one. Compiled code trusts
     the fakes' strides (a block kernel's gradients for a broadcast ``dout`` are not contiguous);
     an op's outputs may alias nothing (the ring's dK and dV are halves of one buffer, a group of
-    one exchanges nothing)."""
+    one exchanges nothing). ``release``: ``ts`` is a list nobody else holds, emptied as it goes,
+    so that each tensor is freed once laid out."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     out = []
-    for t in ts:
-        t = layout(t)
+    ts = ts if release else list(ts)
+    while ts:
+        t = layout(ts.pop(0))
         ptr = t.untyped_storage().data_ptr()
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)
@@ -403,30 +428,33 @@ def _pixels_from_heads(like: Tensor, heads_major: bool = False) -> Tensor:
 
 
 @attention_bwd.register_fake
-def _(dout, dk_h, dv_h, q, k, v, key_mask, out, plan_t, lse, group_name, strategy, ulysses_degree, backend,
-      dropout_p, scale):
+def _(dout, dk_h, dv_h, dbias_h, q, k, v, key_mask, key_bias, out, plan_t, lse, group_name, strategy,
+      ulysses_degree, backend, dropout_p, scale):
+    d_key_bias = q.new_empty((0,)) if key_bias is None else torch.empty_like(
+        key_bias, memory_format=torch.contiguous_format)
     if _static_degree(q, group_name, strategy, ulysses_degree)[1] == 1:
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return tuple(_pixels_from_heads(t, heads_major=True) for t in (q, k, v))
+        return *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)), d_key_bias
+    return *(_pixels_from_heads(t, heads_major=True) for t in (q, k, v)), d_key_bias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_mask, group_name, strategy, ulysses_degree, backend, dropout_p, scale = inputs[:10]
-    ctx.n_layer_params = len(inputs[11])
-    x, plan_t, lse, k_h, v_h, mask_h = output
+    q, k, v, key_mask, key_bias, group_name, strategy, ulysses_degree, backend, dropout_p, scale = inputs[:11]
+    ctx.n_layer_params = len(inputs[12])
+    x, plan_t, lse, k_h, v_h, mask_h, bias_h = output
     ctx.heads = _static_degree(q, group_name, strategy, ulysses_degree)[1] > 1
     if ctx.heads:  # the backward only sends gradients home (Note [ulysses op memory])
-        ctx.save_for_backward(*(_shape_of(t) for t in (q, k, v)), None, None, plan_t, None)
+        ctx.save_for_backward(*(_shape_of(t) for t in (q, k, v)), None,
+                              None if key_bias is None else _shape_of(key_bias), None, plan_t, None)
     else:
-        ctx.save_for_backward(q, k, v, key_mask, x, plan_t, lse)
+        ctx.save_for_backward(q, k, v, key_mask, key_bias, x, plan_t, lse)
     ctx.mark_non_differentiable(plan_t, lse, mask_h)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals
     ctx.static = (group_name, strategy, ulysses_degree, backend, dropout_p, scale)
     ctx.what = _what(strategy, inputs[-1])
 
 
-def _plain_backward(ctx, dx, dk_h=None, dv_h=None):
-    return attention_bwd(dx, dk_h, dv_h, *ctx.saved_tensors, *ctx.static)
+def _plain_backward(ctx, dx, dk_h=None, dv_h=None, dbias_h=None):
+    return attention_bwd(dx, dk_h, dv_h, dbias_h, *ctx.saved_tensors, *ctx.static)
 
 
 # The backward is explicit, so not differentiable: Note [double backward], named per entry point.
@@ -436,11 +464,11 @@ _ENTRY_POINTS = ("ring_attention", "ring_cross_attention", "ulysses_attention", 
 _REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in _ENTRY_POINTS}
 
 
-def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad):
-    dq, dk, dv = _REFUSING[ctx.what](ctx, dx, dk_h, dv_h)
+def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad, dbias_h):
+    dq, dk, dv, d_key_bias = _REFUSING[ctx.what](ctx, dx, dk_h, dv_h, dbias_h)
     # No gradient for the layer's parameters through here: the op only reads their sums.
-    return (dq, dk, dv, None, None, None, None, None, None, None, None, [None] * ctx.n_layer_params, None, None,
-            None, None, None)
+    return (dq, dk, dv, None, d_key_bias if ctx.needs_input_grad[4] else None, None, None, None, None, None, None,
+            None, [None] * ctx.n_layer_params, None, None, None, None, None, None, None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -466,16 +494,23 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("hpattn::attention_heads", mutates_args=(), tags=OP_TAGS)
-def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, plan_t: Tensor, q: Tensor,
+def attention_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, bias_h: Tensor, plan_t: Tensor, q: Tensor,
                     group_name: str, strategy: str, ulysses_degree: int, backend: str, dropout_p: float,
                     scale: float) -> tuple[Tensor, Tensor]:
     """``(out_h [B, h, Mq, D], lse [B, h, Mq])``: the attention of this rank's heads over every
     pixel of its Ulysses group, a ring across the groups for hybrid (R > 1). ``q`` is read for
-    its shape only."""
+    its shape only; ``mask_h``, ``bias_h`` as ``attention_fwd`` returned them."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
-    # A mask is 2-D ([B, Mk]; B = 0 makes it empty, still a mask), its absence (0,).
-    return _distinct(_ring_forward(plan, q_h, k_h, v_h, mask_h.bool() if mask_h.dim() == 2 else None),
-                     (q_h, k_h, v_h, mask_h))
+    mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
+    return _distinct(ring_forward(plan, q_h, k_h, v_h, bias, mask), (q_h, k_h, v_h, mask_h, bias_h))
+
+
+def _heads_mask_bias(plan: AttentionPlan, k_h: Tensor, mask_h: Tensor,
+                     bias_h: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The heads' key mask and folded bias. A mask is 2-D (``[B, Mk]``; B = 0 makes it empty, still
+    a mask), a bias 3-D; their absence is ``(0,)``."""
+    mask = mask_h.bool() if mask_h.dim() == 2 else None
+    return mask, folded_bias(plan, k_h, mask, None, bias_h if bias_h.dim() == 3 else None)
 
 
 def _heads_plan(plan_t: Tensor, q: Tensor, group_name: str, strategy: str, ulysses_degree: int, backend: str,
@@ -485,21 +520,29 @@ def _heads_plan(plan_t: Tensor, q: Tensor, group_name: str, strategy: str, ulyss
 
 
 @attention_heads.register_fake
-def _(q_h, k_h, v_h, mask_h, plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale):
+def _(q_h, k_h, v_h, mask_h, bias_h, plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale):
     return torch.empty_like(q_h, memory_format=torch.contiguous_format), q_h.new_empty(q_h.shape[:3],
                                                                                         dtype=_acc(q_h.dtype))
 
 
 @torch.library.custom_op("hpattn::attention_heads_bwd", mutates_args=(), tags=OP_TAGS)
-def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, out_h: Tensor,
-                        lse: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
+def attention_heads_bwd(dout_h: Tensor, q_h: Tensor, k_h: Tensor, v_h: Tensor, mask_h: Tensor, bias_h: Tensor,
+                        out_h: Tensor, lse: Tensor, plan_t: Tensor, q: Tensor, group_name: str, strategy: str,
                         ulysses_degree: int, backend: str, dropout_p: float,
-                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq_h, dk_h, dv_h)`` shaped like ``(q_h, k_h, v_h)``."""
+                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq_h, dk_h, dv_h, dbias_h)`` shaped like ``(q_h, k_h, v_h, bias_h)`` (``dbias_h`` empty
+    unless some rank needs the key bias's gradient)."""
     plan = _heads_plan(plan_t, q, group_name, strategy, ulysses_degree, backend, dropout_p, scale)
-    mask = mask_h.bool() if mask_h.dim() == 2 else None
-    return _distinct(_ring_backward(plan, dout_h, q_h, k_h, v_h, mask, out_h, lse),
-                     (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor)
+    mask, bias = _heads_mask_bias(plan, k_h, mask_h, bias_h)
+    grads = list(ring_backward(plan, dout_h, q_h, k_h, v_h, bias, mask, out_h, lse))
+    dbias_h = grads.pop()
+    # Shaped like bias_h, as the fake promises: zeros where no rank needs the gradient, (0,) without a bias.
+    dbias_h = torch.zeros_like(bias_h, memory_format=torch.contiguous_format) if dbias_h is None \
+        else dbias_h.contiguous()
+    # One gradient at a time: a kernel whose gradients are not heads-minor (the manual one) gets
+    # each copied while the others wait, not all three beside their copies (Note [ulysses op memory]).
+    return (*_distinct(grads, (dout_h, q_h, k_h, v_h, out_h, lse), layout=_heads_minor, release=True),
+            *_distinct((dbias_h,), (bias_h,)))
 
 
 def _heads_minor(t: Tensor) -> Tensor:
@@ -512,16 +555,17 @@ def _heads_minor(t: Tensor) -> Tensor:
 
 
 @attention_heads_bwd.register_fake
-def _(dout_h, q_h, k_h, v_h, mask_h, out_h, lse, plan_t, q, group_name, strategy, ulysses_degree, backend,
+def _(dout_h, q_h, k_h, v_h, mask_h, bias_h, out_h, lse, plan_t, q, group_name, strategy, ulysses_degree, backend,
       dropout_p, scale):
-    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
-                 for t in (q_h, k_h, v_h))
+    dbias_h = torch.empty_like(bias_h, memory_format=torch.contiguous_format)  # (0,) without a bias
+    return (*(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+              for t in (q_h, k_h, v_h)), dbias_h)
 
 
 def _heads_setup(ctx, inputs, output) -> None:
-    q_h, k_h, v_h, mask_h, plan_t, q, *static = inputs
+    q_h, k_h, v_h, mask_h, bias_h, plan_t, q, *static = inputs
     out_h, lse = output
-    ctx.save_for_backward(q_h, k_h, v_h, mask_h, out_h, lse, plan_t, _shape_of(q))
+    ctx.save_for_backward(q_h, k_h, v_h, mask_h, bias_h, out_h, lse, plan_t, _shape_of(q))
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
     ctx.static = tuple(static)
@@ -536,8 +580,9 @@ _REFUSING_HEADS = {name: refuse_double_backward(name)(_heads_plain_backward) for
 
 
 def _heads_backward(ctx, dout_h, lse_grad):
-    dq_h, dk_h, dv_h = _REFUSING_HEADS[ctx.what](ctx, dout_h)
-    return dq_h, dk_h, dv_h, None, None, None, None, None, None, None, None, None
+    dq_h, dk_h, dv_h, dbias_h = _REFUSING_HEADS[ctx.what](ctx, dout_h)
+    dbias_h = dbias_h if ctx.needs_input_grad[4] and dbias_h.dim() == 3 else None
+    return dq_h, dk_h, dv_h, None, dbias_h, None, None, None, None, None, None, None, None
 
 
 attention_heads.register_autograd(_heads_backward, setup_context=_heads_setup)
@@ -605,29 +650,3 @@ pixels_to_heads_op.register_autograd(_pixels_to_heads_backward, setup_context=_e
 for _op in (attention_fwd, attention_bwd, attention_heads, attention_heads_bwd, heads_to_pixels_op,
             pixels_to_heads_op):
     torch.fx.node.has_side_effect(_op._opoverload)
-
-
-def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
-                 backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
-                 dropout_seed: Optional[int], ulysses_degree: Optional[int],
-                 layer: Optional[LayerRef] = None, cross: bool = False) -> Tensor:
-    """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
-    (Note [attention as one op]); ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` (``Nk_r = Nq_r``
-    unless ``cross``) in, ``[B, H, Nq_r, D]`` out."""
-    group_name, u = group_name_of(group), ulysses_degree or 0
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    x, plan_t, _, k_h, v_h, mask_h = torch.ops.hpattn.attention_fwd(
-        q, k, v, key_mask, group_name, strategy, u, backend, float(dropout_p), scale,
-        seed_input(dropout_p, dropout_seed),
-        # Detached: the op reads the parameters' sums only, and must not join their autograd
-        # graph (ZeRO-3 re-partitions them between forward and backward).
-        [] if layer is None else [p.detach() for p in layer.params], "" if layer is None else layer.name,
-        True if layer is None else layer.healpix_field,
-        torch.is_grad_enabled() and (k.requires_grad or v.requires_grad), records_gradients(q, k, v),
-        bool(cross),
-    )
-    if x.shape[1] == q.shape[1]:  # U = 1: the result itself
-        return x
-    out_h = torch.ops.hpattn.attention_heads(x, k_h, v_h, mask_h, plan_t, q, group_name, strategy, u, backend,
-                                             float(dropout_p), scale)[0]
-    return torch.ops.hpattn.heads_to_pixels(out_h, plan_t, q, group_name, strategy, u)

@@ -218,6 +218,8 @@ def plan_attention(
     kv_needs_grad: Optional[bool] = None,
     in_call: bool = False,
     needs_grad: Optional[bool] = None,
+    bias_needs_grad: Optional[bool] = None,
+    via_op: bool = True,
 ) -> tuple[AttentionPlan, Optional[Tensor]]:
     """Check the call, agree once with the peers, and return ``(plan, bias)``.
 
@@ -230,7 +232,11 @@ def plan_attention(
     ``kv_needs_grad``: whether this rank needs dK/dV, where the call cannot see it on k and v
     (inside the registered op); None reads it from grad mode and ``requires_grad``.
     ``needs_grad``: likewise, whether this call's output will be differentiated, agreed by every
-    rank (Note [gradients on every rank or none] in ``comm/agreement.py``).
+    rank (Note [gradients on every rank or none] in ``comm/agreement.py``); ``bias_needs_grad``
+    likewise for the gradient of ``key_bias``.
+    ``via_op``: called by the registered op (False: by the one refusal of arguments it cannot
+    take, Note [what the attention op cannot take] in ``call.py``; the flag is agreed, so the
+    peers raise with that rank instead of running the op's exchanges).
     ``cross``: queries and keys are sharded independently (``q [B, H, Nq_r, D]``, ``k, v [B, H,
     Nk_r, D]``, Note [cross-grid plan]); ``key_mask`` and ``key_bias`` then have k's N.
     ``in_call``: a layer's call that may reuse the plan agreed in an earlier call of a converted
@@ -272,15 +278,16 @@ def plan_attention(
         # Which gradients must travel home (Note [ring memory]): each rank knows only its own.
         grad_on = torch.is_grad_enabled()
         kv_grad = (k.requires_grad or v.requires_grad) if kv_needs_grad is None else kv_needs_grad
-        grad_bits = (int(grad_on and kv_grad) if kv_needs_grad is None else int(kv_needs_grad),
-                     int(grad_on and key_bias is not None and key_bias.requires_grad))
+        bias_grad = (grad_on and key_bias is not None and key_bias.requires_grad) if bias_needs_grad is None \
+            else key_bias is not None and bias_needs_grad
+        grad_bits = (int(grad_on and kv_grad) if kv_needs_grad is None else int(kv_needs_grad), int(bias_grad))
         shared = {
             "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
             "key_bias_heads": -1 if key_bias is None else bias.shape[1],
             "key_mask": int(key_mask is not None),
             "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
             "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
-            "scale": head_dim**-0.5 if scale is None else float(scale),
+            "scale": head_dim**-0.5 if scale is None else float(scale), "via_op": int(via_op),
         }
         seed = resolve_dropout_seed(dropout_p, dropout_seed)
         grads = records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad

@@ -35,6 +35,11 @@ Note [ring memory]
     accumulators in flight are the price of hiding both trips behind compute. Nothing else is
     held: no K/V block allocated for its shape alone, no earlier step's results, no second K/V.
 
+    A key bias ``[B, H|1, N_src]`` adds tensors of its own size only: its block beside K/V (computed
+    on, in flight), the dbias accumulators beside dK/dV and the kernel's block dbias. The kernel a
+    bias selects where no fused kernel takes one (the manual kernel on CPU) adds its score tiles
+    and a zeroed copy of the block's K/V (Note [bounded score tile]).
+
     The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
     k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
     only), and a rank that skipped the trip while its neighbour waits for it would pair the
@@ -56,12 +61,12 @@ from hpattn_dist.comm.ring import PendingExchange, RingExchanger
 from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import DropoutSpec
 from hpattn_dist.kernels.dispatch import block_layout
-from hpattn_dist.masks import unmasked_keys
+from hpattn_dist.masks import key_bias_from_mask, unmasked_keys
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
 from hpattn_dist.strategies.plan import AttentionPlan
 
-__all__ = ["run_ring"]
+__all__ = ["folded_bias", "ring_backward", "ring_forward"]
 
 
 class _RingAttention(torch.autograd.Function):
@@ -311,24 +316,75 @@ def _dropout_spec(dropout_p: float, seed: int, q_offset: int, k_index: Optional[
         return None
     return DropoutSpec(dropout_p, seed, q_offset=q_offset, h_offset=head_offset, k_index=k_index)
 
-def run_ring(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-             key_mask: Optional[Tensor]) -> Tensor:
-    """Execute ``plan`` over its ring group (Note [ring schedule]).
 
-    ``q``: ``[B, h, N_i, D]``, this ring member's queries; ``k, v``: ``[B, h, K_i, D]``, its keys
-    (``K_i = N_i`` but for cross-attention, Note [cross-grid plan]); ``bias``: ``[B, h|1, K_i]`` in
-    the accumulation dtype or None; ``key_mask``: bool ``[B, K_i]`` when the mask travels as a mask
-    (its fully masked keys are dropped, Note [masked key compaction]). Returns ``[B, h, N_i, D]``
-    in q's dtype.
-    """
-    kept = unmasked_keys(key_mask) if plan.mask_travels else None
-    if not plan.use_bias:
-        bias = None
+# --- The Function run inside the registered ops (Note [attention as one op] in strategies/ops.py)
+
+
+class _Ctx:
+    """Stands in for an autograd ctx when the ring Function's forward/backward run inside the op."""
+
+    def __init__(self, plan: AttentionPlan, saved: tuple = (), has_bias: bool = False) -> None:
+        self.plan, self.saved_tensors = plan, saved
+        # The dK/dV accumulators (and dbias beside them) travel home when some rank needs them
+        # (agreed at the door, Note [ring memory]); dbias is computed wherever any rank needs it,
+        # since for U > 1 every Ulysses rank holds part of each key's gradient.
+        kv_grad, bias_grad = plan.grads_anywhere
+        bias_grad = has_bias and bias_grad
+        self.needs_input_grad = (True, kv_grad, kv_grad, bias_grad, False, False)
+        self.kv_stacked = False
+        self.dkv_travels = (kv_grad or bias_grad) and plan.ring_group.world_size > 1
+        self.dbias_travels = bias_grad
+
+    def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
+        self.saved_tensors = tensors
+
+
+def folded_bias(plan: AttentionPlan, k: Tensor, mask: Optional[Tensor], key_bias: Optional[Tensor],
+                 bias_h: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The one additive bias ``[B, H|1, M]`` (accumulation dtype, -inf at masked keys) the ring
+    Function reads: the key bias in head layout where it travelled (``bias_h``, the mask already
+    folded in), else folded here from the key mask and ``key_bias``; None where the plan applies none."""
+    if bias_h is not None:
+        return bias_h
+    return key_bias_from_mask(k, mask, key_bias) if plan.use_bias else None
+
+
+def _ring_inputs(plan: AttentionPlan, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
+    """What the ring Function takes: compacted keys and bias (Note [masked key compaction]), key indices."""
+    kept = unmasked_keys(mask) if plan.mask_travels else None
     k_index = None
     if plan.dropout_p > 0:
-        local_index = torch.arange(k.shape[2], device=k.device) if kept is None else kept
-        k_index = local_index + plan.k_offset
+        k_index = (torch.arange(k.shape[2], device=k.device) if kept is None else kept) + plan.k_offset
     if kept is not None:
         k, v = k.index_select(2, kept), v.index_select(2, kept)
         bias = None if bias is None else bias.index_select(2, kept)
-    return _RingAttention.apply(q, k, v, bias, k_index, plan)
+    return k, v, bias, k_index, kept
+
+
+def ring_forward(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                  mask: Optional[Tensor]):
+    """``[B, h, M, D]`` -> ``(out, lse)``: the ring Function's forward, run as it is; ``bias``
+    from :func:`_folded_bias`."""
+    k_c, v_c, bias, k_index, _ = _ring_inputs(plan, k, v, bias, mask)
+    ctx = _Ctx(plan)
+    out = _RingAttention.forward(ctx, q, k_c, v_c, bias, k_index, plan)
+    return out, ctx.saved_tensors[-1]  # lse is saved last
+
+
+def ring_backward(plan: AttentionPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                   mask: Optional[Tensor], out: Tensor, lse: Tensor):
+    """The ring Function's backward from the saved ``out, lse``: ``(dq, dk, dv, dbias)``, dK/dV
+    (and dbias ``[B, H|1, M]``, None unless some rank needs it) scattered to all keys."""
+    k_c, v_c, bias_c, k_index, kept = _ring_inputs(plan, k, v, bias, mask)
+    ctx = _Ctx(plan, (q, k_c, v_c, bias_c, k_index, out, lse), has_bias=bias_c is not None)
+    with torch.no_grad():
+        dq, dk_c, dv_c, dbias_c = _RingAttention.backward(ctx, dout)[:4]
+    if dk_c is None:  # no rank needs dK/dV (the op's outputs are tensors all the same)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    elif kept is None:
+        dk, dv = dk_c, dv_c
+    else:
+        dk, dv = torch.zeros_like(k).index_copy_(2, kept, dk_c), torch.zeros_like(v).index_copy_(2, kept, dv_c)
+    if dbias_c is not None and kept is not None:
+        dbias_c = dbias_c.new_zeros(bias.shape).index_copy_(2, kept, dbias_c)
+    return dq, dk, dv, dbias_c

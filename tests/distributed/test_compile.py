@@ -105,6 +105,53 @@ def _job(rank: int, world: int) -> dict:
                      "eager": eager, "compiled": compiled, "plain_bytes": plain[3:]}
     res["fake"] = _fakes(rank)
     res["empty shard"] = _empty_shard(rank, world)
+    res["functional"] = _functional(rank, world)
+    return res
+
+
+# The functional API with a differentiable key bias, and a hybrid over explicit groups: one op
+# family, so fullgraph with no break (they took the autograd executors, which dynamo traced into).
+FUNCTIONAL = ("ring, key bias", "ulysses, key bias per head", "hybrid groups, key bias and mask",
+              "hybrid groups, key bias per head", "hybrid groups, frozen key bias")
+
+
+def _functional(rank: int, world: int) -> dict:
+    import torch._dynamo
+
+    from hpattn_dist import build_hybrid_groups, hybrid_attention, ring_attention, ulysses_attention
+
+    groups = build_hybrid_groups(None, world)  # U = 2: the bias travels to heads
+    g = torch.Generator().manual_seed(5 + rank)
+    n = 3 + 2 * rank
+    q, k, v, dout = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = torch.rand(2, n, generator=g) > 0.3
+    res = {}
+    for name in FUNCTIONAL:
+        bias = torch.randn((2, 4, n) if "per head" in name else (2, n), generator=g, dtype=torch.float64)
+        key_mask = mask if "mask" in name else None
+
+        def fn(q, k, v, bias, name=name, key_mask=key_mask):
+            if name.startswith("ring"):
+                return ring_attention(q, k, v, key_bias=bias, key_mask=key_mask)
+            if name.startswith("ulysses"):
+                return ulysses_attention(q, k, v, key_bias=bias, key_mask=key_mask)
+            return hybrid_attention(q, k, v, ulysses_group=groups.ulysses_group, ring_group=groups.ring_group,
+                                    key_bias=bias, key_mask=key_mask)
+
+        torch._dynamo.reset()
+        frozen = "frozen" in name  # no gradient for the bias: the ops' outputs keep their fake shapes
+
+        def leaves():
+            return [t.clone().requires_grad_(not (frozen and i == 3)) for i, t in enumerate((q, k, v, bias))]
+
+        explained = torch._dynamo.explain(fn)(*leaves())
+        runs = {}
+        for how, f in (("eager", fn), ("compiled", torch.compile(fn, fullgraph=True))):
+            inputs = leaves()
+            out = f(*inputs)
+            out.backward(dout)
+            runs[how] = [out.detach()] + [t.grad for t in inputs]
+        res[name] = {"breaks": explained.graph_break_count, **runs}
     return res
 
 
@@ -146,8 +193,9 @@ def _fakes(rank: int) -> dict:
                     k = torch.empty(2, 4, 3 - rank, 8, dtype=torch.float64)
                     for cross in (False, True):
                         outs = torch.ops.hpattn.attention_fwd(q, k if cross else q, k if cross else q, None,
-                                                              group_name_of(None), strategy, 0, "manual", 0.0,
-                                                              0.5, None, [], "", True, False, False, cross)
+                                                              None, group_name_of(None), strategy, 0, "manual",
+                                                              0.0, 0.5, None, [], "", True, None, False, False,
+                                                              False, cross)
                         res[strategy, env, cross] = [str(tuple(t.shape)) for t in outs]
             except Exception as e:  # noqa: BLE001  (the test asserts which)
                 res[strategy, env, False] = res[strategy, env, True] = type(e).__name__
@@ -198,6 +246,20 @@ def test_compiled_block_equals_float64_single_device(name):
         assert _close(sum(r[name]["compiled"][2][p] for r in results), g, 1e-11), p
 
 
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_functional_key_bias_and_explicit_groups_compile_without_a_break(name):
+    """fullgraph=True, no graph break, and compiled out, dq, dk, dv and the key bias's gradient
+    equal to eager in float64."""
+    for rank, r in enumerate(_results()):
+        r = r["functional"][name]
+        assert r["breaks"] == 0, (rank, r["breaks"])
+        for i, (c, e) in enumerate(zip(r["compiled"], r["eager"])):
+            if "frozen" in name and i == 4:  # the bias's gradient
+                assert c is None and e is None, rank
+                continue
+            assert e is not None and _close(c, e), (rank, i)
+
+
 @pytest.mark.parametrize("strategy", ["ring", "ulysses"])
 def test_inductor_with_an_empty_shard_equals_float64_single_device(strategy):
     x, w = field(1)
@@ -222,7 +284,7 @@ def test_fake_without_symbolic_shapes():
     for rank, r in enumerate(_results()):
         n = 5 + rank
         for cross in (False, True):
-            ring = [f"(2, 4, {n}, 8)", f"({7 + 2 * 1 + WORLD},)", f"(2, 4, {n})"] + ["(0,)"] * 3
+            ring = [f"(2, 4, {n}, 8)", f"({7 + 2 * 1 + WORLD},)", f"(2, 4, {n})"] + ["(0,)"] * 4
             assert r["fake"]["ring", "none", cross] == r["fake"]["ring", "shape_env", cross] == ring, rank
             assert r["fake"]["ulysses", "none", cross] == "DynamicOutputShapeException", rank
             outs = r["fake"]["ulysses", "shape_env", cross]

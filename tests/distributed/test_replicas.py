@@ -188,3 +188,92 @@ def test_local_layer_refuses_differing_parameters_and_non_healpix_fields_on_ever
     with torch.no_grad():
         want = oracle(x_full)
     torch.testing.assert_close(torch.cat([o["y"] for o in outs], dim=1), want, rtol=1e-10, atol=1e-12)
+
+
+def _late(rank: int, world: int) -> dict:
+    """Note [fingerprint one call late] on real ranks: every parameter counts as a device one."""
+    from hpattn_dist import replicas
+    from hpattn_dist.grad_sync import sync_gradients
+    from hpattn_dist.healpix import scatter
+
+    replicas._deferred = lambda p: True
+    x_local = scatter(torch.randn(2, 48, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    out = {}
+    torch.manual_seed(rank)  # different weights from the first call: raised at once
+    first = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="first").double()
+    out["first"] = _attempt(first, x_local)
+    broadcast_parameters(first)  # mended: the next call must not carry the old fingerprint
+    out["mended"] = _attempt(first, x_local)
+    layer = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="late").double()
+    broadcast_parameters(layer)
+    for step in range(2):
+        layer(x_local).square().sum().backward()
+        sync_gradients(layer)  # equal weights: no error
+    with torch.no_grad():
+        if rank == world - 1:  # a permutation on the last rank after good calls
+            layer.qkv_proj.weight.copy_(layer.qkv_proj.weight.roll(1, 0))
+    layer.zero_grad()
+    # the call carries the previous call's (equal) fingerprint: no error yet
+    out["late_call"] = _attempt(lambda: layer(x_local).square().sum().backward())
+    out["flushed"] = _attempt(sync_gradients, layer)  # before the optimizer step
+    out["next_call"] = _attempt(layer, x_local)  # no sync_gradients in between: the next call
+    # A call that fails on one rank before it reads its layer's fingerprint (a bad input), between
+    # two updates made alike on every rank: the good call after it must not compare old with new.
+    retry = DistributedSpatialSelfAttention(E, HEADS, attn_backend="manual", name="retry").double()
+    broadcast_parameters(retry)
+
+    def update() -> None:
+        with torch.no_grad():
+            for p in retry.parameters():
+                p.mul_(1.01)
+
+    retry(x_local)
+    update()
+    out["bad_input"] = _attempt(retry, x_local[..., :E - 1] if rank == 1 else x_local)
+    update()
+    out["retried"] = _attempt(retry, x_local)
+    return out
+
+
+def test_a_deferred_fingerprint_raises_on_every_rank_at_most_one_call_late():
+    outs = run_ranks(_late, 2, timeout=90.0)
+    for rank, out in enumerate(outs):
+        assert out["first"] is not None and "'first'" in out["first"], (rank, out["first"])
+        assert out["mended"] is None, (rank, out["mended"])
+        assert out["late_call"] is None, (rank, out["late_call"])
+        msg = out["flushed"]
+        assert msg is not None and "sync_gradients" in msg and "'late'" in msg and "rank 1" in msg, (rank, msg)
+        msg = out["next_call"]
+        assert msg is not None and "'late'" in msg and "previous call" in msg, (rank, msg)
+        assert out["bad_input"] is not None and "'retry'" in out["bad_input"], (rank, out["bad_input"])
+        assert out["retried"] is None, (rank, out["retried"])
+
+
+def _late_model(rank: int, world: int) -> dict:
+    """A converted idx-flow model's one fingerprint per call, every parameter deferred."""
+    from hpattn_dist import replicas
+    from hpattn_dist.healpix import shard_bounds
+    from tests.integration.test_idx_flow_one_agreement import N_IN, _convert, build, data
+
+    replicas._deferred = lambda p: True
+    model = _convert(build(), None)  # seeded alike on every rank
+    a, b = shard_bounds(N_IN, world)[rank]
+    x = data(0)[0][:, a:b]
+    out = {}
+    with torch.no_grad():
+        model(x)  # the lazily built parameters made, equal
+        if rank == world - 1:
+            model.blocks[0].attn.qkv_proj.weight.add_(1e-3)
+        out["late"] = _attempt(model, x)  # carries the previous call's (equal) fingerprint
+        out["next"] = _attempt(model, x)
+        broadcast_parameters(model)
+        out["mended"] = _attempt(model, x)
+    return out
+
+
+def test_a_converted_models_deferred_fingerprint_raises_one_call_late_and_starts_afresh():
+    outs = run_ranks(_late_model, 2, timeout=120.0)
+    for rank, out in enumerate(outs):
+        assert out["late"] is None, (rank, out["late"])
+        assert out["next"] is not None and "blocks.0.attn.qkv_proj.weight" in out["next"], (rank, out["next"])
+        assert out["mended"] is None, (rank, out["mended"])

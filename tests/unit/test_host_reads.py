@@ -13,7 +13,12 @@ the host-to-device copies that reach the dispatcher. Checked:
   its edge cells by positions planned on the host);
 * the door (``plan_attention``) with a key mask reads the mask on the first call only: the mask's
   layout is cached by tensor and version (it read it on every call), and read again after an
-  in-place change.
+  in-place change;
+* the door of a layer's call on fake CUDA parameters gathered anew every call (FSDP2, ZeRO-3) reads
+  no device data after the first call: the parameter fingerprint travels to the host with a
+  non-blocking copy and is read at the next call (Note [fingerprint one call late] in
+  ``replicas.py``; it read the sums with ``.tolist()`` on every call); the same parameters again
+  are not summed again, also through the ``detach()`` of the registered ops' callers.
 
 Legend: B batch, H heads, N pixels, D head dim.
 """
@@ -28,12 +33,14 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hpattn_dist import replicas
 from hpattn_dist.comm.groups import GroupInfo
-from hpattn_dist.kernels import DropoutSpec, keep_mask, select_kernel
+from hpattn_dist.kernels import DropoutSpec, capability, keep_mask, select_kernel
 from hpattn_dist.local import execute
 from hpattn_dist.local.plan import plan_local_attention
+from hpattn_dist.replicas import LayerRef
 from hpattn_dist.strategies.plan import plan_attention
-from hpattn_dist.strategies.ring import run_ring
+from hpattn_dist.strategies.ring import ring_backward, ring_forward
 
 aten = torch.ops.aten
 B, H, N, D = 2, 2, 48, 4
@@ -48,15 +55,20 @@ class DeviceReads(TorchDispatchMode):
     def __init__(self, cpu_too: bool = False) -> None:
         super().__init__()
         self.cpu_too, self.reads, self.copies = cpu_too, [], []
+        self.to_host: list[tuple[int, bool]] = []  # device-to-host copies: (id of the host tensor, non_blocking)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if func in self.READS and any(self.cpu_too or t.device.type != "cpu" for t in tensors):
             self.reads.append(func)
+        if func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            self.to_host.append((id(args[0]), bool(args[2] if len(args) > 2 else kwargs.get("non_blocking"))))
         out = func(*args, **kwargs)
         if func is aten._to_copy.default and args[0].device.type == "cpu" and out.device.type != "cpu":
             self.copies.append(func)
+        if func is aten._to_copy.default and args[0].device.type != "cpu" and out.device.type == "cpu":
+            self.to_host.append((id(out), False))
         return out
 
 
@@ -87,9 +99,10 @@ def _meta_qkv():
 def test_ring_executor_reads_no_device_data():
     q, k, v = _meta_qkv()
     with DeviceReads() as rec:
-        out = run_ring(_ring_plan(q, 0.2), q, k, v, None, None)
-        out.backward(torch.empty_like(out))
-    assert out.shape == q.shape and q.grad.shape == q.shape
+        plan = _ring_plan(q, 0.2)
+        out, lse = ring_forward(plan, q, k, v, None, None)
+        dq = ring_backward(plan, torch.empty_like(out), q, k, v, None, None, out, lse)[0]
+    assert out.shape == q.shape and dq.shape == q.shape
     assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
 
 
@@ -130,3 +143,63 @@ def test_the_door_reads_a_repeated_mask_once():
     mask[0, 9] = True  # an in-place change is seen
     changed = door()
     assert changed[:2] == ((N - 5,), False) and changed[2] > 0, changed
+
+
+def _landings(monkeypatch) -> list:
+    """Stand in for host memory: a fake tensor has no data, so :func:`replicas._landed` (which reads
+    a host buffer whose copy completed) records the buffer it is given and returns made-up sums."""
+    landed: list = []
+
+    def read(host: torch.Tensor) -> list:
+        assert host.device.type == "cpu"
+        landed.append(id(host))
+        return [1.0, 2.0, 3.0, 4.0]
+
+    monkeypatch.setattr(replicas, "_landed", read, raising=False)  # raising=False: absent before the fix
+    return landed
+
+
+@pytest.mark.parametrize("regathered", [True, False])
+def test_a_layers_door_reads_no_device_data_when_its_parameters_move(monkeypatch, regathered):
+    """Four calls of a layer's door (``plan_attention`` with a :class:`LayerRef`) on fake CUDA:
+    ``regathered``: new parameter tensors every call (FSDP2 / ZeRO-3 gather them anew); else the
+    same parameters, passed through ``detach()`` as the registered ops' callers do."""
+    monkeypatch.setattr(capability, "cuda_capability", lambda device: (9, 0))
+    landed = _landings(monkeypatch)
+    calls = []
+    with FakeTensorMode():
+        q, k, v = (torch.empty(B, H, N, D, device="cuda") for _ in range(3))
+        weights = (torch.empty(3 * H * D, H * D, device="cuda"), torch.empty(3 * H * D, device="cuda"))
+        for _ in range(4):
+            params = tuple(torch.empty_like(w) for w in weights) if regathered else weights
+            layer = LayerRef(f"layer {regathered}", tuple(p.detach() for p in params), False)
+            with DeviceReads() as rec:
+                plan, _ = plan_attention("ring", q, k, v, what="test", backend="manual", layer=layer)
+            calls.append((rec.reads, rec.copies, rec.to_host, list(landed)))
+            landed.clear()
+    assert plan.kv_sizes == (N,)
+    first_copies = calls[0][2]
+    assert len(first_copies) == 1 and calls[0][3] == [first_copies[0][0]]  # the first call reads at once
+    for i, (reads, copies, to_host, read_now) in enumerate(calls[1:], start=1):
+        assert reads == [] and copies == [], (reads, copies)
+        if regathered:  # each call sends its sums on their way and reads the previous call's
+            assert len(to_host) == 1 and to_host[0][1], to_host  # non_blocking
+            assert read_now == ([] if i == 1 else [calls[i - 1][2][0][0]]), (i, read_now, calls[i - 1][2])
+        else:  # nothing new to sum, nothing to read
+            assert to_host == [] and read_now == [], (to_host, read_now)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_a_new_mask_passed_as_a_key_bias_is_not_read(monkeypatch, strategy):
+    """The no-read path for a mask that changes every call (Note [agreement off the device]): as a
+    ``-inf`` key bias nothing decides shapes, so the door reads nothing ([B, H, N]: a fake CUDA
+    tensor cannot be indexed with None)."""
+    monkeypatch.setattr(capability, "cuda_capability", lambda device: (9, 0))
+    with FakeTensorMode():
+        q, k, v = (torch.empty(B, H, N, D, device="cuda") for _ in range(3))
+        for _ in range(2):
+            mask = torch.empty(B, N, device="cuda", dtype=torch.bool)
+            bias = torch.zeros(B, H, N, device="cuda").masked_fill(mask.unsqueeze(1).logical_not(), float("-inf"))
+            with DeviceReads() as rec:
+                plan, _ = plan_attention(strategy, q, k, v, what="test", backend="manual", key_bias=bias)
+            assert plan.use_bias and rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)

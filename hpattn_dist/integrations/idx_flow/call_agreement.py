@@ -22,7 +22,7 @@ model. Its row carries:
   parameters, whether they were fingerprinted, whether a layer drops;
 - local: the fingerprint of every replicated parameter of the model (Note [replicated parameter
   check] in ``replicas.py``: four float64 sums, cached per parameter version, so read again only
-  after an optimizer step; a pixel tensor that its hook already narrowed to the rank's rows, one
+  after an optimizer step; on a device those of the previous call, Note [fingerprint one call late]; a pixel tensor that its hook already narrowed to the rank's rows, one
   the root owns, is fingerprinted whole), one call seed (Note [seeds in a model call] in ``comm/model_call.py``),
   a CRC of the converted layers' settings (``_hp_call_config``: the attention's scale, dropout,
   strategy, backend, ...; a dropout's probability), and dim 1 (the pixels) of each tensor argument.
@@ -164,7 +164,7 @@ class ModelCallAgreement(GroupBound):
         self.grids = frozenset(grids)
         self._depth = 0
         self._facts_by_key: dict[tuple, dict] = {}
-        self._fingerprint = ParameterFingerprint()
+        self._fingerprint = ParameterFingerprint(what)
 
     def _facts(self, root: nn.Module, args: tuple, kwargs: dict, peers: bool) -> tuple[dict, tuple, dict]:
         """``(shared, local, extra)``: the call's row, and what it checked (``extra``: the
@@ -190,7 +190,7 @@ class ModelCallAgreement(GroupBound):
                 drops = drops or _drops(module)
         named = _replicated_parameters(root)
         checked = peers and all(fingerprintable(p) for _, p in named)
-        layout, sums = self._fingerprint(named) if checked else (0, (0,) * N_SUMS)
+        layout, sums = self._fingerprint.deferred(named) if checked else (0, (0,) * N_SUMS)
         seed = draw_seed() if drops else None
         shared = {
             "tensor_args": len(tensors),
@@ -215,7 +215,7 @@ class ModelCallAgreement(GroupBound):
         settings, open the call's state."""
         info = resolve_group(self.process_group, "process_group")
         if "_fingerprint" not in self.__dict__:
-            self._fingerprint = ParameterFingerprint()
+            self._fingerprint = ParameterFingerprint(self.what)
         if info.world_size == 1:  # nothing to agree on; the seeds are derived alike (Note [seeds in a model call])
             if any(_drops(m) for m in root.modules() if _config(m) is not None):
                 push_call(CallState(info.group, (), {}, seed=draw_seed()))
@@ -231,7 +231,11 @@ class ModelCallAgreement(GroupBound):
         if len({row[head - 1] for row in rows}) > 1:
             self._raise_configs(info, root)
         if extra["params"] is not None:
-            check_model_rows(info, self.what, extra["named"], [row[:N_SUMS] for row in rows])
+            try:
+                check_model_rows(info, self.what, extra["named"], [row[:N_SUMS] for row in rows])
+            except ValueError:  # raised on every rank: start afresh (Note [fingerprint one call late])
+                self._fingerprint.forget()
+                raise
         for j in range(head, len(rows[0])):
             sizes = [row[j] for row in rows]
             if len(set(sizes)) > 1 and sum(sizes) in self.grids:
