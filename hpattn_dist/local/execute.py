@@ -12,10 +12,10 @@ L keys per window in one call, X = A * C * B * H.
 Note [local attention memory]
     What a rank holds, in units of one ``[B, H, N_r, D]`` tensor (fp32/fp64; a bf16/fp16 run holds
     its gradient accumulators in fp32, twice its units), with g a window group's share of the
-    rank's units (about 1/4, Note [local attention plan]), b the padded border of its squares
-    (``(s + 2)**2 / s**2``: 2.25 for faces of 4 x 4 cells), m the key cells of a listed window, e
-    the edge cells (the halo, the cells split with a neighbour rank, the zero block) and s, r the
-    halo rows sent and received, each per ``N_r``:
+    rank's units (at most 1/4: squares are cut to fit, Note [local attention plan]), b the padded
+    border of its squares (``(s + 2)**2 / s**2``: 2.25 for squares of 4 x 4 cells), m the key
+    cells of a listed window, e the edge cells (the halo, the cells split with a neighbour rank,
+    the zero block) and s, r the halo rows sent and received, each per ``N_r``:
 
     * saved for the backward: q, k, v as given (nothing is copied for saving), out, lse and the
       edge cells' K/V (2e), so the backward sends only gradients.

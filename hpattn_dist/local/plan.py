@@ -40,7 +40,11 @@ assembled once per call into a small buffer from the own rows and the rows recei
 rank's windows, so each knows what to send; the cells of a window are its cells, the table is
 never expanded to pixels beyond the halo). A call's blocks are gathered from the stores by cell
 (one ``index_select`` of ``c * D`` element rows), except the views above. The windows are run
-in groups of about ``U_r / 4`` cells (:data:`_GROUPS`), which bounds what one group gathers.
+in groups of at most ``U_r / 4`` cells (:data:`_GROUPS`), which bounds what one group gathers
+(Note [local attention memory]): a square above that is cut into its four aligned quarters, and
+those again, down to side 4 (a rank holding a face or a few: one group was a whole face, up to 2/3
+of its units). Only a rank whose squares of side 4 are themselves above ``U_r / 4`` (fewer than
+64 cells) runs a group above it.
 
 Two grids (cross-attention, ``ring_cross_attention(..., window_nside=W)``): the query cells and
 their padding come from the query split and ``c_q``, the key store and the halo from the key split
@@ -67,7 +71,7 @@ from hpattn_dist.local.windows import (
 
 __all__ = ["CellRefs", "CellStore", "ColumnFix", "LocalPlan", "WindowGroup", "cached_plan", "plan_local_attention"]
 
-#: The windows of a rank run in about this many groups (a group gathers its blocks at once).
+#: The windows of a rank run in at least this many groups (a group gathers its blocks at once).
 _GROUPS = 4
 #: Squares of cells smaller than this run their windows as lists (Note [local attention plan]).
 _MIN_SIDE = 4
@@ -340,6 +344,18 @@ def _chunks(items: list, sizes: list[int], budget: int) -> list[list]:
     return out + ([run] if run else [])
 
 
+def _split_square(square: tuple[int, int, int, int], budget: int) -> list[tuple[int, int, int, int]]:
+    """``square`` ``(face, x0, y0, side)`` cut into its four aligned quarters (in NESTED order),
+    and those again, while a square holds more than ``budget`` cells and its quarters are no
+    smaller than :data:`_MIN_SIDE` (Note [local attention memory]: a group's share of the rank)."""
+    face, x0, y0, side = square
+    half = side // 2
+    if side * side <= budget or half < _MIN_SIDE:
+        return [square]
+    return [part for dx, dy in ((0, 0), (half, 0), (0, half), (half, half))
+            for part in _split_square((face, x0 + dx, y0 + dy, half), budget)]
+
+
 def _list_group(units: Tensor, key_cells: Tensor, queries: CellStore, keys: CellStore) -> WindowGroup:
     q_refs, k_refs = queries.refs(units), keys.refs(key_cells)
     q_view = k_view = -1
@@ -438,16 +454,17 @@ def plan_local_attention(sizes: tuple[int, ...], window_nside: int, mode: str, r
     elif units.numel():
         squares = cell_squares(int(units[0]), int(units[-1]) + 1, n)
         by_side = collections.defaultdict(list)
-        for square in squares:
-            by_side[square[3]].append(square)
         listed = torch.zeros(units.numel(), dtype=torch.bool)  # windows run as lists
+        for square in squares:  # Note [local attention memory]: no square above the group budget
+            for part in _split_square(square, budget):
+                by_side[part[3]].append(part)
         for side, same in sorted(by_side.items(), reverse=True):
             if side < _MIN_SIDE:  # a padded border of 4x or 9x: list these windows instead
                 for f, x0, y0, _ in same:
                     first = int(face_cell(n, torch.tensor(f), torch.tensor(x0), torch.tensor(y0)))
                     listed[first - int(units[0]):first - int(units[0]) + side * side] = True
                 continue
-            for run in _chunks(same, [side * side] * len(same), max(budget, side * side)):
+            for run in _chunks(same, [side * side] * len(same), budget):
                 groups.append(_square_group(run, n, queries, keys, fix_columns))
         # Listed windows, grouped by their number of cells m.
         sizes_m = (window >= 0).sum(dim=1)

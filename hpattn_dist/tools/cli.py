@@ -375,7 +375,8 @@ def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
             result_file = Path(tmp) / f"world{nproc}.json"
             threads = args.threads_per_rank or max(1, _cores() // nproc)
             rc = _spawn(nproc, threads, [*argv, "--json", str(result_file),
-                                         "--threads-per-rank", str(threads)], args.timeout)
+                                         "--threads-per-rank", str(threads)], args.timeout,
+                        _measures_memory(args))
             worst = worst or rc
             if result_file.is_file():
                 merged.append(json.loads(result_file.read_text()))
@@ -394,17 +395,26 @@ def _launch_local(args: argparse.Namespace, argv: list[str]) -> int:
     return worst
 
 
-def _spawn(nproc: int, threads: int, child_argv: list[str], timeout: float) -> int:
+def _measures_memory(args: argparse.Namespace) -> bool:
+    """Whether the run reads the ranks' resident set: all but ``bench --mode local
+    --no-local-layers`` (the attention alone against FlexAttention: times only)."""
+    return not (getattr(args, "mode", None) == "local" and getattr(args, "local_layers", None) is False)
+
+
+def _spawn(nproc: int, threads: int, child_argv: list[str], timeout: float, measures_memory: bool = True) -> int:
     """Start ``nproc`` ranks of ``python -m hpattn_dist child_argv`` and wait for all of them."""
     env = dict(os.environ)
     env.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
         "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads), "HPATTN_DIST_LOCAL_LAUNCH": "1",
+    })
+    if measures_memory:
         # Large tensors come from mmap and go back to the OS when freed, so the peak resident set
         # that `bench` reads tracks live tensors (see hpattn_dist.tools.bench, Note [peak memory]).
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-    })
+        # Every fresh tensor above 64 KiB is then faulted in again, which slows a timing: a run
+        # that times only keeps the allocator's default.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     procs = []
     for rank in range(nproc):
         env_r = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))

@@ -42,6 +42,10 @@ CASES = [
     (8, 4, "neighbourhood", "auto", False, 0, 0.0),
     (8, 4, "neighbourhood", "manual", False, 0, 0.2),
     (8, 4, "neighbourhood", "manual", True, 1, 0.0),
+    # window_nside 8: faces of 8 x 8 cells, cut into squares of 4 x 4 where a rank holds fewer
+    # than four faces' worth (P = 4, 5: Note [local attention plan])
+    (8, 8, "neighbourhood", "auto", False, 0, 0.0),
+    (8, 8, "neighbourhood", "manual", True, H, 0.2),
 ]
 
 
