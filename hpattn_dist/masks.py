@@ -62,8 +62,13 @@ __all__ = ["MaskLayout", "finite_or_zero", "key_bias_from_mask", "known_finite",
 
 def zero_excluded_keys(t: Tensor, excluded: Optional[Tensor]) -> Tensor:
     """``t [B, H, N_k, D]`` with the rows of excluded keys (``excluded``: bool ``[B, H|1, N_k]``)
-    set to zero, so that no zero weight multiplies a non-finite value (Note [non-finite inputs])."""
-    return t if excluded is None else t.masked_fill(excluded[..., None], 0)
+    set to zero, so that no zero weight multiplies a non-finite value (Note [non-finite inputs]).
+    ``t`` itself, no copy, when it is known finite (:func:`known_finite`): a zero weight times a
+    finite value is already zero, and the copy would be two ``[B, H, N_k, D]`` tensors beside a
+    block kernel's K and V."""
+    if excluded is None or known_finite(t):
+        return t
+    return t.masked_fill(excluded[..., None], 0)
 
 
 def nonfinite_rows(t: Tensor) -> Tensor:

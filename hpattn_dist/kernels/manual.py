@@ -6,10 +6,10 @@ Note [bounded score tile]
     softmax and gradient work in place, so the forward holds one score tile and the backward two
     (three with dropout); the gradient accumulators are updated in place (``baddbmm_``), with no
     ``[B, H, N_k, D]`` temporary. Peak extra memory is therefore ``O(TILE_ELEMENTS + N_k * D)``
-    rather than ``O(N_q * N_k)``: 8 MiB of fp32 tiles in the backward and, with a key bias, a
-    copy of the block's K/V whose excluded rows are zeroed (Note [non-finite inputs] in
-    ``masks.py``) are the difference from a fused kernel's peak where this kernel runs instead (a
-    key bias, dropout: Note [ulysses op memory] in ``strategies/ops.py``). Smaller tiles slow the
+    rather than ``O(N_q * N_k)``: 8 MiB of fp32 tiles in the backward (and, with a key bias over
+    K/V that are not known finite, a copy of the block's K/V whose excluded rows are zeroed, Note
+    [non-finite inputs] in ``masks.py``) are the difference from a fused kernel's peak where this
+    kernel runs instead (a key bias, dropout: Note [ulysses op memory] in ``strategies/ops.py``). Smaller tiles slow the
     CPU loop down (Python per chunk).
 
 Scores, softmax statistics and accumulators use ``acc_dtype(q.dtype)``: float64 for float64

@@ -63,8 +63,8 @@ Note [attention as one op]
     A key bias adds only tensors of its own size (``[B, h|1, Mk]``: ``bias_h``, saved by
     ``attention_heads``; its gradient, and that gradient's trip home) to the same ops' peak; the
     kernel a bias selects where no fused kernel takes one (the manual kernel on CPU) holds its
-    score tiles and a zeroed copy of K/V beyond a fused kernel's peak (Note [bounded score
-    tile]). The manual kernel's gradients are not heads-minor, so they are laid out one at a time.
+    score tiles beyond a fused kernel's peak (and a zeroed copy of K/V that are not known
+    finite: Note [bounded score tile]). The manual kernel's gradients are not heads-minor, so they are laid out one at a time.
 
     Note [compiling the attention]
     Dynamo does not trace an operator's body, so the door (the agreement with its CRC and clock,

@@ -38,7 +38,8 @@ Note [ring memory]
     A key bias ``[B, H|1, N_src]`` adds tensors of its own size only: its block beside K/V (computed
     on, in flight), the dbias accumulators beside dK/dV and the kernel's block dbias. The kernel a
     bias selects where no fused kernel takes one (the manual kernel on CPU) adds its score tiles
-    and a zeroed copy of the block's K/V (Note [bounded score tile]).
+    (and a zeroed copy of the block's K/V where they are not known finite: Note [bounded score
+    tile]).
 
     The dK/dV trip (and dbias with it) runs only when some rank needs those gradients. Whether
     k, v or the bias require grad is each rank's own business (a caller may detach k on one rank
