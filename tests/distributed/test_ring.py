@@ -213,6 +213,8 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "disagree_head_dim": lambda: ring_attention(*(3 * [x[..., :4] if odd else x])),
         "disagree_dtype": lambda: ring_attention(*(3 * [x.double() if odd else x])),
         "disagree_dropout": lambda: ring_attention(x, x, x, dropout_p=0.2 if odd else 0.1),
+        # below a part per million: each rank would drop with its own p (no one model's result)
+        "disagree_dropout_slightly": lambda: ring_attention(x, x, x, dropout_p=0.1 + 2e-7 if odd else 0.1),
         "disagree_mask": lambda: ring_attention(
             x, x, x, key_mask=torch.ones(2, 5, dtype=torch.bool) if odd else None),
     }
@@ -508,7 +510,8 @@ ERROR_EXPECT = {
     "disagree_heads": ("disagree on H", "H=1"),
     "disagree_head_dim": ("disagree on D", "D=4"),
     "disagree_dtype": ("disagree on dtype", "float64"),
-    "disagree_dropout": ("disagree on dropout", "200000"),
+    "disagree_dropout": ("disagree on dropout_p (", "dropout_p=0.2"),
+    "disagree_dropout_slightly": ("disagree on dropout_p (", "dropout_p=0.1000002"),
     "disagree_mask": ("disagree on key_mask", "key_mask=1"),
 }
 
