@@ -201,6 +201,8 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "qkv_shapes": lambda: ring_attention(x, x[:, :1], x),
         "int_dtype": lambda: ring_attention(x.long(), x.long(), x.long()),
         "mixed_dtypes": lambda: ring_attention(x, x.double(), x),
+        # a float8 format: refused inside the agreement (before, a kernel raised on some ranks, a hang)
+        "float8_dtype": lambda: ring_attention(*(3 * [x.to(torch.float8_e4m3fn)])),
         "dropout_p_1": lambda: ring_attention(x, x, x, dropout_p=1.0),
         "dropout_p_neg": lambda: ring_attention(x, x, x, dropout_p=-0.1),
         "backend": lambda: ring_attention(x, x, x, backend="bogus"),
@@ -499,6 +501,7 @@ ERROR_EXPECT = {
     "qkv_shapes": "same shape",
     "int_dtype": "floating",
     "mixed_dtypes": "share a dtype",
+    "float8_dtype": "float64, float32, float16 or bfloat16, got torch.float8_e4m3fn",
     "dropout_p_1": "dropout_p",
     "dropout_p_neg": "dropout_p",
     "backend": "backend",
