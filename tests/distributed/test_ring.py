@@ -217,6 +217,7 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "disagree_dropout": lambda: ring_attention(x, x, x, dropout_p=0.2 if odd else 0.1),
         # below a part per million: each rank would drop with its own p (no one model's result)
         "disagree_dropout_slightly": lambda: ring_attention(x, x, x, dropout_p=0.1 + 2e-7 if odd else 0.1),
+        "dropout_minus_zero": lambda: ring_attention(x, x, x, dropout_p=-0.0 if odd else 0.0),  # no disagreement
         "disagree_mask": lambda: ring_attention(
             x, x, x, key_mask=torch.ones(2, 5, dtype=torch.bool) if odd else None),
     }
@@ -529,4 +530,5 @@ def test_validation_errors_on_every_rank():
             assert msg.startswith("ValueError: "), f"rank {rank}: {name}: {msg}"
             for part in (expect,) if isinstance(expect, str) else expect:
                 assert part in msg, f"rank {rank}: {name}: {msg}"
+        assert found["dropout_minus_zero"] is None, found["dropout_minus_zero"]
         assert found["after"] == torch.Size([2, 2, 5, 8])
