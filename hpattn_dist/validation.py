@@ -28,17 +28,21 @@ def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
 
 
+# The dtypes the kernels and the exchanges compute in (Note [fail together]: anything else, a
+# float8 format, must be refused here, inside the agreement, not by a kernel on some ranks only).
+ATTENTION_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 _QKV_DIMS = ("B (batch)", "H (heads)", "N_local (pixels)", "D (head dim)")
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross: bool = False) -> None:
-    """q, k, v must be floating ``[B, H, N_local, D]`` tensors with equal B, H, N_local, D, dtype
+    """q, k, v must be floating ``[B, H, N_local, D]`` tensors (:data:`ATTENTION_DTYPES`) with equal B, H, N_local, D, dtype
     and device; ``scale`` None or a positive finite number. ``cross``: q's N_local (queries) may
     differ from that of k and v (keys, which must still agree with each other).
 
     Raises:
         TypeError: q, k or v is not a tensor.
-        ValueError: wrong rank; non-floating dtype; shapes that differ (the message names the
+        ValueError: wrong rank; a dtype not in :data:`ATTENTION_DTYPES` (a float8 format); shapes that differ (the message names the
             dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); mixed dtypes or devices; meta
             tensors; bad ``scale``.
     """
@@ -47,8 +51,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N_local, D], got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in ATTENTION_DTYPES:
+            raise ValueError(f"{name} must be a floating-point tensor of dtype float64, float32, float16 or "
+                             f"bfloat16, got {t.dtype}")
     dims = [i for i in range(4) if not (cross and i == 2 and k.shape[2] == v.shape[2])]
     if any(not q.shape[i] == k.shape[i] == v.shape[i] for i in dims):
         differ = [

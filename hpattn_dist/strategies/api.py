@@ -26,7 +26,7 @@ Legend: B batch, H heads, D head dim, P ranks in the group, N_r pixels on rank r
 
 from __future__ import annotations
 
-from typing import Any, Optional, Unpack
+from typing import Optional, Unpack
 
 import torch.distributed as dist
 from torch import Tensor
@@ -284,7 +284,7 @@ def auto_attention(
     k: Tensor,
     v: Tensor,
     group: Optional[dist.ProcessGroup] = None,
-    **kwargs: Any,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     """Attention over ``group`` with the strategy :func:`~hpattn_dist.strategies.auto.choose_strategy`
     picks for q's head count, the group size and q's dtype (forward + backward model). Same
@@ -293,4 +293,5 @@ def auto_attention(
     A hybrid choice creates its sub-groups on the first call (collective, every process; see
     :func:`hpattn_dist.mesh.hybrid_groups_for`).
     """
-    return sharded_attention("auto", q, k, v, group, **kwargs)
+    check_option_names("auto_attention", options)
+    return sharded_attention("auto", q, k, v, group, **options)

@@ -280,7 +280,9 @@ def plan_attention(
             "B": batch, "H": heads, "D": head_dim, "dtype": dtype_code(q.dtype),
             "key_bias_heads": -1 if key_bias is None else bias.shape[1],
             "key_mask": int(key_mask is not None),
-            "dropout_ppm": int(round(dropout_p * 1e6)), "backend": KERNEL_BACKENDS.index(backend),
+            # compared bit for bit (ranks dropping at different rates give no one model's result);
+            # + 0.0 makes -0.0 the 0.0 of its peers
+            "dropout_p": float(dropout_p) + 0.0, "backend": KERNEL_BACKENDS.index(backend),
             "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
             "scale": head_dim**-0.5 if scale is None else float(scale), "via_op": int(via_op),
         }

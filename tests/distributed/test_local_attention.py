@@ -204,6 +204,8 @@ def _bad_calls(rank: int, world_size: int) -> list:
         dict(window_nside=8, mode="cell"),  # does not divide nside 4
         dict(window_nside=2, mode="ring" if rank == 2 else "cell"),  # bad mode on one rank
         dict(window_nside=2, mode="cell", key_mask=torch.ones(1, 65 if rank == 0 else 64, dtype=torch.bool)),
+        # dropout rates that differ below a part per million: each rank would drop with its own p
+        dict(window_nside=2, mode="cell", dropout_p=0.1 + 2e-7 if rank == 1 else 0.1, dropout_seed=5),
     ]
     messages = []
     for kwargs in calls:
@@ -236,7 +238,7 @@ def _bad_calls(rank: int, world_size: int) -> list:
 
 def test_bad_input_and_disagreement_fail_together() -> None:
     per_rank = run_ranks(_bad_calls, 3, timeout=90)
-    expected = ["window_nside", "must divide", "mode must be one of", "key_mask", "12 * nside**2",
+    expected = ["window_nside", "must divide", "mode must be one of", "key_mask", "disagree on dropout_p (", "12 * nside**2",
                 "embed_dim=8"]
     for i, word in enumerate(expected):
         texts = {res[i] for res in per_rank}

@@ -201,6 +201,8 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "qkv_shapes": lambda: ring_attention(x, x[:, :1], x),
         "int_dtype": lambda: ring_attention(x.long(), x.long(), x.long()),
         "mixed_dtypes": lambda: ring_attention(x, x.double(), x),
+        # a float8 format: refused inside the agreement (before, a kernel raised on some ranks, a hang)
+        "float8_dtype": lambda: ring_attention(*(3 * [x.to(torch.float8_e4m3fn)])),
         "dropout_p_1": lambda: ring_attention(x, x, x, dropout_p=1.0),
         "dropout_p_neg": lambda: ring_attention(x, x, x, dropout_p=-0.1),
         "backend": lambda: ring_attention(x, x, x, backend="bogus"),
@@ -213,6 +215,9 @@ def _validation_errors(rank: int, world_size: int) -> dict:
         "disagree_head_dim": lambda: ring_attention(*(3 * [x[..., :4] if odd else x])),
         "disagree_dtype": lambda: ring_attention(*(3 * [x.double() if odd else x])),
         "disagree_dropout": lambda: ring_attention(x, x, x, dropout_p=0.2 if odd else 0.1),
+        # below a part per million: each rank would drop with its own p (no one model's result)
+        "disagree_dropout_slightly": lambda: ring_attention(x, x, x, dropout_p=0.1 + 2e-7 if odd else 0.1),
+        "dropout_minus_zero": lambda: ring_attention(x, x, x, dropout_p=-0.0 if odd else 0.0),  # no disagreement
         "disagree_mask": lambda: ring_attention(
             x, x, x, key_mask=torch.ones(2, 5, dtype=torch.bool) if odd else None),
     }
@@ -497,6 +502,7 @@ ERROR_EXPECT = {
     "qkv_shapes": "same shape",
     "int_dtype": "floating",
     "mixed_dtypes": "share a dtype",
+    "float8_dtype": "float64, float32, float16 or bfloat16, got torch.float8_e4m3fn",
     "dropout_p_1": "dropout_p",
     "dropout_p_neg": "dropout_p",
     "backend": "backend",
@@ -508,7 +514,8 @@ ERROR_EXPECT = {
     "disagree_heads": ("disagree on H", "H=1"),
     "disagree_head_dim": ("disagree on D", "D=4"),
     "disagree_dtype": ("disagree on dtype", "float64"),
-    "disagree_dropout": ("disagree on dropout", "200000"),
+    "disagree_dropout": ("disagree on dropout_p (", "dropout_p=0.2"),
+    "disagree_dropout_slightly": ("disagree on dropout_p (", "dropout_p=0.1000002"),
     "disagree_mask": ("disagree on key_mask", "key_mask=1"),
 }
 
@@ -523,4 +530,5 @@ def test_validation_errors_on_every_rank():
             assert msg.startswith("ValueError: "), f"rank {rank}: {name}: {msg}"
             for part in (expect,) if isinstance(expect, str) else expect:
                 assert part in msg, f"rank {rank}: {name}: {msg}"
+        assert found["dropout_minus_zero"] is None, found["dropout_minus_zero"]
         assert found["after"] == torch.Size([2, 2, 5, 8])

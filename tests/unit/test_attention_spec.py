@@ -79,9 +79,17 @@ def test_every_windowed_entry_point_hands_every_option_to_the_door(entry):
 def test_an_unknown_keyword_names_the_entry_point(entry):
     q, k, v, _ = _inputs()
     call = {**GLOBAL, **WINDOWED}[entry]
-    name = "sharded_attention" if entry == "auto_attention" else entry  # auto_attention forwards **kwargs
-    with pytest.raises(TypeError, match=rf"{name}\(\) got an unexpected keyword argument 'dropout'"):
+    with pytest.raises(TypeError, match=rf"{entry}\(\) got an unexpected keyword argument 'dropout'"):
         call(q, k, v, {"dropout": 0.1})
+
+
+@pytest.mark.parametrize("own", [{"window_nside": 1}, {"cross": True}, {"mode": "cell"}])
+def test_auto_attention_takes_the_options_of_ring_attention_only(own):
+    """``auto_attention`` has ring_attention's arguments: a door field of ``sharded_attention``
+    (a window, which would run local attention instead of the global one) is an unknown keyword."""
+    q, k, v, _ = _inputs()
+    with pytest.raises(TypeError, match=rf"auto_attention\(\) got an unexpected keyword argument '{next(iter(own))}'"):
+        auto_attention(q, k, v, **own)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -43,7 +43,7 @@ def _qkv(b=2, h=3, n=5, d=4, dtype=torch.float64):
         (lambda q, k, v: (q, k.float(), v), ValueError, "share a dtype, got torch.float64, torch.float32"),
         (lambda q, k, v: (q, k, torch.empty(v.shape, dtype=v.dtype, device="meta")), ValueError,
          "one device"),
-        (lambda q, k, v: (q.long(), k, v), ValueError, "q must be a floating-point tensor, got torch.int64"),
+        (lambda q, k, v: (q.long(), k, v), ValueError, "q must be a floating-point tensor of dtype float64, float32, float16 or bfloat16, got torch.int64"),
         (lambda q, k, v: (q, k, v.to(torch.complex128)), ValueError, "v must be a floating-point"),
         (lambda q, k, v: (q, k.bool(), v), ValueError, "k must be a floating-point"),
         (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor, got ndarray"),
