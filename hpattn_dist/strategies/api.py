@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpattn_dist.attention_spec import AttentionOptions, AttentionSpec, check_option_names
-from hpattn_dist.local.attention import windowed_attention
+from hpattn_dist.local.ops import op_window_attention
 from hpattn_dist.replicas import LayerFacts, LayerRef
 from hpattn_dist.strategies.call import op_attention
 
@@ -90,18 +90,11 @@ def attend(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional
     here, before any exchange; every other option inside the call's one agreement
     (:meth:`~hpattn_dist.attention_spec.AttentionSpec.check`, Note [fail together])."""
     spec.check_strategy()
-    strategy, backend, dropout_p, scale, dropout_seed = (spec.strategy, spec.backend, spec.dropout_p, spec.scale,
-                                                         spec.dropout_seed)
-    ulysses_degree, cross, window_nside, mode = spec.ulysses_degree, spec.cross, spec.window_nside, spec.mode
-    if window_nside is not None:
-        entry = "ring_cross_attention" if cross else "healpix_local_attention"
-        return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, backend=backend,
-                                  dropout_p=dropout_p, scale=scale, key_mask=key_mask, key_bias=key_bias,
-                                  dropout_seed=dropout_seed, layer=layer, cross=cross, strategy=strategy,
-                                  what=entry if layer is None else layer.name)
-    return op_attention(strategy, q, k, v, group, backend=backend, dropout_p=dropout_p, scale=scale,
-                        key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
-                        ulysses_degree=ulysses_degree, layer=layer, cross=cross)
+    if spec.window_nside is not None:
+        entry = "ring_cross_attention" if spec.cross else "healpix_local_attention"
+        return op_window_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer,
+                                   what=entry if layer is None else layer.name)
+    return op_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer)
 
 
 def ring_attention(
@@ -274,9 +267,8 @@ def hybrid_attention(
             did not build (no group of exactly their ranks is known to agree over).
     """
     spec, key_mask, key_bias = AttentionSpec.from_options("hybrid_attention", options, strategy="hybrid")
-    return op_attention("hybrid", q, k, v, None, groups=(ulysses_group, ring_group), backend=spec.backend,
-                        dropout_p=spec.dropout_p, scale=spec.scale, key_mask=key_mask, key_bias=key_bias,
-                        dropout_seed=spec.dropout_seed, ulysses_degree=None)
+    return op_attention(spec, q, k, v, None, key_mask=key_mask, key_bias=key_bias,
+                        groups=(ulysses_group, ring_group))
 
 
 def auto_attention(

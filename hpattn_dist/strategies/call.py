@@ -25,39 +25,36 @@ from hpattn_dist.strategies.plan import plan_attention
 __all__ = ["off_op_reason", "op_attention", "refuse_off_op"]
 
 
-def op_attention(strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
-                 backend: str, dropout_p: float, scale: Optional[float], key_mask: Optional[Tensor],
-                 key_bias: Optional[Tensor] = None, dropout_seed: Optional[int],
-                 ulysses_degree: Optional[int], layer: "Optional[LayerFacts | LayerRef]" = None,
-                 cross: bool = False, groups: Optional[tuple] = None) -> Tensor:
+def op_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup], *,
+                 key_mask: Optional[Tensor], key_bias: Optional[Tensor] = None,
+                 layer: "Optional[LayerFacts | LayerRef]" = None, groups: Optional[tuple] = None) -> Tensor:
     """:func:`~hpattn_dist.strategies.api.sharded_attention` through ``hpattn::attention_fwd``
     (Note [attention as one op]); ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` (``Nk_r = Nq_r``
-    unless ``cross``), ``key_bias [B, Nk_r]`` or ``[B, H, Nk_r]`` in, ``[B, H, Nq_r, D]`` out.
+    unless ``spec.cross``), ``key_bias [B, Nk_r]`` or ``[B, H, Nk_r]`` in, ``[B, H, Nq_r, D]`` out.
     ``groups``: an explicit ``(ulysses_group, ring_group)`` pair (``hybrid_attention``) instead of
     ``group``. Arguments the op cannot take are refused on every rank (:func:`refuse_off_op`)."""
-    what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else _what(strategy, cross)
+    what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else _what(spec.strategy, spec.cross)
     group, groups = _process_groups(group), None if groups is None else tuple(_process_groups(g) for g in groups)
-    reason = off_op_reason(q, k, v, key_mask, key_bias, group if groups is None else groups, backend, dropout_p,
-                           scale, dropout_seed, ulysses_degree, layer)
+    reason = off_op_reason(q, k, v, key_mask, key_bias, group if groups is None else groups, spec.backend,
+                           spec.dropout_p, spec.scale, spec.dropout_seed, spec.ulysses_degree, layer)
     if reason is not None:
-        refuse_off_op(reason, strategy, q, k, v, group, groups=groups, backend=backend, dropout_p=dropout_p,
-                      scale=scale, key_mask=key_mask, key_bias=key_bias, dropout_seed=dropout_seed,
-                      ulysses_degree=ulysses_degree, layer=layer, cross=cross, what=what)
+        refuse_off_op(reason, spec, q, k, v, group, groups=groups, key_mask=key_mask, key_bias=key_bias,
+                      layer=layer, what=what)
     group_name = group_name_of(group) if groups is None else _PAIR.join(group_name_of(g) for g in groups)
-    u = ulysses_degree or 0
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    u, dropout_p = spec.ulysses_degree or 0, float(spec.dropout_p)
+    scale = q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale)
     grad_on = torch.is_grad_enabled()
     x, plan_t, _, k_h, v_h, mask_h, bias_h = torch.ops.hpattn.attention_fwd(
-        q, k, v, key_mask, key_bias, group_name, strategy, u, backend, float(dropout_p), scale,
-        seed_input(dropout_p, dropout_seed), *_layer_args(layer),
+        q, k, v, key_mask, key_bias, group_name, spec.strategy, u, spec.backend, dropout_p, scale,
+        seed_input(dropout_p, spec.dropout_seed), *_layer_args(layer),
         grad_on and (k.requires_grad or v.requires_grad), records_gradients(q, k, v, key_bias),
-        grad_on and key_bias is not None and key_bias.requires_grad, bool(cross),
+        grad_on and key_bias is not None and key_bias.requires_grad, bool(spec.cross),
     )
     if x.shape[1] == q.shape[1]:  # U = 1: the result itself
         return x
-    out_h = torch.ops.hpattn.attention_heads(x, k_h, v_h, mask_h, bias_h, plan_t, q, group_name, strategy, u,
-                                             backend, float(dropout_p), scale)[0]
-    return torch.ops.hpattn.heads_to_pixels(out_h, plan_t, q, group_name, strategy, u)
+    out_h = torch.ops.hpattn.attention_heads(x, k_h, v_h, mask_h, bias_h, plan_t, q, group_name, spec.strategy, u,
+                                             spec.backend, dropout_p, scale)[0]
+    return torch.ops.hpattn.heads_to_pixels(out_h, plan_t, q, group_name, spec.strategy, u)
 
 
 def _process_groups(group: object) -> object:
@@ -113,15 +110,11 @@ def off_op_reason(q: object, k: object, v: object, key_mask: object, key_bias: o
     return None
 
 
-_SPEC_FIELDS = ("backend", "dropout_p", "scale", "dropout_seed", "ulysses_degree", "cross")
-
-
-def refuse_off_op(reason: str, strategy: str, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
-                  *, what: str, **kwargs) -> NoReturn:
+def refuse_off_op(reason: str, spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor,
+                  group: Optional[dist.ProcessGroup], *, what: str, **kwargs) -> NoReturn:
     """The one refusal of arguments the op cannot take (Note [what the attention op cannot take]):
     the door's agreement with ``via_op`` off, then ``ValueError`` naming the argument."""
-    fields = {name: kwargs.pop(name) for name in _SPEC_FIELDS if name in kwargs}
-    plan_attention(AttentionSpec(strategy, **fields), q, k, v, group, via_op=False, what=what, **kwargs)
+    plan_attention(spec, q, k, v, group, via_op=False, what=what, **kwargs)
     raise ValueError(f"{what}: {reason}")
 
 
