@@ -7,7 +7,6 @@ Legend: B batch, H heads, D head dim, Nq_r / Nk_r this rank's queries / keys.
 
 from __future__ import annotations
 
-import math
 from typing import NoReturn, Optional
 
 import torch
@@ -35,8 +34,7 @@ def op_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Op
     ``group``. Arguments the op cannot take are refused on every rank (:func:`refuse_off_op`)."""
     what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else _what(spec.strategy, spec.cross)
     group, groups = _process_groups(group), None if groups is None else tuple(_process_groups(g) for g in groups)
-    reason = off_op_reason(q, k, v, key_mask, key_bias, group if groups is None else groups, spec.backend,
-                           spec.dropout_p, spec.scale, spec.dropout_seed, spec.ulysses_degree, layer)
+    reason = off_op_reason(spec, what, q, k, v, key_mask, key_bias, group if groups is None else groups, layer)
     if reason is not None:
         refuse_off_op(reason, spec, q, k, v, group, groups=groups, key_mask=key_mask, key_bias=key_bias,
                       layer=layer, what=what)
@@ -68,20 +66,22 @@ def _process_groups(group: object) -> object:
 # schema cannot carry, or what would dispatch differently on one rank than on its peers, is no
 # valid call: tensors that are not all on one real device (a meta tensor dispatches to the op's
 # fake, which skips the agreement and its exchanges, so the peers would wait), a group that is
-# no ProcessGroup (an unbound layer's marker; the op takes groups by registered name), a
-# dropout seed that is no int in [0, 2**31), a scale or dropout probability that is no real
-# number, a ``ulysses_degree`` that is no int, a layer that is neither LayerRef nor LayerFacts.
+# no ProcessGroup (an unbound layer's marker; the op takes groups by registered name), options
+# the spec's one validation refuses (a dropout seed that is no int in [0, 2**31), a dropout
+# probability outside [0, 1), ...: the op would convert or draw them before its agreement), a
+# scale that is no real number, a layer that is neither LayerRef nor LayerFacts.
 # :func:`off_op_reason` names the argument; such a rank still runs the door's agreement
 # (:func:`refuse_off_op`, the agreed ``via_op`` flag off), so that its bad argument, or the
 # flag, makes EVERY rank raise (Note [fail together]) instead of leaving the peers in the op's
 # exchanges. Where the door's own checks refuse the argument first, that message is raised.
 
 
-def off_op_reason(q: object, k: object, v: object, key_mask: object, key_bias: object, group: object, backend: object,
-                  dropout_p: object, scale: object, dropout_seed: object, ulysses_degree: object,
-                  layer: object) -> Optional[str]:
+def off_op_reason(spec: AttentionSpec, what: str, q: object, k: object, v: object, key_mask: object,
+                  key_bias: object, group: object, layer: object) -> Optional[str]:
     """Why the registered op cannot take these arguments (naming the argument), or None
-    (Note [what the attention op cannot take]). ``group``: a group, or an explicit pair."""
+    (Note [what the attention op cannot take]). ``group``: a group, or an explicit pair. The
+    options are the spec's one validation (:meth:`AttentionSpec.check`), whose message the
+    door's agreement then raises on every rank."""
     named = {"q": q, "k": k, "v": v, "key_mask": key_mask, "key_bias": key_bias}
     for name, t in named.items():
         if not (t is None and name.startswith("key_") or isinstance(t, Tensor)):
@@ -94,17 +94,12 @@ def off_op_reason(q: object, k: object, v: object, key_mask: object, key_bias: o
                        group if isinstance(group, tuple) else (group,)):
         if not (g is None or isinstance(g, dist.ProcessGroup)):
             return f"{name} must be a torch.distributed ProcessGroup or None, got {type(g).__name__}"
-    real = (int, float)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, real) or not math.isfinite(dropout_p):
-        return f"dropout_p must be a finite number, got {dropout_p!r}"
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, real)):
-        return f"scale must be None or a number, got {scale!r}"
-    if dropout_seed is not None and (type(dropout_seed) is not int or not 0 <= dropout_seed < 2**31):
-        return f"dropout_seed must be an int in [0, 2**31), got {dropout_seed!r}"
-    if ulysses_degree is not None and (type(ulysses_degree) is not int or ulysses_degree < 1):
-        return f"ulysses_degree must be a positive int, got {ulysses_degree!r}"
-    if not isinstance(backend, str):
-        return f"backend must be a str, got {backend!r}"
+    try:
+        spec.check(what)
+    except ValueError as err:
+        return str(err)
+    if spec.scale is not None and (isinstance(spec.scale, bool) or not isinstance(spec.scale, (int, float))):
+        return f"scale must be None or a number, got {spec.scale!r}"
     if layer is not None and not isinstance(layer, (LayerFacts, LayerRef)):
         return f"layer must be a LayerFacts or LayerRef, got {type(layer).__name__}"
     return None
