@@ -79,7 +79,7 @@ class _Cells:
         ``scratch``'s buffer for this side when given)."""
         s, r = self.store, refs.refs
         shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
-        out = None if scratch is None else scratch.take(self, (math.prod(shape[:-2]), self.c * self.f))
+        out = None if scratch is None else scratch.take(id(self), (math.prod(shape[:-2]), self.c * self.f), self.own)
         flat_edge = self.edge.reshape(-1, self.c * self.f)
         if s.n_own == 0:
             rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
@@ -106,18 +106,20 @@ def _select(rows: Tensor, index: Tensor, out: Optional[Tensor]) -> Tensor:
 
 
 class _Scratch:
-    """One call's gather buffers, one per cell store side, reused by its window groups (a group's
-    gathered blocks are dead before the next group gathers): a group's blocks do not come from a
-    fresh allocation, whose pages the system would zero again for every group."""
+    """One call's per-group buffers (gathered blocks, one per cell store side; a square group's
+    gradient grids and dq), reused by its window groups (a group's buffers are dead before the
+    next group takes them): a group's blocks do not come from a fresh allocation, whose pages the
+    system would zero again for every group."""
 
     def __init__(self) -> None:
-        self.buffers: dict[int, Tensor] = {}
+        self.buffers: dict[object, Tensor] = {}
 
-    def take(self, side: _Cells, shape: tuple[int, int]) -> Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(id(side))
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[id(side)] = side.own.new_empty((n,))
+    def take(self, key: object, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A buffer ``shape`` (uninitialised) of ``dtype`` (``like``'s by default), on ``like``'s device."""
+        n, dtype = math.prod(shape), dtype or like.dtype
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.buffers[key] = like.new_empty((n,), dtype=dtype)
         return buf[:n].view(shape)
 
 
@@ -666,33 +668,77 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
     lg = lg.squeeze(-1).contiguous()
     delta = None if kernel.fused_backward is not None else (dog.to(acc) * og.to(acc)).sum(dim=-1)
     call = _Call(group, kv, bias, plan, dropout_p, seed, heads, scratch=scratch)
-    dq = None
-    if group.pad:
-        grids = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (call.k, call.v)]
-        grids.append(None if not need_dbias else torch.zeros(call.bias.shape, dtype=acc, device=qg.device))
-    for dx in call.offsets:
+    if not group.pad:
+        k_c, v_c, b_c, spec = call.keys(0)
+        dq, dk, dv, db = _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+        m = group.k_cells.shape[1]
+        y = group.q_cells.shape[2]
+        shape = lambda t, f: t.reshape(1, 1, -1, y, m, plan.key_cell_pixels, f)  # noqa: E731
+        return dq.to(acc), shape(dk, dk.shape[-1]), shape(dv, dv.shape[-1]), None if db is None else shape(db, 1)
+    a, cc, y = group.q_cells.shape
+    c_k = plan.key_cell_pixels
+    grids = [_buffer(scratch, name, t, acc).zero_() if t is not None and (name != "db" or need_dbias) else None
+             for name, t in (("dk", call.k), ("dv", call.v), ("db", call.bias))]
+    dq = _buffer(scratch, "dq", qg, acc)
+    pieces = _pieces(kernel, qg, c_k)
+    for i, dx in enumerate(call.offsets):
         k_c, v_c, b_c, spec = call.keys(dx)
-        folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
-        if folded is None:
-            dq_c, dk_c, dv_c, db_c = kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
-        else:
-            dq_c, dk_c, dv_c, db_c = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
-            dq_c, dk_c, dv_c = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq_c, dk_c, dv_c), (qg, k_c, v_c)))
-            db_c = None if db_c is None else db_c.view(b_c.shape[:2] + db_c.shape[2:])
-        dq = dq_c.to(acc) if dq is None else dq.add_(dq_c)
-        if not group.pad:
-            m = group.k_cells.shape[1]
-            y = group.q_cells.shape[2]
-            shape = lambda t, f: t.reshape(1, 1, -1, y, m, plan.key_cell_pixels, f)  # noqa: E731
-            return dq, shape(dk_c, dk_c.shape[-1]), shape(dv_c, dv_c.shape[-1]), \
-                None if db_c is None else shape(db_c, 1)
-        a, cc, y = group.q_cells.shape
-        for grid, g in zip(grids, (dk_c, dv_c, db_c)):
-            if grid is None:
-                continue
-            f = grid.shape[-1]
-            g = g.view(a, cc, -1, y, 3, plan.key_cell_pixels, f)  # a view of the kernel's layout
-            for t in range(3):
-                grid[1 + dx:1 + dx + a, :, :, t:t + y].add_(g[:, :, :, :, t])
-        del dq_c, dk_c, dv_c, db_c
+        targets = [None if grid is None else grid[1 + dx:1 + dx + a].view(-1, y + 2, c_k, grid.shape[-1])
+                   for grid in grids]  # [X, Y + 2, c_k, F]
+        for lo, hi in pieces:
+            part = [None if t is None else t[lo:hi] for t in (dog, qg, k_c, v_c, og, lg, delta, b_c)]
+            dq_c, dk_c, dv_c, db_c = kernel.backward(*part[:7], scale, part[7], spec, need_dbias)  # spans do not fold
+            if i == 0:
+                dq[lo:hi].copy_(dq_c)
+            else:
+                dq[lo:hi].add_(dq_c)
+            for target, g in zip(targets, (dk_c, dv_c, db_c)):
+                if target is None:
+                    continue
+                g = g.view(hi - lo, y, 3, c_k, target.shape[-1])  # a view of the kernel's layout
+                for t in range(3):
+                    target[lo:hi, t:t + y].add_(g[:, :, t])
+            del dq_c, dk_c, dv_c, db_c
     return dq, grids[0], grids[1], grids[2]
+
+
+def _buffer(scratch: Optional[_Scratch], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor shaped like ``like`` in ``dtype``, from ``scratch`` when given."""
+    if scratch is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return scratch.take(key, like.shape, like, dtype)
+
+
+def _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias):
+    """One kernel call's ``(dq [X, Y, c_q, D], dk, dv [X, Y, L, D], dbias [X, Y, L] or None)``
+    (folded to ``[X * Y, 1, ...]`` when every tensor allows)."""
+    folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
+    if folded is None:
+        return kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+    dq, dk, dv, db = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
+    dq, dk, dv = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq, dk, dv), (qg, k_c, v_c)))
+    return dq, dk, dv, None if db is None else db.view(b_c.shape[:2] + db.shape[2:])
+
+
+#: Bytes a CPU fused kernel call of a square group reads and writes at most (Note [cache-sized calls]).
+CPU_CALL_BYTES = 1 << 21
+
+
+def _pieces(kernel: BlockKernel, qg: Tensor, c_k: int) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of a square group's ``X`` rows, one kernel call each.
+
+    Note [cache-sized calls]
+        On the CPU a square group's backward runs its fused kernel on a few windows' rows at a
+        time, sized to stay in the cache: the kernel zeroes the dq, dk, dv it returns (dk and dv
+        three cells per window), and the grids add them right after, so each piece's outputs are
+        written, read and freed while cached instead of streamed through memory three times.
+        The manual kernel (a key bias, dropout: its dropout indices are per call) and GPU
+        kernels run the whole group at once.
+    """
+    x = qg.shape[0]
+    if kernel.fused_backward is None or qg.device.type != "cpu" or x == 0:
+        return [(0, x)]
+    y, c_q, d = qg.shape[1:]
+    row = y * (6 * c_q + 8 * c_k) * d * qg.element_size()  # q, dout, out, dq; K/V spans, dk, dv
+    step = max(1, CPU_CALL_BYTES // row)
+    return [(lo, min(lo + step, x)) for lo in range(0, x, step)]
