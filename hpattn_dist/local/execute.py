@@ -680,24 +680,29 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
     grids = [_buffer(scratch, name, t, acc).zero_() if t is not None and (name != "db" or need_dbias) else None
              for name, t in (("dk", call.k), ("dv", call.v), ("db", call.bias))]
     dq = _buffer(scratch, "dq", qg, acc)
-    pieces = _pieces(kernel, qg, c_k)
-    for i, dx in enumerate(call.offsets):
-        k_c, v_c, b_c, spec = call.keys(dx)
-        targets = [None if grid is None else grid[1 + dx:1 + dx + a].view(-1, y + 2, c_k, grid.shape[-1])
-                   for grid in grids]  # [X, Y + 2, c_k, F]
-        for lo, hi in pieces:
-            part = [None if t is None else t[lo:hi] for t in (dog, qg, k_c, v_c, og, lg, delta, b_c)]
-            dq_c, dk_c, dv_c, db_c = kernel.backward(*part[:7], scale, part[7], spec, need_dbias)  # spans do not fold
+    step = _piece_rows(kernel, qg, c_k)
+    calls = [call.keys(dx) for dx in call.offsets]  # (k, v, bias [X, Y, 3 c_k, F], dropout spec)
+    split = lambda t: None if t is None else t.split(step)  # noqa: E731
+    rows = list(zip(*(split(t) for t in (dq, dog, qg, og, lg))))
+    delta, keys = split(delta), [[split(t) for t in c[:3]] for c in calls]
+    targets = [[split(None if grid is None else grid[1 + dx:1 + dx + a].view(-1, y + 2, c_k, grid.shape[-1]))
+                for grid in grids] for dx in call.offsets]  # [X, Y + 2, c_k, F] per column offset
+    for p, (dq_p, do_p, q_p, o_p, l_p) in enumerate(rows):
+        for i, (k_p, v_p, b_p) in enumerate(keys):
+            dq_c, dk_c, dv_c, db_c = kernel.backward(  # spans do not fold
+                do_p, q_p, k_p[p], v_p[p], o_p, l_p, None if delta is None else delta[p], scale,
+                None if b_p is None else b_p[p], calls[i][3], need_dbias)
             if i == 0:
-                dq[lo:hi].copy_(dq_c)
+                dq_p.copy_(dq_c)
             else:
-                dq[lo:hi].add_(dq_c)
-            for target, g in zip(targets, (dk_c, dv_c, db_c)):
+                dq_p.add_(dq_c)
+            for target, g in zip(targets[i], (dk_c, dv_c, db_c)):
                 if target is None:
                     continue
-                g = g.view(hi - lo, y, 3, c_k, target.shape[-1])  # a view of the kernel's layout
+                target = target[p]
+                g = g.view(*g.shape[:2], 3, c_k, target.shape[-1])  # a view of the kernel's layout
                 for t in range(3):
-                    target[lo:hi, t:t + y].add_(g[:, :, t])
+                    target[:, t:t + y].add_(g[:, :, t])
             del dq_c, dk_c, dv_c, db_c
     return dq, grids[0], grids[1], grids[2]
 
@@ -724,21 +729,21 @@ def _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, 
 CPU_CALL_BYTES = 1 << 21
 
 
-def _pieces(kernel: BlockKernel, qg: Tensor, c_k: int) -> list[tuple[int, int]]:
-    """Row ranges ``[lo, hi)`` of a square group's ``X`` rows, one kernel call each.
+def _piece_rows(kernel: BlockKernel, qg: Tensor, c_k: int) -> int:
+    """Rows of a square group's ``X`` rows per kernel call of its backward.
 
     Note [cache-sized calls]
         On the CPU a square group's backward runs its fused kernel on a few windows' rows at a
-        time, sized to stay in the cache: the kernel zeroes the dq, dk, dv it returns (dk and dv
-        three cells per window), and the grids add them right after, so each piece's outputs are
-        written, read and freed while cached instead of streamed through memory three times.
-        The manual kernel (a key bias, dropout: its dropout indices are per call) and GPU
-        kernels run the whole group at once.
+        time, sized to stay in the cache, all three column offsets of a piece in turn: the kernel
+        zeroes the dq, dk, dv it returns (dk and dv three cells per window) and the grids add them
+        right after, so each piece's outputs are written, read and freed while cached instead of
+        streamed through memory, and the piece's q, dout, out and dq serve its three calls from
+        the cache. The manual kernel (a key bias, dropout: its dropout indices are per call) and
+        GPU kernels run the whole group at once.
     """
     x = qg.shape[0]
     if kernel.fused_backward is None or qg.device.type != "cpu" or x == 0:
-        return [(0, x)]
+        return max(x, 1)
     y, c_q, d = qg.shape[1:]
     row = y * (6 * c_q + 8 * c_k) * d * qg.element_size()  # q, dout, out, dq; K/V spans, dk, dv
-    step = max(1, CPU_CALL_BYTES // row)
-    return [(lo, min(lo + step, x)) for lo in range(0, x, step)]
+    return max(1, CPU_CALL_BYTES // row)
