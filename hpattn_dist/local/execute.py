@@ -27,7 +27,9 @@ Note [local attention memory]
       of squares runs, its gathered q, dout, out (3g), padded K/V and their gradient grids (4gb),
       dq (2g: the kernel's and the sum) and the kernel's dk, dv of one call (6g: three cells per
       window): ``3 + 4e + g (11 + 4b)``; a list: ``3 + 4e + g (4 + 4m)``; while the gradients
-      travel: ``3 + 2e + 2r + 2s``.
+      travel: ``3 + 2e + 2r + 2s``. On the CPU a square group's fused kernel runs a cache-sized
+      piece of the group at a time (Note [cache-sized calls]), so the kernel's dq, dk, dv are a
+      piece's; the count keeps the whole call's (what a GPU kernel holds), a bound there.
 
     A list that reads q, k, v in place over the whole rank (``mode="cell"`` on cell-aligned shards,
     P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
