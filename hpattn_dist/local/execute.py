@@ -727,7 +727,8 @@ def _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, 
     return dq, dk, dv, None if db is None else db.view(b_c.shape[:2] + db.shape[2:])
 
 
-#: Bytes a CPU fused kernel call of a square group reads and writes at most (Note [cache-sized calls]).
+#: Bytes a CPU fused kernel call of a square group's backward reads and writes, about (at least one
+#: row of its windows per call; Note [cache-sized calls]).
 CPU_CALL_BYTES = 1 << 21
 
 
