@@ -202,9 +202,13 @@ def _op_ready(q, k, v, key_mask, key_bias, group, spec: AttentionSpec) -> bool:
 def op_window_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
                         *, key_mask: Optional[Tensor], key_bias: Optional[Tensor],
                         layer: "Optional[LayerFacts | LayerRef]", what: str) -> Tensor:
-    """:func:`~hpattn_dist.local.attention.windowed_attention` through ``hpattn::window_attention_fwd``
-    (Note [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
-    ``[B, H, Nq_r, D]`` out; ``spec`` with ``window_nside`` set."""
+    """Windowed attention, self (:func:`~hpattn_dist.local.attention.healpix_local_attention`) or across
+    two grids (``spec.cross``: q on one NESTED grid, k, v, the key mask and bias on another, sharded
+    independently; Note [local attention plan]), through ``hpattn::window_attention_fwd`` (Note
+    [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
+    ``[B, H, Nq_r, D]`` out; ``spec`` with ``window_nside`` set. ``layer``: the calling layer's facts,
+    or a :class:`~hpattn_dist.replicas.LayerRef` whose parameters the op reads (so that
+    ``torch.compile`` sees no parameter sums); ``what`` names the entry point in errors."""
     needs_grad = records_gradients(*(t for t in (q, k, v, key_bias) if isinstance(t, Tensor)))
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
     if not isinstance(spec.window_nside, (bool, int)) and hasattr(spec.window_nside, "__index__"):

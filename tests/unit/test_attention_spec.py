@@ -16,7 +16,6 @@ from hpattn_dist import (hybrid_attention, healpix_local_attention, ring_attenti
                          ulysses_attention)
 from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.kernels import DropoutSpec
-from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.local.oracle import window_mask
 from hpattn_dist.strategies import auto_attention, sharded_attention
 from hpattn_dist.strategies.api import attend
@@ -54,7 +53,6 @@ GLOBAL = {
 
 WINDOWED = {
     "healpix_local_attention": lambda q, k, v, o: healpix_local_attention(q, k, v, window_nside=1, mode="cell", **o),
-    "windowed_attention": lambda q, k, v, o: windowed_attention(q, k, v, window_nside=1, mode="cell", **o),
     "ring_cross_attention": lambda q, k, v, o: ring_cross_attention(q, k, v, window_nside=1, mode="cell", **o),
     "sharded_attention": lambda q, k, v, o: sharded_attention("auto", q, k, v, window_nside=1, mode="cell", **o),
 }
