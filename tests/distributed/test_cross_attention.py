@@ -67,7 +67,7 @@ def _cases(world: int) -> list[dict]:
 
 
 def split(n: int, p: int, salt: int) -> list[int]:
-    """An uneven contiguous split of ``n`` pixels over ``p`` ranks; for P >= 3 one rank gets none."""
+    """An uneven contiguous split of ``n`` pixels over ``p`` ranks; for P >= 3 rank ``salt % p`` gets none."""
     g = torch.Generator().manual_seed(97 * n + 13 * p + salt)
     cuts = sorted(torch.randint(0, n + 1, (p - 1,), generator=g).tolist())
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n])]
