@@ -79,11 +79,11 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
-def _add(p: argparse.ArgumentParser, defaults: dict[str, object], flag: str, help: str, **kw: object) -> None:
+def _add(p: argparse.ArgumentParser, defaults: dict[str, object], flag: str, text: str, **kw: object) -> None:
     """``flag`` with default None (a ``--config`` file, then the config's dataclass, fill it in),
     its help ending with the built-in default ``defaults`` shows for its dest (:data:`DEFAULTS`)."""
     dest = kw.get("dest") or flag[2:].replace("-", "_")
-    p.add_argument(flag, default=None, help=f"{help} (default: {defaults[dest]})", **kw)
+    p.add_argument(flag, default=None, help=f"{text} (default: {defaults[dest]})", **kw)
 
 
 def _model_options(p: argparse.ArgumentParser, command: str) -> None:
