@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from hpattn_dist.tools.verify import VerifyConfig, load_field
-from hpattn_dist.tools.verify_cross import run_cross_cases
+from hpattn_dist.tools.verify_cases import run_oracle_cases
+from hpattn_dist.tools.verify_cross import cross_cases
 from tests.harness import run_ranks
 from tests.integration.test_verify_local import cli_case_labels, family_rows
 
@@ -14,7 +15,7 @@ SOURCES = (4, 1)  # queries on nside 2: an encoder (4 -> 2) and a decoder (1 -> 
 
 
 def _run(rank: int, world_size: int, inject_error: float) -> list[tuple[str, bool]]:
-    return family_rows(run_cross_cases, 2, inject_error, source_nsides=SOURCES)
+    return family_rows(cross_cases, 2, inject_error, source_nsides=SOURCES)
 
 
 def test_cross_cases_pass_at_world_1_and_2() -> None:
@@ -38,7 +39,7 @@ def _run_window(rank: int, world_size: int, inject_error: float) -> list[tuple[s
                        cross_window="neighbourhood:1")
     x = load_field(cfg)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return [(r.strategy, r.passed) for r in run_cross_cases(cfg, x, g)]
+    return [(r.strategy, r.passed) for r in run_oracle_cases(cfg, cross_cases(cfg, x), g)]
 
 
 def test_cross_window_rows_pass_and_fail_with_an_injected_error() -> None:

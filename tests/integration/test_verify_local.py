@@ -9,20 +9,21 @@ from typing import Callable
 import torch
 
 from hpattn_dist.tools.verify import VerifyConfig, load_field
-from hpattn_dist.tools.verify_local import run_local_cases
+from hpattn_dist.tools.verify_cases import run_oracle_cases
+from hpattn_dist.tools.verify_local import local_cases
 from tests.harness import run_ranks
 
 WINDOWS = ("neighbourhood:2", "cell:4")
 
 
-def family_rows(run_cases: Callable, nside: int, inject_error: float, **which) -> list[tuple[str, bool]]:
-    """``(row, passed)`` of every case of one verify family (``run_cases``, with its own selection
+def family_rows(cases: Callable, nside: int, inject_error: float, **which) -> list[tuple[str, bool]]:
+    """``(row, passed)`` of every case of one verify family (``cases``, with its own selection
     ``which``) on a small field, backends manual and sdpa, dtypes float64, float32 and bfloat16."""
     cfg = VerifyConfig(nside=nside, batch=2, embed_dim=8, num_heads=2, backends=("manual", "sdpa"),
                        dtypes=("float64", "float32", "bfloat16"), inject_error=inject_error)
     x = load_field(cfg)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return [(f"{r.strategy} {r.backend} {r.dtype}", r.passed) for r in run_cases(cfg, x, g, **which)]
+    return [(f"{r.strategy} {r.backend} {r.dtype}", r.passed) for r in run_oracle_cases(cfg, cases(cfg, x, **which), g)]
 
 
 def cli_case_labels(tmp_path, *flags: str) -> list[str]:
@@ -43,7 +44,7 @@ def cli_case_labels(tmp_path, *flags: str) -> list[str]:
 
 
 def _run(rank: int, world_size: int, inject_error: float) -> list[tuple[str, bool]]:
-    return family_rows(run_local_cases, 4, inject_error, windows=WINDOWS)
+    return family_rows(local_cases, 4, inject_error, windows=WINDOWS)
 
 
 def test_local_cases_pass_at_world_1_and_2() -> None:
