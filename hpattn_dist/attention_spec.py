@@ -24,8 +24,8 @@ from hpattn_dist.healpix import check_nside
 from hpattn_dist.kernels import check_backend_name, check_dropout_seed
 from hpattn_dist.validation import check_dropout_p
 
-__all__ = ["ENTRY_POINTS", "STRATEGIES", "WINDOW_MODES", "AttentionOptions", "AttentionSpec", "check_option_names", "check_strategy_args",
-           "check_strategy_name", "check_ulysses_degree", "check_window"]
+__all__ = ["ENTRY_POINTS", "STRATEGIES", "WINDOW_MODES", "AttentionOptions", "AttentionSpec", "check_option_names",
+           "check_strategy_args", "check_strategy_name", "check_ulysses_degree", "check_window"]
 
 STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
 """The strategy names :func:`~hpattn_dist.strategies.sharded_attention` and the layers accept."""
