@@ -24,11 +24,15 @@ from hpattn_dist.healpix import check_nside
 from hpattn_dist.kernels import check_backend_name, check_dropout_seed
 from hpattn_dist.validation import check_dropout_p
 
-__all__ = ["STRATEGIES", "WINDOW_MODES", "AttentionOptions", "AttentionSpec", "check_option_names", "check_strategy_args",
-           "check_strategy_name", "check_ulysses_degree", "check_window"]
+__all__ = ["ENTRY_POINTS", "STRATEGIES", "WINDOW_MODES", "AttentionOptions", "AttentionSpec", "check_option_names",
+           "check_strategy_args", "check_strategy_name", "check_ulysses_degree", "check_window"]
 
 STRATEGIES: tuple[str, ...] = ("ring", "ulysses", "hybrid", "auto")
 """The strategy names :func:`~hpattn_dist.strategies.sharded_attention` and the layers accept."""
+
+ENTRY_POINTS: tuple[str, ...] = ("ring_attention", "ring_cross_attention", "ulysses_attention", "hybrid_attention",
+                                 "auto_attention", "healpix_local_attention")
+"""The public functions a call's errors name (:attr:`AttentionSpec.entry_point`)."""
 
 WINDOW_MODES: tuple[str, ...] = ("cell", "neighbourhood")
 """The windows of local attention (:mod:`hpattn_dist.local.windows`)."""
@@ -150,6 +154,17 @@ class AttentionSpec:
         check_option_names(what, options)
         fields = {name: value for name, value in options.items() if name not in _DATA}
         return cls(**own, **fields), options.get("key_mask"), options.get("key_bias")
+
+    @property
+    def entry_point(self) -> str:
+        """The public function a call with these options stands for, named in its errors (a layer's
+        call names the layer instead): one of :data:`ENTRY_POINTS`."""
+        if self.window_nside is not None:
+            return "ring_cross_attention" if self.cross else "healpix_local_attention"
+        if self.cross and self.strategy == "ring":
+            return "ring_cross_attention"
+        return {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention"}.get(
+            self.strategy, "auto_attention")
 
     def check_strategy(self) -> None:
         """The strategy's name, and ``ulysses_degree`` given for ``"hybrid"`` only: what the door

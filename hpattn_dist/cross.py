@@ -25,18 +25,17 @@ rank r, E embed dim, E_kv source feature dim (``kv_dim``), H heads, D head dim (
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Unpack
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import fail_together
-from hpattn_dist.comm.binding import GroupBound
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.distributed_layer import DistributedAttentionLayer, LayerOptions
 from hpattn_dist.kernels import resolve_dropout_seed
 from hpattn_dist.local.oracle import dense_local_attention
 from hpattn_dist.local.windows import check_window
@@ -192,7 +191,7 @@ class SpatialCrossAttention(MultiHeadBase):
         return self.out_proj(out)
 
 
-class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
+class DistributedSpatialCrossAttention(DistributedAttentionLayer, SpatialCrossAttention):
     """:class:`SpatialCrossAttention` with both grids' pixels sharded across a process group.
 
     Same constructor arguments, parameters (``q_proj``, ``kv_proj``, ``out_proj``) and
@@ -240,7 +239,6 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
     # Note [attention plans in a model call] in strategies/plan.py.
     _hp_call_config = ("embed_dim", "num_heads", "kv_dim", "head_dim", "scale", "dropout_p", "attn_backend",
                        "strategy", "ulysses_degree", "healpix_field", "window_nside", "mode", "name")
-    _hp_drop_attr = "dropout_p"
 
     def __init__(
         self,
@@ -251,26 +249,14 @@ class DistributedSpatialCrossAttention(GroupBound, SpatialCrossAttention):
         bias: bool = True,
         attn_backend: str = "auto",
         *,
-        process_group: Optional[dist.ProcessGroup] = None,
-        strategy: str = "auto",
-        ulysses_degree: Optional[int] = None,
-        healpix_field: bool = True,
-        name: str = "",
         window_nside: Optional[int] = None,
         mode: str = "neighbourhood",
+        **options: Unpack[LayerOptions],
     ) -> None:
-        AttentionSpec(strategy, attn_backend, ulysses_degree=ulysses_degree, cross=True, window_nside=window_nside,
-                      mode=mode).check_layer(type(self).__name__, healpix_field)
-        # As DistributedSpatialSelfAttention: flash_attn is a kernel name the oracle does not run.
-        super().__init__(embed_dim, num_heads, kv_dim, dropout, bias,
-                         "auto" if attn_backend == "flash_attn" else attn_backend,
+        options = self._checked_options(attn_backend, options, cross=True, window_nside=window_nside, mode=mode)
+        super().__init__(embed_dim, num_heads, kv_dim, dropout, bias, self.oracle_backend(attn_backend),
                          window_nside=window_nside, mode=mode)
-        self.attn_backend = attn_backend
-        self.process_group = process_group
-        self.strategy = strategy
-        self.ulysses_degree = ulysses_degree
-        self.healpix_field = bool(healpix_field)
-        self.name = name
+        self._keep_options(attn_backend, options)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}" + (

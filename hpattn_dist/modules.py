@@ -27,7 +27,7 @@ compensated (see :mod:`hpattn_dist.grad_sync`). Without it the ranks' parameters
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Unpack
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,9 @@ from torch import Tensor
 
 from hpattn_dist.attention_spec import AttentionSpec, check_strategy_args
 from hpattn_dist.comm.agreement import fail_together
-from hpattn_dist.comm.binding import GroupBound, bind_process_group
+from hpattn_dist.comm.binding import bind_process_group
 from hpattn_dist.comm.groups import resolve_group
+from hpattn_dist.distributed_layer import DistributedAttentionLayer, LayerOptions
 from hpattn_dist.kernels import KERNEL_BACKENDS
 from hpattn_dist.cross import DistributedSpatialCrossAttention
 from hpattn_dist.local.modules import (
@@ -53,7 +54,7 @@ from hpattn_dist.validation import check_layer_input
 
 __all__ = ["DistributedSpatialSelfAttention", "convert_spatial_attention"]
 
-class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
+class DistributedSpatialSelfAttention(DistributedAttentionLayer, SpatialSelfAttention):
     """Multi-head self-attention over a HEALPix field whose pixels are sharded across ranks.
 
     Same constructor arguments, attributes, parameter names (``qkv_proj``, ``out_proj``) and
@@ -121,10 +122,9 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
     """
 
     # What a converted model's call agrees on for this layer (Note [attention plans in a model
-    # call] in strategies/plan.py), and the probability that makes it ask the call for a seed.
+    # call] in strategies/plan.py).
     _hp_call_config = ("embed_dim", "num_heads", "head_dim", "scale", "dropout_p", "attn_backend",
                        "strategy", "ulysses_degree", "healpix_field", "name")
-    _hp_drop_attr = "dropout_p"
 
     def __init__(
         self,
@@ -133,23 +133,11 @@ class DistributedSpatialSelfAttention(GroupBound, SpatialSelfAttention):
         dropout: float = 0.0,
         bias: bool = True,
         attn_backend: str = "auto",
-        *,
-        process_group: Optional[dist.ProcessGroup] = None,
-        strategy: str = "auto",
-        ulysses_degree: Optional[int] = None,
-        healpix_field: bool = True,
-        name: str = "",
+        **options: Unpack[LayerOptions],
     ) -> None:
-        AttentionSpec(strategy, attn_backend, ulysses_degree=ulysses_degree).check_layer(type(self).__name__)
-        # The oracle's constructor checks its own names (auto|sdpa|manual); it never runs the kernel.
-        super().__init__(embed_dim, num_heads, dropout, bias,
-                         "auto" if attn_backend == "flash_attn" else attn_backend)
-        self.attn_backend = attn_backend
-        self.process_group = process_group
-        self.strategy = strategy
-        self.ulysses_degree = ulysses_degree
-        self.healpix_field = bool(healpix_field)
-        self.name = name
+        options = self._checked_options(attn_backend, options)
+        super().__init__(embed_dim, num_heads, dropout, bias, self.oracle_backend(attn_backend))
+        self._keep_options(attn_backend, options)
 
     def _ref(self) -> LayerRef:
         """What the call takes its facts from, where it runs (in the registered op, whose

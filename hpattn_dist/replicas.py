@@ -93,7 +93,7 @@ from hpattn_dist.comm.groups import GroupInfo
 
 __all__ = ["N_SUMS", "LayerFacts", "LayerRef", "ParameterFingerprint", "check_flushed_rows",
            "check_layer_rows", "check_model_rows", "facts_of", "fingerprintable", "flush_fingerprints", "flush_row",
-           "forget_group", "layer_label", "resolve_layer"]
+           "forget_group", "layer_label", "layer_of_op_args", "layer_op_args", "resolve_layer"]
 
 _RTOL = 1e-9
 _PHI = (5**0.5 - 1) / 2  # the Weyl sequence frac(i * phi) of Note [replicated parameter check]
@@ -344,6 +344,35 @@ def facts_of(name: str, params: Sequence[torch.Tensor], healpix_field: bool,
     layout, sums = fingerprint.deferred([(str(i), p) for i, p in enumerate(params)])
     return LayerFacts(name=name, layout=layout, sums=sums, healpix_field=healpix_field, point_sets=point_sets,
                       late=any(_deferred(p) for p in params))
+
+
+def layer_op_args(layer: "LayerFacts | LayerRef | None") -> tuple[list[torch.Tensor], str, bool,
+                                                                   Optional[torch.Tensor]]:
+    """``(layer_params, layer_name, layer_healpix, layer_facts)``: a call's layer as the arguments of
+    a registered op (:func:`layer_of_op_args` reads them back there); facts as int64 ``[layout,
+    point_sets, late, *sums]``."""
+    if isinstance(layer, LayerFacts):
+        facts = torch.tensor([layer.layout, int(layer.point_sets), int(layer.late), *layer.sums], dtype=torch.int64)
+        return [], layer.name, layer.healpix_field, facts
+    if layer is None:
+        return [], "", True, None
+    # Detached: the op reads the parameters' sums only, and must not join their autograd graph
+    # (ZeRO-3 re-partitions them between forward and backward).
+    return [p.detach() for p in layer.params], layer.name, layer.healpix_field, None
+
+
+def layer_of_op_args(name: str, params: list[torch.Tensor], healpix: bool, facts: Optional[torch.Tensor],
+                     point_sets: bool = True) -> "LayerFacts | LayerRef | None":
+    """The layer of a call from :func:`layer_op_args`' arguments: its parameters (read inside the
+    agreement) or the fingerprint its caller gave. ``point_sets=False``: an op whose layers cannot
+    be built for arbitrary point sets (local attention's), whatever the caller said."""
+    if not name:
+        return None
+    if facts is not None:
+        layout, facts_point_sets, late, *sums = (int(x) for x in facts.tolist())
+        return LayerFacts(name, layout, tuple(sums), healpix, point_sets=point_sets and bool(facts_point_sets),
+                          late=bool(late))
+    return LayerRef(name, tuple(params), healpix, point_sets=point_sets)
 
 
 def resolve_layer(layer: "LayerFacts | LayerRef | None") -> Optional[LayerFacts]:

@@ -63,7 +63,7 @@ until they agree again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 __all__ = ["LayerMemory", "Ledger", "LocalMemoryUnits", "MemoryCase", "WindowGeometry", "WindowGroupShape",
            "cpu_flash_scratch", "global_layer_memory", "local_attention_units", "local_layer_memory",
@@ -180,6 +180,30 @@ class _Kernel:
         return q_bytes * 4 // c.itemsize  # FlashAttention-2 / efficient: an fp32 dq accumulator
 
 
+def _ring_steps(led: Ledger, r_deg: int, ring_i: int, block: Callable[[int], int], *,
+                retire: bool) -> Iterator[tuple[int, int]]:
+    """The K/V blocks a rank of a ring of ``r_deg`` holds through one pass (forward or backward):
+    its own block, stacked (``r_deg > 1``); at each step the block computed on and the next one in
+    flight (none after the last step); ``retire``: the block of the step before stays one step
+    more (forward: its posted send holds it until the next post). Yields ``(step, src)``, the step
+    and the ring rank whose block it computes on, while those blocks are held; ``block(j)``: the
+    bytes of ring rank j's block."""
+    if r_deg > 1:
+        led.add("block", block(ring_i))
+    for step in range(r_deg):
+        if step < r_deg - 1:
+            led.add("next", block((ring_i - step - 1) % r_deg))
+        yield step, (ring_i - step) % r_deg
+        led.free("retired")
+        if step < r_deg - 1:
+            if retire:
+                led.held["retired"] = led.held.pop("block", 0)
+            else:
+                led.free("block")
+            led.held["block"] = led.held.pop("next")
+    led.free("block", "retired")
+
+
 def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
     """The ledger of ring (U = 1), Ulysses (U = P) and hybrid attention through the op (Note
     [activation memory]; for U > 1 the three ops of Note [ulysses op memory])."""
@@ -211,13 +235,8 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
         led.add("q_contiguous", px)
     led.spike(hq // s)  # the NaN-row mask of q (bool), once per call
     led.add("lse", lse)
-    if r_deg > 1:
-        led.add("block", block(ring_i))  # the own K/V, stacked
     first = True
-    for step in range(r_deg):
-        src = (ring_i - step) % r_deg
-        if step < r_deg - 1:
-            led.add("next", block((ring_i - step - 1) % r_deg))
+    for step, src in _ring_steps(led, r_deg, ring_i, block, retire=True):
         if group[src] > 0:
             if first:  # the first block's result is the accumulator
                 led.add("acc", hq * a // s)
@@ -228,11 +247,6 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
                 led.spike(kernel.forward_scratch(m, group[src]))
                 led.spike(hq * a // s * (1 if a == s else 2))  # the merge's product (and block_out.to)
                 led.free("out_b")
-        led.free("retired")  # the block sent last step: its send held it through this step
-        if step < r_deg - 1:
-            led.held["retired"] = led.held.pop("block", 0)
-            led.held["block"] = led.held.pop("next")
-    led.free("block", "retired")
     if a != s:
         led.add("out_h", hq)
         led.free("acc")
@@ -258,13 +272,8 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
         led.add("dout_h", hq)
         led.spike(recv_hq)
         led.free("d_out_t")
-    if r_deg > 1:
-        led.add("block", block(ring_i))  # K/V stacked again
     dq_first = True
-    for step in range(r_deg):
-        src = (ring_i - step) % r_deg
-        if step < r_deg - 1:
-            led.add("next", block((ring_i - step - 1) % r_deg))
+    for step, src in _ring_steps(led, r_deg, ring_i, block, retire=False):  # K/V stacked again
         if group[src] > 0:
             kv_b = block(src) // 2
             led.add("dq_b", hq)
@@ -285,10 +294,7 @@ def _global_schedule(case: MemoryCase, u_deg: int) -> LayerMemory:
             led.free("dkv_b")
             led.held["sent"] = led.held.pop("grads")
             led.add("grads", block((src - 1) % r_deg) * a // s)
-        if step < r_deg - 1:
-            led.free("block")
-            led.held["block"] = led.held.pop("next")
-    led.free("block", "sent")
+    led.free("sent")
     if a != s:
         led.add("dq_cast", hq)
         led.free("dq")

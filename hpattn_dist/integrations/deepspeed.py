@@ -84,7 +84,8 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from operator import itemgetter
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -114,13 +115,24 @@ class _Axis:
         return len(self.ranks)
 
 
+def _lookup(axis: str, field: str, convert: Callable[[Any], Any] = lambda value: value
+            ) -> Callable[["SequenceParallelMPU"], Any]:
+    """An ``mpu`` method: ``convert(field)`` of :class:`_Axis` ``axis`` (one row of the table DeepSpeed
+    reads)."""
+    def get(self: "SequenceParallelMPU") -> Any:
+        return convert(getattr(getattr(self, axis), field))
+
+    return get
+
+
 @dataclass(frozen=True)
 class SequenceParallelMPU:
     """The ``mpu`` DeepSpeed reads, for S-way sequence x R-way data parallelism.
 
     Built by :func:`sequence_parallel_mpu`; pass it as ``deepspeed.initialize(..., mpu=mpu)`` (or
     use :func:`initialize`) and give :meth:`get_sequence_parallel_group` to the attention layers.
-    Group semantics: Note [mpu semantics]. Every method is a lookup (no communication).
+    Group semantics: Note [mpu semantics]. Every method is a lookup of one axis (no communication):
+    the class body is the table of DeepSpeed's method names.
 
     Attributes:
         sp: the sequence-parallel axis (size S, consecutive global ranks).
@@ -135,57 +147,25 @@ class SequenceParallelMPU:
     single: _Axis
 
     # sequence parallel: the group the attention layers shard pixels over
-    def get_sequence_parallel_group(self) -> dist.ProcessGroup:
-        return self.sp.group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.sp.world_size
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.sp.rank
-
-    def get_sequence_parallel_src_rank(self) -> int:
-        """Global rank of the first rank of this sp group."""
-        return self.sp.ranks[0]
-
+    get_sequence_parallel_group = _lookup("sp", "group")
+    get_sequence_parallel_world_size = _lookup("sp", "world_size")
+    get_sequence_parallel_rank = _lookup("sp", "rank")
+    get_sequence_parallel_src_rank = _lookup("sp", "ranks", itemgetter(0))  # global rank of the group's first rank
     # sequence x data parallel: what ZeRO shards and reduces over
-    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
-        return self.sdp.group
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.sdp.world_size
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return self.sdp.rank
-
+    get_sequence_data_parallel_group = _lookup("sdp", "group")
+    get_sequence_data_parallel_world_size = _lookup("sdp", "world_size")
+    get_sequence_data_parallel_rank = _lookup("sdp", "rank")
     # data parallel: the replicas
-    def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self.dp.group
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp.world_size
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp.rank
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(self.dp.ranks)
-
-    def get_data_parallel_src_rank(self) -> int:
-        return self.dp.ranks[0]
-
-    # model / tensor / pipeline parallel: this rank alone
-    def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self.single.group
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_src_rank(self) -> int:
-        return self.single.ranks[0]
+    get_data_parallel_group = _lookup("dp", "group")
+    get_data_parallel_world_size = _lookup("dp", "world_size")
+    get_data_parallel_rank = _lookup("dp", "rank")
+    get_data_parallel_group_ranks = _lookup("dp", "ranks", list)
+    get_data_parallel_src_rank = _lookup("dp", "ranks", itemgetter(0))
+    # model / tensor / pipeline parallel: this rank alone (world size 1, rank 0)
+    get_model_parallel_group = _lookup("single", "group")
+    get_model_parallel_world_size = _lookup("single", "world_size")
+    get_model_parallel_rank = _lookup("single", "rank")
+    get_model_parallel_src_rank = _lookup("single", "ranks", itemgetter(0))
 
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size

@@ -66,7 +66,8 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, spec: AttentionSpec,
     flag is agreed, so its peers raise with it instead of running the op's exchanges).
 
     Raises:
-        ValueError: (on every rank together) what :func:`windowed_attention` lists.
+        ValueError: (on every rank together) what :func:`~hpattn_dist.local.attention.healpix_local_attention`
+            and :func:`~hpattn_dist.strategies.ring_cross_attention` (with a window) list.
     """
     with validated_signature(info, what) as sig:
         check_qkv(q, k, v, spec.scale, cross=spec.cross)

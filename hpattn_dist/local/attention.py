@@ -26,13 +26,13 @@ from typing import Optional, Unpack
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.attention_spec import AttentionOptions, AttentionSpec, check_option_names
+from hpattn_dist.attention_spec import AttentionOptions, AttentionSpec
 from hpattn_dist.local.agreement import WindowCall, agree
 from hpattn_dist.local.ops import op_window_attention
 from hpattn_dist.local.plan import plan_local_attention
-from hpattn_dist.replicas import LayerFacts, LayerRef
+from hpattn_dist.replicas import LayerFacts
 
-__all__ = ["WindowCall", "agree", "healpix_local_attention", "plan_local_attention", "windowed_attention"]
+__all__ = ["WindowCall", "agree", "healpix_local_attention", "plan_local_attention"]
 
 
 def healpix_local_attention(
@@ -80,35 +80,7 @@ def healpix_local_attention(
     the halo rows (``2 * B * H * D`` elements of K/V per row, plus ``B * Hb`` bias values when a
     mask or bias is given) forward; the same rows' gradients (accumulation dtype) backward.
     """
-    check_option_names("healpix_local_attention", options)
-    return windowed_attention(q, k, v, group, window_nside=window_nside, mode=mode, layer=layer, **options)
-
-
-def windowed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    group: Optional[dist.ProcessGroup] = None,
-    *,
-    window_nside: int,
-    mode: str = "neighbourhood",
-    layer: "Optional[LayerFacts | LayerRef]" = None,
-    cross: bool = False,
-    strategy: Optional[str] = None,
-    what: str = "healpix_local_attention",
-    **options: Unpack[AttentionOptions],
-) -> Tensor:
-    """Windowed attention, self (:func:`healpix_local_attention`) or across two grids (``cross=True``:
-    ``q [B, H, Nq_r, D]`` on one NESTED grid, ``k, v [B, H, Nk_r, D]``, the key mask and bias on
-    another, sharded independently; Note [local attention plan]): ONE registered op,
-    ``hpattn::window_attention_fwd`` (:mod:`hpattn_dist.local.ops`), whose body is :func:`~hpattn_dist.local.agreement.agree`
-    and the executor.
-
-    ``layer``: the calling layer's facts, or a :class:`~hpattn_dist.replicas.LayerRef` whose
-    parameters the op reads (so that ``torch.compile`` sees no parameter sums). ``strategy``
-    (None: none named), ``what``: as for :func:`~hpattn_dist.local.agreement.agree`.
-    """
-    spec, key_mask, key_bias = AttentionSpec.from_options(
-        what, options, strategy="auto" if strategy is None else strategy, cross=cross, window_nside=window_nside,
-        mode=mode)
-    return op_window_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer, what=what)
+    spec, key_mask, key_bias = AttentionSpec.from_options("healpix_local_attention", options, window_nside=window_nside,
+                                                          mode=mode)
+    return op_window_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer,
+                               what="healpix_local_attention")

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.attention_spec import AttentionSpec
+from hpattn_dist.attention_spec import ENTRY_POINTS, AttentionSpec
 from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import resolve_group
 from hpattn_dist.double_backward import refuse_double_backward
@@ -48,24 +48,12 @@ from hpattn_dist.local import execute
 from hpattn_dist.local.agreement import agree
 from hpattn_dist.local.plan import cached_plan
 from hpattn_dist.masks import key_bias_from_mask
-from hpattn_dist.replicas import LayerFacts, LayerRef
+from hpattn_dist.replicas import LayerFacts, LayerRef, layer_of_op_args, layer_op_args
 from hpattn_dist.strategies.ops import OP_TAGS, _acc, _distinct, _group, _group_pixels, group_name_of
 
 __all__ = ["op_window_attention"]
 
 _PLAN_HEAD = 2  # use_bias, seed
-_ENTRIES = ("healpix_local_attention", "ring_cross_attention")
-
-
-def _layer(name: str, params: list[Tensor], healpix: bool,
-           facts: Optional[Tensor]) -> "Optional[LayerFacts | LayerRef]":
-    """The layer of a call: its parameters (read inside the agreement) or their fingerprint."""
-    if not name:
-        return None
-    if facts is not None:
-        values = [int(x) for x in facts.tolist()]
-        return LayerFacts(name, values[0], tuple(values[1:]), healpix, point_sets=False)
-    return LayerRef(name, tuple(params), healpix, point_sets=False)
 
 
 @torch.library.custom_op("hpattn::window_attention_fwd", mutates_args=(), tags=OP_TAGS)
@@ -79,13 +67,13 @@ def window_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
 
     ``dropout_seed``: this rank's proposal, an int64 CPU tensor ``[1]`` drawn before the call, or
     None without dropout. ``layer_name`` non-empty: a layer's call, whose parameters
-    (``layer_params``, or their fingerprint ``layer_facts``: int64 ``[layout, *sums]``) and field are checked
+    (``layer_params``, or their fingerprint ``layer_facts``, :func:`~hpattn_dist.replicas.layer_op_args`) and field are checked
     in the same agreement. ``strategy``: as the caller named it. ``out [B, H, Nq_r, D]``, ``lse [B, H,
     Nq_r]`` (accumulation dtype), ``edge_kv [2, B * H, (E + z) * c_k, D]``, ``edge_bias`` flat
     (empty without a bias).
     """
     info = _group(group_name)
-    layer = _layer(layer_name, layer_params, layer_healpix, layer_facts)
+    layer = layer_of_op_args(layer_name, layer_params, layer_healpix, layer_facts, point_sets=False)
     spec = AttentionSpec(strategy or "auto", backend, dropout_p, scale, 0 if dropout_seed is None else int(dropout_seed),
                          cross=cross, window_nside=window_nside, mode=mode)
     call = agree(q, k, v, info, spec, key_mask=key_mask, key_bias=key_bias, layer=layer,
@@ -152,7 +140,7 @@ def _setup_context(ctx, inputs, output) -> None:
     out, plan_t, lse, edge_kv, edge_bias = output
     ctx.save_for_backward(q, k, v, key_mask, key_bias, out, plan_t, lse, edge_kv, edge_bias)
     ctx.static = (group_name, window_nside, mode, backend, dropout_p, scale, cross, bias_grad)
-    ctx.what = _ENTRIES[int(cross)]
+    ctx.what = AttentionSpec(cross=cross, window_nside=window_nside).entry_point
     ctx.set_materialize_grads(False)  # no zero gradients for the residuals (edge_kv is 2 e units)
 
 
@@ -161,7 +149,7 @@ def _plain_backward(ctx, dout):
 
 
 # The backward is explicit, so not differentiable: Note [double backward], named per entry point.
-_REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in _ENTRIES}
+_REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in ENTRY_POINTS}
 
 
 def _backward(ctx, dout, *unused):
@@ -202,9 +190,13 @@ def _op_ready(q, k, v, key_mask, key_bias, group, spec: AttentionSpec) -> bool:
 def op_window_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional[dist.ProcessGroup],
                         *, key_mask: Optional[Tensor], key_bias: Optional[Tensor],
                         layer: "Optional[LayerFacts | LayerRef]", what: str) -> Tensor:
-    """:func:`~hpattn_dist.local.attention.windowed_attention` through ``hpattn::window_attention_fwd``
-    (Note [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
-    ``[B, H, Nq_r, D]`` out; ``spec`` with ``window_nside`` set."""
+    """Windowed attention, self (:func:`~hpattn_dist.local.attention.healpix_local_attention`) or across
+    two grids (``spec.cross``: q on one NESTED grid, k, v, the key mask and bias on another, sharded
+    independently; Note [local attention plan]), through ``hpattn::window_attention_fwd`` (Note
+    [windowed attention as one op]): ``q [B, H, Nq_r, D]``, ``k, v [B, H, Nk_r, D]`` in,
+    ``[B, H, Nq_r, D]`` out; ``spec`` with ``window_nside`` set. ``layer``: the calling layer's facts,
+    or a :class:`~hpattn_dist.replicas.LayerRef` whose parameters the op reads (so that
+    ``torch.compile`` sees no parameter sums); ``what`` names the entry point in errors."""
     needs_grad = records_gradients(*(t for t in (q, k, v, key_bias) if isinstance(t, Tensor)))
     bias_grad = needs_grad and isinstance(key_bias, Tensor) and key_bias.requires_grad
     if not isinstance(spec.window_nside, (bool, int)) and hasattr(spec.window_nside, "__index__"):
@@ -218,15 +210,9 @@ def op_window_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, gr
         raise ValueError(f"{what}: arguments the registered op cannot take (q {type(q).__name__} on "
                          f"{getattr(q, 'device', '?')}, window_nside {spec.window_nside!r}, scale {spec.scale!r}, "
                          f"dropout_p {spec.dropout_p!r})")
-    params, name, healpix, facts = [], "", True, None
-    if isinstance(layer, LayerRef):
-        params, name, healpix = [p.detach() for p in layer.params], layer.name, layer.healpix_field
-    elif isinstance(layer, LayerFacts):
-        name, healpix = layer.name, layer.healpix_field
-        facts = torch.tensor([layer.layout, *layer.sums], dtype=torch.int64)
     return torch.ops.hpattn.window_attention_fwd(
         q, k, v, key_mask, key_bias, group_name_of(group), spec.window_nside, spec.mode, spec.backend,
         float(spec.dropout_p), q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale),
-        seed_input(spec.dropout_p, spec.dropout_seed), params, name, healpix, facts, needs_grad, bias_grad,
+        seed_input(spec.dropout_p, spec.dropout_seed), *layer_op_args(layer), needs_grad, bias_grad,
         bool(spec.cross), spec.strategy, what,
     )[0]

@@ -91,9 +91,8 @@ def attend(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Optional
     (:meth:`~hpattn_dist.attention_spec.AttentionSpec.check`, Note [fail together])."""
     spec.check_strategy()
     if spec.window_nside is not None:
-        entry = "ring_cross_attention" if spec.cross else "healpix_local_attention"
         return op_window_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer,
-                                   what=entry if layer is None else layer.name)
+                                   what=spec.entry_point if layer is None else layer.name)
     return op_attention(spec, q, k, v, group, key_mask=key_mask, key_bias=key_bias, layer=layer)
 
 

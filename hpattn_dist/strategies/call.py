@@ -17,8 +17,8 @@ from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.agreement import records_gradients
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import seed_input
-from hpattn_dist.replicas import LayerFacts, LayerRef
-from hpattn_dist.strategies.ops import _PAIR, _what, group_name_of
+from hpattn_dist.replicas import LayerFacts, LayerRef, layer_op_args
+from hpattn_dist.strategies.ops import _PAIR, group_name_of
 from hpattn_dist.strategies.plan import plan_attention
 
 __all__ = ["off_op_reason", "op_attention", "refuse_off_op"]
@@ -32,7 +32,7 @@ def op_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Op
     unless ``spec.cross``), ``key_bias [B, Nk_r]`` or ``[B, H, Nk_r]`` in, ``[B, H, Nq_r, D]`` out.
     ``groups``: an explicit ``(ulysses_group, ring_group)`` pair (``hybrid_attention``) instead of
     ``group``. Arguments the op cannot take are refused on every rank (:func:`refuse_off_op`)."""
-    what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else _what(spec.strategy, spec.cross)
+    what = layer.name if isinstance(layer, (LayerFacts, LayerRef)) else spec.entry_point
     group, groups = _process_groups(group), None if groups is None else tuple(_process_groups(g) for g in groups)
     reason = off_op_reason(spec, what, q, k, v, key_mask, key_bias, group if groups is None else groups, layer)
     if reason is not None:
@@ -44,7 +44,7 @@ def op_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Op
     grad_on = torch.is_grad_enabled()
     x, plan_t, _, k_h, v_h, mask_h, bias_h = torch.ops.hpattn.attention_fwd(
         q, k, v, key_mask, key_bias, group_name, spec.strategy, u, spec.backend, dropout_p, scale,
-        seed_input(dropout_p, spec.dropout_seed), *_layer_args(layer),
+        seed_input(dropout_p, spec.dropout_seed), *layer_op_args(layer),
         grad_on and (k.requires_grad or v.requires_grad), records_gradients(q, k, v, key_bias),
         grad_on and key_bias is not None and key_bias.requires_grad, bool(spec.cross),
     )
@@ -111,15 +111,3 @@ def refuse_off_op(reason: str, spec: AttentionSpec, q: Tensor, k: Tensor, v: Ten
     the door's agreement with ``via_op`` off, then ``ValueError`` naming the argument."""
     plan_attention(spec, q, k, v, group, via_op=False, what=what, **kwargs)
     raise ValueError(f"{what}: {reason}")
-
-
-def _layer_args(layer: "Optional[LayerFacts | LayerRef]") -> tuple[list[Tensor], str, bool, Optional[Tensor]]:
-    """``(layer_params, layer_name, layer_healpix, layer_facts)``: a layer as op arguments."""
-    if isinstance(layer, LayerFacts):
-        facts = torch.tensor([layer.layout, int(layer.point_sets), int(layer.late), *layer.sums], dtype=torch.int64)
-        return [], layer.name, layer.healpix_field, facts
-    if layer is None:
-        return [], "", True, None
-    # Detached: the op reads the parameters' sums only, and must not join their autograd graph
-    # (ZeRO-3 re-partitions them between forward and backward).
-    return [p.detach() for p in layer.params], layer.name, layer.healpix_field, None

@@ -112,7 +112,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpattn_dist.attention_spec import AttentionSpec
+from hpattn_dist.attention_spec import ENTRY_POINTS, AttentionSpec
 from hpattn_dist.comm.all_to_all import all_to_all
 from hpattn_dist.comm.groups import GroupInfo, resolve_group
 from hpattn_dist.comm.head_exchange import (gather_pixels, heads_to_pixels, heads_to_pixels_released, pixels_to_heads,
@@ -122,7 +122,7 @@ from hpattn_dist.double_backward import refuse_double_backward
 from hpattn_dist.kernels import select_kernel
 from hpattn_dist.masks import key_bias_from_mask
 from hpattn_dist.mesh import hybrid_groups_for, hybrid_parent
-from hpattn_dist.replicas import LayerFacts, LayerRef
+from hpattn_dist.replicas import LayerRef, layer_of_op_args
 from hpattn_dist.strategies.plan import AttentionPlan, _choose, plan_attention
 from hpattn_dist.strategies.ring import folded_bias, ring_backward, ring_forward
 
@@ -248,7 +248,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     / differentiates ``out`` at all, read before the op (its body runs with grad mode off; Note
     [gradients on every rank or none]).
     """
-    layer = _layer(layer_name, layer_params, layer_healpix, layer_facts)
+    layer = layer_of_op_args(layer_name, layer_params, layer_healpix, layer_facts)
     parent, sub = _grid(group_name)
     seed = None if dropout_seed is None else int(dropout_seed)
     if seed is not None and isinstance(layer, LayerRef) and dropout_p > 0:  # Note [seeds in a model call]
@@ -257,7 +257,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
     plan, _ = plan_attention(
         spec, q, k, v, parent.group, groups=None if sub is None else tuple(g.group for g in sub),
         key_mask=key_mask, key_bias=key_bias, layer=layer,
-        what=_what(strategy, cross) if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
+        what=spec.entry_point if layer is None else layer.name, kv_needs_grad=kv_needs_grad,
         in_call=isinstance(layer, LayerRef), needs_grad=needs_grad, bias_needs_grad=bias_needs_grad,
     )
     plan_t = _plan_tensor(plan)
@@ -277,25 +277,6 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k
         mask_h = gather_pixels(key_mask.to(torch.uint8), u_info, key_sizes, f"{plan.strategy}.mask").bool()
     bias_h = q.new_empty((0,), dtype=_acc(q.dtype)) if bias_h is None else bias_h
     return _distinct((q_h, plan_t, e.clone(), k_h, v_h, mask_h, bias_h), (q, k, v, key_mask, key_bias))
-
-
-def _layer(name: str, params: list[Tensor], healpix: bool,
-           facts: Optional[Tensor]) -> "Optional[LayerFacts | LayerRef]":
-    """The layer of a call from the op's arguments: its parameters (read inside the agreement),
-    or the fingerprint a caller gave (``strategies/call.py`` packs both)."""
-    if not name:
-        return None
-    if facts is not None:
-        layout, point_sets, late, *sums = (int(x) for x in facts.tolist())
-        return LayerFacts(name, layout, tuple(sums), healpix, point_sets=bool(point_sets), late=bool(late))
-    return LayerRef(name, tuple(params), healpix)
-
-
-def _what(strategy: str, cross: bool = False) -> str:
-    if cross and strategy == "ring":
-        return "ring_cross_attention"
-    return {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention"}.get(
-        strategy, "auto_attention")
 
 
 def _static_degree(q: Tensor, group_name: str, strategy: str, ulysses_degree: int) -> tuple[str, int]:
@@ -451,7 +432,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(plan_t, lse, mask_h)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals
     ctx.static = (group_name, strategy, ulysses_degree, backend, dropout_p, scale)
-    ctx.what = _what(strategy, inputs[-1])
+    ctx.what = AttentionSpec(strategy, cross=inputs[-1]).entry_point
 
 
 def _plain_backward(ctx, dx, dk_h=None, dv_h=None, dbias_h=None):
@@ -461,8 +442,7 @@ def _plain_backward(ctx, dx, dk_h=None, dv_h=None, dbias_h=None):
 # The backward is explicit, so not differentiable: Note [double backward], named per entry point.
 # (U > 1: the door's backward only sends gradients home, but under create_graph it sits behind
 # the refusing attention of the heads; it refuses too, so that the message names the entry point.)
-_ENTRY_POINTS = ("ring_attention", "ring_cross_attention", "ulysses_attention", "hybrid_attention", "auto_attention")
-_REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in _ENTRY_POINTS}
+_REFUSING = {name: refuse_double_backward(name)(_plain_backward) for name in ENTRY_POINTS}
 
 
 def _backward(ctx, dx, plan_grad, lse_grad, dk_h, dv_h, mask_grad, dbias_h):
@@ -570,14 +550,14 @@ def _heads_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
     ctx.static = tuple(static)
-    ctx.what = _what(static[1])
+    ctx.what = AttentionSpec(static[1]).entry_point
 
 
 def _heads_plain_backward(ctx, dout_h):
     return attention_heads_bwd(dout_h, *ctx.saved_tensors, *ctx.static)
 
 
-_REFUSING_HEADS = {name: refuse_double_backward(name)(_heads_plain_backward) for name in _ENTRY_POINTS}
+_REFUSING_HEADS = {name: refuse_double_backward(name)(_heads_plain_backward) for name in ENTRY_POINTS}
 
 
 def _heads_backward(ctx, dout_h, lse_grad):

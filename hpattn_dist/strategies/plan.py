@@ -41,7 +41,7 @@ Note [cross-grid plan]
     the case where the two tables are equal. Nothing else changes: softmax over every key of every
     rank, the merge, masks and position-keyed dropout are indifferent to whether the query and key
     indices range over the same pixels. With ``window_nside`` (the locality option) a call never
-    reaches this plan: :func:`~hpattn_dist.local.attention.windowed_attention` agrees on both
+    reaches this plan: the windowed op (:func:`~hpattn_dist.local.ops.op_window_attention`) agrees on both
     splits itself and plans a halo exchange (Note [local attention plan]).
 
 Note [attention plans in a model call]

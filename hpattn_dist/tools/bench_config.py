@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from torch import Tensor
 
 from hpattn_dist.healpix import check_nside
 from hpattn_dist.local.windows import WINDOW_MODES
@@ -148,6 +150,17 @@ class BenchConfig:
 
     def strategy_names(self) -> tuple[str, ...]:
         return self.strategies or tuple(STRATEGIES)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def head_tensors(self, n: int, seed: int, device: torch.device, count: int = 4) -> tuple[Tensor, ...]:
+        """``count`` random ``[B, H, n, D]`` tensors (q, k, v, dout) of the config's dtype on ``device``,
+        drawn in turn from one generator seeded ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(self.batch, self.num_heads, n, self.head_dim, generator=gen)
+                     .to(device=device, dtype=DTYPES[self.dtype]) for _ in range(count))
 
     @classmethod
     def load(cls, path: Optional[Path], **overrides: Any) -> "BenchConfig":

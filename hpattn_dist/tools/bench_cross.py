@@ -122,7 +122,7 @@ def run_cross(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     info = resolve_group(None)
     world, rank = info.world_size, info.rank
     dtype = DTYPES[cfg.dtype]
-    head_dim = cfg.embed_dim // cfg.num_heads
+    head_dim = cfg.head_dim
     acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
     say = progress or (lambda _msg: None)
     windows = [(spec, cross_window(spec, cfg.latent_nside)) for spec in cfg.windows]

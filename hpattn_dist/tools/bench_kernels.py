@@ -91,19 +91,15 @@ def run_emulation(cfg: BenchConfig, device: torch.device,
     rank = resolve_group(None).rank
     records: list[dict[str, Any]] = []
     if rank == 0:
-        dtype = DTYPES[cfg.dtype]
-        head_dim = cfg.embed_dim // cfg.num_heads
         for nside in cfg.nsides:
             npix = nside2npix(nside)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, npix, head_dim, generator=gen)
-                             .to(device=device, dtype=dtype) for _ in range(4))
+            q, k, v, dout = cfg.head_tensors(npix, cfg.seed, device)
             for blocks in cfg.blocks:
                 if progress:
                     progress(f"nside {nside}: emulating {blocks} ring blocks")
                 rec = {"impl": "ring_emulation", "nside": nside, "npix": npix, "blocks": blocks,
                        "dtype": cfg.dtype, "batch": cfg.batch, "num_heads": cfg.num_heads,
-                       "head_dim": head_dim, "backend": cfg.backend,
+                       "head_dim": cfg.head_dim, "backend": cfg.backend,
                        "threads": torch.get_num_threads()}
                 rec.update(ring_emulation(q, k, v, dout, blocks, cfg.backend, cfg.warmup, cfg.repeats))
                 records.append(rec)
@@ -115,8 +111,7 @@ def run_memory(cfg: BenchConfig, device: torch.device,
     """Peak memory per rank of ``ring`` attention with the manual kernel, fwd+bwd (collective)."""
     info = resolve_group(None)
     world, rank = info.world_size, info.rank
-    dtype = DTYPES[cfg.dtype]
-    head_dim = cfg.embed_dim // cfg.num_heads
+    dtype, head_dim = DTYPES[cfg.dtype], cfg.head_dim
     elt = torch.empty((), dtype=dtype).element_size()
     acc = torch.empty((), dtype=acc_dtype(dtype)).element_size()
     records = []
@@ -125,9 +120,7 @@ def run_memory(cfg: BenchConfig, device: torch.device,
         n_local = shard_sizes(npix, world)[rank]
         if progress:
             progress(f"nside {nside}: peak memory of ring/manual on {world} ranks")
-        gen = torch.Generator().manual_seed(cfg.seed + rank)
-        q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, n_local, head_dim, generator=gen)
-                         .to(device=device, dtype=dtype) for _ in range(4))
+        q, k, v, dout = cfg.head_tensors(n_local, cfg.seed + rank, device)
         q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
 
         def fwd_bwd() -> None:

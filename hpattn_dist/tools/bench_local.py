@@ -81,14 +81,11 @@ def run_local(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
             records.append(single_rec)
 
         # The attention alone against FlexAttention (Note [flex baseline]), on rank 0.
-        head_dim = cfg.embed_dim // cfg.num_heads
         for mode in cfg.local_modes:
             say(f"nside {nside}: local {mode} attention vs FlexAttention, 1 process x {threads_per_rank} threads")
             rows = None
             if rank == 0:
-                gen = torch.Generator().manual_seed(cfg.seed + 1)
-                q, k, v = (torch.randn(cfg.batch, cfg.num_heads, npix, head_dim, generator=gen)
-                           .to(device=device, dtype=dtype) for _ in range(3))
+                q, k, v = cfg.head_tensors(npix, cfg.seed + 1, device, count=3)
                 rows = compare_with_flex(q, k, v, window_nside, mode, solo, cfg.warmup, cfg.repeats,
                                          {**base, "world_size": 1, "threads_per_rank": threads_per_rank})
             records += gather_objects(rows)[0]

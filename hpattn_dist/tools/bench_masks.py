@@ -85,16 +85,13 @@ def run_masks(cfg: BenchConfig, device: torch.device,
     """The masks mode on every rank (collective); returns the records (same on every rank)."""
     info = resolve_group(None)
     world, rank = info.world_size, info.rank
-    dtype = DTYPES[cfg.dtype]
-    head_dim = cfg.embed_dim // cfg.num_heads
+    dtype, head_dim = DTYPES[cfg.dtype], cfg.head_dim
     fractions = sorted({0.0, *(float(f) for f in cfg.land_fractions)})
     records: list[dict[str, Any]] = []
     for nside in cfg.nsides:
         npix = nside2npix(nside)
         sizes = shard_sizes(npix, world)
-        gen = torch.Generator().manual_seed(cfg.seed + rank)
-        q, k, v, dout = (torch.randn(cfg.batch, cfg.num_heads, sizes[rank], head_dim, generator=gen)
-                         .to(device=device, dtype=dtype) for _ in range(4))
+        q, k, v, dout = cfg.head_tensors(sizes[rank], cfg.seed + rank, device)
         # a land mask is shared by the batch: nothing is left to mask after compaction, no bias
         kernel = select_kernel(cfg.backend, q, has_bias=False).name
         for scenario in MASK_SCENARIOS:

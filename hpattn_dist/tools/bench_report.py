@@ -7,7 +7,7 @@ nothing. matplotlib is imported only to plot (the ``[plot]`` extra).
 from __future__ import annotations
 
 import os
-
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,32 +60,52 @@ def is_noisy(record: dict[str, Any]) -> bool:
                for k in ("fwd", "fwd_bwd") if f"{k}_min_s" in record)
 
 
+def _opt(r: dict[str, Any], key: str, fmt: str = ".2f") -> str:
+    """An optional number of a record, or ``-`` where the record has none."""
+    return format(r[key], fmt) if r.get(key) is not None else "-"
+
+
+def _noisy_flag(r: dict[str, Any]) -> str:
+    return " !" if is_noisy(r) else ""
+
+
+class _Columns:
+    """The columns of a fixed-width table, ``(title, format spec)`` each: a cell is formatted by its
+    column's spec, a title aligned as the cells (left for a ``<`` spec, else right) in its width."""
+
+    def __init__(self, *columns: tuple[str, str]) -> None:
+        self.columns = columns
+
+    def head(self) -> list[str]:
+        """The title line and its rule."""
+        titles = " ".join(format(title, ("<" if spec[0] == "<" else ">") + re.match(r"[<>]?(\d+)", spec)[1])
+                          for title, spec in self.columns)
+        return [titles, "-" * len(titles)]
+
+    def row(self, *cells: Any) -> str:
+        """The first ``len(cells)`` columns of a row."""
+        return " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, self.columns))
+
+
 def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     """Fixed-width tables of the records of one mode."""
     lines = []
     if mode == "scaling":
-        cols = (f"{'nside':>5} {'P':>2} {'thr':>3} {'implementation':<19} {'kernel':<14} {'fwd ms':>7} "
-                f"{'f+b ms':>7} {'(min)':>6} {'eff f':>5} {'eff fb':>6} {'vs DS':>5} {'MiB peak':>8} "
-                f"{'MiB sent':>8}")
-        lines += [cols, "-" * len(cols)]
+        table = _Columns(("nside", ">5"), ("P", ">2"), ("thr", ">3"), ("implementation", "<19"), ("kernel", "<14"),
+                         ("fwd ms", ">7"), ("f+b ms", ">7"), ("(min)", ">6"), ("eff f", ">5"), ("eff fb", ">6"),
+                         ("vs DS", ">5"), ("MiB peak", ">8"), ("MiB sent", ">8"))
+        lines += table.head()
         noisy = []
         for r in records:
-            lead = (f"{r['nside']:>5} {r['world_size']:>2} {r.get('threads_per_rank', 0):>3} "
-                    f"{implementation_name(r):<19} ")
+            lead = (r["nside"], r["world_size"], r.get("threads_per_rank", 0), implementation_name(r))
             if "skipped" in r:
-                lines.append(lead + f"skipped: {r['skipped']}")
+                lines.append(table.row(*lead) + f" skipped: {r['skipped']}")
                 continue
-
-            def opt(key: str, width: int) -> str:
-                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
-
-            flag = " !" if is_noisy(r) else ""
-            noisy += [r] if flag else []
-            lines.append(
-                lead + f"{r.get('kernel', ''):<14} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
-                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd', 5)} {opt('efficiency_fwd_bwd', 6)} "
-                f"{opt('speed_vs_peer_fwd_bwd', 5)} {_mib(max(r['peak_mem_bytes_per_rank'])):>8} "
-                f"{_mib(max(r['bytes_per_rank'])):>8}{flag}")
+            noisy += [r] if is_noisy(r) else []
+            lines.append(table.row(
+                *lead, r.get("kernel", ""), _ms(r["fwd_s"], 7), _ms(r["fwd_bwd_s"], 7), _ms(r["fwd_bwd_min_s"], 6),
+                _opt(r, "efficiency_fwd"), _opt(r, "efficiency_fwd_bwd"), _opt(r, "speed_vs_peer_fwd_bwd"),
+                _mib(max(r["peak_mem_bytes_per_rank"])), _mib(max(r["bytes_per_rank"]))) + _noisy_flag(r))
         lines.append("N = 12 nside^2; thr = threads per rank; times: median (and minimum) over the "
                      "repeats,\neach repeat the slowest rank's; eff = t(single-process layer, same "
                      "total threads) / t;\nvs DS = t(DeepSpeed-Ulysses) / t; MiB peak / sent: the "
@@ -96,32 +116,26 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
                 "minimum:\nthe machine was busy (other processes, more ranks than cores), so those "
                 "times are not\nreliable; rerun on a quiet machine or with more --repeats")
     elif mode == "emulation":
-        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'thr':>3} {'kernel':<15} {'fused fwd ms':>12} "
-                f"{'blocks fwd ms':>13} {'ratio fwd':>9} {'fused f+b ms':>12} {'blocks f+b ms':>13} "
-                f"{'ratio f+b':>9}")
-        lines += [cols, "-" * len(cols)]
-        for r in records:
-            lines.append(
-                f"{r['nside']:>5} {r['npix']:>6} {r['blocks']:>2} {r['threads']:>3} {r['kernel']:<15} "
-                f"{r['fused_fwd_s'] * 1e3:12.1f} {r['blocked_fwd_s'] * 1e3:13.1f} {r['ratio_fwd']:9.3f} "
-                f"{r['fused_fwd_bwd_s'] * 1e3:12.1f} {r['blocked_fwd_bwd_s'] * 1e3:13.1f} "
-                f"{r['ratio_fwd_bwd']:9.3f}")
+        table = _Columns(("nside", ">5"), ("N", ">6"), ("P", ">2"), ("thr", ">3"), ("kernel", "<15"),
+                         ("fused fwd ms", "12.1f"), ("blocks fwd ms", "13.1f"), ("ratio fwd", "9.3f"),
+                         ("fused f+b ms", "12.1f"), ("blocks f+b ms", "13.1f"), ("ratio f+b", "9.3f"))
+        lines += table.head()
+        lines += [table.row(r["nside"], r["npix"], r["blocks"], r["threads"], r["kernel"], r["fused_fwd_s"] * 1e3,
+                            r["blocked_fwd_s"] * 1e3, r["ratio_fwd"], r["fused_fwd_bwd_s"] * 1e3,
+                            r["blocked_fwd_bwd_s"] * 1e3, r["ratio_fwd_bwd"]) for r in records]
         lines.append("ratio = t(one fused call on N) / t(P x P block calls + merge); target >= 0.9")
     elif mode == "masks":
-        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'land on':<9} {'land':>5} {'kernel':<15} "
-                f"{'fwd ms':>8} {'f+b ms':>8} {'t fwd':>6} {'t f+b':>6} {'fwd MiB sent per rank':<27} "
-                f"{'bytes':>6} {'scores':>6}")
-        lines += [cols, "-" * len(cols)]
+        table = _Columns(("nside", ">5"), ("N", ">6"), ("P", ">2"), ("land on", "<9"), ("land", ">5.0%"),
+                         ("kernel", "<15"), ("fwd ms", "8.1f"), ("f+b ms", "8.1f"), ("t fwd", "6.3f"),
+                         ("t f+b", "6.3f"), ("fwd MiB sent per rank", "<27"), ("bytes", ">6"), ("scores", "6.3f"))
+        lines += table.head()
         for r in records:
             sav = r["savings_vs_no_land"]
-            sent = "/".join(f"{b / 2**20:.2f}" for b in r["fwd_bytes_per_rank"])
-            ratio = "-" if sav["fwd_bytes_ratio"] is None else f"{sav['fwd_bytes_ratio']:.3f}"
-            lines.append(
-                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
-                f"{'rank 0' if r['scenario'] == 'one_rank' else 'all':<9} {r['land_fraction']:>5.0%} "
-                f"{r['kernel']:<15} {r['fwd_s'] * 1e3:8.1f} {r['fwd_bwd_s'] * 1e3:8.1f} "
-                f"{sav['fwd_time_ratio']:6.3f} {sav['fwd_bwd_time_ratio']:6.3f} {sent:<27} "
-                f"{ratio:>6} {sav['scores_ratio']:6.3f}")
+            lines.append(table.row(
+                r["nside"], r["npix"], r["world_size"], "rank 0" if r["scenario"] == "one_rank" else "all",
+                r["land_fraction"], r["kernel"], r["fwd_s"] * 1e3, r["fwd_bwd_s"] * 1e3, sav["fwd_time_ratio"],
+                sav["fwd_bwd_time_ratio"], "/".join(f"{b / 2**20:.2f}" for b in r["fwd_bytes_per_rank"]),
+                _opt(sav, "fwd_bytes_ratio", ".3f"), sav["scores_ratio"]))
         lines.append("ring_attention with a batch-shared land mask; t / bytes (forward, all ranks) / "
                      "scores (B H N_r sum of kept keys) relative to 0% land; times are medians, "
                      "each repeat the slowest rank's")
@@ -130,15 +144,13 @@ def format_tables(records: Sequence[dict[str, Any]], mode: str) -> str:
     elif mode == "cross":
         lines += _cross_tables(records)
     else:
-        cols = (f"{'nside':>5} {'N':>6} {'P':>2} {'peak MiB/rank (max)':>19} {'inputs MiB':>10} "
-                f"{'N_r x N scores MiB':>18} {'N x N scores MiB':>16} {'tile bound MiB':>14}")
-        lines += [cols, "-" * len(cols)]
-        for r in records:
-            lines.append(
-                f"{r['nside']:>5} {r['npix']:>6} {r['world_size']:>2} "
-                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>19} {_mib(r['inputs_bytes_per_rank']):>10} "
-                f"{_mib(r['local_score_rows_bytes']):>18} {_mib(r['full_score_matrix_bytes']):>16} "
-                f"{_mib(r['score_tile_bound_bytes']):>14}")
+        table = _Columns(("nside", ">5"), ("N", ">6"), ("P", ">2"), ("peak MiB/rank (max)", ">19"),
+                         ("inputs MiB", ">10"), ("N_r x N scores MiB", ">18"), ("N x N scores MiB", ">16"),
+                         ("tile bound MiB", ">14"))
+        lines += table.head()
+        lines += [table.row(r["nside"], r["npix"], r["world_size"], _mib(max(r["peak_mem_bytes_per_rank"])),
+                            _mib(r["inputs_bytes_per_rank"]), _mib(r["local_score_rows_bytes"]),
+                            _mib(r["full_score_matrix_bytes"]), _mib(r["score_tile_bound_bytes"])) for r in records]
         lines.append("peak = growth of the resident set during ring fwd+bwd (manual kernel); "
                      "scores in the accumulation dtype")
     return "\n".join(lines)
@@ -150,22 +162,18 @@ def _local_tables(records: Sequence[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     layers = [r for r in records if r["impl"] in ("local", "ring", "local_single")]
     if layers:
-        cols = (f"{'nside':>5} {'window':>6} {'P':>2} {'thr':>3} {'implementation':<26} {'fwd ms':>7} "
-                f"{'f+b ms':>7} {'(min)':>6} {'eff fb':>6} {'vs ring':>7} {'MiB peak':>8} {'MiB sent':>8}")
-        lines += [cols, "-" * len(cols)]
+        table = _Columns(("nside", ">5"), ("window", ">6"), ("P", ">2"), ("thr", ">3"), ("implementation", "<26"),
+                         ("fwd ms", ">7"), ("f+b ms", ">7"), ("(min)", ">6"), ("eff fb", ">6"), ("vs ring", ">7"),
+                         ("MiB peak", ">8"), ("MiB sent", ">8"))
+        lines += table.head()
         names = {"local": "local", "ring": "global ring", "local_single": "local, 1 process"}
         for r in layers:
-            def opt(key: str, width: int) -> str:
-                return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
-
             name = names[r["impl"]] + ("" if r["impl"] == "ring" else f" ({r['mode']})")
-            lines.append(
-                f"{r['nside']:>5} {r['window_nside']:>6} {r['world_size']:>2} {r['threads_per_rank']:>3} "
-                f"{name:<26} {_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} "
-                f"{_ms(r['fwd_bwd_min_s'], 6)} {opt('efficiency_fwd_bwd', 6)} "
-                f"{opt('speed_vs_ring_fwd_bwd', 7)} "
-                f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {_mib(max(r['bytes_per_rank'])):>8}"
-                f"{' !' if is_noisy(r) else ''}")
+            lines.append(table.row(
+                r["nside"], r["window_nside"], r["world_size"], r["threads_per_rank"], name, _ms(r["fwd_s"], 7),
+                _ms(r["fwd_bwd_s"], 7), _ms(r["fwd_bwd_min_s"], 6), _opt(r, "efficiency_fwd_bwd"),
+                _opt(r, "speed_vs_ring_fwd_bwd"), _mib(max(r["peak_mem_bytes_per_rank"])),
+                _mib(max(r["bytes_per_rank"]))) + _noisy_flag(r))
         lines.append("window = window_nside (nside / 8); eff fb = t(local, 1 process, same total threads) / "
                      "t(local); vs ring = t(global ring) / t(local);\ntimes: median (and minimum) "
                      "of forward+backward, each repeat the slowest rank's; MiB peak / sent: the "
@@ -174,27 +182,21 @@ def _local_tables(records: Sequence[dict[str, Any]]) -> list[str]:
     if attention:
         if lines:
             lines.append("")
-        cols = (f"{'nside':>5} {'window':>6} {'mode':<13} {'thr':>3} {'implementation':<28} {'fwd min':>8} "
-                f"{'fwd med':>8} {'fwd cpu':>8} {'vs flex':>7} {'(cpu)':>6} {'f+b min':>8} {'f+b/f':>6} {'(cpu)':>6}")
-        lines += [cols, "-" * len(cols)]
+        table = _Columns(("nside", ">5"), ("window", ">6"), ("mode", "<13"), ("thr", ">3"), ("implementation", "<28"),
+                         ("fwd min", ">8"), ("fwd med", ">8"), ("fwd cpu", ">8"), ("vs flex", ">7"), ("(cpu)", ">6"),
+                         ("f+b min", ">8"), ("f+b/f", "6.2f"), ("(cpu)", ">6"))
+        lines += table.head()
         for r in attention:
-            if r["impl"] == "flex":
-                name = f"FlexAttention, block {r['block_size']}"
-                if "error" in r:
-                    lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} "
-                                 f"{name:<28} did not build ({r['error'].split(':')[0]})")
-                    continue
-                tail = ""
-            else:
-                name = "healpix_local_attention"
-
-                def ratio(key: str, width: int) -> str:
-                    return format(r[key], f"{width}.2f") if key in r else "-".rjust(width)
-
-                tail = (f" {ratio('speed_vs_flex_fwd', 7)} {ratio('speed_vs_flex_fwd_cpu', 6)} "
-                        f"{_ms(r['fwd_bwd_min_s'], 8)} {r['fwd_bwd_over_fwd']:6.2f} {ratio('fwd_bwd_over_fwd_cpu', 6)}")
-            lines.append(f"{r['nside']:>5} {r['window_nside']:>6} {r['mode']:<13} {r['threads']:>3} {name:<28} "
-                         f"{_ms(r['fwd_min_s'], 8)} {_ms(r['fwd_s'], 8)} {_ms(r['fwd_cpu_min_s'], 8)}{tail}")
+            name = f"FlexAttention, block {r['block_size']}" if r["impl"] == "flex" else "healpix_local_attention"
+            lead = (r["nside"], r["window_nside"], r["mode"], r["threads"], name)
+            if "error" in r:
+                lines.append(table.row(*lead) + f" did not build ({r['error'].split(':')[0]})")
+                continue
+            times = (_ms(r["fwd_min_s"], 8), _ms(r["fwd_s"], 8), _ms(r["fwd_cpu_min_s"], 8))
+            against = () if r["impl"] == "flex" else (
+                _opt(r, "speed_vs_flex_fwd"), _opt(r, "speed_vs_flex_fwd_cpu"), _ms(r["fwd_bwd_min_s"], 8),
+                r["fwd_bwd_over_fwd"], _opt(r, "fwd_bwd_over_fwd_cpu"))
+            lines.append(table.row(*lead, *times, *against))
         lines.append("the attention alone on [B, H, N, D] in one process, runs alternating; ms: minimum, "
                      "median and CPU-time minimum of the forward; vs flex = t(FlexAttention,\nits faster "
                      "block size) / t(ours) from the forward minima (wall, cpu); f+b/f = our forward+backward "
@@ -210,24 +212,19 @@ def _cross_tables(records: Sequence[dict[str, Any]]) -> list[str]:
     def name(r: dict[str, Any]) -> str:
         return "1 process, window" if r.get("impl") == "windowed_single" else implementation_name(r)
 
-    def opt(r: dict[str, Any], key: str, width: int, fmt: str = ".2f") -> str:
-        return format(r[key], f"{width}{fmt}") if r.get(key) is not None else "-".rjust(width)
-
-    cols = (f"{'case':<10} {'window':<16} {'P':>2} {'thr':>3} {'implementation':<17} {'fwd ms':>7} "
-            f"{'f+b ms':>7} {'(min)':>6} {'eff f':>5} {'eff fb':>6} {'MiB peak':>8} {'/1 proc':>7} "
-            f"{'QxK MiB':>8}")
-    lines = [cols, "-" * len(cols)]
+    table = _Columns(("case", "<10"), ("window", "<16"), ("P", ">2"), ("thr", ">3"), ("implementation", "<17"),
+                     ("fwd ms", ">7"), ("f+b ms", ">7"), ("(min)", ">6"), ("eff f", ">5"), ("eff fb", ">6"),
+                     ("MiB peak", ">8"), ("/1 proc", ">7"), ("QxK MiB", ">8"))
+    lines = table.head()
     for r in records:
-        lead = (f"{grids(r):<10} {r['window']:<16} {r.get('world_size', 0):>2} "
-                f"{r.get('threads_per_rank', 0):>3} {name(r):<17} ")
+        lead = (grids(r), r["window"], r.get("world_size", 0), r.get("threads_per_rank", 0), name(r))
         if "skipped" in r:
-            lines.append(lead + f"skipped: {r['skipped']}")
+            lines.append(table.row(*lead) + f" skipped: {r['skipped']}")
             continue
-        lines.append(
-            lead + f"{_ms(r['fwd_s'], 7)} {_ms(r['fwd_bwd_s'], 7)} {_ms(r['fwd_bwd_min_s'], 6)} "
-            f"{opt(r, 'efficiency_fwd', 5)} {opt(r, 'efficiency_fwd_bwd', 6)} "
-            f"{_mib(max(r['peak_mem_bytes_per_rank'])):>8} {opt(r, 'peak_mem_vs_single', 7)} "
-            f"{_mib(r['full_score_matrix_bytes']):>8}{' !' if is_noisy(r) else ''}")
+        lines.append(table.row(
+            *lead, _ms(r["fwd_s"], 7), _ms(r["fwd_bwd_s"], 7), _ms(r["fwd_bwd_min_s"], 6), _opt(r, "efficiency_fwd"),
+            _opt(r, "efficiency_fwd_bwd"), _mib(max(r["peak_mem_bytes_per_rank"])), _opt(r, "peak_mem_vs_single"),
+            _mib(r["full_score_matrix_bytes"])) + _noisy_flag(r))
     lines.append("case: source nside -> target nside (enc = data -> latent, dec = latent -> data); "
                  "thr = threads per rank;\ntimes: median (and minimum) over the repeats, each repeat "
                  "the slowest rank's; eff = t(1 process, same total\nthreads) / t: the 1-process layer "
@@ -236,10 +233,10 @@ def _cross_tables(records: Sequence[dict[str, Any]]) -> list[str]:
                  "during\nforward+backward; /1 proc = that / the 1-process row's; QxK MiB: one Nq x Nk "
                  "score matrix\n(accumulation dtype), never built; ! = median > 2x minimum (busy machine)")
 
-    cols = (f"{'case':<10} {'window':<16} {'implementation':<17} {'fwd MiB/rank':>13} "
-            f"{'bwd MiB/rank':>13} {'= closed form':>13} {'bytes skip':>10} {'blocks skip':>11} "
-            f"{'pairs skip':>10}")
-    lines += ["", cols, "-" * len(cols)]
+    table = _Columns(("case", "<10"), ("window", "<16"), ("implementation", "<17"), ("fwd MiB/rank", ">13"),
+                     ("bwd MiB/rank", ">13"), ("= closed form", ">13"), ("bytes skip", ">10"), ("blocks skip", ">11"),
+                     ("pairs skip", ">10"))
+    lines += ["", *table.head()]
     for r in records:
         if r.get("impl") != "hpattn_dist" or "skipped" in r:
             continue
@@ -250,15 +247,10 @@ def _cross_tables(records: Sequence[dict[str, Any]]) -> list[str]:
             match = "yes" if [e["forward"] for e in expected] == r["fwd_bytes_per_rank"] and \
                 [e["backward"] for e in expected] == r["bwd_bytes_per_rank"] else "NO"
         loc = r.get("locality") or {}
-
-        def pct(key: str) -> str:
-            return "-" if loc.get(key) is None else f"{loc[key]:.1%}"
-
-        lines.append(
-            f"{grids(r):<10} {r['window']:<16} {name(r):<17} "
-            f"{'/'.join(_mib(b) for b in r['fwd_bytes_per_rank']):>13} "
-            f"{'/'.join(_mib(b) for b in r['bwd_bytes_per_rank']):>13} {match:>13} "
-            f"{pct('fwd_bytes_skipped'):>10} {pct('blocks_skipped'):>11} {pct('pairs_skipped'):>10}")
+        lines.append(table.row(
+            grids(r), r["window"], name(r), "/".join(_mib(b) for b in r["fwd_bytes_per_rank"]),
+            "/".join(_mib(b) for b in r["bwd_bytes_per_rank"]), match, _opt(loc, "fwd_bytes_skipped", ".1%"),
+            _opt(loc, "blocks_skipped", ".1%"), _opt(loc, "pairs_skipped", ".1%")))
     lines.append("bytes sent per rank (rank 0/rank 1/...), shape handshakes excluded; = closed form: "
                  "forward and backward\nequal, on every rank, expected_cross_bytes (no window) or "
                  "windowed_cross_bytes (the halo of\nhpattn_dist.local.window_traffic) in "

@@ -104,7 +104,7 @@ def run_scaling(cfg: BenchConfig, device: torch.device, threads_per_rank: int,
     info = resolve_group(None)
     world, rank = info.world_size, info.rank
     dtype = DTYPES[cfg.dtype]
-    head_dim = cfg.embed_dim // cfg.num_heads
+    head_dim = cfg.head_dim
     records: list[dict[str, Any]] = []
     say = progress or (lambda _msg: None)
     for nside in cfg.nsides:

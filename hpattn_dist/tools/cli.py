@@ -79,20 +79,24 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+def _add(p: argparse.ArgumentParser, defaults: dict[str, object], flag: str, text: str, **kw: object) -> None:
+    """``flag`` with default None (a ``--config`` file, then the config's dataclass, fill it in),
+    its help ending with the built-in default ``defaults`` shows for its dest (:data:`DEFAULTS`)."""
+    dest = kw.get("dest") or flag[2:].replace("-", "_")
+    p.add_argument(flag, default=None, help=f"{text} (default: {defaults[dest]})", **kw)
+
+
 def _model_options(p: argparse.ArgumentParser, command: str) -> None:
     """Options shared by both commands, with each command's own defaults in the help."""
     d = DEFAULTS[command]
-    p.add_argument("--batch", type=int, default=None, help=f"batch size B (default: {d['batch']})")
-    p.add_argument("--embed-dim", type=int, default=None,
-                   help=f"embedding dim E, divisible by --heads (default: {d['embed_dim']})")
-    p.add_argument("--heads", dest="num_heads", type=int, default=None,
-                   help=f"attention heads H; ulysses needs H divisible by P (default: {d['num_heads']})")
+    _add(p, d, "--batch", "batch size B", type=int)
+    _add(p, d, "--embed-dim", "embedding dim E, divisible by --heads", type=int)
+    _add(p, d, "--heads", "attention heads H; ulysses needs H divisible by P", dest="num_heads", type=int)
     p.add_argument("--strategies", type=_csv(str), default=None,
                    help=f"comma list of {','.join(STRATEGY_NAMES)} (default: all"
                         f"{'; --mode cross: ring,ulysses' if command == 'bench' else ''}); hybrid runs "
                         "once per Ulysses degree U that divides P and H, auto shows what it chose")
-    p.add_argument("--seed", type=int, default=None,
-                   help=f"seed of the weights and the random inputs (default: {d['seed']})")
+    _add(p, d, "--seed", "seed of the weights and the random inputs", type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,24 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare the distributed layer with the float64 oracle")
     dv = DEFAULTS["verify"]
     _model_options(v, "verify")
-    v.add_argument("--nside", type=int, default=None,
-                   help=f"HEALPix resolution, a power of two; N = 12 nside^2 (default: {dv['nside']})")
-    v.add_argument("--backends", type=_csv(str), default=None,
-                   help=f"comma list of auto,sdpa,manual (default: {dv['backends']})")
-    v.add_argument("--dtypes", type=_csv(str), default=None,
-                   help=f"comma list of float64,float32,bfloat16,float16 (default: {dv['dtypes']})")
+    _add(v, dv, "--nside", "HEALPix resolution, a power of two; N = 12 nside^2", type=int)
+    _add(v, dv, "--backends", "comma list of auto,sdpa,manual", type=_csv(str))
+    _add(v, dv, "--dtypes", "comma list of float64,float32,bfloat16,float16", type=_csv(str))
     v.add_argument("--field", type=str, default=None,
                    help="field [N, E] or [B, N, E] (.pt or .npy) instead of a random one "
                         "(default: random)")
-    v.add_argument("--field-ordering", choices=("NESTED", "RING"), default=None,
-                   help=f"HEALPix ordering of --field; RING is reordered to NESTED "
-                        f"(default: {dv['field_ordering']})")
-    v.add_argument("--tolerance-scale", type=float, default=None,
-                   help=f"multiply every tolerance (self-test: 0 must fail) (default: "
-                        f"{dv['tolerance_scale']})")
-    v.add_argument("--inject-error", type=float, default=None,
-                   help="self-test: add this to the distributed output before comparing "
-                        f"(any value above the tolerance must fail) (default: {dv['inject_error']})")
+    _add(v, dv, "--field-ordering", "HEALPix ordering of --field; RING is reordered to NESTED",
+         choices=("NESTED", "RING"))
+    _add(v, dv, "--tolerance-scale", "multiply every tolerance (self-test: 0 must fail)", type=float)
+    _add(v, dv, "--inject-error", "self-test: add this to the distributed output before comparing "
+         "(any value above the tolerance must fail)", type=float)
     v.add_argument("--local-windows", type=_csv(str), default=None,
                    help="also check local attention: comma list of MODE:WINDOW_NSIDE, e.g. "
                         "neighbourhood:2,cell:4 (hpattn_dist/tools/verify_local.py) (default: none)")
@@ -159,10 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default=None,
                    help="with --sample-queries: a zarr store whose --data-variable (time, E, cell) is the "
                         "field, read with hpattn_dist.io.read_shard (default: a seeded random field)")
-    v.add_argument("--data-variable", default=None,
-                   help=f"the store's variable (default: {dv['data_variable']})")
-    v.add_argument("--data-time", type=int, default=None,
-                   help=f"the time index read from the store (default: {dv['data_time']})")
+    _add(v, dv, "--data-variable", "the store's variable")
+    _add(v, dv, "--data-time", "the time index read from the store", type=int)
     v.add_argument("--cross-window", default=None,
                    help="also check each --cross-nsides case with the locality option MODE:WINDOW_NSIDE, "
                         "e.g. neighbourhood:1 (default: none)")
@@ -170,48 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time, peak memory and traffic per rank")
     db = DEFAULTS["bench"]
     _model_options(b, "bench")
-    b.add_argument("--mode", choices=("scaling", "emulation", "memory", "masks", "local", "cross"),
-                   default=None,
-                   help="scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
-                        "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
-                        "memory per rank of the manual kernel; masks: what the ring saves when "
-                        "keys are masked (land) on one rank or all; local: local attention "
-                        "(window_nside = nside/8) vs global ring, vs itself in one process and vs "
-                        "FlexAttention; cross: cross-grid encoder and decoder layers vs the 1-process "
-                        "layer (time, memory, bytes vs closed form) "
-                        f"(default: {db['mode']})")
-    b.add_argument("--nsides", type=_positive_ints, default=None,
-                   help=f"comma list of HEALPix resolutions (default: {db['nsides']})")
-    b.add_argument("--backend", type=str, default=None,
-                   help=f"attn_backend of the layer: auto, sdpa or manual (default: {db['backend']})")
-    b.add_argument("--dtype", type=str, default=None,
-                   help=f"float32, bfloat16, float16 or float64 (default: {db['dtype']})")
-    b.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed calls before timing (default: {db['warmup']})")
-    b.add_argument("--repeats", type=int, default=None,
-                   help=f"timed calls; the median is reported, with a warning when it exceeds "
-                        f"2x the minimum (default: {db['repeats']})")
-    b.add_argument("--blocks", type=_positive_ints, default=None,
-                   help=f"emulation mode: numbers of blocks P (default: {db['blocks']})")
-    b.add_argument("--land-fractions", type=_csv(float), default=None,
-                   help=f"masks mode: fractions of masked (land) pixels (default: {db['land_fractions']})")
-    b.add_argument("--data-nside", type=int, default=None,
-                   help=f"cross mode: nside of the data grid (default: {db['data_nside']})")
-    b.add_argument("--latent-nside", type=int, default=None,
-                   help=f"cross mode: nside of the latent grid, <= --data-nside (default: {db['latent_nside']})")
-    b.add_argument("--kv-dim", type=int, default=None,
-                   help=f"cross mode: feature dim C of the data grid, the encoder's kv_dim "
-                        f"(default: {db['kv_dim']})")
-    b.add_argument("--cross-cases", type=_csv(str), default=None,
-                   help=f"cross mode: comma list of encoder (data -> latent), decoder (latent -> "
-                        f"data) (default: {db['cross_cases']})")
-    b.add_argument("--windows", type=_csv(str), default=None,
-                   help="cross mode: comma list of none (every source pixel) or locality windows "
-                        f"MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (ring and auto only) "
-                        f"(default: {db['windows']})")
-    b.add_argument("--local-modes", type=_csv(str), default=None,
-                   help=f"local mode: comma list of window modes, cell and/or neighbourhood "
-                        f"(default: {db['local_modes']})")
+    _add(b, db, "--mode", "scaling: the layer vs the oracle and DeepSpeed-Ulysses; emulation: one "
+         "process, ring kernel+merge over P blocks vs one fused call; memory: peak "
+         "memory per rank of the manual kernel; masks: what the ring saves when "
+         "keys are masked (land) on one rank or all; local: local attention "
+         "(window_nside = nside/8) vs global ring, vs itself in one process and vs "
+         "FlexAttention; cross: cross-grid encoder and decoder layers vs the 1-process "
+         "layer (time, memory, bytes vs closed form)",
+         choices=("scaling", "emulation", "memory", "masks", "local", "cross"))
+    _add(b, db, "--nsides", "comma list of HEALPix resolutions", type=_positive_ints)
+    _add(b, db, "--backend", "attn_backend of the layer: auto, sdpa or manual", type=str)
+    _add(b, db, "--dtype", "float32, bfloat16, float16 or float64", type=str)
+    _add(b, db, "--warmup", "untimed calls before timing", type=int)
+    _add(b, db, "--repeats", "timed calls; the median is reported, with a warning when it exceeds "
+         "2x the minimum", type=int)
+    _add(b, db, "--blocks", "emulation mode: numbers of blocks P", type=_positive_ints)
+    _add(b, db, "--land-fractions", "masks mode: fractions of masked (land) pixels", type=_csv(float))
+    _add(b, db, "--data-nside", "cross mode: nside of the data grid", type=int)
+    _add(b, db, "--latent-nside", "cross mode: nside of the latent grid, <= --data-nside", type=int)
+    _add(b, db, "--kv-dim", "cross mode: feature dim C of the data grid, the encoder's kv_dim", type=int)
+    _add(b, db, "--cross-cases", "cross mode: comma list of encoder (data -> latent), decoder (latent -> "
+         "data)", type=_csv(str))
+    _add(b, db, "--windows", "cross mode: comma list of none (every source pixel) or locality windows "
+         "MODE:WINDOW_NSIDE, e.g. none,cell:4,neighbourhood:4 (ring and auto only)", type=_csv(str))
+    _add(b, db, "--local-modes", "local mode: comma list of window modes, cell and/or neighbourhood",
+         type=_csv(str))
     b.add_argument("--no-local-layers", dest="local_layers", action="store_false", default=None,
                    help="local mode: skip the layer rows (local on P ranks, the global ring, local in "
                         "one process); the attention vs FlexAttention rows run either way "

@@ -60,10 +60,10 @@ from hpattn_dist.tools import tolerances
 from hpattn_dist.tools.platform import PINNED_MATH_ENV
 from hpattn_dist.tools.verify_cases import (  # noqa: F401  (Quantity: re-exported, callers read it here)
     CaseResult, Quantity, VerifyConfig, executed_strategy, load_field, make_distributed_layer, oracle_reference,
-    run_layer_case, strategy_variants,
+    run_layer_case, run_oracle_cases, strategy_variants,
 )
-from hpattn_dist.tools.verify_cross import run_cross_cases
-from hpattn_dist.tools.verify_local import run_local_cases
+from hpattn_dist.tools.verify_cross import cross_cases
+from hpattn_dist.tools.verify_local import local_cases
 from hpattn_dist.tools.verify_sampled import run_sampled_cases
 
 
@@ -122,10 +122,8 @@ def run_verify(
                 result.unreproducible = _unreproducible_message(result, again, moved)
             ref = ref_again
         results.append(result)
-    if cfg.local_windows:
-        results += run_local_cases(cfg, x, g, group=group, device=device, progress=progress)
-    if cfg.cross_nsides:
-        results += run_cross_cases(cfg, x, g, group=group, device=device, progress=progress)
+    for cases in (local_cases(cfg, x, group), cross_cases(cfg, x, group)):  # none unless configured
+        results += run_oracle_cases(cfg, cases, g, group=group, device=device, progress=progress)
     return results
 
 

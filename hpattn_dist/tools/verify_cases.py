@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,9 +36,9 @@ from hpattn_dist.strategies import STRATEGIES, choose_strategy
 from hpattn_dist.tools import tolerances
 from hpattn_dist.tools.config import load_section
 
-__all__ = ["CaseResult", "Quantity", "VerifyConfig", "compare_quantities", "executed_strategy", "load_field",
-           "make_distributed_layer", "oracle_reference", "run_layer_case", "run_oracle_cases", "strategy_variants",
-           "window_label"]
+__all__ = ["CaseResult", "OracleCase", "Quantity", "VerifyConfig", "compare_quantities", "executed_strategy",
+           "load_field", "make_distributed_layer", "oracle_reference", "run_layer_case", "run_oracle_cases",
+           "strategy_variants", "window_label"]
 
 
 @dataclass
@@ -471,35 +471,43 @@ def run_layer_case(
     return result
 
 
+class OracleCase(NamedTuple):
+    """One layer checked against its float64 ``oracle``: ``make_layer(attn_backend=...)`` builds
+    the distributed layer; ``inputs`` are the oracle's named full inputs (the first is ``x``)."""
+
+    label: str
+    oracle: nn.Module
+    make_layer: Callable[..., nn.Module]
+    inputs: Sequence[tuple[str, Tensor]]
+
+
 def run_oracle_cases(
     cfg: VerifyConfig,
-    oracle: nn.Module,
-    make_layer: Callable[[str], nn.Module],
-    inputs: Sequence[tuple[str, Tensor]],
+    cases: Iterable[OracleCase],
     g: Tensor,
     *,
-    label: str,
-    group: Optional[dist.ProcessGroup],
-    device: torch.device,
+    group: Optional[dist.ProcessGroup] = None,
+    device: torch.device = torch.device("cpu"),
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[CaseResult]:
-    """Every (backend, dtype) case of ``cfg`` against one float64 ``oracle`` (reference computed once):
-    ``make_layer(backend)`` builds the distributed layer, which gets the oracle's weights in each dtype
-    (:func:`run_layer_case`; ``inputs``, ``g`` as there)."""
-    ref = oracle_reference(oracle, inputs[0][1], g, **dict(inputs[1:]))
+    """Every (backend, dtype) case of ``cfg`` for each of ``cases`` against its float64 oracle
+    (reference computed once per case): the distributed layer gets the oracle's weights in each
+    dtype (:func:`run_layer_case`; ``g`` as there)."""
     results = []
-    for backend in cfg.backends:
-        for dtype_name in cfg.dtypes:
-            if progress is not None:
-                progress(f"{label} / {backend} / {dtype_name}")
+    for label, oracle, make_layer, inputs in cases:
+        ref = oracle_reference(oracle, inputs[0][1], g, **dict(inputs[1:]))
+        for backend in cfg.backends:
+            for dtype_name in cfg.dtypes:
+                if progress is not None:
+                    progress(f"{label} / {backend} / {dtype_name}")
 
-            def build() -> nn.Module:
-                layer = make_layer(backend)
-                layer.load_state_dict(oracle.state_dict())
-                return layer.to(device=device, dtype=DTYPES[dtype_name])
+                def build() -> nn.Module:
+                    layer = make_layer(attn_backend=backend)
+                    layer.load_state_dict(oracle.state_dict())
+                    return layer.to(device=device, dtype=DTYPES[dtype_name])
 
-            results.append(run_layer_case(cfg, build, inputs, g, ref, label=label, backend=backend,
-                                          dtype_name=dtype_name, group=group, device=device))
+                results.append(run_layer_case(cfg, build, inputs, g, ref, label=label, backend=backend,
+                                              dtype_name=dtype_name, group=group, device=device))
     return results
 
 

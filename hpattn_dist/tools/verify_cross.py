@@ -14,39 +14,26 @@ also runs the locality option against the windowed oracle, rows ``cross:S:nbhd:W
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from functools import partial
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch import Tensor
 
 from hpattn_dist.cross import DistributedSpatialCrossAttention, SpatialCrossAttention
 from hpattn_dist.healpix import nside2npix
 from hpattn_dist.local.windows import parse_window
-from hpattn_dist.tools.verify_cases import CaseResult, VerifyConfig, run_oracle_cases, window_label
+from hpattn_dist.tools.verify_cases import OracleCase, VerifyConfig, window_label
 
-__all__ = ["run_cross_cases"]
+__all__ = ["cross_cases"]
 
 
-def run_cross_cases(
-    cfg: VerifyConfig,
-    x: Tensor,
-    g: Tensor,
-    *,
-    group: Optional[dist.ProcessGroup] = None,
-    device: torch.device = torch.device("cpu"),
-    progress: Optional[Callable[[str], None]] = None,
-    source_nsides: Optional[Sequence[int]] = None,
-) -> list[CaseResult]:
-    """Every (source nside, backend, dtype) case on the ranks of ``group`` (collective).
-
-    Args:
-        cfg: the verify config (backends, dtypes, seed, heads, tolerances, self-test knobs).
-        x, g: the full query field ``[B, N, E]`` and upstream gradient (float64, NESTED).
-        source_nsides: the source grids to check (default ``cfg.cross_nsides``).
-    """
-    results = []
+def cross_cases(cfg: VerifyConfig, x: Tensor, group: Optional[dist.ProcessGroup] = None,
+                source_nsides: Optional[Sequence[int]] = None) -> Iterator[OracleCase]:
+    """One case per source nside (default ``cfg.cross_nsides``), and per source once more with
+    ``cfg.cross_window``, for :func:`~hpattn_dist.tools.verify_cases.run_oracle_cases`; queries on
+    the full field ``x [B, N, E]``."""
     windows = [None] + ([parse_window(cfg.cross_window)] if cfg.cross_window else [])
     for s, window in ((s, w) for s in (cfg.cross_nsides if source_nsides is None else source_nsides)
                       for w in windows):
@@ -57,11 +44,7 @@ def run_cross_cases(
         oracle = SpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend="manual",
                                        window_nside=window_nside, mode=mode).double()
         label = f"cross:{s}" + ("" if window is None else f":{window_label(mode, window_nside)}")
-
-        def make_layer(backend: str) -> nn.Module:
-            return DistributedSpatialCrossAttention(x.shape[2], cfg.num_heads, attn_backend=backend, process_group=group,
-                                                    window_nside=window_nside, mode=mode)
-
-        results += run_oracle_cases(cfg, oracle, make_layer, [("x", x), ("x_kv", xs)], g, label=label, group=group,
-                                    device=device, progress=progress)
-    return results
+        make_layer = partial(DistributedSpatialCrossAttention, x.shape[2], cfg.num_heads, process_group=group,
+                             window_nside=window_nside, mode=mode)
+        yield OracleCase(label, oracle, make_layer,
+                         [("x", x), ("x_kv", xs)])

@@ -281,12 +281,13 @@ def load_shard(cfg: VerifyConfig, group) -> tuple[Tensor, int, int]:
 def run_sampled_cases(
     cfg: VerifyConfig,
     *,
-    group: Optional[dist.ProcessGroup] = None,
-    device: torch.device = torch.device("cpu"),
-    progress: Optional[Callable[[str], None]] = None,
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+    progress: Optional[Callable[[str], None]],
 ) -> list[CaseResult]:
     """Every (strategy variant or window, backend, dtype) case of ``cfg`` against the streamed
-    float64 reference of Note [sampled verification] (collective)."""
+    float64 reference of Note [sampled verification] (collective); :func:`~hpattn_dist.tools.verify.run_verify`'s
+    runner when ``cfg.sample_queries`` is set (arguments as there)."""
     from hpattn_dist.local.windows import parse_window
 
     info = resolve_group(group)

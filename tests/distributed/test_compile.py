@@ -211,15 +211,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:
     return bool((a - b).abs().max() <= tol * b.abs().max())
 
 
+def _check_eager_equals_compiled(r: dict, where) -> None:
+    assert r["breaks"] == 0 and r["graphs"] == 1, (where, r["breaks"], r["graphs"])
+    (ye, dxe, ge, *_), (yc, dxc, gc, *_) = r["eager"], r["compiled"]
+    assert _close(yc, ye) and _close(dxc, dxe), where
+    for p in ge:
+        assert _close(gc[p], ge[p]), (where, p)
+
+
 @pytest.mark.parametrize("name", RUNS)
 def test_compiled_block_has_no_graph_break_and_equals_eager(name):
     for rank, r in enumerate(_results()):
-        r = r[name]
-        assert r["breaks"] == 0 and r["graphs"] == 1, (rank, r["breaks"], r["graphs"])
-        (ye, dxe, ge, *_), (yc, dxc, gc, *_) = r["eager"], r["compiled"]
-        assert _close(yc, ye) and _close(dxc, dxe), rank
-        for p in ge:
-            assert _close(gc[p], ge[p]), (rank, p)
+        _check_eager_equals_compiled(r[name], rank)
 
 
 @pytest.mark.parametrize("name", RUNS)

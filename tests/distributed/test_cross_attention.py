@@ -23,6 +23,7 @@ import torch
 from hpattn_dist import DistributedSpatialCrossAttention, count_communication, ring_attention, ring_cross_attention
 from hpattn_dist.kernels import DropoutSpec, draw_seed
 from hpattn_dist.strategies import sharded_attention
+from tests.distributed.test_ring import mixed_key_mask
 from tests.harness import attempt, run_ranks
 from tests.reference import reference_attention, reference_with_grads
 
@@ -67,7 +68,7 @@ def _cases(world: int) -> list[dict]:
 
 
 def split(n: int, p: int, salt: int) -> list[int]:
-    """An uneven contiguous split of ``n`` pixels over ``p`` ranks; for P >= 3 one rank gets none."""
+    """An uneven contiguous split of ``n`` pixels over ``p`` ranks; for P >= 3 rank ``salt % p`` gets none."""
     g = torch.Generator().manual_seed(97 * n + 13 * p + salt)
     cuts = sorted(torch.randint(0, n + 1, (p - 1,), generator=g).tolist())
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n])]
@@ -85,11 +86,7 @@ def _make_data(case: dict) -> dict:
             for name, n in (("q", nq), ("k", nk), ("v", nk), ("dout", nq))}
     data["mask"] = data["bias"] = None
     if case["mask"] == "mixed":
-        # batch 0: the first third of the keys and ~30% of the rest masked; batch 1: all masked
-        mask = torch.rand(b, nk, generator=g) > 0.3
-        mask[0, : nk // 3] = False
-        mask[1:] = False
-        data["mask"] = mask
+        data["mask"] = mixed_key_mask(b, nk, g)
     if case["bias"] is not None:
         data["bias"] = torch.randn(*((b, nk) if case["bias"] == "bn" else (b, h, nk)), generator=g,
                                    dtype=torch.float64)

@@ -25,6 +25,7 @@ from hpattn_dist import (
 from hpattn_dist.kernels import DropoutSpec
 from hpattn_dist.local import window_traffic
 from hpattn_dist.strategies import sharded_attention
+from tests.distributed.test_cross_attention import split  # uneven splits, one rank empty at P >= 3
 from tests.harness import run_ranks
 from tests.local_reference import healpy_cross_window_mask, healpy_window_cells, reference_local_attention
 
@@ -49,18 +50,6 @@ LAYER_CASES = {
     "encoder-nbhd": (8, 2, 5, 2, 4, 2, "neighbourhood", 0.0),
     "decoder-cell-dropout": (8, 2, 3, 4, 2, 1, "cell", 0.3),
 }
-
-
-def split(n: int, p: int, salt: int) -> list[int]:
-    """An uneven contiguous split of ``n`` over ``p`` ranks; at P >= 3 rank ``salt % p`` gets none."""
-    g = torch.Generator().manual_seed(31 * n + 7 * p + salt)
-    cuts = sorted(torch.randint(0, n + 1, (p - 1,), generator=g).tolist())
-    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n])]
-    if p >= 3:
-        empty = salt % p
-        sizes[(empty + 1) % p] += sizes[empty]
-        sizes[empty] = 0
-    return sizes
 
 
 def _splits(name: str, p: int) -> tuple[list[int], list[int]]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from hpattn_dist import (DistributedLocalSpatialSelfAttention, DistributedSpatialCrossAttention,
                          LocalSpatialSelfAttention, SpatialCrossAttention, ring_cross_attention)
-from tests.distributed.test_compile import _close, _fwd_bwd
+from tests.distributed.test_compile import _check_eager_equals_compiled, _close, _fwd_bwd
 from tests.harness import run_ranks
 from tests.local_reference import healpy_cross_window_mask, reference_local_attention
 from tests.training_model import Block, CrossBlock, E, H, bounds, field
@@ -145,14 +145,6 @@ def _single_process() -> dict:
 
     assert not dist.is_initialized()
     return _job(0, 1, SINGLE)
-
-
-def _check_eager_equals_compiled(r: dict, where) -> None:
-    assert r["breaks"] == 0 and r["graphs"] == 1, (where, r["breaks"], r["graphs"])
-    (ye, dxe, ge, *_), (yc, dxc, gc, *_) = r["eager"], r["compiled"]
-    assert _close(yc, ye) and _close(dxc, dxe), where
-    for p in ge:
-        assert _close(gc[p], ge[p]), (where, p)
 
 
 @pytest.mark.parametrize("name", RUNS)

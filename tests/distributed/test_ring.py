@@ -102,6 +102,15 @@ def _bias_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def mixed_key_mask(b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Bool ``[B, N]`` (True = attend, B >= 2): batch 0 has the first third of its keys and ~30% of
+    the rest masked, every other batch element all its keys."""
+    mask = torch.rand(b, n, generator=g) > 0.3
+    mask[0, : n // 3] = False
+    mask[1:] = False
+    return mask
+
+
 def _make_data(case: dict, group_index: int) -> dict:
     """Full float64 tensors of one case; every group of a layout gets its own data."""
     g = torch.Generator().manual_seed(1000 * case["seed"] + group_index)
@@ -114,11 +123,7 @@ def _make_data(case: dict, group_index: int) -> dict:
         data[name] = x.to(case["dtype"]).double()  # exactly representable in the case dtype
     data["mask"] = data["bias"] = None
     if case["mask"] == "mixed":
-        # batch 0: the first third of the keys and ~30% of the rest masked; batch 1: all masked.
-        mask = torch.rand(b, n, generator=g) > 0.3
-        mask[0, : n // 3] = False
-        mask[1:] = False
-        data["mask"] = mask
+        data["mask"] = mixed_key_mask(b, n, g)
     elif case["mask"] == "shared":  # the same mask in every batch element (a land mask)
         keep = torch.rand(n, generator=g) > 0.4
         keep[0] = True

@@ -6,19 +6,16 @@ from __future__ import annotations
 import torch
 
 from hpattn_dist.tools.verify import VerifyConfig, load_field
-from hpattn_dist.tools.verify_cross import run_cross_cases
+from hpattn_dist.tools.verify_cases import run_oracle_cases
+from hpattn_dist.tools.verify_cross import cross_cases
 from tests.harness import run_ranks
+from tests.integration.test_verify_local import cli_case_labels, family_rows
 
 SOURCES = (4, 1)  # queries on nside 2: an encoder (4 -> 2) and a decoder (1 -> 2)
 
 
 def _run(rank: int, world_size: int, inject_error: float) -> list[tuple[str, bool]]:
-    cfg = VerifyConfig(nside=2, batch=2, embed_dim=8, num_heads=2, backends=("manual", "sdpa"),
-                       dtypes=("float64", "float32", "bfloat16"), inject_error=inject_error)
-    x = load_field(cfg)
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    results = run_cross_cases(cfg, x, g, source_nsides=SOURCES)
-    return [(f"{r.strategy} {r.backend} {r.dtype}", r.passed) for r in results]
+    return family_rows(cross_cases, 2, inject_error, source_nsides=SOURCES)
 
 
 def test_cross_cases_pass_at_world_1_and_2() -> None:
@@ -33,18 +30,7 @@ def test_cross_cases_fail_with_an_injected_error() -> None:
 
 
 def test_cli_verify_runs_cross_nsides(tmp_path) -> None:
-    import json
-
-    from hpattn_dist.tools.cli import main
-
-    out = tmp_path / "verify.json"
-    rc = main(["verify", "--nside", "2", "--batch", "1", "--embed-dim", "8", "--heads", "2",
-               "--nproc", "2", "--strategies", "ring", "--backends", "manual", "--dtypes", "float64",
-               "--cross-nsides", "4,1", "--json", str(out)])
-    assert rc == 0
-    run = json.loads(out.read_text())
-    assert run["world_size"] == 2 and [c["strategy"] for c in run["cases"]] == ["ring", "cross:4", "cross:1"]
-    assert all(c["passed"] and c["skipped"] is None for c in run["cases"])
+    assert cli_case_labels(tmp_path, "--cross-nsides", "4,1") == ["ring", "cross:4", "cross:1"]
 
 
 def _run_window(rank: int, world_size: int, inject_error: float) -> list[tuple[str, bool]]:
@@ -53,7 +39,7 @@ def _run_window(rank: int, world_size: int, inject_error: float) -> list[tuple[s
                        cross_window="neighbourhood:1")
     x = load_field(cfg)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return [(r.strategy, r.passed) for r in run_cross_cases(cfg, x, g)]
+    return [(r.strategy, r.passed) for r in run_oracle_cases(cfg, cross_cases(cfg, x), g)]
 
 
 def test_cross_window_rows_pass_and_fail_with_an_injected_error() -> None:

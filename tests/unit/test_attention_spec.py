@@ -16,7 +16,6 @@ from hpattn_dist import (hybrid_attention, healpix_local_attention, ring_attenti
                          ulysses_attention)
 from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.kernels import DropoutSpec
-from hpattn_dist.local.attention import windowed_attention
 from hpattn_dist.local.oracle import window_mask
 from hpattn_dist.strategies import auto_attention, sharded_attention
 from hpattn_dist.strategies.api import attend
@@ -54,7 +53,6 @@ GLOBAL = {
 
 WINDOWED = {
     "healpix_local_attention": lambda q, k, v, o: healpix_local_attention(q, k, v, window_nside=1, mode="cell", **o),
-    "windowed_attention": lambda q, k, v, o: windowed_attention(q, k, v, window_nside=1, mode="cell", **o),
     "ring_cross_attention": lambda q, k, v, o: ring_cross_attention(q, k, v, window_nside=1, mode="cell", **o),
     "sharded_attention": lambda q, k, v, o: sharded_attention("auto", q, k, v, window_nside=1, mode="cell", **o),
 }
@@ -120,3 +118,21 @@ def test_check_returns_the_window_as_an_int():
     spec = AttentionSpec("ring", window_nside=np.int64(4)).check("healpix_local_attention")
     assert type(spec.window_nside) is int and spec.window_nside == 4
     assert AttentionSpec().check("ring_attention") == AttentionSpec()  # the defaults are valid
+
+
+@pytest.mark.parametrize("entry, call", [(f"{table}:{name}", fn) for table, calls in (("global", GLOBAL), ("windowed", WINDOWED))
+                                         for name, fn in sorted(calls.items())])
+def test_a_second_derivative_is_refused_naming_the_entry_point_the_call_stands_for(entry, call):
+    """The name in the refusal is the public function the call stands for
+    (``AttentionSpec.entry_point``): the strategy's (``sharded_attention("hybrid", ...)`` is
+    ``hybrid_attention``), ``ring_cross_attention`` for a cross call, ``healpix_local_attention`` for
+    a windowed self call (``sharded_attention`` with a window)."""
+    table, name = entry.split(":")
+    expected = {"attend": "ring_attention", "sharded_attention": "hybrid_attention" if table == "global"
+                else "healpix_local_attention"}.get(name, name)
+    q, k, v, options = _inputs()
+    q.requires_grad_(True)
+    options = {**options, "dropout_p": 0.0, "key_mask": None, "key_bias": None}
+    (dq,) = torch.autograd.grad((call(q, k, v, options) ** 2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{expected} does not support double backward"):
+        dq.sum().backward()

@@ -29,7 +29,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
       "local.windows", "io", "attention_spec")),
     ("the plans and the executors, global and windowed", ("strategies", "local")),
     ("the door: the public attention functions", ("strategies.api", "local.attention")),
-    ("layers and model helpers", ("modules", "cross", "local.modules", "checkpoint")),
+    ("layers and model helpers", ("distributed_layer", "modules", "cross", "local.modules", "checkpoint")),
     ("integrations", ("integrations",)),
     ("tool pieces", ("tools.platform", "tools.config", "tools.tolerances", "tools.allocations",
                      "tools.bench_report")),

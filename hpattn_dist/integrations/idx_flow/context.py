@@ -80,13 +80,18 @@ class ShardedModule(GroupBound, nn.Module):
     """Common state of the converted modules: the group, the training mode and a name for errors.
 
     Deepcopy shares the group, pickling drops it (Note [copying a layer bound to a group]).
+    ``_kept``: the names of the idx-flow module's submodules the converted module holds as they are
+    (its ``nn.BatchNorm1d``, ...: parameters and buffers unchanged).
     """
 
     _kind = ""
+    _kept: tuple[str, ...] = ()
 
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup], name: str) -> None:
+    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None, name: str = "") -> None:
         super().__init__()
         self.process_group = process_group
         # Errors name the layer and (from convert_model's ctx.name) where it sits in the model.
         self._what = f"{self._kind} {name!r}" if name else self._kind
         self.training = module.training
+        for attr in self._kept:
+            setattr(self, attr, getattr(module, attr))

@@ -185,11 +185,7 @@ class ShardedSpatialBatchNorm(ShardedModule):
     """
 
     _kind = "SpatialBatchNorm"
-
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
-                 name: str = "") -> None:
-        super().__init__(module, process_group, name)
-        self.bn = module.bn
+    _kept = ("bn",)
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn  # eval with running stats: per pixel, idx-flow's own forward
@@ -273,11 +269,7 @@ class ShardedSpatialInstanceNorm(ShardedModule):
     """
 
     _kind = "SpatialInstanceNorm"
-
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
-                 name: str = "") -> None:
-        super().__init__(module, process_group, name)
-        self.instance_norm = module.instance_norm
+    _kept = ("instance_norm",)
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.instance_norm
@@ -318,11 +310,7 @@ class ShardedSpatialGroupNorm(ShardedModule):
     """
 
     _kind = "SpatialGroupNorm"
-
-    def __init__(self, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None,
-                 name: str = "") -> None:
-        super().__init__(module, process_group, name)
-        self.gn = module.gn
+    _kept = ("gn",)
 
     def forward(self, x: Tensor) -> Tensor:
         gn = self.gn
