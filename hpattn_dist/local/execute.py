@@ -27,7 +27,9 @@ Note [local attention memory]
       of squares runs, its gathered q, dout, out (3g), padded K/V and their gradient grids (4gb),
       dq (2g: the kernel's and the sum) and the kernel's dk, dv of one call (6g: three cells per
       window): ``3 + 4e + g (11 + 4b)``; a list: ``3 + 4e + g (4 + 4m)``; while the gradients
-      travel: ``3 + 2e + 2r + 2s``.
+      travel: ``3 + 2e + 2r + 2s``. On the CPU a square group's fused kernel runs a cache-sized
+      piece of the group at a time (Note [cache-sized calls]), so the kernel's dq, dk, dv are a
+      piece's; the count keeps the whole call's (what a GPU kernel holds), a bound there.
 
     A list that reads q, k, v in place over the whole rank (``mode="cell"`` on cell-aligned shards,
     P = 1 in particular) gathers nothing and its kernel's outputs are the results: forward 1,
@@ -79,7 +81,7 @@ class _Cells:
         ``scratch``'s buffer for this side when given)."""
         s, r = self.store, refs.refs
         shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
-        out = None if scratch is None else scratch.take(self, (math.prod(shape[:-2]), self.c * self.f))
+        out = None if scratch is None else scratch.take(id(self), (math.prod(shape[:-2]), self.c * self.f), self.own)
         flat_edge = self.edge.reshape(-1, self.c * self.f)
         if s.n_own == 0:
             rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
@@ -106,18 +108,20 @@ def _select(rows: Tensor, index: Tensor, out: Optional[Tensor]) -> Tensor:
 
 
 class _Scratch:
-    """One call's gather buffers, one per cell store side, reused by its window groups (a group's
-    gathered blocks are dead before the next group gathers): a group's blocks do not come from a
-    fresh allocation, whose pages the system would zero again for every group."""
+    """One call's per-group buffers (gathered blocks, one per cell store side; a square group's
+    gradient grids and dq), reused by its window groups (a group's buffers are dead before the
+    next group takes them): a group's blocks do not come from a fresh allocation, whose pages the
+    system would zero again for every group."""
 
     def __init__(self) -> None:
-        self.buffers: dict[int, Tensor] = {}
+        self.buffers: dict[object, Tensor] = {}
 
-    def take(self, side: _Cells, shape: tuple[int, int]) -> Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(id(side))
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[id(side)] = side.own.new_empty((n,))
+    def take(self, key: object, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A buffer ``shape`` (uninitialised) of ``dtype`` (``like``'s by default), on ``like``'s device."""
+        n, dtype = math.prod(shape), dtype or like.dtype
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.buffers[key] = like.new_empty((n,), dtype=dtype)
         return buf[:n].view(shape)
 
 
@@ -666,33 +670,83 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
     lg = lg.squeeze(-1).contiguous()
     delta = None if kernel.fused_backward is not None else (dog.to(acc) * og.to(acc)).sum(dim=-1)
     call = _Call(group, kv, bias, plan, dropout_p, seed, heads, scratch=scratch)
-    dq = None
-    if group.pad:
-        grids = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (call.k, call.v)]
-        grids.append(None if not need_dbias else torch.zeros(call.bias.shape, dtype=acc, device=qg.device))
-    for dx in call.offsets:
-        k_c, v_c, b_c, spec = call.keys(dx)
-        folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
-        if folded is None:
-            dq_c, dk_c, dv_c, db_c = kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
-        else:
-            dq_c, dk_c, dv_c, db_c = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
-            dq_c, dk_c, dv_c = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq_c, dk_c, dv_c), (qg, k_c, v_c)))
-            db_c = None if db_c is None else db_c.view(b_c.shape[:2] + db_c.shape[2:])
-        dq = dq_c.to(acc) if dq is None else dq.add_(dq_c)
-        if not group.pad:
-            m = group.k_cells.shape[1]
-            y = group.q_cells.shape[2]
-            shape = lambda t, f: t.reshape(1, 1, -1, y, m, plan.key_cell_pixels, f)  # noqa: E731
-            return dq, shape(dk_c, dk_c.shape[-1]), shape(dv_c, dv_c.shape[-1]), \
-                None if db_c is None else shape(db_c, 1)
-        a, cc, y = group.q_cells.shape
-        for grid, g in zip(grids, (dk_c, dv_c, db_c)):
-            if grid is None:
-                continue
-            f = grid.shape[-1]
-            g = g.view(a, cc, -1, y, 3, plan.key_cell_pixels, f)  # a view of the kernel's layout
-            for t in range(3):
-                grid[1 + dx:1 + dx + a, :, :, t:t + y].add_(g[:, :, :, :, t])
-        del dq_c, dk_c, dv_c, db_c
+    if not group.pad:
+        k_c, v_c, b_c, spec = call.keys(0)
+        dq, dk, dv, db = _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+        m = group.k_cells.shape[1]
+        y = group.q_cells.shape[2]
+        shape = lambda t, f: t.reshape(1, 1, -1, y, m, plan.key_cell_pixels, f)  # noqa: E731
+        return dq.to(acc), shape(dk, dk.shape[-1]), shape(dv, dv.shape[-1]), None if db is None else shape(db, 1)
+    a, cc, y = group.q_cells.shape
+    c_k = plan.key_cell_pixels
+    grids = [_buffer(scratch, name, t, acc).zero_() if t is not None and (name != "db" or need_dbias) else None
+             for name, t in (("dk", call.k), ("dv", call.v), ("db", call.bias))]
+    dq = _buffer(scratch, "dq", qg, acc)
+    step = _piece_rows(kernel, qg, c_k)
+    calls = [call.keys(dx) for dx in call.offsets]  # (k, v, bias [X, Y, 3 c_k, F], dropout spec)
+    split = lambda t: None if t is None else t.split(step)  # noqa: E731
+    rows = list(zip(*(split(t) for t in (dq, dog, qg, og, lg))))
+    delta, keys = split(delta), [[split(t) for t in c[:3]] for c in calls]
+    targets = [[split(None if grid is None else grid[1 + dx:1 + dx + a].view(-1, y + 2, c_k, grid.shape[-1]))
+                for grid in grids] for dx in call.offsets]  # [X, Y + 2, c_k, F] per column offset
+    for p, (dq_p, do_p, q_p, o_p, l_p) in enumerate(rows):
+        for i, (k_p, v_p, b_p) in enumerate(keys):
+            dq_c, dk_c, dv_c, db_c = kernel.backward(  # spans do not fold
+                do_p, q_p, k_p[p], v_p[p], o_p, l_p, None if delta is None else delta[p], scale,
+                None if b_p is None else b_p[p], calls[i][3], need_dbias)
+            if i == 0:
+                dq_p.copy_(dq_c)
+            else:
+                dq_p.add_(dq_c)
+            for target, g in zip(targets[i], (dk_c, dv_c, db_c)):
+                if target is None:
+                    continue
+                target = target[p]
+                g = g.view(*g.shape[:2], 3, c_k, target.shape[-1])  # a view of the kernel's layout
+                for t in range(3):
+                    target[:, t:t + y].add_(g[:, :, t])
+            del dq_c, dk_c, dv_c, db_c
     return dq, grids[0], grids[1], grids[2]
+
+
+def _buffer(scratch: Optional[_Scratch], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor shaped like ``like`` in ``dtype``, from ``scratch`` when given."""
+    if scratch is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return scratch.take(key, like.shape, like, dtype)
+
+
+def _block_backward(kernel, dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias):
+    """One kernel call's ``(dq [X, Y, c_q, D], dk, dv [X, Y, L, D], dbias [X, Y, L] or None)``
+    (folded to ``[X * Y, 1, ...]`` when every tensor allows)."""
+    folded = _fold([dog, qg, k_c, v_c, og, lg, delta, b_c])
+    if folded is None:
+        return kernel.backward(dog, qg, k_c, v_c, og, lg, delta, scale, b_c, spec, need_dbias)
+    dq, dk, dv, db = kernel.backward(*folded[:7], scale, folded[7], spec, need_dbias)
+    dq, dk, dv = (t.view(*ref.shape[:2], *t.shape[2:]) for t, ref in zip((dq, dk, dv), (qg, k_c, v_c)))
+    return dq, dk, dv, None if db is None else db.view(b_c.shape[:2] + db.shape[2:])
+
+
+#: Bytes a CPU fused kernel call of a square group's backward reads and writes, about (at least one
+#: row of its windows per call; Note [cache-sized calls]).
+CPU_CALL_BYTES = 1 << 21
+
+
+def _piece_rows(kernel: BlockKernel, qg: Tensor, c_k: int) -> int:
+    """Rows of a square group's ``X`` rows per kernel call of its backward.
+
+    Note [cache-sized calls]
+        On the CPU a square group's backward runs its fused kernel on a few windows' rows at a
+        time, sized to stay in the cache, all three column offsets of a piece in turn: the kernel
+        zeroes the dq, dk, dv it returns (dk and dv three cells per window) and the grids add them
+        right after, so each piece's outputs are written, read and freed while cached instead of
+        streamed through memory, and the piece's q, dout, out and dq serve its three calls from
+        the cache. The manual kernel (a key bias, dropout: its dropout indices are per call) and
+        GPU kernels run the whole group at once.
+    """
+    x = qg.shape[0]
+    if kernel.fused_backward is None or qg.device.type != "cpu" or x == 0:
+        return max(x, 1)
+    y, c_q, d = qg.shape[1:]
+    row = y * (6 * c_q + 8 * c_k) * d * qg.element_size()  # q, dout, out, dq; K/V spans, dk, dv
+    return max(1, CPU_CALL_BYTES // row)
