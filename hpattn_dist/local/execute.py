@@ -54,141 +54,13 @@ from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.comm.halo import all_to_all_rows
 from hpattn_dist.kernels import BlockKernel
 from hpattn_dist.kernels.dropout import DropoutSpec, FoldedIndex
-from hpattn_dist.local.plan import CellRefs, CellStore, LocalPlan, WindowGroup
+from hpattn_dist.local.cell_blocks import Blocks, Cells, Scratch
+from hpattn_dist.local.plan import CellStore, LocalPlan, WindowGroup
 from hpattn_dist.masks import known_finite, nonfinite_rows
 from hpattn_dist.merge import merge_into
 from hpattn_dist.precision import acc_dtype
 
 __all__ = ["forward", "backward"]
-
-
-# --------------------------------------------------------------------------------------------
-# Cell stores bound to one call's tensors
-# --------------------------------------------------------------------------------------------
-
-
-class _Cells:
-    """One side's cell blocks for one call: own rows ``[S0, N_r, F]`` (contiguous, read in place
-    through an overlapping row view) and the edge buffer ``[S0, E (+1), c, F]``; ``bh_rows [B * H]``
-    maps a batch-head pair to its source row (a bias of one head serves every head)."""
-
-    def __init__(self, store: CellStore, own: Tensor, edge: Tensor, bh_rows: Tensor) -> None:
-        self.store, self.own, self.edge, self.bh_rows = store, own, edge, bh_rows
-        self.c, self.f = store.cell_pixels, own.shape[-1]
-
-    def gather(self, refs: CellRefs, scratch: Optional["_Scratch"] = None) -> Tensor:
-        """The blocks of ``refs [A, C, *Y]`` as ``[A, C, B * H, *Y, c, F]`` (a copy; into
-        ``scratch``'s buffer for this side when given)."""
-        s, r = self.store, refs.refs
-        shape = (*r.shape[:2], self.bh_rows.numel(), *r.shape[2:], self.c, self.f)
-        out = None if scratch is None else scratch.take(id(self), (math.prod(shape[:-2]), self.c * self.f), self.own)
-        flat_edge = self.edge.reshape(-1, self.c * self.f)
-        if s.n_own == 0:
-            rows = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2))) * self.edge.shape[1] + (r.unsqueeze(2) - s.n_own)
-            return _select(flat_edge, rows.reshape(-1), out).view(shape)
-        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
-        own_rows = torch.where(r < s.n_own, r, 0).unsqueeze(2) * self.c + (bh * s.n_local + s.lead)
-        n = self.own.numel() // self.f
-        view = self.own.as_strided((n - self.c + 1, self.c * self.f), (self.f, 1))  # a block at every row
-        out = _select(view, own_rows.reshape(-1), out)
-        if refs.edge_pos.numel():
-            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
-            rows = self.bh_rows.index_select(0, bh_e) * self.edge.shape[1] + cells - s.n_own
-            out.index_copy_(0, pos, flat_edge.index_select(0, rows))
-        return out.view(shape)
-
-    def view(self, first: int, count: int) -> Tensor:
-        """Own cells ``first .. first + count - 1`` in place, ``[B * H, count, c, F]``."""
-        start = self.store.lead + first * self.c
-        return self.own.narrow(1, start, count * self.c).view(self.own.shape[0], count, self.c, self.f)
-
-
-def _select(rows: Tensor, index: Tensor, out: Optional[Tensor]) -> Tensor:
-    return rows.index_select(0, index) if out is None else torch.index_select(rows, 0, index, out=out)
-
-
-class _Scratch:
-    """One call's per-group buffers (gathered blocks, one per cell store side; a square group's
-    gradient grids and dq), reused by its window groups (a group's buffers are dead before the
-    next group takes them): a group's blocks do not come from a fresh allocation, whose pages the
-    system would zero again for every group."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[object, Tensor] = {}
-
-    def take(self, key: object, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """A buffer ``shape`` (uninitialised) of ``dtype`` (``like``'s by default), on ``like``'s device."""
-        n, dtype = math.prod(shape), dtype or like.dtype
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self.buffers[key] = like.new_empty((n,), dtype=dtype)
-        return buf[:n].view(shape)
-
-
-def _expanded(refs: CellRefs, n_bh: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The edge entries of ``refs [A, C, *Y]`` in the ``[A, C, B * H, *Y]`` layout, for every
-    batch-head pair: ``(flat positions, batch-head pairs, refs)``, each ``[n * B * H]``."""
-    r = refs.refs
-    y = math.prod(r.shape[2:])
-    p = refs.edge_pos.view(-1, 1)
-    bh = torch.arange(n_bh, device=p.device).view(1, -1)
-    pos = ((p // y) * n_bh + bh) * y + p % y
-    cells = r.reshape(-1).index_select(0, refs.edge_pos).view(-1, 1).expand(-1, n_bh)
-    return pos.reshape(-1), bh.expand_as(pos).reshape(-1), cells.reshape(-1)
-
-
-class _Blocks:
-    """One side's per-cell results or gradient accumulators: own cells ``[S0 * n_own + 1, c * F]``
-    (aligned rows; the last row takes what belongs to edge cells) and edge cells ``[S0 * (E + z),
-    c * F]``; ``bh_rows [B * H]`` maps a batch-head pair to its row (gradients of a one-head bias
-    add up over the heads)."""
-
-    def __init__(self, store: CellStore, rows: int, f: int, bh_rows: Tensor, dtype: torch.dtype,
-                 device: torch.device, written_once: bool = False) -> None:
-        self.store, self.s0, self.f, self.bh_rows = store, rows, f, bh_rows
-        self.c = store.cell_pixels
-        self.n_edge = store.n_edge + int(store.zero_cell)
-        # Results every cell writes once (``put``) need no zeros; accumulators do.
-        alloc = torch.empty if written_once else torch.zeros
-        self.own = alloc((rows * store.n_own + 1, self.c * f), dtype=dtype, device=device)
-        self.edge = torch.zeros((rows * self.n_edge, self.c * f), dtype=dtype, device=device)
-
-    def _targets(self, refs: CellRefs, values: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """``(own row of every block, the blocks [n, c * F], (positions, edge rows) of the edge blocks)``."""
-        r, n_own = refs.refs, self.store.n_own
-        bh = self.bh_rows.view(1, 1, -1, *([1] * (r.dim() - 2)))
-        rows = values.reshape(-1, self.c * self.f).to(self.own.dtype)
-        own = torch.where(r.unsqueeze(2) < n_own, bh * n_own + r.unsqueeze(2), self.own.shape[0] - 1)
-        edge = None
-        if refs.edge_pos.numel():
-            pos, bh_e, cells = _expanded(refs, self.bh_rows.numel())
-            edge = (pos, self.bh_rows.index_select(0, bh_e) * self.n_edge + cells - n_own)
-        return own.expand(values.shape[:-2]).reshape(-1), rows, edge
-
-    def add(self, refs: CellRefs, values: Tensor) -> None:
-        """Add blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]``."""
-        own, rows, edge = self._targets(refs, values)
-        self.own.index_add_(0, own, rows)
-        if edge is not None:
-            self.edge.index_add_(0, edge[1], rows.index_select(0, edge[0]))
-
-    def put(self, refs: CellRefs, values: Tensor) -> None:
-        """Write blocks ``values [A, C, B * H, *Y, c, F]`` at ``refs [A, C, *Y]`` (overwriting)."""
-        own, rows, edge = self._targets(refs, values)
-        self.own.index_copy_(0, own, rows)
-        if edge is not None:
-            self.edge.index_copy_(0, edge[1], rows.index_select(0, edge[0]))
-
-    def rows(self, n_rows: int) -> tuple[Tensor, Tensor]:
-        """``(own rows [S0, N_r, F], edge rows [S0, (E + z) * c, F])``; the own rows are a view of
-        the accumulator when the own cells cover the rank's rows exactly."""
-        s = self.store
-        own = self.own[:-1].view(self.s0, s.n_own * self.c, self.f)
-        if s.lead != 0 or s.n_own * self.c != n_rows:
-            full = own.new_zeros((self.s0, n_rows, self.f))
-            full.narrow(1, s.lead, s.n_own * self.c).copy_(own)
-            own = full
-        return own, self.edge.view(self.s0, -1, self.f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +181,9 @@ def _dropout(dropout_p: float, seed: int, heads: int, q_index: Tensor, k_index: 
 class _Call:
     """The tensors of one call's keys: ``(k, v, bias, dropout spec)`` per column offset."""
 
-    def __init__(self, group: WindowGroup, kv: list[_Cells], bias: Optional[_Cells], plan: LocalPlan,
-                 dropout_p: float, seed: int, heads: int, key_flags: Optional[_Cells] = None,
-                 scratch: Optional[_Scratch] = None) -> None:
+    def __init__(self, group: WindowGroup, kv: list[Cells], bias: Optional[Cells], plan: LocalPlan,
+                 dropout_p: float, seed: int, heads: int, key_flags: Optional[Cells] = None,
+                 scratch: Optional[Scratch] = None) -> None:
         self.group, self.plan, self.kv = group, plan, kv
         c_q, c_k = plan.cell_pixels, plan.key_cell_pixels
         a, cc, y = group.q_cells.shape
@@ -357,8 +229,8 @@ class _Call:
         return _span(self.k, dx, group), _span(self.v, dx, group), bias, spec
 
 
-def _column_fixes(plan: LocalPlan, queries: _Cells, kv: list[_Cells], heads: int, kernel: BlockKernel,
-                  scale: float, dropout_p: float, seed: int, flags: Optional[tuple[_Cells, _Cells]]
+def _column_fixes(plan: LocalPlan, queries: Cells, kv: list[Cells], heads: int, kernel: BlockKernel,
+                  scale: float, dropout_p: float, seed: int, flags: Optional[tuple[Cells, Cells]]
                   ) -> dict[int, tuple[Tensor, Tensor]]:
     """Per column offset, that column of every window reading a zero block there, from its two
     cells (Note [local attention plan]): ``(out [n, B * H, c_q, D], lse [n, B * H, c_q])``."""
@@ -394,7 +266,7 @@ def _apply_fixes(group: WindowGroup, dx: int, fixed: dict[int, tuple[Tensor, Ten
         lse.view(a, cc, -1, y, lse.shape[2])[at[0], at[1], :, at[2]] = l_f.to(lse.dtype)
 
 
-def _queries(group: WindowGroup, cells: _Cells, scratch: Optional[_Scratch] = None) -> Tensor:
+def _queries(group: WindowGroup, cells: Cells, scratch: Optional[Scratch] = None) -> Tensor:
     """``[X, Y, c_q, F]`` of a group's queries (in place for a list read in place)."""
     if group.q_view >= 0:
         return cells.view(group.q_view, group.q_cells.shape[2])
@@ -431,13 +303,13 @@ def _rows_from_edge(store: CellStore, own: Tensor, edge: Tensor, add: bool = Fal
 
 def _bound(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Tensor], edge_k: Tensor,
            edge_v: Tensor, edge_b: Optional[Tensor], batch: int, heads: int
-           ) -> tuple[_Cells, list[_Cells], Optional[_Cells]]:
+           ) -> tuple[Cells, list[Cells], Optional[Cells]]:
     bh = torch.arange(batch * heads, device=q3.device)
-    queries = _Cells(plan.queries, q3, _edge_buffer(plan.queries, q3, None, 0.0), bh)
-    kv = [_Cells(plan.keys, k3, edge_k, bh), _Cells(plan.keys, v3, edge_v, bh)]
+    queries = Cells(plan.queries, q3, _edge_buffer(plan.queries, q3, None, 0.0), bh)
+    kv = [Cells(plan.keys, k3, edge_k, bh), Cells(plan.keys, v3, edge_v, bh)]
     bias = None
     if b3 is not None:
-        bias = _Cells(plan.keys, b3, edge_b, _bias_rows(batch, heads, b3.shape[0] // max(batch, 1), q3.device))
+        bias = Cells(plan.keys, b3, edge_b, _bias_rows(batch, heads, b3.shape[0] // max(batch, 1), q3.device))
     return queries, kv, bias
 
 
@@ -495,9 +367,9 @@ def forward(plan: LocalPlan, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
                               seed, acc, fixed, flags)
         out, lse = o.to(q.dtype).reshape(q3.shape), l.reshape(q3.shape[:2])
     else:
-        out_b = _Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
-        lse_b = _Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
-        scratch = _Scratch()
+        out_b = Blocks(plan.queries, q3.shape[0], d, queries.bh_rows, q.dtype, q.device, written_once=True)
+        lse_b = Blocks(plan.queries, q3.shape[0], 1, queries.bh_rows, acc, q.device, written_once=True)
+        scratch = Scratch()
         for group in plan.groups:
             o, l = _group_forward(plan, group, queries, kv, bias_cells, heads, kernel, scale, dropout_p, seed, acc,
                                   fixed, flags, scratch)
@@ -533,7 +405,7 @@ def _fold(tensors: list[Optional[Tensor]]) -> Optional[list[Optional[Tensor]]]:
 
 
 def _flags(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Tensor], edge_k: Tensor,
-           edge_v: Tensor, edge_b: Optional[Tensor], bh_rows: Tensor) -> Optional[tuple[_Cells, _Cells]]:
+           edge_v: Tensor, edge_b: Optional[Tensor], bh_rows: Tensor) -> Optional[tuple[Cells, Cells]]:
     """The call's non-finite flags as cell stores ``(queries, keys)`` of bool rows ``[B * H, N, 1]``
     (a query holding a NaN or an infinity; a key whose k or v does), found ONCE per call and read
     like the queries and keys, so that no kernel call scans its (overlapping) key blocks; None
@@ -543,8 +415,8 @@ def _flags(plan: LocalPlan, q3: Tensor, k3: Tensor, v3: Tensor, b3: Optional[Ten
     q_bad = nonfinite_rows(q3).unsqueeze(-1)
     k_bad = (nonfinite_rows(k3) | nonfinite_rows(v3)).unsqueeze(-1)
     edge_bad = (nonfinite_rows(edge_k) | nonfinite_rows(edge_v)).unsqueeze(-1)  # the edge cells' rows
-    return (_Cells(plan.queries, q_bad, _edge_buffer(plan.queries, q_bad, None, 0.0), bh_rows),
-            _Cells(plan.keys, k_bad, edge_bad, bh_rows))
+    return (Cells(plan.queries, q_bad, _edge_buffer(plan.queries, q_bad, None, 0.0), bh_rows),
+            Cells(plan.keys, k_bad, edge_bad, bh_rows))
 
 
 def _group_forward(plan, group, queries, kv, bias, heads, kernel, scale, dropout_p, seed, acc, fixed, flags,
@@ -595,10 +467,10 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
     edge_k, edge_v = (t.view(batch * heads, cells_k, c_k, d) for t in edge_kv.unbind(0))
     edge_b = None if edge_bias is None else edge_bias.view(b3.shape[0], cells_k, c_k, 1)
     queries, kv, bias_cells = _bound(plan, q3, k3, v3, b3, edge_k, edge_v, edge_b, batch, heads)
-    douts = _Cells(plan.queries, do3, _edge_buffer(plan.queries, do3, None, 0.0), queries.bh_rows)
-    outs = _Cells(plan.queries, o3, _edge_buffer(plan.queries, o3, None, 0.0), queries.bh_rows)
+    douts = Cells(plan.queries, do3, _edge_buffer(plan.queries, do3, None, 0.0), queries.bh_rows)
+    outs = Cells(plan.queries, o3, _edge_buffer(plan.queries, o3, None, 0.0), queries.bh_rows)
     l3 = lse.reshape(batch * heads, n_q, 1).contiguous()
-    lses = _Cells(plan.queries, l3, _edge_buffer(plan.queries, l3, None, 0.0), queries.bh_rows)
+    lses = Cells(plan.queries, l3, _edge_buffer(plan.queries, l3, None, 0.0), queries.bh_rows)
     sides = (queries, douts, outs, lses)
 
     if _in_place_only(plan):
@@ -609,12 +481,12 @@ def backward(plan: LocalPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
         if need_dbias and b3.shape[0] != batch * heads:  # a one-head bias: its gradient adds up over heads
             grads[2] = (grads[2][0].view(batch, heads, n_k, 1).sum(1), None)
     else:
-        dq_b = _Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device, written_once=True)
-        dk_b, dv_b = (_Blocks(plan.keys, batch * heads, d, queries.bh_rows, acc, q.device) for _ in range(2))
+        dq_b = Blocks(plan.queries, batch * heads, d, queries.bh_rows, acc, q.device, written_once=True)
+        dk_b, dv_b = (Blocks(plan.keys, batch * heads, d, queries.bh_rows, acc, q.device) for _ in range(2))
         db_b = None
         if need_dbias:
-            db_b = _Blocks(plan.keys, b3.shape[0], 1, bias_cells.bh_rows, acc, q.device)
-        scratch = _Scratch()
+            db_b = Blocks(plan.keys, b3.shape[0], 1, bias_cells.bh_rows, acc, q.device)
+        scratch = Scratch()
         for group in plan.groups:  # Note [local attention plan]: the zero blocks add nothing to dQ
             dq, dk, dv, db = _group_backward(plan, group, sides, kv, bias_cells, heads, kernel, scale, dropout_p,
                                              seed, need_dbias, acc, scratch)
@@ -709,7 +581,7 @@ def _group_backward(plan, group, sides, kv, bias, heads, kernel, scale, dropout_
     return dq, grids[0], grids[1], grids[2]
 
 
-def _buffer(scratch: Optional[_Scratch], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+def _buffer(scratch: Optional[Scratch], key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised tensor shaped like ``like`` in ``dtype``, from ``scratch`` when given."""
     if scratch is None:
         return torch.empty(like.shape, dtype=dtype, device=like.device)
