@@ -166,6 +166,14 @@ class AttentionSpec:
         return {"ring": "ring_attention", "ulysses": "ulysses_attention", "hybrid": "hybrid_attention"}.get(
             self.strategy, "auto_attention")
 
+    def scale_for(self, head_dim: int) -> float:
+        """The score scale of a call whose head dim is ``head_dim``: ``scale``, else ``D ** -0.5``.
+        D = 0 gets 1.0, so that no rank raises before the call's agreement (a peer would wait in
+        it): :func:`~hpattn_dist.validation.check_qkv` refuses D = 0 there, on every rank."""
+        if self.scale is not None:
+            return float(self.scale)
+        return head_dim ** -0.5 if head_dim > 0 else 1.0
+
     def check_strategy(self) -> None:
         """The strategy's name, and ``ulysses_degree`` given for ``"hybrid"`` only: what the door
         routes by, so it raises before any exchange."""

@@ -43,8 +43,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
     Raises:
         TypeError: q, k or v is not a tensor.
         ValueError: wrong rank; a dtype not in :data:`ATTENTION_DTYPES` (a float8 format); shapes that differ (the message names the
-            dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); mixed dtypes or devices; meta
-            tensors; bad ``scale``.
+            dims that differ, e.g. ``H (heads): q 2, k 4, v 2``); no head or a head dim of 0; mixed
+            dtypes or devices; meta tensors; bad ``scale``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -67,6 +67,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], *, cross:
             + "; ".join(differ)
             + f" (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
         )
+    if q.shape[1] == 0 or q.shape[3] == 0:  # B = 0 and N_local = 0 are fine: nothing to attend
+        raise ValueError(f"q, k and v need H >= 1 heads and a head dim D >= 1, got H {q.shape[1]}, D {q.shape[3]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

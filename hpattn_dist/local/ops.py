@@ -212,7 +212,7 @@ def op_window_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, gr
                          f"dropout_p {spec.dropout_p!r})")
     return torch.ops.hpattn.window_attention_fwd(
         q, k, v, key_mask, key_bias, group_name_of(group), spec.window_nside, spec.mode, spec.backend,
-        float(spec.dropout_p), q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale),
+        float(spec.dropout_p), spec.scale_for(q.shape[-1]),
         seed_input(spec.dropout_p, spec.dropout_seed), *layer_op_args(layer), needs_grad, bias_grad,
         bool(spec.cross), spec.strategy, what,
     )[0]

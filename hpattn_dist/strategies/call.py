@@ -40,7 +40,7 @@ def op_attention(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, group: Op
                       layer=layer, what=what)
     group_name = group_name_of(group) if groups is None else _PAIR.join(group_name_of(g) for g in groups)
     u, dropout_p = spec.ulysses_degree or 0, float(spec.dropout_p)
-    scale = q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale)
+    scale = spec.scale_for(q.shape[-1])
     grad_on = torch.is_grad_enabled()
     x, plan_t, _, k_h, v_h, mask_h, bias_h = torch.ops.hpattn.attention_fwd(
         q, k, v, key_mask, key_bias, group_name, spec.strategy, u, spec.backend, dropout_p, scale,

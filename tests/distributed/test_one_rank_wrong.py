@@ -157,6 +157,20 @@ def _hang_cases(rank: int) -> dict:
     drop = convert_model(torch.nn.Sequential(torch.nn.Dropout(0.5)))
     drop.train(rank == 0)
     cases["hang, dropout train on one rank, eval on the other"] = (functools.partial(drop, x), "disagree on drops")
+    # A head dim of 0 on one rank: its default scale D ** -0.5 raised ZeroDivisionError there alone,
+    # before the agreement its peer waited in.
+    q0, k0, v0 = (t[..., :0] if rank == 1 else t for t in (q, k, v))
+    cases["hang, D = 0 on one rank"] = (functools.partial(ring_attention, q0, k0, v0), "D >= 1")
+    cases["hang, D = 0 on one rank, local"] = (functools.partial(healpix_local_attention, q0, k0, v0, window_nside=1),
+                                               "D >= 1")
+    # No head dim, or no head, on every rank: refused by the door (the CPU flash kernel killed the
+    # process with SIGFPE on H = 0; local attention failed inside its executor).
+    qd, kd, vd = (t[..., :0] for t in (q, k, v))
+    cases["hang, D = 0"] = (functools.partial(ring_attention, qd, kd, vd), "D >= 1")
+    cases["hang, D = 0, local"] = (functools.partial(healpix_local_attention, qd, kd, vd, window_nside=1), "D >= 1")
+    qh, kh, vh = (t[:, :0] for t in (q, k, v))
+    cases["hang, H = 0"] = (functools.partial(ring_attention, qh, kh, vh), "H >= 1")
+    cases["hang, H = 0, local"] = (functools.partial(healpix_local_attention, qh, kh, vh, window_nside=1), "H >= 1")
     return cases
 
 
@@ -248,7 +262,8 @@ def test_weights_permuted_on_one_rank_raise_on_every_rank(name):
 
 HANGS = ("layer input dtype", "cross layer input dtype", "local layer input dtype", "meta q/k/v",
          "meta q/k/v, key_bias", "meta layer", "SpatialBatchNorm train on one rank, eval on the other",
-         "one rank skips a layer", "dropout train on one rank, eval on the other")
+         "one rank skips a layer", "dropout train on one rank, eval on the other", "D = 0 on one rank",
+         "D = 0 on one rank, local", "D = 0", "D = 0, local", "H = 0", "H = 0, local")
 
 
 @pytest.mark.parametrize("name", HANGS)
