@@ -136,13 +136,28 @@ _PLAN_HEAD = 7  # use_bias, mask_travels, q_offset, head_offset, seed, dK/dV nee
 OP_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
+#: Joins a group's registered name and its size in the op's group argument (Note [group argument]).
+_SIZE = "@"
+
+
 def group_name_of(group: Optional[dist.ProcessGroup]) -> str:
-    """The registered name of ``group`` (None = WORLD), or ``""`` without torch.distributed."""
+    """The op's group argument for ``group`` (None = WORLD): its registered name and its size,
+    ``"NAME@P"``, or ``""`` without torch.distributed.
+
+    Note [group argument]
+        The registered ops' fake implementations size their outputs (the agreed plan, the head
+        layout) from the group's size, but a compiled graph names the group only through this
+        argument, and inductor caches graphs on disk across processes. With the name alone, a
+        graph compiled at P ranks was served to a later job at P' ranks wherever a rank's shapes
+        coincided (an empty shard, or N / P = N' / P'): its outputs had P's shapes, and that rank
+        raised while its peers waited. The size in the argument keeps such graphs apart.
+    """
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialised")
         return ""
-    return (dist.group.WORLD if group is None else group).group_name
+    pg = dist.group.WORLD if group is None else group
+    return f"{pg.group_name}{_SIZE}{dist.get_world_size(pg)}"
 
 
 def _group(name: str) -> GroupInfo:
@@ -154,7 +169,7 @@ def _process_group(name: str) -> Optional[dist.ProcessGroup]:
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(name)
+    return _resolve_process_group(name.split(_SIZE)[0])
 
 
 #: Joins the names of an explicit ``(ulysses_group, ring_group)`` pair into the op's one group
