@@ -115,14 +115,24 @@ class _Axis:
         return len(self.ranks)
 
 
-def _lookup(axis: str, field: str, convert: Callable[[Any], Any] = lambda value: value
-            ) -> Callable[["SequenceParallelMPU"], Any]:
+class _Lookup:
     """An ``mpu`` method: ``convert(field)`` of :class:`_Axis` ``axis`` (one row of the table DeepSpeed
-    reads)."""
-    def get(self: "SequenceParallelMPU") -> Any:
-        return convert(getattr(getattr(self, axis), field))
+    reads), a plain function named after the first attribute that holds it (as tracebacks and
+    ``repr`` show it)."""
 
-    return get
+    def __init__(self, axis: str, field: str, convert: Callable[[Any], Any] = lambda value: value) -> None:
+        def get(mpu: "SequenceParallelMPU") -> Any:
+            return convert(getattr(getattr(mpu, axis), field))
+
+        self.fn, self.named = get, False
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if not self.named:  # an alias (get_tensor_model_parallel_group = ...) keeps the first name
+            self.fn.__name__, self.fn.__qualname__ = name, f"{owner.__qualname__}.{name}"
+            self.named = True
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        return self.fn.__get__(obj, owner)
 
 
 @dataclass(frozen=True)
@@ -147,25 +157,25 @@ class SequenceParallelMPU:
     single: _Axis
 
     # sequence parallel: the group the attention layers shard pixels over
-    get_sequence_parallel_group = _lookup("sp", "group")
-    get_sequence_parallel_world_size = _lookup("sp", "world_size")
-    get_sequence_parallel_rank = _lookup("sp", "rank")
-    get_sequence_parallel_src_rank = _lookup("sp", "ranks", itemgetter(0))  # global rank of the group's first rank
+    get_sequence_parallel_group = _Lookup("sp", "group")
+    get_sequence_parallel_world_size = _Lookup("sp", "world_size")
+    get_sequence_parallel_rank = _Lookup("sp", "rank")
+    get_sequence_parallel_src_rank = _Lookup("sp", "ranks", itemgetter(0))  # global rank of the group's first rank
     # sequence x data parallel: what ZeRO shards and reduces over
-    get_sequence_data_parallel_group = _lookup("sdp", "group")
-    get_sequence_data_parallel_world_size = _lookup("sdp", "world_size")
-    get_sequence_data_parallel_rank = _lookup("sdp", "rank")
+    get_sequence_data_parallel_group = _Lookup("sdp", "group")
+    get_sequence_data_parallel_world_size = _Lookup("sdp", "world_size")
+    get_sequence_data_parallel_rank = _Lookup("sdp", "rank")
     # data parallel: the replicas
-    get_data_parallel_group = _lookup("dp", "group")
-    get_data_parallel_world_size = _lookup("dp", "world_size")
-    get_data_parallel_rank = _lookup("dp", "rank")
-    get_data_parallel_group_ranks = _lookup("dp", "ranks", list)
-    get_data_parallel_src_rank = _lookup("dp", "ranks", itemgetter(0))
+    get_data_parallel_group = _Lookup("dp", "group")
+    get_data_parallel_world_size = _Lookup("dp", "world_size")
+    get_data_parallel_rank = _Lookup("dp", "rank")
+    get_data_parallel_group_ranks = _Lookup("dp", "ranks", list)
+    get_data_parallel_src_rank = _Lookup("dp", "ranks", itemgetter(0))
     # model / tensor / pipeline parallel: this rank alone (world size 1, rank 0)
-    get_model_parallel_group = _lookup("single", "group")
-    get_model_parallel_world_size = _lookup("single", "world_size")
-    get_model_parallel_rank = _lookup("single", "rank")
-    get_model_parallel_src_rank = _lookup("single", "ranks", itemgetter(0))
+    get_model_parallel_group = _Lookup("single", "group")
+    get_model_parallel_world_size = _Lookup("single", "world_size")
+    get_model_parallel_rank = _Lookup("single", "rank")
+    get_model_parallel_src_rank = _Lookup("single", "ranks", itemgetter(0))
 
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
