@@ -85,7 +85,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, spec: AttentionSpec,
                 "dropout_p": float(spec.dropout_p) + 0.0,
                 "backend": KERNEL_BACKENDS.index(spec.backend),
                 "bias_grad": int(bias_grad),
-                "cross": int(spec.cross), "scale": head_dim**-0.5 if spec.scale is None else float(spec.scale),
+                "cross": int(spec.cross), "scale": spec.scale_for(head_dim),
                 "via_op": int(via_op),
                 **({} if layer is None else {"param_layout": layer.layout}),
             },
@@ -113,5 +113,4 @@ def agree(q: Tensor, k: Tensor, v: Tensor, info: GroupInfo, spec: AttentionSpec,
     if not use_bias:
         bias = None
     kernel = select_kernel(spec.backend, q, has_bias=use_bias, dropout=spec.dropout_p > 0)
-    scale = head_dim**-0.5 if spec.scale is None else float(spec.scale)
-    return WindowCall(plan, sizes, key_sizes, bias, use_bias, per_rank[0][3], kernel, scale)
+    return WindowCall(plan, sizes, key_sizes, bias, use_bias, per_rank[0][3], kernel, spec.scale_for(head_dim))

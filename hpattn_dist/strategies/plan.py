@@ -256,7 +256,7 @@ def plan_attention(
         check_qkv(q, k, v, spec.scale, cross=spec.cross)
         layer = None if known else resolve_layer(layer)  # known: checked at the model call's start
         spec = spec.check(what)
-        strategy, backend, dropout_p, scale, cross = spec.strategy, spec.backend, spec.dropout_p, spec.scale, spec.cross
+        strategy, backend, dropout_p, cross = spec.strategy, spec.backend, spec.dropout_p, spec.cross
         executed, u_deg = _choose(strategy, parent, sub, spec.ulysses_degree, q)
         bias = key_bias_from_mask(k, key_mask, key_bias)  # k: the keys' N (check_qkv: q's B, H, dtype)
         batch, heads, n_local, head_dim = q.shape
@@ -284,7 +284,7 @@ def plan_attention(
             # + 0.0 makes -0.0 the 0.0 of its peers
             "dropout_p": float(dropout_p) + 0.0, "backend": KERNEL_BACKENDS.index(backend),
             "U": u_deg, "R": parent.world_size // u_deg, "cross": int(cross),
-            "scale": head_dim**-0.5 if scale is None else float(scale), "via_op": int(via_op),
+            "scale": spec.scale_for(head_dim), "via_op": int(via_op),
         }
         seed = resolve_dropout_seed(dropout_p, spec.dropout_seed)
         grads = records_gradients(q, k, v, key_bias) if needs_grad is None else needs_grad
@@ -314,7 +314,7 @@ def plan_attention(
     plan = _plan_from_rows(
         rows, executed, u_deg, parent, sub, group, my_row=row, heads=heads, mask_travels=mask_travels,
         has_bias=bias is not None, key_bias_given=key_bias is not None, backend=backend, q=q,
-        scale=head_dim**-0.5 if scale is None else float(scale), dropout_p=float(dropout_p), what=what,
+        scale=spec.scale_for(head_dim), dropout_p=float(dropout_p), what=what,
     )
     if known:  # every rank proposed the call's derived seed (Note [seeds in a model call])
         plan = replace(plan, seed=seed)
