@@ -616,6 +616,9 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
     _w("local", 2, nside=8, window=4, mode="neighbourhood", entry="local", fused=False, backend="manual",
        bias=None, mask=None, no_dropout=False, dropout_p=0.3, h=1, b=1, d=2, dtype="float64", grads="qkv",
        no_grad=False, hook=False, split="even", default_pieces=True, perturbed=False),
+    _w("local", 3, nside=8, window=8, mode="neighbourhood", entry="local", fused=True, h=1, b=1, d=2,
+       dtype="float64", grads="qkv", no_grad=False, hook=False, split="random", split_cuts=[300, 520],
+       default_pieces=True, perturbed=False),  # faces of 8 x 8 cells cut into quarters on ranks 1, 2
     _w("local", 3, nside=4, window=2, mode="cell", perturbed=True, perturb_kind="mode", perturb_rank=2,
        split="random"),
 )
@@ -624,7 +627,7 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
 23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
 perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
 training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0), fuzz-7 (hybrid with explicit
-groups, k and v frozen), three windowed cases of Note [fused local draws] and a mode
+groups, k and v frozen), four windowed cases of Note [fused local draws] and a mode
 perturbation (the local draws that held one at seed 23 changed with them)."""
 
 
