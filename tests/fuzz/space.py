@@ -619,15 +619,18 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
     _w("local", 3, nside=8, window=8, mode="neighbourhood", entry="local", fused=True, h=1, b=1, d=2,
        dtype="float64", grads="qkv", no_grad=False, hook=False, split="random", split_cuts=[300, 520],
        default_pieces=True, perturbed=False),  # faces of 8 x 8 cells cut into quarters on ranks 1, 2
-    _w("local", 3, nside=4, window=2, mode="cell", perturbed=True, perturb_kind="mode", perturb_rank=2,
-       split="random"),
+    _w("local", 1, nside=2, window=1, mode="cell", entry="local", fused=False, bias="bn", bias_grad=True, h=3,
+       b=2, grads="qkv", no_grad=False, hook=False),  # in place (one list group), a one-head bias's gradient
+    _w("local", 3, nside=4, window=2, mode="cell", entry="local", perturbed=True, perturb_kind="mode",
+       perturb_rank=2, split="random"),
 )
 
 """Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
 23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
 perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
 training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0), fuzz-7 (hybrid with explicit
-groups, k and v frozen), four windowed cases of Note [fused local draws] and a mode
+groups, k and v frozen), four windowed cases of Note [fused local draws], a key bias's gradient
+on the in-place path (a one-head bias: summed over heads) and a mode
 perturbation (the local draws that held one at seed 23 changed with them)."""
 
 
