@@ -215,15 +215,20 @@ def piece_bytes(d: Draw) -> Optional[int]:
 
 
 def draw_local(d: Draw, world: int) -> dict:
-    """Note [fused local draws]
-    A window group of squares (side >= 4 cells: window_nside >= 4, mode="neighbourhood") runs
-    the fused CPU kernel when the call has no key bias, mask or dropout, its backward in cache-sized
-    pieces (Note [cache-sized calls] in ``hpattn_dist/local/execute.py``), and its zero blocks where
-    three faces meet go through the column fixes. The bias, mask and dropout draws alone reach that
-    in a few cases a run and the library's piece size (2 MiB) never splits a fuzz-sized group, so a
-    share of the cases forces the fused kernel (:data:`_FUSED`), nside 8 gives squares of cells of
-    4 pixels (window 4) and groups cut from 8 x 8 faces (window 8), with shards that cut them, and
-    :func:`piece_bytes` sets the piece size on the ranks."""
+    """Windowed self-attention (``healpix_local_attention`` or ``sharded_attention``).
+
+    Note [fused local draws]
+        A window group of squares (side >= 4 cells: window_nside >= 4, mode="neighbourhood") runs
+        the fused CPU kernel when the call has no key bias, mask or dropout, its backward in
+        cache-sized pieces (Note [cache-sized calls] in ``hpattn_dist/local/execute.py``), and its
+        zero blocks where three faces meet go through the column fixes. Seed 23's 320 cases held
+        square groups in 3 cases (window 4 at nside 4 only), one of them on the fused kernel, and
+        the library's piece size (2 MiB) never splits a fuzz-sized group (one piece, whatever the
+        draw). So a share of the cases forces the fused kernel (:data:`_FUSED`), nside 8 gives
+        squares of cells of 4 pixels (window 4) and groups cut from faces of 8 x 8 cells (window
+        8), with shards that cut them, and :func:`piece_bytes` sets the piece size on the ranks
+        (:func:`.execute.run_case`).
+    """
     nside = d.pick("nside", [1, 2, 4, 8], [20, 40, 25, 15])
     case = {"family": "local", "nside": nside, "n": nside_pixels(nside),
             "window": d.pick("window", [w for w in (1, 2, 4, 8) if w <= nside]),
@@ -611,8 +616,7 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
        split="random", split_cuts=[170], default_pieces=False, piece_log2=13.4, perturbed=False),
     _w("local", 3, nside=4, window=4, mode="neighbourhood", entry="sharded", strategy="auto", fused=True, h=2,
        b=1, d=4, dtype="float32", grads="qkv", no_grad=False, hook=False, split="random", split_cuts=[40, 170],
-       default_pieces=False,
-       piece_log2=0.0, perturbed=False),
+       default_pieces=False, piece_log2=0.0, perturbed=False),
     _w("local", 2, nside=8, window=4, mode="neighbourhood", entry="local", fused=False, backend="manual",
        bias=None, mask=None, no_dropout=False, dropout_p=0.3, h=1, b=1, d=2, dtype="float64", grads="qkv",
        no_grad=False, hook=False, split="even", default_pieces=True, perturbed=False),
@@ -630,8 +634,8 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
 perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
 training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0), fuzz-7 (hybrid with explicit
 groups, k and v frozen), four windowed cases of Note [fused local draws], a key bias's gradient
-on the in-place path (a one-head bias: summed over heads) and a mode
-perturbation (the local draws that held one at seed 23 changed with them)."""
+on the in-place path (a one-head bias: summed over heads) and a mode perturbation (the local
+draws that held one at seed 23 changed with them)."""
 
 
 def draw_case(seed: int, index: int) -> dict:
