@@ -9,7 +9,9 @@ Note [checkpointing without replaying communication]
     :mod:`hpattn_dist.strategies.ops`): ``hpattn::attention_fwd`` (the attention's output, the
     agreed plan, seed included, and the lse; for Ulysses / hybrid the head-layout q, k, v),
     and for Ulysses / hybrid ``hpattn::attention_heads`` (the head-layout output and lse) and
-    ``hpattn::heads_to_pixels`` (the output), O(N/P) per rank each, and recomputes everything
+    ``hpattn::heads_to_pixels`` (the output), and for windowed attention (local, or cross-grid with
+    a window) ``hpattn::window_attention_fwd`` (output, plan with the seed, lse, edge cells: Note
+    [windowed attention as one op]), O(N/P) per rank each, and recomputes everything
     else (norms, projections, MLP) locally. The
     recomputed block therefore sends nothing, the backward sends exactly what an un-checkpointed
     block's backward sends, and dropout masks are those of the forward whatever
@@ -28,12 +30,13 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import hpattn_dist.strategies.ops  # noqa: F401  (registers torch.ops.hpattn)
+import hpattn_dist.local.ops  # noqa: F401  (registers torch.ops.hpattn.window_attention_*; after strategies)
 
 __all__ = ["checkpoint_context_fn", "save_attention_policy"]
 
 
 _ATTENTION_OPS = (torch.ops.hpattn.attention_fwd.default, torch.ops.hpattn.attention_heads.default,
-                  torch.ops.hpattn.heads_to_pixels.default)
+                  torch.ops.hpattn.heads_to_pixels.default, torch.ops.hpattn.window_attention_fwd.default)
 
 
 def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -212,12 +212,34 @@ def mask_layout(key_mask: Tensor) -> MaskLayout:
     """:class:`MaskLayout` of a bool ``[B, N_r]`` mask, cached by the mask tensor's identity and
     version: a mask passed again unchanged (a land mask) is read once, not on every call (its
     values decide shapes, so reading them is a device-to-host transfer; Note [agreement off the
-    device] in ``comm/agreement.py``). An in-place change bumps the version and is read again."""
+    device] in ``comm/agreement.py``). An in-place change bumps the version and is read again.
+
+    A mask on the CPU is read on every call, never cached: reading it stops no device, and a write
+    that bypasses the version counter (``mask.data[...] = ...``, the numpy array a mask was made
+    from with ``torch.from_numpy``) would otherwise leave the old values' layout in use, a silent
+    wrong result. On a device such a write is not seen: pass the new values as a new tensor."""
+    if not _cached_by_version(key_mask):
+        return _read_layout(key_mask)
     key = id(key_mask)
     hit = _LAYOUTS.get(key)
     if hit is not None and hit[0]() is key_mask and hit[1] == key_mask._version:
         _LAYOUTS.move_to_end(key)
         return hit[2]
+    layout = _read_layout(key_mask)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.popitem(last=False)
+    _LAYOUTS[key] = (weakref.ref(key_mask), key_mask._version, layout)
+    return layout
+
+
+def _cached_by_version(key_mask: Tensor) -> bool:
+    """Whether :func:`mask_layout` caches ``key_mask``'s layout: only off the CPU, where reading it
+    would stop the host until the device caught up."""
+    return key_mask.device.type != "cpu"
+
+
+def _read_layout(key_mask: Tensor) -> MaskLayout:
+    """:class:`MaskLayout` of a bool ``[B, N_r]`` mask, read from its values."""
     any_batch = key_mask.any(dim=0)  # [N_r]
     if bool(any_batch.all()):
         left = not bool(key_mask.all())
@@ -225,9 +247,6 @@ def mask_layout(key_mask: Tensor) -> MaskLayout:
     else:
         kept = any_batch.nonzero().squeeze(1)
         layout = MaskLayout(kept, int(kept.numel()), not bool(key_mask[:, kept].all()), True)
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.popitem(last=False)
-    _LAYOUTS[key] = (weakref.ref(key_mask), key_mask._version, layout)
     return layout
 
 

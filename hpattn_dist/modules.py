@@ -235,8 +235,8 @@ def convert_spatial_attention(
             attention layer at all (nothing to convert); a layer breaks the contract (its
             projections' shapes, a dropout or scale its two backends disagree on, an
             ``attn_backend`` or ``dropout`` the distributed layer lacks, a strategy a windowed
-            cross-attention cannot run) or has the attention's attributes but a ``forward`` of
-            its own (both named, with their path).
+            cross-attention cannot run), has the attention's attributes but a ``forward`` of
+            its own, or overrides a method its forward calls (both named, with their path).
 
     Example::
 
@@ -292,6 +292,7 @@ def _find_and_build(
         name = paths[id(module)][0]
         if isinstance(module, DISTRIBUTED_LAYERS):
             continue
+        _refuse_overrides(module, path)
         if isinstance(module, LocalSpatialSelfAttention):  # windowed: its own distributed twin
             new = to_distributed_local(module, process_group, attn_backend, name=name)
         elif _runs_forward_of(module, "SpatialCrossAttention"):
@@ -300,6 +301,29 @@ def _find_and_build(
             new = _convert_layer(module, process_group, options, attn_backend, path)
         built.append((module, new))
     return found, built
+
+
+def _refuse_overrides(layer: nn.Module, path: str) -> None:
+    """Raise when ``layer``'s class overrides a method that its recognised forward calls (or, for a
+    ``LocalSpatialSelfAttention``, ``forward`` itself).
+
+    The distributed layer takes over the projections and runs its own code, none of the layer's
+    methods: a subclass's ``_qkv`` / ``_project_out`` / ``_project`` (a QK norm, an output gate)
+    would be dropped silently. Methods the forward does not call (added helpers, ``__init__``,
+    ``extra_repr``) do not matter.
+    """
+    mro = type(layer).__mro__
+    base = LocalSpatialSelfAttention if isinstance(layer, LocalSpatialSelfAttention) else \
+        next(cls for cls in mro if "forward" in vars(cls))
+    called = {"forward", *base.forward.__code__.co_names}
+    overridden = sorted({name for cls in mro[:mro.index(base)] for name in vars(cls)
+                         if name in called and callable(getattr(base, name, None))})
+    if overridden:
+        raise ValueError(
+            f"convert_spatial_attention: {path or 'the model'} ({type(layer).__qualname__}) overrides "
+            f"{', '.join(overridden)} of {base.__name__}, which its forward calls and the distributed "
+            f"layer does not run; convert it by hand or keep {base.__name__}'s"
+        )
 
 
 def _where(paths: list[str]) -> str:
@@ -331,7 +355,10 @@ def _has_seed_forward(module: nn.Module) -> bool:
     code as the seed layer: fused ``qkv_proj``, heads split by ``reshape(B, N, 3, H, D)``, scale
     ``D ** -0.5``, dropout on the normalised weights, backends auto/sdpa/manual) or a user's copy of
     the seed. The class is matched by name, not imported, so idx-flow stays optional. A subclass
-    that overrides ``forward`` computes something else and is refused (see :func:`_convert`).
+    that overrides ``forward`` computes something else and is refused (:func:`_find_and_build`), and
+    so is one that overrides a method the recognised forward calls (``_qkv`` of the local layer,
+    ``_project`` of cross-attention: :func:`_refuse_overrides`), which the distributed layer would
+    drop.
     """
     return _runs_forward_of(module, "SpatialSelfAttention")
 

@@ -43,7 +43,8 @@ parameter fingerprint (cached per parameter storage and version; on a device, th
 call's fingerprint, copied to pinned host memory without waiting, Note [fingerprint one call
 late] in ``replicas.py``, also when FSDP2 or ZeRO-3 gather the parameters anew every call; in a
 converted model one for the whole model at each call's start) and a key mask's layout (cached per
-mask tensor and version, :func:`~hpattn_dist.masks.mask_layout`). Below the door nothing reads
+mask tensor and version, :func:`~hpattn_dist.masks.mask_layout`; a CPU mask is read on every call,
+so that a write the version counter misses, through ``.data`` or numpy, is seen). Below the door nothing reads
 the device either: the plan is host ints, the dropout hash mixes the seed on the host, the
 windows keep their cells as host ints.
 

@@ -13,7 +13,7 @@ the host-to-device copies that reach the dispatcher. Checked:
   its edge cells by positions planned on the host);
 * the door (``plan_attention``) with a key mask reads the mask on the first call only: the mask's
   layout is cached by tensor and version (it read it on every call), and read again after an
-  in-place change;
+  in-place change (a device mask: a CPU mask is read on every call);
 * the door of a layer's call on fake CUDA parameters gathered anew every call (FSDP2, ZeRO-3) reads
   no device data after the first call: the parameter fingerprint travels to the host with a
   non-blocking copy and is read at the next call (Note [fingerprint one call late] in
@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hpattn_dist import replicas
+from hpattn_dist import masks, replicas
 from hpattn_dist.attention_spec import AttentionSpec
 from hpattn_dist.comm.groups import GroupInfo
 from hpattn_dist.kernels import DropoutSpec, capability, keep_mask, select_kernel
@@ -126,7 +126,10 @@ def test_window_executor_reads_no_device_data(n, window_nside, split):
     assert rec.reads == [] and rec.copies == [], (rec.reads, rec.copies)
 
 
-def test_the_door_reads_a_repeated_mask_once():
+def test_the_door_reads_a_repeated_mask_once(monkeypatch):
+    # The CPU mask stands in for a device mask, the one kind cached (a CPU mask is read every call:
+    # tests/distributed/test_mask_unseen_writes.py).
+    monkeypatch.setattr(masks, "_cached_by_version", lambda key_mask: True)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
     mask = torch.ones(B, N, dtype=torch.bool)
