@@ -355,7 +355,7 @@ def _has_seed_forward(module: nn.Module) -> bool:
     code as the seed layer: fused ``qkv_proj``, heads split by ``reshape(B, N, 3, H, D)``, scale
     ``D ** -0.5``, dropout on the normalised weights, backends auto/sdpa/manual) or a user's copy of
     the seed. The class is matched by name, not imported, so idx-flow stays optional. A subclass
-    that overrides ``forward`` computes something else and is refused (see :func:`_convert`), and
+    that overrides ``forward`` computes something else and is refused (:func:`_find_and_build`), and
     so is one that overrides a method the recognised forward calls (``_qkv`` of the local layer,
     ``_project`` of cross-attention: :func:`_refuse_overrides`), which the distributed layer would
     drop.

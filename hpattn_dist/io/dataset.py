@@ -54,7 +54,8 @@ class ShardDataset(torch.utils.data.Dataset):
         nside, ordering: for stores without the grid attributes (Note [store conventions]).
         return_index: items are ``(t, data)`` instead of ``data``.
 
-    Items: ``dataset[t]`` is the tensor ``[*rest, N_r]`` (one name) or a dict name -> tensor;
+    Items: ``dataset[t]`` is the tensor ``[*rest, N_r]`` (``names`` a str) or a dict name -> tensor
+    (a sequence of names, also of one);
     the default collate stacks a batch to ``[B, *rest, N_r]``.
 
     Attributes:
@@ -69,6 +70,7 @@ class ShardDataset(torch.utils.data.Dataset):
                  nside: Optional[int] = None, ordering: Optional[str] = None,
                  return_index: bool = False) -> None:
         self.names = (names,) if isinstance(names, str) else tuple(names)
+        self._bare = isinstance(names, str)
         info = resolve_group(group)
         with validated_signature(info, "ShardDataset") as sig:
             if not self.names:
@@ -128,7 +130,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if not 0 <= t < self._length:
             raise IndexError(f"time index {index} out of range for {self._length} times")
         data = {n: r.read(t) for n, r in self._open().items()}
-        item: Any = data[self.names[0]] if len(self.names) == 1 else data
+        item: Any = data[self.names[0]] if self._bare else data
         return (t, item) if self.return_index else item
 
 

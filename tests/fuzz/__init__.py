@@ -15,7 +15,9 @@ the happy path:
 - inputs: layouts and aliasing (Note [fuzz layouts] in :mod:`.data`), shapes (empty shards,
   B = 0, N < P, uneven splits, everything on one rank), masks, biases, dropout, scale, dtypes,
   backends, partial ``requires_grad``, ``no_grad``, hooks, a NaN or an infinity in q, k, v or
-  the key bias (Note [non-finite inputs] in ``hpattn_dist/masks.py``);
+  the key bias (Note [non-finite inputs] in ``hpattn_dist/masks.py``); the fused CPU kernel of
+  local attention with its backward in pieces of a drawn size (Note [fused local draws] in
+  :mod:`.space`);
 - one-rank perturbations (:data:`.space.PERTURBATIONS`): one rank's dtype, device, scale,
   strategy, window, mode, weights (perturbed or permuted), training mode, gradients, shapes.
 

@@ -136,11 +136,29 @@ def run_case(case: dict, rank: int, world: int, ctx: RankContext) -> dict:
     """One case on this rank: ``{"status": "ok", "result": ...}`` or the exception raised."""
     start = time.monotonic()
     try:
-        result = _RUNNERS[case["family"]](case, rank, world, ctx)
+        with _piece_bytes(case.get("piece_bytes")):
+            result = _RUNNERS[case["family"]](case, rank, world, ctx)
         return {"status": "ok", "result": result, "seconds": time.monotonic() - start}
     except Exception as err:  # noqa: BLE001 - every exception is an outcome to judge
         return {"status": "raised", "type": type(err).__name__, "message": str(err),
                 "traceback": traceback.format_exc(limit=-8), "seconds": time.monotonic() - start}
+
+
+@contextlib.contextmanager
+def _piece_bytes(size: Optional[int]):
+    """The local executor's CPU piece size set to ``size`` for one case, forward and backward
+    (Note [fused local draws] in :mod:`.space`); None leaves it."""
+    from hpattn_dist.local import execute
+
+    if size is None:
+        yield
+        return
+    saved = execute.CPU_CALL_BYTES
+    execute.CPU_CALL_BYTES = size
+    try:
+        yield
+    finally:
+        execute.CPU_CALL_BYTES = saved
 
 
 def _mine(case: dict, rank: int) -> Optional[dict]:

@@ -84,7 +84,7 @@ def split(d: Draw, n: int, world: int, key: str = "split") -> list[int]:
         r = d.integer(f"{key}_rank", 0, world - 1)
         rest = [n // (world - 1) + (i < n % (world - 1)) for i in range(world - 1)]
         return rest[:r] + [0] + rest[r:]
-    cuts = sorted(d.rng.randint(0, n) for _ in range(world - 1))
+    cuts = d.force.get(f"{key}_cuts") or sorted(d.rng.randint(0, n) for _ in range(world - 1))
     bounds = [0, *cuts, n]
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
@@ -195,6 +195,7 @@ def draw_cross(d: Draw, world: int) -> dict:
     case["layout"] = layout(d, cross=True)
     _attention_options(d, case)
     case["data_seed"] = d.integer("data_seed", 0, 2**31 - 2)
+    case["piece_bytes"] = piece_bytes(d) if windowed else None
     if windowed and strategy == "ulysses":
         expect(case, "raise", r"head-parallel")
     elif strategy in ("ulysses", "hybrid") and world > 1 and case["h"] % (world if strategy == "ulysses" else u):
@@ -202,10 +203,35 @@ def draw_cross(d: Draw, world: int) -> dict:
     return case
 
 
+# What a case of the fused CPU kernel forces (Note [fused local draws]).
+_FUSED = {"backend": "auto", "mask": None, "bias": None, "no_dropout": True}
+
+
+def piece_bytes(d: Draw) -> Optional[int]:
+    """The rank's ``CPU_CALL_BYTES`` for a windowed case (Note [fused local draws]): None keeps the
+    library's, else 1 .. 2**14 bytes, log-uniform, so that a square group's backward runs in
+    pieces of 1 row up to a few rows, the last one often shorter."""
+    return None if d.chance("default_pieces", 0.4) else int(2 ** d.real("piece_log2", 0.0, 14.0))
+
+
 def draw_local(d: Draw, world: int) -> dict:
-    nside = d.pick("nside", [1, 2, 4], [25, 50, 25])
+    """Windowed self-attention (``healpix_local_attention`` or ``sharded_attention``).
+
+    Note [fused local draws]
+        A window group of squares (side >= 4 cells: window_nside >= 4, mode="neighbourhood") runs
+        the fused CPU kernel when the call has no key bias, mask or dropout, its backward in
+        cache-sized pieces (Note [cache-sized calls] in ``hpattn_dist/local/execute.py``), and its
+        zero blocks where three faces meet go through the column fixes. Seed 23's 320 cases held
+        square groups in 3 cases (window 4 at nside 4 only), one of them on the fused kernel, and
+        the library's piece size (2 MiB) never splits a fuzz-sized group (one piece, whatever the
+        draw). So a share of the cases forces the fused kernel (:data:`_FUSED`), nside 8 gives
+        squares of cells of 4 pixels (window 4) and groups cut from faces of 8 x 8 cells (window
+        8), with shards that cut them, and :func:`piece_bytes` sets the piece size on the ranks
+        (:func:`.execute.run_case`).
+    """
+    nside = d.pick("nside", [1, 2, 4, 8], [20, 40, 25, 15])
     case = {"family": "local", "nside": nside, "n": nside_pixels(nside),
-            "window": d.pick("window", [w for w in (1, 2, 4) if w <= nside]),
+            "window": d.pick("window", [w for w in (1, 2, 4, 8) if w <= nside]),
             "mode": d.pick("mode", ["cell", "neighbourhood"]),
             "entry": d.pick("entry", ["local", "sharded"], [70, 30])}
     case["strategy"] = d.pick("strategy", ["ring", "auto", "ulysses"], [45, 45, 10]) if case["entry"] == "sharded" \
@@ -215,8 +241,10 @@ def draw_local(d: Draw, world: int) -> dict:
     case["b"] = d.pick("b", [0, 1, 2], [4, 50, 46])
     case["d"] = d.pick("d", [1, 2, 4, 8])
     case["layout"] = layout(d, cross=False)
-    _attention_options(d, case)
+    case["fused"] = d.chance("fused", 0.35)
+    _attention_options(Draw(d.rng, {**_FUSED, **d.force}) if case["fused"] else d, case)
     case["data_seed"] = d.integer("data_seed", 0, 2**31 - 2)
+    case["piece_bytes"] = piece_bytes(d)
     if case["strategy"] == "ulysses":
         expect(case, "raise", r"head-parallel")
     return case
@@ -317,16 +345,17 @@ def draw_layer_cross(d: Draw, world: int) -> dict:
 
 
 def draw_layer_local(d: Draw, world: int) -> dict:
-    nside = d.pick("nside", [1, 2, 4], [30, 50, 20])
+    nside = d.pick("nside", [1, 2, 4, 8], [25, 45, 20, 10])
     case = {"family": "layer_local", "h": d.integer("h", 1, 3), "d": d.integer("d", 1, 3),
             "nside": nside, "n": nside_pixels(nside),
-            "window": d.pick("window", [w for w in (1, 2, 4) if w <= nside]),
+            "window": d.pick("window", [w for w in (1, 2, 4, 8) if w <= nside]),
             "mode": d.pick("mode", ["cell", "neighbourhood"]), "strategy": "ring", "U": 1}
     case["e"] = case["h"] * case["d"]
     case["healpix_field"] = True
     case["sizes"] = split(d, case["n"], world)
     case["b"] = d.pick("b", [1, 2])
     _layer_options(d, case)
+    case["piece_bytes"] = piece_bytes(d)
     return case
 
 
@@ -579,13 +608,34 @@ WITNESSES: tuple[tuple[str, int, dict], ...] = (
        grads="qkv", perturbed=False),
     _w("attn", 4, strategy="hybrid", U=2, h=2, head_mult=1, indivisible_heads=False, entry="functional", grads="q",
        no_grad=False, b=1, n_range=9, split="random", perturbed=False),
+    # Note [fused local draws]: squares with zero blocks on the fused CPU kernel, the backward in
+    # pieces of 3 rows resp. of 1 row, shards that cut squares and leave a rank groups of two
+    # squares (U_r of 125 to 188 cells); then the column fixes under dropout (the manual kernel).
+    _w("local", 2, nside=8, window=4, mode="neighbourhood", entry="local", fused=True, h=1, b=2, d=2,
+       dtype="float64", grads="qkv", no_grad=False, hook=False, loss="weighted", layout_style="contig",
+       split="random", split_cuts=[170], default_pieces=False, piece_log2=13.4, perturbed=False),
+    _w("local", 3, nside=4, window=4, mode="neighbourhood", entry="sharded", strategy="auto", fused=True, h=2,
+       b=1, d=4, dtype="float32", grads="qkv", no_grad=False, hook=False, split="random", split_cuts=[40, 170],
+       default_pieces=False, piece_log2=0.0, perturbed=False),
+    _w("local", 2, nside=8, window=4, mode="neighbourhood", entry="local", fused=False, backend="manual",
+       bias=None, mask=None, no_dropout=False, dropout_p=0.3, h=1, b=1, d=2, dtype="float64", grads="qkv",
+       no_grad=False, hook=False, split="even", default_pieces=True, perturbed=False),
+    _w("local", 3, nside=8, window=8, mode="neighbourhood", entry="local", fused=True, h=1, b=1, d=2,
+       dtype="float64", grads="qkv", no_grad=False, hook=False, split="random", split_cuts=[300, 520],
+       default_pieces=True, perturbed=False),  # faces of 8 x 8 cells cut into quarters on ranks 1, 2
+    _w("local", 1, nside=2, window=1, mode="cell", entry="local", fused=False, bias="bn", bias_grad=True, h=3,
+       b=2, grads="qkv", no_grad=False, hook=False),  # in place (one list group), a one-head bias's gradient
+    _w("local", 3, nside=4, window=2, mode="cell", entry="local", perturbed=True, perturb_kind="mode",
+       perturb_rank=2, split="random"),
 )
 
 """Case ``i < len(WITNESSES)`` of every seed: (family, world, forced draws), in the order of issue
 23's items 1, 2, 3, 4, 5, 6a-d, 7a-b, then compile with aot_eager, fuzz-1, a window
 perturbation, fuzz-3 (Ulysses cross, frozen keys on one rank, a learned bias on the other), a
-training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0) and fuzz-7 (hybrid with explicit
-groups, k and v frozen)."""
+training mode on one rank, fuzz-4 (hybrid, a key mask, B = 0), fuzz-7 (hybrid with explicit
+groups, k and v frozen), four windowed cases of Note [fused local draws], a key bias's gradient
+on the in-place path (a one-head bias: summed over heads) and a mode perturbation (the local
+draws that held one at seed 23 changed with them)."""
 
 
 def draw_case(seed: int, index: int) -> dict:

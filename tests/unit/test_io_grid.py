@@ -1,6 +1,6 @@
 """Which grid a store holds (Note [store conventions]): xdggs, easygems and CF attributes, arguments.
 
-Single process, in-memory zarr groups; the multi-rank reading and the refusals on every rank are in
+Single process, in-memory zarr groups (and one written store: the type of a dataset's items); the multi-rank reading and the refusals on every rank are in
 ``tests/distributed/test_io.py``.
 """
 
@@ -71,3 +71,19 @@ def test_ambiguous_and_unsupported_grids_refused():
     group = _group(crs={"grid_mapping_name": "healpix", "healpix_nside": 6, "healpix_order": "ring"}, x={})
     with pytest.raises(ValueError, match="power of two"):
         find_grid(group, group["x"])
+
+
+def test_a_list_of_names_gives_a_dict_also_of_one_name(tmp_path):
+    """``ShardDataset(store, "x")`` items are the tensor, ``ShardDataset(store, ["x"])`` items a dict
+    (the type follows the argument, not how many names it holds)."""
+    import numpy as np
+    import torch
+
+    from hpattn_dist.io import ShardDataset, write_shard
+
+    field = np.arange(2 * NPIX, dtype=np.float32).reshape(2, NPIX)
+    for t in range(2):
+        write_shard(str(tmp_path / "s.zarr"), "x", torch.from_numpy(field[t]), time=t)
+    bare, listed = ShardDataset(str(tmp_path / "s.zarr"), "x"), ShardDataset(str(tmp_path / "s.zarr"), ["x"])
+    assert isinstance(bare[1], torch.Tensor) and np.array_equal(bare[1].numpy(), field[1])
+    assert set(listed[1]) == {"x"} and np.array_equal(listed[1]["x"].numpy(), field[1])
