@@ -263,8 +263,8 @@ class Signature:
         raise ValueError(
             f"{self.what}: {_ranks_text(self.info, on)} record{'s' if len(on) == 1 else ''} gradients for "
             f"this call and {_ranks_text(self.info, off)} do{'es' if len(off) == 1 else ''} not (torch.no_grad() "
-            "or inference_mode, or no input that requires grad); its backward exchanges data with every "
-            "rank, so every rank must record gradients or none"
+            "or inference_mode, or no input that requires grad: frozen parameters, a detached input); its "
+            "backward exchanges data with every rank, so every rank must record gradients or none"
             + (f" (the ranks also disagree on {', '.join(also)})" if also else "")
         )
 
