@@ -273,8 +273,11 @@ def heads_to_pixels_released(ys: list[Tensor], info: GroupInfo, sizes: Sequence[
 
 
 def stacked(ts: Sequence[Tensor]) -> Tensor:
-    """``[T, *shape]`` over T tensors of one shape and dtype: a view when they lie back to back in
-    one contiguous buffer (the views :func:`pixels_to_heads` returns), else ``torch.stack``."""
+    """``[T, *shape]`` over T tensors of one shape and dtype, contiguous (a send buffer): a view
+    when they lie back to back in one contiguous buffer (the views :func:`pixels_to_heads`
+    returns), else one copy into a new contiguous buffer (``torch.stack`` alone keeps the inputs'
+    memory format: of two channels-last tensors it returns a non-contiguous stack, which gloo
+    refuses to send)."""
     first = ts[0]
     step = first.numel()
     adjacent = first.is_contiguous() and all(
@@ -283,7 +286,7 @@ def stacked(ts: Sequence[Tensor]) -> Tensor:
         and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(ts))
     if adjacent:
         return first.as_strided((len(ts), *first.shape), (step, *first.stride()))
-    return torch.stack(tuple(ts))
+    return torch.stack(tuple(ts), out=first.new_empty((len(ts), *first.shape)))
 
 
 def qkv_to_heads(
